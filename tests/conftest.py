@@ -1,0 +1,39 @@
+"""Shared test fixtures.
+
+Real datasets are found through ONE setting: the environment variable ``TESLA_DATASETS``
+(CI sets it to ``../shared/datasets``). Tests that need them skip with a reason when it is
+unset or the folder lacks the file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+DATASETS_ENV = "TESLA_DATASETS"
+
+
+def shared_datasets() -> Path | None:
+    value = os.environ.get(DATASETS_ENV)
+    if not value:
+        return None
+    path = Path(value).expanduser().resolve()
+    return path if path.is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def datasets_dir() -> Path:
+    """The shared real-dataset folder, or skip."""
+    path = shared_datasets()
+    if path is None:
+        pytest.skip(f"real datasets not available: set {DATASETS_ENV} to the folder holding them (CI: ../shared/datasets)")
+    return path
+
+
+def require_dataset(datasets_dir: Path, relative: str) -> Path:
+    path = datasets_dir / relative
+    if not path.exists():
+        pytest.skip(f"{path} not found in {DATASETS_ENV}={datasets_dir}")
+    return path
