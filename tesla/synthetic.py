@@ -1,0 +1,189 @@
+"""The synthetic set file (HDF5, ``tesla-synthetic`` version 1).
+
+It carries everything evaluation needs to train on the set exactly as distillation
+assumed: images in the network's input space, hard and (optionally) soft labels, the
+learned learning rate alpha, the normalisation, the ZCA artifact (embedded byte for byte,
+so the file is self-contained), the augmentation strategy, the model it was distilled
+for, and the settings of the run. See docs/formats.md.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+
+from tesla import __version__
+from tesla.errors import TeslaError
+
+FORMAT_NAME = "tesla-synthetic"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class SyntheticSet:
+    """A distilled (or baseline) training set in network input space.
+
+    ``images``: float32 N x C x H x W, i.e. ZCA(normalize(u)) when ZCA is on;
+    ``labels``: int64 (N,), the class each image stands for (argmax of the soft label when
+    soft labels are used); ``soft_labels``: float32 N x K probabilities or None;
+    ``lr``: the learned learning rate alpha (evaluation trains with it).
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    lr: float
+    dataset: str
+    num_classes: int
+    class_ids: list[str]
+    class_names: list[str]
+    mean: list[float]
+    std: list[float]
+    dsa_strategy: str
+    model_spec: dict
+    ipc: int
+    engine: str
+    soft_labels: torch.Tensor | None = None
+    dataset_fingerprint: str = ""
+    zca_artifact: bytes | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+    iteration: int = 0
+
+    # -- derived -------------------------------------------------------------------
+    @property
+    def num_images(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def channels(self) -> int:
+        return int(self.images.shape[1])
+
+    @property
+    def resolution(self) -> int:
+        return int(self.images.shape[2])
+
+    @property
+    def uses_zca(self) -> bool:
+        return self.zca_artifact is not None
+
+    @property
+    def targets(self) -> torch.Tensor:
+        """What the student is trained against: soft labels if present, else hard labels."""
+        return self.soft_labels if self.soft_labels is not None else self.labels
+
+    def zca(self):
+        """The embedded ZCA transform (``tesla.zca.ZCA``), or None."""
+        if self.zca_artifact is None:
+            return None
+        from tesla.zca import ZCA
+
+        return ZCA.load(io.BytesIO(self.zca_artifact))
+
+    # -- I/O -----------------------------------------------------------------------
+    def validate(self) -> None:
+        n = self.num_images
+        if self.images.ndim != 4:
+            raise ValueError(f"images must be N x C x H x W, got {tuple(self.images.shape)}")
+        if self.labels.shape != (n,):
+            raise ValueError("labels must have one entry per image")
+        if self.soft_labels is not None and tuple(self.soft_labels.shape) != (n, self.num_classes):
+            raise ValueError("soft_labels must be N x num_classes")
+        if len(self.class_ids) != self.num_classes or len(self.class_names) != self.num_classes:
+            raise ValueError("class_ids/class_names must have num_classes entries")
+        if not (self.lr > 0 and np.isfinite(self.lr)):
+            raise ValueError(f"learning rate must be positive and finite, got {self.lr}")
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write atomically: a temporary file beside ``path``, renamed when complete."""
+        self.validate()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with h5py.File(tmp, "w") as f:
+                f.create_dataset("images", data=self.images.detach().cpu().to(torch.float32).numpy())
+                f.create_dataset("labels", data=self.labels.detach().cpu().to(torch.int64).numpy())
+                if self.soft_labels is not None:
+                    f.create_dataset("soft_labels", data=self.soft_labels.detach().cpu().to(torch.float32).numpy())
+                if self.zca_artifact is not None:
+                    f.create_dataset("zca_artifact", data=np.frombuffer(self.zca_artifact, dtype=np.uint8))
+                attrs = {
+                    "format": FORMAT_NAME,
+                    "format_version": FORMAT_VERSION,
+                    "lr": float(self.lr),
+                    "dataset": self.dataset,
+                    "dataset_fingerprint": self.dataset_fingerprint,
+                    "num_classes": int(self.num_classes),
+                    "class_ids": json.dumps(list(self.class_ids)),
+                    "class_names": json.dumps(list(self.class_names)),
+                    "mean": np.asarray(self.mean, dtype=np.float64),
+                    "std": np.asarray(self.std, dtype=np.float64),
+                    "dsa_strategy": self.dsa_strategy,
+                    "model_spec": json.dumps(self.model_spec, sort_keys=True),
+                    "ipc": int(self.ipc),
+                    "engine": self.engine,
+                    "label_kind": "soft" if self.soft_labels is not None else "hard",
+                    "zca": bool(self.zca_artifact is not None),
+                    "settings": json.dumps(self.settings, sort_keys=True, default=str),
+                    "iteration": int(self.iteration),
+                    "tesla_version": __version__,
+                }
+                for key, value in attrs.items():
+                    f.attrs[key] = value
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "SyntheticSet":
+        path = Path(path)
+        if not path.exists():
+            raise TeslaError(f"{path}: no such synthetic set file; run 'tesla distill' first (or fix the path)")
+        try:
+            f = h5py.File(path, "r")
+        except OSError as exc:
+            raise TeslaError(f"{path}: not an HDF5 file ({exc}); give a file written by 'tesla distill'") from None
+        with f:
+            a = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+            if a.get("format") != FORMAT_NAME:
+                raise TeslaError(
+                    f"{path}: not a tesla synthetic set (format {a.get('format')!r}, expected {FORMAT_NAME!r}); "
+                    "give a file written by 'tesla distill'"
+                )
+            version = int(a.get("format_version", -1))
+            if version != FORMAT_VERSION:
+                raise TeslaError(
+                    f"{path}: {FORMAT_NAME} format version {version}, this tesla reads version {FORMAT_VERSION}; "
+                    "re-run 'tesla distill' with this version of tesla"
+                )
+            soft = torch.from_numpy(f["soft_labels"][()]).to(device) if "soft_labels" in f else None
+            zca = f["zca_artifact"][()].tobytes() if "zca_artifact" in f else None
+            return cls(
+                images=torch.from_numpy(f["images"][()]).to(device),
+                labels=torch.from_numpy(f["labels"][()]).to(device),
+                soft_labels=soft,
+                lr=float(a["lr"]),
+                dataset=str(a["dataset"]),
+                dataset_fingerprint=str(a.get("dataset_fingerprint", "")),
+                num_classes=int(a["num_classes"]),
+                class_ids=json.loads(a["class_ids"]),
+                class_names=json.loads(a["class_names"]),
+                mean=[float(v) for v in np.atleast_1d(a["mean"])],
+                std=[float(v) for v in np.atleast_1d(a["std"])],
+                dsa_strategy=str(a["dsa_strategy"]),
+                model_spec=json.loads(a["model_spec"]),
+                ipc=int(a["ipc"]),
+                engine=str(a["engine"]),
+                zca_artifact=zca,
+                settings=json.loads(a.get("settings", "{}")),
+                iteration=int(a.get("iteration", 0)),
+            )

@@ -1,0 +1,97 @@
+"""The tesla-images split format: writer and reader."""
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from tesla.data import FORMAT_VERSION, ImageSplit, SplitDataset, SplitWriter, normalize
+from tesla.errors import TeslaError
+
+
+def _write(path, counts=(3, 2, 4), hw=4, channels=3, seed=0):
+    rng = np.random.default_rng(seed)
+    imgs = [rng.integers(0, 256, size=(n, hw, hw, channels), dtype=np.uint8) for n in counts]
+    with SplitWriter(path, dataset="toy", split="train", class_ids=["b", "a", "c"][: len(counts)],
+                     height=hw, width=hw, channels=channels, source="test") as w:
+        for c, block in enumerate(imgs):
+            # append in two pieces to exercise streaming
+            w.append(block[:1], [c])
+            w.append(block[1:], [c] * (len(block) - 1))
+        w.note_skipped("bad.jpg", "truncated")
+    return np.concatenate(imgs)
+
+
+def test_round_trip_and_statistics(tmp_path):
+    path = tmp_path / "train.h5"
+    pixels = _write(path)
+    s = ImageSplit.open(path)
+    assert s.num_images == 9 and s.num_classes == 3 and s.resolution == 4 and s.channels == 3
+    assert s.class_offsets.tolist() == [0, 3, 5, 9]
+    assert s.labels.tolist() == [0, 0, 0, 1, 1, 2, 2, 2, 2]
+    assert np.array_equal(s.images_uint8(), pixels)
+    assert np.array_equal(s.class_images(1), pixels[3:5])
+    flat = pixels.reshape(-1, 3) / 255.0
+    assert np.allclose(s.mean, flat.mean(0)) and np.allclose(s.std, flat.std(0))
+    assert s.attrs["num_skipped"] == 1 and s.attrs["format_version"] == FORMAT_VERSION
+    x, y = s.load_tensors(chunk=4)
+    assert x.shape == (9, 3, 4, 4) and torch.equal(y, torch.as_tensor(s.labels))
+    assert torch.allclose(x, normalize(pixels, s.mean, s.std))
+    assert torch.allclose(x.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-5)
+    ds = SplitDataset(path)
+    img, label = ds[4]
+    assert label == 1 and torch.allclose(img, x[4])
+
+
+def test_per_class_sampling(tmp_path):
+    path = tmp_path / "train.h5"
+    pixels = _write(path)
+    s = ImageSplit.open(path)
+    imgs, labels = s.sample_per_class(2, torch.Generator().manual_seed(1))
+    assert labels.tolist() == [0, 0, 1, 1, 2, 2]
+    for img, lab in zip(imgs, labels):
+        lo, hi = s.class_offsets[lab], s.class_offsets[lab + 1]
+        assert any(np.array_equal(img, p) for p in pixels[lo:hi])
+    with pytest.raises(TeslaError, match="lower ipc to at most 2"):
+        s.sample_per_class(3, torch.Generator().manual_seed(1))
+
+
+def test_failed_write_leaves_nothing(tmp_path):
+    path = tmp_path / "train.h5"
+    with pytest.raises(RuntimeError):
+        with SplitWriter(path, dataset="toy", split="train", class_ids=["a"], height=2, width=2,
+                         channels=1, source="test") as w:
+            w.append(np.zeros((1, 2, 2, 1), np.uint8), [0])
+            raise RuntimeError("killed")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_empty_class_is_an_error(tmp_path):
+    with pytest.raises(TeslaError, match="class b has no usable image"):
+        with SplitWriter(tmp_path / "t.h5", dataset="toy", split="train", class_ids=["a", "b"], height=2,
+                         width=2, channels=1, source="test") as w:
+            w.append(np.zeros((1, 2, 2, 1), np.uint8), [0])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unsorted_labels_rejected(tmp_path):
+    with pytest.raises(ValueError, match="non-decreasing"):
+        with SplitWriter(tmp_path / "t.h5", dataset="toy", split="train", class_ids=["a", "b"], height=2,
+                         width=2, channels=1, source="test") as w:
+            w.append(np.zeros((1, 2, 2, 1), np.uint8), [1])
+            w.append(np.zeros((1, 2, 2, 1), np.uint8), [0])
+
+
+def test_reader_errors(tmp_path):
+    with pytest.raises(TeslaError, match="no such file"):
+        ImageSplit.open(tmp_path / "missing.h5")
+    junk = tmp_path / "junk.h5"
+    junk.write_bytes(b"not hdf5")
+    with pytest.raises(TeslaError, match="not an HDF5 file"):
+        ImageSplit.open(junk)
+    path = tmp_path / "train.h5"
+    _write(path)
+    with h5py.File(path, "a") as f:
+        f.attrs["format_version"] = 99
+    with pytest.raises(TeslaError, match="version 99"):
+        ImageSplit.open(path)

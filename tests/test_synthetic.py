@@ -1,0 +1,78 @@
+"""The synthetic set file: round trip, atomic write, clear errors."""
+
+import h5py
+import pytest
+import torch
+
+from tesla.errors import TeslaError
+from tesla.synthetic import FORMAT_VERSION, SyntheticSet
+
+
+def _set(soft: bool = False) -> SyntheticSet:
+    g = torch.Generator().manual_seed(0)
+    n, k = 6, 3
+    soft_labels = torch.softmax(torch.randn(n, k, generator=g), 1) if soft else None
+    return SyntheticSet(
+        images=torch.randn(n, 1, 8, 8, generator=g),
+        labels=torch.tensor([0, 0, 1, 1, 2, 2]),
+        soft_labels=soft_labels,
+        lr=0.0123,
+        dataset="demo",
+        num_classes=k,
+        class_ids=["a", "b", "c"],
+        class_names=["A", "B", "C"],
+        mean=[0.5],
+        std=[0.25],
+        dsa_strategy="color_crop_cutout_flip_scale_rotate",
+        model_spec={"name": "convnet", "depth": 2},
+        ipc=2,
+        engine="exact",
+        zca_artifact=b"\x89HDF-not-really",
+        settings={"syn_steps": 4},
+        iteration=7,
+    )
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_round_trip(tmp_path, soft):
+    s = _set(soft)
+    path = s.save(tmp_path / "syn.h5")
+    t = SyntheticSet.load(path)
+    assert torch.equal(t.images, s.images)
+    assert torch.equal(t.labels, s.labels)
+    assert (t.soft_labels is None) == (not soft)
+    if soft:
+        assert torch.allclose(t.soft_labels, s.soft_labels)
+        assert t.targets is t.soft_labels
+    else:
+        assert t.targets is t.labels
+    assert t.lr == pytest.approx(0.0123)
+    assert t.class_names == ["A", "B", "C"]
+    assert t.model_spec == {"name": "convnet", "depth": 2}
+    assert t.zca_artifact == s.zca_artifact and t.uses_zca
+    assert t.settings == {"syn_steps": 4} and t.iteration == 7
+    assert (t.ipc, t.engine, t.resolution, t.channels) == (2, "exact", 8, 1)
+    assert [p.name for p in tmp_path.iterdir()] == ["syn.h5"]
+
+
+def test_wrong_version_and_foreign_file(tmp_path):
+    path = _set().save(tmp_path / "syn.h5")
+    with h5py.File(path, "a") as f:
+        f.attrs["format_version"] = FORMAT_VERSION + 1
+    with pytest.raises(TeslaError, match="format version"):
+        SyntheticSet.load(path)
+    other = tmp_path / "other.h5"
+    with h5py.File(other, "w") as f:
+        f.attrs["format"] = "something-else"
+    with pytest.raises(TeslaError, match="not a tesla synthetic set"):
+        SyntheticSet.load(other)
+    with pytest.raises(TeslaError, match="no such"):
+        SyntheticSet.load(tmp_path / "missing.h5")
+
+
+def test_invalid_set_is_not_written(tmp_path):
+    s = _set()
+    s.lr = float("nan")
+    with pytest.raises(ValueError):
+        s.save(tmp_path / "syn.h5")
+    assert list(tmp_path.iterdir()) == []
