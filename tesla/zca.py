@@ -1,0 +1,320 @@
+"""ZCA whitening fitted once on a training split (``tesla zca``), saved as ``tesla-zca`` v1.
+
+The images are taken in network input space, x = (u/255 - mean_c)/std_c with the
+training split's own mean/std, flattened to D = C*H*W.  With the data centred,
+
+    mu = (1/N) sum_n x_n,   Sigma = 1/(N-1) sum_n (x_n - mu)(x_n - mu)^T = U diag(s) U^T,
+    W = U diag(1/sqrt(s + eps)) U^T            (eps = 0.1, PAPER.md section 4),
+    zca(x) = W (x - mu),       zca^{-1}(z) = U diag(sqrt(s + eps)) U^T z + mu.
+
+W is symmetric, so the whitened data have covariance W Sigma W = U diag(s/(s+eps)) U^T:
+directions with variance well above eps come out at unit variance, the weak ones (noise)
+are damped instead of amplified.  Centring follows kornia's ZCAWhitening, which MTT uses.
+
+The covariance is accumulated chunk by chunk in float64 (sums of x - c and of
+(x - c)(x - c)^T around a shift c, the first chunk's mean, to avoid cancellation), so the
+split never needs to be in memory as float64 at once: memory is O(D^2), not O(N D).
+
+Command line::
+
+    tesla zca --train DIR/train.h5 --out DIR/zca.h5 [--eps 0.1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import h5py
+import numpy as np
+import torch
+
+from tesla import __version__
+from tesla.errors import TeslaError
+
+__all__ = ["ZCA", "CovarianceAccumulator", "fit_zca", "fit_zca_split", "configure_parser", "run"]
+
+FORMAT_NAME = "tesla-zca"
+FORMAT_VERSION = 1
+DEFAULT_EPS = 0.1
+
+
+class CovarianceAccumulator:
+    """Streaming mean and covariance of row vectors in float64.
+
+    With c the shift (first chunk's mean), a = sum (x - c), B = sum (x - c)(x - c)^T:
+    mu = c + a/N,  Sigma = (B - a a^T / N) / (N - 1).
+    """
+
+    def __init__(self, dim: int, device: torch.device | str = "cpu") -> None:
+        self.dim = int(dim)
+        self.device = torch.device(device)
+        self.n = 0
+        self.shift: torch.Tensor | None = None
+        self.sum = torch.zeros(self.dim, dtype=torch.float64, device=self.device)
+        self.outer = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=self.device)
+
+    def update(self, rows: torch.Tensor) -> None:
+        rows = rows.reshape(len(rows), -1).to(device=self.device, dtype=torch.float64)
+        if rows.shape[1] != self.dim:
+            raise ValueError(f"rows have {rows.shape[1]} features, expected {self.dim}")
+        if len(rows) == 0:
+            return
+        if self.shift is None:
+            self.shift = rows.mean(dim=0)
+        centred = rows - self.shift
+        self.n += len(rows)
+        self.sum += centred.sum(dim=0)
+        self.outer.addmm_(centred.T, centred)
+
+    def mean(self) -> torch.Tensor:
+        return self.shift + self.sum / self.n
+
+    def covariance(self) -> torch.Tensor:
+        if self.n < 2:
+            raise TeslaError(f"ZCA needs at least 2 images to estimate a covariance, got {self.n}")
+        a = self.sum
+        return (self.outer - torch.outer(a, a) / self.n) / (self.n - 1)
+
+
+@dataclass
+class ZCA:
+    """A fitted ZCA transform: mu, the eigen-decomposition U diag(s) U^T of Sigma, and eps."""
+
+    mean: torch.Tensor  # (D,) float64
+    eigenvectors: torch.Tensor  # (D, D) float64, columns = U
+    eigenvalues: torch.Tensor  # (D,) float64, s >= 0
+    eps: float
+    image_shape: tuple[int, int, int]  # (C, H, W)
+    meta: dict = field(default_factory=dict)
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def dim(self) -> int:
+        return int(self.mean.numel())
+
+    def matrix(self, power: float = -0.5) -> torch.Tensor:
+        """U diag((s + eps)^power) U^T in float64: power -1/2 whitens, +1/2 inverts."""
+        scale = (self.eigenvalues + self.eps).pow(power)
+        return (self.eigenvectors * scale) @ self.eigenvectors.T
+
+    def _operators(self, power: float, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (power, str(device), dtype)
+        if key not in self._cache:
+            self._cache[key] = (
+                self.matrix(power).to(device=device, dtype=dtype),
+                self.mean.to(device=device, dtype=dtype),
+            )
+        return self._cache[key]
+
+    def _check(self, x: torch.Tensor) -> None:
+        if x.ndim != 4 or tuple(x.shape[1:]) != tuple(self.image_shape):
+            raise TeslaError(
+                f"ZCA was fitted on images of shape {tuple(self.image_shape)} (C x H x W), "
+                f"got a batch of shape {tuple(x.shape)}; use the zca.h5 of this dataset"
+            )
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """zca(x) = W (x - mu) per image (N x C x H x W in, same out), on x's device."""
+        self._check(x)
+        w, mu = self._operators(-0.5, x.device, x.dtype)
+        return ((x.reshape(len(x), -1) - mu) @ w).view_as(x)
+
+    def invert(self, z: torch.Tensor) -> torch.Tensor:
+        """zca^{-1}(z) = U diag(sqrt(s + eps)) U^T z + mu (back to network space, for viewing)."""
+        self._check(z)
+        w_inv, mu = self._operators(0.5, z.device, z.dtype)
+        return (z.reshape(len(z), -1) @ w_inv + mu).view_as(z)
+
+    def apply_chunked(self, x: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+        """:meth:`apply` in place over chunks of a large tensor (no second full copy)."""
+        self._check(x)
+        with torch.no_grad():
+            for s in range(0, len(x), chunk):
+                x[s : s + chunk] = self.apply(x[s : s + chunk])
+        return x
+
+    # -- file --------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write a ``tesla-zca`` v1 file (temporary name, renamed when complete)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with h5py.File(tmp, "w") as f:
+                f.create_dataset("mean", data=self.mean.cpu().numpy().astype(np.float64))
+                f.create_dataset("eigenvalues", data=self.eigenvalues.cpu().numpy().astype(np.float64))
+                f.create_dataset(
+                    "eigenvectors",
+                    data=self.eigenvectors.cpu().numpy().astype(np.float64),
+                    chunks=(min(self.dim, 256), self.dim),
+                )
+                f.attrs["format"] = FORMAT_NAME
+                f.attrs["format_version"] = FORMAT_VERSION
+                f.attrs["eps"] = float(self.eps)
+                f.attrs["channels"], f.attrs["height"], f.attrs["width"] = (int(v) for v in self.image_shape)
+                f.attrs["centered"] = True
+                f.attrs["covariance"] = "unbiased: sum (x - mu)(x - mu)^T / (N - 1)"
+                f.attrs["tesla_version"] = __version__
+                for key, value in self.meta.items():
+                    f.attrs[key] = value
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "ZCA":
+        """Read a ``tesla-zca`` file; clear errors for missing, foreign or wrong-version files."""
+        path = Path(path)
+        if not path.exists():
+            raise TeslaError(f"{path}: no such ZCA file; run 'tesla zca --train TRAIN.h5 --out {path}' first")
+        try:
+            f = h5py.File(path, "r")
+        except OSError as exc:
+            raise TeslaError(f"{path}: not an HDF5 file ({exc}); give a file written by 'tesla zca'") from None
+        with f:
+            attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+            if attrs.get("format") != FORMAT_NAME:
+                raise TeslaError(
+                    f"{path}: not a ZCA file (format attribute {attrs.get('format')!r}, expected "
+                    f"{FORMAT_NAME!r}); give a file written by 'tesla zca'"
+                )
+            version = int(attrs.get("format_version", -1))
+            if version != FORMAT_VERSION:
+                raise TeslaError(
+                    f"{path}: {FORMAT_NAME} format version {version}, this tesla reads version "
+                    f"{FORMAT_VERSION}; re-run 'tesla zca' with this version"
+                )
+            try:
+                mean = torch.from_numpy(f["mean"][()])
+                values = torch.from_numpy(f["eigenvalues"][()])
+                vectors = torch.from_numpy(f["eigenvectors"][()])
+                shape = (int(attrs["channels"]), int(attrs["height"]), int(attrs["width"]))
+                eps = float(attrs["eps"])
+            except KeyError as exc:
+                raise TeslaError(f"{path}: incomplete ZCA file (missing {exc}); re-run 'tesla zca'") from None
+        d = int(np.prod(shape))
+        if mean.shape != (d,) or values.shape != (d,) or vectors.shape != (d, d):
+            raise TeslaError(f"{path}: ZCA arrays do not match the image shape {shape}; re-run 'tesla zca'")
+        known = {"format", "format_version", "eps", "channels", "height", "width", "centered", "covariance", "tesla_version"}
+        meta = {k: v for k, v in attrs.items() if k not in known}
+        return cls(mean, vectors, values, eps, shape, meta)
+
+
+def _decompose(acc: CovarianceAccumulator, eps: float, image_shape: Sequence[int], meta: dict) -> ZCA:
+    if not eps > 0:
+        raise TeslaError(f"--eps must be positive (got {eps}); the paper uses 0.1")
+    cov = acc.covariance()
+    values, vectors = torch.linalg.eigh(cov)
+    values = values.clamp_min(0.0)  # round-off can make tiny eigenvalues negative
+    return ZCA(
+        acc.mean().cpu(),
+        vectors.cpu(),
+        values.cpu(),
+        float(eps),
+        tuple(int(v) for v in image_shape),
+        {"num_images": int(acc.n), **meta},
+    )
+
+
+def fit_zca(x: torch.Tensor, eps: float = DEFAULT_EPS, chunk: int = 4096) -> ZCA:
+    """Fit ZCA on images x (N x C x H x W, network space): W = U diag(1/sqrt(s+eps)) U^T."""
+    if x.ndim != 4:
+        raise TeslaError(f"fit_zca expects N x C x H x W images, got shape {tuple(x.shape)}")
+    acc = CovarianceAccumulator(x[0].numel(), device=x.device)
+    for s in range(0, len(x), chunk):
+        acc.update(x[s : s + chunk])
+    return _decompose(acc, eps, x.shape[1:], {})
+
+
+def fit_zca_split(
+    path: str | os.PathLike,
+    eps: float = DEFAULT_EPS,
+    chunk: int = 4096,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> ZCA:
+    """Fit ZCA on a ``tesla-images`` training split in its own network space, chunk by chunk."""
+    from tqdm import tqdm
+
+    from tesla.data import ImageSplit, normalize
+
+    split = ImageSplit.open(path)
+    c, h, w = split.channels, split.resolution, int(split.attrs["width"])
+    dim = c * h * w
+    if dim > 20000:
+        print(
+            f"tesla zca: {path}: D = {dim} features, the covariance alone takes {dim * dim * 8 / 2**30:.1f} GiB "
+            "and its eigen-decomposition is slow; ZCA is meant for CIFAR-size images",
+            file=sys.stderr,
+        )
+    acc = CovarianceAccumulator(dim, device=device)
+    n = split.num_images
+    with h5py.File(split.path, "r") as f, tqdm(
+        total=n, desc="zca covariance", unit="img", disable=not progress, file=sys.stderr
+    ) as bar:
+        images = f["images"]
+        for s in range(0, n, chunk):
+            block = torch.from_numpy(images[s : s + chunk])
+            acc.update(normalize(block, split.mean, split.std).to(device))
+            bar.update(len(block))
+    if progress:
+        print(f"tesla zca: eigen-decomposition of the {dim} x {dim} covariance ...", file=sys.stderr)
+    meta = {
+        "dataset": split.dataset,
+        "train_fingerprint": split.fingerprint,
+        "train_path": str(split.path),
+        "normalization_mean": np.asarray(split.mean, dtype=np.float64),
+        "normalization_std": np.asarray(split.std, dtype=np.float64),
+    }
+    return _decompose(acc, eps, (c, h, w), meta)
+
+
+# --------------------------------------------------------------------------------------
+# command line
+# --------------------------------------------------------------------------------------
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--train", required=True, type=Path, help="training split (tesla-images HDF5)")
+    parser.add_argument("--out", required=True, type=Path, help="output ZCA file (tesla-zca HDF5)")
+    parser.add_argument("--eps", type=float, default=DEFAULT_EPS, help="eigenvalue regulariser eps")
+    parser.add_argument("--chunk", type=int, default=4096, help="images per covariance update")
+    parser.add_argument("--device", default="cpu", help="device for the covariance: cpu, cuda, auto")
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise TeslaError(f"--device {name!r} is not a device; use cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TeslaError(f"--device {name}: CUDA is not available here; use --device cpu or auto")
+    return device
+
+
+def run(args: argparse.Namespace) -> int:
+    if not args.eps > 0:
+        raise TeslaError(f"--eps must be positive (got {args.eps}); the paper uses 0.1")
+    if args.chunk < 1:
+        raise TeslaError(f"--chunk must be at least 1 (got {args.chunk})")
+    if args.out.is_dir():
+        raise TeslaError(f"--out {args.out} is a directory; give a file name such as {args.out / 'zca.h5'}")
+    if args.out.exists() and args.out.resolve() == Path(args.train).resolve():
+        raise TeslaError(f"--out {args.out} is the training split itself; choose another file name")
+    zca = fit_zca_split(args.train, eps=args.eps, chunk=args.chunk, device=_device(args.device))
+    zca.save(args.out)
+    s = zca.eigenvalues
+    print(
+        f"tesla zca: wrote {args.out}: D = {zca.dim}, {zca.meta['num_images']} images, eps {zca.eps}, "
+        f"eigenvalues {float(s.max()):.4g} .. {float(s.min()):.4g}, "
+        f"{int((s > zca.eps).sum())} above eps",
+        file=sys.stderr,
+    )
+    return 0

@@ -1,0 +1,225 @@
+"""Networks by name and the flat parameter vector (tesla.models)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tesla.errors import TeslaError
+from tesla.models import (
+    ParamLayout,
+    available_models,
+    buffer_layout,
+    build_from_spec,
+    build_model,
+    count_params,
+    flatten_buffers,
+    flatten_params,
+    functional_forward,
+    load_flat_,
+    load_flat_buffers_,
+    model_spec,
+    param_layout,
+    supports_resolution,
+    unflatten,
+)
+
+ALL = available_models()
+
+#: exact counts at 3 x 32 x 32 and 3 x 64 x 64 with 10 classes (see docs/formats/models_zca.md)
+COUNTS_10 = {
+    ("convnet", 32): 320_010,
+    ("convnet", 64): 381_450,
+    ("convnet_d4", 32): 452_490,
+    ("convnet_d4", 64): 467_850,
+    ("resnet18", 32): 11_173_962,
+    ("resnet18_bn", 64): 11_173_962,
+    ("vgg11", 32): 9_228_362,
+    ("alexnet", 64): 2_492_234,
+    ("vit", 32): 9_532_938,
+    ("vit", 64): 9_631_242,
+}
+
+
+def test_registry_lists_every_family():
+    for name in ("convnet", "convnet_d1", "convnet_d2", "convnet_d4", "convnet_d5", "resnet18", "resnet18_bn",
+                 "vgg11", "alexnet", "vit"):
+        assert name in ALL
+
+
+def test_paper_parameter_counts():
+    assert count_params(build_model("convnet", channels=3, num_classes=10, resolution=32)) == 320_010
+    with torch.device("meta"):
+        assert count_params(build_model("convnet_d4", channels=3, num_classes=1000, resolution=64)) == 2_496_360
+
+
+@pytest.mark.parametrize("name,resolution", sorted(COUNTS_10))
+def test_parameter_counts(name, resolution):
+    with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+        model = build_model(name, channels=3, num_classes=10, resolution=resolution)
+    assert count_params(model) == COUNTS_10[(name, resolution)]
+    assert param_layout(model).total == COUNTS_10[(name, resolution)]
+
+
+#: small but complete instances of every family (defaults are covered by the count tests)
+SMALL = {"vit": dict(dim=32, depth=2, heads=4, mlp_dim=32)}
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_functional_forward_equals_module_forward(name):
+    torch.manual_seed(0)
+    res = next(r for r in range(8, 65) if supports_resolution(name, r))  # smallest that works
+    model = build_model(name, channels=3, num_classes=5, resolution=res, **SMALL.get(name, {})).eval()
+    with torch.no_grad():  # give all-zero initialisations (torchvision's ViT head) some signal
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(0.0, 0.01)
+    flat = flatten_params(model).requires_grad_(True)
+    layout = param_layout(model)
+    x = torch.randn(2, 3, res, res, requires_grad=True)
+    expected = model(x)
+    got = functional_forward(model, flat, x, layout=layout)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    # gradients reach both the flat vector and the input, and match the module's own
+    g_flat, g_x = torch.autograd.grad(got.square().sum(), (flat, x))
+    assert g_x.shape == x.shape and g_x.abs().sum() > 0
+    assert torch.isfinite(g_flat).all() and g_flat.abs().sum() > 0
+    if count_params(model) < 1_000_000:  # the large ones cost seconds; the rule is the same
+        model.zero_grad()
+        expected.square().sum().backward()
+        ref = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+        torch.testing.assert_close(g_flat, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_functional_forward_second_order_convnet():
+    """Hessian-vector products through the flat vector (what the exact engine needs)."""
+    torch.manual_seed(0)
+    model = build_model("convnet_d2", channels=1, num_classes=3, resolution=8, width=8).double()
+    flat = flatten_params(model).requires_grad_(True)
+    x = torch.randn(4, 1, 8, 8, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 1, 2, 0])
+    loss = torch.nn.functional.cross_entropy(functional_forward(model, flat, x), y)
+    (g,) = torch.autograd.grad(loss, flat, create_graph=True)
+    v = torch.randn_like(flat)
+    hv, jx = torch.autograd.grad(g @ v, (flat, x))
+    eps = 1e-6
+    def grad_at(theta):
+        theta = theta.detach().requires_grad_(True)
+        l = torch.nn.functional.cross_entropy(functional_forward(model, theta, x.detach()), y)
+        return torch.autograd.grad(l, theta)[0]
+    fd = (grad_at(flat + eps * v) - grad_at(flat - eps * v)) / (2 * eps)
+    torch.testing.assert_close(hv, fd, rtol=1e-5, atol=1e-7)
+    assert jx.abs().sum() > 0
+
+
+def test_vit_second_order_and_pickle(tmp_path):
+    """The ViT's default 'math' attention is twice differentiable (fused CPU kernels are not)."""
+    torch.manual_seed(0)
+    model = build_model("vit", channels=1, num_classes=3, resolution=8, **SMALL["vit"])
+    flat = flatten_params(model).requires_grad_(True)
+    x = torch.randn(2, 1, 8, 8, requires_grad=True)
+    loss = torch.nn.functional.cross_entropy(functional_forward(model, flat, x), torch.tensor([0, 2]))
+    (g,) = torch.autograd.grad(loss, flat, create_graph=True)
+    hv, jx = torch.autograd.grad(g @ torch.randn_like(g), (flat, x))
+    assert hv.abs().sum() > 0 and jx.abs().sum() > 0
+    torch.save(model, tmp_path / "vit.pt")
+    again = torch.load(tmp_path / "vit.pt", weights_only=False)
+    assert torch.equal(flatten_params(again), flatten_params(model))
+
+
+def test_unflatten_views_and_roundtrip():
+    model = build_model("convnet_d1", channels=3, num_classes=4, resolution=8, width=6)
+    flat = flatten_params(model)
+    layout = param_layout(model)
+    assert layout.names == tuple(n for n, _ in model.named_parameters())
+    parts = unflatten(flat, layout)
+    for name, p in model.named_parameters():
+        assert torch.equal(parts[name], p.detach())
+        assert parts[name].data_ptr() >= flat.data_ptr()  # a view into flat
+    flat2 = torch.randn_like(flat)
+    load_flat_(model, flat2)
+    assert torch.equal(flatten_params(model), flat2)
+    assert ParamLayout.from_json(layout.to_json()) == layout
+    assert json.loads(layout.to_json())["numels"] == list(layout.numels)
+    with pytest.raises(TeslaError, match="1-D vector of"):
+        unflatten(flat[:-1], layout)
+    with pytest.raises(TeslaError, match="not valid"):
+        ParamLayout.from_json("{}")
+
+
+def test_batchnorm_buffers_flat_vector():
+    torch.manual_seed(0)
+    model = build_model("convnet_d2", channels=3, num_classes=4, resolution=8, width=6, norm="batchnorm")
+    blayout = buffer_layout(model)
+    assert blayout.names == ("features.1.running_mean", "features.1.running_var",
+                             "features.5.running_mean", "features.5.running_var")
+    x = torch.randn(8, 3, 8, 8)
+    model.train()
+    flat = flatten_params(model)
+    buffers = flatten_buffers(model)
+    out = functional_forward(model, flat, x, buffers=buffers)
+    torch.testing.assert_close(out, model(x))
+    # training-mode batch norm updated the passed buffer vector like the module's own
+    torch.testing.assert_close(buffers, flatten_buffers(model))
+    assert not torch.equal(buffers[:6], torch.zeros(6))
+    model.eval()
+    other = torch.rand_like(buffers) + 0.5
+    eval_out = functional_forward(model, flat, x, buffers=other)
+    load_flat_buffers_(model, other)
+    torch.testing.assert_close(eval_out, model(x))
+
+
+@pytest.mark.parametrize("name", ["convnet", "convnet_d4", "resnet18", "vgg11", "alexnet", "vit"])
+@pytest.mark.parametrize("channels,resolution", [(1, 28), (3, 32), (3, 64)])
+def test_output_shapes(name, channels, resolution):
+    options = SMALL.get(name, {}) if resolution != 64 else {}
+    model = build_model(name, channels=channels, num_classes=7, resolution=resolution, **options)
+    with torch.no_grad():
+        assert model(torch.randn(1, channels, resolution, resolution)).shape == (1, 7)
+
+
+def test_spec_roundtrip():
+    spec = model_spec("convnet_d2", channels=1, num_classes=3, resolution=8, width=16, norm="none")
+    text = json.dumps(spec)
+    assert spec["options"] == {"depth": 2, "width": 16, "norm": "none", "pooling": "avgpool"}
+    torch.manual_seed(1)
+    a = build_model("convnet_d2", channels=1, num_classes=3, resolution=8, width=16, norm="none")
+    torch.manual_seed(1)
+    b = build_from_spec(text)
+    assert param_layout(a) == param_layout(b)
+    assert torch.equal(flatten_params(a), flatten_params(b))
+    with pytest.raises(TeslaError, match="lacks"):
+        build_from_spec({"name": "convnet"})
+
+
+def test_unknown_name_lists_valid_names():
+    with pytest.raises(TeslaError) as info:
+        build_model("convnet7", channels=3, num_classes=10, resolution=32)
+    assert "convnet7" in str(info.value)
+    for name in ALL:
+        assert name in str(info.value)
+
+
+def test_bad_resolution_and_options():
+    assert not supports_resolution("convnet_d4", 8)
+    assert supports_resolution("convnet", 8)
+    assert not supports_resolution("vit", 30)
+    with pytest.raises(TeslaError, match=r"at least 16 px.*depth of at most 3"):
+        build_model("convnet_d4", channels=1, num_classes=10, resolution=8)
+    with pytest.raises(TeslaError, match="multiple of 4"):
+        build_model("vit", channels=3, num_classes=10, resolution=30)
+    with pytest.raises(TeslaError, match="no option 'widht'.*width"):
+        build_model("convnet", channels=3, num_classes=10, resolution=32, widht=64)
+    with pytest.raises(TeslaError, match="norm='layer'"):
+        build_model("convnet", channels=3, num_classes=10, resolution=32, norm="layer")
+    with pytest.raises(TeslaError, match="channels must be a positive integer"):
+        build_model("convnet", channels=0, num_classes=10, resolution=32)
+    # instance norm over a 1 x 1 map erases the signal: refused, batch norm allowed
+    assert not supports_resolution("resnet18", 8) and supports_resolution("resnet18_bn", 8)
+    assert not supports_resolution("vgg11", 16) and supports_resolution("vgg11", 17)
+    with pytest.raises(TeslaError, match=r"at least 17 px or norm='batchnorm'"):
+        build_model("vgg11", channels=1, num_classes=10, resolution=16)
+    # no pooling: any depth fits
+    assert build_model("convnet_d4", channels=1, num_classes=2, resolution=8, pooling="none", width=4)

@@ -1,0 +1,138 @@
+"""ZCA whitening (tesla.zca) and the ``tesla zca`` command."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from tesla.cli import main
+from tesla.data import ImageSplit, SplitWriter, normalize
+from tesla.errors import TeslaError
+from tesla.zca import ZCA, CovarianceAccumulator, fit_zca
+
+
+def correlated_images(n: int = 600, shape=(2, 4, 4), seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    d = int(np.prod(shape))
+    mix = torch.randn(d, d, generator=g, dtype=torch.float64) * torch.linspace(0.05, 2.0, d, dtype=torch.float64)
+    z = torch.randn(n, d, generator=g, dtype=torch.float64) @ mix.T + 3.0
+    return z.view(n, *shape)
+
+
+def test_whitened_covariance_has_eigenvalues_s_over_s_plus_eps():
+    x = correlated_images()
+    zca = fit_zca(x, eps=0.1, chunk=97)  # chunks that do not divide N
+    flat = x.reshape(len(x), -1)
+    cov = torch.cov(flat.T)
+    torch.testing.assert_close(zca.mean, flat.mean(0))
+    s, _ = torch.linalg.eigh(cov)
+    torch.testing.assert_close(zca.eigenvalues, s.clamp_min(0), rtol=1e-9, atol=1e-9)
+    white = zca.apply(x).reshape(len(x), -1)
+    w_cov = torch.cov(white.T)
+    got = torch.linalg.eigvalsh(w_cov)
+    torch.testing.assert_close(got, s / (s + 0.1), rtol=1e-8, atol=1e-8)
+    # ZCA (not PCA): W is symmetric, so whitened images stay close to the originals
+    w = zca.matrix()
+    torch.testing.assert_close(w, w.T)
+    assert white.mean(0).abs().max() < 1e-10
+
+
+def test_invert_apply_is_identity_float32_and_float64():
+    x = correlated_images(200)
+    zca = fit_zca(x, eps=0.1)
+    torch.testing.assert_close(zca.invert(zca.apply(x)), x, rtol=1e-9, atol=1e-9)
+    x32 = x.float()
+    torch.testing.assert_close(zca.invert(zca.apply(x32)), x32, rtol=1e-4, atol=1e-4)
+    big = x32.clone()
+    torch.testing.assert_close(zca.apply_chunked(big, chunk=33), zca.apply(x32))
+
+
+def test_apply_is_differentiable():
+    zca = fit_zca(correlated_images(100), eps=0.1)
+    x = torch.randn(3, 2, 4, 4, requires_grad=True)
+    (g,) = torch.autograd.grad(zca.apply(x).square().sum(), x)
+    assert g.abs().sum() > 0
+
+
+def test_streaming_covariance_matches_direct():
+    x = torch.randn(1000, 5, dtype=torch.float64) * 10 + 1e4  # large offset: no cancellation
+    acc = CovarianceAccumulator(5)
+    for s in range(0, 1000, 64):
+        acc.update(x[s : s + 64])
+    torch.testing.assert_close(acc.covariance(), torch.cov(x.T), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(acc.mean(), x.mean(0))
+
+
+def test_save_load_roundtrip(tmp_path):
+    x = correlated_images(150)
+    zca = fit_zca(x, eps=0.05)
+    path = zca.save(tmp_path / "zca.h5")
+    with h5py.File(path, "r") as f:
+        assert f.attrs["format"] == "tesla-zca" and f.attrs["format_version"] == 1
+    back = ZCA.load(path)
+    assert back.eps == 0.05 and back.image_shape == (2, 4, 4)
+    assert torch.equal(back.eigenvectors, zca.eigenvectors) and torch.equal(back.mean, zca.mean)
+    torch.testing.assert_close(back.apply(x), zca.apply(x))
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(TeslaError, match="no such ZCA file"):
+        ZCA.load(tmp_path / "missing.h5")
+    text = tmp_path / "text.h5"
+    text.write_text("hello")
+    with pytest.raises(TeslaError, match="not an HDF5 file"):
+        ZCA.load(text)
+    other = tmp_path / "other.h5"
+    with h5py.File(other, "w") as f:
+        f.attrs["format"] = "tesla-images"
+    with pytest.raises(TeslaError, match="not a ZCA file"):
+        ZCA.load(other)
+    zca = fit_zca(correlated_images(50), eps=0.1)
+    path = zca.save(tmp_path / "v2.h5")
+    with h5py.File(path, "a") as f:
+        f.attrs["format_version"] = 2
+    with pytest.raises(TeslaError, match="version 2"):
+        ZCA.load(path)
+    with pytest.raises(TeslaError, match="shape"):
+        zca.apply(torch.zeros(1, 3, 4, 4))
+    with pytest.raises(TeslaError, match="eps must be positive"):
+        fit_zca(correlated_images(50), eps=0.0)
+
+
+def write_split(path, n_per_class=40, classes=3, size=6, channels=3, seed=0):
+    rng = np.random.default_rng(seed)
+    with SplitWriter(path, dataset="tiny", split="train", class_ids=[f"c{i}" for i in range(classes)],
+                     height=size, width=size, channels=channels, source="test") as w:
+        for c in range(classes):
+            base = rng.integers(0, 256, size=(1, size, size, channels))
+            noise = rng.integers(-40, 41, size=(n_per_class, size, size, channels))
+            w.append(np.clip(base + noise, 0, 255).astype(np.uint8), np.full(n_per_class, c))
+    return path
+
+
+def test_cli_fits_on_split_in_network_space(tmp_path, capsys):
+    train = write_split(tmp_path / "train.h5")
+    out = tmp_path / "sub" / "zca.h5"
+    assert main(["zca", "--train", str(train), "--out", str(out), "--eps", "0.1", "--chunk", "7"]) == 0
+    zca = ZCA.load(out)
+    split = ImageSplit.open(train)
+    x = normalize(split.images_uint8(), split.mean, split.std).double()
+    ref = fit_zca(x, eps=0.1)
+    torch.testing.assert_close(zca.mean, ref.mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(zca.matrix(), ref.matrix(), rtol=1e-5, atol=1e-5)
+    assert zca.meta["train_fingerprint"] == split.fingerprint and zca.meta["num_images"] == 120
+    assert "wrote" in capsys.readouterr().err
+
+
+def test_cli_errors(tmp_path, capsys):
+    assert main(["zca", "--train", str(tmp_path / "nope.h5"), "--out", str(tmp_path / "z.h5")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    train = write_split(tmp_path / "train.h5", n_per_class=2)
+    assert main(["zca", "--train", str(train), "--out", str(tmp_path / "z.h5"), "--eps", "-1"]) == 2
+    assert "--eps must be positive" in capsys.readouterr().err
+    assert not (tmp_path / "z.h5").exists()
+    assert main(["zca", "--train", str(train), "--out", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
