@@ -97,8 +97,8 @@ class SplitWriter:
         self._counts = np.zeros(self.num_classes, dtype=np.int64)
         self._n = 0
         self._last_label = -1
-        self._sum = np.zeros(self.channels, dtype=np.float64)
-        self._sumsq = np.zeros(self.channels, dtype=np.float64)
+        self._sum = np.zeros(self.channels, dtype=np.int64)
+        self._sumsq = np.zeros(self.channels, dtype=np.int64)
         self._hash_labels = hashlib.sha256()
         self._hash_pixels = hashlib.sha256()
         self._skipped: list[str] = []
@@ -162,9 +162,10 @@ class SplitWriter:
         self._n = n1
         self._last_label = int(labels[-1])
         self._counts += np.bincount(labels, minlength=self.num_classes)
-        flat = images.reshape(-1, self.channels).astype(np.float64) / 255.0
-        self._sum += flat.sum(axis=0)
-        self._sumsq += np.square(flat).sum(axis=0)
+        # exact integer sums of u and u^2 per channel (scaled to [0, 1] at commit)
+        planes = np.ascontiguousarray(images.reshape(-1, self.channels).T).astype(np.int64)
+        self._sum += planes.sum(axis=1)
+        self._sumsq += np.einsum("ij,ij->i", planes, planes)
         self._hash_labels.update(labels.tobytes())
         self._hash_pixels.update(np.ascontiguousarray(images).tobytes())
 
@@ -194,8 +195,8 @@ class SplitWriter:
         f.create_dataset("class_names", data=np.array(self._class_names, dtype=object), dtype=_STR)
         f.create_dataset("skipped", data=np.array(self._skipped, dtype=object), dtype=_STR)
         pixels = max(1, self._n * self.height * self.width)
-        mean = self._sum / pixels
-        std = np.sqrt(np.maximum(self._sumsq / pixels - mean**2, 0.0))
+        mean = self._sum.astype(np.float64) / (255.0 * pixels)
+        std = np.sqrt(np.maximum(self._sumsq.astype(np.float64) / (255.0**2 * pixels) - mean**2, 0.0))
         fingerprint = hashlib.sha256(
             self._hash_labels.digest() + self._hash_pixels.digest() + json.dumps(self._class_ids).encode()
         ).hexdigest()

@@ -1,0 +1,131 @@
+"""Class-folder trees (``folder`` source) and ImageNet-1K in its usual layouts (``imagenet``).
+
+Both read a folder or an uncompressed tar (see :mod:`tesla.data.sources.tree`):
+
+* train: ``<class>/**/<image>`` folders, a tar of them, or a tar of per-class tars
+  (``ILSVRC2012_img_train.tar``); an input holding ``train/`` and ``test/`` (or ``val/``)
+  folders gives both splits;
+* test (``--test-input``): a class-folder tree, or a flat folder / tar of images labelled by
+  ``--test-labels`` (``LOC_val_solution.csv`` or 'file class' lines), e.g.
+  ``ILSVRC2012_img_val.tar``; without one, ``--test-fraction`` holds out part of train.
+
+ImageNet class folders must be WordNet ids (``n01440764``); class index = sorted ids.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from tesla.data.sources.base import DatasetPlan, EncodedSplit, SourceOptions
+from tesla.data.sources.tree import (
+    TEST_SPLIT_NAMES,
+    Entry,
+    class_tree,
+    encoded_split,
+    find_split_folders,
+    hold_out,
+    is_flat,
+    labelled_flat_split,
+    list_container,
+    read_synsets,
+    subtree,
+    top_folders,
+)
+from tesla.errors import TeslaError
+
+WNID = re.compile(r"^n\d{8}$")
+
+
+def _test_split(
+    opts: SourceOptions,
+    inner: tuple[list[Entry], str] | None,
+    class_ids: list[str],
+    class_names: list[str],
+    train: EncodedSplit,
+) -> tuple[EncodedSplit, EncodedSplit]:
+    """The test split from --test-input, else the input's test/ or val/ folder, else held out."""
+    if opts.test_input is not None:
+        entries, root = list_container(opts.test_input, "--test-input"), str(opts.test_input)
+    elif inner is not None:
+        entries, root = inner
+    elif opts.test_fraction is not None:
+        return hold_out(train, opts.test_fraction, opts.seed)
+    else:
+        raise TeslaError(
+            f"{opts.input}: no test split; give --test-input (a class-folder tree, or a flat folder/tar with "
+            "--test-labels), put train/ and test/ folders in the input, or hold out part of train with --test-fraction 0.1"
+        )
+    if opts.test_fraction is not None:
+        raise TeslaError(f"--test-fraction: the input already has a test split ({root}); drop --test-fraction")
+    if is_flat(entries):
+        test = labelled_flat_split("test", entries, opts.test_labels, class_ids, class_names, root, opts.ignore_non_images)
+    else:
+        if opts.test_labels is not None:
+            raise TeslaError(
+                f"--test-labels {opts.test_labels}: the test input {root} is sorted into class folders, which give "
+                "the labels; drop --test-labels or give a flat test folder"
+            )
+        test = encoded_split("test", class_tree(entries, root, opts.ignore_non_images), class_ids, root, "the test input")
+    return train, test
+
+
+def plan_tree(opts: SourceOptions, source: str, name: str, wnids: bool) -> DatasetPlan:
+    """A dataset plan from a class-folder tree (``wnids``: class folders must be WordNet ids)."""
+    if opts.input is None:
+        raise TeslaError(f"{source}: give --input (a class-folder tree, or a tar of one)")
+    entries = list_container(opts.input, "--input")
+    root = str(opts.input)
+    inner_test = None
+    # ImageNet trees (e.g. Kaggle's CLS-LOC/) keep the labelled images in val/ and unlabelled ones in test/
+    splits = find_split_folders(entries, ("val", "validation", "test") if wnids else TEST_SPLIT_NAMES)
+    if splits is not None:
+        extra = sorted(t for t in top_folders(entries) - {"train", *TEST_SPLIT_NAMES} if not t.startswith("."))
+        if extra and not wnids:
+            raise TeslaError(
+                f"{root}: holds train/ and {splits[1] or 'no test'}/ split folders but also {extra[0]!r}; "
+                "remove it, or give the class-folder tree itself as --input"
+            )
+        if splits[1] is not None and opts.test_input is None:
+            inner_test = (subtree(entries, splits[1]), f"{root}/{splits[1]}")
+        entries, root = subtree(entries, "train"), f"{root}/train"
+    tree = class_tree(entries, root, opts.ignore_non_images)
+    class_ids = list(tree.classes)
+    if wnids:
+        bad = [c for c in class_ids if not WNID.match(c)]
+        if bad:
+            raise TeslaError(
+                f"{root}: class {bad[0]!r} is not a WordNet id (n + 8 digits) as in ImageNet's train/<wnid>/ "
+                "folders or <wnid>.tar members; give the ImageNet train folder or tar, or use the 'folder' source"
+            )
+    class_names = read_synsets(opts.synsets, class_ids) if opts.synsets is not None else list(class_ids)
+    train = encoded_split("train", tree, class_ids, root, "train")
+    train, test = _test_split(opts, inner_test, class_ids, class_names, train)
+    attrs = {"input": str(opts.input)}
+    if opts.test_input is not None:
+        attrs["test_input"] = str(opts.test_input)
+    if opts.synsets is not None:
+        attrs["synsets_file"] = str(opts.synsets)
+    return DatasetPlan(
+        source=source,
+        name=name,
+        class_ids=class_ids,
+        class_names=class_names,
+        channels=opts.channels or 3,
+        default_resolution=64 if wnids else 0,
+        train=train,
+        test=test,
+        attrs=attrs,
+    )
+
+
+def plan_folder(opts: SourceOptions, name: str | None = None) -> DatasetPlan:
+    """Any class-folder tree (or a tar of one); class index = sorted folder names."""
+    if name is None and opts.input is not None:
+        name = Path(opts.input).name.split(".")[0] or "folder"
+    return plan_tree(opts, "folder", name or "folder", wnids=False)
+
+
+def plan_imagenet(opts: SourceOptions, name: str | None = None) -> DatasetPlan:
+    """ImageNet-1K: train folders / tar of folders / ILSVRC2012_img_train.tar; class index = sorted wnids."""
+    return plan_tree(opts, "imagenet", name or "imagenet", wnids=True)
