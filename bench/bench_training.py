@@ -1,0 +1,258 @@
+"""Training throughput: tesla's in-memory loop against a conventional DataLoader loop.
+
+Both train the same network (ConvNet-3 for 32 x 32 x 3 inputs, 10 classes, same
+initialisation) with the same optimizer (SGD lr 0.01, batch 256) on the same CIFAR-10
+images, one epoch over ``--images`` images per measurement, in one process, methods
+interleaved round by round so that load from other processes hits them alike:
+
+* ``tesla``: ``tesla.training.train`` as ``tesla experts`` runs it -- the split as one uint8
+  tensor on the device, minibatches by index permutation, normalised and augmented by DSA
+  (one family per batch, the expert default) on the device, whole batch at a time;
+* ``tesla crop_flip``: the same with DSA ``crop_flip`` (the baseline's transforms);
+* ``tesla no-aug``: the same without augmentation (the network's own cost: an upper bound);
+* ``dataloader wN``: a ``torch.utils.data.DataLoader`` (shuffle, ``num_workers=N``) over a
+  map-style Dataset that holds uint8 images and applies per-sample torchvision transforms
+  (PIL image -> RandomCrop(32, padding 4) -> RandomHorizontalFlip -> ToTensor ->
+  Normalize), batches moved to the device, ``loss.item()`` per step.
+
+Reported per method: images per wall-clock second (median over rounds) and images per
+CPU-second (user + system time of the process and its DataLoader workers), the latter being
+the fairer figure on a machine shared with other work.
+
+Images come from a prepared ``train.h5`` (``--train``) or, failing that, straight from the
+shared CIFAR-10 tar (``--tar``; the first ``--images`` JPEGs, decoded with PIL).
+
+    python bench/bench_training.py --tar ../shared/datasets/cifar10-jpg.tar --images 5120 --rounds 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import resource
+import statistics
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tesla.augment import DSA
+from tesla.data import ImageSplit
+from tesla.models import build_model
+from tesla.training import NetworkInput, pick_device, train
+
+
+def load_images(args) -> tuple[np.ndarray, np.ndarray, list[float], list[float], str]:
+    """uint8 N x 32 x 32 x 3 images, int64 labels, per-channel mean/std, and where they came from."""
+    if args.train and Path(args.train).exists():
+        split = ImageSplit.open(args.train)
+        idx = np.sort(np.random.default_rng(0).choice(split.num_images, size=min(args.images, split.num_images), replace=False))
+        return split.images_uint8(idx), split.labels[idx], split.mean, split.std, str(args.train)
+    if args.tar and Path(args.tar).exists():
+        from PIL import Image
+
+        images, labels, classes = [], [], {}
+        with tarfile.open(args.tar) as tar:
+            members = [m for m in tar.getmembers() if m.isfile() and m.name.startswith("train/") and m.name.endswith(".jpg")]
+            members.sort(key=lambda m: m.name)
+            rng = np.random.default_rng(0)
+            pick = np.sort(rng.choice(len(members), size=min(args.images, len(members)), replace=False))
+            for i in pick:
+                m = members[i]
+                cls = m.name.split("/")[1]
+                labels.append(classes.setdefault(cls, len(classes)))
+                images.append(np.asarray(Image.open(io.BytesIO(tar.extractfile(m).read())).convert("RGB")))
+        x = np.stack(images)
+        flat = x.reshape(-1, 3) / 255.0
+        return x, np.asarray(labels, dtype=np.int64), list(flat.mean(0)), list(flat.std(0)), str(args.tar)
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, size=(args.images, 32, 32, 3), dtype=np.uint8)
+    return x, rng.integers(0, 10, size=args.images), [0.5] * 3, [0.25] * 3, "synthetic uint8 (no data found)"
+
+
+def fresh_model(device) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model("convnet", channels=3, num_classes=10, resolution=32).to(device)
+
+
+def run_tesla(images, labels, mean, std, device, strategy: str | None, batch: int) -> tuple[float, float]:
+    """(wall, CPU) seconds for one epoch of tesla.training.train as experts run it: uint8 images on the
+    device, normalised per minibatch there (loading to the device is not timed)."""
+    x = torch.from_numpy(images).to(device)
+    y = torch.from_numpy(labels).to(device)
+    to_input = NetworkInput(mean, std, device)
+    model = fresh_model(device)
+    dsa = DSA(strategy) if strategy else None
+    sync(device)
+    t0, c0 = time.perf_counter(), cpu_seconds()
+    train(model, x, y, epochs=1, lr=0.01, batch_size=batch, dsa=dsa, generator=torch.Generator().manual_seed(0),
+          input_transform=to_input)
+    sync(device)
+    return time.perf_counter() - t0, cpu_seconds() - c0
+
+
+class PerSampleDataset(torch.utils.data.Dataset):
+    """The conventional map-style dataset: uint8 images, per-sample torchvision transforms."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, mean, std) -> None:
+        import torchvision.transforms as T
+
+        self.images, self.labels = images, labels
+        self.transform = T.Compose(
+            [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)]
+        )
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
+
+
+def run_dataloader(images, labels, mean, std, device, workers: int, batch: int) -> tuple[float, float]:
+    """(wall, CPU) seconds for one epoch of the conventional loop (worker start-up included, as in real use)."""
+    model = fresh_model(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    loader = torch.utils.data.DataLoader(
+        PerSampleDataset(images, labels, mean, std), batch_size=batch, shuffle=True, num_workers=workers,
+        pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(0),
+    )
+    model.train()
+    sync(device)
+    t0, c0 = time.perf_counter(), cpu_seconds()
+    for xb, yb in loader:
+        xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+        loss = F.cross_entropy(model(xb), yb)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        loss.item()
+    sync(device)
+    wall = time.perf_counter() - t0
+    del loader  # workers exit and are reaped, so their CPU time is counted
+    return wall, cpu_seconds() - c0
+
+
+def data_tesla(images, labels, mean, std, device, strategy: str | None, batch: int) -> tuple[float, float]:
+    """(wall, CPU) seconds to produce one epoch of network-ready augmented batches, tesla's way."""
+    from tesla.training import minibatches
+
+    x = torch.from_numpy(images).to(device)
+    y = torch.from_numpy(labels).to(device)
+    to_input = NetworkInput(mean, std, device)
+    dsa = DSA(strategy) if strategy else None
+    g = torch.Generator().manual_seed(0)
+    sync(device)
+    t0, c0 = time.perf_counter(), cpu_seconds()
+    for idx in minibatches(len(x), batch, g, device):
+        xb, yb = to_input(x[idx]), y[idx]
+        if dsa is not None:
+            xb, _ = dsa(xb, g)
+    sync(device)
+    return time.perf_counter() - t0, cpu_seconds() - c0
+
+
+def data_dataloader(images, labels, mean, std, device, workers: int, batch: int) -> tuple[float, float]:
+    """(wall, CPU) seconds to produce one epoch of batches on the device with the DataLoader."""
+    loader = torch.utils.data.DataLoader(
+        PerSampleDataset(images, labels, mean, std), batch_size=batch, shuffle=True, num_workers=workers,
+        pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(0),
+    )
+    sync(device)
+    t0, c0 = time.perf_counter(), cpu_seconds()
+    for xb, yb in loader:
+        xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+    sync(device)
+    wall = time.perf_counter() - t0
+    del loader
+    return wall, cpu_seconds() - c0
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and its finished children (DataLoader workers)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--train", type=Path, default=None, help="a prepared CIFAR-10 train.h5 (preferred)")
+    p.add_argument("--tar", type=Path, default=Path("../shared/datasets/cifar10-jpg.tar"), help="the shared CIFAR-10 tar")
+    p.add_argument("--images", type=int, default=5120, help="images per measured epoch")
+    p.add_argument("--rounds", type=int, default=2, help="measurements per method (interleaved)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="DataLoader num_workers values to measure")
+    p.add_argument(
+        "--strategies", nargs="+", default=["color_crop_cutout_flip_scale_rotate", "crop_flip", "none"],
+        help="DSA strategies of the tesla loop to measure ('none': no augmentation)",
+    )
+    p.add_argument("--no-data-only", action="store_true", help="skip the input-pipeline-only measurement")
+    p.add_argument("--device", default="auto")
+    args = p.parse_args()
+    device = pick_device(args.device)
+    images, labels, mean, std, source = load_images(args)
+    print(f"load average at the start: {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
+    print(f"data: {len(images)} images {images.shape[1:]} from {source}; device {device}; torch {torch.__version__}; "
+          f"{torch.get_num_threads()} threads; batch {args.batch_size}", flush=True)
+    methods = {
+        **{
+            (f"tesla.training.train, DSA {s}" if s != "none" else "tesla.training.train, no augmentation"): (
+                lambda s=s: run_tesla(images, labels, mean, std, device, None if s == "none" else s, args.batch_size)
+            )
+            for s in args.strategies
+        },
+        **{
+            f"DataLoader, per-sample transforms, num_workers={w}": (lambda w=w: run_dataloader(images, labels, mean, std, device, w, args.batch_size))
+            for w in args.workers
+        },
+    }
+    if not args.no_data_only:
+        data_methods = {
+            **{f"data only: tesla gather + normalise + DSA {s}": (lambda s=s: data_tesla(images, labels, mean, std, device, None if s == "none" else s, args.batch_size)) for s in args.strategies if s != "none"},
+            **{f"data only: DataLoader num_workers={w}": (lambda w=w: data_dataloader(images, labels, mean, std, device, w, args.batch_size)) for w in args.workers},
+        }
+        print("\n| input pipeline alone (no network) | images/s, wall (median of 3) | images per CPU-second |")
+        print("|---|---|---|")
+        for name, fn in data_methods.items():
+            runs = [fn() for _ in range(3)]
+            wall = statistics.median(r[0] for r in runs)
+            cpu_s = statistics.median(r[1] for r in runs)
+            print(f"| {name} | {len(images) / wall:.0f} | {len(images) / max(cpu_s, 1e-9):.0f} |", flush=True)
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    cpu: dict[str, list[float]] = {name: [] for name in methods}
+    for r in range(args.rounds):
+        for name, fn in methods.items():
+            wall, cpu_s = fn()
+            times[name].append(wall)
+            cpu[name].append(cpu_s)
+            print(f"round {r + 1}: {name}: {len(images) / wall:.0f} images/s, {len(images) / cpu_s:.1f} images per CPU-second",
+                  file=sys.stderr, flush=True)
+    rate = {name: len(images) / statistics.median(ts) for name, ts in times.items()}
+    per_cpu = {name: len(images) / statistics.median(cs) for name, cs in cpu.items()}
+    baselines = [n for n in rate if n.startswith("DataLoader")]
+    best = max(baselines, key=rate.get)
+    best_cpu = max(baselines, key=per_cpu.get)
+    print(f"\n| loop | images/s, wall (median of {args.rounds}) | vs best DataLoader | images per CPU-second | vs best DataLoader |")
+    print("|---|---|---|---|---|")
+    for name in methods:
+        print(f"| {name} | {rate[name]:.1f} | {rate[name] / rate[best]:.2f}x | {per_cpu[name]:.1f} | "
+              f"{per_cpu[name] / per_cpu[best_cpu]:.2f}x |")
+    print(f"\nload average at the end: {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

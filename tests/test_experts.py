@@ -1,0 +1,234 @@
+"""`tesla experts`: one expert per call, bitwise resume, clear errors, and quality on real MNIST."""
+
+from __future__ import annotations
+
+import gzip
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from tesla.cli import main
+from tesla.data import ImageSplit, SplitWriter
+from tesla.experts import ExpertConfig, derive_seed, train_expert
+from tesla.models import flatten_params
+from tesla.trajectories import Trajectory
+
+from conftest import require_dataset
+
+
+def write_split(path: Path, n_per_class: int, *, classes: int = 4, res: int = 8, channels: int = 1, seed: int = 0,
+                split: str = "train", dataset: str = "toy") -> Path:
+    """A learnable toy split: class c has a bright horizontal band at rows c*R/K .. (c+1)*R/K."""
+    rng = np.random.default_rng(seed)
+    images, labels = [], []
+    for c in range(classes):
+        base = np.zeros((res, res, channels))
+        base[c * res // classes : (c + 1) * res // classes] = 200
+        images.append(np.clip(base + rng.normal(0, 40, (n_per_class, res, res, channels)), 0, 255).astype(np.uint8))
+        labels += [c] * n_per_class
+    with SplitWriter(path, dataset=dataset, split=split, class_ids=[str(c) for c in range(classes)],
+                     height=res, width=res, channels=channels, source="test") as w:
+        w.append(np.concatenate(images), np.array(labels))
+    return path
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("toy")
+    return write_split(d / "train.h5", 24), write_split(d / "test.h5", 8, seed=1, split="test")
+
+
+def cli(toy, out: Path, *extra: str) -> int:
+    train, test = toy
+    return main(["experts", "--train", str(train), "--test", str(test), "--out", str(out), "--model", "convnet_d1",
+                 "--batch-size", "32", *extra])
+
+
+def test_cli_writes_a_complete_trajectory(toy, tmp_path, capsys):
+    out = tmp_path / "expert_3.h5"
+    assert cli(toy, out, "--seed", "3", "--epochs", "3", "--lr", "0.05") == 0
+    err = capsys.readouterr().err
+    assert "epoch 1/3" in err and "epoch 3/3" in err and "test accuracy" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["expert_3.h5"]  # no partial state left
+    train = ImageSplit.open(toy[0])
+    with Trajectory.open(out) as t:
+        assert t.num_snapshots == 4 and t.epochs == 3 and t.seed == 3 and t.lr == 0.05
+        assert t.dataset_fingerprint == train.fingerprint and t.zca_fingerprint == ""
+        assert t.model_spec["name"] == "convnet_d1" and t.model_spec["num_classes"] == 4
+        assert t.dsa == "color_crop_cutout_flip_scale_rotate" and t.momentum == 0.0 and t.batch_size == 32
+        assert len(t.train_loss) == 3 and t.train_loss[-1] < t.train_loss[0]
+        assert t.final_test_accuracy > 0.5  # chance is 0.25
+        steps = [float((t.snapshot(i + 1) - t.snapshot(i)).norm()) for i in range(3)]
+        assert all(s > 0 for s in steps)
+        # snapshot 0 is the initialisation drawn from the seed
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(3, "init"))
+            net = t.build_model()
+        assert torch.equal(flatten_params(net), t.snapshot(0))
+
+
+def test_seed_controls_initialisation_and_order(toy, tmp_path):
+    paths = {}
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        paths[name] = tmp_path / f"{name}.h5"
+        cli(toy, paths[name], "--seed", str(seed), "--epochs", "1", "--dsa", "none")
+    a, b, c = (Trajectory.open(paths[k]) for k in "abc")
+    assert torch.equal(a.snapshot(1), b.snapshot(1))
+    assert not torch.equal(a.snapshot(0), c.snapshot(0))
+    assert a.dsa == "none"
+
+
+def test_killed_run_resumes_bitwise_identical(toy, tmp_path):
+    train, test = toy
+    cfg = dict(train=train, test=test, seed=5, model="convnet_d1", epochs=3, lr=0.05, batch_size=16)
+    full = train_expert(ExpertConfig(out=tmp_path / "full.h5", **cfg), progress=False, log=lambda m: None)
+    out = tmp_path / "resumed.h5"
+    assert train_expert(ExpertConfig(out=out, **cfg), stop_after_epochs=2, progress=False, log=lambda m: None) is None
+    assert not out.exists() and (tmp_path / "resumed.h5.partial" / "state.pt").exists()
+    logs = []
+    train_expert(ExpertConfig(out=out, **cfg), progress=False, log=logs.append)
+    assert any("resuming" in m and "epoch 2/3" in m for m in logs)
+    assert sum("epoch 3/3" in m for m in logs) == 1 and not any("epoch 1/3" in m for m in logs)
+    with h5py.File(full) as f, h5py.File(out) as g:
+        assert np.array_equal(f["snapshots"][()], g["snapshots"][()])  # bitwise
+        assert np.array_equal(f["train_loss"][()], g["train_loss"][()])
+        assert np.array_equal(f["train_accuracy"][()], g["train_accuracy"][()])
+        assert f.attrs["final_test_accuracy"] == g.attrs["final_test_accuracy"]
+    assert not (tmp_path / "resumed.h5.partial").exists()
+
+
+def test_partial_run_with_other_settings_is_refused(toy, tmp_path):
+    train, test = toy
+    out = tmp_path / "e.h5"
+    cfg = dict(train=train, test=test, out=out, model="convnet_d1", epochs=2, batch_size=32)
+    train_expert(ExpertConfig(seed=1, **cfg), stop_after_epochs=1, progress=False, log=lambda m: None)
+    with pytest.raises(Exception, match=r"e\.h5\.partial holds a partial run with other settings \(seed\)"):
+        train_expert(ExpertConfig(seed=2, **cfg), progress=False, log=lambda m: None)
+
+
+def test_a_second_run_for_the_same_output_is_refused(toy, tmp_path):
+    from tesla.experts import _lock, partial_dir
+
+    out = tmp_path / "e.h5"
+    partial_dir(out).mkdir()
+    held = _lock(partial_dir(out))  # another run holds the lock
+    try:
+        with pytest.raises(Exception, match=r"e\.h5\.partial is in use by another"):
+            train_expert(ExpertConfig(train=toy[0], test=toy[1], out=out, seed=0, model="convnet_d1", epochs=1),
+                         progress=False, log=lambda m: None)
+    finally:
+        held.close()
+    assert not out.exists()
+
+
+def test_keep_snapshots_and_16_bit_storage(toy, tmp_path):
+    out = tmp_path / "e.h5"
+    assert cli(toy, out, "--seed", "0", "--epochs", "3", "--keep-snapshots", "1", "--dtype", "bfloat16") == 0
+    with Trajectory.open(out) as t:
+        assert t.num_snapshots == 2 and t.epochs == 3 and t.storage_dtype == "bfloat16"
+        assert len(t.train_loss) == 3
+    with h5py.File(out) as f:
+        assert f["snapshots"].dtype == np.uint16
+
+
+def test_zca_is_applied_and_recorded(toy, tmp_path):
+    from tesla.zca import fit_zca_split
+
+    zca_path = fit_zca_split(toy[0], progress=False).save(tmp_path / "zca.h5")
+    out = tmp_path / "e.h5"
+    assert cli(toy, out, "--seed", "0", "--epochs", "1", "--zca", str(zca_path)) == 0
+    with Trajectory.open(out) as t:
+        assert len(t.zca_fingerprint) == 64
+    other = write_split(tmp_path / "other.h5", 6, seed=3)
+    other_zca = fit_zca_split(other, progress=False).save(tmp_path / "zca_other.h5")
+    with pytest.raises(Exception, match="fitted on another training split"):
+        train_expert(ExpertConfig(train=toy[0], test=toy[1], out=tmp_path / "x.h5", seed=0, model="convnet_d1",
+                                  epochs=1, zca=other_zca), progress=False, log=lambda m: None)
+
+
+def test_bad_inputs_are_clear_errors(toy, tmp_path, capsys):
+    train, test = toy
+
+    def error(*args: str) -> str:
+        capsys.readouterr()
+        assert main(["experts", *args]) == 2
+        return capsys.readouterr().err
+
+    base = ["--out", str(tmp_path / "e.h5"), "--seed", "0", "--epochs", "1"]
+    foreign = tmp_path / "foreign.h5"
+    with h5py.File(foreign, "w") as f:
+        f.attrs["format"] = "something-else"
+    assert "not a tesla image split" in error("--train", str(foreign), "--test", str(test), *base)
+    old = tmp_path / "old.h5"
+    old.write_bytes(Path(train).read_bytes())
+    with h5py.File(old, "r+") as f:
+        f.attrs["format_version"] = 0
+    assert "format version 0" in error("--train", str(old), "--test", str(test), *base)
+    msg = error("--train", str(train), "--test", str(test), "--model", "resnet99", *base)
+    assert "unknown model 'resnet99'" in msg and "convnet" in msg and "vit" in msg
+    tiny = write_split(tmp_path / "tiny.h5", 4, res=4)
+    tiny_test = write_split(tmp_path / "tiny_test.h5", 4, res=4, split="test")
+    assert "cannot take 4 x 4 inputs" in error("--train", str(tiny), "--test", str(tiny_test), *base)
+    other = write_split(tmp_path / "other_test.h5", 4, classes=3, split="test")
+    msg = error("--train", str(train), "--test", str(other), *base)
+    assert "does not belong to --train" in msg and "4 classes vs 3" in msg
+    assert "--keep-snapshots 5" in error("--train", str(train), "--test", str(test), *base, "--keep-snapshots", "5")
+    assert "unknown family" in error("--train", str(train), "--test", str(test), *base, "--dsa", "color_warp")
+    assert not (tmp_path / "e.h5").exists() and not (tmp_path / "e.h5.partial").exists()
+
+
+def test_help_lists_the_options(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["experts", "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for option in ("--train", "--test", "--out", "--seed", "--model", "--epochs", "--lr", "--batch-size", "--dsa",
+                   "--zca", "--keep-snapshots", "--dtype", "--device"):
+        assert option in text
+    assert "--stop-after-epochs" not in text
+
+
+# --------------------------------------------------------------------------------------
+# quality on real data (CI: TESLA_DATASETS=../shared/datasets)
+# --------------------------------------------------------------------------------------
+def read_idx(path: Path) -> np.ndarray:
+    """An MNIST idx file (gzip): magic 0x0000 08 D, D big-endian uint32 sizes, then uint8 data."""
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    if data[:2] != b"\x00\x00" or data[2] != 8:
+        raise ValueError(f"{path}: not an unsigned-byte idx file")
+    dims = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims))
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
+
+
+def mnist_split(folder: Path, prefix: str, out: Path, split: str) -> Path:
+    images = read_idx(folder / f"{prefix}-images-idx3-ubyte.gz")
+    labels = read_idx(folder / f"{prefix}-labels-idx1-ubyte.gz").astype(np.int64)
+    order = np.argsort(labels, kind="stable")
+    with SplitWriter(out, dataset="mnist", split=split, class_ids=[str(c) for c in range(10)], height=28, width=28,
+                     channels=1, source="mnist-idx", source_path=str(folder)) as w:
+        w.append(images[order][..., None], labels[order])
+    return out
+
+
+@pytest.mark.slow
+def test_mnist_expert_reaches_95_percent_after_one_epoch(datasets_dir, tmp_path, capsys):
+    folder = require_dataset(datasets_dir, "mnist")
+    train = mnist_split(folder, "train", tmp_path / "train.h5", "train")
+    test = mnist_split(folder, "t10k", tmp_path / "test.h5", "test")
+    out = tmp_path / "expert_0.h5"
+    t0 = time.perf_counter()
+    assert main(["experts", "--train", str(train), "--test", str(test), "--out", str(out), "--seed", "0",
+                 "--epochs", "1"]) == 0
+    seconds = time.perf_counter() - t0
+    with Trajectory.open(out) as t:
+        acc = t.final_test_accuracy
+        assert t.model_spec["name"] == "convnet" and t.lr == 0.01 and t.batch_size == 256 and t.num_snapshots == 2
+    with capsys.disabled():
+        print(f"\nMNIST ConvNet-3 expert, 1 epoch: test accuracy {100 * acc:.2f}% in {seconds:.0f} s")
+    assert acc >= 0.95
