@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import typing
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,13 +170,19 @@ class ZCA:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "ZCA":
-        """Read a ``tesla-zca`` file; clear errors for missing, foreign or wrong-version files."""
-        path = Path(path)
-        if not path.exists():
-            raise TeslaError(f"{path}: no such ZCA file; run 'tesla zca --train TRAIN.h5 --out {path}' first")
+    def load(cls, path: "str | os.PathLike | typing.BinaryIO") -> "ZCA":
+        """Read a ``tesla-zca`` file (a path, or a binary file object such as the artifact
+        embedded in a synthetic set); clear errors for missing, foreign or wrong-version files."""
+        if hasattr(path, "read"):
+            source = path
+            path = Path("<embedded ZCA artifact>")
+        else:
+            path = Path(path)
+            source = path
+            if not path.exists():
+                raise TeslaError(f"{path}: no such ZCA file; run 'tesla zca --train TRAIN.h5 --out {path}' first")
         try:
-            f = h5py.File(path, "r")
+            f = h5py.File(source, "r")
         except OSError as exc:
             raise TeslaError(f"{path}: not an HDF5 file ({exc}); give a file written by 'tesla zca'") from None
         with f:

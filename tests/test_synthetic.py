@@ -76,3 +76,16 @@ def test_invalid_set_is_not_written(tmp_path):
     with pytest.raises(ValueError):
         s.save(tmp_path / "syn.h5")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_embedded_zca_round_trip(tmp_path):
+    from tesla.zca import fit_zca
+
+    x = torch.randn(40, 1, 4, 4, generator=torch.Generator().manual_seed(3))
+    zca = fit_zca(x, eps=0.1)
+    zca.save(tmp_path / "zca.h5")
+    s = _set()
+    s.images = zca.apply(torch.randn(6, 1, 4, 4, generator=torch.Generator().manual_seed(4)))
+    s.zca_artifact = (tmp_path / "zca.h5").read_bytes()
+    loaded = SyntheticSet.load(s.save(tmp_path / "syn.h5")).zca()
+    assert torch.allclose(loaded.apply(x), zca.apply(x), atol=1e-6)

@@ -1,0 +1,194 @@
+"""``tesla export``: a synthetic set as PNG files or as a plain torch tensor file.
+
+For people who use other tools. PNG files show the images as pixels: network input space
+is mapped back by inverting ZCA (when the set used it) and the normalisation,
+u = clamp(x * std_c + mean_c, 0, 1), then quantised to 8 bits. The torch file keeps the
+exact float tensors in network input space together with what is needed to use them.
+
+Also provides the class-grid picture that ``tesla distill`` writes at checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from tesla.data.format import denormalize
+from tesla.errors import TeslaError
+from tesla.synthetic import SyntheticSet
+
+TORCH_EXPORT_FORMAT = "tesla-synthetic-torch"
+TORCH_EXPORT_VERSION = 1
+
+
+def embedded_zca(synthetic: SyntheticSet):
+    """The ZCA transform embedded in a synthetic set (None without ZCA)."""
+    return synthetic.zca()
+
+
+def to_pixels(images: torch.Tensor, mean: Sequence[float], std: Sequence[float], zca=None) -> torch.Tensor:
+    """Network input space -> pixels in [0, 1]: u = clamp(ZCA^-1(x) * std + mean, 0, 1)."""
+    x = images.detach().to(torch.float32)
+    if zca is not None:
+        x = zca.invert(x)
+    return denormalize(x.cpu(), mean, std)
+
+
+def _to_uint8_hwc(pixels: torch.Tensor) -> np.ndarray:
+    """C x H x W floats in [0, 1] -> H x W (x C) uint8 for PIL."""
+    a = (pixels.clamp(0, 1) * 255.0 + 0.5).to(torch.uint8).permute(1, 2, 0).numpy()
+    return a[..., 0] if a.shape[2] == 1 else a
+
+
+def _save_png_atomic(array: np.ndarray, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        Image.fromarray(array).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def grid_rows(num_classes: int, max_rows: int) -> list[int]:
+    """The classes shown in a grid: all of them, or ``max_rows`` evenly spaced ones."""
+    if num_classes <= max_rows:
+        return list(range(num_classes))
+    picks = torch.linspace(0, num_classes - 1, max_rows).round().long().tolist()
+    return sorted(set(int(p) for p in picks))
+
+
+def save_class_grid(
+    images: torch.Tensor,
+    classes: torch.Tensor,
+    num_classes: int,
+    path: str | os.PathLike,
+    mean: Sequence[float],
+    std: Sequence[float],
+    zca=None,
+    max_rows: int = 20,
+    max_cols: int = 10,
+    padding: int = 2,
+) -> Path:
+    """A PNG grid with one row per class (at most ``max_rows`` classes, evenly spaced) and
+    at most ``max_cols`` images per row, in pixel space; written atomically."""
+    from torchvision.utils import make_grid
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    classes = classes.detach().cpu()
+    rows = grid_rows(num_classes, max_rows)
+    per_row = [torch.nonzero(classes == c).flatten()[:max_cols] for c in rows]
+    cols = max(1, max((len(r) for r in per_row), default=1))
+    c, h, w = images.shape[1:]
+    tiles = torch.zeros(len(rows) * cols, c, h, w)
+    for r, idx in enumerate(per_row):
+        if len(idx):
+            tiles[r * cols : r * cols + len(idx)] = to_pixels(images[idx.to(images.device)], mean, std, zca)
+    grid = make_grid(tiles, nrow=cols, padding=padding, pad_value=1.0)
+    if c == 1:
+        grid = grid[:1]
+    _save_png_atomic(_to_uint8_hwc(grid), path)
+    return path
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "class"
+
+
+def export_png(synthetic: SyntheticSet, out_dir: str | os.PathLike) -> list[Path]:
+    """One PNG per image in ``out_dir/<index>_<class id>/<n>.png`` (class folders in class order).
+
+    Written into a temporary sibling directory that is renamed to ``out_dir`` when complete
+    (``out_dir`` must not exist, or be empty).
+    """
+    import shutil
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise TeslaError(f"{out_dir}: exists and is not an empty directory; give a new --png-dir or empty it")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pixels = to_pixels(synthetic.images, synthetic.mean, synthetic.std, embedded_zca(synthetic))
+    labels = synthetic.labels.cpu()
+    width = len(str(max(1, synthetic.num_classes - 1)))
+    relative: list[Path] = []
+    counters: dict[int, int] = {}
+    try:
+        for n in range(synthetic.num_images):
+            c = int(labels[n])
+            folder = Path(f"{c:0{width}d}_{_safe_name(synthetic.class_ids[c])}")
+            (tmp / folder).mkdir(parents=True, exist_ok=True)
+            k = counters.get(c, 0)
+            counters[c] = k + 1
+            Image.fromarray(_to_uint8_hwc(pixels[n])).save(tmp / folder / f"{k:05d}.png", format="PNG")
+            relative.append(folder / f"{k:05d}.png")
+        if out_dir.exists():
+            out_dir.rmdir()
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return [out_dir / r for r in relative]
+
+
+def export_torch(synthetic: SyntheticSet, path: str | os.PathLike) -> Path:
+    """A plain ``torch.save`` dict: images (network input space), labels, soft labels, lr,
+    mean/std, class ids/names, ZCA matrices (if any) and provenance; written atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": TORCH_EXPORT_FORMAT,
+        "format_version": TORCH_EXPORT_VERSION,
+        "images": synthetic.images.detach().cpu().to(torch.float32),
+        "labels": synthetic.labels.detach().cpu().to(torch.int64),
+        "soft_labels": None if synthetic.soft_labels is None else synthetic.soft_labels.detach().cpu(),
+        "lr": float(synthetic.lr),
+        "mean": list(synthetic.mean),
+        "std": list(synthetic.std),
+        "class_ids": list(synthetic.class_ids),
+        "class_names": list(synthetic.class_names),
+        "dataset": synthetic.dataset,
+        "dsa_strategy": synthetic.dsa_strategy,
+        "model_spec": dict(synthetic.model_spec),
+        "ipc": int(synthetic.ipc),
+        "engine": synthetic.engine,
+        "zca": synthetic.zca_artifact is not None,
+        "zca_artifact": synthetic.zca_artifact,
+        "settings": dict(synthetic.settings),
+    }
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--synthetic", required=True, help="synthetic set file written by 'tesla distill'")
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--png-dir", help="write one PNG per image into class folders under this directory")
+    target.add_argument("--torch", dest="torch_file", help="write a plain torch.save file {images, labels, lr, ...}")
+
+
+def run(args: argparse.Namespace) -> int:
+    synthetic = SyntheticSet.load(args.synthetic)
+    if args.png_dir:
+        out = Path(args.png_dir)
+        written = export_png(synthetic, out)
+        print(f"wrote {len(written)} PNG files under {out}")
+    else:
+        export_torch(synthetic, args.torch_file)
+        print(f"wrote {args.torch_file}")
+    return 0
