@@ -1,0 +1,792 @@
+"""Train fresh networks on a synthetic set (or on random real images) and test them once.
+
+This is the evaluation protocol of PAPER.md section 6. A fresh network with parameters
+theta_0 (random initialisation, one per run) is trained for E epochs on the set
+(X, Y) with SGD
+
+    v <- 0.9 v + grad_theta [ l(f_theta(A(x_b)), y_b) + 5e-4/2 ||theta||^2 ],  theta <- theta - eta_e v,
+    eta_e = alpha            for e <  E/2
+    eta_e = 0.1 alpha        for e >= E/2                       (one x0.1 decay at half)
+
+with minibatches b of 256, a fresh differentiable-siamese augmentation draw A on every
+batch, and l the soft-target cross-entropy -sum_c y_c log softmax(z)_c when the set has
+soft labels (hard-label cross-entropy otherwise). alpha is the learning rate *learned* by
+distillation and stored in the set's file. After the last epoch, and only then, each
+network is tested once on the real test split, mapped to the same network input space
+as the set: x = ZCA((u/255 - mean)/std) with the set's mean/std and ZCA.
+
+Evaluation runs in two visibly separate phases (:func:`evaluate`):
+
+1. every run trains its network (the test split is not opened: only its header,
+   attributes and class ids, is read to refuse an incompatible file before any training);
+   the trained networks are kept;
+2. the test split is loaded once and every trained network is measured on it.
+
+Run r of a job with ``--seed s`` uses seed s + r for theta_0, the random draw, the
+minibatch order and the augmentation parameters.
+
+Architectures (``--arch``): any registered name of ``tesla.models`` that can take the
+set's resolution (``convnet`` is ConvNet-3, ``convnet_d4`` ConvNet-4, ``resnet18``,
+``resnet18_bn``, ``vgg11``, ``vit``, ...), built with its default options for the set's
+channels and classes; or the alias ``distill``: exactly the network the set was distilled
+with (the model spec stored in its file, e.g. ConvNet of the distillation depth).
+
+Baselines on the same protocol: ``--random`` trains on IPC random real images per class
+of the training split, a new draw per run, hard labels, lr 0.01 (``--lr-random``);
+``--full`` trains on the whole training split (it must fit on the device; the ``full``
+row of ``acc.csv`` normally comes from the experts' recorded test accuracy instead).
+
+Per-run results go to a long-form CSV (``tesla-eval-runs`` version 1, see
+docs/formats/results.md); ``tesla results`` aggregates them into ``acc.csv``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import h5py
+import numpy as np
+import torch
+
+from tesla import __version__
+from tesla.augment import DEFAULT_STRATEGY
+from tesla.data import FORMAT_NAME as SPLIT_FORMAT
+from tesla.data import FORMAT_VERSION as SPLIT_FORMAT_VERSION
+from tesla.data import ImageSplit, normalize
+from tesla.errors import TeslaError
+
+RUNS_FORMAT = "tesla-eval-runs"
+RUNS_FORMAT_VERSION = 1
+
+#: columns of the per-run CSV, in order (docs/formats/results.md)
+RUN_COLUMNS: tuple[str, ...] = (
+    "dataset",
+    "ipc",
+    "method",
+    "engine",
+    "arch",
+    "run",
+    "seed",
+    "epochs",
+    "lr",
+    "final_train_loss",
+    "test_acc",
+    "seconds",
+    "labels",
+    "dsa",
+    "zca",
+    "num_images",
+    "device",
+    "source",
+)
+
+#: the paper's augmentation strategy, used by the baselines unless --dsa says otherwise
+PAPER_DSA_STRATEGY = DEFAULT_STRATEGY
+#: ``--arch`` alias for the network the set was distilled with (its stored model spec)
+DISTILL_ALIAS = "distill"
+#: images per forward pass when mapping a split through ZCA
+_ZCA_CHUNK = 4096
+
+
+# -- protocol and network input space ------------------------------------------------------
+@dataclass(frozen=True)
+class Protocol:
+    """The training recipe of PAPER.md section 6 (everything but the data and the network)."""
+
+    epochs: int = 1000
+    lr: float = 0.01
+    batch_size: int = 256
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    dsa_strategy: str = PAPER_DSA_STRATEGY
+
+    @property
+    def lr_decay_epochs(self) -> tuple[int, ...]:
+        """One x0.1 decay at half: eta = alpha for e < E/2, 0.1 alpha afterwards."""
+        half = self.epochs // 2
+        return (half,) if half > 0 else ()
+
+    def check(self) -> None:
+        if self.epochs < 1:
+            raise TeslaError(f"--epochs {self.epochs}: need at least 1 epoch")
+        if self.batch_size < 1:
+            raise TeslaError(f"--batch-size {self.batch_size}: need at least 1 image per batch")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise TeslaError(f"learning rate {self.lr}: must be positive and finite (check --lr-random or the set's lr)")
+        if not (0 <= self.momentum < 1) or not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise TeslaError("--momentum must be in [0, 1) and --weight-decay non-negative")
+        make_dsa(self.dsa_strategy)  # an unknown augmentation family fails here
+
+
+@dataclass
+class NetworkSpace:
+    """Where images live for the network: x = ZCA((u/255 - mean_c)/std_c).
+
+    ``zca`` is a ``tesla.zca.ZCA`` or None. The same space is used for the training set
+    and the test split, so a network never sees two differently mapped inputs.
+    """
+
+    dataset: str
+    num_classes: int
+    channels: int
+    resolution: int
+    mean: list[float]
+    std: list[float]
+    class_ids: list[str]
+    zca: object | None = None
+
+    def whiten(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the ZCA transform (if any) in place, chunk by chunk: x <- W (x - mu)."""
+        if self.zca is None:
+            return x
+        return self.zca.apply_chunked(x, chunk=_ZCA_CHUNK)
+
+    def map_images(self, images_uint8: np.ndarray, device: torch.device | str) -> torch.Tensor:
+        """uint8 N x H x W x C pixels -> float32 N x C x H x W network input on ``device``."""
+        return self.whiten(normalize(torch.from_numpy(np.ascontiguousarray(images_uint8)).to(device), self.mean, self.std))
+
+    def load_split(self, path: str | os.PathLike, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+        """A whole split in this space on ``device``: (float32 N x C x H x W, int64 N)."""
+        x, y = ImageSplit.open(path).load_tensors(device, mean=self.mean, std=self.std)
+        return self.whiten(x), y
+
+
+@dataclass(frozen=True)
+class SplitHeader:
+    """What a split file says about itself (attributes and class ids): no pixels, no labels."""
+
+    path: Path
+    dataset: str
+    split: str
+    num_classes: int
+    channels: int
+    height: int
+    width: int
+    class_ids: list[str]
+
+
+def read_split_header(path: str | os.PathLike) -> SplitHeader:
+    """Read a ``tesla-images`` file's header only, so the test split can be checked before
+    training without reading a single test image or label."""
+    path = Path(path)
+    if not path.exists():
+        raise TeslaError(f"{path}: no such split file; run 'tesla prepare' first (or fix the path)")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise TeslaError(f"{path}: not an HDF5 file ({exc}); give a split written by 'tesla prepare'") from None
+    with f:
+        a = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+        if a.get("format") != SPLIT_FORMAT:
+            raise TeslaError(
+                f"{path}: not a tesla image split (format {a.get('format')!r}, expected {SPLIT_FORMAT!r}); "
+                "give a split written by 'tesla prepare'"
+            )
+        version = int(a.get("format_version", -1))
+        if version != SPLIT_FORMAT_VERSION:
+            raise TeslaError(
+                f"{path}: {SPLIT_FORMAT} format version {version}, this tesla reads version "
+                f"{SPLIT_FORMAT_VERSION}; re-run 'tesla prepare' with this version"
+            )
+        ids = [s.decode() if isinstance(s, bytes) else str(s) for s in f["class_ids"][()]]
+    return SplitHeader(
+        path=path,
+        dataset=str(a.get("dataset", "")),
+        split=str(a.get("split", "")),
+        num_classes=int(a["num_classes"]),
+        channels=int(a["channels"]),
+        height=int(a["height"]),
+        width=int(a["width"]),
+        class_ids=ids,
+    )
+
+
+def check_test_split(header: SplitHeader, space: NetworkSpace, what: str) -> None:
+    """Refuse a test split that is not the real test split of the evaluated set's dataset."""
+    problems = []
+    if space.dataset and header.dataset and header.dataset != space.dataset:
+        problems.append(f"dataset {header.dataset!r} but {what} is {space.dataset!r}")
+    if header.num_classes != space.num_classes:
+        problems.append(f"{header.num_classes} classes but {what} has {space.num_classes}")
+    elif header.class_ids != list(space.class_ids):
+        problems.append(f"class ids differ from those of {what}")
+    if header.channels != space.channels:
+        problems.append(f"{header.channels} channels but {what} has {space.channels}")
+    if (header.height, header.width) != (space.resolution, space.resolution):
+        problems.append(f"{header.height}x{header.width} images but {what} is {space.resolution}x{space.resolution}")
+    if problems:
+        raise TeslaError(
+            f"{header.path}: this test split does not match {what}: " + "; ".join(problems)
+            + "; give the test split prepared together with the training split of that dataset (--test)"
+        )
+    if header.split and header.split != "test":
+        print(f"tesla evaluate: warning: {header.path} is a {header.split!r} split, not 'test'", file=sys.stderr)
+
+
+# -- what is evaluated ---------------------------------------------------------------------
+@dataclass
+class Subject:
+    """A training set to evaluate, with the facts the result table records.
+
+    ``draw(generator)`` returns the training data of one run in network input space:
+    ``(x float32 N x C x H x W, y)`` with y int64 (N,) class indices or float32 N x K
+    probabilities (soft labels). A synthetic set returns the same data every run; the
+    random baseline returns a new draw of real images.
+    """
+
+    method: str
+    engine: str
+    ipc: int
+    lr: float
+    dsa_strategy: str
+    space: NetworkSpace
+    draw: Callable[[torch.Generator], tuple[torch.Tensor, torch.Tensor]]
+    soft_labels: bool
+    num_images: int
+    source: str
+    model_spec: dict | None = None
+    describe: str = ""
+
+
+def synthetic_subject(path: str | os.PathLike, device: torch.device | str) -> Subject:
+    """The synthetic set as its file says: images, hard or soft targets, alpha, DSA, space."""
+    from tesla.synthetic import SyntheticSet
+
+    syn = SyntheticSet.load(path)
+    try:
+        syn.validate()
+    except ValueError as exc:
+        raise TeslaError(f"{path}: invalid synthetic set ({exc}); re-run 'tesla distill'") from None
+    if not torch.isfinite(syn.images).all():
+        raise TeslaError(f"{path}: the synthetic images contain NaN or infinite values; re-run 'tesla distill'")
+    if syn.soft_labels is not None and not torch.isfinite(syn.soft_labels).all():
+        raise TeslaError(f"{path}: the soft labels contain NaN or infinite values; re-run 'tesla distill'")
+    if syn.images.shape[2] != syn.images.shape[3]:
+        raise TeslaError(f"{path}: images are {syn.images.shape[2]}x{syn.images.shape[3]}; only square images are supported")
+    space = NetworkSpace(
+        dataset=syn.dataset,
+        num_classes=syn.num_classes,
+        channels=syn.channels,
+        resolution=syn.resolution,
+        mean=list(syn.mean),
+        std=list(syn.std),
+        class_ids=list(syn.class_ids),
+        zca=embedded_zca(syn, path),
+    )
+    x = syn.images.to(device=device, dtype=torch.float32)
+    y = syn.targets.to(device)
+    y = y.to(torch.float32) if syn.soft_labels is not None else y.to(torch.int64)
+
+    def draw(generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        return x, y
+
+    return Subject(
+        method="tesla",
+        engine=syn.engine,
+        ipc=syn.ipc,
+        lr=float(syn.lr),
+        dsa_strategy=syn.dsa_strategy,
+        space=space,
+        draw=draw,
+        soft_labels=syn.soft_labels is not None,
+        num_images=syn.num_images,
+        source=str(path),
+        model_spec=dict(syn.model_spec),
+        describe=f"synthetic set {path}",
+    )
+
+
+def embedded_zca(syn, path: str | os.PathLike):
+    """The ZCA transform embedded (byte for byte) in a synthetic set file, or None,
+    checked against the set's image shape."""
+    try:
+        zca = syn.zca()
+    except TeslaError as exc:
+        raise TeslaError(f"{path}: the embedded ZCA artifact is unreadable ({exc}); re-run 'tesla distill'") from None
+    if zca is None:
+        return None
+    shape = (syn.channels, syn.resolution, int(syn.images.shape[3]))
+    if tuple(zca.image_shape) != shape:
+        raise TeslaError(f"{path}: the embedded ZCA is for images {tuple(zca.image_shape)}, the set's are {shape}; re-run 'tesla distill'")
+    return zca
+
+
+def random_subject(
+    train_path: str | os.PathLike,
+    ipc: int,
+    device: torch.device | str,
+    lr: float = 0.01,
+    dsa_strategy: str = PAPER_DSA_STRATEGY,
+    zca_path: str | os.PathLike | None = None,
+) -> Subject:
+    """IPC random real training images per class, hard labels; a new draw per run."""
+    split = ImageSplit.open(train_path)
+    if ipc < 1:
+        raise TeslaError(f"--ipc {ipc}: need at least one image per class")
+    smallest = int(np.diff(split.class_offsets).min())
+    if ipc > smallest:
+        raise TeslaError(f"{train_path}: the smallest class has {smallest} images, fewer than --ipc {ipc}; lower --ipc")
+    space = _split_space(split, zca_path)
+
+    def draw(generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = split.sample_per_class(ipc, generator)
+        return space.map_images(images, device), torch.as_tensor(labels, dtype=torch.int64, device=device)
+
+    return Subject(
+        method="random",
+        engine="",
+        ipc=ipc,
+        lr=float(lr),
+        dsa_strategy=dsa_strategy,
+        space=space,
+        draw=draw,
+        soft_labels=False,
+        num_images=ipc * split.num_classes,
+        source=str(train_path),
+        model_spec=None,
+        describe=f"training split {train_path}",
+    )
+
+
+def full_subject(
+    train_path: str | os.PathLike,
+    device: torch.device | str,
+    lr: float = 0.01,
+    dsa_strategy: str = PAPER_DSA_STRATEGY,
+    zca_path: str | os.PathLike | None = None,
+) -> Subject:
+    """The whole training split, hard labels (the ``full`` baseline, trained when asked).
+
+    The split is held on the device as float32 (N x C x H x W x 4 bytes): fine for
+    MNIST/CIFAR, not for ImageNet-1K, whose ``full`` row comes from the experts.
+    """
+    split = ImageSplit.open(train_path)
+    space = _split_space(split, zca_path)
+
+    cache: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def draw(generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        if not cache:  # loaded at the first run, kept for the others
+            cache.append(space.load_split(train_path, device))
+        return cache[0]
+
+    return Subject(
+        method="full",
+        engine="",
+        ipc=0,
+        lr=float(lr),
+        dsa_strategy=dsa_strategy,
+        space=space,
+        draw=draw,
+        soft_labels=False,
+        num_images=split.num_images,
+        source=str(train_path),
+        model_spec=None,
+        describe=f"training split {train_path}",
+    )
+
+
+def _split_space(split: ImageSplit, zca_path: str | os.PathLike | None) -> NetworkSpace:
+    """The space of a training split: its own mean/std, plus the ZCA file when given."""
+    if split.resolution != int(split.attrs["width"]):
+        raise TeslaError(f"{split.path}: images are not square; only square images are supported")
+    zca = None
+    if zca_path is not None:
+        from tesla.zca import ZCA
+
+        zca = ZCA.load(zca_path)
+        shape = (split.channels, split.resolution, int(split.attrs["width"]))
+        if tuple(zca.image_shape) != shape:
+            raise TeslaError(
+                f"{zca_path}: ZCA fitted on images of shape {tuple(zca.image_shape)}, but {split.path} has {shape}; "
+                "give the zca.h5 fitted on this training split"
+            )
+        fitted_on = str(zca.meta.get("train_fingerprint", ""))
+        if fitted_on and fitted_on != split.fingerprint:
+            raise TeslaError(
+                f"{zca_path}: ZCA fitted on another training split (fingerprint {fitted_on[:12]}, {split.path} has "
+                f"{split.fingerprint[:12]}); give the zca.h5 fitted on this training split"
+            )
+    return NetworkSpace(
+        dataset=split.dataset,
+        num_classes=split.num_classes,
+        channels=split.channels,
+        resolution=split.resolution,
+        mean=split.mean,
+        std=split.std,
+        class_ids=list(split.class_ids),
+        zca=zca,
+    )
+
+
+# -- architectures -------------------------------------------------------------------------
+def resolve_architecture(arch: str | dict, subject: Subject) -> tuple[str, dict]:
+    """``--arch`` -> (label recorded in the table, model spec for ``build_from_spec``).
+
+    ``arch`` is a registered model name (``tesla.models.available_models()``), built with
+    its default options for the set's channels, classes and resolution; or the alias
+    ``distill``: exactly the network the set was distilled with (its stored model spec);
+    or (Python API) a model spec dict. Every problem is raised here, before any training.
+    """
+    from tesla import models
+
+    space = subject.space
+    if isinstance(arch, dict):
+        spec = dict(arch)
+    elif arch == DISTILL_ALIAS:
+        if subject.model_spec is None:
+            raise TeslaError(
+                f"--arch {DISTILL_ALIAS}: the random baseline has no distillation network; "
+                f"name a registered architecture ({', '.join(models.available_models())})"
+            )
+        spec = dict(subject.model_spec)
+    else:
+        names = list(models.available_models())
+        if arch not in names:
+            raise TeslaError(f"--arch {arch!r}: unknown architecture; choose one of {', '.join(names)} or {DISTILL_ALIAS!r}")
+        if not models.supports_resolution(arch, space.resolution):
+            raise TeslaError(
+                f"--arch {arch}: cannot take {space.resolution}x{space.resolution} images of {subject.describe}; "
+                "choose an architecture that supports this resolution"
+            )
+        spec = models.model_spec(arch, channels=space.channels, num_classes=space.num_classes, resolution=space.resolution)
+    shape = {"channels": space.channels, "num_classes": space.num_classes, "resolution": space.resolution}
+    wrong = {k: spec.get(k) for k, v in shape.items() if spec.get(k) != v}
+    if wrong:
+        raise TeslaError(
+            f"--arch {arch if isinstance(arch, str) else spec.get('name')}: the network is built for "
+            f"{wrong}, but {subject.describe} has {shape}; re-run 'tesla distill' or choose a registered architecture"
+        )
+    try:
+        models.build_from_spec(spec)  # fail now (unknown option, resolution it cannot take), not after a run
+    except TeslaError as exc:
+        raise TeslaError(f"--arch {arch if isinstance(arch, str) else spec.get('name')}: {exc}") from None
+    return architecture_label(spec), spec
+
+
+def architecture_label(spec: dict) -> str:
+    """The name recorded in the tables: the registry name, plus every option that differs
+    from that name's defaults, e.g. ``convnet_d4`` or ``convnet(width=64)``."""
+    from tesla import models
+
+    name = str(spec["name"])
+    defaults = models.model_spec(
+        name, channels=int(spec["channels"]), num_classes=int(spec["num_classes"]), resolution=int(spec["resolution"])
+    )["options"]
+    changed = {k: v for k, v in dict(spec.get("options", {})).items() if defaults.get(k) != v}
+    if not changed:
+        return name
+    return f"{name}(" + ",".join(f"{k}={changed[k]}" for k in sorted(changed)) + ")"
+
+
+# -- the two phases ------------------------------------------------------------------------
+@dataclass
+class TrainedNetwork:
+    """Phase 1 output: one trained network and what its training recorded."""
+
+    run: int
+    seed: int
+    model: torch.nn.Module
+    final_train_loss: float
+    seconds: float
+
+
+@dataclass
+class RunResult:
+    """One row of the per-run CSV."""
+
+    dataset: str
+    ipc: int
+    method: str
+    engine: str
+    arch: str
+    run: int
+    seed: int
+    epochs: int
+    lr: float
+    final_train_loss: float
+    test_acc: float
+    seconds: float
+    labels: str
+    dsa: str
+    zca: bool
+    num_images: int
+    device: str
+    source: str
+
+    def row(self) -> dict:
+        """The CSV row; ``ipc`` is empty for the ``full`` baseline (all images, no IPC)."""
+        row = {c: getattr(self, c) for c in RUN_COLUMNS}
+        if self.method == "full":
+            row["ipc"] = ""
+        return row
+
+
+def run_seed(seed: int, run: int) -> int:
+    """Run r of a job with ``--seed s`` uses seed s + r (initialisation, draw, batches, DSA)."""
+    return int(seed) + int(run)
+
+
+def make_dsa(strategy: str):
+    """The augmentation A of every minibatch, or None for strategy 'none'/''."""
+    from tesla.augment import DSA
+
+    dsa = DSA(strategy or "none")
+    return dsa if dsa.families else None
+
+
+def train_fresh_network(
+    spec: dict,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    protocol: Protocol,
+    generator: torch.Generator,
+    init_seed: int,
+    device: torch.device | str,
+    progress: bool = False,
+    desc: str = "train",
+) -> tuple[torch.nn.Module, float]:
+    """theta_0 from ``init_seed``, then ``training.train`` with the protocol.
+
+    Returns (trained model, mean training loss of the last epoch).
+    """
+    from tesla.models import build_from_spec
+    from tesla.training import train
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(init_seed)
+        model = build_from_spec(spec)
+    model = model.to(device)
+    history = train(
+        model,
+        x,
+        y,
+        epochs=protocol.epochs,
+        lr=protocol.lr,
+        momentum=protocol.momentum,
+        weight_decay=protocol.weight_decay,
+        batch_size=protocol.batch_size,
+        dsa=make_dsa(protocol.dsa_strategy),
+        generator=generator,
+        lr_decay_epochs=protocol.lr_decay_epochs,
+        progress=progress,
+        desc=desc,
+    )
+    return model, float(history[-1].loss)
+
+
+def train_runs(
+    subject: Subject,
+    spec: dict,
+    protocol: Protocol,
+    runs: int,
+    seed: int,
+    device: torch.device | str,
+    progress: bool = True,
+) -> list[TrainedNetwork]:
+    """Phase 1: train one fresh network per run. The test split plays no part here."""
+    from tqdm import tqdm
+
+    trained = []
+    for r in tqdm(range(runs), desc=f"evaluate {subject.method}", unit="run", file=sys.stderr, disable=not progress):
+        s = run_seed(seed, r)
+        generator = torch.Generator().manual_seed(s)
+        start = time.perf_counter()
+        x, y = subject.draw(generator)
+        model, loss = train_fresh_network(
+            spec, x, y, protocol, generator, init_seed=s, device=device, progress=progress, desc=f"run {r + 1}/{runs}"
+        )
+        _synchronize(device)
+        trained.append(TrainedNetwork(run=r, seed=s, model=model, final_train_loss=loss, seconds=time.perf_counter() - start))
+    return trained
+
+
+def measure_test_accuracy(
+    trained: Sequence[TrainedNetwork], test_path: str | os.PathLike, space: NetworkSpace, device: torch.device | str
+) -> list[float]:
+    """Phase 2: load the real test split once, mapped to the set's space, and measure each network (percent)."""
+    from tesla.training import accuracy
+
+    x_test, y_test = space.load_split(test_path, device)
+    accs = []
+    for t in trained:
+        t.model.eval()
+        accs.append(as_percent(accuracy(t.model, x_test, y_test)))
+    return accs
+
+
+def as_percent(value) -> float:
+    """``training.accuracy`` returns a fraction in [0, 1]; the tables use percent."""
+    value = float(value)
+    return 100.0 * value
+
+
+def evaluate(
+    subject: Subject,
+    arch: str | dict,
+    test_path: str | os.PathLike,
+    protocol: Protocol,
+    runs: int = 5,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> list[RunResult]:
+    """Check everything, train ``runs`` fresh networks (phase 1), then test them (phase 2)."""
+    if runs < 1:
+        raise TeslaError(f"--runs {runs}: need at least one run")
+    protocol.check()
+    label, spec = resolve_architecture(arch, subject)
+    check_test_split(read_split_header(test_path), subject.space, subject.describe)
+
+    trained = train_runs(subject, spec, protocol, runs, seed, device, progress=progress)  # phase 1
+    accs = measure_test_accuracy(trained, test_path, subject.space, device)  # phase 2
+
+    return [
+        RunResult(
+            dataset=subject.space.dataset,
+            ipc=subject.ipc,
+            method=subject.method,
+            engine=subject.engine,
+            arch=label,
+            run=t.run,
+            seed=t.seed,
+            epochs=protocol.epochs,
+            lr=protocol.lr,
+            final_train_loss=t.final_train_loss,
+            test_acc=acc,
+            seconds=t.seconds,
+            labels="soft" if subject.soft_labels else "hard",
+            dsa=protocol.dsa_strategy or "none",
+            zca=subject.space.zca is not None,
+            num_images=subject.num_images,
+            device=str(device),
+            source=subject.source,
+        )
+        for t, acc in zip(trained, accs)
+    ]
+
+
+def _synchronize(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+# -- output --------------------------------------------------------------------------------
+def format_line(name: str, version: int) -> str:
+    """The first line of every CSV we write: it names the format and its version."""
+    return f"# format: {name}, format_version: {version}, tesla_version: {__version__}\n"
+
+
+def write_csv_atomic(path: str | os.PathLike, header_line: str, columns: Sequence[str], rows: Sequence[dict]) -> Path:
+    """Write a CSV with a leading ``# format: ...`` line to a temporary name, then rename it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", newline="") as f:
+            f.write(header_line)
+            writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="raise")
+            writer.writeheader()
+            for row in rows:
+                writer.writerow(row)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_runs(path: str | os.PathLike, results: Sequence[RunResult]) -> Path:
+    return write_csv_atomic(path, format_line(RUNS_FORMAT, RUNS_FORMAT_VERSION), RUN_COLUMNS, [r.row() for r in results])
+
+
+# -- command line --------------------------------------------------------------------------
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--synthetic", type=Path, help="synthetic set file (tesla-synthetic) to evaluate")
+    what.add_argument("--random", action="store_true", help="baseline: IPC random real images per class of --train")
+    what.add_argument("--full", action="store_true",
+                      help="baseline: the whole --train split (must fit on the device; the 'full' row usually comes "
+                           "from the experts' recorded accuracy instead)")
+    parser.add_argument("--train", type=Path, help="training split (with --random or --full)")
+    parser.add_argument("--ipc", type=int, help="images per class (with --random)")
+    parser.add_argument("--zca", type=Path, help="ZCA file (with --random/--full; a synthetic set carries its own)")
+    parser.add_argument("--dsa", default=None, help=f"augmentation strategy for --random/--full (default {PAPER_DSA_STRATEGY}; 'none' for none); "
+                        "a synthetic set uses the strategy stored in its file")
+    parser.add_argument("--test", type=Path, required=True, help="real test split (tesla-images)")
+    from tesla.models import available_models
+
+    parser.add_argument("--arch", required=True,
+                        help=f"{DISTILL_ALIAS!r}: the network the set was distilled with (its stored model spec), or a "
+                             f"registered architecture: {', '.join(available_models())}")
+    parser.add_argument("--runs", type=int, default=5, help="random initialisations (and random draws) to average over")
+    parser.add_argument("--epochs", type=int, default=1000, help="training epochs; the lr decays x0.1 once at half")
+    parser.add_argument("--batch-size", type=int, default=256, help="minibatch size")
+    parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    parser.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay")
+    parser.add_argument("--lr-random", type=float, default=None,
+                        help="learning rate of the random and full baselines (default 0.01; a synthetic set uses its learned lr)")
+    parser.add_argument("--seed", type=int, default=0, help="run r uses seed + r")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--out", type=Path, required=True, help="per-run CSV to write (tesla-eval-runs)")
+
+
+def subject_from_args(args: argparse.Namespace, device: torch.device | str) -> Subject:
+    if args.synthetic is not None:
+        for option in ("train", "ipc", "zca", "dsa", "lr_random"):
+            if getattr(args, option) is not None:
+                flag = "--" + option.replace("_", "-")
+                raise TeslaError(
+                    f"{flag} applies to --random only: a synthetic set is evaluated exactly as its file says; drop {flag}"
+                )
+        return synthetic_subject(args.synthetic, device)
+    dsa = PAPER_DSA_STRATEGY if args.dsa is None else args.dsa
+    lr = 0.01 if args.lr_random is None else args.lr_random
+    if args.full:
+        if args.train is None:
+            raise TeslaError("--full needs --train TRAIN.h5")
+        if args.ipc is not None:
+            raise TeslaError("--ipc does not apply to --full (it trains on every image of --train); drop --ipc")
+        return full_subject(args.train, device, lr=lr, dsa_strategy=dsa, zca_path=args.zca)
+    if args.train is None or args.ipc is None:
+        raise TeslaError("--random needs --train TRAIN.h5 and --ipc N")
+    return random_subject(
+        args.train,
+        args.ipc,
+        device,
+        lr=lr,
+        dsa_strategy=dsa,
+        zca_path=args.zca,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from tesla.training import pick_device
+
+    device = pick_device(args.device)
+    subject = subject_from_args(args, device)
+    protocol = Protocol(
+        epochs=args.epochs,
+        lr=subject.lr,
+        batch_size=args.batch_size,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        dsa_strategy=subject.dsa_strategy,
+    )
+    results = evaluate(subject, args.arch, args.test, protocol, runs=args.runs, seed=args.seed, device=device)
+    write_runs(args.out, results)
+    accs = np.array([r.test_acc for r in results])
+    ipc = "all images" if subject.method == "full" else f"ipc {subject.ipc}"
+    print(
+        f"{subject.method} {results[0].arch} on {subject.space.dataset} {ipc}: "
+        f"{accs.mean():.2f} +- {accs.std():.2f} % over {len(accs)} runs -> {args.out}"
+    )
+    return 0

@@ -1,0 +1,295 @@
+"""Collect evaluation runs into the result table ``acc.csv`` (``tesla results``).
+
+Input: the per-run CSVs of ``tesla evaluate`` (``tesla-eval-runs`` v1, one per method and
+architecture) and, optionally, the expert trajectory files of the dataset. Output: one row
+per (dataset, ipc, method, engine, arch) with the mean and the standard deviation of the
+test accuracy over the runs (percent):
+
+    acc_mean = (1/n) sum_r a_r,      acc_std = sqrt((1/n) sum_r (a_r - acc_mean)^2)
+
+i.e. the *population* standard deviation (numpy's default, ``ddof=0``), which is what the
+published mean +- std numbers of MTT/TESLA (PAPER.md section 8) use, so the tables compare
+like with like. The ``full`` row usually is not trained here: it is the final test
+accuracy that the experts recorded after training on the whole training split (the
+``note`` says so); runs of ``tesla evaluate --full`` give a trained ``full`` row instead.
+
+A short human-readable summary (architecture, mean +- std, gain over ``random``) is
+printed at the end. Format: docs/formats/results.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from tesla.errors import TeslaError
+from tesla.evaluation import RUN_COLUMNS, RUNS_FORMAT, RUNS_FORMAT_VERSION, format_line, write_csv_atomic
+
+ACC_FORMAT = "tesla-acc"
+ACC_FORMAT_VERSION = 1
+#: columns of acc.csv, in order
+ACC_COLUMNS: tuple[str, ...] = ("dataset", "ipc", "method", "engine", "arch", "runs", "acc_mean", "acc_std", "note")
+GROUP_KEYS = ["dataset", "ipc", "method", "engine", "arch"]
+#: row order of the table: the synthetic set first, then the baselines
+METHOD_ORDER = {"tesla": 0, "random": 1, "full": 2}
+
+
+# -- reading -------------------------------------------------------------------------------
+def read_format_line(path: Path) -> tuple[str, int]:
+    """Parse the ``# format: NAME, format_version: V, ...`` first line of our CSVs."""
+    with open(path, "r", newline="") as f:
+        first = f.readline().strip()
+    if not first.startswith("#"):
+        return "", -1
+    fields = {}
+    for part in first.lstrip("#").split(","):
+        if ":" in part:
+            key, value = part.split(":", 1)
+            fields[key.strip()] = value.strip()
+    try:
+        version = int(fields.get("format_version", -1))
+    except ValueError:
+        version = -1
+    return fields.get("format", ""), version
+
+
+def read_runs(path: str | os.PathLike) -> pd.DataFrame:
+    """One per-run CSV of ``tesla evaluate``, checked for format, version and columns."""
+    path = Path(path)
+    if not path.exists():
+        raise TeslaError(f"{path}: no such runs file; run 'tesla evaluate' first (or fix the path)")
+    name, version = read_format_line(path)
+    if name != RUNS_FORMAT:
+        raise TeslaError(
+            f"{path}: not a tesla evaluation runs file (format {name or 'missing'!r}, expected {RUNS_FORMAT!r}); "
+            "give the --out files of 'tesla evaluate'"
+        )
+    if version != RUNS_FORMAT_VERSION:
+        raise TeslaError(
+            f"{path}: {RUNS_FORMAT} format version {version}, this tesla reads version {RUNS_FORMAT_VERSION}; "
+            "re-run 'tesla evaluate' with this version"
+        )
+    df = pd.read_csv(path, comment="#", dtype={"engine": str, "arch": str, "dataset": str}, keep_default_na=False)
+    missing = [c for c in RUN_COLUMNS if c not in df.columns]
+    if missing:
+        raise TeslaError(f"{path}: columns {', '.join(missing)} missing; re-run 'tesla evaluate'")
+    if df.empty:
+        raise TeslaError(f"{path}: no runs recorded; re-run 'tesla evaluate'")
+    df["ipc"] = pd.to_numeric(df["ipc"].replace("", pd.NA), errors="raise").astype("Int64")
+    for column in ("run", "seed", "epochs"):
+        df[column] = pd.to_numeric(df[column], errors="raise").astype("int64")
+    for column in ("lr", "final_train_loss", "test_acc", "seconds"):
+        df[column] = pd.to_numeric(df[column], errors="coerce")
+    if df["test_acc"].isna().any():
+        raise TeslaError(f"{path}: a run has no test accuracy; re-run 'tesla evaluate'")
+    df["source_file"] = str(path)
+    return df
+
+
+def read_all_runs(paths: Sequence[str | os.PathLike]) -> pd.DataFrame:
+    """All per-run CSVs together; refuses the same run twice (e.g. a file given twice)."""
+    if not paths:
+        raise TeslaError("--runs: give at least one per-run CSV written by 'tesla evaluate'")
+    df = pd.concat([read_runs(p) for p in paths], ignore_index=True)
+    dup = df.duplicated(GROUP_KEYS + ["run", "seed"], keep=False)
+    if dup.any():
+        files = sorted(set(df.loc[dup, "source_file"]))
+        raise TeslaError(
+            f"the same evaluation run appears twice (in {', '.join(files)}); give each runs file once, "
+            "or evaluate with a different --seed"
+        )
+    return df
+
+
+# -- aggregation ---------------------------------------------------------------------------
+def population_std(values: pd.Series) -> float:
+    """sqrt(mean((a - mean(a))^2)): numpy's ``std`` with ``ddof=0`` (0 for a single run)."""
+    return float(np.std(values.to_numpy(dtype=np.float64), ddof=0))
+
+
+def _note(group: pd.DataFrame) -> str:
+    epochs = int(group["epochs"].iloc[0])
+    lrs = sorted(set(float(v) for v in group["lr"]))
+    lr = f"lr {lrs[0]:.6g}" if len(lrs) == 1 else f"lr {lrs[0]:.6g}..{lrs[-1]:.6g}"
+    parts = []
+    method = group["method"].iloc[0]
+    if method == "random":
+        parts.append(f"{len(group)} draws of random real images, hard labels")
+    elif method == "full":
+        parts.append(f"trained on the whole training split ({int(group['num_images'].iloc[0])} images), hard labels")
+    else:
+        parts.append(f"synthetic set, learned {lr}, {group['labels'].iloc[0]} labels")
+        lr = ""
+    parts.append(f"{len(group)} random initialisations, {epochs} epochs")
+    if lr:
+        parts.append(lr)
+    parts.append(f"DSA {group['dsa'].iloc[0]}")
+    if str(group["zca"].iloc[0]).lower() in ("true", "1"):
+        parts.append("ZCA")
+    return "; ".join(parts)
+
+
+def aggregate_runs(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per (dataset, ipc, method, engine, arch): runs, acc_mean, acc_std (percent), note.
+
+    A group whose runs differ in epochs or label kind is refused: averaging different
+    protocols would give a number that means nothing.
+    """
+    rows = []
+    for keys, group in df.groupby(GROUP_KEYS, sort=False, dropna=False):
+        for column in ("epochs", "labels"):
+            values = sorted(set(map(str, group[column])))
+            if len(values) > 1:
+                raise TeslaError(
+                    f"runs of {dict(zip(GROUP_KEYS, keys))} differ in {column} ({', '.join(values)}; files "
+                    f"{', '.join(sorted(set(group['source_file'])))}); aggregate such runs in separate tables"
+                )
+        accs = group["test_acc"].astype(np.float64)
+        rows.append(
+            {
+                **dict(zip(GROUP_KEYS, keys)),
+                "runs": int(len(group)),
+                "acc_mean": float(accs.mean()),
+                "acc_std": population_std(accs),
+                "note": _note(group),
+            }
+        )
+    return pd.DataFrame(rows, columns=list(ACC_COLUMNS))
+
+
+def full_data_rows(expert_paths: Sequence[str | os.PathLike]) -> pd.DataFrame:
+    """The ``full`` baseline from the experts: each expert's recorded final test accuracy
+    (after training on the whole training split), one row per (dataset, expert network)."""
+    records = [expert_summary(p) for p in expert_paths]
+    if not records:
+        return pd.DataFrame(columns=list(ACC_COLUMNS))
+    experts = pd.DataFrame(records)
+    rows = []
+    for (dataset, arch), group in experts.groupby(["dataset", "arch"], sort=False):
+        epochs = sorted(set(int(e) for e in group["epochs"]))
+        epoch_text = f"{epochs[0]} epochs" if len(epochs) == 1 else f"{epochs[0]}..{epochs[-1]} epochs"
+        accs = group["test_acc"].astype(np.float64)
+        rows.append(
+            {
+                "dataset": dataset,
+                "ipc": pd.NA,
+                "method": "full",
+                "engine": "",
+                "arch": arch,
+                "runs": int(len(group)),
+                "acc_mean": float(accs.mean()),
+                "acc_std": population_std(accs),
+                "note": f"expert final test accuracy, {len(group)} expert{'s' if len(group) != 1 else ''}, {epoch_text} "
+                "on the whole training split",
+            }
+        )
+    return pd.DataFrame(rows, columns=list(ACC_COLUMNS))
+
+
+def expert_summary(path: str | os.PathLike) -> dict:
+    """dataset, arch (the label evaluation would give the expert's network), epochs and the
+    final test accuracy (percent) recorded in one ``tesla-trajectory`` file."""
+    from tesla.evaluation import architecture_label
+    from tesla.trajectories import Trajectory
+
+    with Trajectory.open(path) as trajectory:
+        accuracy = trajectory.final_test_accuracy
+        if not (np.isfinite(accuracy) and 0.0 <= accuracy <= 1.0):
+            raise TeslaError(f"{path}: recorded final test accuracy {accuracy} is not in [0, 1]; re-run 'tesla experts'")
+        return {
+            "dataset": trajectory.dataset,
+            "arch": architecture_label(trajectory.model_spec),
+            "epochs": trajectory.epochs,
+            "test_acc": 100.0 * accuracy,
+            "path": str(path),
+        }
+
+
+def build_table(runs: pd.DataFrame, full: pd.DataFrame | None = None) -> pd.DataFrame:
+    """acc.csv rows in a stable order: dataset, ipc, then tesla / random / full, then arch."""
+    table = aggregate_runs(runs)
+    if full is not None and len(full):
+        datasets = set(runs["dataset"])
+        foreign = sorted(set(full["dataset"]) - datasets)
+        if foreign:
+            raise TeslaError(
+                f"--experts: the experts were trained on {', '.join(foreign)}, but the runs are of "
+                f"{', '.join(sorted(datasets))}; give the experts of the same dataset"
+            )
+        table = pd.concat([table, full], ignore_index=True)
+    table["ipc"] = table["ipc"].astype("Int64")
+    table["runs"] = table["runs"].astype("int64")
+    order = table["method"].map(lambda m: METHOD_ORDER.get(m, len(METHOD_ORDER)))
+    table = table.assign(_order=order).sort_values(["dataset", "_order", "method", "engine", "arch", "ipc"], kind="stable")
+    return table.drop(columns="_order").reset_index(drop=True)
+
+
+def write_table(table: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Write acc.csv atomically (temporary name, then rename); accuracies with 4 decimals."""
+    rows = []
+    for rec in table.to_dict("records"):
+        rec = dict(rec)
+        rec["ipc"] = "" if pd.isna(rec["ipc"]) else int(rec["ipc"])
+        rec["acc_mean"] = f"{rec['acc_mean']:.4f}"
+        rec["acc_std"] = f"{rec['acc_std']:.4f}"
+        rows.append({c: rec[c] for c in ACC_COLUMNS})
+    return write_csv_atomic(path, format_line(ACC_FORMAT, ACC_FORMAT_VERSION), ACC_COLUMNS, rows)
+
+
+def read_table(path: str | os.PathLike) -> pd.DataFrame:
+    """Read acc.csv back (checks its format line)."""
+    path = Path(path)
+    name, version = read_format_line(path)
+    if (name, version) != (ACC_FORMAT, ACC_FORMAT_VERSION):
+        raise TeslaError(f"{path}: not a {ACC_FORMAT} v{ACC_FORMAT_VERSION} table (found {name!r} v{version})")
+    df = pd.read_csv(path, comment="#", dtype={"engine": str, "arch": str, "dataset": str, "note": str}, keep_default_na=False)
+    df["ipc"] = pd.to_numeric(df["ipc"].replace("", pd.NA)).astype("Int64")
+    return df
+
+
+# -- summary -------------------------------------------------------------------------------
+def summary_lines(table: pd.DataFrame) -> list[str]:
+    """Per (dataset, ipc, arch): each method's mean +- std and the gain over ``random``."""
+    lines = []
+    methods = table[table["method"] != "full"]
+    for (dataset, ipc), block in methods.groupby(["dataset", "ipc"], sort=False):
+        lines.append(f"{dataset}, {ipc} images per class (test accuracy %, mean +- std over runs):")
+        for arch, rows in block.groupby("arch", sort=False):
+            random = rows[rows["method"] == "random"]
+            base = float(random["acc_mean"].iloc[0]) if len(random) else None
+            for rec in rows.to_dict("records"):
+                name = rec["method"] + (f" ({rec['engine']})" if rec["engine"] else "")
+                text = f"  {arch:<16} {name:<16} {rec['acc_mean']:6.2f} +- {rec['acc_std']:5.2f}  ({rec['runs']} runs)"
+                if rec["method"] != "random" and base is not None:
+                    text += f"  gain over random {rec['acc_mean'] - base:+.2f}"
+                lines.append(text)
+    for rec in table[table["method"] == "full"].to_dict("records"):
+        lines.append(
+            f"  {rec['arch']:<16} {'full':<16} {rec['acc_mean']:6.2f} +- {rec['acc_std']:5.2f}  ({rec['note']})"
+        )
+    return lines
+
+
+# -- command line --------------------------------------------------------------------------
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--runs", type=Path, nargs="+", required=True, help="per-run CSVs written by 'tesla evaluate'")
+    parser.add_argument("--experts", type=Path, nargs="*", default=[],
+                        help="expert trajectory files: their recorded final test accuracy gives the 'full' row")
+    parser.add_argument("--out", type=Path, required=True, help="result table to write (acc.csv)")
+
+
+def run(args: argparse.Namespace) -> int:
+    runs = read_all_runs(args.runs)
+    full = full_data_rows(args.experts) if args.experts else None
+    table = build_table(runs, full)
+    write_table(table, args.out)
+    for line in summary_lines(table):
+        print(line)
+    print(f"-> {args.out}", file=sys.stderr)
+    return 0

@@ -1,0 +1,129 @@
+"""``tesla results``: aggregation into acc.csv, the ``full`` row from expert files, errors.
+
+Time budget of this file: about 3 s.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tesla import cli
+from tesla.evaluation import RunResult, write_runs
+from tesla.models import build_model, flatten_params, model_spec, param_layout
+from tesla.results import ACC_COLUMNS, build_table, full_data_rows, read_all_runs, read_table
+from tesla.trajectories import TrajectoryMeta, TrajectoryWriter
+
+
+def run_rows(method: str, arch: str, accs, *, engine: str = "", ipc: int = 10, epochs: int = 300, seed: int = 0,
+             lr: float = 0.01, dataset: str = "cifar10") -> list[RunResult]:
+    return [
+        RunResult(dataset=dataset, ipc=ipc, method=method, engine=engine, arch=arch, run=r, seed=seed + r,
+                  epochs=epochs, lr=lr, final_train_loss=0.5, test_acc=a, seconds=1.5,
+                  labels="hard", dsa="color_crop_cutout_flip_scale_rotate", zca=False, num_images=100,
+                  device="cpu", source="x.h5")
+        for r, a in enumerate(accs)
+    ]
+
+
+def write_expert(path, acc: float, seed: int, epochs: int = 2, dataset: str = "cifar10"):
+    """A real (tiny) expert trajectory file with a recorded final test accuracy (fraction)."""
+    spec = model_spec("convnet", channels=3, num_classes=10, resolution=32)
+    model = build_model("convnet", channels=3, num_classes=10, resolution=32)
+    theta = flatten_params(model)
+    with TrajectoryWriter(path, layout=param_layout(model)) as w:
+        for _ in range(epochs + 1):
+            w.append(theta)
+        w.commit(TrajectoryMeta(model_spec=spec, dataset=dataset, dataset_fingerprint="f", seed=seed, lr=0.01,
+                                batch_size=256, dsa="none", epochs=epochs, train_loss=[1.0] * epochs,
+                                train_accuracy=[0.5] * epochs, final_test_accuracy=acc))
+    return path
+
+
+@pytest.fixture
+def runs_files(tmp_path):
+    tesla_accs, random_accs, vit_accs = [60.0, 62.0, 64.0], [30.0, 31.0, 32.0, 35.0], [40.0, 44.0]
+    return [
+        write_runs(tmp_path / "runs_tesla_convnet.csv", run_rows("tesla", "convnet", tesla_accs, engine="tesla", lr=0.0123)),
+        write_runs(tmp_path / "runs_random_convnet.csv", run_rows("random", "convnet", random_accs)),
+        write_runs(tmp_path / "runs_tesla_vit.csv", run_rows("tesla", "vit", vit_accs, engine="tesla")),
+    ], {"tesla": tesla_accs, "random": random_accs, "vit": vit_accs}
+
+
+def test_aggregation_means_population_std_and_order(runs_files):
+    paths, accs = runs_files
+    table = build_table(read_all_runs(paths))
+    assert list(table.columns) == list(ACC_COLUMNS)
+    assert list(zip(table["method"], table["arch"])) == [("tesla", "convnet"), ("tesla", "vit"), ("random", "convnet")]
+    row = table.iloc[0]
+    assert row["runs"] == 3 and row["engine"] == "tesla" and row["ipc"] == 10 and row["dataset"] == "cifar10"
+    assert row["acc_mean"] == pytest.approx(62.0)
+    assert row["acc_std"] == pytest.approx(np.sqrt(8 / 3))  # population std (ddof=0): sqrt(((-2)^2+0+2^2)/3)
+    rnd = table.iloc[2]
+    assert rnd["acc_mean"] == pytest.approx(np.mean(accs["random"]))
+    assert rnd["acc_std"] == pytest.approx(np.std(accs["random"]))
+    assert "learned lr 0.0123" in row["note"] and "300 epochs" in row["note"]
+    assert "4 draws of random real images" in rnd["note"]
+
+
+def test_trained_full_runs_have_no_ipc(runs_files, tmp_path):
+    paths, _ = runs_files
+    full = write_runs(tmp_path / "runs_full.csv", run_rows("full", "convnet", [80.0, 82.0]))
+    assert full.read_text().splitlines()[2].startswith("cifar10,,full,,convnet,0,")
+    table = build_table(read_all_runs([*paths, full]))
+    row = table[table["method"] == "full"].iloc[0]
+    assert row["ipc"] is pd.NA and row["runs"] == 2 and row["acc_mean"] == pytest.approx(81.0)
+    assert "whole training split" in row["note"]
+
+
+def test_full_row_from_expert_files(tmp_path):
+    experts = [write_expert(tmp_path / f"e{i}.h5", acc, seed=i) for i, acc in enumerate([0.80, 0.84])]
+    full = full_data_rows(experts)
+    assert len(full) == 1
+    row = full.iloc[0]
+    assert (row["method"], row["arch"], row["runs"], row["engine"]) == ("full", "convnet", 2, "")
+    assert row["acc_mean"] == pytest.approx(82.0) and row["acc_std"] == pytest.approx(2.0)
+    assert row["note"].startswith("expert final test accuracy, 2 experts, 2 epochs")
+
+
+def test_cli_writes_table_and_prints_summary(runs_files, tmp_path, capsys):
+    paths, _ = runs_files
+    experts = [write_expert(tmp_path / f"e{i}.h5", acc, seed=i) for i, acc in enumerate([0.85, 0.85])]
+    out = tmp_path / "results" / "cifar10_ipc10" / "acc.csv"
+    rc = cli.main(["results", "--runs", *map(str, paths), "--experts", *map(str, experts), "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert rc == 0
+    assert out.read_text().startswith("# format: tesla-acc, format_version: 1")
+    table = read_table(out)
+    assert list(table["method"]) == ["tesla", "tesla", "random", "full"]
+    assert table["ipc"].isna().tolist() == [False, False, False, True]  # the full row has no IPC
+    full = table[table["method"] == "full"].iloc[0]
+    assert full["acc_mean"] == pytest.approx(85.0) and "expert final test accuracy" in full["note"]
+    assert "gain over random +30.00" in printed  # 62.0 - mean(30, 31, 32, 35) = 62.0 - 32.0
+    assert "convnet" in printed and "62.00 +-" in printed
+    assert [p.name for p in out.parent.iterdir()] == ["acc.csv"]
+
+
+def test_bad_inputs(runs_files, tmp_path, capsys):
+    paths, _ = runs_files
+    out = tmp_path / "acc.csv"
+
+    def refused(argv, match):
+        rc = cli.main(["results", *argv, "--out", str(out)])
+        err = capsys.readouterr().err
+        assert rc == 2 and match in err, err
+        assert not out.exists()
+
+    refused(["--runs", str(paths[0]), str(paths[0])], "appears twice")
+    other = write_runs(tmp_path / "runs_more.csv", run_rows("tesla", "convnet", [70.0], engine="tesla", epochs=1000, seed=9))
+    refused(["--runs", str(paths[0]), str(other)], "differ in epochs")
+    plain = tmp_path / "plain.csv"
+    plain.write_text("dataset,ipc\ncifar10,10\n")
+    refused(["--runs", str(plain)], "not a tesla evaluation runs file")
+    newer = tmp_path / "newer.csv"
+    newer.write_text(paths[0].read_text().replace("format_version: 1", "format_version: 2", 1))
+    refused(["--runs", str(newer)], "format version 2")
+    expert = write_expert(tmp_path / "mnist_expert.h5", 0.9, seed=0, dataset="mnist")
+    refused(["--runs", str(paths[0]), "--experts", str(expert)], "experts were trained on mnist")
+    refused(["--runs", str(tmp_path / "missing.csv")], "no such runs file")
