@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("tesla.evaluation", "train fresh networks on a synthetic or random set and test them"),
     "results": ("tesla.results", "collect evaluation runs into acc.csv"),
     "export": ("tesla.export", "export a synthetic set as PNG files or a plain torch tensor file"),
+    "report": ("tesla.report", "plots of a distillation: loss and learning-rate curves, image grid"),
 }
 
 

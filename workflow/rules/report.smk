@@ -1,0 +1,66 @@
+# acc.csv (one row per method and architecture, plus the experts' 'full' row) and the
+# plots shown by `snakemake --report report.html`.
+
+
+rule results:
+    """Collect the evaluations of one (dataset, IPC) into results/<dataset>_ipc<N>/acc.csv."""
+    input:
+        runs=evaluation_files,
+        experts=full_data_experts,
+    output:
+        report(
+            "results/{dataset}_ipc{ipc}/acc.csv",
+            caption="../report/acc.rst",
+            category="Accuracy",
+            subcategory="{dataset}",
+            labels={"dataset": "{dataset}", "IPC": "{ipc}", "figure": "acc.csv"},
+        ),
+    params:
+        experts=experts_option,
+    log:
+        "logs/results/{dataset}_ipc{ipc}.log",
+    benchmark:
+        "benchmarks/results/{dataset}_ipc{ipc}.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        "../../envs/tesla.yaml"
+    shell:
+        "tesla results --runs {input.runs} {params.experts} --out {output} > {log} 2>&1"
+
+
+rule report:
+    """Distillation loss and learning-rate curves, and the final synthetic images."""
+    input:
+        synthetic="distill/{dataset}_ipc{ipc}/synthetic.h5",
+        metrics="distill/{dataset}_ipc{ipc}/metrics.csv",
+    output:
+        curves=report(
+            "results/{dataset}_ipc{ipc}/curves.png",
+            caption="../report/curves.rst",
+            category="Distillation curves",
+            subcategory="{dataset}",
+            labels={"dataset": "{dataset}", "IPC": "{ipc}", "figure": "loss and learning rate"},
+        ),
+        grid=report(
+            "results/{dataset}_ipc{ipc}/grid.png",
+            caption="../report/grid.rst",
+            category="Synthetic images",
+            subcategory="{dataset}",
+            labels={"dataset": "{dataset}", "IPC": "{ipc}", "figure": "synthetic images"},
+        ),
+    log:
+        "logs/report/{dataset}_ipc{ipc}.log",
+    benchmark:
+        "benchmarks/report/{dataset}_ipc{ipc}.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=10,
+    conda:
+        "../../envs/tesla.yaml"
+    shell:
+        "tesla report --synthetic {input.synthetic} --metrics {input.metrics} "
+        "--curves {output.curves} --grid {output.grid} > {log} 2>&1"
