@@ -10,9 +10,18 @@ Then measures images/s for
    resize to S x S (no pool, no reduced-size decoding);
 3. **prepare, W workers**: the whole ``prepare_dataset`` pipeline (listing the tar,
    decoding in a pool with reduced-size decoding, HDF5 writing, statistics) for each W in
-   ``--workers``, also with ``--full-decode`` at the largest W.
+   ``--workers``, also with ``--full-decode`` at the largest W;
+4. the same for a **parquet** file holding the same images (struct image column with
+   ``bytes`` and ``path``, Hugging Face layout, ``--row-group`` rows per row group, one
+   train and one validation file): reading the image column's bytes, and ``prepare`` on
+   W workers (images are put in class order through the temporary class-sorting file).
 
 Each measurement is repeated ``--repeats`` times; the median is reported.
+
+``--downsampled-rows R --downsampled-batches B`` instead measures the peak resident memory
+of ``tesla prepare imagenet-downsampled`` (a child process, ``ru_maxrss`` from ``wait4``) on
+B synthetic 64 x 64 pickle batches of R rows each (random pixels, labels 1..1000), plus a
+``val_data`` of R/4 rows: the full train split is 10 batches of ~128,000 rows.
 
     TESLA_DATASETS=/work/shared/datasets .venv/bin/python bench/bench_prepare.py --workers 1 2
 """
@@ -33,6 +42,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -54,6 +65,57 @@ def build_tar(sample: Path, tar_path: Path, copies: int) -> int:
                 tar.add(f, arcname=f"test/{cls.name}/{f.name}")
                 n += 1
     return n
+
+
+def build_parquet(refs, tar_path: Path, folder: Path, row_group: int) -> None:
+    """train-00000-of-00001.parquet and validation-00000-of-00001.parquet with the tar's images
+    (struct image column {bytes, path}, int64 label = sorted-wnid index, class names in the metadata)."""
+    folder.mkdir()
+    wnids = sorted({Path(r.name).parent.name for r in refs})
+    index = {w: i for i, w in enumerate(wnids)}
+    meta = {"info": {"features": {"image": {"_type": "Image"}, "label": {"names": wnids, "_type": "ClassLabel"}}}}
+    rng = np.random.default_rng(0)
+    with open(tar_path, "rb") as f:
+        for split, stem in (("train", "train"), ("test", "validation")):
+            chosen = [r for r in refs if f"/{split}/" in r.name]
+            chosen = [chosen[i] for i in rng.permutation(len(chosen))]  # classes mixed, as on the hub
+            images, labels = [], []
+            for r in chosen:
+                f.seek(r.offset)
+                images.append({"bytes": f.read(r.size), "path": Path(r.name).name})
+                labels.append(index[Path(r.name).parent.name])
+            table = pa.table({"image": pa.array(images), "label": pa.array(labels, pa.int64())})
+            table = table.replace_schema_metadata({b"huggingface": json.dumps(meta).encode()})
+            pq.write_table(table, folder / f"{stem}-00000-of-00001.parquet", row_group_size=row_group)
+
+
+def downsampled_rss(rows: int, batches: int, side: int = 64) -> None:
+    import pickle
+    import subprocess
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        rng = np.random.default_rng(0)
+        for b in range(1, batches + 2):
+            n = rows if b <= batches else rows // 4
+            labels = rng.integers(1, 1001, n)
+            labels[: min(n, 1000)] = np.arange(1, min(n, 1000) + 1)
+            data = rng.integers(0, 256, (n, 3 * side * side), dtype=np.uint8)
+            name = f"train_data_batch_{b}" if b <= batches else "val_data"
+            with open(tmp / name, "wb") as f:
+                pickle.dump({"data": data, "labels": labels.tolist(), "mean": data[:1000].mean(0)}, f, protocol=4)
+            del data
+        batch_mb = (tmp / "train_data_batch_1").stat().st_size / 1e6
+        cmd = [sys.executable, "-m", "tesla.cli", "prepare", "imagenet-downsampled", "--input", str(tmp), "--out-dir",
+               str(tmp / "out"), "--workers", "1", "--quiet"]
+        t0, c0 = time.perf_counter(), cpu_seconds()
+        proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[1])
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        if status != 0:
+            sys.exit(f"prepare failed with status {status}")
+        print(f"imagenet-downsampled: {batches} x {rows} rows at {side}x{side} ({batch_mb:.0f} MB per batch pickle) + val {rows // 4}: "
+              f"peak RSS {usage.ru_maxrss / 1024:.0f} MiB, wall {wall:.1f} s, CPU {usage.ru_utime + usage.ru_stime:.1f} s")
 
 
 def cpu_seconds() -> float:
@@ -86,8 +148,14 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--row-group", type=int, default=64, help="rows per parquet row group")
+    parser.add_argument("--downsampled-rows", type=int, help="measure the peak memory of imagenet-downsampled instead (rows per batch)")
+    parser.add_argument("--downsampled-batches", type=int, default=2)
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
+    if args.downsampled_rows:
+        downsampled_rss(args.downsampled_rows, args.downsampled_batches)
+        return
     sample = args.sample or Path(os.environ.get("TESLA_DATASETS", "../shared/datasets")) / "imagenet-sample" / "train"
     if not sample.is_dir():
         sys.exit(f"{sample}: not found; set TESLA_DATASETS or pass --sample")
@@ -132,9 +200,35 @@ def main() -> None:
             return go
 
         for w in args.workers:
-            rows.append((f"tesla prepare, {w} worker(s)", w, *median_time(pipeline(w, False), args.repeats)))
+            rows.append((f"tar: tesla prepare, {w} worker(s)", w, *median_time(pipeline(w, False), args.repeats)))
         w = max(args.workers)
-        rows.append((f"tesla prepare --full-decode, {w} worker(s)", w, *median_time(pipeline(w, True), args.repeats)))
+        rows.append((f"tar: tesla prepare --full-decode, {w} worker(s)", w, *median_time(pipeline(w, True), args.repeats)))
+
+        # the same images as parquet shards (train + validation files, Hugging Face layout)
+        pq_dir = tmp / "parquet"
+        build_parquet(refs, tar_path, pq_dir, args.row_group)
+
+        def read_parquet():
+            total = 0
+            for f in sorted(pq_dir.glob("*.parquet")):
+                pf = pq.ParquetFile(f)
+                for rg in range(pf.num_row_groups):
+                    col = pf.read_row_group(rg, columns=["image"]).column(0).combine_chunks().field("bytes")
+                    total += sum(len(b) for b in col.to_pylist())
+            assert total == nbytes
+
+        read_parquet()
+        rows.append(("parquet: read the image bytes (row group by row group)", 1, *median_time(read_parquet, args.repeats)))
+
+        def pipeline_parquet(workers: int):
+            def go():
+                plan = plan_source("parquet", SourceOptions(input=pq_dir))
+                prepare_dataset(plan, tmp / "out_pq", resolution=size, workers=workers, progress=False)
+
+            return go
+
+        for w in args.workers:
+            rows.append((f"parquet: tesla prepare, {w} worker(s)", w, *median_time(pipeline_parquet(w), args.repeats)))
 
     print(f"{n} images ({nbytes / 1e6:.1f} MB of JPEG) -> {size}x{size}; median of {args.repeats} runs; {os.cpu_count()} CPUs visible")
     print(f"load average before: {load0}, after: {os.getloadavg()}")

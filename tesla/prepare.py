@@ -29,13 +29,15 @@ import numpy as np
 from tqdm import tqdm
 
 from tesla.data.format import SplitWriter
-from tesla.data.imaging import RESIZE_RULES, decode_block, min_decoded_side, resize_block
+from tesla.data.imaging import RESIZE_RULES, LabelledBlock, decode_block, min_decoded_side, resize_block
 from tesla.data.sources import SOURCES, ArraySplit, DatasetPlan, EncodedSplit, SourceOptions, plan_source
 from tesla.errors import TeslaError
 
 #: images per unit of work sent to a worker
 ENCODED_BLOCK = 64
 ARRAY_BLOCK = 1024
+#: sources whose splits are streamed in any class order and sorted through a temporary file
+STREAMED_SOURCES = ("imagenet-downsampled", "parquet")
 REPORT_NAME = "prepare_report.txt"
 _STAGING = re.compile(r"^\.tesla-prepare\.(\d+)\.tmp$")
 
@@ -49,7 +51,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         choices=SOURCES,
         help="raw dataset kind: demo (scikit-learn digits, no input), mnist, fashion-mnist (idx files), "
         "cifar10, cifar100 (python pickle batches; pickles can run code, so give only files you trust), "
-        "imagenet (train/<wnid>/ folders, a tar of them, or ILSVRC2012_img_train.tar), "
+        "imagenet (train/<wnid>/ folders, a tar of them, or ILSVRC2012_img_train.tar; a folder of Downsampled-ImageNet "
+        "batches or of parquet shards is recognised and read as below), "
+        "imagenet-downsampled (train_data_batch_1..10 python pickles or .npz, val_data or val_data.npz of "
+        "Downsampled ImageNet 16/32/64 px; pickles can run code, so give only files you trust: only the paths "
+        "you name are loaded), "
+        "parquet (*.parquet shards with an encoded-image column and an integer label column, e.g. a Hugging Face "
+        "dataset's data/ folder), "
         "folder (any <class>/**/<image> tree, or a tar of one)",
     )
     parser.add_argument(
@@ -57,13 +65,17 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         type=Path,
         help="the raw data: for mnist/fashion-mnist the folder of idx files; for cifar the batches folder, "
         "its parent or the .tar.gz; for imagenet/folder a class-folder tree or an uncompressed tar of one "
-        "(or of per-class tars), possibly holding train/ and test/ (or val/) folders; not used by demo",
+        "(or of per-class tars), possibly holding train/ and test/ (or val/) folders; for imagenet-downsampled a folder "
+        "holding train_data_batch_* (also one level down, e.g. Imagenet64_train/), one batch file, or a glob; for "
+        "parquet a .parquet file, a folder of them (train-*.parquet and validation-*/test-*.parquet split by name) "
+        "or a glob such as 'data/train-*.parquet'; not used by demo",
     )
     parser.add_argument(
         "--test-input",
         type=Path,
         help="imagenet/folder: the test images, as a class-folder tree, or a flat folder or tar "
-        "(e.g. ILSVRC2012_img_val.tar) labelled by --test-labels",
+        "(e.g. ILSVRC2012_img_val.tar) labelled by --test-labels; imagenet-downsampled: val_data or val_data.npz "
+        "(else found beside the train batches); parquet: a file, folder or glob of test shards",
     )
     parser.add_argument(
         "--test-labels",
@@ -74,7 +86,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--synsets",
         type=Path,
-        help="class names for imagenet/folder: lines '<class id> <name, name2, ...>' (LOC_synset_mapping.txt)",
+        help="class names for imagenet/folder: lines '<class id> <name, name2, ...>' (LOC_synset_mapping.txt); "
+        "imagenet-downsampled: the devkit's meta.mat or lines 'wnid id name' (map_clsloc.txt) to turn the batches' "
+        "devkit ids 1..1000 into sorted WordNet ids with names (without it the devkit order is kept and recorded)",
     )
     parser.add_argument("--out-dir", type=Path, required=True, help="output folder for train.h5, test.h5 and prepare_report.txt")
     parser.add_argument("--name", help="dataset name stored in the files; when not given, the source's name (for folder: the input's name)")
@@ -122,15 +136,19 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help="mnist/fashion-mnist/cifar: fetch the official files into --input with torchvision first "
         "(needs a network; fails with instructions when offline)",
     )
+    parser.add_argument("--image-column", default="image", help="parquet: column of encoded images (bytes, or a struct with 'bytes' and 'path')")
+    parser.add_argument("--label-column", default="label", help="parquet: column of integer class labels (0..K-1)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.download and args.source not in ("mnist", "fashion-mnist", "cifar10", "cifar100"):
         raise TeslaError(f"--download: only mnist, fashion-mnist, cifar10 and cifar100 can be downloaded, not {args.source}")
-    if args.channels is not None and args.source not in ("imagenet", "folder"):
+    if args.channels is not None and args.source not in ("imagenet", "folder", "parquet"):
         raise TeslaError(f"--channels: {args.source} has a fixed number of channels; drop --channels")
-    if args.source not in ("imagenet", "folder"):
+    if args.source not in ("imagenet", "folder", "parquet") and (args.image_column, args.label_column) != ("image", "label"):
+        raise TeslaError(f"--image-column/--label-column: only for parquet shards, not the {args.source} source; drop them")
+    if args.source not in ("imagenet", "folder", *STREAMED_SOURCES):
         for flag in ("test_input", "test_labels", "synsets", "test_fraction"):
             if getattr(args, flag) is not None:
                 raise TeslaError(f"--{flag.replace('_', '-')}: not used by the {args.source} source (it has an official test split)")
@@ -146,9 +164,11 @@ def run(args: argparse.Namespace) -> int:
         ignore_non_images=args.ignore_non_images,
         test_fraction=args.test_fraction,
         seed=args.seed,
+        image_column=args.image_column,
+        label_column=args.label_column,
     )
     plan = plan_source(args.source, opts, args.name)
-    resolution = args.resolution or plan.default_resolution
+    resolution = args.resolution or plan.default_resolution or _native_resolution(plan)
     if not resolution:
         raise TeslaError(f"--resolution: required for the {args.source} source (e.g. 32 for CIFAR-sized images, 64 for ImageNet)")
     if resolution < 1 or resolution > 4096:
@@ -164,6 +184,15 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     print(report.summary())
+    return 0
+
+
+def _native_resolution(plan: DatasetPlan) -> int:
+    """The side S stored in a streamed source's files (read only when --resolution is not given)."""
+    for split in (plan.test, plan.train):
+        native = getattr(split, "native_resolution", None)
+        if native is not None:
+            return int(native())
     return 0
 
 
@@ -315,7 +344,7 @@ def prepare_dataset(
     ok = False
     try:
         pool = WorkerPool(workers)
-        if any(isinstance(s, EncodedSplit) or s.images.shape[1:3] != (resolution, resolution) for s in (plan.train, plan.test)):
+        if any(_needs_pool(s, resolution) for s in (plan.train, plan.test)):
             # start the workers before any HDF5 file is open: forked children must not inherit its descriptor and lock
             pool.start()
         reports = [
@@ -328,7 +357,7 @@ def prepare_dataset(
             f"name: {plan.name}",
             *(f"{k}: {v}" for k, v in plan.attrs.items()),
             f"resolution: {resolution}",
-            f"resize rule: {rule}, box filter"
+            f"resize rule: {plan.train.resize_rule(resolution, rule) if hasattr(plan.train, 'blocks') else rule}, box filter"
             + (
                 f"; JPEGs decoded at reduced size only down to a shorter side >= {min_decoded_side(resolution)} px"
                 if reduced
@@ -355,10 +384,11 @@ def prepare_dataset(
 
 
 def _split_attrs(plan: DatasetPlan, split: EncodedSplit | ArraySplit, rule: str, reduced: bool, resolution: int) -> dict:
-    attrs = {f"source_{k}": str(v) for k, v in plan.attrs.items()}
+    attrs = {f"source_{k}": str(v) for k, v in plan.attrs.items() if k != "class_order"}
     attrs.update({f"source_{k}": str(v) for k, v in split.attrs.items()})
     attrs["class_order"] = "official label order" if plan.source in ("mnist", "fashion-mnist", "cifar10", "cifar100", "demo") else "sorted class ids"
-    if isinstance(split, EncodedSplit):
+    attrs["class_order"] = str(plan.attrs.get("class_order", attrs["class_order"]))
+    if isinstance(split, EncodedSplit) or getattr(split, "encoded", False):
         attrs["resize_filter"] = "box"
         attrs["jpeg_reduced_decoding"] = bool(reduced)
         attrs["jpeg_min_decoded_side"] = min_decoded_side(resolution) if reduced else 0
@@ -376,8 +406,16 @@ def write_split(
     reduced: bool,
     progress: bool,
 ) -> SplitReport:
-    """Decode, resize and append one split to a :class:`SplitWriter`, class by class."""
-    if isinstance(split, ArraySplit):
+    """Decode, resize and append one split to a :class:`SplitWriter`, class by class.
+
+    ``split`` may also be a *streamed* split (Downsampled-ImageNet batches, parquet shards):
+    an object with ``blocks(pool, resolution, rule, mode, reduced)`` yielding
+    :class:`LabelledBlock` in any class order, sorted into class order through a
+    :class:`ClassSortingStore` beside ``path``."""
+    streamed = hasattr(split, "blocks")
+    if streamed:
+        rule_used = split.resize_rule(resolution, rule)
+    elif isinstance(split, ArraySplit):
         native = split.images.shape[1:3]
         rule_used = "none" if tuple(native) == (resolution, resolution) else rule
     else:
@@ -400,7 +438,9 @@ def write_split(
         attrs=_split_attrs(plan, split, rule, reduced, resolution),
         require_all_classes=split.split == "train",
     ) as writer:
-        if isinstance(split, ArraySplit):
+        if streamed:
+            _write_streamed(split, writer, report, resolution, rule, plan.mode, pool, strict, reduced, progress, plan.name, path.parent)
+        elif isinstance(split, ArraySplit):
             _write_arrays(split, writer, report, resolution, rule, pool, progress, plan.name)
         else:
             _write_encoded(split, writer, report, resolution, rule, plan.mode, pool, strict, reduced, progress, plan.name)
@@ -520,6 +560,120 @@ def _write_encoded(
         buffer.flush()
     finally:
         bar.close()
+
+
+def _needs_pool(split, resolution: int) -> bool:
+    if hasattr(split, "blocks"):
+        return split.needs_pool(resolution)
+    return isinstance(split, EncodedSplit) or split.images.shape[1:3] != (resolution, resolution)
+
+
+class ClassSortingStore:
+    """Images that arrive in any class order, kept in a temporary file and read back class by class.
+
+    Each block is sorted by label (stable) and appended to the file; the store remembers, per
+    class, the runs of rows it occupies (a run that continues the previous one is extended).
+    Reading back in class order visits, for c = 0 .. K-1, the runs of class c in arrival
+    order, so the output is the stable sort of all images by class. Memory: one block plus
+    the run list (a few per class and block), never the split.
+    """
+
+    def __init__(self, path: Path, num_classes: int, image_shape: tuple[int, int, int]) -> None:
+        self.path = Path(path)
+        self.image_shape = tuple(image_shape)
+        self.row_bytes = int(np.prod(self.image_shape))
+        self.runs: list[list[list[int]]] = [[] for _ in range(num_classes)]
+        self.rows = 0
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+
+    def add(self, images: np.ndarray, labels: np.ndarray) -> None:
+        """Append a block (uint8 N x H x W x C, labels in 0..K-1, any order)."""
+        if len(labels) == 0:
+            return
+        labels = np.asarray(labels, dtype=np.int64)
+        order = np.argsort(labels, kind="stable")
+        if np.any(np.diff(order) != 1):
+            images, labels = images[order], labels[order]
+        data = memoryview(np.ascontiguousarray(images, dtype=np.uint8)).cast("B")
+        offset, done = self.rows * self.row_bytes, 0
+        while done < len(data):
+            done += os.pwrite(self._fd, data[done:], offset + done)
+        starts = np.concatenate([[0], np.flatnonzero(np.diff(labels)) + 1])
+        ends = np.concatenate([starts[1:], [len(labels)]])
+        for a, b in zip(starts.tolist(), ends.tolist()):
+            runs = self.runs[int(labels[a])]
+            first = self.rows + a
+            if runs and runs[-1][0] + runs[-1][1] == first:
+                runs[-1][1] += b - a
+            else:
+                runs.append([first, b - a])
+        self.rows += len(labels)
+
+    def in_class_order(self, max_rows: int = 4096) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(images, labels) blocks of at most ``max_rows`` images, in class order."""
+        for c, runs in enumerate(self.runs):
+            for first, count in runs:
+                for s in range(0, count, max_rows):
+                    n = min(max_rows, count - s)
+                    raw = os.pread(self._fd, n * self.row_bytes, (first + s) * self.row_bytes)
+                    if len(raw) != n * self.row_bytes:
+                        raise TeslaError(f"{self.path}: temporary file shorter than written (disk full?); free space and rerun")
+                    yield np.frombuffer(raw, dtype=np.uint8).reshape(n, *self.image_shape), np.full(n, c, dtype=np.int64)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self.path.unlink(missing_ok=True)
+
+
+def _write_streamed(
+    split,
+    writer: SplitWriter,
+    report: SplitReport,
+    resolution: int,
+    rule: str,
+    mode: str,
+    pool: WorkerPool,
+    strict: bool,
+    reduced: bool,
+    progress: bool,
+    name: str,
+    tmp_dir: Path,
+) -> None:
+    """Stream a split's blocks into a :class:`ClassSortingStore`, then append it class by class."""
+    store = ClassSortingStore(tmp_dir / f".{split.split}.class-sort.tmp", len(report.counts), (resolution, resolution, writer.channels))
+    bar = _bar(split.estimated_total(), f"{name} {split.split}", progress)
+    try:
+        for block in split.blocks(pool, resolution, rule, mode, reduced):
+            for item, reason in block.skipped:
+                if strict:
+                    raise TeslaError(
+                        f"{item}: cannot decode ({reason}); replace or remove that image, "
+                        "or run without --strict to skip it (it is then listed in prepare_report.txt)"
+                    )
+                writer.note_skipped(item, reason)
+                report.skipped.append(f"{item}\t{reason}")
+            for item, note in block.converted:
+                writer.num_converted += 1
+                report.converted.append(f"{item}\t{note}")
+            store.add(block.images, block.labels)
+            report.counts += np.bincount(block.labels, minlength=len(report.counts))
+            total = split.estimated_total()
+            if total != bar.total:
+                bar.total = total
+                bar.refresh()
+            bar.update(block.inputs)
+        bar.close()
+        buffer = BlockBuffer(writer)
+        with _bar(store.rows, f"{name} {split.split} (class order)", progress) as bar2:
+            for images, labels in store.in_class_order():
+                buffer.add(images, labels)
+                bar2.update(len(labels))
+        buffer.flush()
+    finally:
+        bar.close()
+        store.close()
 
 
 def _decode_task(refs, resolution, rule, mode, reduced, labels):

@@ -187,6 +187,19 @@ def decode_block(refs: Sequence[ImageRef], size: int, rule: str, mode: str, redu
     return BlockResult(images=out[: len(kept)], kept=kept, converted=converted, skipped=skipped)
 
 
+@dataclass
+class LabelledBlock:
+    """A block of decoded images in any class order, from a source that streams its split
+    (Downsampled-ImageNet batches, parquet row groups): ``images[k]`` has class ``labels[k]``;
+    ``skipped``/``converted`` are (input name, reason) pairs; ``inputs`` counts the inputs read."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    inputs: int
+    skipped: list[tuple[str, str]]
+    converted: list[tuple[str, str]]
+
+
 def resize_block(pixels: np.ndarray, size: int, rule: str) -> np.ndarray:
     """Resize a block of N x H x W x C uint8 images to N x size x size x C."""
     return np.stack([resize_array(p, size, rule) for p in pixels]) if len(pixels) else pixels[:, :size, :size]

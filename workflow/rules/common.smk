@@ -220,7 +220,7 @@ def raw_data_problems(name: str) -> list[str]:
         problems.append(
             f"set the path(s) in {CONFIG_FILE_HINT}, e.g. a file my.yaml holding\n"
             f"      datasets: {{{name}: {{input: /path/to/data}}}}\n"
-            f"    and run snakemake --configfile my.yaml ..."
+            f"    and run snakemake <target> --configfile my.yaml"
         )
     return problems
 
@@ -255,10 +255,13 @@ def prepare_options(wildcards) -> str:
         opts.append(_opt("test-fraction", ds["test_fraction"]))
     if ds["resolution"] is not None:
         opts.append(_opt("resolution", ds["resolution"]))
-    if ds["source"] in ("imagenet", "folder"):
+    if ds["source"] in ("imagenet", "parquet", "folder"):
         opts.append(_opt("resize", ds["resize"]))
         if ds["channels"] is not None:
             opts.append(_opt("channels", ds["channels"]))
+    if ds["source"] in ("imagenet", "parquet"):
+        opts.append(_opt("image-column", ds["image_column"]))
+        opts.append(_opt("label-column", ds["label_column"]))
     if ds["strict"]:
         opts.append("--strict")
     return " ".join(opts)

@@ -9,6 +9,9 @@ source             input                                                 default
 ``cifar10``        ``cifar-10-batches-py/`` or ``cifar-10-python.tar.gz``  32
 ``cifar100``       ``cifar-100-python/`` or ``cifar-100-python.tar.gz``   32
 ``imagenet``       train folders / tars, val folder or tar + labels      64
+                   (or, recognised: downsampled batches, parquet shards)
+``imagenet-downsampled``  ``train_data_batch_1..10`` (+ ``.npz``), ``val_data``  native S
+``parquet``        ``*.parquet`` shards: encoded-image + label columns   64
 ``folder``         any class-folder tree or tar of one                   (required)
 =================  ===================================================  ==========
 """
@@ -23,7 +26,7 @@ from tesla.data.sources.base import (
     SourceOptions,
 )
 
-SOURCES = ("demo", "mnist", "fashion-mnist", "cifar10", "cifar100", "imagenet", "folder")
+SOURCES = ("demo", "mnist", "fashion-mnist", "cifar10", "cifar100", "imagenet", "imagenet-downsampled", "parquet", "folder")
 
 
 def plan_source(source: str, opts: SourceOptions, name: str | None = None) -> DatasetPlan:
@@ -41,9 +44,25 @@ def plan_source(source: str, opts: SourceOptions, name: str | None = None) -> Da
 
         return plan_cifar(opts, source, name)
     if source == "imagenet":
+        from tesla.data.sources.downsampled import is_downsampled_input, plan_downsampled
+        from tesla.data.sources.parquet import is_parquet_input, plan_parquet
+
+        # ImageNet as users hold it: the same entry takes downsampled batches and parquet shards
+        if opts.input is not None and is_downsampled_input(opts.input):
+            return plan_downsampled(opts, name or "imagenet")
+        if opts.input is not None and is_parquet_input(opts.input):
+            return plan_parquet(opts, name or "imagenet", default_resolution=64)
         from tesla.data.sources.folder import plan_imagenet
 
         return plan_imagenet(opts, name)
+    if source == "imagenet-downsampled":
+        from tesla.data.sources.downsampled import plan_downsampled
+
+        return plan_downsampled(opts, name)
+    if source == "parquet":
+        from tesla.data.sources.parquet import plan_parquet
+
+        return plan_parquet(opts, name)
     if source == "folder":
         from tesla.data.sources.folder import plan_folder
 

@@ -34,6 +34,8 @@ class SourceOptions:
     ignore_non_images: bool = False
     test_fraction: float | None = None
     seed: int = 0
+    image_column: str = "image"  # parquet: encoded-image column (bytes, or struct with bytes)
+    label_column: str = "label"  # parquet: integer class column
 
 
 @dataclass
