@@ -37,7 +37,7 @@ of the training split, a new draw per run, hard labels, lr 0.01 (``--lr-random``
 row of ``acc.csv`` normally comes from the experts' recorded test accuracy instead).
 
 Per-run results go to a long-form CSV (``tesla-eval-runs`` version 1, see
-docs/formats/results.md); ``tesla results`` aggregates them into ``acc.csv``.
+docs/formats.md); ``tesla results`` aggregates them into ``acc.csv``.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ from tesla.errors import TeslaError
 RUNS_FORMAT = "tesla-eval-runs"
 RUNS_FORMAT_VERSION = 1
 
-#: columns of the per-run CSV, in order (docs/formats/results.md)
+#: columns of the per-run CSV, in order (docs/formats.md)
 RUN_COLUMNS: tuple[str, ...] = (
     "dataset",
     "ipc",

@@ -14,7 +14,7 @@ accuracy that the experts recorded after training on the whole training split (t
 ``note`` says so); runs of ``tesla evaluate --full`` give a trained ``full`` row instead.
 
 A short human-readable summary (architecture, mean +- std, gain over ``random``) is
-printed at the end. Format: docs/formats/results.md.
+printed at the end. Format: docs/formats.md.
 """
 
 from __future__ import annotations

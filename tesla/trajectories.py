@@ -11,9 +11,9 @@ initialisation, theta*_e after training epoch e.  It is stored as ONE 2-D datase
   ``tesla.models.flatten_buffers`` order) at the same moments; only when B > 0;
 * ``train_loss``, ``train_accuracy``, ``epoch_seconds``: float64 (E,), per trained epoch;
 
-with the attributes listed in :data:`REQUIRED_ATTRS` (docs/formats/trajectories.md).
+with the attributes listed in :data:`REQUIRED_ATTRS` (docs/formats.md).
 16-bit storage rounds theta (round to nearest even); its effect on the matching loss is
-measured in docs/formats/trajectories.md.  Files are written to a temporary name and
+measured in docs/formats.md.  Files are written to a temporary name and
 renamed when complete.
 """
 

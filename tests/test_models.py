@@ -28,7 +28,7 @@ from tesla.models import (
 
 ALL = available_models()
 
-#: exact counts at 3 x 32 x 32 and 3 x 64 x 64 with 10 classes (see docs/formats/models_zca.md)
+#: exact counts at 3 x 32 x 32 and 3 x 64 x 64 with 10 classes (see docs/formats.md)
 COUNTS_10 = {
     ("convnet", 32): 320_010,
     ("convnet", 64): 381_450,
