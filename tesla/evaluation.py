@@ -52,7 +52,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-import h5py
 import numpy as np
 import torch
 
@@ -62,6 +61,7 @@ from tesla.data import FORMAT_NAME as SPLIT_FORMAT
 from tesla.data import FORMAT_VERSION as SPLIT_FORMAT_VERSION
 from tesla.data import ImageSplit, normalize
 from tesla.errors import TeslaError
+from tesla.hdf5 import open_checked
 
 RUNS_FORMAT = "tesla-eval-runs"
 RUNS_FORMAT_VERSION = 1
@@ -176,26 +176,10 @@ class SplitHeader:
 def read_split_header(path: str | os.PathLike) -> SplitHeader:
     """Read a ``tesla-images`` file's header only, so the test split can be checked before
     training without reading a single test image or label."""
-    path = Path(path)
-    if not path.exists():
-        raise TeslaError(f"{path}: no such split file; run 'tesla prepare' first (or fix the path)")
-    try:
-        f = h5py.File(path, "r")
-    except OSError as exc:
-        raise TeslaError(f"{path}: not an HDF5 file ({exc}); give a split written by 'tesla prepare'") from None
+    f, a, path = open_checked(
+        path, format_name=SPLIT_FORMAT, format_version=SPLIT_FORMAT_VERSION, kind="prepared split file", producer="tesla prepare"
+    )
     with f:
-        a = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
-        if a.get("format") != SPLIT_FORMAT:
-            raise TeslaError(
-                f"{path}: not a tesla image split (format {a.get('format')!r}, expected {SPLIT_FORMAT!r}); "
-                "give a split written by 'tesla prepare'"
-            )
-        version = int(a.get("format_version", -1))
-        if version != SPLIT_FORMAT_VERSION:
-            raise TeslaError(
-                f"{path}: {SPLIT_FORMAT} format version {version}, this tesla reads version "
-                f"{SPLIT_FORMAT_VERSION}; re-run 'tesla prepare' with this version"
-            )
         ids = [s.decode() if isinstance(s, bytes) else str(s) for s in f["class_ids"][()]]
     return SplitHeader(
         path=path,

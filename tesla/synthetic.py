@@ -22,6 +22,7 @@ import torch
 
 from tesla import __version__
 from tesla.errors import TeslaError
+from tesla.hdf5 import open_checked
 
 FORMAT_NAME = "tesla-synthetic"
 FORMAT_VERSION = 1
@@ -145,26 +146,10 @@ class SyntheticSet:
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "SyntheticSet":
-        path = Path(path)
-        if not path.exists():
-            raise TeslaError(f"{path}: no such synthetic set file; run 'tesla distill' first (or fix the path)")
-        try:
-            f = h5py.File(path, "r")
-        except OSError as exc:
-            raise TeslaError(f"{path}: not an HDF5 file ({exc}); give a file written by 'tesla distill'") from None
+        f, a, path = open_checked(
+            path, format_name=FORMAT_NAME, format_version=FORMAT_VERSION, kind="synthetic set file", producer="tesla distill"
+        )
         with f:
-            a = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
-            if a.get("format") != FORMAT_NAME:
-                raise TeslaError(
-                    f"{path}: not a tesla synthetic set (format {a.get('format')!r}, expected {FORMAT_NAME!r}); "
-                    "give a file written by 'tesla distill'"
-                )
-            version = int(a.get("format_version", -1))
-            if version != FORMAT_VERSION:
-                raise TeslaError(
-                    f"{path}: {FORMAT_NAME} format version {version}, this tesla reads version {FORMAT_VERSION}; "
-                    "re-run 'tesla distill' with this version of tesla"
-                )
             soft = torch.from_numpy(f["soft_labels"][()]).to(device) if "soft_labels" in f else None
             zca = f["zca_artifact"][()].tobytes() if "zca_artifact" in f else None
             return cls(

@@ -31,6 +31,7 @@ import torch
 
 from tesla import __version__
 from tesla.errors import TeslaError
+from tesla.hdf5 import open_checked
 
 __all__ = [
     "FORMAT_NAME",
@@ -300,26 +301,10 @@ class Trajectory:
     @classmethod
     def open(cls, path: str | os.PathLike) -> "Trajectory":
         """Open and validate ``path``: our format and version, all attributes, consistent shapes."""
-        path = Path(path)
-        if not path.exists():
-            raise TeslaError(f"{path}: no such expert trajectory file; run 'tesla experts' first (or fix the path)")
-        try:
-            f = h5py.File(path, "r")
-        except OSError as exc:
-            raise TeslaError(f"{path}: not an HDF5 file ({exc}); give a trajectory written by 'tesla experts'") from None
+        f, attrs, path = open_checked(
+            path, format_name=FORMAT_NAME, format_version=FORMAT_VERSION, kind="expert trajectory file", producer="tesla experts"
+        )
         with f:
-            attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
-            if attrs.get("format") != FORMAT_NAME:
-                raise TeslaError(
-                    f"{path}: not an expert trajectory (format attribute {attrs.get('format')!r}, expected "
-                    f"{FORMAT_NAME!r}); give a file written by 'tesla experts'"
-                )
-            version = int(attrs.get("format_version", -1))
-            if version != FORMAT_VERSION:
-                raise TeslaError(
-                    f"{path}: {FORMAT_NAME} format version {version}, this tesla reads version {FORMAT_VERSION}; "
-                    f"re-run 'tesla experts' with this version"
-                )
             missing = [k for k in REQUIRED_ATTRS if k not in attrs]
             if missing or "snapshots" not in f:
                 what = ", ".join(missing) if missing else "the 'snapshots' dataset"

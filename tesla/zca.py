@@ -36,6 +36,7 @@ import torch
 
 from tesla import __version__
 from tesla.errors import TeslaError
+from tesla.hdf5 import open_checked
 
 __all__ = ["ZCA", "CovarianceAccumulator", "fit_zca", "fit_zca_split", "configure_parser", "run"]
 
@@ -173,31 +174,10 @@ class ZCA:
     def load(cls, path: "str | os.PathLike | typing.BinaryIO") -> "ZCA":
         """Read a ``tesla-zca`` file (a path, or a binary file object such as the artifact
         embedded in a synthetic set); clear errors for missing, foreign or wrong-version files."""
-        if hasattr(path, "read"):
-            source = path
-            path = Path("<embedded ZCA artifact>")
-        else:
-            path = Path(path)
-            source = path
-            if not path.exists():
-                raise TeslaError(f"{path}: no such ZCA file; run 'tesla zca --train TRAIN.h5 --out {path}' first")
-        try:
-            f = h5py.File(source, "r")
-        except OSError as exc:
-            raise TeslaError(f"{path}: not an HDF5 file ({exc}); give a file written by 'tesla zca'") from None
+        f, attrs, path = open_checked(
+            path, format_name=FORMAT_NAME, format_version=FORMAT_VERSION, kind="ZCA file", producer="tesla zca"
+        )
         with f:
-            attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
-            if attrs.get("format") != FORMAT_NAME:
-                raise TeslaError(
-                    f"{path}: not a ZCA file (format attribute {attrs.get('format')!r}, expected "
-                    f"{FORMAT_NAME!r}); give a file written by 'tesla zca'"
-                )
-            version = int(attrs.get("format_version", -1))
-            if version != FORMAT_VERSION:
-                raise TeslaError(
-                    f"{path}: {FORMAT_NAME} format version {version}, this tesla reads version "
-                    f"{FORMAT_VERSION}; re-run 'tesla zca' with this version"
-                )
             try:
                 mean = torch.from_numpy(f["mean"][()])
                 values = torch.from_numpy(f["eigenvalues"][()])

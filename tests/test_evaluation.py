@@ -375,4 +375,4 @@ def test_bad_input_is_refused_before_training(tiny, tmp_path, capsys, monkeypatc
     _bad(tiny, tmp_path, capsys, ["--synthetic", str(tmp_path / "missing.h5"), "--test", test, "--arch", "distill"],
          "no such synthetic set", monkeypatch)
     _bad(tiny, tmp_path, capsys, ["--synthetic", str(syn), "--test", str(tmp_path / "none.h5"), "--arch", "distill"],
-         "no such split", monkeypatch)
+         "no such prepared split", monkeypatch)

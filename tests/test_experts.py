@@ -162,7 +162,7 @@ def test_bad_inputs_are_clear_errors(toy, tmp_path, capsys):
     foreign = tmp_path / "foreign.h5"
     with h5py.File(foreign, "w") as f:
         f.attrs["format"] = "something-else"
-    assert "not a tesla image split" in error("--train", str(foreign), "--test", str(test), *base)
+    assert "not a prepared split file" in error("--train", str(foreign), "--test", str(test), *base)
     old = tmp_path / "old.h5"
     old.write_bytes(Path(train).read_bytes())
     with h5py.File(old, "r+") as f:

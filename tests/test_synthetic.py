@@ -64,7 +64,7 @@ def test_wrong_version_and_foreign_file(tmp_path):
     other = tmp_path / "other.h5"
     with h5py.File(other, "w") as f:
         f.attrs["format"] = "something-else"
-    with pytest.raises(TeslaError, match="not a tesla synthetic set"):
+    with pytest.raises(TeslaError, match="not a synthetic set file"):
         SyntheticSet.load(other)
     with pytest.raises(TeslaError, match="no such"):
         SyntheticSet.load(tmp_path / "missing.h5")

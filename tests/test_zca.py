@@ -129,7 +129,7 @@ def test_cli_fits_on_split_in_network_space(tmp_path, capsys):
 
 def test_cli_errors(tmp_path, capsys):
     assert main(["zca", "--train", str(tmp_path / "nope.h5"), "--out", str(tmp_path / "z.h5")]) == 2
-    assert "no such file" in capsys.readouterr().err
+    assert "no such prepared split file" in capsys.readouterr().err
     train = write_split(tmp_path / "train.h5", n_per_class=2)
     assert main(["zca", "--train", str(train), "--out", str(tmp_path / "z.h5"), "--eps", "-1"]) == 2
     assert "--eps must be positive" in capsys.readouterr().err

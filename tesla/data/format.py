@@ -33,6 +33,7 @@ import torch
 
 from tesla import __version__
 from tesla.errors import TeslaError
+from tesla.hdf5 import open_checked
 
 FORMAT_NAME = "tesla-images"
 FORMAT_VERSION = 1
@@ -269,26 +270,10 @@ class ImageSplit:
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> "ImageSplit":
-        path = Path(path)
-        if not path.exists():
-            raise TeslaError(f"{path}: no such file; run 'tesla prepare' first (or fix the path)")
-        try:
-            f = h5py.File(path, "r")
-        except OSError as exc:
-            raise TeslaError(f"{path}: not an HDF5 file ({exc}); give a file written by 'tesla prepare'") from None
+        f, attrs, path = open_checked(
+            path, format_name=FORMAT_NAME, format_version=FORMAT_VERSION, kind="prepared split file", producer="tesla prepare"
+        )
         with f:
-            attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
-            if attrs.get("format") != FORMAT_NAME:
-                raise TeslaError(
-                    f"{path}: not a tesla image split (format attribute {attrs.get('format')!r}, "
-                    f"expected {FORMAT_NAME!r}); give a file written by 'tesla prepare'"
-                )
-            version = int(attrs.get("format_version", -1))
-            if version != FORMAT_VERSION:
-                raise TeslaError(
-                    f"{path}: {FORMAT_NAME} format version {version}, this tesla reads version "
-                    f"{FORMAT_VERSION}; re-run 'tesla prepare' with this version"
-                )
             labels = f["labels"][()]
             offsets = f["class_offsets"][()]
             ids = [s.decode() if isinstance(s, bytes) else str(s) for s in f["class_ids"][()]]
