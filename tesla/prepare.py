@@ -29,7 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from tesla.data.format import SplitWriter
-from tesla.data.imaging import RESIZE_RULES, LabelledBlock, decode_block, min_decoded_side, resize_block
+from tesla.data.imaging import RESIZE_FILTERS, RESIZE_RULES, LabelledBlock, parse_resize_rule, resize_rule_name, decode_block, min_decoded_side, resize_block
 from tesla.data.sources import SOURCES, ArraySplit, DatasetPlan, EncodedSplit, SourceOptions, plan_source
 from tesla.errors import TeslaError
 
@@ -106,6 +106,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "center-crop: the centred square of side min(w, h) box-filtered to S x S",
     )
     parser.add_argument(
+        "--resize-filter",
+        choices=tuple(RESIZE_FILTERS),
+        default="box",
+        help="resampling filter of the resize (Pillow, antialiased); box is the Downsampled-ImageNet filter, "
+        "the others are offered for comparison and recorded in the file's resize_rule attribute",
+    )
+    parser.add_argument(
         "--channels",
         type=int,
         choices=(1, 3),
@@ -177,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
         plan,
         args.out_dir,
         resolution=resolution,
-        rule=args.resize,
+        rule=resize_rule_name(args.resize, args.resize_filter),
         workers=args.workers,
         strict=args.strict,
         reduced=not args.full_decode,
@@ -333,8 +340,10 @@ def prepare_dataset(
     progress: bool = True,
 ) -> PrepareReport:
     """Write ``out_dir``/train.h5, test.h5 and prepare_report.txt from ``plan`` (see module doc)."""
-    if rule not in RESIZE_RULES:
-        raise TeslaError(f"--resize {rule}: choose one of {', '.join(RESIZE_RULES)}")
+    try:
+        _, filter_name = parse_resize_rule(rule)
+    except ValueError as exc:
+        raise TeslaError(f"--resize {rule}: {exc}") from None
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _remove_stale_staging(out_dir)
@@ -357,7 +366,7 @@ def prepare_dataset(
             f"name: {plan.name}",
             *(f"{k}: {v}" for k, v in plan.attrs.items()),
             f"resolution: {resolution}",
-            f"resize rule: {plan.train.resize_rule(resolution, rule) if hasattr(plan.train, 'blocks') else rule}, box filter"
+            f"resize rule: {plan.train.resize_rule(resolution, rule) if hasattr(plan.train, 'blocks') else rule}, {filter_name} filter"
             + (
                 f"; JPEGs decoded at reduced size only down to a shorter side >= {min_decoded_side(resolution)} px"
                 if reduced
@@ -389,7 +398,7 @@ def _split_attrs(plan: DatasetPlan, split: EncodedSplit | ArraySplit, rule: str,
     attrs["class_order"] = "official label order" if plan.source in ("mnist", "fashion-mnist", "cifar10", "cifar100", "demo") else "sorted class ids"
     attrs["class_order"] = str(plan.attrs.get("class_order", attrs["class_order"]))
     if isinstance(split, EncodedSplit) or getattr(split, "encoded", False):
-        attrs["resize_filter"] = "box"
+        attrs["resize_filter"] = parse_resize_rule(rule)[1]
         attrs["jpeg_reduced_decoding"] = bool(reduced)
         attrs["jpeg_min_decoded_side"] = min_decoded_side(resolution) if reduced else 0
     return attrs

@@ -386,3 +386,25 @@ def test_real_cifar10_jpeg_tar_end_to_end(datasets_dir, tmp_path):
     assert np.allclose(tr.mean, mean, atol=1e-4) and np.allclose(tr.std, std, atol=1e-4)
     for c, cls in enumerate(classes):  # first image of each class = its first file in sorted order
         assert np.array_equal(tr.class_images(c)[0], firsts[cls][1])
+
+
+@pytest.mark.parametrize("geometry,filter_name", [("box", "lanczos"), ("center-crop", "bicubic")])
+def test_resize_filter_option_is_applied_and_recorded(tmp_path, geometry, filter_name):
+    root = tmp_path / "tree"
+    files = {c: [jpeg(root / c / f"{k}.png", pattern(10 * i + k, 48, 40), "PNG") for k in range(2)] for i, c in enumerate("ab")}
+    out = tmp_path / "out"
+    assert prepare("folder", "--input", root, "--resolution", 8, "--test-fraction", 0.5, "--resize", geometry,
+                   "--resize-filter", filter_name, "--out-dir", out, "--workers", 1) == 0
+    filt = {"lanczos": Image.Resampling.LANCZOS, "bicubic": Image.Resampling.BICUBIC}[filter_name]
+    box = (4.0, 0.0, 44.0, 40.0) if geometry == "center-crop" else None  # the centred 40x40 square
+    refs = {c: [np.asarray(Image.open(f).convert("RGB").resize((8, 8), filt, box=box)) for f in fs] for c, fs in files.items()}
+    stored = 0
+    for split_name in ("train", "test"):
+        split = ImageSplit.open(out / f"{split_name}.h5")
+        assert split.attrs["resize_rule"] == f"{geometry}/{filter_name}"
+        assert split.attrs["resize_filter"] == filter_name
+        for c in range(split.num_classes):
+            for img in split.class_images(c):
+                assert any(np.array_equal(img, r) for r in refs[split.class_ids[c]])
+                stored += 1
+    assert stored == 4

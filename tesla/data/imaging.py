@@ -9,6 +9,8 @@ The resize rules (documented in docs/formats.md, section *prepare*):
 * ``center-crop``: the centred square of side min(w, h) is box-filtered to S x S (same
   as resizing the shorter side to S, then cropping the centre, without the intermediate
   rounding).
+* either geometry with another resampling filter: ``box/lanczos``, ``center-crop/bicubic``
+  (filters: box, bilinear, bicubic, lanczos; Pillow's antialiased resampling).
 
 Reduced-size JPEG decoding (libjpeg's DCT scaling by 1/2, 1/4, 1/8) is used only at the
 largest reduction that still leaves the shorter side at least ``max(256, 4 S)`` pixels
@@ -37,6 +39,32 @@ _FORMAT_OF_EXTENSION = {
     ".tif": "TIFF", ".tiff": "TIFF", ".webp": "WEBP", ".ppm": "PPM", ".pgm": "PPM", ".pbm": "PPM",
 }
 RESIZE_RULES = ("box", "center-crop")
+#: resampling filters a rule may name after a slash ("center-crop/lanczos"); box is the default
+RESIZE_FILTERS = {
+    "box": Image.Resampling.BOX,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+def resize_rule_name(geometry: str, filter_name: str = "box") -> str:
+    """The rule string for a geometry and a filter: ``box``, ``center-crop/lanczos``, ..."""
+    rule = geometry if filter_name == "box" else f"{geometry}/{filter_name}"
+    parse_resize_rule(rule)
+    return rule
+
+
+def parse_resize_rule(rule: str) -> tuple[str, str]:
+    """``GEOMETRY`` or ``GEOMETRY/FILTER`` -> (geometry, filter); ValueError when unknown."""
+    geometry, _, filter_name = rule.partition("/")
+    filter_name = filter_name or "box"
+    if geometry not in RESIZE_RULES or filter_name not in RESIZE_FILTERS:
+        raise ValueError(
+            f"unknown resize rule {rule!r}; choose a geometry of {RESIZE_RULES}, optionally followed by "
+            f"'/' and a filter of {tuple(RESIZE_FILTERS)}"
+        )
+    return geometry, filter_name
 #: reduced JPEG decoding never leaves fewer than this many pixels on the shorter side
 MIN_DECODED_SIDE = 256
 
@@ -119,18 +147,19 @@ def decode(data: bytes, name: str, size: int, mode: str = "RGB", reduced: bool =
 
 
 def resize_square(img: Image.Image, size: int, rule: str = "box", box: Sequence[float] | None = None) -> Image.Image:
-    """Box-filter the picture (``box``: its extent in ``img``) to ``size`` x ``size`` by ``rule``."""
-    if rule not in RESIZE_RULES:
-        raise ValueError(f"unknown resize rule {rule!r}; choose one of {RESIZE_RULES}")
+    """Resample the picture (``box``: its extent in ``img``) to ``size`` x ``size`` by ``rule``:
+    the whole picture (``box``) or its centred square (``center-crop``), with the box filter
+    unless the rule names another (``center-crop/lanczos``)."""
+    geometry, filter_name = parse_resize_rule(rule)
     w, h = img.size
     x0, y0, x1, y1 = box if box is not None else (0.0, 0.0, float(w), float(h))
-    if rule == "center-crop":
+    if geometry == "center-crop":
         side = min(x1 - x0, y1 - y0)
         cx, cy = (x0 + x1) / 2.0, (y0 + y1) / 2.0
         x0, x1, y0, y1 = cx - side / 2.0, cx + side / 2.0, cy - side / 2.0, cy + side / 2.0
     if (w, h) == (size, size) and (x0, y0, x1, y1) == (0.0, 0.0, float(w), float(h)):
         return img
-    return img.resize((size, size), Image.Resampling.BOX, box=(x0, y0, x1, y1))
+    return img.resize((size, size), RESIZE_FILTERS[filter_name], box=(x0, y0, x1, y1))
 
 
 def to_array(img: Image.Image) -> np.ndarray:

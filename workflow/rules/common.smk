@@ -257,6 +257,8 @@ def prepare_options(wildcards) -> str:
         opts.append(_opt("resolution", ds["resolution"]))
     if ds["source"] in ("imagenet", "parquet", "folder"):
         opts.append(_opt("resize", ds["resize"]))
+        if ds["resize_filter"] != "box":  # the default is left implicit: no spurious re-prepare
+            opts.append(_opt("resize-filter", ds["resize_filter"]))
         if ds["channels"] is not None:
             opts.append(_opt("channels", ds["channels"]))
     if ds["source"] in ("imagenet", "parquet"):
