@@ -230,6 +230,27 @@ def _matching_loss(theta_final: torch.Tensor, theta_target: torch.Tensor, d: flo
     return torch.sum((theta_final - theta_target) ** 2) / d
 
 
+def _student_residual(
+    loss_fn: LossFn,
+    theta_start: torch.Tensor,
+    theta_target: torch.Tensor,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    alpha: float,
+    plan: list[StudentStep],
+    augment: Augmentation | None,
+) -> tuple[float, torch.Tensor, torch.Tensor, float, torch.Tensor]:
+    """Pass 1 of the constant-memory engines: the student trajectory without a graph.
+
+    Returns D, the stored theta_0..theta_N, G = sum_i g_i, ||theta_N - theta*_{t+M}||^2 and
+    v = (2/D)(theta_N - theta*_{t+M}) = dL/dtheta_N.
+    """
+    d = _distance_normaliser(theta_start, theta_target)
+    thetas, G = _forward_sweep(loss_fn, theta_start, images, labels, alpha, plan, augment)
+    residual = thetas[-1] - theta_target
+    return d, thetas, G, float(torch.sum(residual**2)), (2.0 / d) * residual
+
+
 def exact_gradients(
     loss_fn: LossFn,
     theta_start: torch.Tensor,
@@ -246,11 +267,7 @@ def exact_gradients(
     dL/dalpha = -v^T sum_i [prod_{k=N-1..i+1} (I - alpha H_k)] g_i, computed as
     v_N = v, v_i = (I - alpha H_i) v_{i+1}.
     """
-    d = _distance_normaliser(theta_start, theta_target)
-    thetas, _ = _forward_sweep(loss_fn, theta_start, images, labels, alpha, plan, augment)
-    theta_final = thetas[-1]
-    final = float(torch.sum((theta_final - theta_target) ** 2))
-    v = (2.0 / d) * (theta_final - theta_target)
+    d, thetas, _, final, v = _student_residual(loss_fn, theta_start, theta_target, images, labels, alpha, plan, augment)
     grad_images, grad_alpha = _reverse_sweep(
         loss_fn, thetas, v, images, labels, alpha, plan, augment, propagate_hessian=True
     )
@@ -273,11 +290,7 @@ def tesla_gradients(
     Pass 2: dL/dX_{b_i} = (2/D)[alpha (theta*_{t+M} - theta*_t) + alpha^2 G]^T J_i
     = -alpha v^T J_i, and dL/dalpha = -v^T G.
     """
-    d = _distance_normaliser(theta_start, theta_target)
-    thetas, G = _forward_sweep(loss_fn, theta_start, images, labels, alpha, plan, augment)
-    theta_final = thetas[-1]
-    final = float(torch.sum((theta_final - theta_target) ** 2))
-    v = (2.0 / d) * (theta_final - theta_target)
+    d, thetas, G, final, v = _student_residual(loss_fn, theta_start, theta_target, images, labels, alpha, plan, augment)
     grad_images, _ = _reverse_sweep(loss_fn, thetas, v, images, labels, alpha, plan, augment, propagate_hessian=False)
     grad_alpha = -torch.dot(v.reshape(-1), G.reshape(-1))
     return MatchResult(final / d, grad_images, float(grad_alpha), d, final, "tesla", len(plan))
