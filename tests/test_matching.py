@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from tesla.augment import DSA
 from tesla.errors import TeslaError
-from tesla.matching import ENGINES, matching_gradients, plan_student_steps
+from tesla.matching import ENGINES, matching_gradients, plan_student_steps, trajectory_storage
 from tesla.models import build_model, flatten_params, functional_forward, param_layout
 from tesla.training import soft_cross_entropy
 
@@ -183,3 +183,21 @@ def test_bad_engine_and_motionless_expert_are_refused(problem):
     same = dict(problem, theta_target=problem["theta_start"].clone())
     with pytest.raises(TeslaError, match="did not move"):
         run_engine(same, "exact", 1)
+
+
+def test_student_trajectory_is_stored_off_the_gpu():
+    """The only state of the constant-memory engines that grows with N (N x P floats) lives
+    in host memory when the student runs on a GPU, on the compute device otherwise."""
+    assert trajectory_storage(torch.device("cuda", 0)) == torch.device("cpu")
+    assert trajectory_storage(torch.device("cpu")) == torch.device("cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (host-stored trajectory path)")
+@pytest.mark.parametrize("engine", ["exact", "tesla"])
+def test_gpu_engines_with_host_trajectory_equal_the_cpu(problem, engine):
+    cuda = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in problem.items()}
+    on_gpu, on_cpu = run_engine(cuda, engine, 6), run_engine(problem, engine, 6)
+    assert on_gpu.grad_images.device.type == "cuda"
+    assert rel(on_gpu.grad_images.cpu(), on_cpu.grad_images) < 1e-9
+    assert abs(on_gpu.grad_alpha - on_cpu.grad_alpha) <= 1e-9 * abs(on_cpu.grad_alpha)
+    assert abs(on_gpu.loss - on_cpu.loss) <= 1e-12 * abs(on_cpu.loss)
