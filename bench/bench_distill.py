@@ -105,7 +105,11 @@ def run_point(args, engine, steps) -> dict:
         # glibc's dynamic mmap threshold lets freed step graphs fragment the heap, which adds
         # +-10% noise to peak RSS; a fixed threshold returns large blocks to the OS at free.
         env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
-    done = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        if "out of memory" in done.stderr.lower():
+            return dict(engine=engine, syn_steps=steps, oom=True)  # the point does not fit on the device
+        sys.exit(f"memory point {engine} N={steps} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -113,11 +117,16 @@ def timing(args) -> dict[str, float]:
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     problem = build_problem(args, device)
-    times: dict[str, list[float]] = {e: [] for e in ENGINES}
-    for e in ENGINES:  # warm-up
-        one_iteration(e, problem, args.time_steps, args.batch_syn)
+    fits = []
+    for e in ENGINES:  # warm-up; an engine that runs out of device memory is left out of the timing
+        try:
+            one_iteration(e, problem, args.time_steps, args.batch_syn)
+            fits.append(e)
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+    times: dict[str, list[float]] = {e: [] for e in fits}
     for r in range(args.repeats):
-        for e in ENGINES:
+        for e in fits:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             t0 = time.perf_counter()
@@ -172,18 +181,23 @@ def main() -> int:
         "| engine | " + " | ".join(f"N={n}" for n in args.steps) + f" | N={args.steps[-1]} / N={args.steps[0]} |",
         "|---|" + "---|" * (len(args.steps) + 1),
     ]
+    def mib(e, n):
+        pt = points[(e, n)]
+        return None if pt.get("oom") else pt[key]
+
+    def ratio(a, b):
+        return "n/a (out of memory)" if a is None or b is None else f"{a / max(b, 1e-9):.2f}x"
+
     for e in ENGINES:
         cells = []
         for n in args.steps:
             pt = points[(e, n)]
-            cells.append(f"{pt[key]:.1f} ({pt['rss_peak_mb']:.0f})")
-        ratio = points[(e, args.steps[-1])][key] / max(points[(e, args.steps[0])][key], 1e-9)
-        lines.append(f"| {e} | " + " | ".join(cells) + f" | {ratio:.2f}x |")
+            cells.append("out of memory" if pt.get("oom") else f"{pt[key]:.1f} ({pt['rss_peak_mb']:.0f})")
+        lines.append(f"| {e} | " + " | ".join(cells) + f" | {ratio(mib(e, args.steps[-1]), mib(e, args.steps[0]))} |")
     n_max = args.steps[-1]
-    unroll_vs_exact = points[("unroll", n_max)][key] / max(points[("exact", n_max)][key], 1e-9)
     lines += [
         "",
-        f"unroll / exact at N={n_max}: {unroll_vs_exact:.1f}x.",
+        f"unroll / exact at N={n_max}: {ratio(mib('unroll', n_max), mib('exact', n_max))}.",
         "",
         f"Seconds per iteration at N={args.time_steps} (median of {args.repeats}, engines interleaved in one process):",
         "",
@@ -191,7 +205,10 @@ def main() -> int:
         "|---|---|---|",
     ]
     for e in ENGINES:
-        lines.append(f"| {e} | {speeds[e]:.3f} | {speeds[e] / speeds['tesla']:.2f}x |")
+        if e in speeds:
+            lines.append(f"| {e} | {speeds[e]:.3f} | {speeds[e] / speeds['tesla']:.2f}x |")
+        else:
+            lines.append(f"| {e} | out of memory | |")
     lines += ["", f"Whole benchmark: {time.perf_counter() - t_start:.0f} s."]
     text = "\n".join(lines)
     print(text)

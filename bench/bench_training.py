@@ -3,7 +3,8 @@
 Both train the same network (ConvNet-3 for 32 x 32 x 3 inputs, 10 classes, same
 initialisation) with the same optimizer (SGD lr 0.01, batch 256) on the same CIFAR-10
 images, one epoch over ``--images`` images per measurement, in one process, methods
-interleaved round by round so that load from other processes hits them alike:
+interleaved round by round so that load from other processes hits them alike, after ``--warmup``
+unmeasured epochs of each (CUDA kernel selection, first-call paths):
 
 * ``tesla``: ``tesla.training.train`` as ``tesla experts`` runs it -- the split as one uint8
   tensor on the device, minibatches by index permutation, normalised and augmented by DSA
@@ -12,7 +13,7 @@ interleaved round by round so that load from other processes hits them alike:
 * ``tesla no-aug``: the same without augmentation (the network's own cost: an upper bound);
 * ``dataloader wN``: a ``torch.utils.data.DataLoader`` (shuffle, ``num_workers=N``) over a
   map-style Dataset that holds uint8 images and applies per-sample torchvision transforms
-  (PIL image -> RandomCrop(32, padding 4) -> RandomHorizontalFlip -> ToTensor ->
+  (PIL image -> RandomCrop(S, padding S/8) -> RandomHorizontalFlip -> ToTensor ->
   Normalize), batches moved to the device, ``loss.item()`` per step.
 
 Reported per method: images per wall-clock second (median over rounds) and images per
@@ -49,6 +50,11 @@ from tesla.training import NetworkInput, pick_device, train
 
 def load_images(args) -> tuple[np.ndarray, np.ndarray, list[float], list[float], str]:
     """uint8 N x 32 x 32 x 3 images, int64 labels, per-channel mean/std, and where they came from."""
+    if args.synthetic:
+        rng = np.random.default_rng(0)
+        r = args.resolution
+        x = rng.integers(0, 256, size=(args.images, r, r, 3), dtype=np.uint8)
+        return x, rng.integers(0, args.classes, size=args.images), [0.5] * 3, [0.25] * 3, "synthetic uint8 (--synthetic)"
     if args.train and Path(args.train).exists():
         split = ImageSplit.open(args.train)
         idx = np.sort(np.random.default_rng(0).choice(split.num_images, size=min(args.images, split.num_images), replace=False))
@@ -75,9 +81,14 @@ def load_images(args) -> tuple[np.ndarray, np.ndarray, list[float], list[float],
     return x, rng.integers(0, 10, size=args.images), [0.5] * 3, [0.25] * 3, "synthetic uint8 (no data found)"
 
 
+#: the network measured (``--model``, ``--resolution``, ``--classes``); ConvNet-3 on CIFAR-10 sizes by default
+MODEL_SPEC = dict(name="convnet", channels=3, num_classes=10, resolution=32)
+
+
 def fresh_model(device) -> torch.nn.Module:
     torch.manual_seed(0)
-    return build_model("convnet", channels=3, num_classes=10, resolution=32).to(device)
+    return build_model(MODEL_SPEC["name"], channels=MODEL_SPEC["channels"], num_classes=MODEL_SPEC["num_classes"],
+                       resolution=MODEL_SPEC["resolution"]).to(device)
 
 
 def run_tesla(images, labels, mean, std, device, strategy: str | None, batch: int) -> tuple[float, float]:
@@ -103,8 +114,9 @@ class PerSampleDataset(torch.utils.data.Dataset):
         import torchvision.transforms as T
 
         self.images, self.labels = images, labels
+        size = images.shape[1]
         self.transform = T.Compose(
-            [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)]
+            [T.RandomCrop(size, padding=size // 8), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)]
         )
 
     def __len__(self) -> int:
@@ -193,6 +205,7 @@ def main() -> int:
     p.add_argument("--tar", type=Path, default=Path("../shared/datasets/cifar10-jpg.tar"), help="the shared CIFAR-10 tar")
     p.add_argument("--images", type=int, default=5120, help="images per measured epoch")
     p.add_argument("--rounds", type=int, default=2, help="measurements per method (interleaved)")
+    p.add_argument("--warmup", type=int, default=1, help="unmeasured epochs per method before the rounds")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="DataLoader num_workers values to measure")
     p.add_argument(
@@ -201,11 +214,18 @@ def main() -> int:
     )
     p.add_argument("--no-data-only", action="store_true", help="skip the input-pipeline-only measurement")
     p.add_argument("--device", default="auto")
+    p.add_argument("--model", default="convnet", help="network (default: ConvNet-3)")
+    p.add_argument("--resolution", type=int, default=32, help="input side (with --synthetic)")
+    p.add_argument("--classes", type=int, default=10, help="classes (with --synthetic)")
+    p.add_argument("--synthetic", action="store_true",
+                   help="random uint8 images of --resolution and --classes instead of CIFAR-10 (ImageNet-sized runs)")
     args = p.parse_args()
+    MODEL_SPEC.update(name=args.model, num_classes=args.classes if args.synthetic else 10,
+                      resolution=args.resolution if args.synthetic else 32)
     device = pick_device(args.device)
     images, labels, mean, std, source = load_images(args)
     print(f"load average at the start: {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
-    print(f"data: {len(images)} images {images.shape[1:]} from {source}; device {device}; torch {torch.__version__}; "
+    print(f"model: {MODEL_SPEC}; data: {len(images)} images {images.shape[1:]} from {source}; device {device}; torch {torch.__version__}; "
           f"{torch.get_num_threads()} threads; batch {args.batch_size}", flush=True)
     methods = {
         **{
@@ -227,10 +247,15 @@ def main() -> int:
         print("\n| input pipeline alone (no network) | images/s, wall (median of 3) | images per CPU-second |")
         print("|---|---|---|")
         for name, fn in data_methods.items():
+            for _ in range(args.warmup):
+                fn()
             runs = [fn() for _ in range(3)]
             wall = statistics.median(r[0] for r in runs)
             cpu_s = statistics.median(r[1] for r in runs)
             print(f"| {name} | {len(images) / wall:.0f} | {len(images) / max(cpu_s, 1e-9):.0f} |", flush=True)
+    for _ in range(args.warmup):  # first calls pay for CUDA kernel selection and DataLoader start-up paths
+        for name, fn in methods.items():
+            fn()
     times: dict[str, list[float]] = {name: [] for name in methods}
     cpu: dict[str, list[float]] = {name: [] for name in methods}
     for r in range(args.rounds):
