@@ -223,18 +223,26 @@ def main() -> int:
 # exact vs tesla on real data at the same budget (the choice of the default engine)
 # ---------------------------------------------------------------------------------------
 def compare_engines(argv: list[str]) -> int:
-    """prepare demo digits -> experts -> distill with each engine -> evaluate, all via the CLI.
+    """prepare (demo digits, or a given dataset) -> experts -> distill with each engine -> evaluate,
+    all through the command line, at the same budget for both engines.
 
         python bench/bench_distill.py compare --work /tmp/cmp [--iterations 200] [--ipc 1]
+        python bench/bench_distill.py compare --work /tmp/cmp --train data/cifar10/train.h5 \
+            --test data/cifar10/test.h5 --device cuda --ipc 10 --syn-steps 30 --iterations 400
     """
     import csv as _csv
 
     p = argparse.ArgumentParser(prog="bench_distill.py compare")
-    p.add_argument("--work", required=True)
+    p.add_argument("--work", required=True, help="folder for experts, synthetic sets and CSVs (reused when rerun)")
+    p.add_argument("--train", default=None, help="a prepared train.h5 (default: the demo digits, prepared into --work)")
+    p.add_argument("--test", default=None, help="the matching test.h5")
+    p.add_argument("--device", default="cpu")
     p.add_argument("--experts", type=int, default=3)
     p.add_argument("--expert-epochs-train", type=int, default=12)
     p.add_argument("--ipc", type=int, default=1)
     p.add_argument("--syn-steps", type=int, default=20)
+    p.add_argument("--expert-epochs", type=int, default=2)
+    p.add_argument("--batch-syn", type=int, default=None, help="default: all synthetic images")
     p.add_argument("--iterations", type=int, default=200)
     p.add_argument("--lr-img", type=float, default=100.0)
     p.add_argument("--lr-lr", type=float, default=1e-7)
@@ -243,45 +251,57 @@ def compare_engines(argv: list[str]) -> int:
     p.add_argument("--eval-epochs", type=int, default=300)
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--engines", nargs="+", default=["exact", "tesla"], choices=ENGINES)
     a = p.parse_args(argv)
     work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
     tesla = [sys.executable, "-m", "tesla"]
 
     def call(*args):
         t0 = time.perf_counter()
-        subprocess.run([*tesla, *map(str, args)], check=True, cwd=ROOT, stderr=subprocess.DEVNULL)
+        done = subprocess.run([*tesla, *map(str, args)], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+        if done.returncode != 0:
+            sys.exit(f"tesla {' '.join(map(str, args[:1]))} failed:\n{done.stderr[-3000:]}")
         return time.perf_counter() - t0
 
-    if not (work / "train.h5").exists():
-        call("prepare", "demo", "--out-dir", work, "--quiet")
+    if a.train is None:
+        train, test, what = work / "train.h5", work / "test.h5", "demo digits (8x8, 10 classes)"
+        if not train.exists():
+            call("prepare", "demo", "--out-dir", work, "--quiet")
+    else:
+        train, test, what = Path(a.train), Path(a.test), f"{a.train}"
     experts = []
+    t_experts = 0.0
     for k in range(a.experts):
         path = work / f"expert_{k}.h5"
         if not path.exists():
-            call("experts", "--train", work / "train.h5", "--test", work / "test.h5", "--out", path, "--seed", k,
-                 "--epochs", a.expert_epochs_train, "--device", "cpu")
+            t_experts += call("experts", "--train", train, "--test", test, "--out", path, "--seed", k,
+                              "--epochs", a.expert_epochs_train, "--device", a.device)
         experts.append(path)
+    batch = ["--batch-syn", a.batch_syn] if a.batch_syn else []
     rows = []
     for seed in a.seeds:
-        for engine in ("exact", "tesla"):
+        for engine in a.engines:
             out = work / f"syn_{engine}_s{seed}.h5"
-            secs = call("distill", "--train", work / "train.h5", "--experts", *experts, "--out", out, "--ipc", a.ipc,
-                        "--syn-steps", a.syn_steps, "--expert-epochs", 2, "--max-start-epoch", a.max_start_epoch,
-                        "--lr-img", a.lr_img, "--lr-lr", a.lr_lr, "--lr-teacher", a.lr_teacher,
-                        "--iterations", a.iterations, "--engine", engine, "--seed", seed, "--device", "cpu",
-                        "--metrics", work / f"metrics_{engine}_s{seed}.csv", "--checkpoint-every", a.iterations)
+            secs = call("distill", "--train", train, "--experts", *experts, "--out", out, "--ipc", a.ipc,
+                        "--syn-steps", a.syn_steps, "--expert-epochs", a.expert_epochs, "--max-start-epoch", a.max_start_epoch,
+                        "--lr-img", a.lr_img, "--lr-lr", a.lr_lr, "--lr-teacher", a.lr_teacher, *batch,
+                        "--iterations", a.iterations, "--engine", engine, "--seed", seed, "--device", a.device,
+                        "--metrics", work / f"metrics_{engine}_s{seed}.csv", "--checkpoint-every", a.iterations,
+                        "--no-progress")
             runs = work / f"runs_{engine}_s{seed}.csv"
-            call("evaluate", "--synthetic", out, "--test", work / "test.h5", "--arch", "distill", "--runs", a.runs,
-                 "--epochs", a.eval_epochs, "--device", "cpu", "--out", runs)
+            call("evaluate", "--synthetic", out, "--test", test, "--arch", "distill", "--runs", a.runs,
+                 "--epochs", a.eval_epochs, "--device", a.device, "--out", runs)
             with open(runs) as f:
                 accs = [float(r["test_acc"]) for r in _csv.DictReader(line for line in f if not line.startswith("#"))]
             with open(work / f"metrics_{engine}_s{seed}.csv") as f:
                 m = list(_csv.DictReader(line for line in f if not line.startswith("#")))
             last = [float(r["loss"]) for r in m[-20:]]
             rows.append((engine, seed, statistics.mean(accs), statistics.pstdev(accs), statistics.mean(last), secs))
-    print(f"demo digits (8x8, 10 classes), {a.experts} experts x {a.expert_epochs_train} epochs, ipc {a.ipc}, "
-          f"syn_steps {a.syn_steps}, {a.iterations} iterations, lr_img {a.lr_img:g}, lr_lr {a.lr_lr:g}, "
-          f"lr_teacher {a.lr_teacher:g}; evaluation: {a.runs} runs x {a.eval_epochs} epochs")
+    print(f"{what}, {a.experts} experts x {a.expert_epochs_train} epochs ({t_experts:.0f} s), ipc {a.ipc}, "
+          f"syn_steps {a.syn_steps}, expert_epochs {a.expert_epochs}, max_start {a.max_start_epoch}, "
+          f"batch_syn {a.batch_syn or 'all'}, {a.iterations} iterations, lr_img {a.lr_img:g}, lr_lr {a.lr_lr:g}, "
+          f"lr_teacher {a.lr_teacher:g}, device {a.device}; evaluation: {a.runs} runs x {a.eval_epochs} epochs")
     print("| engine | seed | test accuracy % (mean +- std over runs) | matching loss (mean of last 20 it.) | distill seconds |")
     print("|---|---|---|---|---|")
     for engine, seed, mean, std, loss, secs in rows:
