@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 DATASETS_ENV = "TESLA_DATASETS"
 
@@ -37,3 +38,13 @@ def require_dataset(datasets_dir: Path, relative: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} not found in {DATASETS_ENV}={datasets_dir}")
     return path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread is fastest and immune to a loaded machine
+    (use with ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -26,14 +26,8 @@ CLASSES, PER_CLASS, RES, CH = 3, 6, 8, 3
 EPOCHS = 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is fastest and immune to a loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+#: tiny tensors: one intra-op thread (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_split(path: Path, seed: int = 0, per_class: int = PER_CLASS) -> ImageSplit:

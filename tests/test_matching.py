@@ -21,14 +21,8 @@ NUM_IMAGES, BATCH_SYN, CLASSES, RES = 12, 5, 3, 8
 STRATEGY = "color_crop_cutout_flip_scale_rotate"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is fastest and immune to a loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+#: tiny tensors: one intra-op thread (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
