@@ -8,12 +8,15 @@ with a list of skipped, converted and ignored files in ``DIR/prepare_report.txt`
 Both splits and the report are first written into a staging folder inside DIR and moved
 into place only when all three are complete (``train.h5`` last), so a run killed half-way
 leaves no output file and the rerun starts afresh. Pixels are never all in memory: at most
-``4 x workers`` blocks of images are in flight.
+``3 x workers`` blocks of images are in flight, their pixels returned by the workers through
+shared memory (see :class:`WorkerPool`).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import mmap
 import multiprocessing
 import os
 import re
@@ -33,8 +36,9 @@ from tesla.data.imaging import RESIZE_FILTERS, RESIZE_RULES, LabelledBlock, pars
 from tesla.data.sources import SOURCES, ArraySplit, DatasetPlan, EncodedSplit, SourceOptions, plan_source
 from tesla.errors import TeslaError
 
-#: images per unit of work sent to a worker
-ENCODED_BLOCK = 64
+#: images per unit of work sent to a worker (fewer when their pixels would not fit a result slot,
+#: or when the split is too small to give every worker two blocks)
+ENCODED_BLOCK = 128
 ARRAY_BLOCK = 1024
 #: sources whose splits are streamed in any class order and sorted through a temporary file
 STREAMED_SOURCES = ("imagenet-downsampled", "parquet")
@@ -270,36 +274,141 @@ def default_workers() -> int:
         return os.cpu_count() or 1
 
 
-class WorkerPool:
-    """A process pool (fork where available) or, for one worker, plain calls in this process."""
+#: bytes of one result slot of :class:`WorkerPool` (the decoded pixels of one task fit in it)
+RESULT_SLOT_BYTES = 2 << 20
+#: arrays smaller than this travel pickled with the rest of a result
+_SLOT_MIN_BYTES = 4096
 
-    def __init__(self, workers: int) -> None:
+
+@dataclass(frozen=True)
+class _InSlot:
+    """Stands, in a pickled result, for an array the worker wrote into its result slot."""
+
+    offset: int
+    dtype: str
+    shape: tuple[int, ...]
+
+
+_worker_arena: mmap.mmap | None = None  # in a pool worker: the pool's result slots
+
+
+def _init_worker(arena: mmap.mmap | None) -> None:
+    global _worker_arena
+    _worker_arena = arena
+
+
+def _call_into_slot(fn: Callable, args: tuple, slot: int):
+    """Worker entry point: ``fn(*args)``, its large arrays written into result slot ``slot``."""
+    start, used = slot * RESULT_SLOT_BYTES, 0
+
+    def put(a: np.ndarray) -> np.ndarray | _InSlot:
+        nonlocal used
+        if a.dtype.hasobject or a.nbytes < _SLOT_MIN_BYTES or used + a.nbytes > RESULT_SLOT_BYTES:
+            return a
+        np.ndarray(a.shape, a.dtype, buffer=_worker_arena, offset=start + used)[...] = a
+        placed = _InSlot(start + used, a.dtype.str, a.shape)
+        used += -(-a.nbytes // 64) * 64
+        return placed
+
+    return _map_parts(fn(*args), np.ndarray, put)
+
+
+def _map_parts(result, kind: type, fn: Callable):
+    """``result`` with each of its top-level parts (itself, the items of a tuple, the fields
+    of a dataclass) that is a ``kind`` replaced by ``fn(part)``."""
+    if isinstance(result, kind):
+        return fn(result)
+    if isinstance(result, tuple):
+        return tuple(fn(x) if isinstance(x, kind) else x for x in result)
+    if dataclasses.is_dataclass(result) and not isinstance(result, type):
+        parts = {f.name: getattr(result, f.name) for f in dataclasses.fields(result)}
+        changed = {k: fn(v) for k, v in parts.items() if isinstance(v, kind)}
+        return dataclasses.replace(result, **changed) if changed else result
+    return result
+
+
+class WorkerPool:
+    """A process pool (fork where available) or, for one worker, plain calls in this process.
+
+    With fork, the workers return the large arrays of their results (the decoded pixels)
+    through *result slots*: a shared anonymous memory mapping made before the workers start,
+    one slot of :data:`RESULT_SLOT_BYTES` per task in flight. Only the rest of a result is
+    pickled through the pool's pipe, which keeps the main process's cost per image small
+    (pickling 12 KB of pixels through a pipe costs it ~20-30 us per 64 x 64 image, copying
+    them out of a slot ~1 us). Without fork (or ``shared_results=False``), or when a result
+    does not fit its slot, results are pickled whole.
+    """
+
+    def __init__(self, workers: int, shared_results: bool = True) -> None:
         self.workers = max(1, workers or default_workers())
+        self.window = 3 * self.workers  # tasks in flight
+        self.shared_results = shared_results
         self._pool = None
+        self._arena: mmap.mmap | None = None
+        self._free_slots: list[int] = []
 
     def start(self):
         """The process pool, started on first use (fork where available, else spawn)."""
         if self._pool is None and self.workers > 1:
             method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-            self._pool = multiprocessing.get_context(method).Pool(self.workers)
+            if method == "fork" and self.shared_results:
+                self._arena = mmap.mmap(-1, self.window * RESULT_SLOT_BYTES)
+                self._free_slots = list(range(self.window))
+            self._pool = multiprocessing.get_context(method).Pool(self.workers, initializer=_init_worker, initargs=(self._arena,))
         return self._pool
 
-    def ordered_map(self, fn: Callable, tasks: Iterable[tuple], window: int | None = None) -> Iterator[tuple[tuple, object]]:
-        """Yield (task, fn(*task)) in task order, keeping at most ``window`` tasks in flight."""
+    def ordered_map(
+        self, fn: Callable, tasks: Iterable[tuple], window: int | None = None, borrow: bool = False
+    ) -> Iterator[tuple[tuple, object]]:
+        """Yield (task, fn(*task)) in task order, keeping at most ``window`` tasks in flight.
+
+        ``borrow``: the arrays that came through a result slot are views of the slot, valid
+        only until the next result is asked for (the consumer copies what it keeps); else copies.
+        A task still in flight when the consumer stops early keeps its result slot out of use
+        for the life of the pool (its worker may yet write into it)."""
         if self.start() is None:
             for t in tasks:
                 yield t, fn(*t)
             return
-        window = window or 4 * self.workers
+        window = window or self.window
         pending: deque = deque()
         for t in tasks:
-            pending.append((t, self._pool.apply_async(fn, t)))
+            slot = self._free_slots.pop() if self._free_slots else None
+            if slot is None:
+                pending.append((t, self._pool.apply_async(fn, t), None))
+            else:
+                pending.append((t, self._pool.apply_async(_call_into_slot, (fn, t, slot)), slot))
             if len(pending) >= window:
-                t0, r = pending.popleft()
-                yield t0, r.get()
+                t0, result, lent = self._collect(*pending.popleft(), borrow)
+                yield t0, result
+                if lent is not None:  # the consumer is done with the views of the lent slot
+                    self._free_slots.append(lent)
         while pending:
-            t0, r = pending.popleft()
-            yield t0, r.get()
+            t0, result, lent = self._collect(*pending.popleft(), borrow)
+            yield t0, result
+            if lent is not None:
+                self._free_slots.append(lent)
+
+    def _collect(self, task: tuple, async_result, slot: int | None, borrow: bool) -> tuple[tuple, object, int | None]:
+        """(task, its result, the slot still lent to the consumer): the arrays the worker placed
+        in ``slot`` are copied out, or with ``borrow`` viewed in place (the slot is then lent)."""
+        try:
+            result = async_result.get()
+        except BaseException:
+            if slot is not None and async_result.ready():  # the worker is done with the slot
+                self._free_slots.append(slot)
+            raise
+        if slot is None:
+            return task, result, None
+        if borrow:
+            return task, _map_parts(result, _InSlot, self._slot_view), slot
+        result = _map_parts(result, _InSlot, lambda placed: self._slot_view(placed).copy())
+        self._free_slots.append(slot)
+        return task, result, None
+
+    def _slot_view(self, placed: _InSlot) -> np.ndarray:
+        """The array a worker wrote into a result slot, viewed in place."""
+        return np.ndarray(placed.shape, np.dtype(placed.dtype), buffer=self._arena, offset=placed.offset)
 
     def close(self, ok: bool) -> None:
         if self._pool is not None:
@@ -309,6 +418,21 @@ class WorkerPool:
                 self._pool.terminate()
             self._pool.join()
             self._pool = None
+        if self._arena is not None:
+            try:
+                self._arena.close()
+            except BufferError:  # a view of a slot is still referenced: the mapping goes with it
+                pass
+            self._arena, self._free_slots = None, []
+
+
+def encoded_block_size(resolution: int, channels: int, images: int, workers: int) -> int:
+    """Images per task for a split of about ``images`` encoded images: :data:`ENCODED_BLOCK`,
+    or fewer so that the decoded pixels fit one result slot of :class:`WorkerPool` and that
+    every worker gets at least two tasks (a small split would otherwise leave workers idle)."""
+    fit = RESULT_SLOT_BYTES // (resolution * resolution * channels)
+    share = -(-images // (2 * workers)) if workers > 1 else ENCODED_BLOCK
+    return max(1, min(ENCODED_BLOCK, fit, share))
 
 
 def _remove_stale_staging(out_dir: Path) -> None:
@@ -468,26 +592,38 @@ def write_split(
 
 class BlockBuffer:
     """Collects decoded blocks and appends them to the writer in blocks of about ``limit`` bytes
-    (fewer, larger HDF5 writes when classes are small; memory stays bounded by ``limit``)."""
+    (fewer, larger HDF5 writes when classes are small), copied into one array allocated once
+    (memory stays bounded by ``limit``; the blocks added may be borrowed views)."""
 
     def __init__(self, writer: SplitWriter, limit: int = 16 << 20) -> None:
-        self.writer, self.limit = writer, limit
-        self.images: list[np.ndarray] = []
-        self.labels: list[np.ndarray] = []
-        self.nbytes = 0
+        self.writer = writer
+        image_shape = (writer.height, writer.width, writer.channels)
+        self.capacity = max(1, limit // int(np.prod(image_shape)))
+        self.image_shape = image_shape
+        self.images: np.ndarray | None = None  # allocated on first use
+        self.labels = np.empty(self.capacity, dtype=np.int64)
+        self.count = 0
 
     def add(self, images: np.ndarray, labels: np.ndarray) -> None:
-        if len(images):
-            self.images.append(images)
-            self.labels.append(labels)
-            self.nbytes += images.nbytes
-        if self.nbytes >= self.limit:
-            self.flush()
+        """Copy a block of uint8 images (N x H x W x C, or N x H x W for one channel) and their labels."""
+        if images.dtype != np.uint8 or images.shape[1:] not in (self.image_shape, self.image_shape[:2] if self.image_shape[2] == 1 else None):
+            raise ValueError(f"images must be uint8 N x {self.image_shape}, got {images.dtype} {images.shape}")
+        done = 0
+        while done < len(images):
+            if self.images is None:
+                self.images = np.empty((self.capacity, *self.image_shape), dtype=np.uint8)
+            k = min(self.capacity - self.count, len(images) - done)
+            self.images[self.count : self.count + k] = images[done : done + k].reshape(k, *self.image_shape)
+            self.labels[self.count : self.count + k] = labels[done : done + k]
+            self.count += k
+            done += k
+            if self.count == self.capacity:
+                self.flush()
 
     def flush(self) -> None:
-        if self.images:
-            self.writer.append(np.concatenate(self.images), np.concatenate(self.labels))
-        self.images, self.labels, self.nbytes = [], [], 0
+        if self.count:
+            self.writer.append(self.images[: self.count], self.labels[: self.count])
+        self.count = 0
 
 
 def _bar(total: int, desc: str, progress: bool) -> tqdm:
@@ -527,8 +663,10 @@ def _write_encoded(
     bar = _bar(split.estimated_total(), f"{name} {split.split}", progress)
     measured = {"bytes": 0, "images": 0}
 
+    block = encoded_block_size(resolution, 1 if mode == "L" else 3, split.estimated_total(), pool.workers)
+
     def tasks() -> Iterator[tuple]:
-        """Blocks of ENCODED_BLOCK images in class order (a block may span small classes)."""
+        """Blocks of ``block`` images in class order (a block may span small classes)."""
         refs_block: list = []
         labels_block: list[int] = []
         for cf in split.classes:
@@ -539,10 +677,13 @@ def _write_encoded(
                 measured["images"] += len(refs)
                 bar.total = split.estimated_total(measured["bytes"] / max(1, measured["images"]))
                 bar.refresh()
-            for ref in refs:
-                refs_block.append(ref)
-                labels_block.append(cf.index)
-                if len(refs_block) == ENCODED_BLOCK:
+            done = 0
+            while done < len(refs):
+                k = min(block - len(refs_block), len(refs) - done)
+                refs_block += refs[done : done + k]
+                labels_block += [cf.index] * k
+                done += k
+                if len(refs_block) == block:
                     yield (refs_block, resolution, rule, mode, reduced, np.asarray(labels_block, dtype=np.int64))
                     refs_block, labels_block = [], []
         if refs_block:
@@ -550,7 +691,7 @@ def _write_encoded(
 
     buffer = BlockBuffer(writer)
     try:
-        for (refs, *_, labels), result in pool.ordered_map(_decode_task, tasks()):
+        for (refs, *_, labels), result in pool.ordered_map(_decode_task, tasks(), borrow=True):
             for i, reason in result.skipped:
                 if strict:
                     raise TeslaError(
@@ -562,8 +703,8 @@ def _write_encoded(
             for i, note in result.converted:
                 writer.num_converted += 1
                 report.converted.append(f"{refs[i].name}\t{note}")
-            kept_labels = labels[result.kept]
-            buffer.add(result.images, kept_labels)
+            kept_labels = labels[result.kept] if len(result.kept) < len(labels) else labels
+            buffer.add(result.images, kept_labels)  # copies the borrowed pixels
             report.counts += np.bincount(kept_labels, minlength=len(report.counts))
             bar.update(len(refs))
         buffer.flush()

@@ -95,3 +95,43 @@ def test_reader_errors(tmp_path):
         f.attrs["format_version"] = 99
     with pytest.raises(TeslaError, match="version 99"):
         ImageSplit.open(path)
+
+
+@pytest.mark.parametrize("shape", [(7, 5, 3, 3), (3, 64, 64, 3), (70_000, 1, 1, 1), (2, 9, 4, 1)])
+def test_channel_sums_are_exact(shape):
+    from tesla.data.format import _channel_sums
+
+    rng = np.random.default_rng(len(shape) + shape[0])
+    images = rng.integers(0, 256, shape, dtype=np.uint8)
+    images[: shape[0] // 2] = 255  # the largest squares, many times over
+    planes = images.reshape(-1, shape[-1]).astype(np.int64)
+    total, squares = _channel_sums(images)
+    assert total.dtype == np.int64 and total.tolist() == planes.sum(axis=0).tolist()
+    assert squares.tolist() == (planes * planes).sum(axis=0).tolist()
+
+
+def test_statistics_and_fingerprint_from_exact_sums(tmp_path):
+    """mean/std come from exact integer sums and the fingerprint hashes labels and pixel bytes,
+    whatever the blocks the images were appended in."""
+    import hashlib
+    import json
+
+    rng = np.random.default_rng(3)
+    pixels = rng.integers(0, 256, size=(50, 6, 5, 3), dtype=np.uint8)
+    labels = np.repeat(np.arange(2), 25)
+    for blocks in ([50], [1, 7, 42], [20, 30]):
+        path = tmp_path / f"{len(blocks)}.h5"
+        with SplitWriter(path, dataset="toy", split="train", class_ids=["a", "b"], height=6, width=5, channels=3, source="test") as w:
+            start = 0
+            for n in blocks:
+                w.append(pixels[start : start + n], labels[start : start + n])
+                start += n
+        with h5py.File(path) as f:
+            flat = pixels.reshape(-1, 3).astype(np.int64)
+            mean = flat.sum(axis=0).astype(np.float64) / (255.0 * len(flat))
+            std = np.sqrt(np.maximum((flat * flat).sum(axis=0).astype(np.float64) / (255.0**2 * len(flat)) - mean**2, 0.0))
+            assert f.attrs["mean"].tolist() == mean.tolist() and f.attrs["std"].tolist() == std.tolist()
+            digest = hashlib.sha256(
+                hashlib.sha256(labels.astype(np.int64).tobytes()).digest() + hashlib.sha256(pixels.tobytes()).digest() + json.dumps(["a", "b"]).encode()
+            ).hexdigest()
+            assert f.attrs["fingerprint"] == digest

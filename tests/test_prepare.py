@@ -408,3 +408,69 @@ def test_resize_filter_option_is_applied_and_recorded(tmp_path, geometry, filter
                 assert any(np.array_equal(img, r) for r in refs[split.class_ids[c]])
                 stored += 1
     assert stored == 4
+
+
+# -- the worker pool ------------------------------------------------------------------------
+
+
+def _arrays_task(k: int, n: int):
+    """A pool task returning a small array (pickled), a block of pixels (through a result slot)
+    and, for k == 3, a block too big for one slot (pickled)."""
+    from tesla.prepare import RESULT_SLOT_BYTES
+
+    big = np.full((n, 64, 64, 3), k, dtype=np.uint8)
+    if k == 3:
+        big = np.full((RESULT_SLOT_BYTES // 4096 + 1, 64, 64, 1), k, dtype=np.uint8)
+    return np.arange(k + 1), big, f"task {k}"
+
+
+@pytest.mark.parametrize("borrow", [False, True])
+def test_worker_pool_returns_results_through_slots_and_pipes_alike(borrow):
+    from tesla.prepare import WorkerPool
+
+    tasks = [(k, 16 + k) for k in range(12)]
+    expected = [_arrays_task(*t) for t in tasks]
+    for shared in (True, False):
+        pool = WorkerPool(2, shared_results=shared)
+        try:
+            got = [(t, (small, big.copy(), text)) for t, (small, big, text) in pool.ordered_map(_arrays_task, tasks, borrow=borrow)]
+            assert [t for t, _ in got] == tasks
+            for (_, r), e in zip(got, expected):
+                assert np.array_equal(r[0], e[0]) and np.array_equal(r[1], e[1]) and r[2] == e[2]
+            if shared:
+                assert sorted(pool._free_slots) == list(range(pool.window)), "every slot is free again"
+                # a consumer that stops early: the slots still in use are not handed out again
+                gen = pool.ordered_map(_arrays_task, tasks, borrow=borrow)
+                next(gen)
+                gen.close()
+                assert len(pool._free_slots) < pool.window
+                again = [(t, big.copy()) for t, (_, big, _) in pool.ordered_map(_arrays_task, tasks, borrow=borrow)]
+                assert all(np.array_equal(b, e[1]) for (_, b), e in zip(again, expected))
+        finally:
+            pool.close(ok=True)
+
+
+def test_encoded_block_size():
+    from tesla.prepare import ENCODED_BLOCK, RESULT_SLOT_BYTES, encoded_block_size
+
+    assert encoded_block_size(64, 3, 1_281_167, 16) == ENCODED_BLOCK
+    assert encoded_block_size(64, 3, 660, 16) == 21  # two tasks per worker on a small split
+    assert encoded_block_size(512, 3, 1_281_167, 16) == RESULT_SLOT_BYTES // (512 * 512 * 3)
+    assert encoded_block_size(2048, 3, 10, 2) == 1
+    assert encoded_block_size(64, 3, 10, 1) == ENCODED_BLOCK
+
+
+def test_pool_with_pickled_results_writes_the_same_files(tree, tmp_path, monkeypatch):
+    """The pixels returned through shared memory and through the pool's pipes give identical files."""
+    import tesla.prepare
+    from tesla.data.sources import SourceOptions, plan_source
+    from tesla.prepare import WorkerPool, prepare_dataset
+
+    prints = []
+    for shared in (True, False):
+        monkeypatch.setattr(tesla.prepare, "WorkerPool", lambda workers, shared=shared: WorkerPool(workers, shared_results=shared))
+        plan = plan_source("folder", SourceOptions(input=tree, test_fraction=0.3))
+        prepare_dataset(plan, tmp_path / str(shared), resolution=8, workers=2, progress=False)
+        tr, te = ImageSplit.open(tmp_path / str(shared) / "train.h5"), ImageSplit.open(tmp_path / str(shared) / "test.h5")
+        prints.append((tr.fingerprint, te.fingerprint, tr.mean, tr.std))
+    assert prints[0] == prints[1]
