@@ -16,7 +16,18 @@ Then measures images/s for
    train and one validation file): reading the image column's bytes, and ``prepare`` on
    W workers (images are put in class order through the temporary class-sorting file).
 
-Each measurement is repeated ``--repeats`` times; the median is reported.
+Each measurement is repeated ``--repeats`` times; the median is reported. The table gives,
+per row, the wall time, images/s, the CPU time of all processes, the main process's CPU per
+image (what caps the pipeline at many workers: it lists the tar, hands out the tasks, writes
+the HDF5 file and hashes the pixels) and, for the prepare rows, the speed-up over the same
+pipeline on 1 worker (when 1 is among ``--workers``), e.g. ``--workers 1 2 4 8 16``.
+
+``--cold`` drops the page cache (``sync; echo 3 > /proc/sys/vm/drop_caches``) before every
+run of every measurement, so "read the bytes from the tar" is the disk's read rate and the
+prepare rows include reading the tar from disk (Linux as root only; otherwise the script
+stops with a message). Without it the tar is read once first and every run reads from
+memory. ``--no-parquet`` leaves out the parquet rows (building the parquet copy takes time).
+``--copies`` makes the tar bigger (runs of seconds, not milliseconds, on many cores).
 
 ``--downsampled-rows R --downsampled-batches B`` instead measures the peak resident memory
 of ``tesla prepare imagenet-downsampled`` (a child process, ``ru_maxrss`` from ``wait4``) on
@@ -24,6 +35,7 @@ B synthetic 64 x 64 pickle batches of R rows each (random pixels, labels 1..1000
 ``val_data`` of R/4 rows: the full train split is 10 batches of ~128,000 rows.
 
     TESLA_DATASETS=/work/shared/datasets .venv/bin/python bench/bench_prepare.py --workers 1 2
+    python3 bench/bench_prepare.py --sample DIR --workers 1 2 4 8 16 --copies 20 --no-parquet --cold --json out.json
 """
 
 from __future__ import annotations
@@ -42,8 +54,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -55,21 +65,28 @@ from tesla.prepare import prepare_dataset  # noqa: E402
 
 
 def build_tar(sample: Path, tar_path: Path, copies: int) -> int:
+    """Every copy is written as a regular member with its own bytes (``tar.add`` would write a
+    hard-link entry, without data, for a source file that has several links)."""
     n = 0
     with tarfile.open(tar_path, "w") as tar:
         for cls in sorted(p for p in sample.iterdir() if p.is_dir()):
             for f in sorted(cls.iterdir()):
-                for k in range(copies):
-                    tar.add(f, arcname=f"train/{cls.name}/{f.stem}_{k}{f.suffix}")
+                data = f.read_bytes()
+                names = [f"train/{cls.name}/{f.stem}_{k}{f.suffix}" for k in range(copies)] + [f"test/{cls.name}/{f.name}"]
+                for name in names:
+                    info = tarfile.TarInfo(name)
+                    info.size, info.mtime = len(data), int(f.stat().st_mtime)
+                    tar.addfile(info, io.BytesIO(data))
                     n += 1
-                tar.add(f, arcname=f"test/{cls.name}/{f.name}")
-                n += 1
     return n
 
 
 def build_parquet(refs, tar_path: Path, folder: Path, row_group: int) -> None:
     """train-00000-of-00001.parquet and validation-00000-of-00001.parquet with the tar's images
     (struct image column {bytes, path}, int64 label = sorted-wnid index, class names in the metadata)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     folder.mkdir()
     wnids = sorted({Path(r.name).parent.name for r in refs})
     index = {w: i for i, w in enumerate(wnids)}
@@ -129,10 +146,34 @@ def own_cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime
 
 
-def median_time(fn, repeats: int) -> tuple[float, float, float]:
-    """Median wall seconds, CPU seconds (all processes) and CPU seconds of this (the main) process."""
+DROP_CACHES = Path("/proc/sys/vm/drop_caches")
+
+
+def check_can_drop_caches() -> None:
+    """Exit with a message unless the page cache can be dropped (Linux, as root)."""
+    if not sys.platform.startswith("linux") or not DROP_CACHES.exists():
+        sys.exit("--cold: dropping the page cache needs Linux (/proc/sys/vm/drop_caches); run without --cold")
+    if os.geteuid() != 0:
+        sys.exit("--cold: dropping the page cache needs root (echo 3 > /proc/sys/vm/drop_caches); run as root or without --cold")
+    drop_caches()
+
+
+def drop_caches() -> None:
+    """sync; echo 3 > /proc/sys/vm/drop_caches (file pages, dentries and inodes leave memory)."""
+    os.sync()
+    try:
+        DROP_CACHES.write_text("3\n")
+    except OSError as exc:
+        sys.exit(f"--cold: cannot write {DROP_CACHES} ({exc}); in a container it may be read-only: run without --cold")
+
+
+def median_time(fn, repeats: int, before=None) -> tuple[float, float, float]:
+    """Median wall seconds, CPU seconds (all processes) and CPU seconds of this (the main) process;
+    ``before()`` (e.g. dropping the page cache) runs before every run, outside the timing."""
     walls, cpus, mains = [], [], []
     for _ in range(repeats):
+        if before is not None:
+            before()
         c0, m0, t0 = cpu_seconds(), own_cpu_seconds(), time.perf_counter()
         fn()
         walls.append(time.perf_counter() - t0)
@@ -146,13 +187,20 @@ def main() -> None:
     parser.add_argument("--sample", type=Path, default=None, help="imagenet-sample/train folder (default: $TESLA_DATASETS/imagenet-sample/train)")
     parser.add_argument("--copies", type=int, default=2, help="train copies of each sample image in the tar")
     parser.add_argument("--resolution", type=int, default=64)
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="pool sizes to measure, e.g. 1 2 4 8 16")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--row-group", type=int, default=64, help="rows per parquet row group")
     parser.add_argument("--downsampled-rows", type=int, help="measure the peak memory of imagenet-downsampled instead (rows per batch)")
     parser.add_argument("--downsampled-batches", type=int, default=2)
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--cold", action="store_true", help="drop the page cache before every run (Linux, root): disk read rates")
+    parser.add_argument("--no-parquet", action="store_true", help="leave out the parquet rows")
     args = parser.parse_args()
+    if any(w < 1 for w in args.workers):
+        sys.exit("--workers: give pool sizes of at least 1, e.g. 1 2 4 8 16")
+    if args.cold:
+        check_can_drop_caches()
+    before = drop_caches if args.cold else None
     if args.downsampled_rows:
         downsampled_rss(args.downsampled_rows, args.downsampled_batches)
         return
@@ -161,7 +209,8 @@ def main() -> None:
         sys.exit(f"{sample}: not found; set TESLA_DATASETS or pass --sample")
     size = args.resolution
     load0 = os.getloadavg()
-    results: dict = {"python": platform.python_version(), "cpus": os.cpu_count(), "resolution": size}
+    results: dict = {"python": platform.python_version(), "cpus": os.cpu_count(), "resolution": size, "cold": args.cold,
+                     "numpy": np.__version__, "copies": args.copies, "repeats": args.repeats}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         tar_path = tmp / "imagenet_sample.tar"
@@ -176,8 +225,9 @@ def main() -> None:
                 total += len(read_bytes(r))
             assert total == nbytes
 
-        read_all()  # warm the page cache: every measurement below reads from memory
-        t_read, c_read, m_read = median_time(read_all, args.repeats)
+        if not args.cold:
+            read_all()  # warm the page cache: every measurement below reads from memory
+        t_read, c_read, m_read = median_time(read_all, args.repeats, before)
 
         def naive():
             with open(tar_path, "rb") as f:
@@ -186,10 +236,11 @@ def main() -> None:
                     img = Image.open(io.BytesIO(f.read(r.size))).convert("RGB")
                     np.asarray(img.resize((size, size), Image.Resampling.BOX))
 
-        t_naive, c_naive, m_naive = median_time(naive, args.repeats)
+        t_naive, c_naive, m_naive = median_time(naive, args.repeats, before)
+        # (what, processes, wall s, CPU s, main CPU s, group and workers of a prepare row)
         rows = [
-            ("read the bytes from the tar", 1, t_read, c_read, m_read),
-            ("naive loop: full decode + RGB + box resize", 1, t_naive, c_naive, m_naive),
+            ("read the bytes from the tar", 1, t_read, c_read, m_read, None),
+            ("naive loop: full decode + RGB + box resize", 1, t_naive, c_naive, m_naive, None),
         ]
 
         def pipeline(workers: int, full: bool):
@@ -200,50 +251,64 @@ def main() -> None:
             return go
 
         for w in args.workers:
-            rows.append((f"tar: tesla prepare, {w} worker(s)", w, *median_time(pipeline(w, False), args.repeats)))
+            rows.append((f"tar: tesla prepare, {w} worker(s)", w, *median_time(pipeline(w, False), args.repeats, before), ("tar", w)))
         w = max(args.workers)
-        rows.append((f"tar: tesla prepare --full-decode, {w} worker(s)", w, *median_time(pipeline(w, True), args.repeats)))
+        rows.append((f"tar: tesla prepare --full-decode, {w} worker(s)", w, *median_time(pipeline(w, True), args.repeats, before), None))
 
-        # the same images as parquet shards (train + validation files, Hugging Face layout)
-        pq_dir = tmp / "parquet"
-        build_parquet(refs, tar_path, pq_dir, args.row_group)
+        if not args.no_parquet:
+            rows += parquet_rows(refs, tar_path, tmp, args, nbytes, size, before)
 
-        def read_parquet():
-            total = 0
-            for f in sorted(pq_dir.glob("*.parquet")):
-                pf = pq.ParquetFile(f)
-                for rg in range(pf.num_row_groups):
-                    col = pf.read_row_group(rg, columns=["image"]).column(0).combine_chunks().field("bytes")
-                    total += sum(len(b) for b in col.to_pylist())
-            assert total == nbytes
-
-        read_parquet()
-        rows.append(("parquet: read the image bytes (row group by row group)", 1, *median_time(read_parquet, args.repeats)))
-
-        def pipeline_parquet(workers: int):
-            def go():
-                plan = plan_source("parquet", SourceOptions(input=pq_dir))
-                prepare_dataset(plan, tmp / "out_pq", resolution=size, workers=workers, progress=False)
-
-            return go
-
-        for w in args.workers:
-            rows.append((f"parquet: tesla prepare, {w} worker(s)", w, *median_time(pipeline_parquet(w), args.repeats)))
-
-    print(f"{n} images ({nbytes / 1e6:.1f} MB of JPEG) -> {size}x{size}; median of {args.repeats} runs; {os.cpu_count()} CPUs visible")
+    print(f"{n} images ({nbytes / 1e6:.1f} MB of JPEG) -> {size}x{size}; median of {args.repeats} runs; {os.cpu_count()} CPUs visible; "
+          + ("page cache dropped before every run" if args.cold else "page cache warm"))
     print(f"load average before: {load0}, after: {os.getloadavg()}")
-    print("| what | processes | wall s | images/s | vs naive (wall) | CPU s, all | images per CPU-second | main-process CPU ms/image |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| what | processes | wall s | images/s | vs naive (wall) | speed-up vs 1 worker | CPU s, all | images per CPU-second | main-process CPU ms/image |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    one_worker = {row[5][0]: row[2] for row in rows if row[5] is not None and row[5][1] == 1}
     results["rows"] = []
-    for name, procs, t, c, m in rows:
+    for name, procs, t, c, m, group in rows:
         rate = n / t
-        print(f"| {name} | {procs} | {t:.3f} | {rate:.0f} | {t_naive / t:.2f}x | {c:.3f} | {n / c:.0f} | {1000 * m / n:.3f} |")
+        speedup = one_worker[group[0]] / t if group is not None and group[0] in one_worker else None
+        shown = f"{speedup:.2f}x" if speedup is not None else ""
+        print(f"| {name} | {procs} | {t:.3f} | {rate:.0f} | {t_naive / t:.2f}x | {shown} | {c:.3f} | {n / c:.0f} | {1000 * m / n:.3f} |")
         results["rows"].append(
-            dict(what=name, processes=procs, seconds=t, cpu_seconds=c, main_cpu_seconds=m, images_per_s=rate, images_per_cpu_s=n / c)
+            dict(what=name, processes=procs, seconds=t, cpu_seconds=c, main_cpu_seconds=m, images_per_s=rate, images_per_cpu_s=n / c,
+                 main_cpu_ms_per_image=1000 * m / n, speedup_vs_1_worker=speedup)
         )
-    print(f"bare read rate: {nbytes / t_read / 1e9:.2f} GB/s (page cache)")
+    print(f"bare read rate: {nbytes / t_read / 1e9:.2f} GB/s ({'disk, page cache dropped' if args.cold else 'page cache'})")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
+
+
+def parquet_rows(refs, tar_path: Path, tmp: Path, args, nbytes: int, size: int, before) -> list[tuple]:
+    """The parquet rows: the same images as parquet shards (train + validation files, Hugging Face layout)."""
+    import pyarrow.parquet as pq
+
+    pq_dir = tmp / "parquet"
+    build_parquet(refs, tar_path, pq_dir, args.row_group)
+
+    def read_parquet():
+        total = 0
+        for f in sorted(pq_dir.glob("*.parquet")):
+            pf = pq.ParquetFile(f)
+            for rg in range(pf.num_row_groups):
+                col = pf.read_row_group(rg, columns=["image"]).column(0).combine_chunks().field("bytes")
+                total += sum(len(b) for b in col.to_pylist())
+        assert total == nbytes
+
+    if before is None:
+        read_parquet()
+    rows = [("parquet: read the image bytes (row group by row group)", 1, *median_time(read_parquet, args.repeats, before), None)]
+
+    def pipeline_parquet(workers: int):
+        def go():
+            plan = plan_source("parquet", SourceOptions(input=pq_dir))
+            prepare_dataset(plan, tmp / "out_pq", resolution=size, workers=workers, progress=False)
+
+        return go
+
+    for w in args.workers:
+        rows.append((f"parquet: tesla prepare, {w} worker(s)", w, *median_time(pipeline_parquet(w), args.repeats, before), ("parquet", w)))
+    return rows
 
 
 if __name__ == "__main__":
