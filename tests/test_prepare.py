@@ -474,3 +474,13 @@ def test_pool_with_pickled_results_writes_the_same_files(tree, tmp_path, monkeyp
         tr, te = ImageSplit.open(tmp_path / str(shared) / "train.h5"), ImageSplit.open(tmp_path / str(shared) / "test.h5")
         prints.append((tr.fingerprint, te.fingerprint, tr.mean, tr.std))
     assert prints[0] == prints[1]
+
+
+def test_prepare_does_not_import_torch():
+    """`tesla prepare` and its forked workers stay light: the HDF5 format needs no torch
+    (importing it costs ~1.3 s per command and slows every fork of the pool)."""
+    import subprocess
+    import sys
+
+    code = "import sys, tesla.prepare, tesla.data; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -9,7 +9,6 @@ from tesla.data.format import (
     FORMAT_NAME,
     FORMAT_VERSION,
     ImageSplit,
-    SplitDataset,
     SplitWriter,
     normalize,
 )
@@ -22,3 +21,12 @@ __all__ = [
     "SplitWriter",
     "normalize",
 ]
+
+
+def __getattr__(name: str):
+    """``SplitDataset`` is imported on first use: it needs torch, the format itself does not."""
+    if name == "SplitDataset":
+        from tesla.data.dataset import SplitDataset
+
+        return SplitDataset
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

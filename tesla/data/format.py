@@ -25,15 +25,17 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import h5py
 import numpy as np
-import torch
 
 from tesla import __version__
 from tesla.errors import TeslaError
 from tesla.hdf5 import open_checked
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: `tesla prepare` never needs it
+    import torch
 
 FORMAT_NAME = "tesla-images"
 FORMAT_VERSION = 1
@@ -263,6 +265,8 @@ class SplitWriter:
 
 def normalize(images_uint8: torch.Tensor | np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """Network input space: x = (u / 255 - mean_c) / std_c, NHWC uint8 -> NCHW float32."""
+    import torch
+
     x = torch.as_tensor(images_uint8)
     if x.ndim == 3:
         x = x[None]
@@ -274,6 +278,8 @@ def normalize(images_uint8: torch.Tensor | np.ndarray, mean: Sequence[float], st
 
 def denormalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """Inverse of :func:`normalize` up to quantisation: NCHW float -> NCHW float in [0, 1]."""
+    import torch
+
     m = torch.as_tensor(np.asarray(mean, dtype=np.float32), device=x.device).view(1, -1, 1, 1)
     s = torch.as_tensor(np.asarray(std, dtype=np.float32), device=x.device).view(1, -1, 1, 1)
     return (x * s + m).clamp(0.0, 1.0)
@@ -365,6 +371,8 @@ class ImageSplit:
 
     def sample_indices_per_class(self, k: int, generator: torch.Generator) -> np.ndarray:
         """k distinct random image indices of every class, class-major (N = K*k)."""
+        import torch
+
         out = []
         for c in range(self.num_classes):
             n = self.class_count(c)
@@ -395,6 +403,8 @@ class ImageSplit:
         for a test split. Converted chunk by chunk so peak host memory stays near the
         uint8 size plus one chunk.
         """
+        import torch
+
         mean = self.mean if mean is None else mean
         std = self.std if std is None else std
         n = self.num_images
@@ -415,30 +425,3 @@ class ImageSplit:
             f"mean {np.round(self.mean, 4).tolist()}, std {np.round(self.std, 4).tolist()}, "
             f"{int(self.attrs.get('num_skipped', 0))} skipped"
         )
-
-
-class SplitDataset(torch.utils.data.Dataset):
-    """A map-style torch Dataset over a split: item i = (float C x H x W tensor, label).
-
-    Opens the HDF5 file lazily in each worker process, so it works with DataLoader workers.
-    """
-
-    def __init__(self, path: str | os.PathLike, mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
-        self.split = ImageSplit.open(path)
-        self.mean = self.split.mean if mean is None else list(mean)
-        self.std = self.split.std if std is None else list(std)
-        self._file: h5py.File | None = None
-
-    def __len__(self) -> int:
-        return self.split.num_images
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        if self._file is None:
-            self._file = h5py.File(self.split.path, "r")
-        img = self._file["images"][i]
-        return normalize(img, self.mean, self.std)[0], int(self.split.labels[i])
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_file"] = None
-        return state
