@@ -239,6 +239,9 @@ def compare_engines(argv: list[str]) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--experts", type=int, default=3)
     p.add_argument("--expert-epochs-train", type=int, default=12)
+    p.add_argument("--model", default="convnet", help="network of the experts (and of distillation and evaluation)")
+    p.add_argument("--expert-lr", type=float, default=0.01)
+    p.add_argument("--expert-batch", type=int, default=256)
     p.add_argument("--ipc", type=int, default=1)
     p.add_argument("--syn-steps", type=int, default=20)
     p.add_argument("--expert-epochs", type=int, default=2)
@@ -276,29 +279,31 @@ def compare_engines(argv: list[str]) -> int:
         path = work / f"expert_{k}.h5"
         if not path.exists():
             t_experts += call("experts", "--train", train, "--test", test, "--out", path, "--seed", k,
-                              "--epochs", a.expert_epochs_train, "--device", a.device)
+                              "--epochs", a.expert_epochs_train, "--device", a.device, "--model", a.model,
+                              "--lr", a.expert_lr, "--batch-size", a.expert_batch)
         experts.append(path)
     batch = ["--batch-syn", a.batch_syn] if a.batch_syn else []
     rows = []
     for seed in a.seeds:
         for engine in a.engines:
-            out = work / f"syn_{engine}_s{seed}.h5"
+            out = work / f"syn_{engine}_ipc{a.ipc}_s{seed}.h5"
             secs = call("distill", "--train", train, "--experts", *experts, "--out", out, "--ipc", a.ipc,
                         "--syn-steps", a.syn_steps, "--expert-epochs", a.expert_epochs, "--max-start-epoch", a.max_start_epoch,
                         "--lr-img", a.lr_img, "--lr-lr", a.lr_lr, "--lr-teacher", a.lr_teacher, *batch,
                         "--iterations", a.iterations, "--engine", engine, "--seed", seed, "--device", a.device,
-                        "--metrics", work / f"metrics_{engine}_s{seed}.csv", "--checkpoint-every", a.iterations,
+                        "--metrics", work / f"metrics_{engine}_ipc{a.ipc}_s{seed}.csv", "--checkpoint-every", a.iterations,
                         "--no-progress")
-            runs = work / f"runs_{engine}_s{seed}.csv"
+            runs = work / f"runs_{engine}_ipc{a.ipc}_s{seed}.csv"
             call("evaluate", "--synthetic", out, "--test", test, "--arch", "distill", "--runs", a.runs,
                  "--epochs", a.eval_epochs, "--device", a.device, "--out", runs)
             with open(runs) as f:
                 accs = [float(r["test_acc"]) for r in _csv.DictReader(line for line in f if not line.startswith("#"))]
-            with open(work / f"metrics_{engine}_s{seed}.csv") as f:
+            with open(work / f"metrics_{engine}_ipc{a.ipc}_s{seed}.csv") as f:
                 m = list(_csv.DictReader(line for line in f if not line.startswith("#")))
             last = [float(r["loss"]) for r in m[-20:]]
             rows.append((engine, seed, statistics.mean(accs), statistics.pstdev(accs), statistics.mean(last), secs))
-    print(f"{what}, {a.experts} experts x {a.expert_epochs_train} epochs ({t_experts:.0f} s), ipc {a.ipc}, "
+    print(f"{what}, {a.experts} {a.model} experts x {a.expert_epochs_train} epochs (lr {a.expert_lr:g}, batch "
+          f"{a.expert_batch}; {t_experts:.0f} s), ipc {a.ipc}, "
           f"syn_steps {a.syn_steps}, expert_epochs {a.expert_epochs}, max_start {a.max_start_epoch}, "
           f"batch_syn {a.batch_syn or 'all'}, {a.iterations} iterations, lr_img {a.lr_img:g}, lr_lr {a.lr_lr:g}, "
           f"lr_teacher {a.lr_teacher:g}, device {a.device}; evaluation: {a.runs} runs x {a.eval_epochs} epochs")
