@@ -528,6 +528,20 @@ def _split_attrs(plan: DatasetPlan, split: EncodedSplit | ArraySplit, rule: str,
     return attrs
 
 
+@dataclass(frozen=True)
+class Conversion:
+    """How every split of one ``prepare`` run is converted (the settings the writers share)."""
+
+    name: str  # dataset name (progress bars)
+    resolution: int
+    rule: str  # resize rule asked for (``box`` or ``center-crop``, with its filter)
+    mode: str  # PIL mode of the output: "L" or "RGB"
+    pool: WorkerPool
+    strict: bool  # an undecodable image is an error (else skipped and reported)
+    reduced: bool  # reduced-size JPEG decoding where it keeps the fidelity bound
+    progress: bool
+
+
 def write_split(
     plan: DatasetPlan,
     split: EncodedSplit | ArraySplit,
@@ -571,12 +585,13 @@ def write_split(
         attrs=_split_attrs(plan, split, rule, reduced, resolution),
         require_all_classes=split.split == "train",
     ) as writer:
+        conv = Conversion(plan.name, resolution, rule, plan.mode, pool, strict, reduced, progress)
         if streamed:
-            _write_streamed(split, writer, report, resolution, rule, plan.mode, pool, strict, reduced, progress, plan.name, path.parent)
+            _write_streamed(split, writer, report, conv, path.parent)
         elif isinstance(split, ArraySplit):
-            _write_arrays(split, writer, report, resolution, rule, pool, progress, plan.name)
+            _write_arrays(split, writer, report, conv)
         else:
-            _write_encoded(split, writer, report, resolution, rule, plan.mode, pool, strict, reduced, progress, plan.name)
+            _write_encoded(split, writer, report, conv)
         # ignored files found while listing lazily (inner tars) join the report
         report.ignored = list(dict.fromkeys(report.ignored + list(getattr(split, "ignored", []))))
     with h5py.File(path, "r") as f:
@@ -630,7 +645,9 @@ def _bar(total: int, desc: str, progress: bool) -> tqdm:
     return tqdm(total=total, desc=desc, unit="img", file=sys.stderr, disable=not progress, dynamic_ncols=True, mininterval=0.5)
 
 
-def _write_arrays(split: ArraySplit, writer: SplitWriter, report: SplitReport, resolution: int, rule: str, pool: WorkerPool, progress: bool, name: str) -> None:
+def _write_arrays(split: ArraySplit, writer: SplitWriter, report: SplitReport, conv: Conversion) -> None:
+    """Decoded pixels (MNIST, CIFAR, the demo): appended as they are, or resized in the pool."""
+    name, resolution, rule, pool, progress = conv.name, conv.resolution, conv.rule, conv.pool, conv.progress
     images, labels = split.images, split.labels
     with _bar(len(images), f"{name} {split.split}", progress) as bar:
         if images.shape[1:3] == (resolution, resolution):
@@ -647,19 +664,10 @@ def _write_arrays(split: ArraySplit, writer: SplitWriter, report: SplitReport, r
     report.counts += np.bincount(labels, minlength=len(report.counts))
 
 
-def _write_encoded(
-    split: EncodedSplit,
-    writer: SplitWriter,
-    report: SplitReport,
-    resolution: int,
-    rule: str,
-    mode: str,
-    pool: WorkerPool,
-    strict: bool,
-    reduced: bool,
-    progress: bool,
-    name: str,
-) -> None:
+def _write_encoded(split: EncodedSplit, writer: SplitWriter, report: SplitReport, conv: Conversion) -> None:
+    """Encoded images listed in class order: decoded and resized in the pool, appended in order."""
+    name, resolution, rule, mode, pool = conv.name, conv.resolution, conv.rule, conv.mode, conv.pool
+    strict, reduced, progress = conv.strict, conv.reduced, conv.progress
     bar = _bar(split.estimated_total(), f"{name} {split.split}", progress)
     measured = {"bytes": 0, "images": 0}
 
@@ -777,21 +785,10 @@ class ClassSortingStore:
         self.path.unlink(missing_ok=True)
 
 
-def _write_streamed(
-    split,
-    writer: SplitWriter,
-    report: SplitReport,
-    resolution: int,
-    rule: str,
-    mode: str,
-    pool: WorkerPool,
-    strict: bool,
-    reduced: bool,
-    progress: bool,
-    name: str,
-    tmp_dir: Path,
-) -> None:
+def _write_streamed(split, writer: SplitWriter, report: SplitReport, conv: Conversion, tmp_dir: Path) -> None:
     """Stream a split's blocks into a :class:`ClassSortingStore`, then append it class by class."""
+    name, resolution, rule, mode, pool = conv.name, conv.resolution, conv.rule, conv.mode, conv.pool
+    strict, reduced, progress = conv.strict, conv.reduced, conv.progress
     store = ClassSortingStore(tmp_dir / f".{split.split}.class-sort.tmp", len(report.counts), (resolution, resolution, writer.channels))
     bar = _bar(split.estimated_total(), f"{name} {split.split}", progress)
     try:
