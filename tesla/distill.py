@@ -34,6 +34,7 @@ import torch
 
 from tesla import __version__
 from tesla.errors import TeslaError
+from tesla.files import atomic_output
 from tesla.matching import ENGINES, MatchResult, matching_gradients
 
 CHECKPOINT_FORMAT = "tesla-distill-checkpoint"
@@ -352,14 +353,8 @@ def save_checkpoint(path: Path, setup: DistillSetup, state: DistillState, genera
         "generator": generator_state,
         "log": state.log,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_output(path) as tmp:
         torch.save(payload, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def load_checkpoint(path: Path, setup: DistillSetup) -> DistillState:

@@ -61,6 +61,7 @@ from tesla.data import FORMAT_NAME as SPLIT_FORMAT
 from tesla.data import FORMAT_VERSION as SPLIT_FORMAT_VERSION
 from tesla.data import ImageSplit, normalize
 from tesla.errors import TeslaError
+from tesla.files import atomic_output
 from tesla.hdf5 import open_checked
 
 RUNS_FORMAT = "tesla-eval-runs"
@@ -672,19 +673,12 @@ def format_line(name: str, version: int) -> str:
 def write_csv_atomic(path: str | os.PathLike, header_line: str, columns: Sequence[str], rows: Sequence[dict]) -> Path:
     """Write a CSV with a leading ``# format: ...`` line to a temporary name, then rename it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", newline="") as f:
-            f.write(header_line)
-            writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="raise")
-            writer.writeheader()
-            for row in rows:
-                writer.writerow(row)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_output(path) as tmp, open(tmp, "w", newline="") as f:
+        f.write(header_line)
+        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="raise")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(row)
     return path
 
 

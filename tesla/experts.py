@@ -35,6 +35,7 @@ from typing import Callable
 import torch
 
 from tesla.errors import TeslaError
+from tesla.files import atomic_output
 from tesla.trajectories import STORAGE_DTYPES, TrajectoryMeta, TrajectoryWriter
 
 __all__ = ["ExpertConfig", "configure_parser", "derive_seed", "partial_dir", "run", "train_expert", "zca_fingerprint"]
@@ -86,13 +87,8 @@ def _log(message: str) -> None:
 
 
 def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_output(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _validate(cfg: ExpertConfig) -> None:

@@ -22,6 +22,7 @@ from PIL import Image
 
 from tesla.data.format import denormalize
 from tesla.errors import TeslaError
+from tesla.files import atomic_output
 from tesla.synthetic import SyntheticSet
 
 TORCH_EXPORT_FORMAT = "tesla-synthetic-torch"
@@ -48,13 +49,8 @@ def _to_uint8_hwc(pixels: torch.Tensor) -> np.ndarray:
 
 
 def _save_png_atomic(array: np.ndarray, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_output(path) as tmp:
         Image.fromarray(array).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def grid_rows(num_classes: int, max_rows: int) -> list[int]:
@@ -114,15 +110,13 @@ def export_png(synthetic: SyntheticSet, out_dir: str | os.PathLike) -> list[Path
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise TeslaError(f"{out_dir}: exists and is not an empty directory; give a new --png-dir or empty it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     pixels = to_pixels(synthetic.images, synthetic.mean, synthetic.std, embedded_zca(synthetic))
     labels = synthetic.labels.cpu()
     width = len(str(max(1, synthetic.num_classes - 1)))
     relative: list[Path] = []
     counters: dict[int, int] = {}
-    try:
+    with atomic_output(out_dir) as tmp:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run with the same process id
         for n in range(synthetic.num_images):
             c = int(labels[n])
             folder = Path(f"{c:0{width}d}_{_safe_name(synthetic.class_ids[c])}")
@@ -132,11 +126,7 @@ def export_png(synthetic: SyntheticSet, out_dir: str | os.PathLike) -> list[Path
             Image.fromarray(_to_uint8_hwc(pixels[n])).save(tmp / folder / f"{k:05d}.png", format="PNG")
             relative.append(folder / f"{k:05d}.png")
         if out_dir.exists():
-            out_dir.rmdir()
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            out_dir.rmdir()  # empty (checked above): replaced by the finished folder
     return [out_dir / r for r in relative]
 
 
@@ -165,13 +155,8 @@ def export_torch(synthetic: SyntheticSet, path: str | os.PathLike) -> Path:
         "zca_artifact": synthetic.zca_artifact,
         "settings": dict(synthetic.settings),
     }
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_output(path) as tmp:
         torch.save(payload, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -32,7 +32,7 @@ import numpy as np
 from tqdm import tqdm
 
 from tesla.data.format import SplitWriter
-from tesla.data.imaging import RESIZE_FILTERS, RESIZE_RULES, LabelledBlock, parse_resize_rule, resize_rule_name, decode_block, min_decoded_side, resize_block
+from tesla.data.imaging import RESIZE_FILTERS, RESIZE_RULES, parse_resize_rule, resize_rule_name, decode_block, min_decoded_side, resize_block
 from tesla.data.sources import SOURCES, ArraySplit, DatasetPlan, EncodedSplit, SourceOptions, plan_source
 from tesla.errors import TeslaError
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from tesla.errors import TeslaError
+from tesla.files import atomic_output
 
 #: metrics columns the curves need (tesla.distill.METRICS_COLUMNS has more)
 CURVE_COLUMNS = ("iteration", "loss", "alpha")
@@ -62,14 +63,8 @@ def moving_average(values: np.ndarray, window: int) -> np.ndarray:
 
 
 def _savefig_atomic(fig, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_output(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def plot_curves(metrics: dict[str, np.ndarray], path: str | os.PathLike, title: str = "") -> Path:
@@ -118,13 +113,8 @@ def enlarge_png(path: Path, min_width: int = MIN_GRID_WIDTH) -> None:
         return
     k = -(-min_width // img.width)
     big = img.resize((img.width * k, img.height * k), Image.NEAREST)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_output(path) as tmp:
         big.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def plot_grid(synthetic_path: str | os.PathLike, path: str | os.PathLike) -> Path:

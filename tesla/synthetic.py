@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from tesla import __version__
-from tesla.errors import TeslaError
+from tesla.files import atomic_output
 from tesla.hdf5 import open_checked
 
 FORMAT_NAME = "tesla-synthetic"
@@ -105,9 +105,7 @@ class SyntheticSet:
         """Write atomically: a temporary file beside ``path``, renamed when complete."""
         self.validate()
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
+        with atomic_output(path) as tmp:
             with h5py.File(tmp, "w") as f:
                 f.create_dataset("images", data=self.images.detach().cpu().to(torch.float32).numpy())
                 f.create_dataset("labels", data=self.labels.detach().cpu().to(torch.int64).numpy())
@@ -138,10 +136,6 @@ class SyntheticSet:
                 }
                 for key, value in attrs.items():
                     f.attrs[key] = value
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
         return path
 
     @classmethod

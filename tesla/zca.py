@@ -36,6 +36,7 @@ import torch
 
 from tesla import __version__
 from tesla.errors import TeslaError
+from tesla.files import atomic_output
 from tesla.hdf5 import open_checked
 
 __all__ = ["ZCA", "CovarianceAccumulator", "fit_zca", "fit_zca_split", "configure_parser", "run"]
@@ -144,9 +145,7 @@ class ZCA:
     def save(self, path: str | os.PathLike) -> Path:
         """Write a ``tesla-zca`` v1 file (temporary name, renamed when complete)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
+        with atomic_output(path) as tmp:
             with h5py.File(tmp, "w") as f:
                 f.create_dataset("mean", data=self.mean.cpu().numpy().astype(np.float64))
                 f.create_dataset("eigenvalues", data=self.eigenvalues.cpu().numpy().astype(np.float64))
@@ -164,10 +163,6 @@ class ZCA:
                 f.attrs["tesla_version"] = __version__
                 for key, value in self.meta.items():
                     f.attrs[key] = value
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
         return path
 
     @classmethod
