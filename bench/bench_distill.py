@@ -256,6 +256,8 @@ def compare_engines(argv: list[str]) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--engines", nargs="+", default=["exact", "tesla"], choices=ENGINES)
     a = p.parse_args(argv)
+    if (a.train is None) != (a.test is None):
+        p.error("give --train and --test together (a prepared train.h5 and its test.h5), or neither for the demo")
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     tesla = [sys.executable, "-m", "tesla"]

@@ -224,7 +224,7 @@ def _reverse_sweep(
     x_all = images.detach()
     for i in reversed(range(len(plan))):
         with torch.enable_grad():
-            theta = thetas[i].to(v.device, non_blocking=True).requires_grad_(True)
+            theta = thetas[i].to(v.device, non_blocking=True).detach().requires_grad_(True)
             xb = x_all.index_select(0, plan[i].indices.to(x_all.device)).requires_grad_(True)
             y = labels.index_select(0, plan[i].indices.to(labels.device))
             g = student_gradient(loss_fn, theta, _augmented(xb, plan[i], augment), y, create_graph=True)
