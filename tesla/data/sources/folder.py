@@ -29,6 +29,7 @@ from tesla.data.sources.tree import (
     labelled_flat_split,
     list_container,
     read_synsets,
+    set_aside_unsafe,
     subtree,
     top_folders,
 )
@@ -45,8 +46,9 @@ def _test_split(
     train: EncodedSplit,
 ) -> tuple[EncodedSplit, EncodedSplit]:
     """The test split from --test-input, else the input's test/ or val/ folder, else held out."""
+    unsafe: list[str] = []
     if opts.test_input is not None:
-        entries, root = list_container(opts.test_input, "--test-input"), str(opts.test_input)
+        (entries, unsafe), root = set_aside_unsafe(list_container(opts.test_input, "--test-input")), str(opts.test_input)
     elif inner is not None:
         entries, root = inner
     elif opts.test_fraction is not None:
@@ -67,6 +69,7 @@ def _test_split(
                 "the labels; drop --test-labels or give a flat test folder"
             )
         test = encoded_split("test", class_tree(entries, root, opts.ignore_non_images), class_ids, root, "the test input")
+    test.ignored[:0] = unsafe  # in place: inner tars listed later add to the same list
     return train, test
 
 
@@ -74,7 +77,7 @@ def plan_tree(opts: SourceOptions, source: str, name: str, wnids: bool) -> Datas
     """A dataset plan from a class-folder tree (``wnids``: class folders must be WordNet ids)."""
     if opts.input is None:
         raise TeslaError(f"{source}: give --input (a class-folder tree, or a tar of one)")
-    entries = list_container(opts.input, "--input")
+    entries, unsafe = set_aside_unsafe(list_container(opts.input, "--input"))
     root = str(opts.input)
     inner_test = None
     # ImageNet trees (e.g. Kaggle's CLS-LOC/) keep the labelled images in val/ and unlabelled ones in test/
@@ -100,6 +103,7 @@ def plan_tree(opts: SourceOptions, source: str, name: str, wnids: bool) -> Datas
             )
     class_names = read_synsets(opts.synsets, class_ids) if opts.synsets is not None else list(class_ids)
     train = encoded_split("train", tree, class_ids, root, "train")
+    train.ignored[:0] = unsafe  # in place: inner tars listed later add to the same list
     train, test = _test_split(opts, inner_test, class_ids, class_names, train)
     attrs = {"input": str(opts.input)}
     if opts.test_input is not None:
