@@ -29,16 +29,15 @@ from tqdm import tqdm
 
 from tesla.data.format import SplitWriter
 from tesla.data.pool import RESULT_SLOT_BYTES, WorkerPool
-from tesla.data.imaging import RESIZE_FILTERS, RESIZE_RULES, parse_resize_rule, resize_rule_name, decode_block, min_decoded_side, resize_block
-from tesla.data.sources import SOURCES, ArraySplit, DatasetPlan, EncodedSplit, SourceOptions, plan_source
+from tesla.data.imaging import decode_block, min_decoded_side, parse_resize_rule, resize_block, resize_rule_name
+from tesla.data.sources import ArraySplit, DatasetPlan, EncodedSplit, StreamedSplit, registry
+from tesla.data.sources.base import Split, empty_split_error
 from tesla.errors import TeslaError
 
 #: images per unit of work sent to a worker (fewer when their pixels would not fit a result slot,
 #: or when the split is too small to give every worker two blocks)
 ENCODED_BLOCK = 128
 ARRAY_BLOCK = 1024
-#: sources whose splits are streamed in any class order and sorted through a temporary file
-STREAMED_SOURCES = ("imagenet-downsampled", "parquet")
 REPORT_NAME = "prepare_report.txt"
 _STAGING = re.compile(r"^\.tesla-prepare\.(\d+)\.tmp$")
 
@@ -47,135 +46,15 @@ _STAGING = re.compile(r"^\.tesla-prepare\.(\d+)\.tmp$")
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "source",
-        choices=SOURCES,
-        help="raw dataset kind: demo (scikit-learn digits, no input), mnist, fashion-mnist (idx files), "
-        "cifar10, cifar100 (python pickle batches; pickles can run code, so give only files you trust), "
-        "imagenet (train/<wnid>/ folders, a tar of them, or ILSVRC2012_img_train.tar; a folder of Downsampled-ImageNet "
-        "batches or of parquet shards is recognised and read as below), "
-        "imagenet-downsampled (train_data_batch_1..10 python pickles or .npz, val_data or val_data.npz of "
-        "Downsampled ImageNet 16/32/64 px; pickles can run code, so give only files you trust: only the paths "
-        "you name are loaded), "
-        "parquet (*.parquet shards with an encoded-image column and an integer label column, e.g. a Hugging Face "
-        "dataset's data/ folder), "
-        "folder (any <class>/**/<image> tree, or a tar of one)",
-    )
-    parser.add_argument(
-        "--input",
-        type=Path,
-        help="the raw data: for mnist/fashion-mnist the folder of idx files; for cifar the batches folder, "
-        "its parent or the .tar.gz; for imagenet/folder a class-folder tree or an uncompressed tar of one "
-        "(or of per-class tars), possibly holding train/ and test/ (or val/) folders; for imagenet-downsampled a folder "
-        "holding train_data_batch_* (also one level down, e.g. Imagenet64_train/), one batch file, or a glob; for "
-        "parquet a .parquet file, a folder of them (train-*.parquet and validation-*/test-*.parquet split by name) "
-        "or a glob such as 'data/train-*.parquet'; not used by demo",
-    )
-    parser.add_argument(
-        "--test-input",
-        type=Path,
-        help="imagenet/folder: the test images, as a class-folder tree, or a flat folder or tar "
-        "(e.g. ILSVRC2012_img_val.tar) labelled by --test-labels; imagenet-downsampled: val_data or val_data.npz "
-        "(else found beside the train batches); parquet: a file, folder or glob of test shards",
-    )
-    parser.add_argument(
-        "--test-labels",
-        type=Path,
-        help="labels of a flat test folder: LOC_val_solution.csv (ImageId,PredictionString; class = first "
-        "token), or lines 'file class' separated by commas, tabs or spaces; file names may omit the extension",
-    )
-    parser.add_argument(
-        "--synsets",
-        type=Path,
-        help="class names for imagenet/folder: lines '<class id> <name, name2, ...>' (LOC_synset_mapping.txt); "
-        "imagenet-downsampled: the devkit's meta.mat or lines 'wnid id name' (map_clsloc.txt) to turn the batches' "
-        "devkit ids 1..1000 into sorted WordNet ids with names (without it the devkit order is kept and recorded)",
-    )
-    parser.add_argument("--out-dir", type=Path, required=True, help="output folder for train.h5, test.h5 and prepare_report.txt")
-    parser.add_argument("--name", help="dataset name stored in the files; when not given, the source's name (for folder: the input's name)")
-    parser.add_argument(
-        "--resolution",
-        type=int,
-        help="output side S in pixels (S x S images); when not given, the native size (demo 8, mnist 28, cifar 32), "
-        "or 64 for imagenet; required for folder",
-    )
-    parser.add_argument(
-        "--resize",
-        choices=RESIZE_RULES,
-        default="box",
-        help="box: the whole image box-filtered to S x S, aspect ratio not kept (the Downsampled-ImageNet rule); "
-        "center-crop: the centred square of side min(w, h) box-filtered to S x S",
-    )
-    parser.add_argument(
-        "--resize-filter",
-        choices=tuple(RESIZE_FILTERS),
-        default="box",
-        help="resampling filter of the resize (Pillow, antialiased); box is the Downsampled-ImageNet filter, "
-        "the others are offered for comparison and recorded in the file's resize_rule attribute",
-    )
-    parser.add_argument(
-        "--channels",
-        type=int,
-        choices=(1, 3),
-        help="imagenet/folder: 3 = convert to RGB, 1 = convert to greyscale (L); when not given, 3",
-    )
-    parser.add_argument(
-        "--full-decode",
-        action="store_true",
-        help="always decode JPEGs at full size; without it, large JPEGs are decoded at a reduced size that keeps "
-        "the shorter side >= max(256, 4 S) (measured within 0.1 grey level of full decoding on ImageNet)",
-    )
-    parser.add_argument("--workers", type=int, default=0, help="decoding processes (0 = all available cores)")
-    parser.add_argument("--strict", action="store_true", help="stop at the first undecodable image instead of skipping it")
-    parser.add_argument(
-        "--ignore-non-images",
-        action="store_true",
-        help="skip files whose extension is not an image's (listed in the report) instead of stopping with an error",
-    )
-    parser.add_argument(
-        "--test-fraction",
-        type=float,
-        help="imagenet/folder without any test input: hold out this fraction of every class as the test split",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the --test-fraction hold-out")
-    parser.add_argument(
-        "--download",
-        action="store_true",
-        help="mnist/fashion-mnist/cifar: fetch the official files into --input with torchvision first "
-        "(needs a network; fails with instructions when offline)",
-    )
-    parser.add_argument("--image-column", default="image", help="parquet: column of encoded images (bytes, or a struct with 'bytes' and 'path')")
-    parser.add_argument("--label-column", default="label", help="parquet: column of integer class labels (0..K-1)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    """The source and every option, from the registry of data sources."""
+    registry.add_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.download and args.source not in ("mnist", "fashion-mnist", "cifar10", "cifar100"):
-        raise TeslaError(f"--download: only mnist, fashion-mnist, cifar10 and cifar100 can be downloaded, not {args.source}")
-    if args.channels is not None and args.source not in ("imagenet", "folder", "parquet"):
-        raise TeslaError(f"--channels: {args.source} has a fixed number of channels; drop --channels")
-    if args.source not in ("imagenet", "folder", "parquet") and (args.image_column, args.label_column) != ("image", "label"):
-        raise TeslaError(f"--image-column/--label-column: only for parquet shards, not the {args.source} source; drop them")
-    if args.source not in ("imagenet", "folder", *STREAMED_SOURCES):
-        for flag in ("test_input", "test_labels", "synsets", "test_fraction"):
-            if getattr(args, flag) is not None:
-                raise TeslaError(f"--{flag.replace('_', '-')}: not used by the {args.source} source (it has an official test split)")
-    if args.source == "folder" and args.resolution is None:
-        raise TeslaError("--resolution: required for the folder source (e.g. 32 for CIFAR-sized images, 64 for ImageNet-style)")
-    opts = SourceOptions(
-        input=args.input,
-        test_input=args.test_input,
-        test_labels=args.test_labels,
-        synsets=args.synsets,
-        channels=args.channels,
-        download=args.download,
-        ignore_non_images=args.ignore_non_images,
-        test_fraction=args.test_fraction,
-        seed=args.seed,
-        image_column=args.image_column,
-        label_column=args.label_column,
-    )
-    plan = plan_source(args.source, opts, args.name)
+    values = vars(args)
+    source = registry.get_source(args.source)
+    registry.check_options(source, values)
+    plan = source.plan(registry.source_options(values), args.name)
     resolution = args.resolution or plan.default_resolution or _native_resolution(plan)
     if not resolution:
         raise TeslaError(f"--resolution: required for the {args.source} source (e.g. 32 for CIFAR-sized images, 64 for ImageNet)")
@@ -198,9 +77,9 @@ def run(args: argparse.Namespace) -> int:
 def _native_resolution(plan: DatasetPlan) -> int:
     """The side S stored in a streamed source's files (read only when --resolution is not given)."""
     for split in (plan.test, plan.train):
-        native = getattr(split, "native_resolution", None)
-        if native is not None:
-            return int(native())
+        native = split.native_resolution() if isinstance(split, StreamedSplit) else None
+        if native:
+            return int(native)
     return 0
 
 
@@ -327,8 +206,9 @@ def prepare_dataset(
             f"source: {plan.source}",
             f"name: {plan.name}",
             *(f"{k}: {v}" for k, v in plan.attrs.items()),
+            f"class_order: {plan.class_order}",
             f"resolution: {resolution}",
-            f"resize rule: {plan.train.resize_rule(resolution, rule) if hasattr(plan.train, 'blocks') else rule}, {filter_name} filter"
+            f"resize rule: {plan.train.resize_rule(resolution, rule) if isinstance(plan.train, StreamedSplit) else rule}, {filter_name} filter"
             + (
                 f"; JPEGs decoded at reduced size only down to a shorter side >= {min_decoded_side(resolution)} px"
                 if reduced
@@ -354,12 +234,11 @@ def prepare_dataset(
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _split_attrs(plan: DatasetPlan, split: EncodedSplit | ArraySplit, rule: str, reduced: bool, resolution: int) -> dict:
-    attrs = {f"source_{k}": str(v) for k, v in plan.attrs.items() if k != "class_order"}
+def _split_attrs(plan: DatasetPlan, split: Split, rule: str, reduced: bool, resolution: int) -> dict:
+    attrs = {f"source_{k}": str(v) for k, v in plan.attrs.items()}
     attrs.update({f"source_{k}": str(v) for k, v in split.attrs.items()})
-    attrs["class_order"] = "official label order" if plan.source in ("mnist", "fashion-mnist", "cifar10", "cifar100", "demo") else "sorted class ids"
-    attrs["class_order"] = str(plan.attrs.get("class_order", attrs["class_order"]))
-    if isinstance(split, EncodedSplit) or getattr(split, "encoded", False):
+    attrs["class_order"] = plan.class_order
+    if isinstance(split, EncodedSplit) or (isinstance(split, StreamedSplit) and split.encoded):
         attrs["resize_filter"] = parse_resize_rule(rule)[1]
         attrs["jpeg_reduced_decoding"] = bool(reduced)
         attrs["jpeg_min_decoded_side"] = min_decoded_side(resolution) if reduced else 0
@@ -382,7 +261,7 @@ class Conversion:
 
 def write_split(
     plan: DatasetPlan,
-    split: EncodedSplit | ArraySplit,
+    split: Split,
     path: Path,
     resolution: int,
     rule: str,
@@ -393,11 +272,11 @@ def write_split(
 ) -> SplitReport:
     """Decode, resize and append one split to a :class:`SplitWriter`, class by class.
 
-    ``split`` may also be a *streamed* split (Downsampled-ImageNet batches, parquet shards):
-    an object with ``blocks(pool, resolution, rule, mode, reduced)`` yielding
-    :class:`LabelledBlock` in any class order, sorted into class order through a
-    :class:`ClassSortingStore` beside ``path``."""
-    streamed = hasattr(split, "blocks")
+    A :class:`StreamedSplit` (Downsampled-ImageNet batches, parquet shards) yields its
+    images in any class order; they are sorted into class order through a
+    :class:`ClassSortingStore` beside ``path``. A split left without any image (every image
+    undecodable, or a streamed input without rows) is refused before its file is written."""
+    streamed = isinstance(split, StreamedSplit)
     if streamed:
         rule_used = split.resize_rule(resolution, rule)
     elif isinstance(split, ArraySplit):
@@ -407,7 +286,7 @@ def write_split(
         rule_used = rule
     report = SplitReport(split=split.split, path=path, counts=np.zeros(len(plan.class_ids), dtype=np.int64))
     report.notes += list(split.notes)
-    report.ignored += list(getattr(split, "ignored", []))
+    report.ignored += list(split.ignored)
     with SplitWriter(
         path,
         dataset=plan.name,
@@ -431,7 +310,10 @@ def write_split(
         else:
             _write_encoded(split, writer, report, conv)
         # ignored files found while listing lazily (inner tars) join the report
-        report.ignored = list(dict.fromkeys(report.ignored + list(getattr(split, "ignored", []))))
+        report.ignored = list(dict.fromkeys(report.ignored + list(split.ignored)))
+        if not report.counts.any():
+            why = f"all {len(report.skipped)} of its images are undecodable, e.g. {report.skipped[0]}" if report.skipped else "its input holds none"
+            raise empty_split_error(split.split, split.source_path, why.replace("\t", ": "))
     with h5py.File(path, "r") as f:
         report.mean = [float(v) for v in np.atleast_1d(f.attrs["mean"])]
         report.std = [float(v) for v in np.atleast_1d(f.attrs["std"])]
@@ -558,8 +440,8 @@ def _write_encoded(split: EncodedSplit, writer: SplitWriter, report: SplitReport
         bar.close()
 
 
-def _needs_pool(split, resolution: int) -> bool:
-    if hasattr(split, "blocks"):
+def _needs_pool(split: Split, resolution: int) -> bool:
+    if isinstance(split, StreamedSplit):
         return split.needs_pool(resolution)
     return isinstance(split, EncodedSplit) or split.images.shape[1:3] != (resolution, resolution)
 
@@ -623,7 +505,7 @@ class ClassSortingStore:
         self.path.unlink(missing_ok=True)
 
 
-def _write_streamed(split, writer: SplitWriter, report: SplitReport, conv: Conversion, tmp_dir: Path) -> None:
+def _write_streamed(split: StreamedSplit, writer: SplitWriter, report: SplitReport, conv: Conversion, tmp_dir: Path) -> None:
     """Stream a split's blocks into a :class:`ClassSortingStore`, then append it class by class."""
     name, resolution, rule, mode, pool = conv.name, conv.resolution, conv.rule, conv.mode, conv.pool
     strict, reduced, progress = conv.strict, conv.reduced, conv.progress

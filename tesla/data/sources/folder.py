@@ -1,4 +1,4 @@
-"""Class-folder trees (``folder`` source) and ImageNet-1K in its usual layouts (``imagenet``).
+"""Class-folder trees: the ``folder`` source, and the tree reader of the ``imagenet`` source.
 
 Both read a folder or an uncompressed tar (see :mod:`tesla.data.sources.tree`):
 
@@ -18,6 +18,17 @@ import re
 from pathlib import Path
 
 from tesla.data.sources.base import DatasetPlan, EncodedSplit, SourceOptions
+from tesla.data.sources.options import (
+    CHANNELS,
+    IGNORE_NON_IMAGES,
+    INPUT,
+    SYNSETS,
+    TEST_FRACTION,
+    TEST_FRACTION_SEED,
+    TEST_INPUT,
+    TEST_LABELS,
+)
+from tesla.data.sources.registry import DataSource
 from tesla.data.sources.tree import (
     TEST_SPLIT_NAMES,
     Entry,
@@ -52,7 +63,7 @@ def _test_split(
     elif inner is not None:
         entries, root = inner
     elif opts.test_fraction is not None:
-        return hold_out(train, opts.test_fraction, opts.seed)
+        return hold_out(train, opts.test_fraction, opts.test_fraction_seed)
     else:
         raise TeslaError(
             f"{opts.input}: no test split; give --test-input (a class-folder tree, or a flat folder/tar with "
@@ -73,7 +84,7 @@ def _test_split(
     return train, test
 
 
-def plan_tree(opts: SourceOptions, source: str, name: str, wnids: bool) -> DatasetPlan:
+def plan_tree(opts: SourceOptions, source: str, name: str, wnids: bool, default_resolution: int = 0) -> DatasetPlan:
     """A dataset plan from a class-folder tree (``wnids``: class folders must be WordNet ids)."""
     if opts.input is None:
         raise TeslaError(f"{source}: give --input (a class-folder tree, or a tar of one)")
@@ -116,7 +127,7 @@ def plan_tree(opts: SourceOptions, source: str, name: str, wnids: bool) -> Datas
         class_ids=class_ids,
         class_names=class_names,
         channels=opts.channels or 3,
-        default_resolution=64 if wnids else 0,
+        default_resolution=default_resolution,
         train=train,
         test=test,
         attrs=attrs,
@@ -130,6 +141,24 @@ def plan_folder(opts: SourceOptions, name: str | None = None) -> DatasetPlan:
     return plan_tree(opts, "folder", name or "folder", wnids=False)
 
 
-def plan_imagenet(opts: SourceOptions, name: str | None = None) -> DatasetPlan:
-    """ImageNet-1K: train folders / tar of folders / ILSVRC2012_img_train.tar; class index = sorted wnids."""
-    return plan_tree(opts, "imagenet", name or "imagenet", wnids=True)
+#: the options of a class-folder tree (the ``imagenet`` source takes them too)
+TREE_OPTIONS = (INPUT, TEST_INPUT, TEST_LABELS, SYNSETS, CHANNELS, IGNORE_NON_IMAGES, TEST_FRACTION, TEST_FRACTION_SEED)
+
+SOURCES = (
+    DataSource(
+        "folder",
+        "any <class>/**/<image> tree, or a tar of one",
+        plan_folder,
+        TREE_OPTIONS,
+        {
+            "input": "a folder of class folders <class>/<image> (images may sit in nested folders), or one with "
+            "train/<class>/... and test/<class>/... (or val/) inside, or an uncompressed .tar of either layout "
+            "(e.g. cifar10-jpg.tar)",
+            "test_input": "a second class-folder tree, or a flat folder or tar of images labelled by the test labels file",
+            "synsets": "lines '<class id> <name, name2, ...>'",
+            "resolution": "required",
+        },
+        resolution_required=True,
+        explicit_defaults=("resize",),
+    ),
+)

@@ -362,8 +362,6 @@ def labelled_flat_split(
                 "or remove the image from the test input"
             )
         per_class[label].append(e.ref)
-    if sum(len(r) for r in per_class) == 0:
-        raise TeslaError(f"{source_path}: no test images found; check --test-input")
     notes = []
     for refs in per_class:
         refs.sort(key=lambda r: r.name)
@@ -396,11 +394,6 @@ def hold_out(train: EncodedSplit, fraction: float, seed: int) -> tuple[EncodedSp
         pick = set(rng.permutation(n)[:k].tolist())
         tr.append(ClassFiles(index=cf.index, refs=[r for j, r in enumerate(refs) if j not in pick]))
         te.append(ClassFiles(index=cf.index, refs=[r for j, r in enumerate(refs) if j in pick]))
-    if not any(c.refs for c in te):
-        raise TeslaError(
-            f"{train.source_path}: --test-fraction {fraction:g} holds out no image (every class has fewer than 2 "
-            "images, or the fraction is too small); give a test split with --test-input instead"
-        )
     note = f"test split held out from train: {fraction:g} of each class, seed {seed}"
     a = EncodedSplit("train", tr, train.source_path, train.ignored, list(train.notes), dict(train.attrs))
     b = EncodedSplit("test", te, train.source_path, [], [note], {"held_out_fraction": fraction, "held_out_seed": seed})
