@@ -197,12 +197,11 @@ def empty_split_error(split: str, where: str, why: str = "") -> TeslaError:
     return TeslaError(f"{where}: the {split} split has no images{because}; nothing was written: {fix}")
 
 
-def empty_class_error(classes: list[str], where: str, why: str = "") -> TeslaError:
+def empty_class_error(classes: list[str], where: str) -> TeslaError:
     """The error of every source for train classes that would hold no image."""
     more = f" (and {len(classes) - 1} more)" if len(classes) > 1 else ""
-    because = f" ({why})" if why else ""
     return TeslaError(
-        f"{where}: class {classes[0]!r}{more} has no images in the train split{because}; nothing was written: "
+        f"{where}: class {classes[0]!r}{more} has no images in the train split; nothing was written: "
         "give images of every class, or remove the class"
     )
 

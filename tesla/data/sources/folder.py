@@ -38,9 +38,8 @@ from tesla.data.sources.tree import (
     hold_out,
     is_flat,
     labelled_flat_split,
-    list_container,
+    list_readable,
     read_synsets,
-    set_aside_unsafe,
     subtree,
     top_folders,
 )
@@ -59,7 +58,8 @@ def _test_split(
     """The test split from --test-input, else the input's test/ or val/ folder, else held out."""
     unsafe: list[str] = []
     if opts.test_input is not None:
-        (entries, unsafe), root = set_aside_unsafe(list_container(opts.test_input, "--test-input")), str(opts.test_input)
+        root = str(opts.test_input)
+        entries, unsafe = list_readable(opts.test_input, "--test-input")
     elif inner is not None:
         entries, root = inner
     elif opts.test_fraction is not None:
@@ -88,7 +88,7 @@ def plan_tree(opts: SourceOptions, source: str, name: str, wnids: bool, default_
     """A dataset plan from a class-folder tree (``wnids``: class folders must be WordNet ids)."""
     if opts.input is None:
         raise TeslaError(f"{source}: give --input (a class-folder tree, or a tar of one)")
-    entries, unsafe = set_aside_unsafe(list_container(opts.input, "--input"))
+    entries, unsafe = list_readable(opts.input, "--input")
     root = str(opts.input)
     inner_test = None
     # ImageNet trees (e.g. Kaggle's CLS-LOC/) keep the labelled images in val/ and unlabelled ones in test/

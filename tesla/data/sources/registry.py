@@ -96,6 +96,7 @@ def register(source: DataSource) -> DataSource:
 
 
 def _add(source: DataSource) -> DataSource:
+    """Register after checking the name, the options (one declaration per key) and the notes."""
     if source.name in _SOURCES:
         raise ValueError(f"data source {source.name!r} is registered twice")
     known = {o.key: o for o in CATALOG} | {o.key: o for s in _SOURCES.values() for o in s.options}

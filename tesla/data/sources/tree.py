@@ -117,6 +117,12 @@ def list_container(path: Path, what: str) -> list[Entry]:
     return _tar_entries(path)
 
 
+def list_readable(path: Path, what: str) -> tuple[list[Entry], list[str]]:
+    """:func:`list_container`, the tar members that must not be read set aside as report lines
+    (see :func:`set_aside_unsafe`)."""
+    return set_aside_unsafe(list_container(path, what))
+
+
 def subtree(entries: Iterable[Entry], prefix: str) -> list[Entry]:
     """Entries below the folder ``prefix``, with paths relative to it."""
     p = prefix.strip("/") + "/"
