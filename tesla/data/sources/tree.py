@@ -74,9 +74,10 @@ def _tar_entries(path: Path, base: int = 0, size: int | None = None, label: str 
     """The members of a tar (see :func:`tesla.data.sources.tarscan.tar_members`) as entries;
     a file's ref is named ``<label>/<member path>``."""
     label = label or str(path)
+    file = str(path)
     return [
-        Entry(m.path, None if m.is_dir else ImageRef(name=f"{label}/{m.path}", path=str(path), offset=m.offset, size=m.size), m.problem)
-        for m in tar_members(path, base, size, label)
+        Entry(rel, None if is_dir else ImageRef(f"{label}/{rel}", file, offset, length), problem)
+        for rel, offset, length, is_dir, problem in tar_members(path, base, size, label)
     ]
 
 
