@@ -57,12 +57,10 @@ import torch
 
 from tesla import __version__
 from tesla.augment import DEFAULT_STRATEGY
-from tesla.data import FORMAT_NAME as SPLIT_FORMAT
-from tesla.data import FORMAT_VERSION as SPLIT_FORMAT_VERSION
 from tesla.data import ImageSplit, normalize
+from tesla.data.header import check_test_split, read_split_header
 from tesla.errors import TeslaError
 from tesla.files import atomic_output
-from tesla.hdf5 import open_checked
 
 RUNS_FORMAT = "tesla-eval-runs"
 RUNS_FORMAT_VERSION = 1
@@ -158,62 +156,6 @@ class NetworkSpace:
         """A whole split in this space on ``device``: (float32 N x C x H x W, int64 N)."""
         x, y = ImageSplit.open(path).load_tensors(device, mean=self.mean, std=self.std)
         return self.whiten(x), y
-
-
-@dataclass(frozen=True)
-class SplitHeader:
-    """What a split file says about itself (attributes and class ids): no pixels, no labels."""
-
-    path: Path
-    dataset: str
-    split: str
-    num_classes: int
-    channels: int
-    height: int
-    width: int
-    class_ids: list[str]
-
-
-def read_split_header(path: str | os.PathLike) -> SplitHeader:
-    """Read a ``tesla-images`` file's header only, so the test split can be checked before
-    training without reading a single test image or label."""
-    f, a, path = open_checked(
-        path, format_name=SPLIT_FORMAT, format_version=SPLIT_FORMAT_VERSION, kind="prepared split file", producer="tesla prepare"
-    )
-    with f:
-        ids = [s.decode() if isinstance(s, bytes) else str(s) for s in f["class_ids"][()]]
-    return SplitHeader(
-        path=path,
-        dataset=str(a.get("dataset", "")),
-        split=str(a.get("split", "")),
-        num_classes=int(a["num_classes"]),
-        channels=int(a["channels"]),
-        height=int(a["height"]),
-        width=int(a["width"]),
-        class_ids=ids,
-    )
-
-
-def check_test_split(header: SplitHeader, space: NetworkSpace, what: str) -> None:
-    """Refuse a test split that is not the real test split of the evaluated set's dataset."""
-    problems = []
-    if space.dataset and header.dataset and header.dataset != space.dataset:
-        problems.append(f"dataset {header.dataset!r} but {what} is {space.dataset!r}")
-    if header.num_classes != space.num_classes:
-        problems.append(f"{header.num_classes} classes but {what} has {space.num_classes}")
-    elif header.class_ids != list(space.class_ids):
-        problems.append(f"class ids differ from those of {what}")
-    if header.channels != space.channels:
-        problems.append(f"{header.channels} channels but {what} has {space.channels}")
-    if (header.height, header.width) != (space.resolution, space.resolution):
-        problems.append(f"{header.height}x{header.width} images but {what} is {space.resolution}x{space.resolution}")
-    if problems:
-        raise TeslaError(
-            f"{header.path}: this test split does not match {what}: " + "; ".join(problems)
-            + "; give the test split prepared together with the training split of that dataset (--test)"
-        )
-    if header.split and header.split != "test":
-        print(f"tesla evaluate: warning: {header.path} is a {header.split!r} split, not 'test'", file=sys.stderr)
 
 
 # -- what is evaluated ---------------------------------------------------------------------

@@ -9,39 +9,35 @@ Both splits and the report are first written into a staging folder inside DIR an
 into place only when all three are complete (``train.h5`` last), so a run killed half-way
 leaves no output file and the rerun starts afresh. Pixels are never all in memory: at most
 ``3 x workers`` blocks of images are in flight, their pixels returned by the workers through
-shared memory (see :class:`WorkerPool`).
+shared memory (see :class:`tesla.data.pool.WorkerPool`).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import mmap
-import multiprocessing
 import os
 import re
 import shutil
 import sys
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Iterator
 
 import h5py
 import numpy as np
 from tqdm import tqdm
 
 from tesla.data.format import SplitWriter
-from tesla.data.imaging import RESIZE_FILTERS, RESIZE_RULES, parse_resize_rule, resize_rule_name, decode_block, min_decoded_side, resize_block
-from tesla.data.sources import SOURCES, ArraySplit, DatasetPlan, EncodedSplit, SourceOptions, plan_source
+from tesla.data.pool import RESULT_SLOT_BYTES, WorkerPool
+from tesla.data.imaging import decode_block, min_decoded_side, parse_resize_rule, resize_block, resize_rule_name
+from tesla.data.sources import ArraySplit, DatasetPlan, EncodedSplit, StreamedSplit, registry
+from tesla.data.sources.base import Split, empty_split_error
 from tesla.errors import TeslaError
 
 #: images per unit of work sent to a worker (fewer when their pixels would not fit a result slot,
 #: or when the split is too small to give every worker two blocks)
 ENCODED_BLOCK = 128
 ARRAY_BLOCK = 1024
-#: sources whose splits are streamed in any class order and sorted through a temporary file
-STREAMED_SOURCES = ("imagenet-downsampled", "parquet")
 REPORT_NAME = "prepare_report.txt"
 _STAGING = re.compile(r"^\.tesla-prepare\.(\d+)\.tmp$")
 
@@ -50,135 +46,15 @@ _STAGING = re.compile(r"^\.tesla-prepare\.(\d+)\.tmp$")
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "source",
-        choices=SOURCES,
-        help="raw dataset kind: demo (scikit-learn digits, no input), mnist, fashion-mnist (idx files), "
-        "cifar10, cifar100 (python pickle batches; pickles can run code, so give only files you trust), "
-        "imagenet (train/<wnid>/ folders, a tar of them, or ILSVRC2012_img_train.tar; a folder of Downsampled-ImageNet "
-        "batches or of parquet shards is recognised and read as below), "
-        "imagenet-downsampled (train_data_batch_1..10 python pickles or .npz, val_data or val_data.npz of "
-        "Downsampled ImageNet 16/32/64 px; pickles can run code, so give only files you trust: only the paths "
-        "you name are loaded), "
-        "parquet (*.parquet shards with an encoded-image column and an integer label column, e.g. a Hugging Face "
-        "dataset's data/ folder), "
-        "folder (any <class>/**/<image> tree, or a tar of one)",
-    )
-    parser.add_argument(
-        "--input",
-        type=Path,
-        help="the raw data: for mnist/fashion-mnist the folder of idx files; for cifar the batches folder, "
-        "its parent or the .tar.gz; for imagenet/folder a class-folder tree or an uncompressed tar of one "
-        "(or of per-class tars), possibly holding train/ and test/ (or val/) folders; for imagenet-downsampled a folder "
-        "holding train_data_batch_* (also one level down, e.g. Imagenet64_train/), one batch file, or a glob; for "
-        "parquet a .parquet file, a folder of them (train-*.parquet and validation-*/test-*.parquet split by name) "
-        "or a glob such as 'data/train-*.parquet'; not used by demo",
-    )
-    parser.add_argument(
-        "--test-input",
-        type=Path,
-        help="imagenet/folder: the test images, as a class-folder tree, or a flat folder or tar "
-        "(e.g. ILSVRC2012_img_val.tar) labelled by --test-labels; imagenet-downsampled: val_data or val_data.npz "
-        "(else found beside the train batches); parquet: a file, folder or glob of test shards",
-    )
-    parser.add_argument(
-        "--test-labels",
-        type=Path,
-        help="labels of a flat test folder: LOC_val_solution.csv (ImageId,PredictionString; class = first "
-        "token), or lines 'file class' separated by commas, tabs or spaces; file names may omit the extension",
-    )
-    parser.add_argument(
-        "--synsets",
-        type=Path,
-        help="class names for imagenet/folder: lines '<class id> <name, name2, ...>' (LOC_synset_mapping.txt); "
-        "imagenet-downsampled: the devkit's meta.mat or lines 'wnid id name' (map_clsloc.txt) to turn the batches' "
-        "devkit ids 1..1000 into sorted WordNet ids with names (without it the devkit order is kept and recorded)",
-    )
-    parser.add_argument("--out-dir", type=Path, required=True, help="output folder for train.h5, test.h5 and prepare_report.txt")
-    parser.add_argument("--name", help="dataset name stored in the files; when not given, the source's name (for folder: the input's name)")
-    parser.add_argument(
-        "--resolution",
-        type=int,
-        help="output side S in pixels (S x S images); when not given, the native size (demo 8, mnist 28, cifar 32), "
-        "or 64 for imagenet; required for folder",
-    )
-    parser.add_argument(
-        "--resize",
-        choices=RESIZE_RULES,
-        default="box",
-        help="box: the whole image box-filtered to S x S, aspect ratio not kept (the Downsampled-ImageNet rule); "
-        "center-crop: the centred square of side min(w, h) box-filtered to S x S",
-    )
-    parser.add_argument(
-        "--resize-filter",
-        choices=tuple(RESIZE_FILTERS),
-        default="box",
-        help="resampling filter of the resize (Pillow, antialiased); box is the Downsampled-ImageNet filter, "
-        "the others are offered for comparison and recorded in the file's resize_rule attribute",
-    )
-    parser.add_argument(
-        "--channels",
-        type=int,
-        choices=(1, 3),
-        help="imagenet/folder: 3 = convert to RGB, 1 = convert to greyscale (L); when not given, 3",
-    )
-    parser.add_argument(
-        "--full-decode",
-        action="store_true",
-        help="always decode JPEGs at full size; without it, large JPEGs are decoded at a reduced size that keeps "
-        "the shorter side >= max(256, 4 S) (measured within 0.1 grey level of full decoding on ImageNet)",
-    )
-    parser.add_argument("--workers", type=int, default=0, help="decoding processes (0 = all available cores)")
-    parser.add_argument("--strict", action="store_true", help="stop at the first undecodable image instead of skipping it")
-    parser.add_argument(
-        "--ignore-non-images",
-        action="store_true",
-        help="skip files whose extension is not an image's (listed in the report) instead of stopping with an error",
-    )
-    parser.add_argument(
-        "--test-fraction",
-        type=float,
-        help="imagenet/folder without any test input: hold out this fraction of every class as the test split",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the --test-fraction hold-out")
-    parser.add_argument(
-        "--download",
-        action="store_true",
-        help="mnist/fashion-mnist/cifar: fetch the official files into --input with torchvision first "
-        "(needs a network; fails with instructions when offline)",
-    )
-    parser.add_argument("--image-column", default="image", help="parquet: column of encoded images (bytes, or a struct with 'bytes' and 'path')")
-    parser.add_argument("--label-column", default="label", help="parquet: column of integer class labels (0..K-1)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    """The source and every option, from the registry of data sources."""
+    registry.add_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.download and args.source not in ("mnist", "fashion-mnist", "cifar10", "cifar100"):
-        raise TeslaError(f"--download: only mnist, fashion-mnist, cifar10 and cifar100 can be downloaded, not {args.source}")
-    if args.channels is not None and args.source not in ("imagenet", "folder", "parquet"):
-        raise TeslaError(f"--channels: {args.source} has a fixed number of channels; drop --channels")
-    if args.source not in ("imagenet", "folder", "parquet") and (args.image_column, args.label_column) != ("image", "label"):
-        raise TeslaError(f"--image-column/--label-column: only for parquet shards, not the {args.source} source; drop them")
-    if args.source not in ("imagenet", "folder", *STREAMED_SOURCES):
-        for flag in ("test_input", "test_labels", "synsets", "test_fraction"):
-            if getattr(args, flag) is not None:
-                raise TeslaError(f"--{flag.replace('_', '-')}: not used by the {args.source} source (it has an official test split)")
-    if args.source == "folder" and args.resolution is None:
-        raise TeslaError("--resolution: required for the folder source (e.g. 32 for CIFAR-sized images, 64 for ImageNet-style)")
-    opts = SourceOptions(
-        input=args.input,
-        test_input=args.test_input,
-        test_labels=args.test_labels,
-        synsets=args.synsets,
-        channels=args.channels,
-        download=args.download,
-        ignore_non_images=args.ignore_non_images,
-        test_fraction=args.test_fraction,
-        seed=args.seed,
-        image_column=args.image_column,
-        label_column=args.label_column,
-    )
-    plan = plan_source(args.source, opts, args.name)
+    values = vars(args)
+    source = registry.get_source(args.source)
+    registry.check_options(source, values)
+    plan = source.plan(registry.source_options(values), args.name)
     resolution = args.resolution or plan.default_resolution or _native_resolution(plan)
     if not resolution:
         raise TeslaError(f"--resolution: required for the {args.source} source (e.g. 32 for CIFAR-sized images, 64 for ImageNet)")
@@ -201,9 +77,9 @@ def run(args: argparse.Namespace) -> int:
 def _native_resolution(plan: DatasetPlan) -> int:
     """The side S stored in a streamed source's files (read only when --resolution is not given)."""
     for split in (plan.test, plan.train):
-        native = getattr(split, "native_resolution", None)
-        if native is not None:
-            return int(native())
+        native = split.native_resolution() if isinstance(split, StreamedSplit) else None
+        if native:
+            return int(native)
     return 0
 
 
@@ -265,165 +141,6 @@ class PrepareReport:
                 lines += ["", f"[{s.split}] {title}: {len(items)} (path<TAB>reason)"]
                 lines += items
         return "\n".join(lines) + "\n"
-
-
-def default_workers() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
-
-
-#: bytes of one result slot of :class:`WorkerPool` (the decoded pixels of one task fit in it)
-RESULT_SLOT_BYTES = 2 << 20
-#: arrays smaller than this travel pickled with the rest of a result
-_SLOT_MIN_BYTES = 4096
-
-
-@dataclass(frozen=True)
-class _InSlot:
-    """Stands, in a pickled result, for an array the worker wrote into its result slot."""
-
-    offset: int
-    dtype: str
-    shape: tuple[int, ...]
-
-
-_worker_arena: mmap.mmap | None = None  # in a pool worker: the pool's result slots
-
-
-def _init_worker(arena: mmap.mmap | None) -> None:
-    global _worker_arena
-    _worker_arena = arena
-
-
-def _call_into_slot(fn: Callable, args: tuple, slot: int):
-    """Worker entry point: ``fn(*args)``, its large arrays written into result slot ``slot``."""
-    start, used = slot * RESULT_SLOT_BYTES, 0
-
-    def put(a: np.ndarray) -> np.ndarray | _InSlot:
-        nonlocal used
-        if a.dtype.hasobject or a.nbytes < _SLOT_MIN_BYTES or used + a.nbytes > RESULT_SLOT_BYTES:
-            return a
-        np.ndarray(a.shape, a.dtype, buffer=_worker_arena, offset=start + used)[...] = a
-        placed = _InSlot(start + used, a.dtype.str, a.shape)
-        used += -(-a.nbytes // 64) * 64
-        return placed
-
-    return _map_parts(fn(*args), np.ndarray, put)
-
-
-def _map_parts(result, kind: type, fn: Callable):
-    """``result`` with each of its top-level parts (itself, the items of a tuple, the fields
-    of a dataclass) that is a ``kind`` replaced by ``fn(part)``."""
-    if isinstance(result, kind):
-        return fn(result)
-    if isinstance(result, tuple):
-        return tuple(fn(x) if isinstance(x, kind) else x for x in result)
-    if dataclasses.is_dataclass(result) and not isinstance(result, type):
-        parts = {f.name: getattr(result, f.name) for f in dataclasses.fields(result)}
-        changed = {k: fn(v) for k, v in parts.items() if isinstance(v, kind)}
-        return dataclasses.replace(result, **changed) if changed else result
-    return result
-
-
-class WorkerPool:
-    """A process pool (fork where available) or, for one worker, plain calls in this process.
-
-    With fork, the workers return the large arrays of their results (the decoded pixels)
-    through *result slots*: a shared anonymous memory mapping made before the workers start,
-    one slot of :data:`RESULT_SLOT_BYTES` per task in flight. Only the rest of a result is
-    pickled through the pool's pipe, which keeps the main process's cost per image small
-    (pickling 12 KB of pixels through a pipe costs it ~20-30 us per 64 x 64 image, copying
-    them out of a slot ~1 us). Without fork (or ``shared_results=False``), or when a result
-    does not fit its slot, results are pickled whole.
-    """
-
-    def __init__(self, workers: int, shared_results: bool = True) -> None:
-        self.workers = max(1, workers or default_workers())
-        self.window = 3 * self.workers  # tasks in flight
-        self.shared_results = shared_results
-        self._pool = None
-        self._arena: mmap.mmap | None = None
-        self._free_slots: list[int] = []
-
-    def start(self):
-        """The process pool, started on first use (fork where available, else spawn)."""
-        if self._pool is None and self.workers > 1:
-            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-            if method == "fork" and self.shared_results:
-                self._arena = mmap.mmap(-1, self.window * RESULT_SLOT_BYTES)
-                self._free_slots = list(range(self.window))
-            self._pool = multiprocessing.get_context(method).Pool(self.workers, initializer=_init_worker, initargs=(self._arena,))
-        return self._pool
-
-    def ordered_map(
-        self, fn: Callable, tasks: Iterable[tuple], window: int | None = None, borrow: bool = False
-    ) -> Iterator[tuple[tuple, object]]:
-        """Yield (task, fn(*task)) in task order, keeping at most ``window`` tasks in flight.
-
-        ``borrow``: the arrays that came through a result slot are views of the slot, valid
-        only until the next result is asked for (the consumer copies what it keeps); else copies.
-        A task still in flight when the consumer stops early keeps its result slot out of use
-        for the life of the pool (its worker may yet write into it)."""
-        if self.start() is None:
-            for t in tasks:
-                yield t, fn(*t)
-            return
-        window = window or self.window
-        pending: deque = deque()
-        for t in tasks:
-            slot = self._free_slots.pop() if self._free_slots else None
-            if slot is None:
-                pending.append((t, self._pool.apply_async(fn, t), None))
-            else:
-                pending.append((t, self._pool.apply_async(_call_into_slot, (fn, t, slot)), slot))
-            if len(pending) >= window:
-                t0, result, lent = self._collect(*pending.popleft(), borrow)
-                yield t0, result
-                if lent is not None:  # the consumer is done with the views of the lent slot
-                    self._free_slots.append(lent)
-        while pending:
-            t0, result, lent = self._collect(*pending.popleft(), borrow)
-            yield t0, result
-            if lent is not None:
-                self._free_slots.append(lent)
-
-    def _collect(self, task: tuple, async_result, slot: int | None, borrow: bool) -> tuple[tuple, object, int | None]:
-        """(task, its result, the slot still lent to the consumer): the arrays the worker placed
-        in ``slot`` are copied out, or with ``borrow`` viewed in place (the slot is then lent)."""
-        try:
-            result = async_result.get()
-        except BaseException:
-            if slot is not None and async_result.ready():  # the worker is done with the slot
-                self._free_slots.append(slot)
-            raise
-        if slot is None:
-            return task, result, None
-        if borrow:
-            return task, _map_parts(result, _InSlot, self._slot_view), slot
-        result = _map_parts(result, _InSlot, lambda placed: self._slot_view(placed).copy())
-        self._free_slots.append(slot)
-        return task, result, None
-
-    def _slot_view(self, placed: _InSlot) -> np.ndarray:
-        """The array a worker wrote into a result slot, viewed in place."""
-        return np.ndarray(placed.shape, np.dtype(placed.dtype), buffer=self._arena, offset=placed.offset)
-
-    def close(self, ok: bool) -> None:
-        if self._pool is not None:
-            if ok:
-                self._pool.close()
-            else:
-                self._pool.terminate()
-            self._pool.join()
-            self._pool = None
-        if self._arena is not None:
-            try:
-                self._arena.close()
-            except BufferError:  # a view of a slot is still referenced: the mapping goes with it
-                pass
-            self._arena, self._free_slots = None, []
 
 
 def encoded_block_size(resolution: int, channels: int, images: int, workers: int) -> int:
@@ -489,8 +206,9 @@ def prepare_dataset(
             f"source: {plan.source}",
             f"name: {plan.name}",
             *(f"{k}: {v}" for k, v in plan.attrs.items()),
+            f"class_order: {plan.class_order}",
             f"resolution: {resolution}",
-            f"resize rule: {plan.train.resize_rule(resolution, rule) if hasattr(plan.train, 'blocks') else rule}, {filter_name} filter"
+            f"resize rule: {plan.train.resize_rule(resolution, rule) if isinstance(plan.train, StreamedSplit) else rule}, {filter_name} filter"
             + (
                 f"; JPEGs decoded at reduced size only down to a shorter side >= {min_decoded_side(resolution)} px"
                 if reduced
@@ -516,12 +234,11 @@ def prepare_dataset(
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _split_attrs(plan: DatasetPlan, split: EncodedSplit | ArraySplit, rule: str, reduced: bool, resolution: int) -> dict:
-    attrs = {f"source_{k}": str(v) for k, v in plan.attrs.items() if k != "class_order"}
+def _split_attrs(plan: DatasetPlan, split: Split, rule: str, reduced: bool, resolution: int) -> dict:
+    attrs = {f"source_{k}": str(v) for k, v in plan.attrs.items()}
     attrs.update({f"source_{k}": str(v) for k, v in split.attrs.items()})
-    attrs["class_order"] = "official label order" if plan.source in ("mnist", "fashion-mnist", "cifar10", "cifar100", "demo") else "sorted class ids"
-    attrs["class_order"] = str(plan.attrs.get("class_order", attrs["class_order"]))
-    if isinstance(split, EncodedSplit) or getattr(split, "encoded", False):
+    attrs["class_order"] = plan.class_order
+    if isinstance(split, EncodedSplit) or (isinstance(split, StreamedSplit) and split.encoded):
         attrs["resize_filter"] = parse_resize_rule(rule)[1]
         attrs["jpeg_reduced_decoding"] = bool(reduced)
         attrs["jpeg_min_decoded_side"] = min_decoded_side(resolution) if reduced else 0
@@ -544,7 +261,7 @@ class Conversion:
 
 def write_split(
     plan: DatasetPlan,
-    split: EncodedSplit | ArraySplit,
+    split: Split,
     path: Path,
     resolution: int,
     rule: str,
@@ -555,11 +272,11 @@ def write_split(
 ) -> SplitReport:
     """Decode, resize and append one split to a :class:`SplitWriter`, class by class.
 
-    ``split`` may also be a *streamed* split (Downsampled-ImageNet batches, parquet shards):
-    an object with ``blocks(pool, resolution, rule, mode, reduced)`` yielding
-    :class:`LabelledBlock` in any class order, sorted into class order through a
-    :class:`ClassSortingStore` beside ``path``."""
-    streamed = hasattr(split, "blocks")
+    A :class:`StreamedSplit` (Downsampled-ImageNet batches, parquet shards) yields its
+    images in any class order; they are sorted into class order through a
+    :class:`ClassSortingStore` beside ``path``. A split left without any image (every image
+    undecodable, or a streamed input without rows) is refused before its file is written."""
+    streamed = isinstance(split, StreamedSplit)
     if streamed:
         rule_used = split.resize_rule(resolution, rule)
     elif isinstance(split, ArraySplit):
@@ -569,7 +286,7 @@ def write_split(
         rule_used = rule
     report = SplitReport(split=split.split, path=path, counts=np.zeros(len(plan.class_ids), dtype=np.int64))
     report.notes += list(split.notes)
-    report.ignored += list(getattr(split, "ignored", []))
+    report.ignored += list(split.ignored)
     with SplitWriter(
         path,
         dataset=plan.name,
@@ -593,7 +310,10 @@ def write_split(
         else:
             _write_encoded(split, writer, report, conv)
         # ignored files found while listing lazily (inner tars) join the report
-        report.ignored = list(dict.fromkeys(report.ignored + list(getattr(split, "ignored", []))))
+        report.ignored = list(dict.fromkeys(report.ignored + list(split.ignored)))
+        if not report.counts.any():
+            why = f"all {len(report.skipped)} of its images are undecodable, e.g. {report.skipped[0]}" if report.skipped else "its input holds none"
+            raise empty_split_error(split.split, split.source_path, why.replace("\t", ": "))
     with h5py.File(path, "r") as f:
         report.mean = [float(v) for v in np.atleast_1d(f.attrs["mean"])]
         report.std = [float(v) for v in np.atleast_1d(f.attrs["std"])]
@@ -720,8 +440,8 @@ def _write_encoded(split: EncodedSplit, writer: SplitWriter, report: SplitReport
         bar.close()
 
 
-def _needs_pool(split, resolution: int) -> bool:
-    if hasattr(split, "blocks"):
+def _needs_pool(split: Split, resolution: int) -> bool:
+    if isinstance(split, StreamedSplit):
         return split.needs_pool(resolution)
     return isinstance(split, EncodedSplit) or split.images.shape[1:3] != (resolution, resolution)
 
@@ -785,7 +505,7 @@ class ClassSortingStore:
         self.path.unlink(missing_ok=True)
 
 
-def _write_streamed(split, writer: SplitWriter, report: SplitReport, conv: Conversion, tmp_dir: Path) -> None:
+def _write_streamed(split: StreamedSplit, writer: SplitWriter, report: SplitReport, conv: Conversion, tmp_dir: Path) -> None:
     """Stream a split's blocks into a :class:`ClassSortingStore`, then append it class by class."""
     name, resolution, rule, mode, pool = conv.name, conv.resolution, conv.rule, conv.mode, conv.pool
     strict, reduced, progress = conv.strict, conv.reduced, conv.progress

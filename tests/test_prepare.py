@@ -416,7 +416,7 @@ def test_resize_filter_option_is_applied_and_recorded(tmp_path, geometry, filter
 def _arrays_task(k: int, n: int):
     """A pool task returning a small array (pickled), a block of pixels (through a result slot)
     and, for k == 3, a block too big for one slot (pickled)."""
-    from tesla.prepare import RESULT_SLOT_BYTES
+    from tesla.data.pool import RESULT_SLOT_BYTES
 
     big = np.full((n, 64, 64, 3), k, dtype=np.uint8)
     if k == 3:
@@ -426,7 +426,7 @@ def _arrays_task(k: int, n: int):
 
 @pytest.mark.parametrize("borrow", [False, True])
 def test_worker_pool_returns_results_through_slots_and_pipes_alike(borrow):
-    from tesla.prepare import WorkerPool
+    from tesla.data.pool import WorkerPool
 
     tasks = [(k, 16 + k) for k in range(12)]
     expected = [_arrays_task(*t) for t in tasks]
@@ -451,7 +451,8 @@ def test_worker_pool_returns_results_through_slots_and_pipes_alike(borrow):
 
 
 def test_encoded_block_size():
-    from tesla.prepare import ENCODED_BLOCK, RESULT_SLOT_BYTES, encoded_block_size
+    from tesla.data.pool import RESULT_SLOT_BYTES
+    from tesla.prepare import ENCODED_BLOCK, encoded_block_size
 
     assert encoded_block_size(64, 3, 1_281_167, 16) == ENCODED_BLOCK
     assert encoded_block_size(64, 3, 660, 16) == 21  # two tasks per worker on a small split
@@ -464,7 +465,8 @@ def test_pool_with_pickled_results_writes_the_same_files(tree, tmp_path, monkeyp
     """The pixels returned through shared memory and through the pool's pipes give identical files."""
     import tesla.prepare
     from tesla.data.sources import SourceOptions, plan_source
-    from tesla.prepare import WorkerPool, prepare_dataset
+    from tesla.data.pool import WorkerPool
+    from tesla.prepare import prepare_dataset
 
     prints = []
     for shared in (True, False):

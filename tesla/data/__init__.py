@@ -1,8 +1,8 @@
 """Prepared datasets: the class-sorted uint8 HDF5 split format and its reader.
 
 ``tesla prepare`` writes one file per split with :class:`SplitWriter`; every later stage
-reads it with :class:`ImageSplit`. The format (``tesla-images``, version 1) is documented
-in docs/formats.md.
+reads it with :class:`ImageSplit`, or only its header with :func:`read_split_header`. The
+format (``tesla-images``, version 1) is documented in docs/formats.md.
 """
 
 from tesla.data.format import (
@@ -12,14 +12,18 @@ from tesla.data.format import (
     SplitWriter,
     normalize,
 )
+from tesla.data.header import SplitHeader, check_test_split, read_split_header
 
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "ImageSplit",
     "SplitDataset",
+    "SplitHeader",
     "SplitWriter",
+    "check_test_split",
     "normalize",
+    "read_split_header",
 ]
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -71,6 +72,18 @@ MIN_DECODED_SIDE = 256
 
 class UndecodableImage(Exception):
     """The bytes are not a complete image Pillow can decode (reason in the message)."""
+
+
+#: an object's default repr, e.g. ``<_io.BytesIO object at 0x7f3a...>``
+_OBJECT_AT_ADDRESS = re.compile(r"<([\w.]+) object at 0x[0-9a-fA-F]+>")
+
+
+def undecodable_reason(exc: BaseException) -> str:
+    """The reason an image is skipped, as the report shows it: the exception's type and message,
+    the same from run to run (Pillow names the in-memory file it read by its memory address)."""
+    if isinstance(exc, UnidentifiedImageError):
+        return f"{type(exc).__name__}: not an image format Pillow can identify"
+    return f"{type(exc).__name__}: " + _OBJECT_AT_ADDRESS.sub(r"<\1>", str(exc))
 
 
 def is_image_name(name: str) -> bool:
@@ -134,7 +147,7 @@ def decode(data: bytes, name: str, size: int, mode: str = "RGB", reduced: bool =
                 box = tuple(float(v) for v in drafted[1])
         img.load()
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise UndecodableImage(f"{type(exc).__name__}: {exc}") from None
+        raise UndecodableImage(undecodable_reason(exc)) from None
     if img.mode != mode:
         notes.append(f"{img.mode} to {mode}")
         if img.mode == "P" and "transparency" in img.info:

@@ -21,24 +21,15 @@ from snakemake.utils import validate
 SCHEMA = Path(workflow.basedir) / "schemas" / "config.schema.yaml"
 CONFIG_FILE_HINT = "config/config.yaml (or a file given with --configfile)"
 
-# The same layouts `tesla prepare` accepts, shown when a raw-data path is missing.
-ACCEPTED_LAYOUTS = {
-    "imagenet": (
-        "input: ILSVRC2012_img_train.tar (1000 inner <wnid>.tar files), or an extracted train folder "
-        "of class folders <wnid>/*.JPEG, or a folder holding train/ and val/ class folders; "
-        "test_input: ILSVRC2012_img_val.tar or its extracted flat folder with test_labels: "
-        "LOC_val_solution.csv, or a val folder sorted into class folders <wnid>/*.JPEG"
-    ),
-    "folder": (
-        "input: a folder of class folders <class>/<image>, or one with train/<class>/... and "
-        "test/<class>/... inside, or a .tar of either layout (e.g. cifar10-jpg.tar); "
-        "test_input: a second class-folder tree when the test split is elsewhere"
-    ),
-    "mnist": "input: the folder holding the official idx files (train-images-idx3-ubyte.gz, ...)",
-    "fashion-mnist": "input: the folder holding the official idx files (train-images-idx3-ubyte.gz, ...)",
-    "cifar10": "input: cifar-10-python.tar.gz or its extracted cifar-10-batches-py folder",
-    "cifar100": "input: cifar-100-python.tar.gz or its extracted cifar-100-python folder",
-}
+try:
+    # the data sources of `tesla prepare` (their config keys, command line and accepted
+    # layouts) are declared once, in the package
+    from tesla.data.sources import workflow as data_sources
+except ImportError as exc:
+    raise WorkflowError(
+        f"the tesla package is not importable by this Snakemake ({exc}); install it in the same "
+        "environment (pip install -e . from the project root, or conda env create -f envs/tesla.yaml)"
+    ) from None
 
 
 # --------------------------------------------------------------------------------------
@@ -89,6 +80,8 @@ def _cross_checks(cfg) -> list[str]:
     """Rules the schema cannot express: references between keys."""
     problems = []
     names = set(cfg["datasets"])
+    for name, ds in cfg["datasets"].items():
+        problems += data_sources.unused_keys(ds, f"datasets.{name}")
     for name in cfg["default_datasets"]:
         if name not in names:
             problems.append(
@@ -202,21 +195,10 @@ def _resolve(path: str) -> Path:
 
 
 def raw_data_problems(name: str) -> list[str]:
-    ds = dataset_cfg(name)
-    source = ds["source"]
-    if source == "demo":
-        return []
-    layouts = ACCEPTED_LAYOUTS.get(source, "see `tesla prepare --help`")
-    problems = []
-    if not ds["input"]:
-        problems.append(f"config key datasets.{name}.input is not set")
-    elif not _resolve(ds["input"]).exists():
-        problems.append(f"config key datasets.{name}.input: {ds['input']} does not exist")
-    for key in ("test_input", "test_labels", "synsets"):
-        if ds[key] and not _resolve(ds[key]).exists():
-            problems.append(f"config key datasets.{name}.{key}: {ds[key]} does not exist")
+    """The missing raw-data paths of a dataset, the layouts its source accepts and how to
+    set them (the paths each source takes come from tesla.data.sources)."""
+    problems = data_sources.raw_data_problems(dataset_cfg(name), f"datasets.{name}", _resolve)
     if problems:
-        problems.append(f"accepted layouts for source '{source}': {layouts}")
         problems.append(
             f"set the path(s) in {CONFIG_FILE_HINT}, e.g. a file my.yaml holding\n"
             f"      datasets: {{{name}: {{input: /path/to/data}}}}\n"
@@ -243,30 +225,9 @@ def check_raw_data(wildcards) -> list:
 # stage options (the rules' params)
 # --------------------------------------------------------------------------------------
 def prepare_options(wildcards) -> str:
-    ds = dataset_cfg(wildcards.dataset)
-    opts = [ds["source"]]
-    if ds["source"] != "demo":
-        opts.append(_opt("input", _resolve(ds["input"])))
-    for key, flag in (("test_input", "test-input"), ("test_labels", "test-labels"), ("synsets", "synsets")):
-        if ds[key]:
-            opts.append(_opt(flag, _resolve(ds[key])))
-    opts.append(_opt("name", wildcards.dataset))
-    if ds["test_fraction"] is not None:
-        opts.append(_opt("test-fraction", ds["test_fraction"]))
-    if ds["resolution"] is not None:
-        opts.append(_opt("resolution", ds["resolution"]))
-    if ds["source"] in ("imagenet", "parquet", "folder"):
-        opts.append(_opt("resize", ds["resize"]))
-        if ds["resize_filter"] != "box":  # the default is left implicit: no spurious re-prepare
-            opts.append(_opt("resize-filter", ds["resize_filter"]))
-        if ds["channels"] is not None:
-            opts.append(_opt("channels", ds["channels"]))
-    if ds["source"] in ("imagenet", "parquet"):
-        opts.append(_opt("image-column", ds["image_column"]))
-        opts.append(_opt("label-column", ds["label_column"]))
-    if ds["strict"]:
-        opts.append("--strict")
-    return " ".join(opts)
+    """`tesla prepare` options of a dataset entry, generated from the data sources' declarations
+    (defaults left implicit as before, so existing datasets are not re-prepared)."""
+    return data_sources.prepare_command(dataset_cfg(wildcards.dataset), wildcards.dataset, _resolve)
 
 
 def zca_options(wildcards) -> str:

@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import pickle
 import tarfile
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from tesla.data.sources.base import ArraySplit, DatasetPlan, SourceOptions
+from tesla.data.sources.options import DOWNLOAD, INPUT
+from tesla.data.sources.registry import DataSource
 from tesla.errors import TeslaError
 
 LAYOUT = {
@@ -126,7 +129,7 @@ def _read_batches(files: _Files, names: list[str], layout: dict, split: str) -> 
     )
 
 
-def plan_cifar(opts: SourceOptions, source: str, name: str | None = None) -> DatasetPlan:
+def plan_cifar(opts: SourceOptions, name: str | None = None, *, source: str) -> DatasetPlan:
     """CIFAR-10 / CIFAR-100: 32 x 32 x 3, class index = the official label."""
     if opts.input is None:
         raise TeslaError(f"{source}: give --input (the {LAYOUT[source]['folder']} folder, its parent, or the .tar.gz)")
@@ -154,4 +157,19 @@ def plan_cifar(opts: SourceOptions, source: str, name: str | None = None) -> Dat
         train=_read_batches(files, layout["train"], layout, "train"),
         test=_read_batches(files, layout["test"], layout, "test"),
         attrs={"input": str(path)},
+        class_order="official label order",
     )
+
+
+def _cifar(source: str, title: str) -> DataSource:
+    layout = LAYOUT[source]
+    return DataSource(
+        source,
+        f"{title} python pickle batches; pickles can run code, so give only files you trust",
+        partial(plan_cifar, source=source),
+        (INPUT, DOWNLOAD),
+        {"input": f"{layout['archive']} or its extracted {layout['folder']} folder (or the folder holding either)", "resolution": "32"},
+    )
+
+
+SOURCES = (_cifar("cifar10", "CIFAR-10"), _cifar("cifar100", "CIFAR-100"))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from tesla.data.sources.base import ArraySplit, DatasetPlan, SourceOptions
+from tesla.data.sources.registry import DataSource
 
 DEMO_SEED = 0
 DEMO_TEST_FRACTION = 0.2
@@ -51,4 +52,8 @@ def plan_demo(opts: SourceOptions, name: str | None = None) -> DatasetPlan:
         train=ArraySplit("train", images[~test], labels[~test], "sklearn.datasets.load_digits", attrs=dict(attrs)),
         test=ArraySplit("test", images[test], labels[test], "sklearn.datasets.load_digits", attrs=dict(attrs)),
         attrs={"input": "sklearn.datasets.load_digits"},
+        class_order="official label order",
     )
+
+
+SOURCES = (DataSource("demo", "scikit-learn's handwritten digits, no input", plan_demo, notes={"resolution": "8"}),)

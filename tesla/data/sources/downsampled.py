@@ -35,7 +35,9 @@ from typing import Iterator
 import numpy as np
 
 from tesla.data.imaging import LabelledBlock, resize_block
-from tesla.data.sources.base import DatasetPlan, SourceOptions
+from tesla.data.sources.base import DatasetPlan, SourceOptions, StreamedSplit
+from tesla.data.sources.options import INPUT, SYNSETS, TEST_INPUT
+from tesla.data.sources.registry import DataSource
 from tesla.errors import TeslaError
 
 TRAIN_BATCH = re.compile(r"^train_data_batch_(\d+)(\.npz)?$")
@@ -251,7 +253,7 @@ def devkit_classes(path: Path) -> DevkitClasses:
 
 
 @dataclass
-class DownsampledSplit:
+class DownsampledSplit(StreamedSplit):
     """One split as a list of batch files, streamed in :meth:`blocks` (see the module doc)."""
 
     split: str
@@ -263,7 +265,7 @@ class DownsampledSplit:
     ignored: list[str] = field(default_factory=list)
     #: S and the file it was read from, shared by the train and test splits of one plan
     side: dict = field(default_factory=lambda: {"side": 0, "file": None})
-    encoded = False
+    encoded = False  # decoded pixels: resized only away from their native size
     _rows_read: int = 0
     _files_read: int = 0
 
@@ -276,12 +278,6 @@ class DownsampledSplit:
                 row = load_batch(first)[0].shape[1]
             self.side.update(side=side_of_row(row, first), file=first)
         return self.side["side"]
-
-    def resize_rule(self, resolution: int, rule: str) -> str:
-        return "none" if resolution == self.native_resolution() else rule
-
-    def needs_pool(self, resolution: int) -> bool:
-        return resolution != self.native_resolution()
 
     def estimated_total(self) -> int:
         if not self._files_read:
@@ -356,7 +352,7 @@ def plan_downsampled(opts: SourceOptions, name: str | None = None) -> DatasetPla
             "classes kept in the files' devkit id order 1..1000 (class c = devkit id c+1), NOT sorted WordNet ids; "
             "give --synsets meta.mat (or map_clsloc.txt) for the class order and names of the imagenet source"
         )
-    attrs = {"input": str(path), "test_input": str(test_file), "class_order": classes.order}
+    attrs = {"input": str(path), "test_input": str(test_file)}
     if opts.synsets is not None:
         attrs["synsets_file"] = str(opts.synsets)
     side: dict = {"side": 0, "file": None, "probe": test_file}  # val_data: the smallest file to read S from
@@ -369,8 +365,28 @@ def plan_downsampled(opts: SourceOptions, name: str | None = None) -> DatasetPla
         class_ids=classes.class_ids,
         class_names=classes.class_names,
         channels=3,
-        default_resolution=0,  # the files' own S, read when needed (tesla.prepare._native_resolution)
+        default_resolution=0,  # the files' own S, read when needed (StreamedSplit.native_resolution)
         train=train,
         test=test,
         attrs=attrs,
+        class_order=classes.order,
     )
+
+
+SOURCES = (
+    DataSource(
+        "imagenet-downsampled",
+        "train_data_batch_1..10 python pickles or .npz, val_data or val_data.npz of Downsampled ImageNet 16/32/64 px; "
+        "pickles can run code, so give only files you trust: only the paths you name are loaded",
+        plan_downsampled,
+        (INPUT, TEST_INPUT, SYNSETS),
+        {
+            "input": "a folder holding train_data_batch_1..10 (python pickles) or train_data_batch_N.npz (also one "
+            "level down, e.g. Imagenet64_train/), one batch file, or a glob",
+            "test_input": "val_data or val_data.npz (else found beside the train batches)",
+            "synsets": "the devkit's meta.mat or lines 'wnid id name' (map_clsloc.txt) to turn the batches' devkit ids "
+            "1..1000 into sorted WordNet ids with names (without it the devkit order is kept and recorded)",
+            "resolution": "the files' own size",
+        },
+    ),
+)

@@ -1,4 +1,4 @@
-"""Class-folder trees (``folder`` source) and ImageNet-1K in its usual layouts (``imagenet``).
+"""Class-folder trees: the ``folder`` source, and the tree reader of the ``imagenet`` source.
 
 Both read a folder or an uncompressed tar (see :mod:`tesla.data.sources.tree`):
 
@@ -18,6 +18,17 @@ import re
 from pathlib import Path
 
 from tesla.data.sources.base import DatasetPlan, EncodedSplit, SourceOptions
+from tesla.data.sources.options import (
+    CHANNELS,
+    IGNORE_NON_IMAGES,
+    INPUT,
+    SYNSETS,
+    TEST_FRACTION,
+    TEST_FRACTION_SEED,
+    TEST_INPUT,
+    TEST_LABELS,
+)
+from tesla.data.sources.registry import DataSource
 from tesla.data.sources.tree import (
     TEST_SPLIT_NAMES,
     Entry,
@@ -27,7 +38,7 @@ from tesla.data.sources.tree import (
     hold_out,
     is_flat,
     labelled_flat_split,
-    list_container,
+    list_readable,
     read_synsets,
     subtree,
     top_folders,
@@ -45,12 +56,14 @@ def _test_split(
     train: EncodedSplit,
 ) -> tuple[EncodedSplit, EncodedSplit]:
     """The test split from --test-input, else the input's test/ or val/ folder, else held out."""
+    unsafe: list[str] = []
     if opts.test_input is not None:
-        entries, root = list_container(opts.test_input, "--test-input"), str(opts.test_input)
+        root = str(opts.test_input)
+        entries, unsafe = list_readable(opts.test_input, "--test-input")
     elif inner is not None:
         entries, root = inner
     elif opts.test_fraction is not None:
-        return hold_out(train, opts.test_fraction, opts.seed)
+        return hold_out(train, opts.test_fraction, opts.test_fraction_seed)
     else:
         raise TeslaError(
             f"{opts.input}: no test split; give --test-input (a class-folder tree, or a flat folder/tar with "
@@ -67,14 +80,15 @@ def _test_split(
                 "the labels; drop --test-labels or give a flat test folder"
             )
         test = encoded_split("test", class_tree(entries, root, opts.ignore_non_images), class_ids, root, "the test input")
+    test.ignored[:0] = unsafe  # in place: inner tars listed later add to the same list
     return train, test
 
 
-def plan_tree(opts: SourceOptions, source: str, name: str, wnids: bool) -> DatasetPlan:
+def plan_tree(opts: SourceOptions, source: str, name: str, wnids: bool, default_resolution: int = 0) -> DatasetPlan:
     """A dataset plan from a class-folder tree (``wnids``: class folders must be WordNet ids)."""
     if opts.input is None:
         raise TeslaError(f"{source}: give --input (a class-folder tree, or a tar of one)")
-    entries = list_container(opts.input, "--input")
+    entries, unsafe = list_readable(opts.input, "--input")
     root = str(opts.input)
     inner_test = None
     # ImageNet trees (e.g. Kaggle's CLS-LOC/) keep the labelled images in val/ and unlabelled ones in test/
@@ -100,6 +114,7 @@ def plan_tree(opts: SourceOptions, source: str, name: str, wnids: bool) -> Datas
             )
     class_names = read_synsets(opts.synsets, class_ids) if opts.synsets is not None else list(class_ids)
     train = encoded_split("train", tree, class_ids, root, "train")
+    train.ignored[:0] = unsafe  # in place: inner tars listed later add to the same list
     train, test = _test_split(opts, inner_test, class_ids, class_names, train)
     attrs = {"input": str(opts.input)}
     if opts.test_input is not None:
@@ -112,7 +127,7 @@ def plan_tree(opts: SourceOptions, source: str, name: str, wnids: bool) -> Datas
         class_ids=class_ids,
         class_names=class_names,
         channels=opts.channels or 3,
-        default_resolution=64 if wnids else 0,
+        default_resolution=default_resolution,
         train=train,
         test=test,
         attrs=attrs,
@@ -126,6 +141,24 @@ def plan_folder(opts: SourceOptions, name: str | None = None) -> DatasetPlan:
     return plan_tree(opts, "folder", name or "folder", wnids=False)
 
 
-def plan_imagenet(opts: SourceOptions, name: str | None = None) -> DatasetPlan:
-    """ImageNet-1K: train folders / tar of folders / ILSVRC2012_img_train.tar; class index = sorted wnids."""
-    return plan_tree(opts, "imagenet", name or "imagenet", wnids=True)
+#: the options of a class-folder tree (the ``imagenet`` source takes them too)
+TREE_OPTIONS = (INPUT, TEST_INPUT, TEST_LABELS, SYNSETS, CHANNELS, IGNORE_NON_IMAGES, TEST_FRACTION, TEST_FRACTION_SEED)
+
+SOURCES = (
+    DataSource(
+        "folder",
+        "any <class>/**/<image> tree, or a tar of one",
+        plan_folder,
+        TREE_OPTIONS,
+        {
+            "input": "a folder of class folders <class>/<image> (images may sit in nested folders), or one with "
+            "train/<class>/... and test/<class>/... (or val/) inside, or an uncompressed .tar of either layout "
+            "(e.g. cifar10-jpg.tar)",
+            "test_input": "a second class-folder tree, or a flat folder or tar of images labelled by the test labels file",
+            "synsets": "lines '<class id> <name, name2, ...>'",
+            "resolution": "required",
+        },
+        resolution_required=True,
+        explicit_defaults=("resize",),
+    ),
+)

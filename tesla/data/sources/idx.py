@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import gzip
 import zlib
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from tesla.data.sources.base import ArraySplit, DatasetPlan, SourceOptions
+from tesla.data.sources.options import DOWNLOAD, INPUT
+from tesla.data.sources.registry import DataSource
 from tesla.errors import TeslaError
 
 IMAGES_MAGIC = 2051
@@ -97,7 +100,7 @@ def read_split(folder: Path, split: str, source: str) -> ArraySplit:
     )
 
 
-def plan_idx(opts: SourceOptions, source: str, name: str | None = None) -> DatasetPlan:
+def plan_idx(opts: SourceOptions, name: str | None = None, *, source: str) -> DatasetPlan:
     """MNIST / Fashion-MNIST: 28 x 28 x 1, class index = the official digit / item label."""
     if opts.input is None:
         raise TeslaError(f"{source}: give --input, the folder holding the four idx files (add --download to fetch them)")
@@ -119,4 +122,16 @@ def plan_idx(opts: SourceOptions, source: str, name: str | None = None) -> Datas
         train=read_split(folder, "train", source),
         test=read_split(folder, "test", source),
         attrs={"input": str(folder)},
+        class_order="official label order",
     )
+
+
+_IDX_NOTES = {
+    "input": "the folder holding the four official idx files (train-images-idx3-ubyte.gz, ...; also found in the "
+    "MNIST/raw/ or FashionMNIST/raw/ folder torchvision's download makes there)",
+    "resolution": "28",
+}
+SOURCES = (
+    DataSource("mnist", "MNIST idx files", partial(plan_idx, source="mnist"), (INPUT, DOWNLOAD), _IDX_NOTES),
+    DataSource("fashion-mnist", "Fashion-MNIST idx files", partial(plan_idx, source="fashion-mnist"), (INPUT, DOWNLOAD), _IDX_NOTES),
+)

@@ -34,7 +34,9 @@ from typing import Iterator
 import numpy as np
 
 from tesla.data.imaging import LabelledBlock, UndecodableImage, load_image
-from tesla.data.sources.base import DatasetPlan, SourceOptions
+from tesla.data.sources.base import DatasetPlan, SourceOptions, StreamedSplit, empty_split_error
+from tesla.data.sources.options import CHANNELS, IMAGE_COLUMN, INPUT, LABEL_COLUMN, TEST_FRACTION, TEST_FRACTION_SEED, TEST_INPUT
+from tesla.data.sources.registry import DataSource
 from tesla.errors import TeslaError
 
 TRAIN_NAMES = ("train",)
@@ -166,7 +168,7 @@ class RowGroupUnit:
 
 
 @dataclass
-class ParquetSplit:
+class ParquetSplit(StreamedSplit):
     """A split as row groups of parquet files, decoded in the pool in :meth:`blocks`."""
 
     split: str
@@ -176,16 +178,16 @@ class ParquetSplit:
     notes: list[str] = field(default_factory=list)
     attrs: dict = field(default_factory=dict)
     ignored: list[str] = field(default_factory=list)
-    encoded = True
 
     def estimated_total(self) -> int:
         return int(sum(len(u.labels) for u in self.units))
 
-    def resize_rule(self, resolution: int, rule: str) -> str:
-        return rule
-
-    def needs_pool(self, resolution: int) -> bool:
-        return True
+    def class_counts(self, num_classes: int) -> list[int | None]:
+        """Rows per class, from the label column read at planning."""
+        counts = np.zeros(num_classes, dtype=np.int64)
+        for u in self.units:
+            counts += np.bincount(u.labels, minlength=num_classes)
+        return counts.tolist()
 
     def blocks(self, pool, resolution: int, rule: str, mode: str, reduced: bool) -> Iterator[LabelledBlock]:
         tasks = (
@@ -308,8 +310,8 @@ def plan_parquet(opts: SourceOptions, name: str | None = None, default_resolutio
     """Parquet shards; class index = the label column's integer, names from the schema metadata."""
     if opts.input is None:
         raise TeslaError("parquet: give --input (a .parquet file, a folder of them, or a glob such as 'data/train-*.parquet')")
-    image_column = getattr(opts, "image_column", "image")
-    label_column = getattr(opts, "label_column", "label")
+    image_column = opts.image_column
+    label_column = opts.label_column
     for flag, value in (("test-labels", opts.test_labels), ("synsets", opts.synsets)):
         if value is not None:
             raise TeslaError(f"--{flag}: not used by parquet shards (labels and class names are in the files); drop it")
@@ -360,22 +362,21 @@ def plan_parquet(opts: SourceOptions, name: str | None = None, default_resolutio
             raise TeslaError(f"{s.path}: its class names differ from those of {train[0].path}; give shards of one dataset")
     all_train = np.concatenate([a for s in train for a in s.labels]) if train else np.zeros(0, np.int64)
     if not len(all_train):
-        raise TeslaError(f"{opts.input}: the train shards hold no rows; give non-empty shards")
+        raise empty_split_error("train", str(opts.input), "the train shards hold no rows")
     num_classes = len(names) if names else int(all_train.max()) + 1
     _check_labels(train + test, num_classes, names is not None)
     class_names = names or [str(c) for c in range(num_classes)]
     if opts.test_fraction is not None:
-        keep_train, keep_test = _hold_out(train, opts.test_fraction, opts.seed)
+        keep_train, keep_test = _hold_out(train, opts.test_fraction, opts.test_fraction_seed)
         train_units, test_units = _units(train, keep_train), _units(train, keep_test)
-        test_notes = [f"test split held out from train: {opts.test_fraction:g} of each class, seed {opts.seed}"]
-        test_attrs = {"held_out_fraction": opts.test_fraction, "held_out_seed": opts.seed}
+        test_notes = [f"test split held out from train: {opts.test_fraction:g} of each class, seed {opts.test_fraction_seed}"]
+        test_attrs = {"held_out_fraction": opts.test_fraction, "held_out_seed": opts.test_fraction_seed}
         test_path = str(opts.input)
     else:
         train_units, test_units = _units(train), _units(test)
         test_notes, test_attrs = [], {"files": ",".join(p.name for p in test_files)}
         test_path = str(opts.test_input or (test_files[0].parent if test_files else opts.input))
-    attrs = {"input": str(opts.input), "image_column": image_column, "label_column": label_column,
-             "class_order": "label column order" + (" (names from the schema metadata)" if names else "")}
+    attrs = {"input": str(opts.input), "image_column": image_column, "label_column": label_column}
     if opts.test_input is not None:
         attrs["test_input"] = str(opts.test_input)
     return DatasetPlan(
@@ -389,4 +390,24 @@ def plan_parquet(opts: SourceOptions, name: str | None = None, default_resolutio
                            attrs={"files": ",".join(p.name for p in train_files)}),
         test=ParquetSplit("test", test_units, image_column, test_path, notes=test_notes, attrs=test_attrs),
         attrs=attrs,
+        class_order="label column order" + (" (names from the schema metadata)" if names else ""),
     )
+
+
+SOURCES = (
+    DataSource(
+        "parquet",
+        "*.parquet shards with an encoded-image column and an integer label column, e.g. a Hugging Face dataset's "
+        "data/ folder",
+        plan_parquet,
+        (INPUT, TEST_INPUT, CHANNELS, TEST_FRACTION, TEST_FRACTION_SEED, IMAGE_COLUMN, LABEL_COLUMN),
+        {
+            "input": "a .parquet file, a folder of them (train-*.parquet and validation-*/test-*.parquet split by "
+            "name; searched one level down, e.g. data/) or a glob such as 'data/train-*.parquet'",
+            "test_input": "a file, folder or glob of test shards",
+            "resolution": "required",
+        },
+        resolution_required=True,
+        explicit_defaults=("resize", "image_column", "label_column"),
+    ),
+)

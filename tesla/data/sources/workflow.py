@@ -1,0 +1,188 @@
+"""What the Snakemake workflow asks of the data-source registry.
+
+A dataset entry of config/config.yaml carries ``source`` and one key per ``tesla prepare``
+option with a config key (:attr:`Option.config`). From the registry
+(:mod:`tesla.data.sources.registry`) this module gives
+
+* the JSON-schema properties of those keys (:func:`config_properties`), written between two
+  marker lines into workflow/schemas/config.schema.yaml (``python -m
+  tesla.data.sources.workflow --write-schema workflow/schemas/config.schema.yaml``; a test
+  checks that the committed file equals what the registry generates). The schema stays one
+  static file, validated when the workflow starts and readable without the package;
+* the options a dataset entry sets that its source does not take (:func:`unused_keys`,
+  refused when the workflow starts);
+* the ``tesla prepare`` command line of an entry (:func:`prepare_command`), the params of
+  the workflow's prepare rule: Snakemake re-prepares a dataset whenever this string changes,
+  so it keeps the order and the explicit defaults earlier workflows wrote;
+* the check of the entry's raw-data paths, with the layouts the source accepts
+  (:func:`raw_data_problems`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import sys
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import yaml
+
+from tesla.data.sources.options import Option
+from tesla.data.sources.registry import all_options, get_source, source_names, takers
+
+#: the order of the command line's options (as earlier workflows wrote them; an option
+#: not listed here comes after these, in the order of ``tesla prepare --help``)
+COMMAND_ORDER = (
+    "input", "test_input", "test_labels", "synsets", "name", "test_fraction", "resolution",
+    "resize", "resize_filter", "channels", "image_column", "label_column", "strict",
+)  # fmt: skip
+SOURCE_DESCRIPTION = "which reader of `tesla prepare` turns the raw data into HDF5 splits"
+BEGIN_MARKER = "# >>> generated from tesla.data.sources (the options of tesla prepare); do not edit by hand:"
+END_MARKER = "# <<< end of the generated keys"
+REGENERATE = "python -m tesla.data.sources.workflow --write-schema workflow/schemas/config.schema.yaml"
+
+
+class _SchemaDumper(yaml.SafeDumper):
+    """Mappings in block style, lists (and what they hold) in flow style: the schema file's look."""
+
+
+_SchemaDumper.add_representer(list, lambda dumper, value: dumper.represent_sequence("tag:yaml.org,2002:seq", value, flow_style=True))
+
+
+def config_keys() -> list[Option]:
+    """The options that are dataset-level config keys."""
+    return [o for o in all_options() if o.config]
+
+
+def _value_schema(option: Option) -> dict[str, Any]:
+    if option.schema is not None:
+        return dict(option.schema)
+    if option.is_path:
+        return {"$ref": "#/$defs/path"}
+    if option.choices is not None:
+        return {"enum": [*option.choices, *([None] if option.default is None else [])]}
+    kind = {bool: "boolean", int: "integer", float: "number", str: "string"}[option.kind]
+    value: dict[str, Any] = {"type": kind, **({"minLength": 1} if option.kind is str else {})}
+    return value if option.default is not None else {"anyOf": [value, {"type": "null"}]}
+
+
+def config_properties() -> dict[str, dict[str, Any]]:
+    """JSON-schema properties of a dataset entry's ``source`` and option keys."""
+    properties: dict[str, dict[str, Any]] = {"source": {"description": SOURCE_DESCRIPTION, "enum": source_names()}}
+    for option in config_keys():
+        who = "" if option.common else takers(option)
+        description = (option.config_help or option.help) + (f"; {who}" if who else "")
+        properties[option.key] = {"description": description, **_value_schema(option), "default": option.default}
+    return properties
+
+
+def schema_fragment(indent: int = 6) -> str:
+    """:func:`config_properties` as the YAML lines of the schema file, markers included."""
+    pad = " " * indent
+    body = yaml.dump(config_properties(), Dumper=_SchemaDumper, sort_keys=False, default_flow_style=False, width=110, allow_unicode=True)
+    lines = [BEGIN_MARKER, f"#     {REGENERATE}", *body.splitlines(), END_MARKER]
+    return "".join(f"{pad}{line}\n" for line in lines)
+
+
+def _fragment_span(text: str, path: Path) -> tuple[int, int, int]:
+    """(start, end, indent) of the generated block in a schema file's text."""
+    begin, end = text.find(BEGIN_MARKER), text.find(END_MARKER)
+    if begin < 0 or end < begin:
+        raise ValueError(f"{path}: the marker lines of the generated keys are missing ({BEGIN_MARKER!r} ... {END_MARKER!r})")
+    start = text.rfind("\n", 0, begin) + 1
+    stop = text.find("\n", end) + 1 or len(text)
+    return start, stop, begin - start
+
+
+def generated_schema(path: Path) -> str:
+    """The schema file's text with its generated block as the registry makes it now."""
+    text = Path(path).read_text(encoding="utf-8")
+    start, stop, indent = _fragment_span(text, path)
+    return text[:start] + schema_fragment(indent) + text[stop:]
+
+
+def write_schema(path: Path) -> bool:
+    """Rewrite the generated block of a schema file from the registry; True when it changed."""
+    new = generated_schema(path)
+    changed = new != Path(path).read_text(encoding="utf-8")
+    if changed:
+        Path(path).write_text(new, encoding="utf-8")
+    return changed
+
+
+def unused_keys(entry: Mapping[str, Any], where: str) -> list[str]:
+    """'config key <where>.<key>: ...' for every option the entry sets (to anything but its
+    default) that its source does not take."""
+    source = get_source(entry["source"])
+    return [
+        f"config key {where}.{o.key}: not used by the {source.name} source ({takers(o)}); remove it"
+        for o in config_keys()
+        if o.key in entry and not source.takes(o) and not o.is_default(entry[o.key])
+    ]
+
+
+def _ordered(options: list[Option]) -> list[Option]:
+    rank = {key: i for i, key in enumerate(COMMAND_ORDER)}
+    return sorted(options, key=lambda o: rank.get(o.key, len(rank)))  # stable: the rest keep the help order
+
+
+def prepare_command(entry: Mapping[str, Any], name: str, resolve: Callable[[str], Any] = Path) -> str:
+    """``SOURCE --input ... --name NAME ...``: the options of ``tesla prepare`` a dataset entry
+    sets, paths through ``resolve``; an option at its default is left out unless the source
+    lists it in ``explicit_defaults`` (what earlier workflows wrote)."""
+    source = get_source(entry["source"])
+    values = {**entry, "name": name}
+    parts = [source.name]
+    for option in _ordered(all_options()):
+        value = values.get(option.key)
+        if not source.takes(option) or value is None:
+            continue
+        if option.is_default(value) and option.key not in source.explicit_defaults:
+            continue
+        if option.kind is bool:
+            parts += [option.flag] if value else []
+        else:
+            parts.append(f"{option.flag} {resolve(value) if option.is_path else value}")
+    return " ".join(parts)
+
+
+def _exists(path: Path) -> bool:
+    """A file or folder, or a glob that matches something (the streamed sources take globs)."""
+    return path.exists() or (any(ch in str(path) for ch in "*?[") and bool(glob.glob(str(path))))
+
+
+def raw_data_problems(entry: Mapping[str, Any], where: str, resolve: Callable[[str], Path] = Path) -> list[str]:
+    """Problems with the raw-data paths of an entry (``where``: its config key), ending with the
+    layouts its source accepts; empty when it can be prepared."""
+    source = get_source(entry["source"])
+    problems = []
+    for option in (o for o in source.options if o.is_path):
+        value = entry.get(option.key)
+        if not value:
+            if option.required:
+                problems.append(f"config key {where}.{option.key} is not set")
+        elif not _exists(resolve(value)) and not (option.key == "input" and entry.get("download")):  # fetched there
+            problems.append(f"config key {where}.{option.key}: {value} does not exist")
+    if problems:
+        problems.append(f"accepted layouts for source '{source.name}': {source.layouts() or 'see `tesla prepare --help`'}")
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="the config-schema keys generated from the data sources")
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--write-schema", type=Path, metavar="SCHEMA", help="rewrite the generated block of this schema file")
+    group.add_argument("--check-schema", type=Path, metavar="SCHEMA", help="exit 1 when the generated block is out of date")
+    args = parser.parse_args(argv)
+    if args.write_schema:
+        print(f"{args.write_schema}: {'updated' if write_schema(args.write_schema) else 'already up to date'}")
+        return 0
+    if generated_schema(args.check_schema) != args.check_schema.read_text(encoding="utf-8"):
+        print(f"{args.check_schema}: the generated keys are out of date; run {REGENERATE}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
