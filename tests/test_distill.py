@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -582,3 +589,49 @@ def test_zca_experts_need_the_same_zca_file_and_the_set_embeds_it(toy, tmp_path)
     real = torch.from_numpy(split.images_uint8()).permute(0, 3, 1, 2).float() / 255
     for n in range(len(u)):
         assert float((real - u[n]).abs().flatten(1).max(1).values.min()) < 1e-3
+
+
+# ---------------------------------------------------------------------------------------
+# one run per output (issue 16, item 2)
+# ---------------------------------------------------------------------------------------
+def _wait_for(path: Path, process: subprocess.Popen, seconds: float = 180.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        assert process.poll() is None, f"the first run ended early (status {process.returncode})"
+        assert time.monotonic() < deadline, f"{path} did not appear within {seconds} s"
+        time.sleep(0.2)
+
+
+def test_a_second_run_on_the_same_out_is_refused_and_a_killed_one_leaves_no_stale_lock(toy, tmp_path):
+    root, _, experts = toy
+    s = settings(toy, tmp_path)
+    tesla = shutil.which("tesla", path=str(Path(sys.executable).parent))
+    first = subprocess.Popen(
+        [
+            tesla, "distill", "--train", s.train, "--experts", *s.experts, "--out", s.out, "--ipc", "2",
+            "--syn-steps", "3", "--max-start-epoch", "2", "--batch-syn", "4", "--lr-img", "100", "--lr-lr", "1e-4",
+            "--iterations", "1000000", "--checkpoint-every", "2", "--metrics", s.metrics, "--device", "cpu",
+            "--no-progress",
+        ],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    try:
+        _wait_for(s.checkpoint_path, first)  # the first run is under way and has saved a state
+        with pytest.raises(TeslaError) as err:
+            distill(settings(toy, tmp_path, iterations=1000000))
+        msg = str(err.value)
+        assert f"--out {s.out} is in use by another 'tesla distill' run: pid {first.pid} on host {socket.gethostname()}" in msg
+        assert "command: tesla distill --train" in msg and f"kill {first.pid}" in msg
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    assert Path(f"{s.out}.lock").exists()  # the file stays after SIGKILL; the lock went with the process
+    saved = torch.load(s.checkpoint_path, weights_only=False)
+    k = saved["iteration"]
+    assert k >= 2 and len(read_metrics(f"{s.metrics}.partial")) >= k
+    resumed = distill(settings(toy, tmp_path, iterations=k + 2))
+    assert resumed.iteration == k + 2
+    rows = read_metrics(s.metrics)
+    assert [int(r["iteration"]) for r in rows] == list(range(1, k + 3))
+    assert [float(r["loss"]) for r in rows[:k]] == [r["loss"] for r in saved["log"]]  # the first run's rows
+    assert not Path(f"{s.out}.lock").exists() and not Path(f"{s.checkpoint_path}.lock").exists()
