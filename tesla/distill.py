@@ -781,6 +781,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     a("--grid-dir", default=None, help="directory for PNG grids of the images (checkpoints and final.png)")
     a("--checkpoint", default=None, help="checkpoint file (default: OUT.ckpt); an existing one is resumed")
     a("--checkpoint-every", type=int, default=d.checkpoint_every, help="iterations between checkpoints")
+    a("--restart", action="store_true", help="discard an existing checkpoint (and its grids) and start from iteration 0")
     a("--label-chunk", type=int, default=d.label_chunk, help="images per forward pass when assigning soft labels")
     a("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
     a("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -788,7 +789,6 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-lr", type=float, default=None, help=f"alpha may not exceed this (default: {guard.MAX_LR_FACTOR:g} x lr_teacher)")
     g.add_argument("--max-image-growth", type=float, default=d.max_image_growth, help="the largest image RMS may not exceed this many times the initial images' RMS")
     g.add_argument("--max-loss", type=float, default=d.max_loss, help="the matching loss (about 1 at the start) may not exceed this")
-    g.add_argument("--restart", action="store_true", help="discard an existing checkpoint (and its grids) and start from iteration 0")
     g.add_argument(
         "--config-key-prefix", default=None, metavar="KEY",
         help="name settings in messages as config keys under KEY (set by the workflow, e.g. datasets.demo.distill.1)",
