@@ -617,8 +617,8 @@ def test_a_second_run_on_the_same_out_is_refused_and_a_killed_one_leaves_no_stal
     )
     try:
         _wait_for(s.checkpoint_path, first)  # the first run is under way and has saved a state
-        with pytest.raises(TeslaError) as err:
-            distill(settings(toy, tmp_path, iterations=1000000))
+        with pytest.raises(TeslaError) as err:  # (without a lock it would resume the first run's checkpoint)
+            distill(settings(toy, tmp_path, iterations=3))
         msg = str(err.value)
         assert f"--out {s.out} is in use by another 'tesla distill' run: pid {first.pid} on host {socket.gethostname()}" in msg
         assert "command: tesla distill --train" in msg and f"kill {first.pid}" in msg
