@@ -340,7 +340,7 @@ class DistillState:
     opt_images: torch.optim.Optimizer = None
     opt_alpha: torch.optim.Optimizer = None
     generator: torch.Generator = None
-    start: guard.Start = None  # alpha_0 and the initial images' RMS (the guard's references)
+    start: guard.Start = None  # alpha_0 and the initial largest image RMS (the guard's references)
 
 
 def initial_images(setup: DistillSetup, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -513,15 +513,15 @@ def _rerun_note(s: DistillSettings, last_saved: int | None, breach: guard.Breach
         return (
             f"Nothing was saved from this state. Change the setting in the config and run snakemake again: "
             f"with changed distill settings this distillation starts afresh (the workflow names its checkpoint "
-            f"by its settings); a raised limit keeps the checkpoint, and the rerun {resumes}."
+            f"by its settings); a raised limit does not rename the checkpoint: the rerun {resumes}."
         )
     if last_saved is None:
         return "Nothing was checkpointed yet: the next run starts afresh from iteration 0."
-    tunable = [k for k in breach.suspects if k in RESUME_TUNABLE]
+    resumable = [k for k in (*breach.suspects, breach.limit) if k in RESUME_TUNABLE]
     fixed = [k for k in breach.suspects if k not in RESUME_TUNABLE]
     note = f"Nothing was saved from this state; the last good state, iteration {last_saved}, stays in {ckpt}"
-    if tunable or breach.limit:
-        note += f": the same command with a changed {' or '.join(wording.name(k) for k in tunable + ([breach.limit] if breach.limit else []))} resumes from it"
+    if resumable:
+        note += f": the same command with a changed {' or '.join(map(wording.name, resumable))} resumes from it"
     if fixed:
         note += (
             f". {' and '.join(wording.name(k) for k in fixed)} cannot change on resume"
@@ -747,7 +747,7 @@ def _headroom(state: DistillState, limits: guard.Limits) -> str:
     rms = max((float(r["max_image_rms"]) for r in rows if r.get("max_image_rms") not in (None, "")), default=math.nan)
     return (
         f"guard peaks over {len(rows)} iterations: loss {loss:.4g} (limit {limits.max_loss:g}), alpha {alpha:.4g} "
-        f"(ceiling {limits.max_lr:g}), largest image RMS {rms / state.start.image_rms:.3g} x the initial "
+        f"(ceiling {limits.max_lr:g}), largest image RMS {rms / state.start.largest_image_rms:.3g} x its initial value "
         f"(limit {limits.max_image_growth:g} x)"
     )
 
@@ -787,7 +787,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     a("--no-progress", dest="progress", action="store_false", help="no progress bar")
     g = parser.add_argument_group("divergence guard (stops the run before a bad state is saved; see tesla.guard)")
     g.add_argument("--max-lr", type=float, default=None, help=f"alpha may not exceed this (default: {guard.MAX_LR_FACTOR:g} x lr_teacher)")
-    g.add_argument("--max-image-growth", type=float, default=d.max_image_growth, help="the largest image RMS may not exceed this many times the initial images' RMS")
+    g.add_argument("--max-image-growth", type=float, default=d.max_image_growth, help="the largest image RMS may not exceed this many times its initial value")
     g.add_argument("--max-loss", type=float, default=d.max_loss, help="the matching loss (about 1 at the start) may not exceed this")
     g.add_argument(
         "--config-key-prefix", default=None, metavar="KEY",

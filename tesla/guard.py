@@ -4,8 +4,8 @@ for finiteness, and only a state that passed is ever checkpointed.
 Notation, iteration k: S_{k-1} = (X, alpha) is the state before the update and S_k the
 state after it; L_k, dL/dX and dL/dalpha are the matching loss of S_{k-1} and its gradients
 (PAPER.md section 1); rho(x_n) = sqrt(mean over the pixels of x_n^2) is the RMS of image n in
-network input space, rho_0 = sqrt(mean over all pixels of X_0^2) that of the initial images,
-and alpha_0 = lr_teacher.
+network input space, rho(X) = max_n rho(x_n) the largest of them, rho_0 = rho(X_0) its value
+for the initial images, and alpha_0 = lr_teacher.
 
 Rules, in this order (the first breach stops the run):
 
@@ -23,8 +23,9 @@ Rules, in this order (the first breach stops the run):
    (b) alpha <= max_lr (default 100 alpha_0). The floor min_lr (default alpha_0 / 1000) is
        a projection, not a breach. Published runs keep alpha within a few times alpha_0;
        100 alpha_0 is a student step that no expert trajectory was trained with;
-   (c) max_n rho(x_n) <= max_image_growth * rho_0 (default 100): the largest image RMS, so
-       that one image blowing up is seen among thousands of sane ones.
+   (c) rho(X) <= max_image_growth * rho_0 (default 100): the largest image RMS, so that one
+       image blowing up is seen among thousands of sane ones (a global RMS would grow by only
+       sqrt(1/N) of it).
 
 Checkpoints: S_k is written only after iteration k+1 has checked its loss (before S_k is
 updated), so a state whose own loss explodes is never saved and a rerun never resumes from a
@@ -68,7 +69,7 @@ __all__ = [
 
 #: default ceiling of alpha, in units of its start lr_teacher
 MAX_LR_FACTOR = 100.0
-#: default bound of the largest image RMS, in units of the initial images' RMS
+#: default bound of the largest image RMS, in units of its initial value
 DEFAULT_MAX_IMAGE_GROWTH = 100.0
 #: default bound of the matching loss (about 1 at the start)
 DEFAULT_MAX_LOSS = 10.0
@@ -90,12 +91,12 @@ class Start:
     """Where the run started: alpha_0 and rho_0 (kept in the checkpoint)."""
 
     alpha: float
-    image_rms: float
+    largest_image_rms: float
 
     @classmethod
     def of(cls, alpha: float, images: torch.Tensor) -> Start:
-        """alpha_0 and rho_0 = sqrt(mean(X_0^2)) of the initial images."""
-        return cls(float(alpha), float(torch.linalg.vector_norm(images.detach().double()) / math.sqrt(images.numel())))
+        """alpha_0 and rho_0 = rho(X_0), the largest RMS of the initial images."""
+        return cls(float(alpha), largest_image_rms(images))
 
 
 @dataclass(frozen=True)
@@ -109,15 +110,15 @@ class Breach:
 
 
 def largest_image_rms(images: torch.Tensor) -> float:
-    """max_n rho(x_n): the largest per-image RMS (network input space)."""
+    """rho(X) = max_n sqrt(mean over the pixels of x_n^2): the largest per-image RMS."""
     x = images.detach().flatten(1).double()
     return float((x.square().mean(1).sqrt()).max())
 
 
-def suspects(alpha: float, image_rms: float, start: Start) -> tuple[str, ...]:
+def suspects(alpha: float, largest_rms: float, start: Start) -> tuple[str, ...]:
     """The settings behind a loss or gradient breach of a state (alpha, largest image RMS):
     the quantities that drifted up by >= DRIFT from their start, else lr_teacher/syn_steps."""
-    drifts = [(alpha / start.alpha, "lr_lr"), (image_rms / start.image_rms, "lr_img")]
+    drifts = [(alpha / start.alpha, "lr_lr"), (largest_rms / start.largest_image_rms, "lr_img")]
     drifted = tuple(name for ratio, name in sorted(drifts, reverse=True) if not ratio < DRIFT)
     return drifted or ("lr_teacher", "syn_steps")
 
@@ -143,7 +144,7 @@ def check_match(
     peak = largest_image_rms(images) if _finite(images) else math.inf
     state = (
         f"alpha {alpha:.4g} ({alpha / start.alpha:.3g} x its start), largest image RMS {peak:.4g} "
-        f"({peak / start.image_rms:.3g} x the initial images' RMS {start.image_rms:.4g})"
+        f"({peak / start.largest_image_rms:.3g} x its initial value {start.largest_image_rms:.4g})"
     )
     return Breach(rule, f"{what}; the state: {state}", suspects(alpha, peak, start), "max_loss" if rule == "loss" else None)
 
@@ -163,11 +164,11 @@ def check_state(alpha: float, images: torch.Tensor, start: Start, limits: Limits
             "max_lr",
         )
     peak = largest_image_rms(images)
-    if peak > limits.max_image_growth * start.image_rms:
+    if peak > limits.max_image_growth * start.largest_image_rms:
         return Breach(
             "images",
-            f"the largest image RMS is {peak:.4g}, {peak / start.image_rms:.3g} x the initial images' RMS "
-            f"{start.image_rms:.4g}, above its limit of {limits.max_image_growth:g} x",
+            f"the largest image RMS is {peak:.4g}, {peak / start.largest_image_rms:.3g} x its initial value "
+            f"{start.largest_image_rms:.4g}, above its limit of {limits.max_image_growth:g} x",
             ("lr_img",),
             "max_image_growth",
         )
