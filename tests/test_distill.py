@@ -392,7 +392,7 @@ def test_version_1_checkpoints_resume_and_a_poisoned_one_is_refused(toy, tmp_pat
     distill(s)
     start = _as_version_1(s.checkpoint_path)
     x0 = distill_mod.fresh_state(distill_mod.build_setup(s)).images.detach().double()
-    assert start["largest_image_rms"] == pytest.approx(float(x0.flatten(1).pow(2).mean(1).sqrt().max()), rel=1e-12)
+    assert start["largest_image_rms"] == pytest.approx(float(x0.flatten(1).pow(2).mean(1).sqrt().max()), rel=1e-6)
     resumed = distill(settings(toy, tmp_path, iterations=4))
     assert torch.equal(resumed.images, whole.images) and resumed.lr == whole.lr  # the same run
     # what the old code saved as the "last good state" after --lr-lr 1e6: finite, absurd
@@ -442,7 +442,7 @@ def test_guard_rules_against_an_independent_computation():
     x0 = torch.randn(1000, 3, 4, 4, generator=g)
     start = guard.Start.of(0.01, x0)
     per_image = np.sqrt((x0.numpy().astype(np.float64).reshape(1000, -1) ** 2).mean(axis=1))
-    assert start.largest_image_rms == pytest.approx(per_image.max(), rel=1e-12)
+    assert start.largest_image_rms == pytest.approx(per_image.max(), rel=1e-6)
     limits = guard.Limits(max_lr=1.0, max_image_growth=100.0, max_loss=10.0)
     assert guard.check_state(1.0, x0, start, limits) is None  # the bounds themselves pass
     assert guard.check_state(1.0001, x0, start, limits).rule == "alpha"
@@ -453,7 +453,8 @@ def test_guard_rules_against_an_independent_computation():
     assert float(x.pow(2).mean().sqrt()) < 10 * float(x0.pow(2).mean().sqrt())
     b = guard.check_state(0.01, x, start, limits)
     assert b.rule == "images" and b.suspects == ("lr_img",) and b.limit == "max_image_growth"
-    assert guard.largest_image_rms(x) == pytest.approx(float(x[17].double().pow(2).mean().sqrt()), rel=1e-12)
+    assert guard.largest_image_rms(x) == pytest.approx(float(x[17].double().pow(2).mean().sqrt()), rel=1e-6)
+    assert guard.check_state(0.01, x0 * 1e20, start, limits).rule == "images"  # finite, its float32 norm is not
     x[3, 0, 0, 0] = float("nan")
     assert guard.check_state(0.01, x, start, limits).rule == "finite"
     assert guard.check_state(float("inf"), x0, start, limits).suspects == ("lr_lr",)
