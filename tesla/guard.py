@@ -140,14 +140,14 @@ def check_match(
     """Rules 1(a) and 1(d) for the state (``alpha``, ``images``) whose matching loss and
     gradients were just computed."""
     if not math.isfinite(loss):
-        what = f"the matching loss is not finite ({loss})"
+        rule, what = "finite", f"the matching loss is not finite ({loss})"
     elif not _finite(grad_images) or not math.isfinite(grad_alpha):
-        what = "the gradient of the matching loss is not finite"
+        rule, what = "finite", f"the gradient of the matching loss is not finite (the loss is {loss:.4g})"
     elif loss > limits.max_loss:
+        rule = "loss"
         what = f"the matching loss {loss:.4g} is above its limit {limits.max_loss:g} (it starts near 1; this far above, the student moves away from the expert)"
     else:
         return None
-    rule = "loss" if math.isfinite(loss) and loss > limits.max_loss else "finite"
     peak = largest_image_rms(images)
     state = (
         f"alpha {alpha:.4g} ({alpha / start.alpha:.3g} x its start), largest image RMS {peak:.4g} "

@@ -463,6 +463,8 @@ def test_guard_rules_against_an_independent_computation():
     assert guard.check_match(10.01, grad, 0.0, 0.01, x0, start, limits).limit == "max_loss"
     grad[0, 0, 0, 0] = float("inf")
     assert guard.check_match(1.0, grad, 0.0, 0.01, x0, start, limits).rule == "finite"
+    b = guard.check_match(1e12, grad, 0.0, 0.01, x0, start, limits)  # both: the gradient is what failed
+    assert b.rule == "finite" and b.limit is None and "gradient of the matching loss is not finite (the loss is 1e+12)" in b.what
     # causes of a loss breach: what drifted up by DRIFT (2x) or more, the larger drift first
     rho = start.largest_image_rms
     assert guard.suspects(0.0199, 1.99 * rho, start) == ("lr_teacher", "syn_steps")
