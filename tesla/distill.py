@@ -194,12 +194,14 @@ def check_settings(s: DistillSettings) -> None:
     _positive(s.alpha_floor, "--min-lr")
     if s.alpha_floor > s.lr_teacher:
         raise TeslaError(f"--min-lr ({s.alpha_floor:g}) is above --lr-teacher ({s.lr_teacher:g}); lower --min-lr")
-    _positive(s.alpha_ceiling, "--max-lr")
+    name = s.wording.name  # the guard's limits may come from config keys
     if not s.alpha_ceiling > s.lr_teacher:
-        raise TeslaError(f"--max-lr ({s.alpha_ceiling:g}) must be above --lr-teacher ({s.lr_teacher:g}); raise --max-lr")
-    for value, option in ((s.max_image_growth, "--max-image-growth"), (s.max_loss, "--max-loss")):
+        raise TeslaError(
+            f"{name('max_lr')} ({s.alpha_ceiling:g}) must be above {name('lr_teacher')} ({s.lr_teacher:g}); raise {name('max_lr')}"
+        )
+    for value, key in ((s.max_image_growth, "max_image_growth"), (s.max_loss, "max_loss")):
         if not (math.isfinite(value) and value > 1):
-            raise TeslaError(f"{option} must be a finite number above 1 (the value at the start), got {value!r}")
+            raise TeslaError(f"{name(key)} must be a finite number above 1 (the value at the start), got {value!r}")
     if Path(s.checkpoint_path).resolve() == Path(s.out).resolve():
         raise TeslaError(f"--checkpoint {s.checkpoint_path} is the --out file; give another --checkpoint path")
     if s.batch_syn is not None:

@@ -425,6 +425,7 @@ def test_a_limit_lowered_below_the_checkpoint_is_refused_with_both_ways_out(toy,
         (dict(max_loss=1.0), "--max-loss must be a finite number above 1"),
         (dict(max_image_growth=float("inf")), "--max-image-growth must be a finite number above 1"),
         (dict(checkpoint="SAME"), "is the --out file"),
+        (dict(max_loss=0.5, config_key_prefix="datasets.demo.distill.2"), "datasets.demo.distill.2.max_loss must be a finite"),
     ],
 )
 def test_bad_guard_settings_are_refused_before_any_work(toy, tmp_path, change, message):
