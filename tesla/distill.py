@@ -11,10 +11,16 @@ Each iteration (PAPER.md section 1):
 4. X <- SGD(lr_img, momentum 0.5),  alpha <- SGD(lr_lr, momentum 0.5), then
    alpha <- max(alpha, min_lr) (projected SGD: alpha can never become zero or negative).
 
+Every iteration passes the divergence guard (:mod:`tesla.guard`: finite values, alpha
+below its ceiling, images within bounds, a loss that does not explode) before anything is
+saved; a breach stops the run with the setting that most likely caused it, named as it was
+set (a flag, or a config key inside the workflow), and what a rerun will do.
+
 Outputs: the synthetic set file (``tesla-synthetic``, the last iteration's images), a
 per-iteration metrics CSV, PNG grids of the images at checkpoints and at the end, and a
 checkpoint from which a killed run resumes (on the CPU, bitwise identical to an
-uninterrupted run with the same seed).
+uninterrupted run with the same seed). One run at a time per output: the run holds
+exclusive locks (:mod:`tesla.locks`) on ``OUT.lock`` and ``CHECKPOINT.lock`` from start to end.
 """
 
 from __future__ import annotations
@@ -32,15 +38,18 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from tesla import __version__
+from tesla import __version__, guard
 from tesla.errors import TeslaError
 from tesla.files import atomic_output
+from tesla.locks import acquire
 from tesla.matching import ENGINES, MatchResult, matching_gradients
 
 CHECKPOINT_FORMAT = "tesla-distill-checkpoint"
-CHECKPOINT_VERSION = 1
+#: 2: adds ``guard_start`` and ``settings``; version 1 is still read (see load_checkpoint)
+CHECKPOINT_VERSION = 2
 METRICS_FORMAT = "tesla-distill-metrics"
-METRICS_VERSION = 1
+#: 2: adds the ``max_image_rms`` column
+METRICS_VERSION = 2
 METRICS_COLUMNS = (
     "iteration",
     "expert",
@@ -49,6 +58,7 @@ METRICS_COLUMNS = (
     "alpha",
     "grad_norm_images",
     "grad_norm_alpha",
+    "max_image_rms",
     "seconds",
     "peak_memory_mb",
 )
@@ -58,9 +68,11 @@ RESUME_TUNABLE = frozenset(
     {
         "out", "metrics", "grid_dir", "checkpoint", "checkpoint_every", "iterations", "device",
         "progress", "lr_img", "lr_lr", "syn_steps", "batch_syn", "engine", "label_chunk", "min_lr",
-        "experts", "train", "zca",
+        "experts", "train", "zca", "max_lr", "max_image_growth", "max_loss", "restart", "config_key_prefix",
     }
 )
+#: step sizes and limits whose change a resumed run reports
+RESUME_REPORTED = ("lr_img", "lr_lr", "syn_steps", "batch_syn", "engine", "min_lr", "max_lr", "max_image_growth", "max_loss")
 
 
 @dataclass
@@ -93,11 +105,30 @@ class DistillSettings:
     device: str = "auto"
     label_chunk: int = 256
     progress: bool = True
+    max_lr: float | None = None
+    max_image_growth: float = guard.DEFAULT_MAX_IMAGE_GROWTH
+    max_loss: float = guard.DEFAULT_MAX_LOSS
+    restart: bool = False
+    config_key_prefix: str | None = None
 
     @property
     def alpha_floor(self) -> float:
         """min_lr: the smallest value alpha may take (default lr_teacher / 1000)."""
         return self.lr_teacher * 1e-3 if self.min_lr is None else self.min_lr
+
+    @property
+    def alpha_ceiling(self) -> float:
+        """max_lr: the largest value alpha may reach before the guard stops the run
+        (default lr_teacher x guard.MAX_LR_FACTOR)."""
+        return self.lr_teacher * guard.MAX_LR_FACTOR if self.max_lr is None else self.max_lr
+
+    def guard_limits(self) -> guard.Limits:
+        return guard.Limits(self.alpha_ceiling, self.max_image_growth, self.max_loss)
+
+    @property
+    def wording(self) -> guard.Wording:
+        """How messages name settings: flags, or config keys under --config-key-prefix."""
+        return guard.Wording(self.config_key_prefix)
 
     @property
     def checkpoint_path(self) -> Path:
@@ -107,11 +138,15 @@ class DistillSettings:
         """The settings a checkpoint must share with the run that resumes it."""
         return {k: v for k, v in asdict(self).items() if k not in RESUME_TUNABLE}
 
-    def lower_hint(self) -> str:
-        return (
-            f"lower --lr-img (now {self.lr_img:g}), --lr-lr (now {self.lr_lr:g}) or --syn-steps "
-            f"(now {self.syn_steps})"
-        )
+    def effective(self) -> dict[str, Any]:
+        """Every setting, with the defaults of min_lr and max_lr filled in (what messages show)."""
+        return {**asdict(self), "min_lr": self.alpha_floor, "max_lr": self.alpha_ceiling}
+
+    def start_over(self) -> str:
+        """How to discard this run's checkpoint and start from iteration 0."""
+        if self.wording.in_workflow:
+            return f"delete {self.checkpoint_path} and run snakemake again"
+        return f"run the same command with --restart (it discards {self.checkpoint_path})"
 
 
 # ---------------------------------------------------------------------------------------
@@ -159,6 +194,16 @@ def check_settings(s: DistillSettings) -> None:
     _positive(s.alpha_floor, "--min-lr")
     if s.alpha_floor > s.lr_teacher:
         raise TeslaError(f"--min-lr ({s.alpha_floor:g}) is above --lr-teacher ({s.lr_teacher:g}); lower --min-lr")
+    name = s.wording.name  # the guard's limits may come from config keys
+    if not s.alpha_ceiling > s.lr_teacher:
+        raise TeslaError(
+            f"{name('max_lr')} ({s.alpha_ceiling:g}) must be above {name('lr_teacher')} ({s.lr_teacher:g}); raise {name('max_lr')}"
+        )
+    for value, key in ((s.max_image_growth, "max_image_growth"), (s.max_loss, "max_loss")):
+        if not (math.isfinite(value) and value > 1):
+            raise TeslaError(f"{name(key)} must be a finite number above 1 (the value at the start), got {value!r}")
+    if Path(s.checkpoint_path).resolve() == Path(s.out).resolve():
+        raise TeslaError(f"--checkpoint {s.checkpoint_path} is the --out file; give another --checkpoint path")
     if s.batch_syn is not None:
         _positive(s.batch_syn, "--batch-syn", integer=True)
     if s.engine not in ENGINES:
@@ -297,6 +342,7 @@ class DistillState:
     opt_images: torch.optim.Optimizer = None
     opt_alpha: torch.optim.Optimizer = None
     generator: torch.Generator = None
+    start: guard.Start = None  # alpha_0 and the initial largest image RMS (the guard's references)
 
 
 def initial_images(setup: DistillSetup, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -332,7 +378,7 @@ def fresh_state(setup: DistillSetup) -> DistillState:
     images = x.to(setup.device).requires_grad_(True)
     alpha = torch.tensor(s.lr_teacher, dtype=torch.float32, device=setup.device, requires_grad=True)
     opt_images, opt_alpha = _optimisers(images, alpha, s)
-    return DistillState(0, images, classes, [], alpha, None, opt_images, opt_alpha, generator)
+    return DistillState(0, images, classes, [], alpha, None, opt_images, opt_alpha, generator, guard.Start.of(s.lr_teacher, x))
 
 
 def save_checkpoint(path: Path, setup: DistillSetup, state: DistillState, generator_state: torch.Tensor) -> None:
@@ -352,31 +398,48 @@ def save_checkpoint(path: Path, setup: DistillSetup, state: DistillState, genera
         "opt_alpha": state.opt_alpha.state_dict(),
         "generator": generator_state,
         "log": state.log,
+        "guard_start": asdict(state.start),
+        "settings": asdict(setup.settings),
     }
     with atomic_output(path) as tmp:
         torch.save(payload, tmp)
 
 
 def load_checkpoint(path: Path, setup: DistillSetup) -> DistillState:
-    """Restore a state saved by :func:`save_checkpoint`, refusing one of a different run."""
+    """Restore a state saved by :func:`save_checkpoint`, refusing one of a different run or
+    one whose state fails the guard's state rules (an old version-1 checkpoint may hold a
+    state saved without them). Version 1 (no ``guard_start``) is read: rho_0 is recomputed
+    from the seed's initial images."""
     s = setup.settings
     try:
         payload = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # a torn or foreign file
-        raise TeslaError(f"{path}: cannot read this checkpoint ({exc}); delete it to start over") from None
+        raise TeslaError(f"{path}: cannot read this checkpoint ({exc}); to start over, {s.start_over()}") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise TeslaError(f"{path}: not a tesla distill checkpoint; give another --checkpoint path or delete it")
-    if int(payload.get("format_version", -1)) != CHECKPOINT_VERSION:
-        raise TeslaError(f"{path}: checkpoint format version {payload.get('format_version')}; delete it to start over")
+    version = int(payload.get("format_version", -1))
+    if version not in (1, CHECKPOINT_VERSION):
+        raise TeslaError(
+            f"{path}: checkpoint format version {payload.get('format_version')} (this tesla reads 1 and "
+            f"{CHECKPOINT_VERSION}); to start over, {s.start_over()}"
+        )
     if payload["dataset_fingerprint"] != setup.split.fingerprint:
-        raise TeslaError(f"{path}: checkpoint of a run on another dataset; delete it or give another --checkpoint")
+        raise TeslaError(f"{path}: checkpoint of a run on another dataset; give another --checkpoint or, to start over, {s.start_over()}")
     theirs, ours = payload["identity"], s.identity()
     diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
     if diff:
         listed = ", ".join(f"{k}: checkpoint {theirs.get(k)!r} vs now {ours.get(k)!r}" for k in diff)
+        why = ""
+        if "lr_teacher" in diff:
+            why = (
+                f" (lr_teacher is alpha's initial value: the checkpoint's alpha has moved on from it to "
+                f"{float(payload['alpha']):.4g}, so a new lr_teacher only acts from iteration 0)"
+            )
         raise TeslaError(
-            f"{path}: checkpoint of a run with other settings ({listed}); use the same settings to resume, "
-            "or delete the checkpoint (or give another --checkpoint) to start over"
+            f"{path}: checkpoint (iteration {payload['iteration']}) of a run with other settings ({listed}){why}; "
+            f"on resume only {', '.join(RESUME_REPORTED)}, the iterations, the device and the paths may change. "
+            f"Use the checkpoint's settings to resume it, give another --checkpoint, or, to start over with these "
+            f"settings, {s.start_over()}"
         )
     images = payload["images"].to(setup.device).requires_grad_(True)
     alpha = payload["alpha"].to(setup.device).requires_grad_(True)
@@ -389,7 +452,12 @@ def load_checkpoint(path: Path, setup: DistillSetup) -> DistillState:
     generator = torch.Generator()
     generator.set_state(payload["generator"])
     soft = payload["soft_labels"]
-    return DistillState(
+    if version == 1:
+        x0, _ = initial_images(setup, torch.Generator().manual_seed(s.seed))
+        start = guard.Start.of(s.lr_teacher, x0)
+    else:
+        start = guard.Start(**payload["guard_start"])
+    state = DistillState(
         int(payload["iteration"]),
         images,
         payload["classes"],
@@ -399,7 +467,22 @@ def load_checkpoint(path: Path, setup: DistillSetup) -> DistillState:
         opt_images,
         opt_alpha,
         generator,
+        start,
     )
+    breach = guard.check_state(float(alpha.detach()), images, start, s.guard_limits())
+    if breach is not None:
+        old = " (written by a tesla before version-2 checkpoints, which saved states without these checks)" if version == 1 else ""
+        limit = f"; if the value is intended, raise {s.wording.name(breach.limit)}" if breach.limit else ""
+        raise TeslaError(
+            f"{path}: the checkpoint (iteration {state.iteration}) holds a state that fails the divergence guard"
+            f"{old}: {breach.what}. Resuming it would continue from a diverged state; to start over, {s.start_over()}"
+            f"{limit}"
+        )
+    changed = {k: v for k, v in payload.get("settings", {}).items() if k in RESUME_REPORTED and v != getattr(s, k)}
+    if changed:
+        listed = ", ".join(f"{k} {guard.format_value(v)} -> {guard.format_value(getattr(s, k))}" for k, v in changed.items())
+        print(f"tesla distill: resuming {path} with changed settings: {listed}", file=sys.stderr)
+    return state
 
 
 # ---------------------------------------------------------------------------------------
@@ -419,16 +502,39 @@ def _peak_memory_mb(device: torch.device) -> float:
 
 
 class Diverged(TeslaError):
-    """A non-finite loss, gradient, alpha or image: the run stops with the settings to lower."""
+    """A state that failed the divergence guard (:mod:`tesla.guard`): the run stops with the
+    setting that most likely caused it and what a rerun will do."""
 
 
-def _diverged(setup: DistillSetup, iteration: int, what: str, saved: str) -> Diverged:
-    s = setup.settings
-    return Diverged(
-        f"iteration {iteration}: {what} is not finite (engine {s.engine}, syn_steps {s.syn_steps}, "
-        f"lr_img {s.lr_img:g}, lr_lr {s.lr_lr:g}, lr_teacher {s.lr_teacher:g}); {s.lower_hint()} "
-        f"and run the same command again: {saved}"
-    )
+def _rerun_note(s: DistillSettings, last_saved: int | None, breach: guard.Breach) -> str:
+    """What happens when the user reruns: where it resumes, and how to change a setting
+    that only acts from iteration 0 (lr_teacher)."""
+    wording, ckpt = s.wording, s.checkpoint_path
+    resumes = f"resumes from iteration {last_saved} ({ckpt})" if last_saved else "starts from iteration 0"
+    if wording.in_workflow:  # the workflow names a checkpoint by a digest of the distill settings
+        return (
+            f"Nothing was saved from this state. Change the setting in the config and run snakemake again: "
+            f"with changed distill settings this distillation starts afresh (the workflow names its checkpoint "
+            f"by its settings); a raised limit does not rename the checkpoint: the rerun {resumes}."
+        )
+    if last_saved is None:
+        return "Nothing was checkpointed yet: the next run starts afresh from iteration 0."
+    resumable = [k for k in (*breach.suspects, breach.limit) if k in RESUME_TUNABLE]
+    fixed = [k for k in breach.suspects if k not in RESUME_TUNABLE]
+    note = f"Nothing was saved from this state; the last good state, iteration {last_saved}, stays in {ckpt}"
+    if resumable:
+        note += f": the same command with a changed {' or '.join(map(wording.name, resumable))} resumes from it"
+    if fixed:
+        note += (
+            f". {' and '.join(wording.name(k) for k in fixed)} cannot change on resume"
+            f"{' (alpha starts from lr_teacher: it only acts at iteration 0)' if 'lr_teacher' in fixed else ''}; "
+            f"to start over with a new value, {s.start_over()}"
+        )
+    return note + "."
+
+
+def _stop(s: DistillSettings, iteration: int, breach: guard.Breach, last_saved: int | None) -> Diverged:
+    return Diverged(f"{guard.explain(breach, iteration, s.effective(), s.wording)} {_rerun_note(s, last_saved, breach)}")
 
 
 def distill_iteration(setup: DistillSetup, state: DistillState) -> tuple[MatchResult, dict]:
@@ -524,10 +630,35 @@ def _save_grid(setup: DistillSetup, state: DistillState, name: str) -> None:
 
 
 def distill(settings: DistillSettings):
-    """Run (or resume) a distillation; returns the final :class:`tesla.synthetic.SyntheticSet`."""
+    """Run (or resume) a distillation; returns the final :class:`tesla.synthetic.SyntheticSet`.
+
+    The inputs are checked first; then the run holds exclusive locks on ``OUT.lock`` and
+    ``CHECKPOINT.lock`` (:func:`tesla.locks.acquire`) until it ends, so a second run on the
+    same output or checkpoint is refused with the first one's pid and host."""
     setup = build_setup(settings)
     s = settings
+    with acquire(f"{s.out}.lock", stage="tesla distill", protects=f"--out {s.out}"), acquire(
+        f"{s.checkpoint_path}.lock", stage="tesla distill", protects=f"the checkpoint {s.checkpoint_path}"
+    ):
+        return _distill_locked(setup)
+
+
+def _restart(s: DistillSettings) -> None:
+    """--restart: discard the checkpoint and the grids of an earlier run (under the lock)."""
     ckpt = s.checkpoint_path
+    if ckpt.exists():
+        ckpt.unlink()
+        print(f"tesla distill: --restart: removed {ckpt}; starting from iteration 0", file=sys.stderr)
+    if s.grid_dir and Path(s.grid_dir).is_dir():
+        for old in Path(s.grid_dir).glob("iteration_*.png"):
+            old.unlink()
+
+
+def _distill_locked(setup: DistillSetup):
+    s = setup.settings
+    ckpt = s.checkpoint_path
+    if s.restart:
+        _restart(s)
     state = load_checkpoint(ckpt, setup) if ckpt.exists() else fresh_state(setup)
     if state.iteration > 0:
         print(f"tesla distill: resuming from {ckpt} at iteration {state.iteration}", file=sys.stderr)
@@ -539,7 +670,16 @@ def distill(settings: DistillSettings):
         from tqdm import tqdm
 
         bar = tqdm(total=s.iterations, initial=min(state.iteration, s.iterations), desc="distill", unit="it", file=sys.stderr)
+    limits = s.guard_limits()
     last_saved = state.iteration if ckpt.exists() else None
+    due = False  # the state is due for a checkpoint once its own loss has passed the guard
+
+    def checkpoint(generator_state: torch.Tensor) -> None:
+        nonlocal last_saved, due
+        save_checkpoint(ckpt, setup, state, generator_state)
+        last_saved, due = state.iteration, False
+        _save_grid(setup, state, f"iteration_{state.iteration:06d}.png")
+
     try:
         while state.iteration < s.iterations:
             it = state.iteration + 1
@@ -549,23 +689,21 @@ def distill(settings: DistillSettings):
             t0 = time.perf_counter()
             result, info = distill_iteration(setup, state)
             grad_images, grad_alpha = result.grad_images, result.grad_alpha
-            problem = None
-            if not math.isfinite(result.loss):
-                problem = "the matching loss"
-            elif not bool(torch.isfinite(grad_images).all()) or not math.isfinite(grad_alpha):
-                problem = "the gradient"
-            if problem is not None:
-                save_checkpoint(ckpt, setup, state, generator_state)
-                raise _diverged(setup, it, problem, f"it resumes from the last good state saved in {ckpt} (iteration {state.iteration})")
+            alpha = float(state.alpha.detach())
+            breach = guard.check_match(result.loss, grad_images, grad_alpha, alpha, state.images, state.start, limits)
+            if breach is not None:
+                raise _stop(s, it, breach, last_saved)
+            if due:  # the state of iteration it - 1 passed its loss check: now it may be saved
+                checkpoint(generator_state)
             state.images.grad = grad_images.to(state.images.dtype)
             state.alpha.grad = torch.tensor(grad_alpha, dtype=state.alpha.dtype, device=state.alpha.device)
             state.opt_images.step()
             state.opt_alpha.step()
             with torch.no_grad():
                 state.alpha.clamp_(min=s.alpha_floor)  # projected SGD: alpha >= min_lr > 0
-            if not bool(torch.isfinite(state.images).all()) or not math.isfinite(float(state.alpha.detach())):
-                where = f"it resumes from {ckpt} (iteration {last_saved})" if last_saved else "no checkpoint was saved yet"
-                raise _diverged(setup, it, "the updated images or alpha", where)
+            breach = guard.check_state(float(state.alpha.detach()), state.images, state.start, limits)
+            if breach is not None:
+                raise _stop(s, it, breach, last_saved)
             state.iteration = it
             row = {
                 "iteration": it,
@@ -575,6 +713,7 @@ def distill(settings: DistillSettings):
                 "alpha": float(state.alpha.detach()),
                 "grad_norm_images": float(torch.linalg.vector_norm(grad_images)),
                 "grad_norm_alpha": abs(grad_alpha),
+                "max_image_rms": guard.largest_image_rms(state.images),
                 "seconds": time.perf_counter() - t0,
                 "peak_memory_mb": _peak_memory_mb(setup.device),
             }
@@ -585,10 +724,10 @@ def distill(settings: DistillSettings):
             if metrics_partial is not None:
                 with open(metrics_partial, "a", newline="") as f:
                     csv.DictWriter(f, fieldnames=METRICS_COLUMNS).writerow(row)
-            if it % s.checkpoint_every == 0 or it == s.iterations:
-                save_checkpoint(ckpt, setup, state, state.generator.get_state())
-                last_saved = it
-                _save_grid(setup, state, f"iteration_{it:06d}.png")
+            if it == s.iterations:  # no next loss to wait for: saved with the output
+                checkpoint(state.generator.get_state())
+            elif it % s.checkpoint_every == 0:
+                due = True
     finally:
         if bar is not None:
             bar.close()
@@ -598,7 +737,21 @@ def distill(settings: DistillSettings):
         metrics_partial.unlink(missing_ok=True)
     _save_grid(setup, state, "final.png")
     final.save(s.out)
+    print(f"tesla distill: {_headroom(state, limits)}", file=sys.stderr)
     return final
+
+
+def _headroom(state: DistillState, limits: guard.Limits) -> str:
+    """The run's peaks against the guard's limits (how close it came to a stop)."""
+    rows = state.log
+    loss = max((float(r["loss"]) for r in rows), default=math.nan)
+    alpha = max((float(r["alpha"]) for r in rows), default=math.nan)
+    rms = max((float(r["max_image_rms"]) for r in rows if r.get("max_image_rms") not in (None, "")), default=math.nan)
+    return (
+        f"guard peaks over {len(rows)} iterations: loss {loss:.4g} (limit {limits.max_loss:g}), alpha {alpha:.4g} "
+        f"(ceiling {limits.max_lr:g}), largest image RMS {rms / state.start.largest_image_rms:.3g} x its initial value "
+        f"(limit {limits.max_image_growth:g} x)"
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -630,9 +783,18 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     a("--grid-dir", default=None, help="directory for PNG grids of the images (checkpoints and final.png)")
     a("--checkpoint", default=None, help="checkpoint file (default: OUT.ckpt); an existing one is resumed")
     a("--checkpoint-every", type=int, default=d.checkpoint_every, help="iterations between checkpoints")
+    a("--restart", action="store_true", help="discard an existing checkpoint (and its grids) and start from iteration 0")
     a("--label-chunk", type=int, default=d.label_chunk, help="images per forward pass when assigning soft labels")
     a("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
     a("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    g = parser.add_argument_group("divergence guard (stops the run before a bad state is saved; see tesla.guard)")
+    g.add_argument("--max-lr", type=float, default=None, help=f"alpha may not exceed this (default: {guard.MAX_LR_FACTOR:g} x lr_teacher)")
+    g.add_argument("--max-image-growth", type=float, default=d.max_image_growth, help="the largest image RMS may not exceed this many times its initial value")
+    g.add_argument("--max-loss", type=float, default=d.max_loss, help="the matching loss (about 1 at the start) may not exceed this")
+    g.add_argument(
+        "--config-key-prefix", default=None, metavar="KEY",
+        help="name settings in messages as config keys under KEY (set by the workflow, e.g. datasets.demo.distill.1)",
+    )
 
 
 def settings_from_args(args: argparse.Namespace) -> DistillSettings:

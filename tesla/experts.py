@@ -36,6 +36,7 @@ import torch
 
 from tesla.errors import TeslaError
 from tesla.files import atomic_output
+from tesla.locks import acquire
 from tesla.trajectories import STORAGE_DTYPES, TrajectoryMeta, TrajectoryWriter
 
 __all__ = ["ExpertConfig", "configure_parser", "derive_seed", "partial_dir", "run", "train_expert", "zca_fingerprint"]
@@ -353,20 +354,7 @@ def _train_expert(
 
 def _lock(partial: Path):
     """Hold an exclusive lock on ``partial``/lock for this run (two jobs, one output: refused)."""
-    handle = open(partial / "lock", "a+")
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX: no locking
-        return handle
-    try:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.close()
-        raise TeslaError(
-            f"{partial} is in use by another 'tesla experts' run for the same --out; wait for it to finish "
-            f"(or stop it) before starting this one"
-        ) from None
-    return handle
+    return acquire(partial / "lock", stage="tesla experts", protects=str(partial))
 
 
 def _save_state(path: Path, settings: dict, epoch: int, model, optimizer, generator: torch.Generator, history: list) -> None:

@@ -4,6 +4,14 @@ from __future__ import annotations
 
 import csv
 import math
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -89,7 +97,7 @@ def settings(toy, tmp: Path, **kw) -> DistillSettings:
 
 def read_metrics(path) -> list[dict]:
     with open(path) as f:
-        assert f.readline().startswith("# format: tesla-distill-metrics, format_version: 1")
+        assert f.readline().startswith("# format: tesla-distill-metrics, format_version: 2")
         return list(csv.DictReader(f))
 
 
@@ -112,6 +120,8 @@ def test_cli_writes_synthetic_set_metrics_grids_and_checkpoint(toy, tmp_path):
     rows = read_metrics(tmp_path / "m.csv")
     assert [int(r["iteration"]) for r in rows] == [1, 2, 3, 4]
     assert set(rows[0]) == set(distill_mod.METRICS_COLUMNS)
+    largest = float(syn.images.double().flatten(1).pow(2).mean(1).sqrt().max())
+    assert float(rows[-1]["max_image_rms"]) == pytest.approx(largest, rel=1e-6)
     for r in rows:
         assert math.isfinite(float(r["loss"])) and float(r["loss"]) > 0 and float(r["peak_memory_mb"]) > 0
         assert r["expert"] in {e.name for e in experts} and 0 <= int(r["start_epoch"]) < 2
@@ -148,13 +158,15 @@ def test_resume_after_kill_is_bitwise_identical(toy, tmp_path, monkeypatch):
     real = distill_mod.matching_gradients
     calls = {"n": 0}
 
-    def killed_at_5(*args, **kwargs):
+    def killed_at_6(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt  # the run dies in iteration 5, after the checkpoint of iteration 4
+        if calls["n"] == 6:
+            # the run dies in iteration 6; iteration 5 checked the loss of the state of iteration 4
+            # and then saved it
+            raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(distill_mod, "matching_gradients", killed_at_5)
+    monkeypatch.setattr(distill_mod, "matching_gradients", killed_at_6)
     b = settings(toy, tmp_path / "b", **kw)
     with pytest.raises(KeyboardInterrupt):
         distill(b)
@@ -210,24 +222,31 @@ def test_alpha_never_becomes_negative(toy, tmp_path, monkeypatch):
     assert syn.lr == pytest.approx(1e-5) and syn.lr > 0
 
 
-def test_non_finite_loss_stops_with_the_iteration_and_the_settings_to_lower(toy, tmp_path, monkeypatch):
+def _loss_at(monkeypatch, call: int, value: float) -> None:
+    """Make the matching loss of the ``call``-th iteration of this process ``value``."""
     real = distill_mod.matching_gradients
     calls = {"n": 0}
 
-    def nan_at_3(*args, **kwargs):
+    def patched(*args, **kwargs):
         calls["n"] += 1
         r = real(*args, **kwargs)
-        if calls["n"] == 3:
-            r.loss = float("nan")
+        if calls["n"] == call:
+            r.loss = value
         return r
 
-    monkeypatch.setattr(distill_mod, "matching_gradients", nan_at_3)
+    monkeypatch.setattr(distill_mod, "matching_gradients", patched)
+
+
+def test_non_finite_loss_stops_with_the_iteration_and_the_settings_to_lower(toy, tmp_path, monkeypatch):
+    _loss_at(monkeypatch, 3, float("nan"))
     s = settings(toy, tmp_path, iterations=5, checkpoint_every=10)
-    with pytest.raises(TeslaError, match=r"iteration 3: the matching loss is not finite.*--lr-img.*--lr-lr.*--syn-steps"):
+    with pytest.raises(
+        distill_mod.Diverged,
+        match=r"iteration 3: the matching loss is not finite.*--lr-teacher \(now 0.01\) or --syn-steps \(now 3\) is too large",
+    ) as err:
         distill(s)
-    assert not Path(s.out).exists()
-    ckpt = torch.load(s.checkpoint_path, weights_only=False)
-    assert ckpt["iteration"] == 2 and bool(torch.isfinite(ckpt["images"]).all())
+    assert "Nothing was checkpointed yet: the next run starts afresh from iteration 0" in str(err.value)
+    assert not Path(s.out).exists() and not s.checkpoint_path.exists()  # no state was due for a checkpoint
 
 
 def test_non_finite_gradient_is_caught(toy, tmp_path, monkeypatch):
@@ -239,8 +258,221 @@ def test_non_finite_gradient_is_caught(toy, tmp_path, monkeypatch):
         return r
 
     monkeypatch.setattr(distill_mod, "matching_gradients", inf_grad)
-    with pytest.raises(TeslaError, match="iteration 1: the gradient is not finite"):
+    with pytest.raises(TeslaError, match="iteration 1: the gradient of the matching loss is not finite"):
         distill(settings(toy, tmp_path))
+
+
+# ---------------------------------------------------------------------------------------
+# the divergence guard (issue 16, item 1): each case of the issue, then the rules themselves
+# ---------------------------------------------------------------------------------------
+def test_alpha_blow_up_is_never_checkpointed_and_a_sane_lr_lr_resumes(toy, tmp_path):
+    good = distill(settings(toy, tmp_path, iterations=2, checkpoint_every=1))
+    ckpt = settings(toy, tmp_path).checkpoint_path
+    with pytest.raises(distill_mod.Diverged) as err:  # --lr-lr 1e6 from iteration 3 on
+        distill(settings(toy, tmp_path, iterations=4, checkpoint_every=1, lr_lr=1e6))
+    msg = str(err.value)
+    assert re.search(r"iteration 3: alpha \(the learned learning rate\) is [0-9.e+]+, .* above its ceiling 1\.", msg), msg
+    assert "Most likely cause: --lr-lr (now 1e+06) is too large; lower it (or, if such values are expected here, raise --max-lr, now 1)" in msg
+    assert f"the last good state, iteration 2, stays in {ckpt}: the same command with a changed --lr-lr or --max-lr resumes from it" in msg
+    saved = torch.load(ckpt, weights_only=False)
+    assert saved["iteration"] == 2 and torch.equal(saved["images"], good.images) and float(saved["alpha"]) == good.lr
+    # the advice works: a sane --lr-lr resumes from iteration 2 and finishes
+    syn = distill(settings(toy, tmp_path, iterations=4, checkpoint_every=1, lr_lr=1e-4))
+    assert syn.iteration == 4 and syn.lr < 1
+
+
+def test_loss_explosion_at_the_start_names_lr_teacher_and_lowering_it_works(toy, tmp_path):
+    with pytest.raises(distill_mod.Diverged) as err:
+        distill(settings(toy, tmp_path, lr_teacher=100.0))
+    msg = str(err.value)
+    assert re.search(r"iteration 1: the matching loss [0-9.e+]+ is above its limit 10 ", msg), msg
+    assert "alpha 100 (1 x its start)" in msg
+    assert "Most likely cause: --lr-teacher (now 100) or --syn-steps (now 3) is too large; lower one of them" in msg
+    assert "Nothing was checkpointed yet: the next run starts afresh from iteration 0." in msg
+    assert not settings(toy, tmp_path).checkpoint_path.exists() and not Path(settings(toy, tmp_path).out).exists()
+    syn = distill(settings(toy, tmp_path, lr_teacher=0.01))  # not refused: no checkpoint of other settings
+    assert syn.iteration == 4
+
+
+def test_images_growing_stop_the_run_although_nothing_diverges(toy, tmp_path):
+    # the network is scale invariant (instance norm): the loss stays finite while the images explode
+    s = settings(toy, tmp_path, lr_img=1e9)
+    with pytest.raises(distill_mod.Diverged) as err:
+        distill(s)
+    msg = str(err.value)
+    assert re.search(r"iteration 1: the largest image RMS is [0-9.e+]+, [0-9.e+]+ x its initial value [0-9.]+, above its limit of 100 x", msg), msg
+    assert "Most likely cause: --lr-img (now 1e+09) is too large; lower it (or, if such values are expected here, raise --max-image-growth, now 100)" in msg
+    assert not Path(s.out).exists()
+    # the same run with the limit raised goes through: the finite loss alone would not have stopped it
+    syn = distill(settings(toy, tmp_path, lr_img=1e9, max_image_growth=1e12, iterations=2))
+    x0 = distill_mod.fresh_state(distill_mod.build_setup(s)).images.detach()
+    assert syn.images.flatten(1).pow(2).mean(1).sqrt().max() > 1e4 * x0.pow(2).mean().sqrt()
+
+
+@pytest.mark.parametrize("where", ["command line", "workflow"])
+def test_advice_names_settings_where_they_were_set(toy, tmp_path, capsys, where):
+    root, _, experts = toy
+    prefix = ["--config-key-prefix", "datasets.demo.distill.1"] if where == "workflow" else []
+    rc = main([
+        "distill", "--train", str(root / "train.h5"), "--experts", *map(str, experts), "--out", str(tmp_path / "syn.h5"),
+        "--ipc", "2", "--syn-steps", "3", "--max-start-epoch", "2", "--batch-syn", "4", "--iterations", "2",
+        "--device", "cpu", "--no-progress", "--lr-lr", "1e6", *prefix,
+    ])
+    err = capsys.readouterr().err
+    assert rc == 2 and "tesla distill: error: iteration 1: alpha" in err
+    if where == "workflow":
+        assert "Most likely cause: datasets.demo.distill.1.lr_lr (now 1e+06) is too large" in err
+        assert "raise datasets.demo.distill.1.max_lr, now 1" in err
+        assert "Change the setting in the config and run snakemake again" in err
+        assert "--lr-lr" not in err and "--max-lr" not in err
+    else:
+        assert "Most likely cause: --lr-lr (now 1e+06) is too large" in err and "raise --max-lr, now 1" in err
+        assert "datasets." not in err and "snakemake" not in err
+
+
+def test_a_state_whose_own_loss_explodes_is_never_checkpointed(toy, tmp_path, monkeypatch):
+    _loss_at(monkeypatch, 3, 50.0)  # the loss of the state of iteration 2
+    s = settings(toy, tmp_path, iterations=5, checkpoint_every=1)
+    with pytest.raises(distill_mod.Diverged) as err:
+        distill(s)
+    msg = str(err.value)
+    assert "iteration 3: the matching loss 50 is above its limit 10" in msg
+    # alpha and the images are still near their start: the step is too large from the start
+    assert "--lr-teacher (now 0.01) or --syn-steps (now 3) is too large" in msg
+    assert f"the last good state, iteration 1, stays in {s.checkpoint_path}: the same command with a changed --syn-steps or --max-loss resumes from it" in msg
+    assert f"--lr-teacher cannot change on resume (alpha starts from lr_teacher: it only acts at iteration 0); to start over with a new value, run the same command with --restart (it discards {s.checkpoint_path})" in msg
+    saved = torch.load(s.checkpoint_path, weights_only=False)
+    one = distill(settings(toy, tmp_path / "one", iterations=1))
+    assert saved["iteration"] == 1 and torch.equal(saved["images"], one.images)  # not iteration 2
+    rows = read_metrics(Path(f"{s.metrics}.partial"))
+    assert [int(r["iteration"]) for r in rows] == [1, 2]  # the partial metrics keep what ran
+
+
+def test_changing_lr_teacher_on_resume_says_how_to_start_over_and_restart_does(toy, tmp_path, capsys):
+    distill(settings(toy, tmp_path, iterations=2))
+    s = settings(toy, tmp_path, iterations=3, lr_teacher=0.02)
+    with pytest.raises(TeslaError) as err:
+        distill(s)
+    msg = str(err.value)
+    assert "lr_teacher: checkpoint 0.01 vs now 0.02" in msg and "lr_teacher is alpha's initial value" in msg
+    assert f"run the same command with --restart (it discards {s.checkpoint_path})" in msg
+    with pytest.raises(TeslaError, match=f"delete {re.escape(str(s.checkpoint_path))} and run snakemake again"):
+        distill(settings(toy, tmp_path, iterations=3, lr_teacher=0.02, config_key_prefix="datasets.demo.distill.2"))
+    capsys.readouterr()
+    restarted = distill(settings(toy, tmp_path, iterations=3, lr_teacher=0.02, restart=True))
+    assert "--restart: removed" in capsys.readouterr().err
+    fresh = distill(settings(toy, tmp_path / "fresh", iterations=3, lr_teacher=0.02))
+    assert torch.equal(restarted.images, fresh.images) and restarted.lr == fresh.lr
+    assert sorted(p.name for p in (tmp_path / "grids").iterdir()) == ["final.png", "iteration_000002.png", "iteration_000003.png"]
+
+
+def test_step_size_changes_resume_and_are_reported(toy, tmp_path, capsys):
+    distill(settings(toy, tmp_path, iterations=2))
+    capsys.readouterr()
+    syn = distill(settings(toy, tmp_path, iterations=3, lr_lr=1e-5, lr_img=50.0, max_loss=5.0))
+    err = capsys.readouterr().err
+    assert "resuming from" in err and "at iteration 2" in err
+    assert "with changed settings: lr_img 100 -> 50, lr_lr 0.0001 -> 1e-05, max_loss 10 -> 5" in err
+    assert syn.iteration == 3
+
+
+def _as_version_1(path: Path) -> dict:
+    """Rewrite a checkpoint as the version-1 format wrote it (no guard_start, no settings)."""
+    payload = torch.load(path, weights_only=False)
+    start = payload.pop("guard_start")
+    del payload["settings"]
+    payload["format_version"] = 1
+    torch.save(payload, path)
+    return start
+
+
+def test_version_1_checkpoints_resume_and_a_poisoned_one_is_refused(toy, tmp_path):
+    whole = distill(settings(toy, tmp_path / "whole", iterations=4))
+    s = settings(toy, tmp_path, iterations=2)
+    distill(s)
+    start = _as_version_1(s.checkpoint_path)
+    x0 = distill_mod.fresh_state(distill_mod.build_setup(s)).images.detach().double()
+    assert start["largest_image_rms"] == pytest.approx(float(x0.flatten(1).pow(2).mean(1).sqrt().max()), rel=1e-6)
+    resumed = distill(settings(toy, tmp_path, iterations=4))
+    assert torch.equal(resumed.images, whole.images) and resumed.lr == whole.lr  # the same run
+    # what the old code saved as the "last good state" after --lr-lr 1e6: finite, absurd
+    payload = torch.load(s.checkpoint_path, weights_only=False)
+    payload["alpha"] = torch.tensor(3256666.0)
+    torch.save(payload, s.checkpoint_path)
+    _as_version_1(s.checkpoint_path)
+    with pytest.raises(TeslaError) as err:
+        distill(settings(toy, tmp_path, iterations=6))
+    msg = str(err.value)
+    assert "holds a state that fails the divergence guard (written by a tesla before version-2 checkpoints" in msg
+    assert "alpha (the learned learning rate) is 3.257e+06" in msg and "--restart" in msg
+    syn = distill(settings(toy, tmp_path, iterations=2, restart=True))
+    assert syn.iteration == 2 and syn.lr < 1
+
+
+def test_a_limit_lowered_below_the_checkpoint_is_refused_with_both_ways_out(toy, tmp_path):
+    first = distill(settings(toy, tmp_path, iterations=2))
+    with pytest.raises(TeslaError) as err:
+        distill(settings(toy, tmp_path, iterations=3, max_lr=first.lr * 0.99))
+    msg = str(err.value)
+    assert "fails the divergence guard: alpha" in msg and "version-2" not in msg
+    assert "if the value is intended, raise --max-lr" in msg and "--restart" in msg
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(max_lr=0.01), r"--max-lr \(0.01\) must be above --lr-teacher"),
+        (dict(max_loss=1.0), "--max-loss must be a finite number above 1"),
+        (dict(max_image_growth=float("inf")), "--max-image-growth must be a finite number above 1"),
+        (dict(checkpoint="SAME"), "is the --out file"),
+        (dict(max_loss=0.5, config_key_prefix="datasets.demo.distill.2"), "datasets.demo.distill.2.max_loss must be a finite"),
+    ],
+)
+def test_bad_guard_settings_are_refused_before_any_work(toy, tmp_path, change, message):
+    if change.get("checkpoint") == "SAME":
+        change = dict(checkpoint=str(tmp_path / "syn.h5"))
+    with pytest.raises(TeslaError, match=message):
+        distill(settings(toy, tmp_path, **change))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_guard_rules_against_an_independent_computation():
+    from tesla import guard
+
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(1000, 3, 4, 4, generator=g)
+    start = guard.Start.of(0.01, x0)
+    per_image = np.sqrt((x0.numpy().astype(np.float64).reshape(1000, -1) ** 2).mean(axis=1))
+    assert start.largest_image_rms == pytest.approx(per_image.max(), rel=1e-6)
+    limits = guard.Limits(max_lr=1.0, max_image_growth=100.0, max_loss=10.0)
+    assert guard.check_state(1.0, x0, start, limits) is None  # the bounds themselves pass
+    assert guard.check_state(1.0001, x0, start, limits).rule == "alpha"
+    # one image of a thousand blown up 300x: the global RMS grows less than 10x, the largest image's
+    # RMS more than 100x its initial value
+    x = x0.clone()
+    x[17] *= 300
+    assert float(x.pow(2).mean().sqrt()) < 10 * float(x0.pow(2).mean().sqrt())
+    b = guard.check_state(0.01, x, start, limits)
+    assert b.rule == "images" and b.suspects == ("lr_img",) and b.limit == "max_image_growth"
+    assert guard.largest_image_rms(x) == pytest.approx(float(x[17].double().pow(2).mean().sqrt()), rel=1e-6)
+    assert guard.check_state(0.01, x0 * 1e20, start, limits).rule == "images"  # finite, its float32 norm is not
+    x[3, 0, 0, 0] = float("nan")
+    assert guard.check_state(0.01, x, start, limits).rule == "finite"
+    assert guard.check_state(float("inf"), x0, start, limits).suspects == ("lr_lr",)
+    grad = torch.zeros_like(x0)
+    assert guard.check_match(10.0, grad, 0.0, 0.01, x0, start, limits) is None
+    assert guard.check_match(10.01, grad, 0.0, 0.01, x0, start, limits).limit == "max_loss"
+    grad[0, 0, 0, 0] = float("inf")
+    assert guard.check_match(1.0, grad, 0.0, 0.01, x0, start, limits).rule == "finite"
+    b = guard.check_match(1e12, grad, 0.0, 0.01, x0, start, limits)  # both: the gradient is what failed
+    assert b.rule == "finite" and b.limit is None and "gradient of the matching loss is not finite (the loss is 1e+12)" in b.what
+    # causes of a loss breach: what drifted up by DRIFT (2x) or more, the larger drift first
+    rho = start.largest_image_rms
+    assert guard.suspects(0.0199, 1.99 * rho, start) == ("lr_teacher", "syn_steps")
+    assert guard.suspects(0.02, rho, start) == ("lr_lr",)
+    assert guard.suspects(0.001, 2 * rho, start) == ("lr_img",)  # alpha at its floor is no suspect
+    assert guard.suspects(0.05, 3 * rho, start) == ("lr_lr", "lr_img")
+    assert guard.suspects(0.03, 4 * rho, start) == ("lr_img", "lr_lr")
 
 
 @pytest.mark.parametrize(
@@ -363,3 +595,49 @@ def test_zca_experts_need_the_same_zca_file_and_the_set_embeds_it(toy, tmp_path)
     real = torch.from_numpy(split.images_uint8()).permute(0, 3, 1, 2).float() / 255
     for n in range(len(u)):
         assert float((real - u[n]).abs().flatten(1).max(1).values.min()) < 1e-3
+
+
+# ---------------------------------------------------------------------------------------
+# one run per output (issue 16, item 2)
+# ---------------------------------------------------------------------------------------
+def _wait_for(path: Path, process: subprocess.Popen, seconds: float = 180.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        assert process.poll() is None, f"the first run ended early (status {process.returncode})"
+        assert time.monotonic() < deadline, f"{path} did not appear within {seconds} s"
+        time.sleep(0.2)
+
+
+def test_a_second_run_on_the_same_out_is_refused_and_a_killed_one_leaves_no_stale_lock(toy, tmp_path):
+    root, _, experts = toy
+    s = settings(toy, tmp_path)
+    tesla = shutil.which("tesla", path=str(Path(sys.executable).parent))
+    first = subprocess.Popen(
+        [
+            tesla, "distill", "--train", s.train, "--experts", *s.experts, "--out", s.out, "--ipc", "2",
+            "--syn-steps", "3", "--max-start-epoch", "2", "--batch-syn", "4", "--lr-img", "100", "--lr-lr", "1e-4",
+            "--iterations", "1000000", "--checkpoint-every", "2", "--metrics", s.metrics, "--device", "cpu",
+            "--no-progress",
+        ],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    try:
+        _wait_for(s.checkpoint_path, first)  # the first run is under way and has saved a state
+        with pytest.raises(TeslaError) as err:  # (without a lock it would resume the first run's checkpoint)
+            distill(settings(toy, tmp_path, iterations=3))
+        msg = str(err.value)
+        assert f"--out {s.out} is in use by another 'tesla distill' run: pid {first.pid} on host {socket.gethostname()}" in msg
+        assert "command: tesla distill --train" in msg and f"kill {first.pid}" in msg
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    assert Path(f"{s.out}.lock").exists()  # the file stays after SIGKILL; the lock went with the process
+    saved = torch.load(s.checkpoint_path, weights_only=False)
+    k = saved["iteration"]
+    assert k >= 2 and len(read_metrics(f"{s.metrics}.partial")) >= k
+    resumed = distill(settings(toy, tmp_path, iterations=k + 2))
+    assert resumed.iteration == k + 2
+    rows = read_metrics(s.metrics)
+    assert [int(r["iteration"]) for r in rows] == list(range(1, k + 3))
+    assert [float(r["loss"]) for r in rows[:k]] == [r["loss"] for r in saved["log"]]  # the first run's rows
+    assert not Path(f"{s.out}.lock").exists() and not Path(f"{s.checkpoint_path}.lock").exists()

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import gzip
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -13,6 +19,7 @@ import torch
 
 from tesla.cli import main
 from tesla.data import ImageSplit, SplitWriter
+from tesla.errors import TeslaError
 from tesla.experts import ExpertConfig, derive_seed, train_expert
 from tesla.models import flatten_params
 from tesla.trajectories import Trajectory
@@ -110,19 +117,34 @@ def test_partial_run_with_other_settings_is_refused(toy, tmp_path):
         train_expert(ExpertConfig(seed=2, **cfg), progress=False, log=lambda m: None)
 
 
-def test_a_second_run_for_the_same_output_is_refused(toy, tmp_path):
-    from tesla.experts import _lock, partial_dir
-
+def test_a_second_run_for_the_same_output_is_refused_and_a_killed_one_leaves_no_stale_lock(toy, tmp_path):
+    train, test = toy
     out = tmp_path / "e.h5"
-    partial_dir(out).mkdir()
-    held = _lock(partial_dir(out))  # another run holds the lock
+    cfg = dict(train=train, test=test, out=out, seed=0, model="convnet_d1", epochs=100000, keep_snapshots=1, batch_size=32)
+    tesla = shutil.which("tesla", path=str(Path(sys.executable).parent))
+    first = subprocess.Popen(
+        [tesla, "experts", "--train", str(train), "--test", str(test), "--out", str(out), "--seed", "0", "--model",
+         "convnet_d1", "--epochs", "100000", "--keep-snapshots", "1", "--batch-size", "32"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    state = tmp_path / "e.h5.partial" / "state.pt"
     try:
-        with pytest.raises(Exception, match=r"e\.h5\.partial is in use by another"):
-            train_expert(ExpertConfig(train=toy[0], test=toy[1], out=out, seed=0, model="convnet_d1", epochs=1),
-                         progress=False, log=lambda m: None)
+        deadline = time.monotonic() + 180
+        while not state.exists():  # the first run is under way
+            assert first.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        with pytest.raises(TeslaError) as err:
+            train_expert(ExpertConfig(**cfg), stop_after_epochs=1, progress=False, log=lambda m: None)
+        msg = str(err.value)
+        assert f"e.h5.partial is in use by another 'tesla experts' run: pid {first.pid} on host {socket.gethostname()}" in msg
+        assert "command: tesla experts --train" in msg
     finally:
-        held.close()
-    assert not out.exists()
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    logs = []
+    assert train_expert(ExpertConfig(**cfg), stop_after_epochs=1, progress=False, log=logs.append) is None
+    assert any(m.startswith(f"resuming {out} from epoch ") for m in logs)  # it took the lock and resumed
+    assert not (tmp_path / "e.h5.partial" / "lock").exists() and not out.exists()
 
 
 def test_keep_snapshots_and_16_bit_storage(toy, tmp_path):

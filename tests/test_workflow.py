@@ -389,3 +389,22 @@ def test_summary_names_the_changed_params(executed):
     assert lines and "params" in lines[0], result.stdout
     others = [line for line in result.stdout.splitlines() if line.startswith("experts/demo/expert_0.h5")]
     assert others and "ok" in others[0], result.stdout
+
+
+def test_distill_advice_speaks_in_config_keys_and_guard_limits_rerun_nothing(executed):
+    workdir, _ = executed
+    # the stand-in tesla wrote its command line into the output
+    command = (workdir / "distill" / "demo_ipc1" / "synthetic.h5").read_text()
+    assert "--config-key-prefix datasets.demo.distill.1 " in command
+    assert "--max-lr" not in command  # null in the config: tesla's defaults
+
+    def change(c):
+        c["datasets"]["demo"]["distill"][1].update(max_lr=0.5, max_image_growth=50, max_loss=20)
+
+    assert dry_run(workdir, _edited(workdir, change)) == {}  # limits decide when a run stops, not its result
+    result = snakemake(
+        workdir, "distill/demo_ipc1/synthetic.h5", "--forcerun", "distill", "--dry-run", "--printshellcmds",
+        "--cores", "1", "--configfile", "edited.yaml",
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "--max-lr 0.5 --max-image-growth 50 --max-loss 20 " in result.stdout

@@ -302,6 +302,20 @@ def distill_checkpoint_every(wildcards, output) -> int:
     return distill_cfg(wildcards.dataset, wildcards.ipc)["checkpoint_every"]
 
 
+def distill_guard_options(wildcards, output) -> str:
+    """The divergence guard's limits (max_lr, max_image_growth, max_loss; left out when null:
+    tesla's defaults) and the wording of its advice: config keys under
+    datasets.<dataset>.distill.<ipc>. They decide when a run stops, not what it computes, so
+    (as a function of `output`) they are not a rerun trigger and not part of the checkpoint's
+    name: after a stop, raising a limit resumes the run from its checkpoint."""
+    d = distill_cfg(wildcards.dataset, wildcards.ipc)
+    opts = [_opt("config-key-prefix", f"datasets.{wildcards.dataset}.distill.{int(wildcards.ipc)}")]
+    for key in ("max_lr", "max_image_growth", "max_loss"):
+        if d.get(key) is not None:
+            opts.append(_opt(key.replace("_", "-"), d[key]))
+    return " ".join(opts)
+
+
 def expert_options_for_digest(ds) -> str:
     ex = ds["experts"]
     return repr((ds["source"], ds["input"], ds["resolution"], ds["model"], sorted(ex.items())))

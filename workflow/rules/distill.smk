@@ -15,6 +15,7 @@ rule distill:
         device=job_device,
         options=distill_options,
         every=distill_checkpoint_every,
+        guard=distill_guard_options,
         zca=zca_option,
         # Not an output: Snakemake deletes the outputs of a failed job, but the checkpoint
         # must survive a kill (preemption, scancel) so that the rerun resumes from it.
@@ -33,5 +34,5 @@ rule distill:
     shell:
         "tesla distill --train {input.train} --experts {input.experts} --out {output.synthetic} "
         "{params.options} {params.zca} --metrics {output.metrics} --grid-dir {output.grids} "
-        "--checkpoint {params.checkpoint} --checkpoint-every {params.every} --device {params.device} "
+        "--checkpoint {params.checkpoint} --checkpoint-every {params.every} {params.guard} --device {params.device} "
         "> {log} 2>&1 && rm -f {params.checkpoint}"

@@ -1,0 +1,223 @@
+"""The divergence guard of ``tesla distill``: every iteration is checked for sanity, not only
+for finiteness, and only a state that passed is ever checkpointed.
+
+Notation, iteration k: S_{k-1} = (X, alpha) is the state before the update and S_k the
+state after it; L_k, dL/dX and dL/dalpha are the matching loss of S_{k-1} and its gradients
+(PAPER.md section 1); rho(x_n) = sqrt(mean over the pixels of x_n^2) is the RMS of image n in
+network input space, rho(X) = max_n rho(x_n) the largest of them, rho_0 = rho(X_0) its value
+for the initial images, and alpha_0 = lr_teacher.
+
+Rules, in this order (the first breach stops the run):
+
+1. before the update, the state S_{k-1} is judged by its loss (:func:`check_match`):
+
+   (a) L_k, dL/dX and dL/dalpha are finite;
+   (d) L_k <= max_loss (default 10). L is about 1 at the start by construction (a small
+       alpha leaves theta_N near theta*_t, at distance sqrt(D) from the target) and normal
+       runs stay below about 2; L = 10 means that the student ended sqrt(10) ~ 3.2 times
+       as far from the target as it started: it is moving away from the expert.
+
+2. after the update, the state S_k (:func:`check_state`, also applied to a resumed state):
+
+   (a) every x in X and alpha are finite;
+   (b) alpha <= max_lr (default 100 alpha_0). The floor min_lr (default alpha_0 / 1000) is
+       a projection, not a breach. Published runs keep alpha within a few times alpha_0;
+       100 alpha_0 is a student step that no expert trajectory was trained with;
+   (c) rho(X) <= max_image_growth * rho_0 (default 100): the largest image RMS, so that one
+       image blowing up is seen among thousands of sane ones (a global RMS would grow by only
+       sqrt(1/N) of it).
+
+Checkpoints: S_k is written only after iteration k+1 has checked its loss (before S_k is
+updated), so a state whose own loss explodes is never saved and a rerun never resumes from a
+poisoned state; the last iteration's state, which has no next loss, is written with the
+output after passing rule 2.
+
+Cause (:func:`suspects`), the setting named in the advice:
+
+* alpha out of range or not finite: ``lr_lr``;
+* images out of range or not finite: ``lr_img``;
+* a loss or gradient breach: whichever of alpha (``lr_lr``) and the images (``lr_img``)
+  has drifted up from its start by a factor of at least :data:`DRIFT`, the larger drift
+  first; when neither has (typically in the first iterations), ``lr_teacher`` (alpha's
+  initial value is too large a step for this network) or ``syn_steps`` (too many steps).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+
+__all__ = [
+    "DEFAULT_MAX_IMAGE_GROWTH",
+    "DEFAULT_MAX_LOSS",
+    "DRIFT",
+    "MAX_LR_FACTOR",
+    "Breach",
+    "Limits",
+    "Start",
+    "Wording",
+    "check_match",
+    "check_state",
+    "explain",
+    "format_value",
+    "image_rms",
+    "largest_image_rms",
+    "suspects",
+]
+
+#: default ceiling of alpha, in units of its start lr_teacher
+MAX_LR_FACTOR = 100.0
+#: default bound of the largest image RMS, in units of its initial value
+DEFAULT_MAX_IMAGE_GROWTH = 100.0
+#: default bound of the matching loss (about 1 at the start)
+DEFAULT_MAX_LOSS = 10.0
+#: a quantity that has grown by this factor from its start is a suspect of a loss breach
+DRIFT = 2.0
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The bounds of rules (b), (c), (d)."""
+
+    max_lr: float
+    max_image_growth: float
+    max_loss: float
+
+
+@dataclass(frozen=True)
+class Start:
+    """Where the run started: alpha_0 and rho_0 (kept in the checkpoint)."""
+
+    alpha: float
+    largest_image_rms: float
+
+    @classmethod
+    def of(cls, alpha: float, images: torch.Tensor) -> Start:
+        """alpha_0 and rho_0 = rho(X_0), the largest RMS of the initial images."""
+        return cls(float(alpha), largest_image_rms(images))
+
+
+@dataclass(frozen=True)
+class Breach:
+    """A failed rule: what was seen, and the settings most likely responsible."""
+
+    rule: str  # "finite", "loss", "alpha" or "images"
+    what: str  # the observation, with its values
+    suspects: tuple[str, ...]  # settings to lower, the most likely first
+    limit: str | None = None  # the bound that was exceeded (to raise if the value is intended)
+
+
+def image_rms(images: torch.Tensor) -> torch.Tensor:
+    """rho(x_n) for every image, as ||x_n|| / sqrt(pixels) (float32, no copy of the images:
+    they may be gigabytes on a GPU)."""
+    x = images.detach().flatten(1)
+    return torch.linalg.vector_norm(x, dim=1) / math.sqrt(x.shape[1])
+
+
+def largest_image_rms(images: torch.Tensor) -> float:
+    """rho(X) = max_n sqrt(mean over the pixels of x_n^2): the largest per-image RMS."""
+    return float(image_rms(images).max())
+
+
+def suspects(alpha: float, largest_rms: float, start: Start) -> tuple[str, ...]:
+    """The settings behind a loss or gradient breach of a state (alpha, largest image RMS):
+    the quantities that drifted up by >= DRIFT from their start, else lr_teacher/syn_steps."""
+    drifts = [(alpha / start.alpha, "lr_lr"), (largest_rms / start.largest_image_rms, "lr_img")]
+    drifted = tuple(name for ratio, name in sorted(drifts, reverse=True) if not ratio < DRIFT)
+    return drifted or ("lr_teacher", "syn_steps")
+
+
+def _finite(t: torch.Tensor) -> bool:
+    return bool(torch.isfinite(t).all())
+
+
+def check_match(
+    loss: float, grad_images: torch.Tensor, grad_alpha: float, alpha: float, images: torch.Tensor, start: Start, limits: Limits
+) -> Breach | None:
+    """Rules 1(a) and 1(d) for the state (``alpha``, ``images``) whose matching loss and
+    gradients were just computed."""
+    if not math.isfinite(loss):
+        rule, what = "finite", f"the matching loss is not finite ({loss})"
+    elif not _finite(grad_images) or not math.isfinite(grad_alpha):
+        rule, what = "finite", f"the gradient of the matching loss is not finite (the loss is {loss:.4g})"
+    elif loss > limits.max_loss:
+        rule = "loss"
+        what = f"the matching loss {loss:.4g} is above its limit {limits.max_loss:g} (it starts near 1; this far above, the student moves away from the expert)"
+    else:
+        return None
+    peak = largest_image_rms(images)
+    state = (
+        f"alpha {alpha:.4g} ({alpha / start.alpha:.3g} x its start), largest image RMS {peak:.4g} "
+        f"({peak / start.largest_image_rms:.3g} x its initial value {start.largest_image_rms:.4g})"
+    )
+    return Breach(rule, f"{what}; the state: {state}", suspects(alpha, peak, start), "max_loss" if rule == "loss" else None)
+
+
+def check_state(alpha: float, images: torch.Tensor, start: Start, limits: Limits) -> Breach | None:
+    """Rules 2(a)-(c) for a state after its update (or read from a checkpoint)."""
+    if not math.isfinite(alpha):
+        return Breach("finite", f"alpha (the learned learning rate) is not finite ({alpha})", ("lr_lr",))
+    rms = image_rms(images)
+    if not _finite(rms) and not _finite(images):  # the full check only when an RMS is not finite
+        return Breach("finite", "the synthetic images are not finite", ("lr_img",))
+    if alpha > limits.max_lr:
+        return Breach(
+            "alpha",
+            f"alpha (the learned learning rate) is {alpha:.4g}, {alpha / start.alpha:.3g} x its start {start.alpha:g}, "
+            f"above its ceiling {limits.max_lr:g}",
+            ("lr_lr",),
+            "max_lr",
+        )
+    peak = float(rms.max())
+    if peak > limits.max_image_growth * start.largest_image_rms:
+        return Breach(
+            "images",
+            f"the largest image RMS is {peak:.4g}, {peak / start.largest_image_rms:.3g} x its initial value "
+            f"{start.largest_image_rms:.4g}, above its limit of {limits.max_image_growth:g} x",
+            ("lr_img",),
+            "max_image_growth",
+        )
+    return None
+
+
+@dataclass(frozen=True)
+class Wording:
+    """How a message names a setting: by the command-line flag that set it (``--lr-lr``) or,
+    when the workflow runs the command, by its config key (``datasets.demo.distill.1.lr_lr``,
+    with ``config_key_prefix`` = ``datasets.demo.distill.1``)."""
+
+    config_key_prefix: str | None = None
+
+    @property
+    def in_workflow(self) -> bool:
+        return bool(self.config_key_prefix)
+
+    def name(self, setting: str) -> str:
+        if self.in_workflow:
+            return f"{self.config_key_prefix}.{setting}"
+        return "--" + setting.replace("_", "-")
+
+    def names(self, settings: tuple[str, ...] | list[str], values: Mapping[str, Any], joiner: str = " or ") -> str:
+        """'--lr-teacher (now 100) or --syn-steps (now 10)'."""
+        return joiner.join(f"{self.name(k)} (now {format_value(values[k])})" for k in settings)
+
+
+def format_value(value: Any) -> str:
+    """1e+06 for floats (%g), str() for the rest."""
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def explain(breach: Breach, iteration: int, values: Mapping[str, Any], wording: Wording) -> str:
+    """The first part of the stop message: what failed, its likely cause, the limit to raise
+    if intended. ``values``: the run's settings (limits with their effective values)."""
+    lower = "lower it" if len(breach.suspects) == 1 else "lower one of them"
+    text = (
+        f"iteration {iteration}: {breach.what}. Most likely cause: {wording.names(breach.suspects, values)} "
+        f"is too large; {lower}"
+    )
+    if breach.limit:
+        text += f" (or, if such values are expected here, raise {wording.name(breach.limit)}, now {format_value(values[breach.limit])})"
+    return text + "."
