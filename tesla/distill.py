@@ -266,7 +266,7 @@ def _input_space(s: DistillSettings, experts: list, split, zca):
     expected = resolve_normalization(first.input_normalization, split, f"{first.path}: normalisation")
     mean, std = (record[1], record[2]) if record[1] else (expected.mean, expected.std)  # files that recorded none
     space = space_of_record(first.input_normalization, mean, std, zca, first.path)
-    if not (np.allclose(space.mean, expected.mean, rtol=1e-7, atol=1e-9) and np.allclose(space.std, expected.std, rtol=1e-7, atol=1e-9)):
+    if not expected.has_constants(space.mean, space.std):
         raise TeslaError(
             f"{first.path}: expert inputs normalised with mean {space.mean}, std {space.std}, but normalisation "
             f"{space.name} of {s.train} is mean {list(expected.mean)}, std {list(expected.std)}; give experts trained on this split"

@@ -80,6 +80,10 @@ class Normalization:
     def channels(self) -> int:
         return len(self.mean)
 
+    def has_constants(self, mean: Sequence[float], std: Sequence[float]) -> bool:
+        """Whether (mean, std) are this normalisation's constants (up to storage round-off)."""
+        return _same(self.mean, mean) and _same(self.std, std)
+
     def describe(self) -> str:
         values = f"mean {[round(v, 4) for v in self.mean]}, std {[round(v, 4) for v in self.std]}"
         return f"normalisation {self.name} ({values})"
@@ -126,10 +130,12 @@ def recorded_normalization(
     contradict its fixed-constant name is refused (it was not written by tesla)."""
     check_normalization_name(name, f"{where}: normalisation")
     norm = Normalization(name, tuple(float(v) for v in mean), tuple(float(v) for v in std))
-    if name in PUBLISHED_CONSTANTS and not _same(PUBLISHED_CONSTANTS[name][0], mean):
-        raise TeslaError(f"{where}: records normalisation {name} with mean {list(mean)}, not its constants; the file is damaged")
-    if name == "none" and not (_same(mean, [0.0] * len(mean)) and _same(std, [1.0] * len(std))):
-        raise TeslaError(f"{where}: records normalisation none with mean {list(mean)}, std {list(std)}; the file is damaged")
+    fixed = {**PUBLISHED_CONSTANTS, "none": ((0.0,) * len(mean), (1.0,) * len(mean))}.get(name)
+    if fixed is not None and not Normalization(name, *fixed).has_constants(mean, std):
+        raise TeslaError(
+            f"{where}: records normalisation {name} with mean {list(mean)}, std {list(std)}, not its constants; "
+            "the file is damaged"
+        )
     return norm
 
 
@@ -275,7 +281,7 @@ def open_input_space(
         )
     norm = resolve_normalization(fitted_in, split, f"{zca_option} {zca_path}: normalisation")
     recorded_mean, recorded_std = zca.meta.get("normalization_mean"), zca.meta.get("normalization_std")
-    if recorded_mean is not None and not (_same(np.atleast_1d(recorded_mean), norm.mean) and _same(np.atleast_1d(recorded_std), norm.std)):
+    if recorded_mean is not None and not norm.has_constants(np.atleast_1d(recorded_mean), np.atleast_1d(recorded_std)):
         raise TeslaError(
             f"{zca_option} {zca_path}: fitted with mean {np.round(np.atleast_1d(recorded_mean), 4).tolist()}, std "
             f"{np.round(np.atleast_1d(recorded_std), 4).tolist()}, but {norm.describe()} here; give the zca.h5 fitted on {split.path}"
