@@ -133,3 +133,15 @@ def test_a_zca_of_another_split_or_shape_is_refused(rgb, tmp_path):
     small = write_split(tmp_path / "small.h5", size=2)
     with pytest.raises(TeslaError, match=r"fitted on images of shape \(3, 2, 2\)"):
         open_input_space(rgb, None, fit_zca_split(small.path, progress=False).save(tmp_path / "small_zca.h5"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the CUDA path of the input space)")
+def test_cuda_input_equals_cpu_input(rgb, tmp_path):
+    zca_path = fit_zca_split(rgb.path, progress=False, normalization="none").save(tmp_path / "zca.h5")
+    u = rgb.images_uint8()
+    for space in (InputSpace(resolve_normalization("cifar10", rgb)), open_input_space(rgb, None, zca_path)):
+        cpu = space.to_input(u)
+        torch.testing.assert_close(space.to_input(u, "cuda").cpu(), cpu, rtol=1e-5, atol=1e-5)
+        batch = space.minibatch_transform("cuda")(torch.from_numpy(u).cuda())
+        torch.testing.assert_close(batch.cpu(), cpu, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(space.to_pixels(batch), space.to_pixels(cpu), rtol=1e-5, atol=1e-5)
