@@ -8,8 +8,15 @@ Each iteration (PAPER.md section 1):
 3. compute the matching loss L = ||theta_N - theta*_{t+M}||^2 / ||theta*_t - theta*_{t+M}||^2
    of an N-step student and its gradients dL/dX, dL/dalpha with the chosen engine
    (``exact``, ``tesla`` or ``unroll``, see :mod:`tesla.matching`);
-4. X <- SGD(lr_img, momentum 0.5),  alpha <- SGD(lr_lr, momentum 0.5), then
+4. X <- SGD(c lr_img, momentum 0.5),  alpha <- SGD(lr_lr, momentum 0.5), then
    alpha <- max(alpha, min_lr) (projected SGD: alpha can never become zero or negative).
+   c is the step-size convention of lr_img (``--lr-img-convention``): 1 for ``gradient``
+   (lr_img multiplies dL/dX as the engine computes it), 1/2 for ``tesla-published`` (the
+   published TESLA code's image gradient is 0.5x the first-order gradient, PAPER.md
+   section 10, so its published lr_img values can be copied verbatim).
+
+The images live in the experts' input space (``tesla.input_space``: the normalisation and
+ZCA they were trained with, recorded in their files; all experts must agree).
 
 Every iteration passes the divergence guard (:mod:`tesla.guard`: finite values, alpha
 below its ceiling, images within bounds, a loss that does not explode) before anything is
@@ -63,16 +70,21 @@ METRICS_COLUMNS = (
     "peak_memory_mb",
 )
 MOMENTUM = 0.5
+#: lr_img conventions: c in X <- X - c lr_img b, b the momentum buffer of dL/dX. 'gradient':
+#: lr_img multiplies the gradient the engine computes; 'tesla-published': the published TESLA
+#: code's image step, which is 0.5 x lr_img x the first-order gradient (it drops the 2 of
+#: d||r||^2), so a published lr_img is copied verbatim (MTT's published values are 'gradient')
+LR_IMG_CONVENTIONS: dict[str, float] = {"gradient": 1.0, "tesla-published": 0.5}
 #: settings that may change when a run resumes from its checkpoint (all others must match)
 RESUME_TUNABLE = frozenset(
     {
         "out", "metrics", "grid_dir", "checkpoint", "checkpoint_every", "iterations", "device",
-        "progress", "lr_img", "lr_lr", "syn_steps", "batch_syn", "engine", "label_chunk", "min_lr",
-        "experts", "train", "zca", "max_lr", "max_image_growth", "max_loss", "restart", "config_key_prefix",
+        "progress", "lr_img", "lr_img_convention", "lr_lr", "syn_steps", "batch_syn", "engine", "label_chunk",
+        "min_lr", "experts", "train", "zca", "max_lr", "max_image_growth", "max_loss", "restart", "config_key_prefix",
     }
 )
 #: step sizes and limits whose change a resumed run reports
-RESUME_REPORTED = ("lr_img", "lr_lr", "syn_steps", "batch_syn", "engine", "min_lr", "max_lr", "max_image_growth", "max_loss")
+RESUME_REPORTED = ("lr_img", "lr_img_convention", "lr_lr", "syn_steps", "batch_syn", "engine", "min_lr", "max_lr", "max_image_growth", "max_loss")
 
 
 @dataclass
@@ -87,6 +99,7 @@ class DistillSettings:
     expert_epochs: int = 2
     max_start_epoch: int = 20
     lr_img: float = 1000.0
+    lr_img_convention: str = "gradient"
     lr_lr: float = 1e-5
     lr_teacher: float = 0.01
     min_lr: float | None = None
@@ -131,6 +144,11 @@ class DistillSettings:
         return guard.Wording(self.config_key_prefix)
 
     @property
+    def image_lr(self) -> float:
+        """The SGD step size applied to dL/dX: c lr_img, c of ``lr_img_convention``."""
+        return LR_IMG_CONVENTIONS[self.lr_img_convention] * self.lr_img
+
+    @property
     def checkpoint_path(self) -> Path:
         return Path(self.checkpoint) if self.checkpoint else Path(f"{self.out}.ckpt")
 
@@ -169,6 +187,7 @@ class DistillSetup:
     num_images: int
     batch_syn: int
     loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = field(repr=False, default=None)
+    input_space: Any = None  # tesla.input_space.InputSpace of the experts
 
 
 def _positive(value: float, option: str, integer: bool = False) -> None:
@@ -188,6 +207,11 @@ def check_settings(s: DistillSettings) -> None:
     _positive(s.checkpoint_every, "--checkpoint-every", integer=True)
     _positive(s.label_chunk, "--label-chunk", integer=True)
     _positive(s.lr_img, "--lr-img")
+    if s.lr_img_convention not in LR_IMG_CONVENTIONS:
+        raise TeslaError(
+            f"--lr-img-convention {s.lr_img_convention!r}: choose one of {', '.join(LR_IMG_CONVENTIONS)} "
+            "('gradient': lr_img multiplies dL/dX; 'tesla-published': the published TESLA code's half step)"
+        )
     _positive(s.lr_teacher, "--lr-teacher")
     if not (math.isfinite(s.lr_lr) and s.lr_lr >= 0):
         raise TeslaError(f"--lr-lr must be a finite number >= 0 (0 keeps alpha fixed), got {s.lr_lr!r}")
@@ -255,8 +279,7 @@ def _open_zca(s: DistillSettings, experts: list, split):
                 f"{s.experts[0]}: the experts were trained on ZCA-whitened images; give the same file with --zca"
             )
         return None, None
-    from tesla.experts import zca_fingerprint
-    from tesla.zca import ZCA
+    from tesla.zca import ZCA, zca_fingerprint
 
     if not fingerprint:
         raise TeslaError(f"--zca {s.zca}: the experts were trained without ZCA; drop --zca (or retrain the experts with it)")
@@ -266,6 +289,38 @@ def _open_zca(s: DistillSettings, experts: list, split):
     if tuple(zca.image_shape) != (split.channels, split.resolution, int(split.attrs["width"])):
         raise TeslaError(f"--zca {s.zca}: fitted on images of shape {tuple(zca.image_shape)}, not those of {s.train}")
     return zca, Path(s.zca).read_bytes()
+
+
+def _input_space(s: DistillSettings, experts: list, split, zca):
+    """The experts' input space (normalisation name and constants, and their ZCA): every
+    expert must record the same one, and it must be what that normalisation means for
+    ``split``. The synthetic images live in it."""
+    from tesla.input_space import resolve_normalization, space_of_record
+
+    first = experts[0]
+    record = (first.input_normalization, first.input_mean, first.input_std)
+    for traj in experts[1:]:
+        other = (traj.input_normalization, traj.input_mean, traj.input_std)
+        if other != record:
+            raise TeslaError(
+                f"{traj.path}: expert trained on inputs of normalisation {other[0]} (mean {other[1]}, std {other[2]}), "
+                f"but {first.path} on normalisation {record[0]} (mean {record[1]}, std {record[2]}); give experts of one "
+                "input space (trained with the same --normalize/--zca)"
+            )
+    expected = resolve_normalization(first.input_normalization, split, f"{first.path}: normalisation")
+    mean, std = (record[1], record[2]) if record[1] else (expected.mean, expected.std)  # files that recorded none
+    space = space_of_record(first.input_normalization, mean, std, zca, first.path)
+    if not expected.has_constants(space.mean, space.std):
+        raise TeslaError(
+            f"{first.path}: expert inputs normalised with mean {space.mean}, std {space.std}, but normalisation "
+            f"{space.name} of {s.train} is mean {list(expected.mean)}, std {list(expected.std)}; give experts trained on this split"
+        )
+    if zca is not None and zca.normalization != space.name:
+        raise TeslaError(
+            f"--zca {s.zca}: fitted in normalisation {zca.normalization}, but the experts record {space.name}; "
+            "give the ZCA file the experts were trained with"
+        )
+    return space
 
 
 def build_setup(s: DistillSettings) -> DistillSetup:
@@ -293,6 +348,7 @@ def build_setup(s: DistillSettings) -> DistillSetup:
         )
     experts = _open_experts(s, split)
     zca, zca_bytes = _open_zca(s, experts, split)
+    input_space = _input_space(s, experts, split, zca)
     strategy = s.dsa if s.dsa is not None else (experts[0].dsa or "none")
     dsa = DSA(strategy)
     device = pick_device(s.device)
@@ -323,6 +379,7 @@ def build_setup(s: DistillSettings) -> DistillSetup:
         num_images=num_images,
         batch_syn=batch_syn,
         loss_fn=loss_fn,
+        input_space=input_space,
     )
 
 
@@ -347,26 +404,22 @@ class DistillState:
 
 def initial_images(setup: DistillSetup, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """X_0 and its classes: ``ipc`` random real images of every class (class-major), in
-    network input space (normalised with the split's mean/std, then ZCA when on); or, with
-    ``init='noise'``, standard normal images."""
-    from tesla.data import normalize
-
+    the experts' input space x = T((u/255 - mean)/std); or, with ``init='noise'``, standard
+    normal images."""
     s, split = setup.settings, setup.split
     classes = torch.arange(split.num_classes).repeat_interleave(s.ipc)
     if s.init == "noise":
         shape = (setup.num_images, split.channels, split.resolution, int(split.attrs["width"]))
         return torch.randn(shape, generator=generator), classes
     pixels, labels = split.sample_per_class(s.ipc, generator)
-    x = normalize(pixels, split.mean, split.std)
-    if setup.zca is not None:
-        x = setup.zca.apply_chunked(x)
+    x = setup.input_space.to_input(pixels)
     assert torch.equal(torch.as_tensor(labels, dtype=torch.int64), classes)
     return x, classes
 
 
 def _optimisers(images: torch.Tensor, alpha: torch.Tensor, s: DistillSettings):
     return (
-        torch.optim.SGD([images], lr=s.lr_img, momentum=MOMENTUM),
+        torch.optim.SGD([images], lr=s.image_lr, momentum=MOMENTUM),
         torch.optim.SGD([alpha], lr=s.lr_lr, momentum=MOMENTUM),
     )
 
@@ -446,7 +499,7 @@ def load_checkpoint(path: Path, setup: DistillSetup) -> DistillState:
     opt_images, opt_alpha = _optimisers(images, alpha, s)
     opt_images.load_state_dict(payload["opt_images"])
     opt_alpha.load_state_dict(payload["opt_alpha"])
-    for opt, lr in ((opt_images, s.lr_img), (opt_alpha, s.lr_lr)):  # tunable on resume
+    for opt, lr in ((opt_images, s.image_lr), (opt_alpha, s.lr_lr)):  # tunable on resume
         for group in opt.param_groups:
             group["lr"] = lr
     generator = torch.Generator()
@@ -573,7 +626,7 @@ def synthetic_set(setup: DistillSetup, state: DistillState):
     """The synthetic set file's content for the current state."""
     from tesla.synthetic import SyntheticSet
 
-    s, split = setup.settings, setup.split
+    s, split, space = setup.settings, setup.split, setup.input_space
     return SyntheticSet(
         images=state.images.detach().cpu(),
         labels=state.classes.clone(),
@@ -584,14 +637,18 @@ def synthetic_set(setup: DistillSetup, state: DistillState):
         num_classes=split.num_classes,
         class_ids=list(split.class_ids),
         class_names=list(split.class_names),
-        mean=split.mean,
-        std=split.std,
+        mean=space.mean,
+        std=space.std,
+        normalization=space.name,
         dsa_strategy=setup.dsa_strategy,
         model_spec=setup.model_spec,
         ipc=s.ipc,
         engine=s.engine,
         zca_artifact=setup.zca_bytes,
-        settings={**asdict(s), "batch_syn": setup.batch_syn, "min_lr": s.alpha_floor, "tesla_version": __version__},
+        settings={
+            **asdict(s), "batch_syn": setup.batch_syn, "min_lr": s.alpha_floor, "lr_img_effective": s.image_lr,
+            "tesla_version": __version__,
+        },
         iteration=state.iteration,
     )
 
@@ -623,8 +680,8 @@ def _save_grid(setup: DistillSetup, state: DistillState, name: str) -> None:
         state.classes,
         setup.split.num_classes,
         Path(s.grid_dir) / name,
-        setup.split.mean,
-        setup.split.std,
+        setup.input_space.mean,
+        setup.input_space.std,
         setup.zca,
     )
 
@@ -768,6 +825,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     a("--expert-epochs", type=int, default=d.expert_epochs, help="M: the target is M epochs after the start")
     a("--max-start-epoch", type=int, default=d.max_start_epoch, help="start epoch t ~ U{0 .. max-1}")
     a("--lr-img", type=float, default=d.lr_img, help="learning rate of the images (SGD, momentum 0.5)")
+    a("--lr-img-convention", choices=tuple(LR_IMG_CONVENTIONS), default=d.lr_img_convention,
+      help="what --lr-img means: 'gradient' = the step on dL/dX as computed; 'tesla-published' = the published TESLA "
+           "code's step, half of that (so its published values are copied verbatim)")
     a("--lr-lr", type=float, default=d.lr_lr, help="learning rate of alpha (SGD, momentum 0.5; 0 keeps alpha fixed)")
     a("--lr-teacher", type=float, default=d.lr_teacher, help="initial alpha (the student's learning rate)")
     a("--min-lr", type=float, default=None, help="alpha is kept >= this value (default: lr_teacher / 1000)")

@@ -5,15 +5,17 @@ theta_0 (random initialisation, one per run) is trained for E epochs on the set
 (X, Y) with SGD
 
     v <- 0.9 v + grad_theta [ l(f_theta(A(x_b)), y_b) + 5e-4/2 ||theta||^2 ],  theta <- theta - eta_e v,
-    eta_e = alpha            for e <  E/2
-    eta_e = 0.1 alpha        for e >= E/2                       (one x0.1 decay at half)
+    eta_e = alpha            for e <  K
+    eta_e = 0.1 alpha        for e >= K          (one x0.1 decay; K = E // 2 unless --lr-decay-epoch)
 
 with minibatches b of 256, a fresh differentiable-siamese augmentation draw A on every
 batch, and l the soft-target cross-entropy -sum_c y_c log softmax(z)_c when the set has
 soft labels (hard-label cross-entropy otherwise). alpha is the learning rate *learned* by
 distillation and stored in the set's file. After the last epoch, and only then, each
 network is tested once on the real test split, mapped to the same network input space
-as the set: x = ZCA((u/255 - mean)/std) with the set's mean/std and ZCA.
+as the set (``tesla.input_space``): x = T((u/255 - mean)/std) with the set's recorded
+normalisation and ZCA. The published protocol (1001 epochs, x0.1 after epoch 502, i.e.
+epochs 0..501 at alpha and 502..1000 at 0.1 alpha) is ``--epochs 1001 --lr-decay-epoch 502``.
 
 Evaluation runs in two visibly separate phases (:func:`evaluate`):
 
@@ -34,9 +36,11 @@ with (the model spec stored in its file, e.g. ConvNet of the distillation depth)
 Baselines on the same protocol: ``--random`` trains on IPC random real images per class
 of the training split, a new draw per run, hard labels, lr 0.01 (``--lr-random``);
 ``--full`` trains on the whole training split (it must fit on the device; the ``full``
-row of ``acc.csv`` normally comes from the experts' recorded test accuracy instead).
+row of ``acc.csv`` normally comes from the experts' recorded test accuracy instead). Their
+input space is ``--normalize`` (default ``split``) and ``--zca`` (whose file fixes the
+normalisation), so a baseline can see the same inputs as the experts.
 
-Per-run results go to a long-form CSV (``tesla-eval-runs`` version 1, see
+Per-run results go to a long-form CSV (``tesla-eval-runs`` version 2, see
 docs/formats.md); ``tesla results`` aggregates them into ``acc.csv``.
 """
 
@@ -57,13 +61,15 @@ import torch
 
 from tesla import __version__
 from tesla.augment import DEFAULT_STRATEGY
-from tesla.data import ImageSplit, normalize
+from tesla.data import ImageSplit
 from tesla.data.header import check_test_split, read_split_header
 from tesla.errors import TeslaError
 from tesla.files import atomic_output
+from tesla.input_space import InputSpace, open_input_space, space_of_record
 
 RUNS_FORMAT = "tesla-eval-runs"
-RUNS_FORMAT_VERSION = 1
+#: v2 added the columns lr_decay_epoch and input_space (``tesla results`` reads v1 too)
+RUNS_FORMAT_VERSION = 2
 
 #: columns of the per-run CSV, in order (docs/formats.md)
 RUN_COLUMNS: tuple[str, ...] = (
@@ -75,6 +81,7 @@ RUN_COLUMNS: tuple[str, ...] = (
     "run",
     "seed",
     "epochs",
+    "lr_decay_epoch",
     "lr",
     "final_train_loss",
     "test_acc",
@@ -82,6 +89,7 @@ RUN_COLUMNS: tuple[str, ...] = (
     "labels",
     "dsa",
     "zca",
+    "input_space",
     "num_images",
     "device",
     "source",
@@ -91,8 +99,6 @@ RUN_COLUMNS: tuple[str, ...] = (
 PAPER_DSA_STRATEGY = DEFAULT_STRATEGY
 #: ``--arch`` alias for the network the set was distilled with (its stored model spec)
 DISTILL_ALIAS = "distill"
-#: images per forward pass when mapping a split through ZCA
-_ZCA_CHUNK = 4096
 
 
 # -- protocol and network input space ------------------------------------------------------
@@ -106,16 +112,29 @@ class Protocol:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     dsa_strategy: str = PAPER_DSA_STRATEGY
+    lr_decay_epoch: int | None = None  # K; None: E // 2
+
+    @property
+    def decay_epoch(self) -> int:
+        """K, the first (0-based) epoch at 0.1 alpha: ``lr_decay_epoch``, default E // 2
+        (0: no decay, which only the default gives, for E = 1)."""
+        return self.epochs // 2 if self.lr_decay_epoch is None else int(self.lr_decay_epoch)
 
     @property
     def lr_decay_epochs(self) -> tuple[int, ...]:
-        """One x0.1 decay at half: eta = alpha for e < E/2, 0.1 alpha afterwards."""
-        half = self.epochs // 2
-        return (half,) if half > 0 else ()
+        """One x0.1 decay: eta = alpha for epochs e < K, 0.1 alpha for e >= K."""
+        k = self.decay_epoch
+        return (k,) if k > 0 else ()
 
     def check(self) -> None:
         if self.epochs < 1:
             raise TeslaError(f"--epochs {self.epochs}: need at least 1 epoch")
+        if self.lr_decay_epoch is not None and not (1 <= self.lr_decay_epoch < self.epochs):
+            raise TeslaError(
+                f"--lr-decay-epoch {self.lr_decay_epoch}: the learning rate drops x0.1 at the start of that 0-based "
+                f"epoch, so it must be in 1..{self.epochs - 1} for --epochs {self.epochs} (the published protocol: "
+                "--epochs 1001 --lr-decay-epoch 502)"
+            )
         if self.batch_size < 1:
             raise TeslaError(f"--batch-size {self.batch_size}: need at least 1 image per batch")
         if not (math.isfinite(self.lr) and self.lr > 0):
@@ -127,35 +146,32 @@ class Protocol:
 
 @dataclass
 class NetworkSpace:
-    """Where images live for the network: x = ZCA((u/255 - mean_c)/std_c).
+    """What the networks of one evaluation see: the dataset's classes and image shape, and
+    the input space x = T((u/255 - mean_c)/std_c) (``tesla.input_space.InputSpace``).
 
-    ``zca`` is a ``tesla.zca.ZCA`` or None. The same space is used for the training set
-    and the test split, so a network never sees two differently mapped inputs.
+    The same space is used for the training set and the test split, so a network never
+    sees two differently mapped inputs.
     """
 
     dataset: str
     num_classes: int
     channels: int
     resolution: int
-    mean: list[float]
-    std: list[float]
     class_ids: list[str]
-    zca: object | None = None
+    input_space: InputSpace
 
-    def whiten(self, x: torch.Tensor) -> torch.Tensor:
-        """Apply the ZCA transform (if any) in place, chunk by chunk: x <- W (x - mu)."""
-        if self.zca is None:
-            return x
-        return self.zca.apply_chunked(x, chunk=_ZCA_CHUNK)
+    @property
+    def zca(self):
+        """The ZCA transform T (``tesla.zca.ZCA``) or None."""
+        return self.input_space.zca
 
     def map_images(self, images_uint8: np.ndarray, device: torch.device | str) -> torch.Tensor:
         """uint8 N x H x W x C pixels -> float32 N x C x H x W network input on ``device``."""
-        return self.whiten(normalize(torch.from_numpy(np.ascontiguousarray(images_uint8)).to(device), self.mean, self.std))
+        return self.input_space.to_input(images_uint8, device)
 
     def load_split(self, path: str | os.PathLike, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
         """A whole split in this space on ``device``: (float32 N x C x H x W, int64 N)."""
-        x, y = ImageSplit.open(path).load_tensors(device, mean=self.mean, std=self.std)
-        return self.whiten(x), y
+        return self.input_space.load_split(path, device)
 
 
 # -- what is evaluated ---------------------------------------------------------------------
@@ -203,10 +219,8 @@ def synthetic_subject(path: str | os.PathLike, device: torch.device | str) -> Su
         num_classes=syn.num_classes,
         channels=syn.channels,
         resolution=syn.resolution,
-        mean=list(syn.mean),
-        std=list(syn.std),
         class_ids=list(syn.class_ids),
-        zca=embedded_zca(syn, path),
+        input_space=space_of_record(syn.normalization, syn.mean, syn.std, embedded_zca(syn, path), path),
     )
     x = syn.images.to(device=device, dtype=torch.float32)
     y = syn.targets.to(device)
@@ -253,15 +267,17 @@ def random_subject(
     lr: float = 0.01,
     dsa_strategy: str = PAPER_DSA_STRATEGY,
     zca_path: str | os.PathLike | None = None,
+    normalize: str | None = None,
 ) -> Subject:
-    """IPC random real training images per class, hard labels; a new draw per run."""
+    """IPC random real training images per class, hard labels; a new draw per run, mapped
+    to the input space of ``normalize`` and ``zca_path`` (default: the split's own mean/std)."""
     split = ImageSplit.open(train_path)
     if ipc < 1:
         raise TeslaError(f"--ipc {ipc}: need at least one image per class")
     smallest = int(np.diff(split.class_offsets).min())
     if ipc > smallest:
         raise TeslaError(f"{train_path}: the smallest class has {smallest} images, fewer than --ipc {ipc}; lower --ipc")
-    space = _split_space(split, zca_path)
+    space = _split_space(split, normalize, zca_path)
 
     def draw(generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = split.sample_per_class(ipc, generator)
@@ -289,14 +305,16 @@ def full_subject(
     lr: float = 0.01,
     dsa_strategy: str = PAPER_DSA_STRATEGY,
     zca_path: str | os.PathLike | None = None,
+    normalize: str | None = None,
 ) -> Subject:
-    """The whole training split, hard labels (the ``full`` baseline, trained when asked).
+    """The whole training split, hard labels (the ``full`` baseline, trained when asked),
+    in the input space of ``normalize`` and ``zca_path`` (default: the split's own mean/std).
 
     The split is held on the device as float32 (N x C x H x W x 4 bytes): fine for
     MNIST/CIFAR, not for ImageNet-1K, whose ``full`` row comes from the experts.
     """
     split = ImageSplit.open(train_path)
-    space = _split_space(split, zca_path)
+    space = _split_space(split, normalize, zca_path)
 
     cache: list[tuple[torch.Tensor, torch.Tensor]] = []
 
@@ -321,36 +339,18 @@ def full_subject(
     )
 
 
-def _split_space(split: ImageSplit, zca_path: str | os.PathLike | None) -> NetworkSpace:
-    """The space of a training split: its own mean/std, plus the ZCA file when given."""
+def _split_space(split: ImageSplit, normalize: str | None, zca_path: str | os.PathLike | None) -> NetworkSpace:
+    """The space of a training split: ``--normalize`` (default its own mean/std), or the
+    normalisation of the ``--zca`` file followed by that ZCA."""
     if split.resolution != int(split.attrs["width"]):
         raise TeslaError(f"{split.path}: images are not square; only square images are supported")
-    zca = None
-    if zca_path is not None:
-        from tesla.zca import ZCA
-
-        zca = ZCA.load(zca_path)
-        shape = (split.channels, split.resolution, int(split.attrs["width"]))
-        if tuple(zca.image_shape) != shape:
-            raise TeslaError(
-                f"{zca_path}: ZCA fitted on images of shape {tuple(zca.image_shape)}, but {split.path} has {shape}; "
-                "give the zca.h5 fitted on this training split"
-            )
-        fitted_on = str(zca.meta.get("train_fingerprint", ""))
-        if fitted_on and fitted_on != split.fingerprint:
-            raise TeslaError(
-                f"{zca_path}: ZCA fitted on another training split (fingerprint {fitted_on[:12]}, {split.path} has "
-                f"{split.fingerprint[:12]}); give the zca.h5 fitted on this training split"
-            )
     return NetworkSpace(
         dataset=split.dataset,
         num_classes=split.num_classes,
         channels=split.channels,
         resolution=split.resolution,
-        mean=split.mean,
-        std=split.std,
         class_ids=list(split.class_ids),
-        zca=zca,
+        input_space=open_input_space(split, normalize, zca_path),
     )
 
 
@@ -438,6 +438,7 @@ class RunResult:
     run: int
     seed: int
     epochs: int
+    lr_decay_epoch: int
     lr: float
     final_train_loss: float
     test_acc: float
@@ -445,6 +446,7 @@ class RunResult:
     labels: str
     dsa: str
     zca: bool
+    input_space: str
     num_images: int
     device: str
     source: str
@@ -586,6 +588,7 @@ def evaluate(
             run=t.run,
             seed=t.seed,
             epochs=protocol.epochs,
+            lr_decay_epoch=protocol.decay_epoch,
             lr=protocol.lr,
             final_train_loss=t.final_train_loss,
             test_acc=acc,
@@ -593,6 +596,7 @@ def evaluate(
             labels="soft" if subject.soft_labels else "hard",
             dsa=protocol.dsa_strategy or "none",
             zca=subject.space.zca is not None,
+            input_space=subject.space.input_space.key,
             num_images=subject.num_images,
             device=str(device),
             source=subject.source,
@@ -638,6 +642,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                            "from the experts' recorded accuracy instead)")
     parser.add_argument("--train", type=Path, help="training split (with --random or --full)")
     parser.add_argument("--ipc", type=int, help="images per class (with --random)")
+    from tesla.input_space import NORMALIZATIONS
+
+    parser.add_argument("--normalize", default=None, choices=NORMALIZATIONS,
+                        help="input normalisation of --random/--full (default: the --zca file's, else 'split' = the "
+                             "training split's own mean/std); a synthetic set carries its own")
     parser.add_argument("--zca", type=Path, help="ZCA file (with --random/--full; a synthetic set carries its own)")
     parser.add_argument("--dsa", default=None, help=f"augmentation strategy for --random/--full (default {PAPER_DSA_STRATEGY}; 'none' for none); "
                         "a synthetic set uses the strategy stored in its file")
@@ -648,7 +657,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help=f"{DISTILL_ALIAS!r}: the network the set was distilled with (its stored model spec), or a "
                              f"registered architecture: {', '.join(available_models())}")
     parser.add_argument("--runs", type=int, default=5, help="random initialisations (and random draws) to average over")
-    parser.add_argument("--epochs", type=int, default=1000, help="training epochs; the lr decays x0.1 once at half")
+    parser.add_argument("--epochs", type=int, default=1000, help="training epochs")
+    parser.add_argument("--lr-decay-epoch", type=int, default=None, metavar="K",
+                        help="the lr drops x0.1 at the start of 0-based epoch K (default: epochs // 2; the published "
+                             "protocol: --epochs 1001 --lr-decay-epoch 502)")
     parser.add_argument("--batch-size", type=int, default=256, help="minibatch size")
     parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     parser.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay")
@@ -661,7 +673,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 def subject_from_args(args: argparse.Namespace, device: torch.device | str) -> Subject:
     if args.synthetic is not None:
-        for option in ("train", "ipc", "zca", "dsa", "lr_random"):
+        for option in ("train", "ipc", "zca", "normalize", "dsa", "lr_random"):
             if getattr(args, option) is not None:
                 flag = "--" + option.replace("_", "-")
                 raise TeslaError(
@@ -675,7 +687,7 @@ def subject_from_args(args: argparse.Namespace, device: torch.device | str) -> S
             raise TeslaError("--full needs --train TRAIN.h5")
         if args.ipc is not None:
             raise TeslaError("--ipc does not apply to --full (it trains on every image of --train); drop --ipc")
-        return full_subject(args.train, device, lr=lr, dsa_strategy=dsa, zca_path=args.zca)
+        return full_subject(args.train, device, lr=lr, dsa_strategy=dsa, zca_path=args.zca, normalize=args.normalize)
     if args.train is None or args.ipc is None:
         raise TeslaError("--random needs --train TRAIN.h5 and --ipc N")
     return random_subject(
@@ -685,6 +697,7 @@ def subject_from_args(args: argparse.Namespace, device: torch.device | str) -> S
         lr=lr,
         dsa_strategy=dsa,
         zca_path=args.zca,
+        normalize=args.normalize,
     )
 
 
@@ -700,6 +713,7 @@ def run(args: argparse.Namespace) -> int:
         momentum=args.momentum,
         weight_decay=args.weight_decay,
         dsa_strategy=subject.dsa_strategy,
+        lr_decay_epoch=args.lr_decay_epoch,
     )
     results = evaluate(subject, args.arch, args.test, protocol, runs=args.runs, seed=args.seed, device=device)
     write_runs(args.out, results)

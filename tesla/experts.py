@@ -2,7 +2,9 @@
 
 Expert k (``--seed k``) is a fresh network (initialised from seed k) trained with plain SGD
 (lr 0.01, no momentum, no weight decay, batch 256, DSA on every batch; PAPER.md section 1)
-for E epochs.  Its flat parameter vector is saved at initialisation and after every epoch,
+for E epochs, on inputs x = T((u/255 - mean)/std) of the chosen input space
+(``tesla.input_space``: ``--normalize``, and ``--zca`` whose file fixes the normalisation).
+Its flat parameter vector is saved at initialisation and after every epoch,
 theta*_0 .. theta*_E, in a ``tesla-trajectory`` file (docs/formats.md); ``--keep-snapshots
 K`` keeps theta*_0 .. theta*_K only (K = the largest max_start_epoch + expert_epochs the
 distillation will use).
@@ -16,7 +18,7 @@ Command line::
 
     tesla experts --train train.h5 --test test.h5 --out expert_K.h5 --seed K
                   [--model convnet] [--epochs 50] [--lr 0.01] [--batch-size 256]
-                  [--dsa STRATEGY|none] [--zca zca.h5] [--keep-snapshots N]
+                  [--dsa STRATEGY|none] [--normalize NAME] [--zca zca.h5] [--keep-snapshots N]
                   [--dtype float32|float16|bfloat16] [--device auto]
 """
 
@@ -58,6 +60,7 @@ class ExpertConfig:
     batch_size: int = 256
     dsa: str = "color_crop_cutout_flip_scale_rotate"
     zca: Path | None = None
+    normalize: str | None = None  # None: the ZCA file's normalisation, else 'split'
     keep_snapshots: int | None = None
     dtype: str = "float32"
     device: str = "auto"
@@ -73,14 +76,10 @@ def derive_seed(seed: int, purpose: str) -> int:
 
 
 def zca_fingerprint(zca) -> str:
-    """SHA-256 of a fitted ZCA transform (mean, eigenvalues, eigenvectors, eps), '' for none."""
-    if zca is None:
-        return ""
-    h = hashlib.sha256()
-    for t in (zca.mean, zca.eigenvalues, zca.eigenvectors):
-        h.update(t.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
-    h.update(repr(float(zca.eps)).encode())
-    return h.hexdigest()
+    """SHA-256 of a fitted ZCA transform, '' for none (:func:`tesla.zca.zca_fingerprint`)."""
+    from tesla.zca import zca_fingerprint as fingerprint
+
+    return fingerprint(zca)
 
 
 def _log(message: str) -> None:
@@ -132,9 +131,11 @@ def _check_splits(train, test) -> None:
         raise TeslaError(f"{train.path}: images are {train.resolution}x{train.attrs['width']}, the networks take square images; re-run 'tesla prepare' with --resolution")
 
 
-def _settings(cfg: ExpertConfig, spec: dict, train, test, zca_fp: str) -> dict:
-    """What a partial run must share with this one to be resumed."""
+def _settings(cfg: ExpertConfig, spec: dict, train, test, zca_fp: str, normalization: str) -> dict:
+    """What a partial run must share with this one to be resumed (the normalisation only
+    when it is not the default, so partial runs saved before it existed still resume)."""
     return dict(
+        **({"normalization": normalization} if normalization != "split" else {}),
         partial_version=PARTIAL_VERSION,
         model_spec=spec,
         train_fingerprint=train.fingerprint,
@@ -195,8 +196,9 @@ def _train_expert(
 ) -> Path | None:
     from tesla.augment import DSA
     from tesla.data import ImageSplit
+    from tesla.input_space import open_input_space
     from tesla.models import buffer_layout, build_from_spec, flatten_buffers, flatten_params, model_spec, param_layout
-    from tesla.training import NetworkInput, accuracy, make_optimizer, pick_device, train
+    from tesla.training import accuracy, make_optimizer, pick_device, train
 
     out = Path(cfg.out)
     train_split = ImageSplit.open(cfg.train)
@@ -209,17 +211,8 @@ def _train_expert(
     dsa = DSA(dsa_strategy) if dsa_strategy != "none" else None
     if dsa is not None:
         dsa_strategy = dsa.strategy
-    zca = None
-    if cfg.zca is not None:
-        from tesla.zca import ZCA
-
-        zca = ZCA.load(cfg.zca)
-        shape = (train_split.channels, train_split.resolution, int(train_split.attrs["width"]))
-        if tuple(zca.image_shape) != shape:
-            raise TeslaError(f"--zca {cfg.zca} was fitted on images of shape {tuple(zca.image_shape)}, {cfg.train} has {shape}; use the zca.h5 of this dataset")
-        fitted_on = zca.meta.get("train_fingerprint")
-        if fitted_on and fitted_on != train_split.fingerprint:
-            raise TeslaError(f"--zca {cfg.zca} was fitted on another training split than {cfg.train}; run 'tesla zca --train {cfg.train}'")
+    space = open_input_space(train_split, cfg.normalize, cfg.zca)
+    zca = space.zca
     zca_fp = zca_fingerprint(zca)
     keep = cfg.epochs if cfg.keep_snapshots is None else cfg.keep_snapshots
     device = pick_device(cfg.device)
@@ -231,7 +224,7 @@ def _train_expert(
     model.to(device)
     optimizer = make_optimizer(model, cfg.lr)
     generator = torch.Generator().manual_seed(derive_seed(cfg.seed, "data"))
-    settings = _settings(cfg, spec, train_split, test_split, zca_fp)
+    settings = _settings(cfg, spec, train_split, test_split, zca_fp, space.name)
     state_path = partial / "state.pt"
     start_epoch, history = 0, []
     if state_path.exists():
@@ -262,22 +255,20 @@ def _train_expert(
     # quarter of the memory); with ZCA (CIFAR-size images) they are whitened once, as float32
     t0 = time.perf_counter()
     if zca is None:
-        to_input = NetworkInput(train_split.mean, train_split.std, device)
+        to_input = space.minibatch_transform(device)
         x = torch.from_numpy(train_split.images_uint8()).to(device)
         y = torch.as_tensor(train_split.labels, dtype=torch.int64, device=device)
         x_test = torch.from_numpy(test_split.images_uint8()).to(device)
         y_test = torch.as_tensor(test_split.labels, dtype=torch.int64, device=device)
     else:
         to_input = None
-        x, y = train_split.load_tensors(device)
-        x_test, y_test = test_split.load_tensors(device, mean=train_split.mean, std=train_split.std)
-        zca.apply_chunked(x)
-        zca.apply_chunked(x_test)
+        x, y = space.load_split(train_split, device)
+        x_test, y_test = space.load_split(test_split, device)
     log(
         f"expert seed {cfg.seed}: {spec['name']} ({sum(p.numel() for p in model.parameters()):,} parameters) on "
         f"{train_split.num_images} {train_split.dataset} images ({time.perf_counter() - t0:.1f} s to load), "
-        f"{cfg.epochs} epochs, lr {cfg.lr:g}, batch {cfg.batch_size}, DSA {dsa_strategy}"
-        f"{', ZCA' if zca is not None else ''}, device {device}"
+        f"{cfg.epochs} epochs, lr {cfg.lr:g}, batch {cfg.batch_size}, DSA {dsa_strategy}, "
+        f"inputs: {space.describe()}, device {device}"
     )
 
     done_here = 0
@@ -319,8 +310,9 @@ def _train_expert(
         dataset_fingerprint=train_split.fingerprint,
         test_dataset_fingerprint=test_split.fingerprint,
         zca_fingerprint=zca_fp,
-        input_mean=train_split.mean,
-        input_std=train_split.std,
+        input_normalization=space.name,
+        input_mean=space.mean,
+        input_std=space.std,
         seed=cfg.seed,
         lr=cfg.lr,
         batch_size=cfg.batch_size,
@@ -376,6 +368,7 @@ def _save_state(path: Path, settings: dict, epoch: int, model, optimizer, genera
 # --------------------------------------------------------------------------------------
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     from tesla.augment import DEFAULT_STRATEGY
+    from tesla.input_space import NORMALIZATIONS
     from tesla.models import available_models
 
     parser.add_argument("--train", required=True, type=Path, help="training split (tesla-images HDF5 from 'tesla prepare')")
@@ -387,6 +380,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=0.01, help="SGD learning rate (no momentum, no weight decay)")
     parser.add_argument("--batch-size", type=int, default=256, help="minibatch size")
     parser.add_argument("--dsa", default=DEFAULT_STRATEGY, help="DSA strategy ('_'-joined families, one picked per batch) or 'none'")
+    parser.add_argument(
+        "--normalize", default=None, choices=NORMALIZATIONS,
+        help="input normalisation (default: the --zca file's, else 'split' = the training split's own mean/std; "
+        "'none' = pixels in [0, 1]; or the published constants)",
+    )
     parser.add_argument("--zca", type=Path, default=None, help="ZCA whitening file from 'tesla zca' (applied to train and test)")
     parser.add_argument(
         "--keep-snapshots", type=int, default=None, metavar="K",
@@ -403,7 +401,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = ExpertConfig(
         train=args.train, test=args.test, out=args.out, seed=args.seed, model=args.model, epochs=args.epochs,
-        lr=args.lr, batch_size=args.batch_size, dsa=args.dsa, zca=args.zca, keep_snapshots=args.keep_snapshots,
+        lr=args.lr, batch_size=args.batch_size, dsa=args.dsa, zca=args.zca, normalize=args.normalize,
+        keep_snapshots=args.keep_snapshots,
         dtype=args.dtype, device=args.device,
     )
     if args.stop_after_epochs is not None and args.stop_after_epochs < 1:

@@ -1,8 +1,8 @@
 """``tesla export``: a synthetic set as PNG files or as a plain torch tensor file.
 
-For people who use other tools. PNG files show the images as pixels: network input space
-is mapped back by inverting ZCA (when the set used it) and the normalisation,
-u = clamp(x * std_c + mean_c, 0, 1), then quantised to 8 bits. The torch file keeps the
+For people who use other tools. PNG files show the images as pixels: the set's input space
+(``tesla.input_space``) is mapped back by inverting ZCA (when the set used it) and the
+normalisation, u = clamp(T^-1(x) * std_c + mean_c, 0, 1), then quantised to 8 bits. The torch file keeps the
 exact float tensors in network input space together with what is needed to use them.
 
 Also provides the class-grid picture that ``tesla distill`` writes at checkpoints.
@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from tesla.data.format import denormalize
 from tesla.errors import TeslaError
 from tesla.files import atomic_output
+from tesla.input_space import InputSpace, Normalization
 from tesla.synthetic import SyntheticSet
 
 TORCH_EXPORT_FORMAT = "tesla-synthetic-torch"
@@ -35,11 +35,9 @@ def embedded_zca(synthetic: SyntheticSet):
 
 
 def to_pixels(images: torch.Tensor, mean: Sequence[float], std: Sequence[float], zca=None) -> torch.Tensor:
-    """Network input space -> pixels in [0, 1]: u = clamp(ZCA^-1(x) * std + mean, 0, 1)."""
-    x = images.detach().to(torch.float32)
-    if zca is not None:
-        x = zca.invert(x)
-    return denormalize(x.cpu(), mean, std)
+    """Network input space -> pixels in [0, 1]: u = clamp(ZCA^-1(x) * std + mean, 0, 1)
+    (:meth:`tesla.input_space.InputSpace.to_pixels` with these constants)."""
+    return InputSpace(Normalization("", tuple(mean), tuple(std)), zca).to_pixels(images)
 
 
 def _to_uint8_hwc(pixels: torch.Tensor) -> np.ndarray:
@@ -110,7 +108,7 @@ def export_png(synthetic: SyntheticSet, out_dir: str | os.PathLike) -> list[Path
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise TeslaError(f"{out_dir}: exists and is not an empty directory; give a new --png-dir or empty it")
-    pixels = to_pixels(synthetic.images, synthetic.mean, synthetic.std, embedded_zca(synthetic))
+    pixels = synthetic.input_space().to_pixels(synthetic.images)
     labels = synthetic.labels.cpu()
     width = len(str(max(1, synthetic.num_classes - 1)))
     relative: list[Path] = []
@@ -144,6 +142,8 @@ def export_torch(synthetic: SyntheticSet, path: str | os.PathLike) -> Path:
         "lr": float(synthetic.lr),
         "mean": list(synthetic.mean),
         "std": list(synthetic.std),
+        "normalization": synthetic.normalization,
+        "input_space": synthetic.input_space().key,
         "class_ids": list(synthetic.class_ids),
         "class_names": list(synthetic.class_names),
         "dataset": synthetic.dataset,

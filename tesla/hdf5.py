@@ -25,17 +25,20 @@ def open_checked(
     path: str | os.PathLike | BinaryIO,
     *,
     format_name: str,
-    format_version: int,
+    format_version: int | tuple[int, ...],
     kind: str,
     producer: str,
 ) -> tuple[h5py.File, dict[str, Any], Path]:
     """Open ``path`` read-only and check that it is a ``format_name`` file of ``format_version``.
 
     ``kind`` names what the file is for people ("expert trajectory", "ZCA file", ...) and
-    ``producer`` the command that writes it ("tesla experts"). ``path`` may also be a binary
-    file object (an artifact embedded in another file). Returns the open file (close it, or
-    use it in a ``with`` block), its decoded attributes, and the path used in messages.
+    ``producer`` the command that writes it ("tesla experts"). ``format_version`` is the
+    version read, or a tuple of the versions read (the current one last). ``path`` may also
+    be a binary file object (an artifact embedded in another file). Returns the open file
+    (close it, or use it in a ``with`` block), its decoded attributes, and the path used in
+    messages.
     """
+    readable = (format_version,) if isinstance(format_version, int) else tuple(format_version)
     if hasattr(path, "read"):
         source: Any = path
         shown = Path(f"<embedded {kind}>")
@@ -57,10 +60,11 @@ def open_checked(
             f"give a file written by '{producer}'"
         )
     version = int(attrs.get("format_version", -1))
-    if version != format_version:
+    if version not in readable:
         f.close()
+        versions = " and ".join(str(v) for v in readable)
         raise TeslaError(
-            f"{shown}: {format_name} format version {version}, this tesla reads version {format_version}; "
+            f"{shown}: {format_name} format version {version}, this tesla reads version {versions}; "
             f"re-run '{producer}' with this version of tesla"
         )
     return f, attrs, shown

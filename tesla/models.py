@@ -11,6 +11,8 @@ for C x R x R inputs.  Registered names (``available_models()``):
   (``BasicBlock`` x [2, 2, 2, 2]) with a 3x3 stride-1 stem and no max-pool;
 * ``vgg11`` (instance norm, as MTT's cross-architecture VGG-11) and ``vgg11_bn``;
 * ``alexnet``: a small-input AlexNet (five convolutions, three max-pools, linear head);
+* ``alexnet_mtt``: the AlexNet of MTT's cross-architecture table (widths 128-192-256-192-192,
+  a 192 x 4 x 4 classifier input; 28 or 32 px only);
 * ``vit``: a small Vision Transformer (patch 4, dim 512, depth 6, heads 8, MLP 512),
   torchvision's ``VisionTransformer`` with a C-channel patch embedding.
 
@@ -48,6 +50,7 @@ from torch.func import functional_call
 from tesla.errors import TeslaError
 
 __all__ = [
+    "AlexNetMTT",
     "ConvNet",
     "ParamLayout",
     "available_models",
@@ -268,6 +271,23 @@ def _vgg_resolution_problem(resolution: int, options: Mapping[str, Any]) -> str 
 # --------------------------------------------------------------------------------------
 # AlexNet (small-input variant)
 # --------------------------------------------------------------------------------------
+def alexnet_features(
+    channels: int, widths: Sequence[int], first_padding: int, ceil_mode: bool
+) -> nn.Sequential:
+    """AlexNet's feature stack for small inputs: conv5x5 -> ReLU -> max-pool 2x2, conv5x5 ->
+    ReLU -> max-pool, three conv3x3 -> ReLU, max-pool; stride 1, later convolutions
+    size-preserving (padding 2 for 5x5, 1 for 3x3); ``widths`` are the five output widths."""
+    kernels = (5, 5, 3, 3, 3)
+    layers: list[nn.Module] = []
+    c_in = channels
+    for i, (width, k) in enumerate(zip(widths, kernels)):
+        layers += [nn.Conv2d(c_in, width, kernel_size=k, padding=first_padding if i == 0 else (k - 1) // 2), nn.ReLU()]
+        if i in (0, 1, 4):
+            layers.append(nn.MaxPool2d(2, 2, ceil_mode=ceil_mode))
+        c_in = width
+    return nn.Sequential(*layers)
+
+
 class AlexNet(nn.Module):
     """AlexNet for small inputs.
 
@@ -280,21 +300,7 @@ class AlexNet(nn.Module):
 
     def __init__(self, channels: int, num_classes: int) -> None:
         super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(channels, 64, kernel_size=5, padding=2),
-            nn.ReLU(),
-            nn.MaxPool2d(2, 2, ceil_mode=True),
-            nn.Conv2d(64, 192, kernel_size=5, padding=2),
-            nn.ReLU(),
-            nn.MaxPool2d(2, 2, ceil_mode=True),
-            nn.Conv2d(192, 384, kernel_size=3, padding=1),
-            nn.ReLU(),
-            nn.Conv2d(384, 256, kernel_size=3, padding=1),
-            nn.ReLU(),
-            nn.Conv2d(256, 256, kernel_size=3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(2, 2, ceil_mode=True),
-        )
+        self.features = alexnet_features(channels, (64, 192, 384, 256, 256), first_padding=2, ceil_mode=True)
         self.pool = nn.AdaptiveAvgPool2d(4)
         self.classifier = nn.Linear(256 * 4 * 4, num_classes)
 
@@ -308,6 +314,55 @@ def _build_alexnet(channels: int, num_classes: int, resolution: int, **o: Any) -
 
 def _alexnet_resolution_problem(resolution: int, options: Mapping[str, Any]) -> str | None:
     return None  # no norm; ceil-mode pooling and the adaptive pool take any size
+
+
+#: MTT's AlexNet: the first convolution's padding per input size, so that it outputs 32 x 32
+ALEXNET_MTT_PADDING: dict[int, int] = {32: 2, 28: 4}
+
+
+class AlexNetMTT(nn.Module):
+    """The AlexNet of MTT's cross-architecture evaluation (PAPER.md section 10)::
+
+        conv5x5(C -> 128, pad p) -> ReLU -> max-pool 2x2
+        conv5x5(128 -> 192, pad 2) -> ReLU -> max-pool 2x2
+        conv3x3(192 -> 256, pad 1) -> ReLU
+        conv3x3(256 -> 192, pad 1) -> ReLU
+        conv3x3(192 -> 192, pad 1) -> ReLU -> max-pool 2x2
+        linear(192 * 4 * 4 -> K)
+
+    Given by PAPER.md: the widths 128-192-256-192-192, a 5x5 first convolution and a
+    192 x 4 x 4 classifier input. Derived: 4 x 4 from 32 px is three halvings, so three
+    2x2 max-pools placed as in AlexNet (after convolutions 1, 2 and 5) and every
+    convolution size-preserving (stride 1, padding (k - 1)/2); the later kernel sizes follow
+    AlexNet's 5-3-3-3 after the first. At 28 px (MNIST) the first convolution pads by 4, so
+    its output is 32 x 32 and the rest is the same network (p = 2 at 32 px). Other sizes
+    cannot reach the fixed 4 x 4 and are refused (``alexnet`` adapts to any size). No norm
+    and no dropout. (The published code picks padding 4 by channel count, 1 channel, rather
+    than by size; on MNIST and CIFAR the two rules build the same networks.)
+    """
+
+    def __init__(self, channels: int, num_classes: int, resolution: int) -> None:
+        super().__init__()
+        self.features = alexnet_features(
+            channels, (128, 192, 256, 192, 192), first_padding=ALEXNET_MTT_PADDING[resolution], ceil_mode=False
+        )
+        self.classifier = nn.Linear(192 * 4 * 4, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x).flatten(1))
+
+
+def _build_alexnet_mtt(channels: int, num_classes: int, resolution: int, **o: Any) -> nn.Module:
+    return AlexNetMTT(channels, num_classes, resolution)
+
+
+def _alexnet_mtt_resolution_problem(resolution: int, options: Mapping[str, Any]) -> str | None:
+    if resolution in ALEXNET_MTT_PADDING:
+        return None
+    return (
+        "MTT's AlexNet has a fixed 192 x 4 x 4 classifier input, which it reaches from 32 px (28 px inputs are "
+        "padded to 32 by its first convolution); use 'alexnet', which adapts to any size"
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -439,6 +494,10 @@ _REGISTRY: dict[str, ModelEntry] = {
     ),
     "alexnet": ModelEntry(
         _build_alexnet, dict(), _alexnet_resolution_problem, "any size", "AlexNet for small inputs",
+    ),
+    "alexnet_mtt": ModelEntry(
+        _build_alexnet_mtt, dict(), _alexnet_mtt_resolution_problem, "28 or 32 px",
+        "MTT's AlexNet: widths 128-192-256-192-192, 192 x 4 x 4 into the classifier",
     ),
     "vit": ModelEntry(
         _build_vit, dict(patch_size=4, dim=512, depth=6, heads=8, mlp_dim=512, attention="math"),

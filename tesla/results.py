@@ -1,7 +1,7 @@
 """Collect evaluation runs into the result table ``acc.csv`` (``tesla results``).
 
-Input: the per-run CSVs of ``tesla evaluate`` (``tesla-eval-runs`` v1, one per method and
-architecture) and, optionally, the expert trajectory files of the dataset. Output: one row
+Input: the per-run CSVs of ``tesla evaluate`` (``tesla-eval-runs`` v2 or v1, one per method
+and architecture) and, optionally, the expert trajectory files of the dataset. Output: one row
 per (dataset, ipc, method, engine, arch) with the mean and the standard deviation of the
 test accuracy over the runs (percent):
 
@@ -38,6 +38,10 @@ ACC_COLUMNS: tuple[str, ...] = ("dataset", "ipc", "method", "engine", "arch", "r
 GROUP_KEYS = ["dataset", "ipc", "method", "engine", "arch"]
 #: row order of the table: the synthetic set first, then the baselines
 METHOD_ORDER = {"tesla": 0, "random": 1, "full": 2}
+#: runs-file versions read; v1 lacks lr_decay_epoch and input_space (filled in by _upgrade_v1)
+READABLE_RUNS_VERSIONS = (1, RUNS_FORMAT_VERSION)
+#: columns whose values must agree within one row of acc.csv (else the runs are refused)
+PROTOCOL_COLUMNS = ("epochs", "lr_decay_epoch", "labels", "input_space")
 
 
 # -- reading -------------------------------------------------------------------------------
@@ -70,25 +74,40 @@ def read_runs(path: str | os.PathLike) -> pd.DataFrame:
             f"{path}: not a tesla evaluation runs file (format {name or 'missing'!r}, expected {RUNS_FORMAT!r}); "
             "give the --out files of 'tesla evaluate'"
         )
-    if version != RUNS_FORMAT_VERSION:
+    if version not in READABLE_RUNS_VERSIONS:
         raise TeslaError(
-            f"{path}: {RUNS_FORMAT} format version {version}, this tesla reads version {RUNS_FORMAT_VERSION}; "
-            "re-run 'tesla evaluate' with this version"
+            f"{path}: {RUNS_FORMAT} format version {version}, this tesla reads versions "
+            f"{', '.join(map(str, READABLE_RUNS_VERSIONS))}; re-run 'tesla evaluate' with this version"
         )
-    df = pd.read_csv(path, comment="#", dtype={"engine": str, "arch": str, "dataset": str}, keep_default_na=False)
+    df = pd.read_csv(
+        path, comment="#", dtype={"engine": str, "arch": str, "dataset": str, "input_space": str}, keep_default_na=False
+    )
+    if version == 1:
+        df = _upgrade_v1(df)
     missing = [c for c in RUN_COLUMNS if c not in df.columns]
     if missing:
         raise TeslaError(f"{path}: columns {', '.join(missing)} missing; re-run 'tesla evaluate'")
     if df.empty:
         raise TeslaError(f"{path}: no runs recorded; re-run 'tesla evaluate'")
     df["ipc"] = pd.to_numeric(df["ipc"].replace("", pd.NA), errors="raise").astype("Int64")
-    for column in ("run", "seed", "epochs"):
+    for column in ("run", "seed", "epochs", "lr_decay_epoch"):
         df[column] = pd.to_numeric(df[column], errors="raise").astype("int64")
     for column in ("lr", "final_train_loss", "test_acc", "seconds"):
         df[column] = pd.to_numeric(df[column], errors="coerce")
     if df["test_acc"].isna().any():
         raise TeslaError(f"{path}: a run has no test accuracy; re-run 'tesla evaluate'")
     df["source_file"] = str(path)
+    return df
+
+
+def _upgrade_v1(df: pd.DataFrame) -> pd.DataFrame:
+    """A v1 runs table in v2 columns: v1 always decayed at epochs // 2 and always used the
+    split's own normalisation (ZCA eps not recorded: ``split+zca``)."""
+    df = df.copy()
+    if "epochs" in df.columns:
+        df["lr_decay_epoch"] = pd.to_numeric(df["epochs"], errors="raise").astype("int64") // 2
+    if "zca" in df.columns:
+        df["input_space"] = ["split+zca" if str(z).lower() in ("true", "1") else "split" for z in df["zca"]]
     return df
 
 
@@ -115,6 +134,7 @@ def population_std(values: pd.Series) -> float:
 
 def _note(group: pd.DataFrame) -> str:
     epochs = int(group["epochs"].iloc[0])
+    decay = int(group["lr_decay_epoch"].iloc[0])
     lrs = sorted(set(float(v) for v in group["lr"]))
     lr = f"lr {lrs[0]:.6g}" if len(lrs) == 1 else f"lr {lrs[0]:.6g}..{lrs[-1]:.6g}"
     parts = []
@@ -126,24 +146,23 @@ def _note(group: pd.DataFrame) -> str:
     else:
         parts.append(f"synthetic set, learned {lr}, {group['labels'].iloc[0]} labels")
         lr = ""
-    parts.append(f"{len(group)} random initialisations, {epochs} epochs")
+    parts.append(f"{len(group)} random initialisations, {epochs} epochs" + (f" (lr x0.1 from epoch {decay})" if decay else ""))
     if lr:
         parts.append(lr)
     parts.append(f"DSA {group['dsa'].iloc[0]}")
-    if str(group["zca"].iloc[0]).lower() in ("true", "1"):
-        parts.append("ZCA")
+    parts.append(f"inputs {group['input_space'].iloc[0]}")
     return "; ".join(parts)
 
 
 def aggregate_runs(df: pd.DataFrame) -> pd.DataFrame:
     """One row per (dataset, ipc, method, engine, arch): runs, acc_mean, acc_std (percent), note.
 
-    A group whose runs differ in epochs or label kind is refused: averaging different
-    protocols would give a number that means nothing.
+    A group whose runs differ in epochs, decay epoch, label kind or input space is refused:
+    averaging different protocols would give a number that means nothing.
     """
     rows = []
     for keys, group in df.groupby(GROUP_KEYS, sort=False, dropna=False):
-        for column in ("epochs", "labels"):
+        for column in PROTOCOL_COLUMNS:
             values = sorted(set(map(str, group[column])))
             if len(values) > 1:
                 raise TeslaError(

@@ -2,9 +2,9 @@
 
 It carries everything evaluation needs to train on the set exactly as distillation
 assumed: images in the network's input space, hard and (optionally) soft labels, the
-learned learning rate alpha, the normalisation, the ZCA artifact (embedded byte for byte,
-so the file is self-contained), the augmentation strategy, the model it was distilled
-for, and the settings of the run. See docs/formats.md.
+learned learning rate alpha, the input space (the normalisation's name and constants, and
+the ZCA artifact, embedded byte for byte, so the file is self-contained), the augmentation
+strategy, the model it was distilled for, and the settings of the run. See docs/formats.md.
 """
 
 from __future__ import annotations
@@ -32,7 +32,9 @@ FORMAT_VERSION = 1
 class SyntheticSet:
     """A distilled (or baseline) training set in network input space.
 
-    ``images``: float32 N x C x H x W, i.e. ZCA(normalize(u)) when ZCA is on;
+    ``images``: float32 N x C x H x W in the input space x = T((u/255 - mean)/std) of the
+    experts (``tesla.input_space``: normalisation ``normalization`` with constants
+    ``mean``/``std``, T the embedded ZCA or the identity);
     ``labels``: int64 (N,), the class each image stands for (argmax of the soft label when
     soft labels are used); ``soft_labels``: float32 N x K probabilities or None;
     ``lr``: the learned learning rate alpha (evaluation trains with it).
@@ -53,6 +55,7 @@ class SyntheticSet:
     engine: str
     soft_labels: torch.Tensor | None = None
     dataset_fingerprint: str = ""
+    normalization: str = "split"
     zca_artifact: bytes | None = None
     settings: dict[str, Any] = field(default_factory=dict)
     iteration: int = 0
@@ -86,6 +89,12 @@ class SyntheticSet:
         from tesla.zca import ZCA
 
         return ZCA.load(io.BytesIO(self.zca_artifact))
+
+    def input_space(self, where: str | os.PathLike = "synthetic set"):
+        """The set's input space (``tesla.input_space.InputSpace``): normalisation and ZCA."""
+        from tesla.input_space import space_of_record
+
+        return space_of_record(self.normalization, self.mean, self.std, self.zca(), where)
 
     # -- I/O -----------------------------------------------------------------------
     def validate(self) -> None:
@@ -124,6 +133,7 @@ class SyntheticSet:
                     "class_names": json.dumps(list(self.class_names)),
                     "mean": np.asarray(self.mean, dtype=np.float64),
                     "std": np.asarray(self.std, dtype=np.float64),
+                    "normalization": self.normalization,
                     "dsa_strategy": self.dsa_strategy,
                     "model_spec": json.dumps(self.model_spec, sort_keys=True),
                     "ipc": int(self.ipc),
@@ -158,6 +168,7 @@ class SyntheticSet:
                 class_names=json.loads(a["class_names"]),
                 mean=[float(v) for v in np.atleast_1d(a["mean"])],
                 std=[float(v) for v in np.atleast_1d(a["std"])],
+                normalization=str(a.get("normalization", "split")),  # not recorded before: the split's own
                 dsa_strategy=str(a["dsa_strategy"]),
                 model_spec=json.loads(a["model_spec"]),
                 ipc=int(a["ipc"]),

@@ -98,6 +98,7 @@ class TrajectoryMeta:
     weight_decay: float = 0.0
     test_dataset_fingerprint: str = ""
     zca_fingerprint: str = ""
+    input_normalization: str = "split"  # tesla.input_space name of (input_mean, input_std)
     input_mean: Sequence[float] = ()
     input_std: Sequence[float] = ()
     epoch_seconds: Sequence[float] = ()
@@ -251,6 +252,7 @@ class TrajectoryWriter:
             dataset_fingerprint=str(meta.dataset_fingerprint),
             test_dataset_fingerprint=str(meta.test_dataset_fingerprint),
             zca_fingerprint=str(meta.zca_fingerprint or ""),
+            input_normalization=str(meta.input_normalization),
             input_mean=np.asarray(meta.input_mean, dtype=np.float64),
             input_std=np.asarray(meta.input_std, dtype=np.float64),
             seed=int(meta.seed),
@@ -443,6 +445,12 @@ class Trajectory:
     @property
     def input_std(self) -> list[float]:
         return [float(v) for v in np.atleast_1d(self.attrs["input_std"])]
+
+    @property
+    def input_normalization(self) -> str:
+        """The name of the normalisation (``tesla.input_space``) that ``input_mean``/``input_std``
+        come from; files written before it was recorded used the split's own: ``split``."""
+        return str(self.attrs.get("input_normalization", "split"))
 
     def build_model(self):
         """A fresh network of this trajectory's architecture (parameters: its own init)."""

@@ -1,31 +1,39 @@
-"""ZCA whitening fitted once on a training split (``tesla zca``), saved as ``tesla-zca`` v1.
+"""ZCA whitening fitted once on a training split (``tesla zca``), saved as ``tesla-zca`` v2.
 
-The images are taken in network input space, x = (u/255 - mean_c)/std_c with the
-training split's own mean/std, flattened to D = C*H*W.  With the data centred,
+The images are taken in the space of a named normalisation (``tesla.input_space``),
+z = (u/255 - mean_c)/std_c, flattened to D = C*H*W: ``--normalize split`` (default) uses
+the training split's own mean/std; ``--normalize none`` takes the pixels in [0, 1] as they
+are, which is how the published MTT/TESLA code fits it (kornia's ZCAWhitening(eps=0.1) on
+``ToTensor()`` images, PAPER.md section 10).  With the data centred,
 
-    mu = (1/N) sum_n x_n,   Sigma = 1/(N-1) sum_n (x_n - mu)(x_n - mu)^T = U diag(s) U^T,
+    mu = (1/N) sum_n z_n,   Sigma = 1/(N-1) sum_n (z_n - mu)(z_n - mu)^T = U diag(s) U^T,
     W = U diag(1/sqrt(s + eps)) U^T            (eps = 0.1, PAPER.md section 4),
-    zca(x) = W (x - mu),       zca^{-1}(z) = U diag(sqrt(s + eps)) U^T z + mu.
+    zca(z) = W (z - mu),       zca^{-1}(y) = U diag(sqrt(s + eps)) U^T y + mu.
 
+Sigma is the unbiased (N - 1) estimate, which is kornia's default (``unbiased=True``).
 W is symmetric, so the whitened data have covariance W Sigma W = U diag(s/(s+eps)) U^T:
 directions with variance well above eps come out at unit variance, the weak ones (noise)
-are damped instead of amplified.  Centring follows kornia's ZCAWhitening, which MTT uses.
+are damped instead of amplified.  eps acts on the variances of z, so the same eps is a
+different regulariser in different normalisations (pixels in [0, 1] have std_c^2 times the
+variance of split-normalised ones, about 1/17 to 1/15 on CIFAR-10): the file records the
+normalisation.
 
-The covariance is accumulated chunk by chunk in float64 (sums of x - c and of
-(x - c)(x - c)^T around a shift c, the first chunk's mean, to avoid cancellation), so the
+The covariance is accumulated chunk by chunk in float64 (sums of z - c and of
+(z - c)(z - c)^T around a shift c, the first chunk's mean, to avoid cancellation), so the
 split never needs to be in memory as float64 at once: memory is O(D^2), not O(N D).
 
 Command line::
 
-    tesla zca --train DIR/train.h5 --out DIR/zca.h5 [--eps 0.1]
+    tesla zca --train DIR/train.h5 --out DIR/zca.h5 [--normalize split|none|cifar10|...] [--eps 0.1]
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
-import typing
 import sys
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -38,11 +46,29 @@ from tesla import __version__
 from tesla.errors import TeslaError
 from tesla.files import atomic_output
 from tesla.hdf5 import open_checked
+from tesla.input_space import (
+    DEFAULT_NORMALIZATION,
+    NORMALIZATIONS,
+    InputSpace,
+    check_normalization_name,
+    resolve_normalization,
+)
 
-__all__ = ["ZCA", "CovarianceAccumulator", "fit_zca", "fit_zca_split", "configure_parser", "run"]
+__all__ = [
+    "ZCA",
+    "CovarianceAccumulator",
+    "configure_parser",
+    "fit_zca",
+    "fit_zca_split",
+    "run",
+    "zca_fingerprint",
+]
 
 FORMAT_NAME = "tesla-zca"
-FORMAT_VERSION = 1
+#: v2 added the ``normalization`` attribute; v1 files were all fitted in the split's own
+#: normalisation and are read as such
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 DEFAULT_EPS = 0.1
 
 
@@ -93,12 +119,21 @@ class ZCA:
     eigenvalues: torch.Tensor  # (D,) float64, s >= 0
     eps: float
     image_shape: tuple[int, int, int]  # (C, H, W)
+    normalization: str = DEFAULT_NORMALIZATION  # the space it was fitted in (tesla.input_space)
     meta: dict = field(default_factory=dict)
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def dim(self) -> int:
         return int(self.mean.numel())
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the transform: mu, s, U as float64 bytes, then ``repr(eps)``."""
+        h = hashlib.sha256()
+        for t in (self.mean, self.eigenvalues, self.eigenvectors):
+            h.update(t.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
+        h.update(repr(float(self.eps)).encode())
+        return h.hexdigest()
 
     def matrix(self, power: float = -0.5) -> torch.Tensor:
         """U diag((s + eps)^power) U^T in float64: power -1/2 whitens, +1/2 inverts."""
@@ -143,7 +178,7 @@ class ZCA:
 
     # -- file --------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
-        """Write a ``tesla-zca`` v1 file (temporary name, renamed when complete)."""
+        """Write a ``tesla-zca`` v2 file (temporary name, renamed when complete)."""
         path = Path(path)
         with atomic_output(path) as tmp:
             with h5py.File(tmp, "w") as f:
@@ -157,6 +192,7 @@ class ZCA:
                 f.attrs["format"] = FORMAT_NAME
                 f.attrs["format_version"] = FORMAT_VERSION
                 f.attrs["eps"] = float(self.eps)
+                f.attrs["normalization"] = self.normalization
                 f.attrs["channels"], f.attrs["height"], f.attrs["width"] = (int(v) for v in self.image_shape)
                 f.attrs["centered"] = True
                 f.attrs["covariance"] = "unbiased: sum (x - mu)(x - mu)^T / (N - 1)"
@@ -170,7 +206,7 @@ class ZCA:
         """Read a ``tesla-zca`` file (a path, or a binary file object such as the artifact
         embedded in a synthetic set); clear errors for missing, foreign or wrong-version files."""
         f, attrs, path = open_checked(
-            path, format_name=FORMAT_NAME, format_version=FORMAT_VERSION, kind="ZCA file", producer="tesla zca"
+            path, format_name=FORMAT_NAME, format_version=READABLE_VERSIONS, kind="ZCA file", producer="tesla zca"
         )
         with f:
             try:
@@ -179,17 +215,30 @@ class ZCA:
                 vectors = torch.from_numpy(f["eigenvectors"][()])
                 shape = (int(attrs["channels"]), int(attrs["height"]), int(attrs["width"]))
                 eps = float(attrs["eps"])
+                # v1: always fitted in the training split's own normalisation
+                normalization = str(attrs["normalization"]) if int(attrs["format_version"]) >= 2 else DEFAULT_NORMALIZATION
             except KeyError as exc:
                 raise TeslaError(f"{path}: incomplete ZCA file (missing {exc}); re-run 'tesla zca'") from None
         d = int(np.prod(shape))
         if mean.shape != (d,) or values.shape != (d,) or vectors.shape != (d, d):
             raise TeslaError(f"{path}: ZCA arrays do not match the image shape {shape}; re-run 'tesla zca'")
-        known = {"format", "format_version", "eps", "channels", "height", "width", "centered", "covariance", "tesla_version"}
+        check_normalization_name(normalization, f"{path}: normalization")
+        known = {
+            "format", "format_version", "eps", "channels", "height", "width", "centered", "covariance",
+            "tesla_version", "normalization",
+        }
         meta = {k: v for k, v in attrs.items() if k not in known}
-        return cls(mean, vectors, values, eps, shape, meta)
+        return cls(mean, vectors, values, eps, shape, normalization=normalization, meta=meta)
 
 
-def _decompose(acc: CovarianceAccumulator, eps: float, image_shape: Sequence[int], meta: dict) -> ZCA:
+def zca_fingerprint(zca: ZCA | None) -> str:
+    """:meth:`ZCA.fingerprint`, or '' for no ZCA (what expert files record)."""
+    return "" if zca is None else zca.fingerprint()
+
+
+def _decompose(
+    acc: CovarianceAccumulator, eps: float, image_shape: Sequence[int], normalization: str, meta: dict
+) -> ZCA:
     if not eps > 0:
         raise TeslaError(f"--eps must be positive (got {eps}); the paper uses 0.1")
     cov = acc.covariance()
@@ -201,18 +250,25 @@ def _decompose(acc: CovarianceAccumulator, eps: float, image_shape: Sequence[int
         values.cpu(),
         float(eps),
         tuple(int(v) for v in image_shape),
-        {"num_images": int(acc.n), **meta},
+        normalization=normalization,
+        meta={"num_images": int(acc.n), **meta},
     )
 
 
-def fit_zca(x: torch.Tensor, eps: float = DEFAULT_EPS, chunk: int = 4096) -> ZCA:
-    """Fit ZCA on images x (N x C x H x W, network space): W = U diag(1/sqrt(s+eps)) U^T."""
+def fit_zca(
+    x: torch.Tensor, eps: float = DEFAULT_EPS, chunk: int = 4096, normalization: str = DEFAULT_NORMALIZATION
+) -> ZCA:
+    """Fit ZCA on images x (N x C x H x W): W = U diag(1/sqrt(s+eps)) U^T.
+
+    ``normalization`` names the space x is in (recorded, not applied: x is used as given).
+    """
     if x.ndim != 4:
         raise TeslaError(f"fit_zca expects N x C x H x W images, got shape {tuple(x.shape)}")
+    check_normalization_name(normalization, "normalization")
     acc = CovarianceAccumulator(x[0].numel(), device=x.device)
     for s in range(0, len(x), chunk):
         acc.update(x[s : s + chunk])
-    return _decompose(acc, eps, x.shape[1:], {})
+    return _decompose(acc, eps, x.shape[1:], normalization, {})
 
 
 def fit_zca_split(
@@ -221,13 +277,16 @@ def fit_zca_split(
     chunk: int = 4096,
     device: torch.device | str = "cpu",
     progress: bool = True,
+    normalization: str = DEFAULT_NORMALIZATION,
 ) -> ZCA:
-    """Fit ZCA on a ``tesla-images`` training split in its own network space, chunk by chunk."""
+    """Fit ZCA on a ``tesla-images`` training split in the space of ``normalization``
+    (``split``: its own mean/std; ``none``: pixels in [0, 1], the published way), chunk by chunk."""
     from tqdm import tqdm
 
-    from tesla.data import ImageSplit, normalize
+    from tesla.data import ImageSplit
 
     split = ImageSplit.open(path)
+    space = InputSpace(resolve_normalization(normalization, split))
     c, h, w = split.channels, split.resolution, int(split.attrs["width"])
     dim = c * h * w
     if dim > 20000:
@@ -243,8 +302,8 @@ def fit_zca_split(
     ) as bar:
         images = f["images"]
         for s in range(0, n, chunk):
-            block = torch.from_numpy(images[s : s + chunk])
-            acc.update(normalize(block, split.mean, split.std).to(device))
+            block = images[s : s + chunk]
+            acc.update(space.to_input(block, device))
             bar.update(len(block))
     if progress:
         print(f"tesla zca: eigen-decomposition of the {dim} x {dim} covariance ...", file=sys.stderr)
@@ -252,10 +311,10 @@ def fit_zca_split(
         "dataset": split.dataset,
         "train_fingerprint": split.fingerprint,
         "train_path": str(split.path),
-        "normalization_mean": np.asarray(split.mean, dtype=np.float64),
-        "normalization_std": np.asarray(split.std, dtype=np.float64),
+        "normalization_mean": np.asarray(space.mean, dtype=np.float64),
+        "normalization_std": np.asarray(space.std, dtype=np.float64),
     }
-    return _decompose(acc, eps, (c, h, w), meta)
+    return _decompose(acc, eps, (c, h, w), normalization, meta)
 
 
 # --------------------------------------------------------------------------------------
@@ -264,6 +323,11 @@ def fit_zca_split(
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train", required=True, type=Path, help="training split (tesla-images HDF5)")
     parser.add_argument("--out", required=True, type=Path, help="output ZCA file (tesla-zca HDF5)")
+    parser.add_argument(
+        "--normalize", default=DEFAULT_NORMALIZATION, choices=NORMALIZATIONS,
+        help="the space ZCA is fitted in (and later applied after): 'split' = the split's own mean/std; 'none' = "
+        "pixels in [0, 1], as the published code; or fixed published constants",
+    )
     parser.add_argument("--eps", type=float, default=DEFAULT_EPS, help="eigenvalue regulariser eps")
     parser.add_argument("--chunk", type=int, default=4096, help="images per covariance update")
     parser.add_argument("--device", default="cpu", help="device for the covariance: cpu, cuda, auto")
@@ -290,11 +354,14 @@ def run(args: argparse.Namespace) -> int:
         raise TeslaError(f"--out {args.out} is a directory; give a file name such as {args.out / 'zca.h5'}")
     if args.out.exists() and args.out.resolve() == Path(args.train).resolve():
         raise TeslaError(f"--out {args.out} is the training split itself; choose another file name")
-    zca = fit_zca_split(args.train, eps=args.eps, chunk=args.chunk, device=_device(args.device))
+    zca = fit_zca_split(
+        args.train, eps=args.eps, chunk=args.chunk, device=_device(args.device), normalization=args.normalize
+    )
     zca.save(args.out)
     s = zca.eigenvalues
     print(
-        f"tesla zca: wrote {args.out}: D = {zca.dim}, {zca.meta['num_images']} images, eps {zca.eps}, "
+        f"tesla zca: wrote {args.out}: D = {zca.dim}, {zca.meta['num_images']} images, normalisation "
+        f"{zca.normalization}, eps {zca.eps}, "
         f"eigenvalues {float(s.max()):.4g} .. {float(s.min()):.4g}, "
         f"{int((s > zca.eps).sum())} above eps",
         file=sys.stderr,

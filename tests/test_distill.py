@@ -24,6 +24,7 @@ from tesla.cli import main
 from tesla.data import ImageSplit, SplitWriter
 from tesla.distill import DistillSettings, distill
 from tesla.errors import TeslaError
+from tesla.input_space import resolve_normalization
 from tesla.export import embedded_zca, export_png, export_torch, grid_rows, save_class_grid, to_pixels
 from tesla.models import build_model, flatten_params, model_spec, param_layout
 from tesla.synthetic import SyntheticSet
@@ -52,12 +53,14 @@ def make_split(path: Path, seed: int = 0, per_class: int = PER_CLASS) -> ImageSp
 
 
 def make_expert(
-    path: Path, split: ImageSplit, seed: int, width: int = 4, epochs: int = EPOCHS, zca_fp: str = ""
+    path: Path, split: ImageSplit, seed: int, width: int = 4, epochs: int = EPOCHS, zca_fp: str = "",
+    normalization: str = "split",
 ) -> Path:
     torch.manual_seed(seed)
     spec = model_spec("convnet_d1", channels=CH, num_classes=CLASSES, resolution=RES, width=width)
     model = build_model("convnet_d1", channels=CH, num_classes=CLASSES, resolution=RES, width=width)
-    x, y = split.load_tensors()
+    norm = resolve_normalization(normalization, split)
+    x, y = split.load_tensors(mean=norm.mean, std=norm.std)
     with TrajectoryWriter(path, layout=param_layout(model)) as w:
         w.append(flatten_params(model))
         stats = train(
@@ -69,7 +72,7 @@ def make_expert(
                 model_spec=spec, dataset=split.dataset, dataset_fingerprint=split.fingerprint, seed=seed, lr=0.05,
                 batch_size=8, dsa="color_crop_cutout_flip_scale_rotate", epochs=epochs,
                 train_loss=[s.loss for s in stats], train_accuracy=[s.accuracy for s in stats], final_test_accuracy=0.0,
-                input_mean=split.mean, input_std=split.std, zca_fingerprint=zca_fp,
+                input_normalization=normalization, input_mean=norm.mean, input_std=norm.std, zca_fingerprint=zca_fp,
             )
         )
     return path
@@ -641,3 +644,85 @@ def test_a_second_run_on_the_same_out_is_refused_and_a_killed_one_leaves_no_stal
     assert [int(r["iteration"]) for r in rows] == list(range(1, k + 3))
     assert [float(r["loss"]) for r in rows[:k]] == [r["loss"] for r in saved["log"]]  # the first run's rows
     assert not Path(f"{s.out}.lock").exists() and not Path(f"{s.checkpoint_path}.lock").exists()
+
+
+# ---------------------------------------------------------------------------------------
+# the experts' input space, and the lr_img convention
+# ---------------------------------------------------------------------------------------
+def test_images_live_in_the_experts_input_space(toy, tmp_path):
+    root, split, experts = toy
+    plain = [make_expert(tmp_path / f"none_{k}.h5", split, seed=k, normalization="none") for k in range(2)]
+    s = settings(toy, tmp_path / "run", experts=[str(p) for p in plain], iterations=1, metrics=None)
+    init = distill_mod.fresh_state(distill_mod.build_setup(s)).images.detach()
+    real = torch.from_numpy(split.images_uint8()).permute(0, 3, 1, 2).float() / 255  # pixels in [0, 1]
+    for n in range(len(init)):
+        assert float((real - init[n]).abs().flatten(1).max(1).values.min()) < 1e-6
+    syn = distill(s)
+    assert syn.normalization == "none" and syn.mean == [0.0] * CH and syn.std == [1.0] * CH
+    assert SyntheticSet.load(s.out).input_space().key == "none"
+    # export maps back with the set's own space: pixels are the images themselves here
+    export_torch(syn, tmp_path / "syn.pt")
+    payload = torch.load(tmp_path / "syn.pt", weights_only=False)
+    assert payload["normalization"] == "none" and payload["input_space"] == "none"
+    export_png(syn, tmp_path / "png")
+    first = np.asarray(Image.open(tmp_path / "png" / "0_c0" / "00000.png")) / 255.0
+    np.testing.assert_allclose(first, syn.images[0].clamp(0, 1).permute(1, 2, 0).numpy(), atol=0.5 / 255 + 1e-6)
+    with pytest.raises(TeslaError, match="give experts of one input space"):
+        distill(settings(toy, tmp_path / "mixed", experts=[str(experts[0]), str(plain[1])]))
+    assert not (tmp_path / "mixed").exists()
+
+
+def first_order_image_gradient(setup, images, classes, theta_start, theta_target, alpha, steps):
+    """dL/dX of TESLA's first-order procedure, computed independently of tesla.matching: the
+    student recursion with every theta_i detached, so autograd sees only g_i's explicit
+    dependence on X: dL/dX = -alpha v^T sum_i J_i (all images in every step, no augmentation)."""
+    from tesla.models import functional_forward
+
+    layout = param_layout(setup.model)
+    x = images.clone().requires_grad_(True)
+    theta, g_sum = theta_start.clone(), torch.zeros_like(theta_start)
+    for _ in range(steps):
+        leaf = theta.detach().requires_grad_(True)
+        loss = torch.nn.functional.cross_entropy(functional_forward(setup.model, leaf, x, layout=layout), classes)
+        (g,) = torch.autograd.grad(loss, leaf, create_graph=True)
+        g_sum = g_sum + g
+        theta = theta.detach() - alpha * g.detach()
+    theta_n = theta_start - alpha * g_sum
+    matching = (theta_n - theta_target).square().sum() / (theta_start - theta_target).square().sum()
+    (grad,) = torch.autograd.grad(matching, x)
+    return grad
+
+
+@pytest.mark.parametrize("convention, factor", [("tesla-published", 0.5), ("gradient", 1.0)])
+def test_lr_img_convention_scales_the_first_image_step(toy, tmp_path, convention, factor):
+    root, split, experts = toy
+    s = settings(toy, tmp_path, experts=[str(experts[0])], engine="tesla", lr_img_convention=convention,
+                 max_start_epoch=1, expert_epochs=2, syn_steps=3, dsa="none", batch_syn=None, iterations=1,
+                 lr_img=50.0, metrics=None, grid_dir=None)
+    setup = distill_mod.build_setup(s)
+    x0 = distill_mod.fresh_state(setup).images.detach().clone()
+    traj = Trajectory.open(experts[0])  # one expert, start epoch 0: the draw is forced
+    g = first_order_image_gradient(setup, x0, torch.arange(CLASSES).repeat_interleave(2), traj.snapshot(0),
+                                   traj.snapshot(2), s.lr_teacher, s.syn_steps)
+    syn = distill(s)
+    # the first SGD step with momentum: buffer = gradient, X_1 = X_0 - c lr_img g
+    step = syn.images - x0
+    torch.testing.assert_close(step, -factor * s.lr_img * g, rtol=1e-3, atol=1e-4 * float(step.abs().max()))
+    assert float(step.abs().max()) > 1e-3  # the step is visible, so c is measured, not lost in round-off
+    assert syn.settings["lr_img_convention"] == convention
+    assert syn.settings["lr_img_effective"] == factor * s.lr_img
+
+
+def test_lr_img_convention_is_checked_and_may_change_on_resume(toy, tmp_path, capsys):
+    with pytest.raises(TeslaError, match="--lr-img-convention 'half'"):
+        distill(settings(toy, tmp_path, lr_img_convention="half"))
+    distill(settings(toy, tmp_path, iterations=2, metrics=None, grid_dir=None))
+    resumed = distill(settings(toy, tmp_path, iterations=3, metrics=None, grid_dir=None,
+                               lr_img_convention="tesla-published"))
+    assert resumed.iteration == 3
+    root, _, experts = toy
+    assert main(["distill", "--train", str(root / "train.h5"), "--experts", str(experts[0]), "--out",
+                 str(tmp_path / "cli.h5"), "--ipc", "1", "--max-start-epoch", "1", "--iterations", "1",
+                 "--syn-steps", "2", "--lr-img-convention", "tesla-published", "--device", "cpu",
+                 "--no-progress"]) == 0
+    assert SyntheticSet.load(tmp_path / "cli.h5").settings["lr_img_convention"] == "tesla-published"

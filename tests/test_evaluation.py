@@ -295,7 +295,7 @@ def test_mnist_random_baseline_is_sane_and_full_data_beats_it(mnist):
 def read_runs_csv(path: Path) -> list[dict]:
     with open(path) as f:
         first = f.readline()
-        assert first.startswith(f"# format: {RUNS_FORMAT}, format_version: 1")
+        assert first.startswith(f"# format: {RUNS_FORMAT}, format_version: 2")
         return list(csv.DictReader(f))
 
 
@@ -376,3 +376,78 @@ def test_bad_input_is_refused_before_training(tiny, tmp_path, capsys, monkeypatc
          "no such synthetic set", monkeypatch)
     _bad(tiny, tmp_path, capsys, ["--synthetic", str(syn), "--test", str(tmp_path / "none.h5"), "--arch", "distill"],
          "no such prepared split", monkeypatch)
+
+
+# -- the published protocol's schedule and the baselines' input space --------------------------
+def test_published_schedule_is_expressible():
+    """1001 epochs, x0.1 after 502: epochs 0..501 at alpha, 502..1000 at 0.1 alpha."""
+    from tesla.training import epoch_lr
+
+    protocol = Protocol(epochs=1001, lr=0.01, lr_decay_epoch=502)
+    protocol.check()
+    lrs = [epoch_lr(0.01, e, protocol.lr_decay_epochs) for e in range(1001)]
+    assert lrs[:502] == [0.01] * 502 and lrs[502:] == [pytest.approx(0.001)] * 499
+    assert Protocol(epochs=1000).lr_decay_epochs == (500,)  # the default: at half
+    assert Protocol(epochs=1).lr_decay_epochs == ()
+    for bad in (0, 1001, 2000):
+        with pytest.raises(Exception, match=f"--lr-decay-epoch {bad}: .* must be in 1..1000"):
+            Protocol(epochs=1001, lr_decay_epoch=bad).check()
+
+
+def test_cli_lr_decay_epoch_and_input_space_are_applied_and_recorded(tiny, tmp_path, monkeypatch):
+    spy = TrainSpy(monkeypatch)
+    seen = []
+    real_accuracy = tesla.training.accuracy
+    monkeypatch.setattr(tesla.training, "accuracy", lambda m, x, y, **kw: seen.append(x.clone()) or real_accuracy(m, x, y))
+    out = tmp_path / "runs_random.csv"
+    rc = cli.main(["evaluate", "--random", "--train", str(tiny["train"]), "--ipc", "2", "--test", str(tiny["test"]),
+                   "--arch", "convnet_d1", "--runs", "1", "--epochs", "5", "--lr-decay-epoch", "3", "--dsa", "none",
+                   "--normalize", "none", "--device", "cpu", "--out", str(out)])
+    assert rc == 0
+    assert tuple(spy.calls[0]["lr_decay_epochs"]) == (3,)
+    # --normalize none: the draw and the test split are pixels in [0, 1], nothing else
+    train_pixels = torch.from_numpy(ImageSplit.open(tiny["train"]).images_uint8()).permute(0, 3, 1, 2).float() / 255
+    x = spy.calls[0]["x"]
+    assert all(any(torch.equal(x[i], train_pixels[j]) for j in range(len(train_pixels))) for i in range(len(x)))
+    test_pixels = torch.from_numpy(ImageSplit.open(tiny["test"]).images_uint8()).permute(0, 3, 1, 2).float() / 255
+    assert torch.equal(seen[0], test_pixels)
+    rows = read_runs_csv(out)
+    assert rows[0]["lr_decay_epoch"] == "3" and rows[0]["input_space"] == "none" and rows[0]["epochs"] == "5"
+    # the default stays: decay at half, the split's own statistics
+    out2 = tmp_path / "runs_default.csv"
+    assert cli.main(["evaluate", "--random", "--train", str(tiny["train"]), "--ipc", "2", "--test", str(tiny["test"]),
+                     "--arch", "convnet_d1", "--runs", "1", "--epochs", "4", "--device", "cpu", "--out", str(out2)]) == 0
+    rows = read_runs_csv(out2)
+    assert rows[0]["lr_decay_epoch"] == "2" and rows[0]["input_space"] == "split"
+
+
+def test_a_set_is_evaluated_in_its_recorded_normalisation(tiny, tmp_path, monkeypatch):
+    path = make_set(tiny, tmp_path / "mnist_norm.h5")
+    with h5py.File(path, "a") as f:  # a set distilled from experts trained with --normalize mnist
+        f.attrs["normalization"], f.attrs["mean"], f.attrs["std"] = "mnist", [0.1307], [0.3081]
+    seen = []
+    real_accuracy = tesla.training.accuracy
+    monkeypatch.setattr(tesla.training, "accuracy", lambda m, x, y, **kw: seen.append(x.clone()) or real_accuracy(m, x, y))
+    subject = synthetic_subject(path, "cpu")
+    assert subject.space.input_space.key == "mnist"
+    results = evaluate(subject, "distill", tiny["test"], Protocol(epochs=1, lr=subject.lr, dsa_strategy="none"),
+                       runs=1, progress=False)
+    u = ImageSplit.open(tiny["test"]).images_uint8().astype(np.float64).transpose(0, 3, 1, 2)
+    np.testing.assert_allclose(seen[0].numpy(), (u / 255 - 0.1307) / 0.3081, rtol=1e-6, atol=1e-6)
+    assert results[0].input_space == "mnist"
+    with h5py.File(path, "a") as f:  # a name whose constants the file contradicts: damaged
+        f.attrs["mean"] = [0.5]
+    with pytest.raises(Exception, match="records normalisation mnist with mean"):
+        synthetic_subject(path, "cpu")
+
+
+def test_normalize_is_refused_for_a_synthetic_set_and_checked_for_baselines(tiny, tmp_path, capsys, monkeypatch):
+    syn = make_set(tiny, tmp_path / "syn.h5")
+    test = str(tiny["test"])
+    _bad(tiny, tmp_path, capsys, ["--synthetic", str(syn), "--normalize", "none", "--test", test, "--arch", "distill"],
+         "--normalize applies to --random only", monkeypatch)
+    _bad(tiny, tmp_path, capsys, ["--random", "--train", str(tiny["train"]), "--ipc", "2", "--test", test,
+                                  "--arch", "convnet_d1", "--normalize", "cifar10"], "constants are for 3-channel",
+         monkeypatch)
+    _bad(tiny, tmp_path, capsys, ["--random", "--train", str(tiny["train"]), "--ipc", "2", "--test", test,
+                                  "--arch", "convnet_d1", "--lr-decay-epoch", "1"], "--lr-decay-epoch 1", monkeypatch)

@@ -172,6 +172,62 @@ def test_zca_is_applied_and_recorded(toy, tmp_path):
                                   epochs=1, zca=other_zca), progress=False, log=lambda m: None)
 
 
+class InputSpy:
+    """Wraps training.train and records the inputs it gets: stored x and the minibatch map."""
+
+    def __init__(self, monkeypatch):
+        import tesla.training
+
+        self.calls: list[dict] = []
+        real = tesla.training.train
+
+        def spy(model, x, y, **kw):
+            self.calls.append({"x": x, "transform": kw.get("input_transform")})
+            return real(model, x, y, **kw)
+
+        monkeypatch.setattr(tesla.training, "train", spy)
+
+    def network_input(self, n: int) -> torch.Tensor:
+        call = self.calls[-1]
+        x = call["x"][:n]
+        return x if call["transform"] is None else call["transform"](x)
+
+
+def test_normalisation_is_applied_and_recorded(toy, tmp_path, monkeypatch):
+    spy = InputSpy(monkeypatch)
+    pixels = ImageSplit.open(toy[0]).images_uint8(slice(0, 6)).astype(np.float64)  # N x H x W x 1
+    for name, (mean, std) in {"none": (0.0, 1.0), "mnist": (0.1307, 0.3081)}.items():
+        out = tmp_path / f"{name}.h5"
+        assert cli(toy, out, "--seed", "0", "--epochs", "1", "--normalize", name) == 0
+        expected = (pixels / 255.0 - mean) / std
+        np.testing.assert_allclose(spy.network_input(6).numpy(), expected.transpose(0, 3, 1, 2), rtol=1e-6, atol=1e-6)
+        with Trajectory.open(out) as t:
+            assert t.input_normalization == name and t.input_mean == [mean] and t.input_std == [std]
+    with Trajectory.open(tmp_path / "none.h5") as t:  # default: the split's own statistics
+        assert cli(toy, tmp_path / "split.h5", "--seed", "0", "--epochs", "1") == 0
+        with Trajectory.open(tmp_path / "split.h5") as d:
+            assert d.input_normalization == "split" and d.input_mean == ImageSplit.open(toy[0]).mean
+            assert not torch.equal(d.snapshot(1), t.snapshot(1))  # other inputs, other expert
+
+
+def test_zca_fixes_the_normalisation(toy, tmp_path, monkeypatch, capsys):
+    from tesla.zca import ZCA, fit_zca_split
+
+    zca_path = fit_zca_split(toy[0], progress=False, normalization="none").save(tmp_path / "zca.h5")
+    spy = InputSpy(monkeypatch)
+    out = tmp_path / "e.h5"
+    assert cli(toy, out, "--seed", "0", "--epochs", "1", "--zca", str(zca_path)) == 0
+    zca = ZCA.load(zca_path)
+    pixels = torch.from_numpy(ImageSplit.open(toy[0]).images_uint8(slice(0, 5))).permute(0, 3, 1, 2).double() / 255
+    torch.testing.assert_close(spy.network_input(5).double(), zca.apply(pixels), rtol=1e-5, atol=1e-5)
+    with Trajectory.open(out) as t:
+        assert t.input_normalization == "none" and t.zca_fingerprint == zca.fingerprint()
+    capsys.readouterr()
+    assert cli(toy, tmp_path / "x.h5", "--seed", "0", "--epochs", "1", "--zca", str(zca_path), "--normalize", "split") == 2
+    assert "--normalize split contradicts --zca" in capsys.readouterr().err
+    assert not (tmp_path / "x.h5").exists() and not (tmp_path / "x.h5.partial").exists()
+
+
 def test_bad_inputs_are_clear_errors(toy, tmp_path, capsys):
     train, test = toy
 
@@ -209,7 +265,7 @@ def test_help_lists_the_options(capsys):
     assert exc.value.code == 0
     text = capsys.readouterr().out
     for option in ("--train", "--test", "--out", "--seed", "--model", "--epochs", "--lr", "--batch-size", "--dsa",
-                   "--zca", "--keep-snapshots", "--dtype", "--device"):
+                   "--normalize", "--zca", "--keep-snapshots", "--dtype", "--device"):
         assert option in text
     assert "--stop-after-epochs" not in text
 

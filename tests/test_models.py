@@ -223,3 +223,34 @@ def test_bad_resolution_and_options():
         build_model("vgg11", channels=1, num_classes=10, resolution=16)
     # no pooling: any depth fits
     assert build_model("convnet_d4", channels=1, num_classes=2, resolution=8, pooling="none", width=4)
+
+
+# -- MTT's AlexNet ------------------------------------------------------------------------
+def conv_params(c_in: int, c_out: int, k: int) -> int:
+    return c_out * (c_in * k * k + 1)
+
+
+def alexnet_mtt_count(channels: int, num_classes: int) -> int:
+    """Counted from the published description: widths 128-192-256-192-192, kernels 5-5-3-3-3,
+    192 x 4 x 4 into one linear layer."""
+    widths, kernels = [channels, 128, 192, 256, 192, 192], [5, 5, 3, 3, 3]
+    convs = sum(conv_params(widths[i], widths[i + 1], kernels[i]) for i in range(5))
+    return convs + num_classes * (192 * 4 * 4 + 1)
+
+
+@pytest.mark.parametrize("channels,resolution,classes", [(3, 32, 10), (1, 28, 10), (3, 32, 100)])
+def test_alexnet_mtt_parameter_count_and_classifier_input(channels, resolution, classes):
+    model = build_model("alexnet_mtt", channels=channels, num_classes=classes, resolution=resolution)
+    assert count_params(model) == alexnet_mtt_count(channels, classes)
+    assert alexnet_mtt_count(3, 10) == 1_872_202  # the figure in docs/formats.md
+    x = torch.randn(2, channels, resolution, resolution)
+    with torch.no_grad():
+        assert model.features(x).shape == (2, 192, 4, 4)  # what the published classifier takes
+        assert model(x).shape == (2, classes)
+
+
+def test_alexnet_mtt_refuses_sizes_it_cannot_take():
+    assert supports_resolution("alexnet_mtt", 28) and supports_resolution("alexnet_mtt", 32)
+    assert not supports_resolution("alexnet_mtt", 64) and not supports_resolution("alexnet_mtt", 8)
+    with pytest.raises(TeslaError, match=r"cannot take 64 x 64.*192 x 4 x 4.*use 'alexnet'"):
+        build_model("alexnet_mtt", channels=3, num_classes=10, resolution=64)

@@ -20,8 +20,8 @@ def run_rows(method: str, arch: str, accs, *, engine: str = "", ipc: int = 10, e
              lr: float = 0.01, dataset: str = "cifar10") -> list[RunResult]:
     return [
         RunResult(dataset=dataset, ipc=ipc, method=method, engine=engine, arch=arch, run=r, seed=seed + r,
-                  epochs=epochs, lr=lr, final_train_loss=0.5, test_acc=a, seconds=1.5,
-                  labels="hard", dsa="color_crop_cutout_flip_scale_rotate", zca=False, num_images=100,
+                  epochs=epochs, lr_decay_epoch=epochs // 2, lr=lr, final_train_loss=0.5, test_acc=a, seconds=1.5,
+                  labels="hard", dsa="color_crop_cutout_flip_scale_rotate", zca=False, input_space="split", num_images=100,
                   device="cpu", source="x.h5")
         for r, a in enumerate(accs)
     ]
@@ -122,8 +122,41 @@ def test_bad_inputs(runs_files, tmp_path, capsys):
     plain.write_text("dataset,ipc\ncifar10,10\n")
     refused(["--runs", str(plain)], "not a tesla evaluation runs file")
     newer = tmp_path / "newer.csv"
-    newer.write_text(paths[0].read_text().replace("format_version: 1", "format_version: 2", 1))
-    refused(["--runs", str(newer)], "format version 2")
+    newer.write_text(paths[0].read_text().replace("format_version: 2", "format_version: 3", 1))
+    refused(["--runs", str(newer)], "format version 3, this tesla reads versions 1, 2")
     expert = write_expert(tmp_path / "mnist_expert.h5", 0.9, seed=0, dataset="mnist")
     refused(["--runs", str(paths[0]), "--experts", str(expert)], "experts were trained on mnist")
     refused(["--runs", str(tmp_path / "missing.csv")], "no such runs file")
+
+
+V1_COLUMNS = ["dataset", "ipc", "method", "engine", "arch", "run", "seed", "epochs", "lr", "final_train_loss",
+              "test_acc", "seconds", "labels", "dsa", "zca", "num_images", "device", "source"]
+
+
+def write_v1(path, rows: list[RunResult]):
+    """A runs file as tesla-eval-runs v1 wrote it (no lr_decay_epoch, no input_space)."""
+    frame = pd.DataFrame([r.row() for r in rows])[V1_COLUMNS]
+    with open(path, "w", newline="") as f:
+        f.write("# format: tesla-eval-runs, format_version: 1, tesla_version: 0.1.0\n")
+        frame.to_csv(f, index=False)
+    return path
+
+
+def test_v1_runs_files_are_read_with_the_protocol_they_used(tmp_path):
+    rows = run_rows("random", "convnet", [30.0, 32.0], epochs=1000)
+    for r in rows:
+        r.zca = True
+    old = read_all_runs([write_v1(tmp_path / "v1.csv", rows)])
+    assert list(old["lr_decay_epoch"]) == [500, 500] and list(old["input_space"]) == ["split+zca"] * 2
+    table = build_table(old)
+    assert "1000 epochs (lr x0.1 from epoch 500)" in table.iloc[0]["note"] and "inputs split+zca" in table.iloc[0]["note"]
+    # runs of another schedule or input space are not averaged with them
+    for change in (dict(lr_decay_epoch=502), dict(input_space="none+zca-eps0.1")):
+        new = run_rows("random", "convnet", [31.0], epochs=1000, seed=7)
+        for r in new:
+            r.zca = True
+            for k, v in change.items():
+                setattr(r, k, v)
+        mixed = read_all_runs([tmp_path / "v1.csv", write_runs(tmp_path / "v2.csv", new)])
+        with pytest.raises(Exception, match=f"differ in {next(iter(change))}"):
+            build_table(mixed)

@@ -89,3 +89,17 @@ def test_embedded_zca_round_trip(tmp_path):
     s.zca_artifact = (tmp_path / "zca.h5").read_bytes()
     loaded = SyntheticSet.load(s.save(tmp_path / "syn.h5")).zca()
     assert torch.allclose(loaded.apply(x), zca.apply(x), atol=1e-6)
+
+
+def test_input_space_is_recorded_and_older_files_read_as_split(tmp_path):
+    s = _set()
+    s.zca_artifact = None
+    s.normalization, s.mean, s.std = "none", [0.0], [1.0]
+    path = s.save(tmp_path / "syn.h5")
+    t = SyntheticSet.load(path)
+    assert t.normalization == "none" and t.input_space().key == "none"
+    with h5py.File(path, "a") as f:  # as written before the name was recorded
+        del f.attrs["normalization"]
+        f.attrs["mean"], f.attrs["std"] = [0.5], [0.25]
+    t = SyntheticSet.load(path)
+    assert t.normalization == "split" and t.input_space().mean == [0.5]

@@ -148,3 +148,13 @@ def test_check_compatible_names_the_file_and_the_mismatch(tmp_path):
         t.check_compatible(needed_snapshots=4)
     with pytest.raises(TeslaError, match="snapshot 3 asked for"):
         t.snapshot(3)
+
+
+def test_input_normalisation_is_recorded_and_older_files_read_as_split(tmp_path):
+    path = write(tmp_path / "e.h5", snaps(), input_normalization="mnist", input_mean=[0.1307], input_std=[0.3081])
+    with Trajectory.open(path) as t:
+        assert t.input_normalization == "mnist" and t.input_mean == [0.1307] and t.input_std == [0.3081]
+    with h5py.File(path, "a") as f:  # as written before the name was recorded
+        del f.attrs["input_normalization"]
+    with Trajectory.open(path) as t:
+        assert t.input_normalization == "split"

@@ -10,7 +10,7 @@ import torch
 from tesla.cli import main
 from tesla.data import ImageSplit, SplitWriter, normalize
 from tesla.errors import TeslaError
-from tesla.zca import ZCA, CovarianceAccumulator, fit_zca
+from tesla.zca import ZCA, CovarianceAccumulator, fit_zca, fit_zca_split
 
 
 def correlated_images(n: int = 600, shape=(2, 4, 4), seed: int = 0) -> torch.Tensor:
@@ -70,9 +70,10 @@ def test_save_load_roundtrip(tmp_path):
     zca = fit_zca(x, eps=0.05)
     path = zca.save(tmp_path / "zca.h5")
     with h5py.File(path, "r") as f:
-        assert f.attrs["format"] == "tesla-zca" and f.attrs["format_version"] == 1
+        assert f.attrs["format"] == "tesla-zca" and f.attrs["format_version"] == 2
+        assert f.attrs["normalization"] == "split"
     back = ZCA.load(path)
-    assert back.eps == 0.05 and back.image_shape == (2, 4, 4)
+    assert back.eps == 0.05 and back.image_shape == (2, 4, 4) and back.normalization == "split"
     assert torch.equal(back.eigenvectors, zca.eigenvectors) and torch.equal(back.mean, zca.mean)
     torch.testing.assert_close(back.apply(x), zca.apply(x))
     assert not list(tmp_path.glob(".*tmp"))
@@ -91,10 +92,10 @@ def test_bad_files(tmp_path):
     with pytest.raises(TeslaError, match="not a ZCA file"):
         ZCA.load(other)
     zca = fit_zca(correlated_images(50), eps=0.1)
-    path = zca.save(tmp_path / "v2.h5")
+    path = zca.save(tmp_path / "v3.h5")
     with h5py.File(path, "a") as f:
-        f.attrs["format_version"] = 2
-    with pytest.raises(TeslaError, match="version 2"):
+        f.attrs["format_version"] = 3
+    with pytest.raises(TeslaError, match="version 3, this tesla reads version 1 and 2"):
         ZCA.load(path)
     with pytest.raises(TeslaError, match="shape"):
         zca.apply(torch.zeros(1, 3, 4, 4))
@@ -136,3 +137,50 @@ def test_cli_errors(tmp_path, capsys):
     assert not (tmp_path / "z.h5").exists()
     assert main(["zca", "--train", str(train), "--out", str(tmp_path)]) == 2
     assert "is a directory" in capsys.readouterr().err
+
+
+def test_published_fit_equals_an_independent_float64_computation(tmp_path):
+    """``tesla zca --normalize none``: the published way (pixels in [0, 1], no mean/std before
+    it), checked against numpy: unbiased covariance, eigh, W = U diag(1/sqrt(s + eps)) U^T."""
+    train = write_split(tmp_path / "train.h5", n_per_class=30, size=4)  # N = 90 images, D = 48
+    out = tmp_path / "zca.h5"
+    assert main(["zca", "--train", str(train), "--out", str(out), "--normalize", "none", "--chunk", "17"]) == 0
+    zca = ZCA.load(out)
+    assert zca.normalization == "none"
+    split = ImageSplit.open(train)
+    u = split.images_uint8()
+    x = u.astype(np.float64).transpose(0, 3, 1, 2).reshape(len(u), -1) / 255.0  # C x H x W order, pixels in [0, 1]
+    mu = x.mean(axis=0)
+    cov = (x - mu).T @ (x - mu) / (len(x) - 1)
+    s, vectors = np.linalg.eigh(cov)
+    w = vectors @ np.diag(1.0 / np.sqrt(np.clip(s, 0, None) + 0.1)) @ vectors.T
+    expected = (x - mu) @ w
+    # the fit reads float32 network input (u/255 rounded to float32, ~3e-8), then sums in float64
+    np.testing.assert_allclose(zca.mean.numpy(), mu, rtol=0, atol=1e-7)
+    np.testing.assert_allclose(zca.matrix().numpy(), w, rtol=0, atol=1e-5)
+    from tesla.input_space import open_input_space
+
+    got = open_input_space(split, None, out).to_input(u).reshape(len(u), -1).numpy()  # the float32 path stages use
+    np.testing.assert_allclose(got, expected, rtol=0, atol=2e-5)
+    with h5py.File(out) as f:
+        np.testing.assert_array_equal(f.attrs["normalization_mean"], [0.0, 0.0, 0.0])
+        np.testing.assert_array_equal(f.attrs["normalization_std"], [1.0, 1.0, 1.0])
+    # the default (split statistics) is a different transform of the same pixels
+    split_fit = fit_zca_split(train, progress=False)
+    assert split_fit.normalization == "split"
+    assert (split_fit.eigenvalues > 0.1).sum() > (zca.eigenvalues > 0.1).sum()  # eps weaker against larger variances
+
+
+def test_covariance_convention_is_kornias_unbiased_default():
+    """kornia's own test case: ZCAWhitening() on [[0,1],[1,0],[-1,0],[0,-1]] gives
+    sqrt(1.5) * sign(x) with unbiased=True (the default MTT used), sqrt(2) with unbiased=False."""
+    data = torch.tensor([[0.0, 1.0], [1.0, 0.0], [-1.0, 0.0], [0.0, -1.0]], dtype=torch.float64)
+    white = fit_zca(data.view(4, 2, 1, 1), eps=1e-12).apply(data.view(4, 2, 1, 1)).view(4, 2)
+    torch.testing.assert_close(white, data * 1.5**0.5, rtol=1e-9, atol=1e-9)
+
+
+def test_cli_refuses_a_normalisation_for_other_channels(tmp_path, capsys):
+    train = write_split(tmp_path / "train.h5", n_per_class=3)
+    assert main(["zca", "--train", str(train), "--out", str(tmp_path / "z.h5"), "--normalize", "mnist"]) == 2
+    assert "constants are for 1-channel images" in capsys.readouterr().err
+    assert not (tmp_path / "z.h5").exists()
