@@ -346,15 +346,19 @@ def test_bad_input_is_refused_before_training(tiny, tmp_path, capsys, monkeypatc
         f.attrs["format_version"] = FORMAT_VERSION + 1
     _bad(tiny, tmp_path, capsys, ["--synthetic", str(old), "--test", test, "--arch", "distill"], "format version", monkeypatch)
     # test splits of another dataset: class count, channels, resolution, class ids
+    # (each refusal names its own reason: one shared phrase would let a wrong reason pass)
     other = {
-        "classes": write_split(tmp_path / "k4.h5", "test", 4, 2, k=4),
-        "channels": write_split(tmp_path / "c3.h5", "test", 4, 2, c=3),
-        "resolution": write_split(tmp_path / "r12.h5", "test", 4, 2, r=12),
-        "dataset": write_split(tmp_path / "ds.h5", "test", 4, 2, dataset="other"),
+        f"4 classes but synthetic set {syn} has 3": write_split(tmp_path / "k4.h5", "test", 4, 2, k=4),
+        f"3 channels but synthetic set {syn} has 1": write_split(tmp_path / "c3.h5", "test", 4, 2, c=3),
+        f"12x12 images but synthetic set {syn} is 8x8": write_split(tmp_path / "r12.h5", "test", 4, 2, r=12),
+        f"dataset 'other' but synthetic set {syn} is 'demo'": write_split(tmp_path / "ds.h5", "test", 4, 2,
+                                                                          dataset="other"),
     }
-    for what, path in other.items():
+    for reason, path in other.items():
         _bad(tiny, tmp_path, capsys, ["--synthetic", str(syn), "--test", str(path), "--arch", "distill"],
-             "does not match", monkeypatch)
+             f"{path}: this test split does not match synthetic set {syn}", monkeypatch)
+        _bad(tiny, tmp_path, capsys, ["--synthetic", str(syn), "--test", str(path), "--arch", "distill"],
+             reason, monkeypatch)
     # architectures that cannot take 8 px images, or do not exist
     _bad(tiny, tmp_path, capsys, ["--synthetic", str(syn), "--test", test, "--arch", "convnet_d5"],
          "cannot take 8x8", monkeypatch)

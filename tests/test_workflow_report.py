@@ -59,10 +59,30 @@ def test_read_metrics_refuses_what_is_not_a_metrics_file(tmp_path, content, mess
         read_metrics(path)
 
 
-def test_curves_png_is_written_atomically(tmp_path):
+def _colour_rows(rgb: np.ndarray, colour: tuple[int, int, int], tolerance: int = 40) -> tuple[np.ndarray, np.ndarray]:
+    """(row, column) indices of the pixels within ``tolerance`` of ``colour`` (per channel)."""
+    close = (np.abs(rgb.astype(np.int16) - np.array(colour, dtype=np.int16)) <= tolerance).all(axis=2)
+    return np.nonzero(close)
+
+
+def test_curves_png_draws_the_loss_left_and_alpha_right_with_their_trends(tmp_path):
+    """The curves PNG is decoded and read back: the loss (moving average, colour C0) is drawn in the
+    left panel and falls (1/i: its line ends lower than it starts), alpha (colour C1) is drawn in the
+    right panel and rises. A blank, swapped or flat plot fails."""
     out = plot_curves(read_metrics(_metrics(tmp_path / "m.csv")), tmp_path / "sub" / "curves.png", title="t")
     assert out.read_bytes()[:8] == PNG_MAGIC
     assert [p.name for p in out.parent.iterdir()] == ["curves.png"]  # no temporary left
+    with Image.open(out) as img:
+        rgb = np.asarray(img.convert("RGB"))
+    half = rgb.shape[1] // 2
+    for colour, panel, falls in (((31, 119, 180), slice(0, half), True), ((255, 127, 14), slice(half, None), False)):
+        rows, cols = _colour_rows(rgb[:, panel], colour)
+        assert len(rows) > 100, f"no curve of colour {colour} in its panel"
+        other = slice(half, None) if panel.start == 0 else slice(0, half)
+        assert len(_colour_rows(rgb[:, other], colour)[0]) < len(rows) // 10, "the curve is in the wrong panel"
+        left, right = cols <= np.percentile(cols, 10), cols >= np.percentile(cols, 90)
+        start, end = rows[left].mean(), rows[right].mean()  # image rows grow downwards
+        assert (end > start + 20) if falls else (end < start - 20), (colour, start, end)
 
 
 def test_enlarge_png_replicates_pixels_by_an_integer_factor(tmp_path):
@@ -89,7 +109,9 @@ def test_cli_needs_an_output_and_its_input(tmp_path):
         run(_args(["--grid", str(tmp_path / "g.png")]))
     metrics = _metrics(tmp_path / "m.csv")
     assert run(_args(["--metrics", str(metrics), "--curves", str(tmp_path / "c.png")])) == 0
-    assert (tmp_path / "c.png").read_bytes()[:8] == PNG_MAGIC
+    direct = plot_curves(read_metrics(metrics), tmp_path / "direct.png", title=metrics.parent.name)
+    with Image.open(tmp_path / "c.png") as a, Image.open(direct) as b:  # the CLI draws the same figure
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_grid_of_a_synthetic_set_has_one_row_per_class_and_is_enlarged(tmp_path):
@@ -117,7 +139,17 @@ def test_grid_of_a_synthetic_set_has_one_row_per_class_and_is_enlarged(tmp_path)
     syn.save(tmp_path / "synthetic.h5")
     out = plot_grid(tmp_path / "synthetic.h5", tmp_path / "grid.png")
     with Image.open(out) as img:
-        width, height = img.size
-    assert width >= MIN_GRID_WIDTH
-    # rows of 8 px tiles with 2 px padding: 3 rows are taller than 2 columns are wide
-    assert height > width
+        grid = np.asarray(img)
+    # 3 rows x 2 columns of 8 px tiles with 2 px of white padding: 22 x 32 px, enlarged by an
+    # integer factor k until at least MIN_GRID_WIDTH wide
+    k = -(-MIN_GRID_WIDTH // 22)
+    assert grid.shape == (32 * k, 22 * k)
+    small = grid[::k, ::k]
+    np.testing.assert_array_equal(grid, np.kron(small, np.ones((k, k), dtype=grid.dtype)))  # blocks, no blur
+    # every tile is its image mapped back to pixels, u = clamp(x * std + mean, 0, 1), row = class
+    expected = np.floor(np.clip(syn.images.numpy() * 0.25 + 0.5, 0, 1) * 255 + 0.5).astype(np.uint8)
+    for n in range(classes * ipc):
+        r, c = divmod(n, ipc)
+        y, x = 2 + r * 10, 2 + c * 10
+        np.testing.assert_array_equal(small[y : y + 8, x : x + 8], expected[n, 0])
+    assert (small[:2] == 255).all() and (small[:, :2] == 255).all()  # the padding is white
