@@ -164,11 +164,16 @@ put_file() {   # put_file <path> <mode> <owner>: stdin -> path, only when the co
   rm -f "$tmp"
 }
 
+# The node as slurmd detects it (`slurmd -C`): its CPU count is the machine's, whatever
+# OMP_NUM_THREADS or the CPU affinity of this shell (`nproc` obeys both; a node declared
+# with fewer CPUs than it has is only a smaller node, with more it is drained).
 # RealMemory above what slurmd detects drains the node: declare 90 % of it.
-detected_mb=$(slurmd -C | sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p')
+detected=$(slurmd -C)
+detected_mb=$(sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p' <<<"$detected")
 [ -n "$detected_mb" ] || die "slurmd -C reports no RealMemory"
 memory_mb=$(( detected_mb * 9 / 10 ))
-cpus=$(nproc)
+cpus=$(sed -n 's/.* CPUs=\([0-9]*\).*/\1/p' <<<"$detected")
+[ -n "$cpus" ] || cpus=$(nproc --all)
 install -d -m 0755 "$ETC"
 install -d -o slurm -g slurm -m 0755 "$LOGDIR" "$CTLD_STATE"
 install -d -m 0755 "$SLURMD_SPOOL"

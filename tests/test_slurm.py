@@ -13,13 +13,24 @@ Checked against the scheduler's own record (`sacct`, i.e. slurmdbd), not only Sn
 output: every job of a run is a SLURM job of that run, on the local partition and account,
 completed; a distillation cancelled with `scancel` mid-run is reported as failed and a
 rerun completes it from its checkpoint; acc.csv is what a local `tesla results` writes.
-Bad input fails at submission with the scheduler's message in the Snakemake log: the
-shipped profile unedited (placeholder account), an unknown partition, a GPU job on a
-partition without GPUs.
+
+Snakemake itself killed with SIGKILL mid-run (README, "After Snakemake itself was
+killed"): the same command stops at Snakemake's lock; the old run's job is still in the
+queue (`squeue`, as README shows it); after `--unlock` the same command refuses to start
+while that job is there; after `scancel` it resumes the distillation from its checkpoint
+and redoes nothing else.
+
+Bad input fails before anything is submitted, with the scheduler's message in the
+Snakemake log: the shipped profile unedited (placeholder account), an unknown partition, a
+GPU job on a partition without GPUs, more CPUs than the node has (which `sbatch` itself
+would accept, to leave the job pending forever); and a job that the scheduler accepted but
+that pends for a reason that never clears is cancelled and reported as failed.
 
 Needs root on Debian/Ubuntu (the script installs the slurm packages with apt-get when
-missing, about 30 s); skips otherwise. Time budget: about 3 minutes on 2 cores (measured
-175 s with the cluster already installed).
+missing, about 30 s); skips otherwise. Time budget: measured 567 s with the cluster already
+installed, on 2 cores shared with other work (load average 5 to 6): the demo runs 331 s,
+Snakemake killed and README's steps 119 s, Ctrl-C 21 s, the bad-input and pending-job
+tests 67 s (175 s for the demo runs alone on a quieter machine).
 """
 
 from __future__ import annotations
@@ -27,6 +38,8 @@ from __future__ import annotations
 import copy
 import os
 import re
+import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -63,7 +76,7 @@ SMALL_DEMO = {
             "experts": {"count": 2, "epochs": 4, "keep_snapshots": 4},
             "distill": {
                 1: {"max_start_epoch": 2, "expert_epochs": 2, "iterations": 200, "checkpoint_every": 5},
-                3: {"max_start_epoch": 2, "expert_epochs": 2},
+                3: {"max_start_epoch": 2, "expert_epochs": 2, "iterations": 40, "checkpoint_every": 5},
             },
             "evaluate": {"architectures": ["convnet_d1"], "runs": 1, "epochs": 40},
         }
@@ -161,6 +174,48 @@ def run_slurm(workdir: Path, profile: Path, *args: str, timeout: int = 600) -> s
     return snakemake(workdir, "--workflow-profile", str(profile), *args, timeout=timeout)
 
 
+def start_slurm(workdir: Path, profile: Path, log: Path, *args: str, new_session: bool = False) -> subprocess.Popen:
+    """snakemake with this profile in the background, its output to `log` (in a session of
+    its own with `new_session`, as from a terminal)."""
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    env.pop("SNAKEMAKE_PROFILE", None)
+    with open(log, "w") as fh:
+        return subprocess.Popen([SNAKEMAKE, "--workflow-profile", str(profile), *args], cwd=workdir, env=env,
+                                stdout=fh, stderr=subprocess.STDOUT, text=True, start_new_session=new_session)
+
+
+def distill_job_with_checkpoint(proc: subprocess.Popen, log: Path, folder: Path, timeout: float = 300) -> str | None:
+    """The SLURM id of the run's distillation once it has written a checkpoint in `folder`;
+    None if the run ends first or `timeout` passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        distill_jobs = [j for j, rule in submissions(log.read_text()).items() if rule == "distill"]
+        if distill_jobs and list(folder.glob("checkpoint-*.pt")):
+            return distill_jobs[0]
+        time.sleep(0.5)
+    return None
+
+
+#: README's command to see the jobs of a run whose Snakemake was killed: id, state, time
+#: used, working directory, rule and wildcards (the comment)
+SQUEUE_MINE = "squeue --me -o '%.10i %.10T %.10M %Z %k'"
+
+
+def jobs_in(workdir: Path) -> dict[str, str]:
+    """Queued or running jobs (id -> state) working in `workdir`, from README's squeue command."""
+    out = subprocess.run(shlex.split(SQUEUE_MINE), capture_output=True, text=True, check=True, timeout=60).stdout
+    rows = [line.split(maxsplit=4) for line in out.splitlines()[1:]]
+    return {r[0]: r[1] for r in rows if len(r) >= 4 and Path(r[3]) == workdir.resolve()}
+
+
+def cancel_jobs_in(workdir: Path) -> list[str]:
+    """scancel whatever a test left in the queue in `workdir` (a run that hung, a killed one)."""
+    left = list(jobs_in(workdir))
+    if left:
+        subprocess.run(["scancel", *left], timeout=60)
+    return left
+
+
 # --------------------------------------------------------------------------------------
 # fixtures: the cluster, then the demo through it (cancel + rerun)
 # --------------------------------------------------------------------------------------
@@ -184,24 +239,13 @@ def demo(cluster, tmp_path_factory):
 
     # ---- run A, in the background: cancel the distillation after its first checkpoint
     log_a = workdir / "run_a.log"
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    env.pop("SNAKEMAKE_PROFILE", None)
     start = time.monotonic()
-    with open(log_a, "w") as fh:
-        proc = subprocess.Popen(
-            [SNAKEMAKE, "--workflow-profile", str(profile), *common, "distill/demo_ipc1/synthetic.h5"],
-            cwd=workdir, env=env, stdout=fh, stderr=subprocess.STDOUT, text=True,
-        )
-    cancelled, hung = None, False
+    proc = start_slurm(workdir, profile, log_a, *common, "distill/demo_ipc1/synthetic.h5")
+    hung = False
     try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and proc.poll() is None:
-            distill_jobs = [j for j, rule in submissions(log_a.read_text()).items() if rule == "distill"]
-            if distill_jobs and list((workdir / "distill" / "demo_ipc1").glob("checkpoint-*.pt")):
-                cancelled = distill_jobs[0]
-                subprocess.run(["scancel", cancelled], check=True, timeout=30)
-                break
-            time.sleep(0.5)
+        cancelled = distill_job_with_checkpoint(proc, log_a, workdir / "distill" / "demo_ipc1")
+        if cancelled is not None:
+            subprocess.run(["scancel", cancelled], check=True, timeout=30)
         try:  # Snakemake must notice the cancellation within a few status rounds
             proc.wait(timeout=120)
         except subprocess.TimeoutExpired:
@@ -235,17 +279,23 @@ def demo(cluster, tmp_path_factory):
 # tests
 # --------------------------------------------------------------------------------------
 def test_setup_is_idempotent_and_the_cluster_answers(cluster):
+    """A second setup changes nothing, even with OMP_NUM_THREADS=1 in its environment (which
+    `nproc` obeys): the node has the machine's CPUs, as Python counts them."""
     start = time.monotonic()
-    again = subprocess.run(["bash", str(SETUP_SCRIPT)], capture_output=True, text=True, timeout=300)
+    again = subprocess.run(["bash", str(SETUP_SCRIPT)], capture_output=True, text=True, timeout=300,
+                           env=dict(os.environ, OMP_NUM_THREADS="1"))
     seconds = time.monotonic() - start
     assert again.returncode == 0, again.stdout + again.stderr
     assert "installing" not in again.stdout and "starting slurmctld" not in again.stdout, again.stdout
+    assert "wrote /etc/slurm/slurm.conf" not in again.stdout, again.stdout
     assert seconds < 30, f"a second setup took {seconds:.0f} s"
     partitions = subprocess.run(["sinfo", "-h", "-o", "%P %a"], capture_output=True, text=True, check=True).stdout
     assert f"{PARTITION}* up" in partitions
     assert ACCOUNT in subprocess.run(
         ["sacctmgr", "-n", "list", "assoc", "user=root", "format=account"], capture_output=True, text=True, check=True
     ).stdout
+    node = subprocess.run(["scontrol", "show", "node"], capture_output=True, text=True, check=True).stdout
+    assert int(re.search(r"CPUTot=(\d+)", node).group(1)) == os.cpu_count(), node
 
 
 def test_cancelled_job_is_reported_as_failed(demo):
@@ -322,52 +372,211 @@ def test_acc_csv_is_what_a_local_run_writes(demo):
 
 
 # --------------------------------------------------------------------------------------
-# bad input: the scheduler's refusal in the Snakemake log, at once
+# Snakemake itself killed (SIGKILL) while its jobs run: README's steps, one by one
+# --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def killed(demo):
+    """Run K (after the demo runs, on their data and experts): the distillation of IPC 3,
+    whose Snakemake is killed with SIGKILL once the job has written a checkpoint. Then
+    README's steps, each recorded: the same command (the lock), what is left (`pgrep`,
+    README's `squeue`), `--unlock`, the same command with the old job still queued,
+    `scancel`, the same command."""
+    workdir = demo["workdir"]
+    profile = workdir / "profile-local"
+    command = ["--configfile", "small.yaml", "--retries", "0", "distill/demo_ipc3/synthetic.h5"]
+    log_k = workdir / "run_k.log"
+    proc = start_slurm(workdir, profile, log_k, *command)
+    try:
+        job = distill_job_with_checkpoint(proc, log_k, workdir / "distill" / "demo_ipc3")
+        proc.kill()  # SIGKILL: no clean-up, as after a power cut of the login node
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    assert job is not None, "the distillation never wrote a checkpoint while running:\n" + log_k.read_text()[-5000:]
+    # the old job goes on without its Snakemake; suspended (as root) so that it cannot end
+    # while the steps below run, however slow the machine
+    subprocess.run(["scontrol", "suspend", job], check=True, timeout=60)
+    steps = {"pid": proc.pid, "job": job, "workdir": workdir}
+    start = time.monotonic()
+    try:
+        steps["locked"] = run_slurm(workdir, profile, *command)
+        steps["pgrep"] = subprocess.run(["pgrep", "-af", "snakemake"], capture_output=True, text=True).stdout
+        steps["squeue"] = jobs_in(workdir)
+        steps["unlock"] = run_slurm(workdir, profile, *command, "--unlock")
+        steps["old job queued"] = run_slurm(workdir, profile, *command, timeout=300)
+        subprocess.run(["scancel", job], check=True, timeout=60)
+        deadline = time.monotonic() + 60
+        while job in jobs_in(workdir) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        steps["rerun"] = run_slurm(workdir, profile, *command)
+    finally:
+        cancel_jobs_in(workdir)
+    print(f"slurm kill: README's steps and the rerun {time.monotonic() - start:.0f} s")
+    return steps
+
+
+def test_killed_snakemake_leaves_its_lock_and_its_jobs(killed):
+    locked = killed["locked"]
+    assert locked.returncode != 0
+    assert "Directory cannot be locked" in locked.stderr and "--unlock" in locked.stderr, locked.stderr[-3000:]
+    assert not re.search(rf"^{killed['pid']} ", killed["pgrep"], re.MULTILINE)  # the old Snakemake is gone
+    assert killed["squeue"] == {killed["job"]: "SUSPENDED"}  # ... its job is not
+    assert "Unlocked working directory" in killed["unlock"].stdout + killed["unlock"].stderr
+
+
+def test_jobs_of_the_killed_run_stop_the_next_run_before_it_submits(killed):
+    """After --unlock, the same command refuses to run beside the old run's job (both would
+    write the same files), naming it and how to cancel it."""
+    result = killed["old job queued"]
+    log = result.stdout + result.stderr
+    assert result.returncode != 0, log[-3000:]
+    job = killed["job"]
+    assert "jobs of an earlier run of this workflow are still queued or running" in log, log[-3000:]
+    assert f"SLURM job {job}, rule distill (demo_3): SUSPENDED" in log and f"scancel {job}" in log, log[-3000:]
+    assert "has been submitted with SLURM jobid" not in log
+
+
+def test_after_scancel_the_same_command_resumes_and_redoes_nothing_else(killed):
+    result, workdir = killed["rerun"], killed["workdir"]
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-6000:]
+    assert job_counts(log) == {"distill": 1}  # data and experts are reused
+    stage_log = (workdir / "logs" / "distill" / "demo_ipc3.log").read_text()
+    resumed = re.search(r"resuming from \S+checkpoint-\w+\.pt at iteration (\d+)", stage_log)
+    assert resumed and int(resumed.group(1)) >= 5, stage_log[-3000:]
+    assert (workdir / "distill" / "demo_ipc3" / "synthetic.h5").exists()
+    assert sacct_when_final([killed["job"]])[killed["job"]]["State"].startswith("CANCELLED")
+
+
+@pytest.fixture(scope="module")
+def prepared_workdir(cluster, tmp_path_factory):
+    """A workdir whose data is prepared (locally): the expert jobs come first."""
+    workdir = make_workdir(tmp_path_factory.mktemp("wf-slurm-prepared"))
+    (workdir / "small.yaml").write_text(yaml.safe_dump(SMALL_DEMO, sort_keys=False))
+    prepared = snakemake(workdir, "data/demo/train.h5", "--workflow-profile", "none", "--cores", "1",
+                         "--configfile", "small.yaml")
+    assert prepared.returncode == 0, prepared.stderr[-3000:]
+    yield workdir
+    cancel_jobs_in(workdir)
+
+
+def test_ctrl_c_cancels_the_jobs_and_leaves_no_lock(prepared_workdir):
+    """Ctrl-C (SIGINT to the terminal's process group) once a job is submitted: Snakemake
+    cancels it (`scancel`) and removes its lock, so the same command runs again at once."""
+    workdir = prepared_workdir
+    profile = write_profile(workdir / "profile-local", local_profile(shipped_profile()))
+    log_c = workdir / "run_c.log"
+    proc = start_slurm(workdir, profile, log_c, "experts/demo/expert_0.h5", "--configfile", "small.yaml",
+                       new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not submissions(log_c.read_text()) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        jobs = list(submissions(log_c.read_text()))
+        assert jobs, log_c.read_text()[-3000:]
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        left = cancel_jobs_in(workdir)
+    assert not left, f"Ctrl-C left jobs in the queue: {left}"
+    assert sacct_when_final(jobs)[jobs[0]]["State"].startswith("CANCELLED")
+    assert not list((workdir / ".snakemake" / "locks").glob("*")), "Ctrl-C left Snakemake's lock"
+
+
+# --------------------------------------------------------------------------------------
+# bad input: the scheduler's refusal in the Snakemake log, before anything is submitted
 # --------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def bad_workdir(cluster, tmp_path_factory):
     workdir = make_workdir(tmp_path_factory.mktemp("wf-slurm-bad"))
     (workdir / "small.yaml").write_text(yaml.safe_dump(SMALL_DEMO, sort_keys=False))
-    return workdir
+    yield workdir
+    cancel_jobs_in(workdir)
 
 
 def _fails_fast(workdir: Path, profile: dict, target: str, name: str, *extra: str) -> str:
     folder = write_profile(workdir / name, profile)
+    args = [target, "--configfile", "small.yaml", "--retries", "0", *extra]
     start = time.monotonic()
-    result = run_slurm(workdir, folder, target, "--configfile", "small.yaml", "--retries", "0", *extra, timeout=180)
+    try:
+        result = run_slurm(workdir, folder, *args, timeout=180)
+    except subprocess.TimeoutExpired:
+        # Snakemake was killed: cancel what it left in the queue and its lock, for the next tests
+        left = cancel_jobs_in(workdir)
+        run_slurm(workdir, folder, *args, "--unlock", timeout=120)
+        pytest.fail(f"the run was still going after 180 s, its jobs {left} waiting in the queue")
+    finally:
+        left = cancel_jobs_in(workdir)
     seconds = time.monotonic() - start
     log = result.stdout + result.stderr
     assert result.returncode != 0, log[-3000:]
     assert seconds < 90, f"took {seconds:.0f} s to fail"
+    assert not left, f"jobs left in the queue: {left}"
     return log
 
 
-def test_unedited_shipped_profile_fails_at_submission(bad_workdir):
+def _refused_before_submission(log: str, rule: str, message: str) -> None:
+    assert "SLURM refuses these requests (sbatch --test-only); nothing was submitted" in log, log[-3000:]
+    assert re.search(rf"rule {rule} \(\d+ jobs?: [^)]*\): .*{re.escape(message)}", log), log[-3000:]
+    assert "has been submitted with SLURM jobid" not in log
+
+
+def test_unedited_shipped_profile_fails_before_submission(bad_workdir):
     """profiles/slurm as shipped, with its EDIT-ME placeholders: refused with the valid accounts named."""
-    # (the first status round would come after 40 s: Snakemake waits for it before exiting;
-    # a shorter delay given on the command line saves that time, nothing else is changed)
-    log = _fails_fast(bad_workdir, shipped_profile(), "data/demo/train.h5", "profile-shipped",
-                      "--slurm-init-seconds-before-status-checks", "2")
-    assert "The given account EDIT-ME-account appears to be invalid" in log, log[-3000:]
-    assert ACCOUNT in re.search(r"Available accounts:\n(.*)", log).group(1).replace(",", " ").split()
-    assert "Error in rule prepare" in log
+    log = _fails_fast(bad_workdir, shipped_profile(), "data/demo/train.h5", "profile-shipped")
+    _refused_before_submission(log, "prepare", "The given account EDIT-ME-account appears to be invalid")
+    assert ACCOUNT in re.search(r"Available accounts: (.*)", log).group(1).replace(",", " ").split()
+    assert "set by default-resources: slurm_account" in log
 
 
-def test_unknown_partition_fails_with_sbatch_message(bad_workdir):
+def test_unknown_partition_fails_with_the_scheduler_message(bad_workdir):
     log = _fails_fast(bad_workdir, local_profile(shipped_profile(), partition="EDIT-ME-partition"),
                       "data/demo/train.h5", "profile-bad-partition")
-    assert "SLURM sbatch failed" in log and "invalid partition specified: EDIT-ME-partition" in log, log[-3000:]
-    assert "Error in rule prepare" in log
+    _refused_before_submission(log, "prepare", "invalid partition specified: EDIT-ME-partition")
+    assert "-p EDIT-ME-partition" in log and "default-resources: slurm_account, slurm_partition" in log
 
 
-def test_gpu_job_on_a_partition_without_gpus_fails_with_sbatch_message(bad_workdir):
+def test_gpu_job_on_a_partition_without_gpus_fails_with_the_scheduler_message(prepared_workdir):
     """The profile's `gpu: 1` for the training rules, on the local partition that has no
-    GPUs: sbatch refuses the expert job at once."""
-    prepared = snakemake(bad_workdir, "data/demo/train.h5", "--workflow-profile", "none", "--cores", "1",
-                         "--configfile", "small.yaml")
-    assert prepared.returncode == 0, prepared.stderr[-3000:]
+    GPUs: refused for the expert jobs, before anything runs."""
     profile = local_profile(shipped_profile(), gpu=True)
     assert all(profile["set-resources"][rule]["gpu"] == 1 for rule in GPU_RULES)
-    log = _fails_fast(bad_workdir, profile, "experts/demo/expert_0.h5", "profile-gpu")
-    assert "--gpus=1" in log and "Invalid generic resource (gres) specification" in log, log[-3000:]
-    assert "Error in rule expert" in log
+    log = _fails_fast(prepared_workdir, profile, "experts/demo/expert_0.h5", "profile-gpu")
+    _refused_before_submission(log, "expert", "Invalid generic resource (gres) specification")
+    assert "--gpus=1" in log
+
+
+def _too_many_cpus() -> dict:
+    """The local profile with `cpus_per_task: 16` for the experts, on a node with fewer."""
+    cpus = os.cpu_count()
+    assert cpus < 16, "the test needs a node with fewer than 16 CPUs"
+    profile = local_profile(shipped_profile())
+    profile["set-resources"]["expert"]["cpus_per_task"] = 16
+    return profile
+
+
+def test_more_cpus_than_any_node_has_fails_before_submission(prepared_workdir):
+    """sbatch would accept this job and leave it PENDING (PartitionConfig) forever; the run
+    fails at once instead, naming the profile key and the node's size."""
+    log = _fails_fast(prepared_workdir, _too_many_cpus(), "experts/demo/expert_0.h5", "profile-cpus")
+    _refused_before_submission(log, "expert", "Requested node configuration is not available")
+    assert "--cpus-per-task=16" in log
+    assert (f"cpus_per_task=16 (set-resources: expert: cpus_per_task): the largest node of partition "
+            f"{PARTITION} has {os.cpu_count()} CPUs") in log, log[-3000:]
+
+
+def test_job_pending_for_a_reason_that_never_clears_is_cancelled_and_reported(prepared_workdir, monkeypatch):
+    """The same request with the pre-submission check off (TESLA_SLURM_TEST_ONLY=0): sbatch
+    accepts it, the job pends with reason PartitionConfig, and the run's watcher cancels it,
+    so that Snakemake reports it failed instead of waiting."""
+    monkeypatch.setenv("TESLA_SLURM_TEST_ONLY", "0")
+    log = _fails_fast(prepared_workdir, _too_many_cpus(), "experts/demo/expert_0.h5", "profile-cpus-watch")
+    job = next(j for j, rule in submissions(log).items() if rule == "expert")
+    assert re.search(rf"SLURM job {job}, rule expert \(demo_0\) was pending with reason PartitionConfig, "
+                     rf"which never clears by itself: .*set-resources: expert:", log), log[-3000:]
+    assert f"SLURM-job '{job}' failed, SLURM status is: 'CANCELLED" in log and "Error in rule expert" in log
+    assert sacct_when_final([job])[job]["State"].startswith("CANCELLED")
