@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
+import json
 import math
 import os
 import sys
@@ -78,9 +80,17 @@ LR_IMG_CONVENTIONS: dict[str, float] = {"gradient": 1.0, "tesla-published": 0.5}
 #: settings that may change when a run resumes from its checkpoint (all others must match)
 RESUME_TUNABLE = frozenset(
     {
-        "out", "metrics", "grid_dir", "checkpoint", "checkpoint_every", "iterations", "device",
+        "out", "metrics", "grid_dir", "checkpoint", "checkpoint_dir", "checkpoint_every", "iterations", "device",
         "progress", "lr_img", "lr_img_convention", "lr_lr", "syn_steps", "batch_syn", "engine", "label_chunk",
         "min_lr", "experts", "train", "zca", "max_lr", "max_image_growth", "max_loss", "restart", "config_key_prefix",
+    }
+)
+#: settings that do not change the synthetic set a run computes (see DistillSettings.result_settings)
+RESULT_NEUTRAL = frozenset(
+    {
+        "train", "experts", "zca", "out", "metrics", "grid_dir", "checkpoint", "checkpoint_dir", "checkpoint_every",
+        "device", "progress", "label_chunk", "compile", "max_lr", "max_image_growth", "max_loss", "restart",
+        "config_key_prefix",
     }
 )
 #: step sizes and limits whose change a resumed run reports
@@ -114,6 +124,7 @@ class DistillSettings:
     metrics: str | None = None
     grid_dir: str | None = None
     checkpoint: str | None = None
+    checkpoint_dir: str | None = None
     checkpoint_every: int = 100
     device: str = "auto"
     label_chunk: int = 256
@@ -151,6 +162,12 @@ class DistillSettings:
     @property
     def checkpoint_path(self) -> Path:
         return Path(self.checkpoint) if self.checkpoint else Path(f"{self.out}.ckpt")
+
+    def result_settings(self) -> dict[str, Any]:
+        """The settings the synthetic set depends on: all but paths, the device, progress,
+        checkpoint interval, the guard's limits and wording (they decide where and whether a
+        run goes on, not what it computes)."""
+        return {k: v for k, v in asdict(self).items() if k not in RESULT_NEUTRAL}
 
     def identity(self) -> dict[str, Any]:
         """The settings a checkpoint must share with the run that resumes it."""
@@ -226,6 +243,13 @@ def check_settings(s: DistillSettings) -> None:
     for value, key in ((s.max_image_growth, "max_image_growth"), (s.max_loss, "max_loss")):
         if not (math.isfinite(value) and value > 1):
             raise TeslaError(f"{name(key)} must be a finite number above 1 (the value at the start), got {value!r}")
+    if s.checkpoint is not None and s.checkpoint_dir is not None:
+        raise TeslaError(
+            f"--checkpoint {s.checkpoint} and --checkpoint-dir {s.checkpoint_dir}: give one (a file, or a folder in "
+            "which the run names its checkpoint by its settings and inputs)"
+        )
+    if s.checkpoint_dir is not None and Path(s.checkpoint_dir).exists() and not Path(s.checkpoint_dir).is_dir():
+        raise TeslaError(f"--checkpoint-dir {s.checkpoint_dir} is a file; give a folder (it is made if missing)")
     if Path(s.checkpoint_path).resolve() == Path(s.out).resolve():
         raise TeslaError(f"--checkpoint {s.checkpoint_path} is the --out file; give another --checkpoint path")
     if s.batch_syn is not None:
@@ -564,11 +588,11 @@ def _rerun_note(s: DistillSettings, last_saved: int | None, breach: guard.Breach
     that only acts from iteration 0 (lr_teacher)."""
     wording, ckpt = s.wording, s.checkpoint_path
     resumes = f"resumes from iteration {last_saved} ({ckpt})" if last_saved else "starts from iteration 0"
-    if wording.in_workflow:  # the workflow names a checkpoint by a digest of the distill settings
+    if wording.in_workflow:  # the checkpoint is named by a digest of the settings and inputs (--checkpoint-dir)
         return (
             f"Nothing was saved from this state. Change the setting in the config and run snakemake again: "
-            f"with changed distill settings this distillation starts afresh (the workflow names its checkpoint "
-            f"by its settings); a raised limit does not rename the checkpoint: the rerun {resumes}."
+            f"with changed distill settings this distillation starts afresh (its checkpoint is named by its "
+            f"settings and inputs); a raised limit does not rename the checkpoint: the rerun {resumes}."
         )
     if last_saved is None:
         return "Nothing was checkpointed yet: the next run starts afresh from iteration 0."
@@ -686,14 +710,37 @@ def _save_grid(setup: DistillSetup, state: DistillState, name: str) -> None:
     )
 
 
+def result_key(setup: DistillSetup) -> str:
+    """A digest of everything the synthetic set depends on: the result settings
+    (:meth:`DistillSettings.result_settings`) and the fingerprints of the inputs (the training
+    split, each expert trajectory's content, the ZCA transform). Names the checkpoint under
+    ``--checkpoint-dir``: a rerun of the same job on the same inputs resumes it, a rerun with
+    anything changed starts afresh (with another name) instead of resuming a foreign state."""
+    from tesla.zca import zca_fingerprint
+
+    s = setup.settings
+    key = {
+        "settings": s.result_settings(),
+        "train": setup.split.fingerprint,
+        "experts": [e.content_fingerprint() for e in setup.experts],
+        "zca": zca_fingerprint(setup.zca),
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=repr).encode()).hexdigest()[:16]
+
+
 def distill(settings: DistillSettings):
     """Run (or resume) a distillation; returns the final :class:`tesla.synthetic.SyntheticSet`.
 
     The inputs are checked first; then the run holds exclusive locks on ``OUT.lock`` and
     ``CHECKPOINT.lock`` (:func:`tesla.locks.acquire`) until it ends, so a second run on the
-    same output or checkpoint is refused with the first one's pid and host."""
+    same output or checkpoint is refused with the first one's pid and host. With
+    ``--checkpoint-dir`` the checkpoint is ``DIR/checkpoint-<result_key>.pt``, removed (with
+    any other ``checkpoint-*.pt`` left there by runs of other settings) once the output is
+    written."""
     setup = build_setup(settings)
     s = settings
+    if s.checkpoint_dir is not None:
+        s.checkpoint = str(Path(s.checkpoint_dir) / f"checkpoint-{result_key(setup)}.pt")
     with acquire(f"{s.out}.lock", stage="tesla distill", protects=f"--out {s.out}"), acquire(
         f"{s.checkpoint_path}.lock", stage="tesla distill", protects=f"the checkpoint {s.checkpoint_path}"
     ):
@@ -794,6 +841,9 @@ def _distill_locked(setup: DistillSetup):
         metrics_partial.unlink(missing_ok=True)
     _save_grid(setup, state, "final.png")
     final.save(s.out)
+    if s.checkpoint_dir is not None:  # the output holds the result now
+        for old in Path(s.checkpoint_dir).glob("checkpoint-*.pt"):
+            old.unlink(missing_ok=True)
     print(f"tesla distill: {_headroom(state, limits)}", file=sys.stderr)
     return final
 
@@ -842,6 +892,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     a("--metrics", default=None, help="per-iteration metrics CSV (written as METRICS.partial while running)")
     a("--grid-dir", default=None, help="directory for PNG grids of the images (checkpoints and final.png)")
     a("--checkpoint", default=None, help="checkpoint file (default: OUT.ckpt); an existing one is resumed")
+    a("--checkpoint-dir", default=None,
+      help="instead of --checkpoint: a folder in which the checkpoint is named by a digest of the settings and the "
+           "inputs' fingerprints (resumed only by the same job on the same inputs) and removed when the run ends")
     a("--checkpoint-every", type=int, default=d.checkpoint_every, help="iterations between checkpoints")
     a("--restart", action="store_true", help="discard an existing checkpoint (and its grids) and start from iteration 0")
     a("--label-chunk", type=int, default=d.label_chunk, help="images per forward pass when assigning soft labels")

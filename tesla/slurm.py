@@ -17,7 +17,7 @@ command whatever the number of jobs:
 
 Nothing here knows Snakemake: jobs are told apart by the job name the plugin gives every
 job of a run (``<prefix>_<run uuid>``), their comment (``rule_<rule>_wildcards_<...>``) and
-their working directory. The workflow calls it from workflow/rules/slurm.smk.
+their working directory. The workflow calls it through tesla/slurm_run.py (the glue with the running Snakemake).
 """
 
 from __future__ import annotations

@@ -19,6 +19,8 @@ renamed when complete.
 
 from __future__ import annotations
 
+import hashlib
+
 import json
 import os
 from dataclasses import dataclass, field
@@ -363,6 +365,20 @@ class Trajectory:
         """theta*_i as a float32 1-D tensor (i = 0: initialisation, i = e: after epoch e)."""
         theta = _decode(self._row("snapshots", i), self.storage_dtype)
         return theta if device is None else theta.to(device)
+
+    def content_fingerprint(self) -> str:
+        """SHA-256 of what this trajectory is: its attributes and recorded curves, and the
+        bytes of its first and last snapshots (two rows read, whatever the file's size). Two
+        files of the same training (same settings and data, same device) agree; a retrained
+        expert with anything changed does not. Keys the checkpoint of a distillation."""
+        h = hashlib.sha256()
+        for key in sorted(self.attrs):
+            h.update(f"{key}={self.attrs[key]!r};".encode())
+        for curve in (self.train_loss, self.train_accuracy):
+            h.update(np.ascontiguousarray(curve).tobytes())
+        for i in (0, self.num_snapshots - 1):
+            h.update(np.ascontiguousarray(self._row("snapshots", i)).tobytes())
+        return h.hexdigest()
 
     def buffers(self, i: int, device: torch.device | str | None = None) -> torch.Tensor:
         """The floating-point buffers at snapshot i (empty tensor for buffer-free models)."""

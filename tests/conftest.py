@@ -48,3 +48,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory, datasets_dir):
+    """Ten classes of the shared ImageNet sample as a class-folder tree, the same images as
+    Downsampled-ImageNet batches (16 px, devkit id order), map_clsloc.txt and meta.mat
+    (prepare_support.build_imagenet_sample); used by the downsampled and parquet tests."""
+    from prepare_support import build_imagenet_sample
+
+    src = require_dataset(datasets_dir, "imagenet-sample/train")
+    return build_imagenet_sample(src, tmp_path_factory.mktemp("downsampled"))

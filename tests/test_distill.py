@@ -195,6 +195,65 @@ def test_resume_after_kill_is_bitwise_identical(toy, tmp_path, monkeypatch):
     assert [r["loss"] for r in la] == [r["loss"] for r in lb] and len(lb) == 6
 
 
+def _killed_in_iteration(monkeypatch, n: int):
+    """Make the n-th call of the engines raise KeyboardInterrupt (a kill in iteration n)."""
+    real = distill_mod.matching_gradients
+    calls = {"n": 0}
+
+    def killed(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(distill_mod, "matching_gradients", killed)
+    return real
+
+
+def test_checkpoint_dir_names_the_checkpoint_by_the_result_settings_and_the_inputs(toy, tmp_path, monkeypatch):
+    """--checkpoint-dir: a killed run resumes only when rerun with the same result settings
+    on the same inputs (a limit or the device may change); another step size or another
+    expert trajectory starts afresh beside it; success removes every checkpoint there."""
+    root, split, experts = toy
+    folder = tmp_path / "job"
+    kw = dict(iterations=6, checkpoint_every=2, checkpoint=None, checkpoint_dir=str(folder), metrics=None, grid_dir=None)
+    real = _killed_in_iteration(monkeypatch, 6)
+    with pytest.raises(KeyboardInterrupt):
+        distill(settings(toy, tmp_path, **kw))
+    (first,) = folder.glob("checkpoint-*.pt")
+    assert torch.load(first, weights_only=False)["iteration"] == 4
+    monkeypatch.setattr(distill_mod, "matching_gradients", real)
+    # a step size is a result setting: another name, a fresh start (no foreign state resumed)
+    s = settings(toy, tmp_path, **{**kw, "iterations": 1}, lr_img=200.0)
+    distill_mod.distill(s)
+    assert Path(s.checkpoint).parent == folder and Path(s.checkpoint).name != first.name
+    assert not first.exists()  # the finished run removed every checkpoint of its folder
+    # the same settings on another expert trajectory: another key; on a copy of the same file: the same
+    real = _killed_in_iteration(monkeypatch, 4)
+    with pytest.raises(KeyboardInterrupt):
+        distill(settings(toy, tmp_path, **kw))
+    (kept,) = folder.glob("checkpoint-*.pt")
+    monkeypatch.setattr(distill_mod, "matching_gradients", real)
+    (tmp_path / "copy").mkdir()
+    (tmp_path / "retrained").mkdir()
+    copy = shutil.copy(experts[0], tmp_path / "copy" / Path(experts[0]).name)
+    retrained = make_expert(tmp_path / "retrained" / Path(experts[0]).name, split, seed=7)
+
+    def key(first_expert) -> str:
+        s = settings(toy, tmp_path, **kw, experts=[str(first_expert), str(experts[1])])
+        return distill_mod.result_key(distill_mod.build_setup(s))
+
+    assert key(experts[0]) == key(copy) == kept.name[len("checkpoint-"):-len(".pt")]
+    assert key(retrained) != key(experts[0])
+    # a changed limit (not a result setting) keeps the name: the killed run resumes
+    resumed = settings(toy, tmp_path, **kw, max_loss=50.0)
+    syn = distill(resumed)
+    assert Path(resumed.checkpoint).name == kept.name and syn.iteration == 6
+    assert not list(folder.glob("checkpoint-*.pt"))
+    with pytest.raises(TeslaError, match="give one"):
+        distill(settings(toy, tmp_path, checkpoint=str(tmp_path / "c.pt"), checkpoint_dir=str(folder)))
+
+
 def test_soft_labels_are_the_target_experts_softmax(toy, tmp_path):
     syn = distill(settings(toy, tmp_path, soft_labels=True, iterations=2, grid_dir=None))
     assert syn.soft_labels.shape == (6, CLASSES)

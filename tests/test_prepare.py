@@ -19,26 +19,10 @@ import pytest
 from PIL import Image
 
 from conftest import require_dataset
-from tesla.cli import main
+from prepare_support import jpeg, pattern, prepare
 from tesla.data import ImageSplit
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def prepare(*argv: str) -> int:
-    return main(["prepare", *[str(a) for a in argv], "--quiet"])
-
-
-def jpeg(path: Path, img: Image.Image, fmt: str = "JPEG", **kw) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path, format=fmt, **kw)
-    return path
-
-
-def pattern(seed: int, w: int = 48, h: int = 40) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    base = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
-    return Image.fromarray(base).resize((w, h), Image.Resampling.BILINEAR)
 
 
 def make_tar(tar_path: Path, folder: Path, arc_root: str = "") -> Path:

@@ -3,104 +3,15 @@ class ids with and without a mapping, identity with the raw source, bad input.""
 
 from __future__ import annotations
 
-import pickle
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
-from conftest import require_dataset
-from tesla.cli import main
+from prepare_support import prepare, write_pickle
 from tesla.data import ImageSplit
 from tesla.data.imaging import resize_array
 from tesla.data.sources.downsampled import is_downsampled_input
-
-NUM_CLASSES = 10
-
-
-def prepare(*argv) -> int:
-    return main(["prepare", *[str(a) for a in argv], "--quiet"])
-
-
-def box(path: Path, size: int) -> np.ndarray:
-    """A plain Pillow box resize of the fully decoded image (the Downsampled-ImageNet rule)."""
-    return np.asarray(Image.open(path).convert("RGB").resize((size, size), Image.Resampling.BOX))
-
-
-def planar(pixels: np.ndarray) -> np.ndarray:
-    """N x S x S x 3 -> N x 3 S S channel-planar rows (all red, then green, then blue)."""
-    return pixels.transpose(0, 3, 1, 2).reshape(len(pixels), -1)
-
-
-def write_pickle(path: Path, data: np.ndarray, labels, mean: bool = True) -> None:
-    obj = {"data": data, "labels": [int(v) for v in labels]}
-    if mean:
-        obj["mean"] = data.mean(axis=0)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as f:
-        pickle.dump(obj, f)
-
-
-def interleaved(per_class: list[list], rng: np.random.Generator) -> list:
-    """Rows in rounds (image k of every class, classes shuffled within a round): the order
-    within each class is kept, classes are mixed."""
-    rows = []
-    for k in range(max(len(v) for v in per_class)):
-        for c in rng.permutation(len(per_class)):
-            if k < len(per_class[c]):
-                rows.append(per_class[c][k])
-    return rows
-
-
-@pytest.fixture(scope="module")
-def sample(tmp_path_factory, datasets_dir):
-    """NUM_CLASSES classes of the shared ImageNet sample as a class-folder tree (train: the
-    sample JPEG and a mirrored re-encode, val: a rotated re-encode), the same images as
-    Downsampled-ImageNet batches at 16 px in devkit id order, map_clsloc.txt and meta.mat."""
-    src = require_dataset(datasets_dir, "imagenet-sample/train")
-    root = tmp_path_factory.mktemp("downsampled")
-    wnids = sorted(p.name for p in src.iterdir())[:NUM_CLASSES]
-    rng = np.random.default_rng(5)
-    devkit = {w: int(i) + 1 for w, i in zip(wnids, rng.choice(1000, NUM_CLASSES, replace=False))}
-    train, val = [], []
-    for w in wnids:
-        f = next((src / w).iterdir())
-        (root / "tree/train" / w).mkdir(parents=True)
-        (root / "tree/val" / w).mkdir(parents=True)
-        shutil.copy(f, root / "tree/train" / w / f.name)
-        img = Image.open(f).convert("RGB")
-        img.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(root / "tree/train" / w / f"{w}_zz.JPEG", quality=90)
-        img.rotate(90, expand=True).save(root / "tree/val" / w / f"{w}_val.JPEG", quality=85)
-        train.append([(p, devkit[w]) for p in sorted((root / "tree/train" / w).iterdir())])
-        val.append([(next((root / "tree/val" / w).iterdir()), devkit[w])])
-    size = 16
-    rows = interleaved(train, rng)
-    data = planar(np.stack([box(p, size) for p, _ in rows]))
-    labels = np.array([d for _, d in rows])
-    half = len(rows) // 2  # two batches: images of one class in both, in order
-    write_pickle(root / "pickle/train_data_batch_1", data[:half], labels[:half])
-    write_pickle(root / "pickle/train_data_batch_2", data[half:], labels[half:])
-    vrows = interleaved(val, rng)
-    vdata, vlabels = planar(np.stack([box(p, size) for p, _ in vrows])), np.array([d for _, d in vrows])
-    write_pickle(root / "pickle/val_data", vdata, vlabels, mean=False)
-    (root / "npz/Imagenet16_train_npz").mkdir(parents=True)
-    (root / "npz/Imagenet16_val_npz").mkdir(parents=True)
-    np.savez(root / "npz/Imagenet16_train_npz/train_data_batch_1.npz", data=data[:half], labels=labels[:half], mean=data.mean(0))
-    np.savez(root / "npz/Imagenet16_train_npz/train_data_batch_2.npz", data=data[half:], labels=labels[half:], mean=data.mean(0))
-    np.savez(root / "npz/Imagenet16_val_npz/val_data.npz", data=vdata, labels=vlabels)
-    # map_clsloc.txt: 'wnid id name' in devkit id order (not sorted wnids)
-    lines = sorted((devkit[w], f"{w} {devkit[w]} name_of_{w}") for w in wnids)
-    (root / "map_clsloc.txt").write_text("".join(line + "\n" for _, line in lines))
-    from scipy.io import savemat
-
-    syn = np.zeros(NUM_CLASSES + 1, dtype=[("ILSVRC2012_ID", "O"), ("WNID", "O"), ("words", "O"), ("num_children", "O")])
-    for i, w in enumerate(wnids):
-        syn[i] = (devkit[w], w, f"name_of_{w}", 0)
-    syn[NUM_CLASSES] = (1001, "n00000001", "an inner node", 3)  # not a leaf class: ignored
-    savemat(root / "meta.mat", {"synsets": syn})
-    return dict(root=root, wnids=wnids, devkit=devkit, size=size)
 
 
 def test_downsampled_batches_equal_the_raw_source(sample, tmp_path, capsys):

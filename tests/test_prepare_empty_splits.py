@@ -13,10 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from test_prepare import jpeg, pattern, prepare
-from test_prepare_downsampled import write_pickle
-from test_prepare_parquet import write_shard
-from test_prepare_sources import write_cifar10, write_idx_set
+from prepare_support import jpeg, pattern, prepare, write_cifar10, write_idx_set, write_pickle, write_shard
 
 EMPTY_TEST = re.compile(
     r": the test split has no images( \([^)]*\))?; nothing was written: give a test split that holds images \(or, with a "

@@ -3,31 +3,13 @@ class-folder tree of the same images; undecodable rows, --strict and missing col
 
 from __future__ import annotations
 
-import json
 import re
-from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
-from test_prepare_downsampled import interleaved, prepare, sample  # noqa: F401 - the shared fixture
+from prepare_support import interleaved, prepare, write_shard
 from tesla.data import ImageSplit
-
-
-def write_shard(path: Path, rows: list[tuple[bytes, str, int]], layout: str, names: list[str] | None, row_group_size: int = 3) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    labels = pa.array([r[2] for r in rows], pa.int64())
-    if layout == "struct":  # Hugging Face `datasets` Image feature: {bytes, path}
-        image = pa.array([{"bytes": r[0], "path": r[1]} for r in rows], pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
-        table = pa.table({"image": image, "label": labels})
-    else:
-        table = pa.table({"img": pa.array([r[0] for r in rows], pa.binary()), "y": labels})
-    if names is not None:
-        meta = {"info": {"features": {"image": {"_type": "Image"}, "label": {"names": names, "_type": "ClassLabel"}}}}
-        table = table.replace_schema_metadata({b"huggingface": json.dumps(meta).encode()})
-    pq.write_table(table, path, row_group_size=row_group_size)
 
 
 @pytest.fixture(scope="module")

@@ -7,21 +7,16 @@ import pickle
 import tarfile
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tesla.cli import main
+from prepare_support import cifar_batch, idx_bytes, prepare, write_cifar10, write_idx_set
 from tesla.data import ImageSplit
 from tesla.data.sources import SourceOptions, plan_source
 from tesla.data.sources.demo import demo_digits
 from tesla.data.sources.tree import read_labels, read_synsets
 from tesla.errors import TeslaError
-
-
-def prepare(*argv: str) -> int:
-    return main(["prepare", *argv, "--quiet"])
 
 
 # -- demo -------------------------------------------------------------------------------
@@ -50,30 +45,6 @@ def test_demo_source_is_a_fixed_stratified_split_of_all_digits(tmp_path, capsys)
 
 
 # -- MNIST idx ---------------------------------------------------------------------------
-
-
-def idx_bytes(array: np.ndarray, magic: int) -> bytes:
-    header = magic.to_bytes(4, "big") + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-    return header + array.astype(np.uint8).tobytes()
-
-
-def write_idx_set(folder: Path, n_train=30, n_test=10, gz=True, seed=0):
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    data = {}
-    for prefix, n in (("train", n_train), ("t10k", n_test)):
-        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
-        labels = np.arange(n) % 10
-        rng.shuffle(labels)
-        for kind, arr, magic in (("images-idx3", images, 2051), ("labels-idx1", labels, 2049)):
-            raw = idx_bytes(arr, magic)
-            name = f"{prefix}-{kind}-ubyte"
-            if gz:
-                (folder / f"{name}.gz").write_bytes(gzip.compress(raw))
-            else:
-                (folder / name).write_bytes(raw)
-        data[prefix] = (images, labels)
-    return data
 
 
 @pytest.mark.parametrize("gz", [True, False])
@@ -124,31 +95,6 @@ def test_idx_errors_name_the_file(tmp_path):
 
 
 # -- CIFAR pickles -------------------------------------------------------------------------
-
-
-def cifar_batch(n: int, num_classes: int, labels_key: bytes, seed: int) -> tuple[dict, np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    hwc = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
-    labels = rng.integers(0, num_classes, n)
-    labels[:num_classes] = np.arange(num_classes)  # every class present
-    data = hwc.transpose(0, 3, 1, 2).reshape(n, 3072)  # official channel-planar rows
-    return {b"batch_label": b"x", labels_key: labels.tolist(), b"data": data}, hwc, labels
-
-
-def write_cifar10(folder: Path, per_batch=12) -> tuple[np.ndarray, np.ndarray]:
-    d = folder / "cifar-10-batches-py"
-    d.mkdir(parents=True)
-    names = [n.encode() for n in ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")]
-    (d / "batches.meta").write_bytes(pickle.dumps({b"label_names": names, b"num_vis": 3072}))
-    all_x, all_y = [], []
-    for i in range(1, 6):
-        batch, x, y = cifar_batch(per_batch, 10, b"labels", i)
-        (d / f"data_batch_{i}").write_bytes(pickle.dumps(batch))
-        all_x.append(x)
-        all_y.append(y)
-    batch, _, _ = cifar_batch(10, 10, b"labels", 99)
-    (d / "test_batch").write_bytes(pickle.dumps(batch))
-    return np.concatenate(all_x), np.concatenate(all_y)
 
 
 def test_cifar10_pickles_folder_and_tar_gz_give_the_same_split(tmp_path):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from test_prepare import jpeg, pattern, prepare
+from prepare_support import jpeg, pattern, prepare
 from tesla.data import ImageSplit
 from tesla.data.sources import tarscan
 from tesla.data.sources.tarscan import ABSOLUTE_PATH, PARENT_PATH, _tarfile_members, member_path, tar_members

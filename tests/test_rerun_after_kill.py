@@ -25,11 +25,11 @@ from pathlib import Path
 
 import pytest
 
-from test_workflow import SNAKEMAKE, install_fake_tesla, make_workdir, snakemake
+from workflow_support import SNAKEMAKE, install_fake_tesla, make_workdir, snakemake
 
 pytestmark = pytest.mark.skipif(SNAKEMAKE is None, reason="snakemake is not installed in this environment")
 
-TARGET = "distill/demo_ipc1/synthetic.h5"
+TARGET = "results/demo_ipc1/exact/synthetic.h5"
 
 #: `tesla` first on PATH: `tesla distill` writes its pid to $HANG_PIDFILE (when set) and
 #: sleeps; everything else is the fake tesla

@@ -49,7 +49,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from test_workflow import ROOT, SNAKEMAKE, make_workdir, snakemake
+from workflow_support import ROOT, SNAKEMAKE, make_workdir, snakemake
 
 SETUP_SCRIPT = ROOT / ".ci" / "setup_slurm.sh"
 SHIPPED_PROFILE = ROOT / "profiles" / "slurm" / "config.yaml"
@@ -240,10 +240,10 @@ def demo(cluster, tmp_path_factory):
     # ---- run A, in the background: cancel the distillation after its first checkpoint
     log_a = workdir / "run_a.log"
     start = time.monotonic()
-    proc = start_slurm(workdir, profile, log_a, *common, "distill/demo_ipc1/synthetic.h5")
+    proc = start_slurm(workdir, profile, log_a, *common, "results/demo_ipc1/exact/synthetic.h5")
     hung = False
     try:
-        cancelled = distill_job_with_checkpoint(proc, log_a, workdir / "distill" / "demo_ipc1")
+        cancelled = distill_job_with_checkpoint(proc, log_a, workdir / "results" / "demo_ipc1" / "exact")
         if cancelled is not None:
             subprocess.run(["scancel", cancelled], check=True, timeout=30)
         try:  # Snakemake must notice the cancellation within a few status rounds
@@ -261,7 +261,7 @@ def demo(cluster, tmp_path_factory):
     seconds_a = time.monotonic() - start
     text_a = log_a.read_text()
     assert cancelled is not None, "the distillation never wrote a checkpoint while running:\n" + text_a[-5000:]
-    ipc1 = workdir / "distill" / "demo_ipc1"
+    ipc1 = workdir / "results" / "demo_ipc1" / "exact"
     after_a = {"synthetic": (ipc1 / "synthetic.h5").exists(), "checkpoints": len(list(ipc1.glob("checkpoint-*.pt")))}
 
     # ---- run B: the rerun, up to acc.csv
@@ -316,11 +316,11 @@ def test_cancelled_job_is_reported_as_failed(demo):
 def test_rerun_resumes_from_the_checkpoint_and_completes(demo):
     log, workdir = demo["run_b"], demo["workdir"]
     assert demo["rc_b"] == 0, log[-6000:]
-    stage_log = (workdir / "logs" / "distill" / "demo_ipc1.log").read_text()
+    stage_log = (workdir / "results" / "logs" / "distill" / "demo_ipc1_exact.log").read_text()
     resumed = re.search(r"resuming from \S+checkpoint-\w+\.pt at iteration (\d+)", stage_log)
     assert resumed and int(resumed.group(1)) >= 5, stage_log[-3000:]
-    assert (workdir / "distill" / "demo_ipc1" / "synthetic.h5").exists()
-    assert not list((workdir / "distill" / "demo_ipc1").glob("checkpoint-*.pt"))
+    assert (workdir / "results" / "demo_ipc1" / "exact" / "synthetic.h5").exists()
+    assert not list((workdir / "results" / "demo_ipc1" / "exact").glob("checkpoint-*.pt"))
 
 
 @pytest.mark.parametrize("run", ["run_a", "run_b"])
@@ -383,11 +383,11 @@ def killed(demo):
     `scancel`, the same command."""
     workdir = demo["workdir"]
     profile = workdir / "profile-local"
-    command = ["--configfile", "small.yaml", "--retries", "0", "distill/demo_ipc3/synthetic.h5"]
+    command = ["--configfile", "small.yaml", "--retries", "0", "results/demo_ipc3/exact/synthetic.h5"]
     log_k = workdir / "run_k.log"
     proc = start_slurm(workdir, profile, log_k, *command)
     try:
-        job = distill_job_with_checkpoint(proc, log_k, workdir / "distill" / "demo_ipc3")
+        job = distill_job_with_checkpoint(proc, log_k, workdir / "results" / "demo_ipc3" / "exact")
         proc.kill()  # SIGKILL: no clean-up, as after a power cut of the login node
     finally:
         if proc.poll() is None:
@@ -442,10 +442,10 @@ def test_after_scancel_the_same_command_resumes_and_redoes_nothing_else(killed):
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-6000:]
     assert job_counts(log) == {"distill": 1}  # data and experts are reused
-    stage_log = (workdir / "logs" / "distill" / "demo_ipc3.log").read_text()
+    stage_log = (workdir / "results" / "logs" / "distill" / "demo_ipc3_exact.log").read_text()
     resumed = re.search(r"resuming from \S+checkpoint-\w+\.pt at iteration (\d+)", stage_log)
     assert resumed and int(resumed.group(1)) >= 5, stage_log[-3000:]
-    assert (workdir / "distill" / "demo_ipc3" / "synthetic.h5").exists()
+    assert (workdir / "results" / "demo_ipc3" / "exact" / "synthetic.h5").exists()
     assert sacct_when_final([killed["job"]])[killed["job"]]["State"].startswith("CANCELLED")
 
 
@@ -454,7 +454,7 @@ def prepared_workdir(cluster, tmp_path_factory):
     """A workdir whose data is prepared (locally): the expert jobs come first."""
     workdir = make_workdir(tmp_path_factory.mktemp("wf-slurm-prepared"))
     (workdir / "small.yaml").write_text(yaml.safe_dump(SMALL_DEMO, sort_keys=False))
-    prepared = snakemake(workdir, "data/demo/train.h5", "--workflow-profile", "none", "--cores", "1",
+    prepared = snakemake(workdir, "resources/demo/train.h5", "--workflow-profile", "none", "--cores", "1",
                          "--configfile", "small.yaml")
     assert prepared.returncode == 0, prepared.stderr[-3000:]
     yield workdir
@@ -467,7 +467,7 @@ def test_ctrl_c_cancels_the_jobs_and_leaves_no_lock(prepared_workdir):
     workdir = prepared_workdir
     profile = write_profile(workdir / "profile-local", local_profile(shipped_profile()))
     log_c = workdir / "run_c.log"
-    proc = start_slurm(workdir, profile, log_c, "experts/demo/expert_0.h5", "--configfile", "small.yaml",
+    proc = start_slurm(workdir, profile, log_c, "results/demo/experts/split/expert_0.h5", "--configfile", "small.yaml",
                        new_session=True)
     try:
         deadline = time.monotonic() + 180
@@ -527,7 +527,7 @@ def _refused_before_submission(log: str, rule: str, message: str) -> None:
 
 def test_unedited_shipped_profile_fails_before_submission(bad_workdir):
     """profiles/slurm as shipped, with its EDIT-ME placeholders: refused with the valid accounts named."""
-    log = _fails_fast(bad_workdir, shipped_profile(), "data/demo/train.h5", "profile-shipped")
+    log = _fails_fast(bad_workdir, shipped_profile(), "resources/demo/train.h5", "profile-shipped")
     _refused_before_submission(log, "prepare", "The given account EDIT-ME-account appears to be invalid")
     assert ACCOUNT in re.search(r"Available accounts: (.*)", log).group(1).replace(",", " ").split()
     assert "set by default-resources: slurm_account" in log
@@ -535,7 +535,7 @@ def test_unedited_shipped_profile_fails_before_submission(bad_workdir):
 
 def test_unknown_partition_fails_with_the_scheduler_message(bad_workdir):
     log = _fails_fast(bad_workdir, local_profile(shipped_profile(), partition="EDIT-ME-partition"),
-                      "data/demo/train.h5", "profile-bad-partition")
+                      "resources/demo/train.h5", "profile-bad-partition")
     _refused_before_submission(log, "prepare", "invalid partition specified: EDIT-ME-partition")
     assert "-p EDIT-ME-partition" in log and "default-resources: slurm_account, slurm_partition" in log
 
@@ -545,7 +545,7 @@ def test_gpu_job_on_a_partition_without_gpus_fails_with_the_scheduler_message(pr
     GPUs: refused for the expert jobs, before anything runs."""
     profile = local_profile(shipped_profile(), gpu=True)
     assert all(profile["set-resources"][rule]["gpu"] == 1 for rule in GPU_RULES)
-    log = _fails_fast(prepared_workdir, profile, "experts/demo/expert_0.h5", "profile-gpu")
+    log = _fails_fast(prepared_workdir, profile, "results/demo/experts/split/expert_0.h5", "profile-gpu")
     _refused_before_submission(log, "expert", "Invalid generic resource (gres) specification")
     assert "--gpus=1" in log
 
@@ -562,7 +562,7 @@ def _too_many_cpus() -> dict:
 def test_more_cpus_than_any_node_has_fails_before_submission(prepared_workdir):
     """sbatch would accept this job and leave it PENDING (PartitionConfig) forever; the run
     fails at once instead, naming the profile key and the node's size."""
-    log = _fails_fast(prepared_workdir, _too_many_cpus(), "experts/demo/expert_0.h5", "profile-cpus")
+    log = _fails_fast(prepared_workdir, _too_many_cpus(), "results/demo/experts/split/expert_0.h5", "profile-cpus")
     _refused_before_submission(log, "expert", "Requested node configuration is not available")
     assert "--cpus-per-task=16" in log
     assert (f"cpus_per_task=16 (set-resources: expert: cpus_per_task): the largest node of partition "
@@ -574,7 +574,7 @@ def test_job_pending_for_a_reason_that_never_clears_is_cancelled_and_reported(pr
     accepts it, the job pends with reason PartitionConfig, and the run's watcher cancels it,
     so that Snakemake reports it failed instead of waiting."""
     monkeypatch.setenv("TESLA_SLURM_TEST_ONLY", "0")
-    log = _fails_fast(prepared_workdir, _too_many_cpus(), "experts/demo/expert_0.h5", "profile-cpus-watch")
+    log = _fails_fast(prepared_workdir, _too_many_cpus(), "results/demo/experts/split/expert_0.h5", "profile-cpus-watch")
     job = next(j for j, rule in submissions(log).items() if rule == "expert")
     assert re.search(rf"SLURM job {job}, rule expert \(demo_0\) was pending with reason PartitionConfig, "
                      rf"which never clears by itself: .*set-resources: expert:", log), log[-3000:]

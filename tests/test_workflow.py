@@ -1,6 +1,6 @@
 """The Snakemake workflow: config validation, the early raw-data check, rerun rules.
 
-Every test works on a copy of workflow/, config/ and envs/ in a temporary folder and runs
+Every test works on a copy of workflow/ and config/ in a temporary folder and runs
 the real ``snakemake`` of this environment. Rerun rules need the metadata that Snakemake
 records only for jobs it executes, so the workflow is executed once (module fixture) with
 a stand-in ``tesla`` command first on PATH that writes each output a stage would write
@@ -14,129 +14,22 @@ Time budget: about 30 s on 2 cores.
 from __future__ import annotations
 
 import copy
-import os
-import re
-import shutil
-import stat
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import yaml
-
-ROOT = Path(__file__).resolve().parents[1]
-SNAKEMAKE = shutil.which("snakemake", path=str(Path(sys.executable).parent)) or shutil.which("snakemake")
-
-pytestmark = pytest.mark.skipif(SNAKEMAKE is None, reason="snakemake is not installed in this environment")
-
-#: a stand-in for the `tesla` command: writes the files each stage's options name
-FAKE_TESLA = textwrap.dedent(
-    """\
-    #!{python}
-    import sys
-    from pathlib import Path
-
-    argv = sys.argv[1:]
-    command = argv[0]
-
-    def values(flag):
-        out = []
-        for i, a in enumerate(argv):
-            if a == flag:
-                for b in argv[i + 1:]:
-                    if b.startswith("--"):
-                        break
-                    out.append(b)
-        return out
-
-    def write(path):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(" ".join(argv) + "\\n")
-
-    if command == "prepare":
-        d = values("--out-dir")[0]
-        for name in ("train.h5", "test.h5", "prepare_report.txt"):
-            write(f"{{d}}/{{name}}")
-    for flag in ("--out", "--metrics", "--curves", "--grid"):
-        for path in values(flag):
-            write(path)
-    for d in values("--grid-dir"):
-        write(f"{{d}}/final.png")
-    print("fake tesla", *argv)
-    """
+from workflow_support import (
+    SNAKEMAKE,
+    dry_run,
+    install_fake_tesla,
+    load_config,
+    make_workdir,
+    planned_jobs,
+    snakemake,
+    write_config,
 )
 
-
-# --------------------------------------------------------------------------------------
-# helpers
-# --------------------------------------------------------------------------------------
-def make_workdir(dest: Path) -> Path:
-    """A copy of the workflow, its config and its conda env file."""
-    dest.mkdir(parents=True, exist_ok=True)
-    for name in ("workflow", "config", "envs"):
-        shutil.copytree(ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__", ".snakemake"))
-    return dest
-
-
-def install_fake_tesla(folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    script = folder / "tesla"
-    script.write_text(FAKE_TESLA.format(python=sys.executable))
-    script.chmod(script.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
-    return folder
-
-
-def snakemake(workdir: Path, *args: str, path_prefix: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    env["PATH"] = os.pathsep.join(
-        ([str(path_prefix)] if path_prefix else []) + [str(Path(sys.executable).parent), env.get("PATH", "")]
-    )
-    env.pop("SNAKEMAKE_PROFILE", None)
-    return subprocess.run(
-        [SNAKEMAKE, *args],
-        cwd=workdir,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def load_config(workdir: Path) -> dict:
-    return yaml.safe_load((workdir / "config" / "config.yaml").read_text())
-
-
-def write_config(workdir: Path, cfg: dict, name: str = "config/config.yaml") -> Path:
-    path = workdir / name
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return path
-
-
-_JOB = re.compile(r"^rule (\w+):\n((?:[ \t]+.*\n)+)", re.MULTILINE)
-
-
-def planned_jobs(output: str) -> dict[str, set[str]]:
-    """rule -> output files of the jobs a dry run lists (rule 'all' left out)."""
-    jobs: dict[str, set[str]] = {}
-    for rule, body in _JOB.findall(output):
-        if rule == "all":
-            continue
-        outputs = re.search(r"^\s+output: (.*)$", body, re.MULTILINE)
-        files = set(outputs.group(1).split(", ")) if outputs else set()
-        jobs.setdefault(rule, set()).update(files)
-    return jobs
-
-
-def dry_run(workdir: Path, cfg: dict | None = None, *targets: str) -> dict[str, set[str]]:
-    args = [*targets, "--dry-run", "--cores", "1"]
-    if cfg is not None:
-        write_config(workdir, cfg, "edited.yaml")
-        args += ["--configfile", "edited.yaml"]
-    result = snakemake(workdir, *args)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return planned_jobs(result.stdout + result.stderr)
+pytestmark = pytest.mark.skipif(SNAKEMAKE is None, reason="snakemake is not installed in this environment")
 
 
 # --------------------------------------------------------------------------------------
@@ -154,10 +47,22 @@ SCHEMA_BREAKAGES = {
     "missing source": ["config key datasets.mnist: 'source' is a required property"],
     "bad batch_syn": ["config key datasets.demo.distill.1.batch_syn"],
 }
-#: problems between keys, found after the schema passes
+#: problems between keys, and names only the package's registries know, found after the
+#: schema passes (each names its key and the valid names)
 CROSS_BREAKAGES = {
     "unknown default dataset": ["config key default_datasets: 'cifar11' is not a configured dataset"],
     "snapshots too few": ["config key datasets.demo.distill.1", "datasets.demo.experts.keep_snapshots is 3"],
+}
+NAME_BREAKAGES = {
+    "misspelt model": ["config key datasets.demo.model: unknown network 'convnet_dd1'", "convnet_d1, "],
+    "misspelt architecture": ["config key datasets.demo.evaluate.architectures[1]: unknown network 'resnet99'",
+                              "resnet18"],
+    "architecture too big for 8 px": ["config key datasets.demo.evaluate.architectures[0]: convnet_d5 cannot take 8x8"],
+    "misspelt augmentation": ["config key datasets.demo.experts.dsa:", "'rotat'", "rotate"],
+    "misspelt engine": ["config key datasets.demo.distill.3.engine: unknown engine 'exakt'", "exact, tesla, unroll"],
+    "misspelt normalisation": ["config key datasets.demo.normalize: unknown normalisation 'cifar'", "cifar10"],
+    "misspelt convention": ["config key datasets.demo.distill.1.lr_img_convention: unknown convention 'tesla'",
+                            "tesla-published"],
 }
 
 
@@ -185,6 +90,20 @@ def _break(cfg: dict, edits) -> dict:
             cfg["default_datasets"] = ["demo", "cifar11"]
         elif edit == "snapshots too few":
             demo["experts"]["keep_snapshots"] = 3
+        elif edit == "misspelt model":
+            demo["model"] = "convnet_dd1"
+        elif edit == "misspelt architecture":
+            demo["evaluate"]["architectures"] = ["convnet_d1", "resnet99"]
+        elif edit == "architecture too big for 8 px":
+            demo["evaluate"]["architectures"] = ["convnet_d5", "resnet99"]
+        elif edit == "misspelt augmentation":
+            demo["experts"]["dsa"] = "color_crop_rotat"
+        elif edit == "misspelt engine":
+            demo["distill"][3]["engine"] = ["exact", "exakt"]
+        elif edit == "misspelt normalisation":
+            demo["normalize"] = "cifar"
+        elif edit == "misspelt convention":
+            demo["distill"][1]["lr_img_convention"] = "tesla"
         else:  # pragma: no cover
             raise ValueError(edit)
     return cfg
@@ -203,17 +122,21 @@ def test_shipped_config_is_valid_and_the_default_target_is_the_demo(plain_workdi
     assert len(ipcs) >= 2
     archs = demo["evaluate"]["architectures"]
     assert len(archs) >= 2
-    assert jobs["prepare"] == {"data/demo/train.h5", "data/demo/test.h5", "data/demo/prepare_report.txt"}
-    assert len(jobs["expert"]) == demo["experts"]["count"]
+    assert jobs["prepare"] == {"resources/demo/train.h5", "resources/demo/test.h5", "resources/demo/prepare_report.txt"}
+    assert jobs["expert"] == {f"results/demo/experts/split/expert_{k}.h5" for k in range(demo["experts"]["count"])}
     assert {f"results/demo_ipc{i}/acc.csv" for i in ipcs} == jobs["results"]
-    assert {f"eval/demo_ipc{i}/tesla_{a}.csv" for i in ipcs for a in archs} == jobs["evaluate_synthetic"]
-    assert {f"eval/demo_ipc{i}/random_{a}.csv" for i in ipcs for a in archs} == jobs["evaluate_random"]
-    assert {f"results/demo_ipc{i}/{f}" for i in ipcs for f in ("curves.png", "grid.png")} == jobs["report"]
+    assert {f"results/demo_ipc{i}/eval/exact_{a}.csv" for i in ipcs for a in archs} == jobs["evaluate_synthetic"]
+    assert {f"results/demo_ipc{i}/eval/random_{a}.csv" for i in ipcs for a in archs} == jobs["evaluate_random"]
+    assert {f"results/demo_ipc{i}/exact/{f}" for i in ipcs for f in ("curves.png", "grid.png")} == jobs["report"]
+    # everything a run makes is under resources/ (prepared inputs) and results/
+    assert all(f.startswith(("resources/demo/", "results/demo")) for files in jobs.values() for f in files)
     # no other dataset is touched by the default target
     assert all("demo" in f for files in jobs.values() for f in files)
 
 
-@pytest.mark.parametrize("breakages", [SCHEMA_BREAKAGES, CROSS_BREAKAGES], ids=["schema", "cross-key"])
+@pytest.mark.parametrize(
+    "breakages", [SCHEMA_BREAKAGES, CROSS_BREAKAGES, NAME_BREAKAGES], ids=["schema", "cross-key", "registry names"]
+)
 def test_broken_config_is_refused_naming_every_key(plain_workdir, breakages):
     cfg = _break(load_config(plain_workdir), breakages)
     write_config(plain_workdir, cfg, "broken.yaml")
@@ -227,7 +150,7 @@ def test_broken_config_is_refused_naming_every_key(plain_workdir, breakages):
     for edit, needles in breakages.items():
         for needle in needles:
             assert needle in text, f"{edit}: {needle!r} not in:\n{text}"
-    assert not (plain_workdir / "logs").exists()
+    assert not (plain_workdir / "results").exists()
 
 
 # --------------------------------------------------------------------------------------
@@ -240,8 +163,8 @@ def test_missing_imagenet_path_fails_at_once_naming_the_key(plain_workdir):
     assert "datasets.in1k.input is not set" in text
     assert "ILSVRC2012_img_train.tar" in text and "<wnid>/*.JPEG" in text  # the accepted layouts
     assert "--configfile" in text  # how to set it
-    assert not (plain_workdir / "data" / "in1k").exists()
-    assert not (plain_workdir / "logs").exists()  # no job started
+    assert not (plain_workdir / "resources" / "in1k").exists()
+    assert not (plain_workdir / "results").exists()  # no job started
 
 
 def test_wrong_imagenet_path_fails_at_once_naming_the_key(plain_workdir, tmp_path):
@@ -251,7 +174,7 @@ def test_wrong_imagenet_path_fails_at_once_naming_the_key(plain_workdir, tmp_pat
     text = result.stdout + result.stderr
     assert result.returncode != 0
     assert "datasets.in1k.input" in text and "does not exist" in text
-    assert not (plain_workdir / "logs").exists()
+    assert not (plain_workdir / "results").exists()
 
 
 def test_unset_paths_of_datasets_not_requested_do_not_matter(plain_workdir):
@@ -306,10 +229,9 @@ def test_one_ipc_distill_setting_reruns_that_distillation_and_its_evaluations(ex
 
     jobs = dry_run(workdir, _edited(workdir, change))
     assert set(jobs) == {"distill", "evaluate_synthetic", "results", "report"}
-    assert jobs["distill"] == {
-        f"distill/demo_ipc{ipc}/synthetic.h5", f"distill/demo_ipc{ipc}/metrics.csv", f"distill/demo_ipc{ipc}/grids"
-    }
-    assert jobs["evaluate_synthetic"] == {f"eval/demo_ipc{ipc}/tesla_{a}.csv" for a in archs}
+    run = f"results/demo_ipc{ipc}"
+    assert jobs["distill"] == {f"{run}/exact/synthetic.h5", f"{run}/exact/metrics.csv", f"{run}/exact/grids"}
+    assert jobs["evaluate_synthetic"] == {f"{run}/eval/exact_{a}.csv" for a in archs}
     assert jobs["results"] == {f"results/demo_ipc{ipc}/acc.csv"}
 
 
@@ -335,12 +257,12 @@ def test_adding_an_architecture_runs_only_its_evaluations(executed):
     ipcs = sorted(cfg["datasets"]["demo"]["distill"])
 
     def change(c):
-        c["datasets"]["demo"]["evaluate"]["architectures"].append("vgg11")
+        c["datasets"]["demo"]["evaluate"]["architectures"].append("vgg11_bn")  # (vgg11 cannot take 8 px)
 
     jobs = dry_run(workdir, _edited(workdir, change))
     assert set(jobs) == {"evaluate_synthetic", "evaluate_random", "results"}
-    assert jobs["evaluate_synthetic"] == {f"eval/demo_ipc{i}/tesla_vgg11.csv" for i in ipcs}
-    assert jobs["evaluate_random"] == {f"eval/demo_ipc{i}/random_vgg11.csv" for i in ipcs}
+    assert jobs["evaluate_synthetic"] == {f"results/demo_ipc{i}/eval/exact_vgg11_bn.csv" for i in ipcs}
+    assert jobs["evaluate_random"] == {f"results/demo_ipc{i}/eval/random_vgg11_bn.csv" for i in ipcs}
 
 
 def test_adding_an_expert_trains_only_it_and_redoes_what_uses_the_pool(executed):
@@ -351,7 +273,7 @@ def test_adding_an_expert_trains_only_it_and_redoes_what_uses_the_pool(executed)
         c["datasets"]["demo"]["experts"]["count"] = count + 1
 
     jobs = dry_run(workdir, _edited(workdir, change))
-    assert jobs["expert"] == {f"experts/demo/expert_{count}.h5"}
+    assert jobs["expert"] == {f"results/demo/experts/split/expert_{count}.h5"}
     assert "prepare" not in jobs and "evaluate_random" not in jobs
 
 
@@ -385,17 +307,18 @@ def test_summary_names_the_changed_params(executed):
     write_config(workdir, cfg, "edited.yaml")
     result = snakemake(workdir, "--summary", "--cores", "1", "--configfile", "edited.yaml")
     assert result.returncode == 0, result.stderr
-    lines = [line for line in result.stdout.splitlines() if line.startswith(f"distill/demo_ipc{ipc}/synthetic.h5")]
+    lines = [line for line in result.stdout.splitlines() if line.startswith(f"results/demo_ipc{ipc}/exact/synthetic.h5")]
     assert lines and "params" in lines[0], result.stdout
-    others = [line for line in result.stdout.splitlines() if line.startswith("experts/demo/expert_0.h5")]
+    others = [line for line in result.stdout.splitlines() if line.startswith("results/demo/experts/split/expert_0.h5")]
     assert others and "ok" in others[0], result.stdout
 
 
 def test_distill_advice_speaks_in_config_keys_and_guard_limits_rerun_nothing(executed):
     workdir, _ = executed
     # the stand-in tesla wrote its command line into the output
-    command = (workdir / "distill" / "demo_ipc1" / "synthetic.h5").read_text()
+    command = (workdir / "results" / "demo_ipc1" / "exact" / "synthetic.h5").read_text()
     assert "--config-key-prefix datasets.demo.distill.1 " in command
+    assert "--checkpoint-dir results/demo_ipc1/exact " in command  # tesla names the checkpoint in it
     assert "--max-lr" not in command  # null in the config: tesla's defaults
 
     def change(c):
@@ -403,8 +326,95 @@ def test_distill_advice_speaks_in_config_keys_and_guard_limits_rerun_nothing(exe
 
     assert dry_run(workdir, _edited(workdir, change)) == {}  # limits decide when a run stops, not its result
     result = snakemake(
-        workdir, "distill/demo_ipc1/synthetic.h5", "--forcerun", "distill", "--dry-run", "--printshellcmds",
+        workdir, "results/demo_ipc1/exact/synthetic.h5", "--forcerun", "distill", "--dry-run", "--printshellcmds",
         "--cores", "1", "--configfile", "edited.yaml",
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "--max-lr 0.5 --max-image-growth 50 --max-loss 20 " in result.stdout
+
+
+# --------------------------------------------------------------------------------------
+# (d) input spaces, engines, method versions
+# --------------------------------------------------------------------------------------
+def _shell_commands(workdir: Path, cfg: dict, *targets: str) -> str:
+    write_config(workdir, cfg, "edited.yaml")
+    result = snakemake(workdir, *targets, "--dry-run", "--printshellcmds", "--cores", "1", "--configfile", "edited.yaml")
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def test_rows_of_one_input_space_share_experts_and_others_get_their_own(plain_workdir):
+    """The published protocol switches ZCA per row: a row with another normalisation or ZCA
+    trains its own experts (in a folder named by its input space), fitted ZCA included; rows of
+    one space share theirs; the random baseline sees the inputs of its row's experts."""
+    cfg = load_config(plain_workdir)
+    demo = cfg["datasets"]["demo"]
+    demo["distill"][1].update(normalize="none", zca=True)
+    demo["distill"][3]["normalize"] = "split"  # = the dataset's: shares the default pool
+    demo["distill"][5] = dict(demo["distill"][3], normalize="none", zca=False)
+    text = _shell_commands(plain_workdir, cfg, *(f"results/demo_ipc{i}/acc.csv" for i in (1, 3, 5)))
+    jobs = planned_jobs(text)
+    count = demo["experts"]["count"]
+    pools = {"none+zca-eps0.1", "split", "none"}
+    assert jobs["expert"] == {f"results/demo/experts/{p}/expert_{k}.h5" for p in pools for k in range(count)}
+    assert jobs["zca"] == {"resources/demo/zca_none.h5"}
+    assert "tesla zca --train resources/demo/train.h5 --out resources/demo/zca_none.h5 --normalize none --eps 0.1" in text
+    lines = text.splitlines()
+    zca_expert = next(line for line in lines if "--out results/demo/experts/none+zca-eps0.1/expert_0.h5" in line)
+    assert "--zca resources/demo/zca_none.h5" in zca_expert and "--normalize" not in zca_expert  # the file fixes it
+    plain_expert = next(line for line in lines if "--out results/demo/experts/none/expert_0.h5" in line)
+    assert "--normalize none" in plain_expert and "--zca" not in plain_expert
+    split_expert = next(line for line in lines if "--out results/demo/experts/split/expert_0.h5" in line)
+    assert "--normalize" not in split_expert and "--zca" not in split_expert
+    distill_1 = next(line for line in lines if "tesla distill " in line and "demo_ipc1/" in line)
+    assert "results/demo/experts/none+zca-eps0.1/expert_0.h5" in distill_1 and "--zca resources/demo/zca_none.h5" in distill_1
+    random_1 = next(line for line in lines if "--random" in line and "demo_ipc1/" in line)
+    assert "--normalize none" in random_1 and "--zca resources/demo/zca_none.h5" in random_1
+    random_5 = next(line for line in lines if "--random" in line and "demo_ipc5/" in line)
+    assert "--normalize none" in random_5 and "--zca" not in random_5
+
+
+def test_a_row_with_two_engines_distils_two_sets_from_the_same_experts(plain_workdir):
+    cfg = load_config(plain_workdir)
+    demo = cfg["datasets"]["demo"]
+    demo["distill"][1].update(engine=["exact", "tesla"], lr_img_convention="tesla-published")
+    text = _shell_commands(plain_workdir, cfg, "results/demo_ipc1/acc.csv")
+    jobs = planned_jobs(text)
+    base = "results/demo_ipc1"
+    assert {f for f in jobs["distill"] if f.endswith("synthetic.h5")} == {f"{base}/exact/synthetic.h5", f"{base}/tesla/synthetic.h5"}
+    archs = demo["evaluate"]["architectures"]
+    assert jobs["evaluate_synthetic"] == {f"{base}/eval/{e}_{a}.csv" for e in ("exact", "tesla") for a in archs}
+    distills = [line for line in text.splitlines() if "tesla distill " in line]
+    assert len(distills) == 2 and all("--lr-img-convention tesla-published" in line for line in distills)
+    assert {line.split("--engine ")[1].split()[0] for line in distills} == {"exact", "tesla"}
+    experts = [sorted(w for w in line.split() if "/experts/" in w) for line in distills]
+    assert experts[0] == experts[1]  # the same expert pool
+    results = next(line for line in text.splitlines() if "tesla results " in line)
+    assert all(f"{base}/eval/{e}_{a}.csv" in results for e in ("exact", "tesla", "random") for a in archs)
+
+
+def test_a_new_method_version_reruns_that_stage_and_what_follows(executed, tmp_path):
+    """tesla.registries.METHOD_VERSIONS is a param of every job: a bumped version (here of
+    `evaluate`, through a sitecustomize that bumps it in the snakemake process) reruns the
+    evaluations and the tables, nothing before them."""
+    workdir, _ = executed
+    (tmp_path / "sitecustomize.py").write_text(
+        "import tesla.registries as r\nr.METHOD_VERSIONS['evaluate'] += 1\n"
+    )
+    import os
+
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(tmp_path), *([old] if old else [])])
+    try:
+        jobs = dry_run(workdir)
+    finally:
+        if old is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = old
+    assert set(jobs) == {"evaluate_synthetic", "evaluate_random", "results"}
+
+
+def test_the_workflow_passes_snakemake_lint(plain_workdir):
+    result = snakemake(plain_workdir, "--lint", "--cores", "1")
+    assert result.returncode == 0 and "Lints for" not in result.stdout + result.stderr, result.stdout + result.stderr

@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from test_workflow import SNAKEMAKE, make_workdir, planned_jobs, snakemake
+from workflow_support import SNAKEMAKE, make_workdir, planned_jobs, snakemake
 
 pytestmark = [
     pytest.mark.slow,
@@ -36,7 +36,7 @@ def demo_run(tmp_path_factory):
     result = snakemake(workdir, "--cores", "all", timeout=1800)
     seconds = time.monotonic() - start
     print(f"demo workflow: {seconds:.0f} s")
-    logs = "".join(f"\n--- {p}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted((workdir / "logs").rglob("*.log")))
+    logs = "".join(f"\n--- {p}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted((workdir / "results" / "logs").rglob("*.log")))
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:] + logs
     return workdir, seconds
 
@@ -72,12 +72,12 @@ def test_report_plots_and_logs_exist(demo_run):
     workdir, _ = demo_run
     for ipc in sorted(_demo_config(workdir)["distill"]):
         for name in ("curves.png", "grid.png"):
-            png = workdir / "results" / f"demo_ipc{ipc}" / name
+            png = workdir / "results" / f"demo_ipc{ipc}" / "exact" / name
             assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-        assert (workdir / "benchmarks" / "distill" / f"demo_ipc{ipc}.tsv").exists()
-        assert (workdir / "logs" / "distill" / f"demo_ipc{ipc}.log").exists()
+        assert (workdir / "results" / "benchmarks" / "distill" / f"demo_ipc{ipc}_exact.tsv").exists()
+        assert (workdir / "results" / "logs" / "distill" / f"demo_ipc{ipc}_exact.log").exists()
         # the checkpoint of a finished distillation is removed
-        assert not list((workdir / "distill" / f"demo_ipc{ipc}").glob("checkpoint-*.pt"))
+        assert not list((workdir / "results" / f"demo_ipc{ipc}" / "exact").glob("checkpoint-*.pt"))
 
 
 def test_second_run_has_nothing_to_do(demo_run):

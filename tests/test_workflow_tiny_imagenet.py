@@ -17,7 +17,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from test_workflow import SNAKEMAKE, make_workdir, planned_jobs, snakemake, write_config
+from workflow_support import SNAKEMAKE, make_workdir, planned_jobs, snakemake, write_config
 from tesla.data import ImageSplit
 
 pytestmark = pytest.mark.skipif(SNAKEMAKE is None, reason="snakemake is not installed in this environment")
@@ -73,15 +73,15 @@ def prepared(tmp_path_factory):
         "distill": {1: {"iterations": 1}},
     }
     write_config(workdir, {"datasets": {"tiny": entry}}, "tiny.yaml")
-    result = snakemake(workdir, "data/tiny/train.h5", "data/tiny/test.h5", "--cores", "2", "--configfile", "tiny.yaml")
-    log = workdir / "logs" / "prepare" / "tiny.log"
+    result = snakemake(workdir, "resources/tiny/train.h5", "resources/tiny/test.h5", "--cores", "2", "--configfile", "tiny.yaml")
+    log = workdir / "results" / "logs" / "prepare" / "tiny.log"
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:] + (log.read_text() if log.exists() else "")
     return workdir, root
 
 
 def test_tiny_imagenet_is_prepared_through_the_workflow(prepared):
     workdir, root = prepared
-    train, test = ImageSplit.open(workdir / "data/tiny/train.h5"), ImageSplit.open(workdir / "data/tiny/test.h5")
+    train, test = ImageSplit.open(workdir / "resources/tiny/train.h5"), ImageSplit.open(workdir / "resources/tiny/test.h5")
     assert train.class_ids == WNIDS and train.class_names[0] == "goldfish, Carassius auratus"
     assert list(np.diff(train.class_offsets)) == [TRAIN_PER_CLASS] * len(WNIDS)
     assert list(np.diff(test.class_offsets)) == np.bincount(VAL_LABELS, minlength=len(WNIDS)).tolist()
@@ -89,14 +89,14 @@ def test_tiny_imagenet_is_prepared_through_the_workflow(prepared):
     # 64 x 64 JPEGs are stored as decoded: the first image of class 1 is its first file's pixels
     expected = np.asarray(Image.open(root / "train" / WNIDS[1] / "images" / f"{WNIDS[1]}_0.JPEG").convert("RGB"))
     assert np.array_equal(train.class_images(1)[0], expected)
-    report = (workdir / "data/tiny/prepare_report.txt").read_text()
+    report = (workdir / "resources/tiny/prepare_report.txt").read_text()
     for wnid in WNIDS:
         assert f"{root / 'train' / wnid / f'{wnid}_boxes.txt'}\tnot an image file" in report
 
 
 def test_the_prepared_data_is_up_to_date(prepared):
     workdir, _ = prepared
-    result = snakemake(workdir, "data/tiny/train.h5", "data/tiny/test.h5", "--dry-run", "--cores", "1", "--configfile", "tiny.yaml")
+    result = snakemake(workdir, "resources/tiny/train.h5", "resources/tiny/test.h5", "--dry-run", "--cores", "1", "--configfile", "tiny.yaml")
     assert result.returncode == 0, result.stderr
     assert planned_jobs(result.stdout + result.stderr) == {}
 
@@ -106,7 +106,7 @@ def test_without_the_key_the_text_files_stop_prepare_naming_them(prepared, tmp_p
     cfg = yaml.safe_load((workdir / "tiny.yaml").read_text())
     cfg["datasets"]["tiny"]["ignore_non_images"] = False
     write_config(workdir, cfg, "strict.yaml")
-    result = snakemake(workdir, "data/tiny/train.h5", "--cores", "1", "--configfile", "strict.yaml", "--forcerun", "prepare")
+    result = snakemake(workdir, "resources/tiny/train.h5", "--cores", "1", "--configfile", "strict.yaml", "--forcerun", "prepare")
     assert result.returncode != 0
-    log = (workdir / "logs" / "prepare" / "tiny.log").read_text()
+    log = (workdir / "results" / "logs" / "prepare" / "tiny.log").read_text()
     assert f"{WNIDS[0]}_boxes.txt: not an image file" in log and "--ignore-non-images" in log

@@ -1,15 +1,26 @@
-# Helpers shared by the rules: config validation, wildcard constraints, the command-line
-# options each stage receives, and the early check of raw-data paths.
+# Helpers shared by the rules: the config check, the file layout, the input functions and
+# the command-line options each stage receives. Functions only: the rules are in the other
+# rules/*.smk files, the wildcard constraints and the event handlers in the Snakefile.
 #
 # Rule parameters are the *command-line options* of a stage, built here as one string in a
 # fixed order. Snakemake records them with every output it writes and reruns a job when
 # they change (the default rerun triggers include `params`), so each rule gets exactly the
-# settings that matter to it: a change reruns that job and everything downstream, nothing
-# else.
+# settings that shape its result: a change reruns that job and everything downstream,
+# nothing else. Options that do not change a result (device, checkpoint interval, guard
+# limits) are functions of `output` or `resources`, which Snakemake does not compare.
+#
+# File layout (snakemake-workflows template): prepared inputs under resources/, everything
+# a run makes under results/:
+#
+#   resources/<dataset>/{train,test}.h5, prepare_report.txt   tesla prepare
+#   resources/<dataset>/zca_<normalisation>.h5                 tesla zca
+#   results/<dataset>/experts/<input space>/expert_<k>.h5      tesla experts
+#   results/<dataset>_ipc<N>/<engine>/synthetic.h5, metrics.csv, grids/, curves.png, grid.png
+#   results/<dataset>_ipc<N>/eval/{<engine>,random}_<arch>.csv tesla evaluate
+#   results/<dataset>_ipc<N>/acc.csv                           tesla results
+#   results/logs/..., results/benchmarks/...                   every job's log and time/memory
 
-import hashlib
 import os
-import re
 import shutil
 import sys
 from pathlib import Path
@@ -22,13 +33,16 @@ SCHEMA = Path(workflow.basedir) / "schemas" / "config.schema.yaml"
 CONFIG_FILE_HINT = "config/config.yaml (or a file given with --configfile)"
 
 try:
-    # the data sources of `tesla prepare` (their config keys, command line and accepted
-    # layouts) are declared once, in the package
+    # Every name the config may use (data sources and their options, networks,
+    # augmentation families, gradient engines, normalisations, step-size conventions) and
+    # every stage's method version are declared once, in the package: the workflow asks it.
+    from tesla import registries, slurm_run
+    from tesla.devices import nvidia_gpu_visible
     from tesla.data.sources import workflow as data_sources
 except ImportError as exc:
     raise WorkflowError(
         f"the tesla package is not importable by this Snakemake ({exc}); install it in the same "
-        "environment (pip install -e . from the project root, or conda env create -f envs/tesla.yaml)"
+        "environment (pip install -e . from the project root, or conda env create -f workflow/envs/tesla.yaml)"
     ) from None
 
 
@@ -69,19 +83,31 @@ def _schema_errors(cfg) -> list[str]:
     return lines
 
 
-def _normalise_ipc_keys(cfg) -> None:
-    """YAML reads `distill: {1: ...}` with integer keys; JSON schema needs string keys."""
+def _normalise_config(cfg) -> None:
+    """YAML reads `distill: {1: ...}` with integer keys (JSON schema needs strings), and an
+    `engine` may be one name or a list of names."""
     for ds in (cfg.get("datasets") or {}).values():
         if isinstance(ds, dict) and isinstance(ds.get("distill"), dict):
             ds["distill"] = {str(k): v for k, v in ds["distill"].items()}
+            for row in ds["distill"].values():
+                if isinstance(row, dict) and isinstance(row.get("engine"), str):
+                    row["engine"] = [row["engine"]]
+
+
+def _fill_row_defaults(cfg) -> None:
+    """A distill row's input space defaults to its dataset's (`normalize`, `zca`)."""
+    for ds in cfg["datasets"].values():
+        for row in ds["distill"].values():
+            for key in ("normalize", "zca"):
+                if row.get(key) is None:
+                    row[key] = ds[key]
 
 
 def _cross_checks(cfg) -> list[str]:
-    """Rules the schema cannot express: references between keys."""
+    """Rules the schema cannot express: references between keys, and names that only the
+    package's registries know (checked here, before any job, naming the key)."""
     problems = []
     names = set(cfg["datasets"])
-    for name, ds in cfg["datasets"].items():
-        problems += data_sources.unused_keys(ds, f"datasets.{name}")
     for name in cfg["default_datasets"]:
         if name not in names:
             problems.append(
@@ -89,31 +115,38 @@ def _cross_checks(cfg) -> list[str]:
                 f"(configured: {', '.join(sorted(names))})"
             )
     for name, ds in cfg["datasets"].items():
+        where = f"datasets.{name}"
+        problems += data_sources.unused_keys(ds, where)
+        named = registries.config_problems(ds, where, data_sources.resolution_of(ds))
+        if named:  # the checks below need valid names
+            problems += named
+            continue
         ex = ds["experts"]
-        kept = ex["keep_snapshots"] if ex["keep_snapshots"] is not None else ex["epochs"]
-        if kept > ex["epochs"]:
-            problems.append(
-                f"config key datasets.{name}.experts.keep_snapshots: {kept} is more than the "
-                f"{ex['epochs']} epochs trained (datasets.{name}.experts.epochs)"
-            )
-        for ipc, d in ds["distill"].items():
-            need = d["max_start_epoch"] + d["expert_epochs"]
+        for space, rows in spaces_of(ds).items():
+            need = max(row["max_start_epoch"] + row["expert_epochs"] for _, row in rows)
+            kept = snapshots_kept(ds, space)
             if need > kept:
-                key = "keep_snapshots" if ex["keep_snapshots"] is not None else "epochs"
-                problems.append(
-                    f"config key datasets.{name}.distill.{ipc}: max_start_epoch + expert_epochs = {need} "
-                    f"needs expert snapshots up to epoch {need}, but datasets.{name}.experts.{key} is {kept}; "
-                    f"raise it or lower max_start_epoch"
-                )
+                key = "keep_snapshots" if ex["keep_snapshots"] not in (None, "auto") else "epochs"
+                for ipc, row in rows:
+                    if row["max_start_epoch"] + row["expert_epochs"] > kept:
+                        problems.append(
+                            f"config key {where}.distill.{ipc}: max_start_epoch + expert_epochs = "
+                            f"{row['max_start_epoch'] + row['expert_epochs']} needs expert snapshots up to that "
+                            f"epoch, but {where}.experts.{key} is {kept}; raise it or lower max_start_epoch"
+                        )
+        if isinstance(ex["keep_snapshots"], int) and ex["keep_snapshots"] > ex["epochs"]:
+            problems.append(
+                f"config key {where}.experts.keep_snapshots: {ex['keep_snapshots']} is more than the "
+                f"{ex['epochs']} epochs trained ({where}.experts.epochs)"
+            )
     return problems
 
 
 def load_and_validate_config(cfg) -> None:
-    """Validate `config` against workflow/schemas/config.schema.yaml (filling defaults).
-
-    Fails before any job with every problem listed as `config key a.b.c: problem`.
-    """
-    _normalise_ipc_keys(cfg)
+    """Validate `config` against workflow/schemas/config.schema.yaml (filling defaults),
+    then the cross-key and registry checks. Fails before any job with every problem listed
+    as `config key a.b.c: problem`."""
+    _normalise_config(cfg)
     try:
         validate(cfg, str(SCHEMA))
     except WorkflowError:
@@ -122,6 +155,7 @@ def load_and_validate_config(cfg) -> None:
             f"invalid configuration in {CONFIG_FILE_HINT}; the schema is {SCHEMA}:\n  "
             + "\n  ".join(problems)
         ) from None
+    _fill_row_defaults(cfg)
     problems = _cross_checks(cfg)
     if problems:
         raise WorkflowError(f"invalid configuration in {CONFIG_FILE_HINT}:\n  " + "\n  ".join(problems))
@@ -130,7 +164,7 @@ def load_and_validate_config(cfg) -> None:
 # --------------------------------------------------------------------------------------
 # the `tesla` command
 # --------------------------------------------------------------------------------------
-def _put_tesla_on_path() -> None:
+def put_tesla_on_path() -> None:
     """Rules call `tesla`. When snakemake runs from a virtual environment that was not
     activated (`.venv/bin/snakemake ...`), that environment's bin folder is not on PATH:
     add it, so the jobs use the tesla installed beside this snakemake."""
@@ -138,7 +172,7 @@ def _put_tesla_on_path() -> None:
         return
     here = Path(sys.executable).parent
     if (here / "tesla").exists():
-        os.environ["PATH"] = f"{here}{os.pathsep}{os.environ.get('PATH', '')}"
+        os.environ.update(PATH=os.pathsep.join([str(here), os.environ.get("PATH", "")]))
 
 
 # --------------------------------------------------------------------------------------
@@ -169,14 +203,77 @@ def distill_cfg(name: str, ipc) -> dict:
     return settings
 
 
-def expert_files(wildcards) -> list[str]:
-    n = dataset_cfg(wildcards.dataset)["experts"]["count"]
-    return [f"experts/{wildcards.dataset}/expert_{k}.h5" for k in range(n)]
+def row_space(ds: dict, row: dict) -> str:
+    """The input-space key of a distill row (its normalisation, and ZCA with the dataset's
+    eps when on): the name of its experts' folder. Rows of one space share experts."""
+    return registries.input_space_key(row["normalize"], ds["zca_eps"] if row["zca"] else None)
 
 
-def zca_input(wildcards) -> list[str]:
-    """data/<dataset>/zca.h5 when ZCA is on for this dataset, else nothing."""
-    return [f"data/{wildcards.dataset}/zca.h5"] if dataset_cfg(wildcards.dataset)["zca"] else []
+def spaces_of(ds: dict) -> dict[str, list[tuple[str, dict]]]:
+    """{input-space key: [(ipc, row), ...]}: which rows each expert pool serves."""
+    spaces = {}
+    for ipc, row in ds["distill"].items():
+        spaces.setdefault(row_space(ds, row), []).append((ipc, row))
+    return spaces
+
+
+def space_of_key(dataset: str, space: str) -> dict:
+    """The first row of `dataset` whose input space is `space` (its normalize and zca)."""
+    rows = spaces_of(dataset_cfg(dataset)).get(space)
+    if not rows:
+        raise WorkflowError(
+            f"no distill row of dataset '{dataset}' uses the input space '{space}' "
+            f"(used: {', '.join(spaces_of(dataset_cfg(dataset)))})"
+        )
+    return rows[0][1]
+
+
+def snapshots_kept(ds: dict, space: str) -> int:
+    """Snapshots theta*_0..theta*_K kept (and, unless experts.train_to_end, trained) for the
+    experts of one input space: `keep_snapshots`, or with `auto` the largest
+    max_start_epoch + expert_epochs of the rows that use these experts, or all epochs."""
+    ex = ds["experts"]
+    if ex["keep_snapshots"] == "auto":
+        return min(ex["epochs"], max(r["max_start_epoch"] + r["expert_epochs"] for _, r in spaces_of(ds)[space]))
+    return ex["epochs"] if ex["keep_snapshots"] is None else ex["keep_snapshots"]
+
+
+def row_engines(dataset: str, ipc) -> list[str]:
+    return list(distill_cfg(dataset, ipc)["engine"])
+
+
+# --------------------------------------------------------------------------------------
+# files
+# --------------------------------------------------------------------------------------
+def split_file(dataset: str, split: str) -> str:
+    return f"resources/{dataset}/{split}.h5"
+
+
+def zca_file(dataset: str, normalize: str) -> str:
+    return f"resources/{dataset}/zca_{normalize}.h5"
+
+
+def expert_paths(dataset: str, space: str) -> list[str]:
+    n = dataset_cfg(dataset)["experts"]["count"]
+    return [f"results/{dataset}/experts/{space}/expert_{k}.h5" for k in range(n)]
+
+
+def row_experts(wildcards) -> list[str]:
+    """The expert pool of one (dataset, IPC): that of the row's input space."""
+    ds = dataset_cfg(wildcards.dataset)
+    return expert_paths(wildcards.dataset, row_space(ds, distill_cfg(wildcards.dataset, wildcards.ipc)))
+
+
+def row_zca(wildcards) -> list[str]:
+    """The ZCA file of a row's input space, or nothing."""
+    row = distill_cfg(wildcards.dataset, wildcards.ipc)
+    return [zca_file(wildcards.dataset, row["normalize"])] if row["zca"] else []
+
+
+def space_zca(wildcards) -> list[str]:
+    """The ZCA file of an expert pool's input space, or nothing."""
+    row = space_of_key(wildcards.dataset, wildcards.space)
+    return [zca_file(wildcards.dataset, row["normalize"])] if row["zca"] else []
 
 
 def zca_option(wildcards, input) -> str:
@@ -208,10 +305,10 @@ def raw_data_problems(name: str) -> list[str]:
 
 
 def check_raw_data(wildcards) -> list:
-    """Input function of rule prepare: fail at DAG-building time when the raw data of a
+    """Input function of the prepare rule: fail at DAG-building time when the raw data of a
     *requested* dataset is missing, unless its prepared splits already exist."""
     name = wildcards.dataset
-    if all(Path(f"data/{name}/{split}.h5").exists() for split in ("train", "test")):
+    if all(Path(split_file(name, split)).exists() for split in ("train", "test")):
         return []
     problems = raw_data_problems(name)
     if problems:
@@ -224,6 +321,12 @@ def check_raw_data(wildcards) -> list:
 # --------------------------------------------------------------------------------------
 # stage options (the rules' params)
 # --------------------------------------------------------------------------------------
+def method(stage: str) -> str:
+    """`<stage> method vN`: a param of every rule, so a new method version of a stage (its
+    results change: tesla.registries.METHOD_VERSIONS) reruns its jobs and what follows."""
+    return f"{stage} method v{registries.METHOD_VERSIONS[stage]}"
+
+
 def prepare_options(wildcards) -> str:
     """`tesla prepare` options of a dataset entry, generated from the data sources' declarations
     (defaults left implicit as before, so existing datasets are not re-prepared)."""
@@ -231,7 +334,7 @@ def prepare_options(wildcards) -> str:
 
 
 def zca_options(wildcards) -> str:
-    return _opt("eps", dataset_cfg(wildcards.dataset)["zca_eps"])
+    return " ".join([_opt("normalize", wildcards.normalize), _opt("eps", dataset_cfg(wildcards.dataset)["zca_eps"])])
 
 
 def expert_options(wildcards) -> str:
@@ -239,6 +342,7 @@ def expert_options(wildcards) -> str:
     retrain the existing ones)."""
     ds = dataset_cfg(wildcards.dataset)
     ex = ds["experts"]
+    row = space_of_key(wildcards.dataset, wildcards.space)
     opts = [
         _opt("model", ds["model"]),
         _opt("epochs", ex["epochs"]),
@@ -248,13 +352,16 @@ def expert_options(wildcards) -> str:
         _opt("dtype", ex["dtype"]),
         _opt("seed", config["seed"] + int(wildcards.k)),
     ]
-    if ex["keep_snapshots"] is not None:
-        opts.append(_opt("keep-snapshots", ex["keep_snapshots"]))
+    if not row["zca"] and row["normalize"] != "split":  # with ZCA, the ZCA file fixes it
+        opts.append(_opt("normalize", row["normalize"]))
+    kept = snapshots_kept(ds, wildcards.space)
+    if kept != ex["epochs"]:
+        opts.append(_opt("keep-snapshots", kept))
     return " ".join(opts)
 
 
 def distill_options(wildcards) -> str:
-    """The settings of one (dataset, IPC) distillation and nothing else."""
+    """The settings of one (dataset, IPC, engine) distillation and nothing else."""
     d = distill_cfg(wildcards.dataset, wildcards.ipc)
     opts = [
         _opt("ipc", int(wildcards.ipc)),
@@ -265,9 +372,11 @@ def distill_options(wildcards) -> str:
         _opt("lr-lr", d["lr_lr"]),
         _opt("lr-teacher", d["lr_teacher"]),
         _opt("iterations", d["iterations"]),
-        _opt("engine", d["engine"]),
+        _opt("engine", wildcards.engine),
         _opt("seed", config["seed"]),
     ]
+    if d["lr_img_convention"] != "gradient":
+        opts.append(_opt("lr-img-convention", d["lr_img_convention"]))
     if d["dsa"] is not None:
         opts.append(_opt("dsa", d["dsa"]))
     if d["batch_syn"] is not None:
@@ -277,89 +386,75 @@ def distill_options(wildcards) -> str:
     return " ".join(opts)
 
 
-def distill_checkpoint(wildcards, output) -> str:
-    """Checkpoint path of one distillation, beside its output and named by a digest of its
-    settings and of its experts' settings: a job killed half-way resumes from it when rerun
-    unchanged, a rerun with other settings (or other experts) starts afresh. The rule
-    removes it when the job succeeds. (A function of `output`, so Snakemake counts it as
-    derived from the files, not as a setting that triggers reruns.)"""
-    ds = dataset_cfg(wildcards.dataset)
-    key = repr((distill_options(wildcards), expert_options_for_digest(ds), ds["experts"]["count"], ds["zca"]))
-    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-    return str(Path(output.synthetic).parent / f"checkpoint-{digest}.pt")
-
-
 def job_device(wildcards, resources) -> str:
     """The device a training job runs on (config `device`). Where a job runs does not
     change what it computes, so, as a function of the job's `resources`, Snakemake does
     not count it among the settings whose change triggers a rerun."""
-    return DEVICE
+    return config["device"]
 
 
-def distill_checkpoint_every(wildcards, output) -> int:
-    """How often to checkpoint: does not change the result, so (as a function of `output`)
-    it is not a rerun trigger."""
-    return distill_cfg(wildcards.dataset, wildcards.ipc)["checkpoint_every"]
-
-
-def distill_guard_options(wildcards, output) -> str:
-    """The divergence guard's limits (max_lr, max_image_growth, max_loss; left out when null:
-    tesla's defaults) and the wording of its advice: config keys under
-    datasets.<dataset>.distill.<ipc>. They decide when a run stops, not what it computes, so
-    (as a function of `output`) they are not a rerun trigger and not part of the checkpoint's
-    name: after a stop, raising a limit resumes the run from its checkpoint."""
+def distill_run_options(wildcards, output) -> str:
+    """What does not change a distillation's result (functions of `output`, so not a rerun
+    trigger): where its checkpoint lives (a folder: `tesla distill` names the checkpoint by
+    everything the result depends on, its settings and its inputs' fingerprints, so a job
+    killed half-way resumes when rerun unchanged and starts afresh otherwise; it removes
+    the checkpoint when it succeeds), how often to write it, the divergence guard's limits
+    (left out when null: tesla's defaults) and the wording of its advice (config keys
+    under datasets.<dataset>.distill.<ipc>). After a stop, raising a limit resumes."""
     d = distill_cfg(wildcards.dataset, wildcards.ipc)
-    opts = [_opt("config-key-prefix", f"datasets.{wildcards.dataset}.distill.{int(wildcards.ipc)}")]
+    opts = [
+        _opt("checkpoint-dir", Path(output.synthetic).parent),
+        _opt("checkpoint-every", d["checkpoint_every"]),
+        _opt("config-key-prefix", f"datasets.{wildcards.dataset}.distill.{int(wildcards.ipc)}"),
+    ]
     for key in ("max_lr", "max_image_growth", "max_loss"):
         if d.get(key) is not None:
             opts.append(_opt(key.replace("_", "-"), d[key]))
     return " ".join(opts)
 
 
-def expert_options_for_digest(ds) -> str:
-    ex = ds["experts"]
-    return repr((ds["source"], ds["input"], ds["resolution"], ds["model"], sorted(ex.items())))
-
-
 def evaluate_options(wildcards) -> str:
     """The evaluation protocol of one architecture (a distilled set carries its own
-    learning rate, augmentation and ZCA)."""
+    learning rate, augmentation and input space)."""
     ev = dataset_cfg(wildcards.dataset)["evaluate"]
-    return " ".join(
-        [
-            _opt("arch", wildcards.arch),
-            _opt("runs", ev["runs"]),
-            _opt("epochs", ev["epochs"]),
-            _opt("batch-size", ev["batch_size"]),
-            _opt("seed", config["seed"]),
-        ]
-    )
+    opts = [
+        _opt("arch", wildcards.arch),
+        _opt("runs", ev["runs"]),
+        _opt("epochs", ev["epochs"]),
+        _opt("batch-size", ev["batch_size"]),
+        _opt("seed", config["seed"]),
+    ]
+    if ev["lr_decay_epoch"] is not None:
+        opts.append(_opt("lr-decay-epoch", ev["lr_decay_epoch"]))
+    return " ".join(opts)
 
 
 def random_baseline_options(wildcards) -> str:
-    """The random-real-images baseline: IPC, its learning rate, and the augmentation of
-    the experts (the same protocol on real images)."""
+    """The random-real-images baseline: IPC, its learning rate, the augmentation of the
+    experts and their input space (the same protocol on the inputs the experts saw)."""
     ds = dataset_cfg(wildcards.dataset)
-    return " ".join(
-        [
-            _opt("ipc", int(wildcards.ipc)),
-            _opt("lr-random", ds["evaluate"]["lr_random"]),
-            _opt("dsa", ds["experts"]["dsa"]),
-        ]
-    )
+    row = distill_cfg(wildcards.dataset, wildcards.ipc)
+    opts = [
+        _opt("ipc", int(wildcards.ipc)),
+        _opt("lr-random", ds["evaluate"]["lr_random"]),
+        _opt("dsa", ds["experts"]["dsa"]),
+    ]
+    if row["normalize"] != "split" or row["zca"]:
+        opts.append(_opt("normalize", row["normalize"]))
+    return " ".join(opts)
 
 
 def evaluation_files(wildcards) -> list[str]:
-    """eval/<dataset>_ipc<ipc>/<method>_<arch>.csv for every configured architecture."""
+    """results/<dataset>_ipc<ipc>/eval/<method>_<arch>.csv: every engine's set and the
+    random baseline, on every configured architecture."""
     ev = dataset_cfg(wildcards.dataset)["evaluate"]
-    distill_cfg(wildcards.dataset, wildcards.ipc)  # fail early for an unconfigured IPC
-    methods = ["tesla"] + (["random"] if ev["random_baseline"] else [])
-    base = f"eval/{wildcards.dataset}_ipc{wildcards.ipc}"
+    methods = row_engines(wildcards.dataset, wildcards.ipc) + (["random"] if ev["random_baseline"] else [])
+    base = f"results/{wildcards.dataset}_ipc{wildcards.ipc}/eval"
     return [f"{base}/{m}_{arch}.csv" for m in methods for arch in ev["architectures"]]
 
 
 def full_data_experts(wildcards) -> list[str]:
-    return expert_files(wildcards) if dataset_cfg(wildcards.dataset)["evaluate"]["full_data"] else []
+    return row_experts(wildcards) if dataset_cfg(wildcards.dataset)["evaluate"]["full_data"] else []
 
 
 def experts_option(wildcards, input) -> str:
@@ -369,43 +464,51 @@ def experts_option(wildcards, input) -> str:
 # --------------------------------------------------------------------------------------
 # targets
 # --------------------------------------------------------------------------------------
-def result_dirs(names) -> list[str]:
-    return [f"results/{name}_ipc{ipc}" for name in names for ipc in configured_ipcs(name)]
+def result_files(name: str, ipc: int) -> list[str]:
+    """acc.csv and every engine's curves and image grid of one (dataset, IPC)."""
+    base = f"results/{name}_ipc{ipc}"
+    plots = [f"{base}/{engine}/{f}" for engine in row_engines(name, ipc) for f in ("curves.png", "grid.png")]
+    return [f"{base}/acc.csv", *plots]
 
 
 def default_targets() -> list[str]:
-    dirs = result_dirs(config["default_datasets"])
-    return [f"{d}/{f}" for d in dirs for f in ("acc.csv", "curves.png", "grid.png")]
+    return [f for name in config["default_datasets"] for ipc in configured_ipcs(name) for f in result_files(name, ipc)]
+
+
+# --------------------------------------------------------------------------------------
+# the machine
+# --------------------------------------------------------------------------------------
+def training_resources() -> tuple[int, int]:
+    """(gpu, threads) of the training jobs (expert, distill, evaluate_*). They ask for
+    `gpu` = 1 when they will run on a GPU, so that the local profile's `--resources gpu=1`
+    runs one at a time on it; on a CPU-only machine they ask for none and run side by side,
+    one thread each, as many as there are cores (tiny networks gain more from parallel jobs
+    than from threads). The SLURM profile sets gpu/cpus_per_task/threads per rule."""
+    device = config["device"]
+    on_gpu = device.startswith("cuda") or (device == "auto" and nvidia_gpu_visible())
+    return (1, 4) if on_gpu else (0, 1)
+
+
+def wildcard_patterns() -> dict[str, str]:
+    """The wildcard constraints: configured dataset names, registered engines, the known
+    normalisations, input-space keys as tesla.registries.input_space_key writes them."""
+    import re
+
+    datasets = sorted(map(re.escape, config["datasets"]), key=len, reverse=True)
+    return {
+        "dataset": "|".join(datasets),
+        "ipc": r"[1-9][0-9]*",
+        "k": r"[0-9]+",
+        "arch": r"[A-Za-z0-9_-]+",
+        "engine": "|".join(registries.ENGINES),
+        "normalize": "|".join(registries.NORMALIZATIONS),
+        "space": r"[A-Za-z0-9_.+-]+",
+    }
 
 
 # --------------------------------------------------------------------------------------
 # run at parse time
 # --------------------------------------------------------------------------------------
 load_and_validate_config(config)
-_put_tesla_on_path()
-
-DEVICE = config["device"]
-
-
-def _cuda_visible() -> bool:
-    """Whether this machine shows an NVIDIA GPU to its processes (a cheap check at parse
-    time, without importing torch)."""
-    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
-        return False
-    return any(Path("/dev").glob("nvidia[0-9]*"))
-
-
-#: Training jobs (expert, distill, evaluate_*) ask for `gpu` = 1 when they will run on a
-#: GPU, so that the global `--resources gpu=1` of the local profile runs one at a time on
-#: it; on a CPU-only machine they ask for none and run side by side, one thread each,
-#: as many as there are cores (tiny networks gain more from parallel jobs than from
-#: threads). The SLURM profile sets gpu/cpus_per_task/threads per rule explicitly.
-ON_GPU = DEVICE.startswith("cuda") or (DEVICE == "auto" and _cuda_visible())
-TRAIN_GPU = 1 if ON_GPU else 0
-TRAIN_THREADS = 4 if ON_GPU else 1
-
-wildcard_constraints:
-    dataset="|".join(sorted(map(re.escape, config["datasets"]), key=len, reverse=True)),
-    ipc=r"[1-9][0-9]*",
-    k=r"[0-9]+",
-    arch=r"[A-Za-z0-9_-]+",
+put_tesla_on_path()
+TRAIN_GPU, TRAIN_THREADS = training_resources()

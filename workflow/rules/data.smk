@@ -1,8 +1,9 @@
-# Raw data -> class-sorted uint8 HDF5 splits (tesla prepare), and optional ZCA whitening.
+# Raw data -> class-sorted uint8 HDF5 splits (tesla prepare), and ZCA whitening for the
+# input spaces that use it.
 
 
 rule prepare:
-    """Convert a configured dataset into data/<dataset>/train.h5 and test.h5."""
+    """Convert a configured dataset into resources/<dataset>/train.h5 and test.h5."""
     input:
         # Not a file: checks the raw-data path of the requested dataset while the DAG is
         # built, so a missing ImageNet path fails before any job starts. The raw path is a
@@ -10,42 +11,45 @@ rule prepare:
         # trigger hours of preprocessing).
         check_raw_data,
     output:
-        train="data/{dataset}/train.h5",
-        test="data/{dataset}/test.h5",
-        report="data/{dataset}/prepare_report.txt",
+        train="resources/{dataset}/train.h5",
+        test="resources/{dataset}/test.h5",
+        report="resources/{dataset}/prepare_report.txt",
     params:
         options=prepare_options,
+        method=method("prepare"),
     log:
-        "logs/prepare/{dataset}.log",
+        "results/logs/prepare/{dataset}.log",
     benchmark:
-        "benchmarks/prepare/{dataset}.tsv"
+        "results/benchmarks/prepare/{dataset}.tsv"
     threads: 4
     resources:
         mem_mb=8000,
         runtime=24 * 60,
     conda:
-        "../../envs/tesla.yaml"
+        "../envs/tesla.yaml"
     shell:
-        "tesla prepare {params.options} --out-dir data/{wildcards.dataset} --workers {threads} > {log} 2>&1"
+        "tesla prepare {params.options} --out-dir resources/{wildcards.dataset} --workers {threads} > {log} 2>&1"
 
 
 rule zca:
-    """Fit ZCA whitening on the training split (only for datasets with zca: true)."""
+    """Fit ZCA whitening on the training split after normalisation <normalize> (for the
+    input spaces with zca: true)."""
     input:
-        train="data/{dataset}/train.h5",
+        train="resources/{dataset}/train.h5",
     output:
-        "data/{dataset}/zca.h5",
+        "resources/{dataset}/zca_{normalize}.h5",
     params:
         options=zca_options,
+        method=method("zca"),
     log:
-        "logs/zca/{dataset}.log",
+        "results/logs/zca/{dataset}_{normalize}.log",
     benchmark:
-        "benchmarks/zca/{dataset}.tsv"
+        "results/benchmarks/zca/{dataset}_{normalize}.tsv"
     threads: 4
     resources:
         mem_mb=8000,
         runtime=60,
     conda:
-        "../../envs/tesla.yaml"
+        "../envs/tesla.yaml"
     shell:
         "tesla zca --train {input.train} --out {output} {params.options} > {log} 2>&1"

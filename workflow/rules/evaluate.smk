@@ -1,29 +1,30 @@
 # Evaluation: one job per (dataset, IPC, method, architecture), so adding an architecture
-# runs only its own jobs. Method 'tesla' trains on the distilled set, 'random' on random
-# real images at the same IPC (the baseline).
+# runs only its own jobs. The methods are the engines of the row (their distilled sets) and
+# 'random' (random real images at the same IPC, in the experts' input space: the baseline).
 
 
 rule evaluate_synthetic:
-    """Train fresh <arch> networks on the distilled set and test them on the real test split."""
+    """Train fresh <arch> networks on the <engine> set and test them on the real test split."""
     input:
-        synthetic="distill/{dataset}_ipc{ipc}/synthetic.h5",
-        test="data/{dataset}/test.h5",
+        synthetic="results/{dataset}_ipc{ipc}/{engine}/synthetic.h5",
+        test="resources/{dataset}/test.h5",
     output:
-        "eval/{dataset}_ipc{ipc}/tesla_{arch}.csv",
+        "results/{dataset}_ipc{ipc}/eval/{engine}_{arch}.csv",
     params:
         device=job_device,
         options=evaluate_options,
+        method=method("evaluate"),
     log:
-        "logs/evaluate/{dataset}_ipc{ipc}/tesla_{arch}.log",
+        "results/logs/evaluate/{dataset}_ipc{ipc}/{engine}_{arch}.log",
     benchmark:
-        "benchmarks/evaluate/{dataset}_ipc{ipc}/tesla_{arch}.tsv"
+        "results/benchmarks/evaluate/{dataset}_ipc{ipc}/{engine}_{arch}.tsv"
     threads: TRAIN_THREADS
     resources:
         mem_mb=16000,
         runtime=6 * 60,
         gpu=TRAIN_GPU,
     conda:
-        "../../envs/tesla.yaml"
+        "../envs/tesla.yaml"
     shell:
         "tesla evaluate --synthetic {input.synthetic} --test {input.test} {params.options} "
         "--out {output} --device {params.device} > {log} 2>&1"
@@ -32,27 +33,28 @@ rule evaluate_synthetic:
 rule evaluate_random:
     """Same protocol on <ipc> random real training images per class."""
     input:
-        train="data/{dataset}/train.h5",
-        test="data/{dataset}/test.h5",
-        zca=zca_input,
+        train="resources/{dataset}/train.h5",
+        test="resources/{dataset}/test.h5",
+        zca=row_zca,
     output:
-        "eval/{dataset}_ipc{ipc}/random_{arch}.csv",
+        "results/{dataset}_ipc{ipc}/eval/random_{arch}.csv",
     params:
         device=job_device,
         options=evaluate_options,
         baseline=random_baseline_options,
         zca=zca_option,
+        method=method("evaluate"),
     log:
-        "logs/evaluate/{dataset}_ipc{ipc}/random_{arch}.log",
+        "results/logs/evaluate/{dataset}_ipc{ipc}/random_{arch}.log",
     benchmark:
-        "benchmarks/evaluate/{dataset}_ipc{ipc}/random_{arch}.tsv"
+        "results/benchmarks/evaluate/{dataset}_ipc{ipc}/random_{arch}.tsv"
     threads: TRAIN_THREADS
     resources:
         mem_mb=16000,
         runtime=6 * 60,
         gpu=TRAIN_GPU,
     conda:
-        "../../envs/tesla.yaml"
+        "../envs/tesla.yaml"
     shell:
         "tesla evaluate --random --train {input.train} --test {input.test} {params.baseline} "
         "{params.zca} {params.options} --out {output} --device {params.device} > {log} 2>&1"

@@ -17,16 +17,17 @@ rule results:
         ),
     params:
         experts=experts_option,
+        method=method("results"),
     log:
-        "logs/results/{dataset}_ipc{ipc}.log",
+        "results/logs/results/{dataset}_ipc{ipc}.log",
     benchmark:
-        "benchmarks/results/{dataset}_ipc{ipc}.tsv"
+        "results/benchmarks/results/{dataset}_ipc{ipc}.tsv"
     threads: 1
     resources:
         mem_mb=2000,
         runtime=10,
     conda:
-        "../../envs/tesla.yaml"
+        "../envs/tesla.yaml"
     shell:
         "tesla results --runs {input.runs} {params.experts} --out {output} > {log} 2>&1"
 
@@ -34,33 +35,35 @@ rule results:
 rule report:
     """Distillation loss and learning-rate curves, and the final synthetic images."""
     input:
-        synthetic="distill/{dataset}_ipc{ipc}/synthetic.h5",
-        metrics="distill/{dataset}_ipc{ipc}/metrics.csv",
+        synthetic="results/{dataset}_ipc{ipc}/{engine}/synthetic.h5",
+        metrics="results/{dataset}_ipc{ipc}/{engine}/metrics.csv",
     output:
         curves=report(
-            "results/{dataset}_ipc{ipc}/curves.png",
+            "results/{dataset}_ipc{ipc}/{engine}/curves.png",
             caption="../report/curves.rst",
             category="Distillation curves",
             subcategory="{dataset}",
-            labels={"dataset": "{dataset}", "IPC": "{ipc}", "figure": "loss and learning rate"},
+            labels={"dataset": "{dataset}", "IPC": "{ipc}", "engine": "{engine}", "figure": "loss and learning rate"},
         ),
         grid=report(
-            "results/{dataset}_ipc{ipc}/grid.png",
+            "results/{dataset}_ipc{ipc}/{engine}/grid.png",
             caption="../report/grid.rst",
             category="Synthetic images",
             subcategory="{dataset}",
-            labels={"dataset": "{dataset}", "IPC": "{ipc}", "figure": "synthetic images"},
+            labels={"dataset": "{dataset}", "IPC": "{ipc}", "engine": "{engine}", "figure": "synthetic images"},
         ),
+    params:
+        method=method("report"),
     log:
-        "logs/report/{dataset}_ipc{ipc}.log",
+        "results/logs/report/{dataset}_ipc{ipc}_{engine}.log",
     benchmark:
-        "benchmarks/report/{dataset}_ipc{ipc}.tsv"
+        "results/benchmarks/report/{dataset}_ipc{ipc}_{engine}.tsv"
     threads: 1
     resources:
         mem_mb=4000,
         runtime=10,
     conda:
-        "../../envs/tesla.yaml"
+        "../envs/tesla.yaml"
     shell:
         "tesla report --synthetic {input.synthetic} --metrics {input.metrics} "
         "--curves {output.curves} --grid {output.grid} > {log} 2>&1"

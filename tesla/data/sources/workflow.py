@@ -122,6 +122,17 @@ def unused_keys(entry: Mapping[str, Any], where: str) -> list[str]:
     ]
 
 
+def resolution_of(entry: Mapping[str, Any]) -> int | None:
+    """The side S of the images an entry's splits will hold: its ``resolution`` key, else
+    the source's own size where it has a fixed one (demo 8, MNIST 28, CIFAR 32, ImageNet 64),
+    else None (a size known only once the files are read)."""
+    if entry.get("resolution") is not None:
+        return int(entry["resolution"])
+    note = get_source(entry["source"]).notes.get("resolution", "")
+    digits = note.split(" ", 1)[0]
+    return int(digits) if digits.isdigit() else None
+
+
 def _ordered(options: list[Option]) -> list[Option]:
     rank = {key: i for i, key in enumerate(COMMAND_ORDER)}
     return sorted(options, key=lambda o: rank.get(o.key, len(rank)))  # stable: the rest keep the help order

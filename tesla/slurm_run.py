@@ -1,36 +1,45 @@
-# SLURM runs only (the executor is slurm, e.g. --workflow-profile profiles/slurm): what the
-# executor plugin does not ask the scheduler, asked through tesla/slurm.py.
-#
-# Before the first submission (onstart), the run stops with the reason when
-#   1. jobs of an earlier run of this workflow are still queued or running in this directory
-#      (its Snakemake was killed): they would write the files this run writes;
-#   2. the scheduler refuses a request of the jobs to run: each distinct request (the sbatch
-#      call the plugin will make) goes once through `sbatch --test-only`, so a request that
-#      no node of its partition can ever meet fails here, with the scheduler's message, the
-#      rule and the profile keys to change, instead of waiting in the queue forever.
-#      TESLA_SLURM_TEST_ONLY=0 in the environment skips this check.
-# While the run goes on,
-#   3. a watcher (one `squeue` every seconds-between-status-checks) cancels and reports any
-#      job of the run pending for a reason that never clears (PartitionConfig,
-#      PartitionTimeLimit, BadConstraints, a per-job QOS limit, ...): Snakemake then reports
-#      the job failed instead of waiting for it.
+"""The SLURM checks of a Snakemake run: the glue between the running workflow (its jobs, the
+executor plugin's own sbatch builder, the profile's resources) and :mod:`tesla.slurm`, which
+asks the scheduler. The Snakefile's event handlers call it with Snakemake's ``workflow``
+object; nothing happens unless the run's executor is slurm (``--workflow-profile
+profiles/slurm``).
+
+Before the first submission (:func:`guard_run`, onstart), the run stops with the reason when
+
+1. jobs of an earlier run of this workflow are still queued or running in this directory
+   (its Snakemake was killed): they would write the files this run writes;
+2. the scheduler refuses a request of the jobs to run: each distinct request (the sbatch
+   call the plugin will make) goes once through ``sbatch --test-only``, so a request that no
+   node of its partition can ever meet fails here, with the scheduler's message, the rule and
+   the profile keys to change, instead of waiting in the queue forever
+   (``TESLA_SLURM_TEST_ONLY=0`` in the environment skips this check).
+
+While the run goes on,
+
+3. a watcher (one ``squeue`` every seconds-between-status-checks) cancels and reports any job
+   of the run pending for a reason that never clears (PartitionConfig, PartitionTimeLimit,
+   BadConstraints, a per-job QOS limit, ...): Snakemake then reports the job failed instead
+   of waiting for it (:func:`stop_watches` on success or error).
+"""
+
+from __future__ import annotations
 
 import os
 import shlex
 
 from snakemake.exceptions import WorkflowError
-from snakemake.logging import logger as _slurm_logger
+from snakemake.logging import logger as _logger
 
 #: the pending-job watchers started by onstart (one per run)
-_SLURM_WATCHES = []
+_WATCHES = []
 #: resources that shape an sbatch request (named in messages)
-_SLURM_KEYS = ("slurm_account", "slurm_partition", "cpus_per_task", "cpus_per_gpu", "mem_mb", "mem_mb_per_cpu",
+_REQUEST_KEYS = ("slurm_account", "slurm_partition", "cpus_per_task", "cpus_per_gpu", "mem_mb", "mem_mb_per_cpu",
                "runtime", "gpu", "gpu_model", "gres", "constraint", "nodes", "tasks", "slurm_extra")
 #: sbatch options that name a job rather than ask for resources (left out of messages)
 _NOT_A_REQUEST = {"--job-name", "--output", "--comment", "-D", "--wrap"}
 
 
-def _slurm_jobs():
+def _slurm_jobs(workflow):
     """(the SLURM executor, the jobs it will submit), or (None, []) when the run does not
     use SLURM. Group jobs are left out (their request is the group's)."""
     plugin = workflow.executor_plugin
@@ -41,7 +50,7 @@ def _slurm_jobs():
     return executor, jobs
 
 
-def _sbatch_call(executor, job, accounts: dict) -> list[str]:
+def _sbatch_call(workflow, executor, job, accounts: dict) -> list[str]:
     """The sbatch call the plugin will make for `job` (argv), with a fixed job name, log and
     comment so that equal requests give equal calls. The account goes through the plugin's
     own check (once per value): a WorkflowError names the accounts you have."""
@@ -60,7 +69,7 @@ def _sbatch_call(executor, job, accounts: dict) -> list[str]:
         raise accounts[account]
     params = {
         "run_uuid": "tesla-test-only",
-        "slurm_logfile": "/dev/null",
+        "slurm_logfile": os.devnull,
         "comment_str": "tesla-test-only",
         "account": accounts[account],
         "partition": executor.get_partition_arg(job),
@@ -83,7 +92,7 @@ def _shown_request(call) -> str:
     return " ".join(shown)
 
 
-def _where_set(rule: str, keys) -> str:
+def _where_set(workflow, rule: str, keys) -> str:
     """Where each resource comes from: 'set-resources: expert: cpus_per_task, mem_mb;
     default-resources: slurm_account'."""
     settings = workflow.resource_settings
@@ -99,7 +108,7 @@ def _where_set(rule: str, keys) -> str:
     return "; ".join(f"{where} {', '.join(found)}" for where, found in groups.items())
 
 
-def _beyond_largest_node(job, call) -> list[str]:
+def _beyond_largest_node(workflow, job, call) -> list[str]:
     """The CPU and memory requests of `job` above the largest node of the partition its
     sbatch `call` names (of the cluster when it names none)."""
     from tesla.slurm import largest_node
@@ -113,14 +122,14 @@ def _beyond_largest_node(job, call) -> list[str]:
     cpus = job.resources.get("cpus_per_task") or job.threads
     found = []
     if isinstance(cpus, int) and cpus > node[0]:
-        found.append(f"{key}={cpus} ({_where_set(job.rule.name, [key])}): the largest node of {where} has {node[0]} CPUs")
+        found.append(f"{key}={cpus} ({_where_set(workflow, job.rule.name, [key])}): the largest node of {where} has {node[0]} CPUs")
     mem = job.resources.get("mem_mb")
     if isinstance(mem, int) and mem > node[1]:
-        found.append(f"mem_mb={mem} ({_where_set(job.rule.name, ['mem_mb'])}): the largest node of {where} has {node[1]} MB")
+        found.append(f"mem_mb={mem} ({_where_set(workflow, job.rule.name, ['mem_mb'])}): the largest node of {where} has {node[1]} MB")
     return found
 
 
-def _refusals(executor, jobs) -> list[str]:
+def _refusals(workflow, executor, jobs) -> list[str]:
     """What the scheduler refuses among the requests of `jobs`, one paragraph per refused
     request. One `sbatch --test-only` per distinct request, whatever the number of jobs."""
     from tesla.slurm import refusal
@@ -128,7 +137,7 @@ def _refusals(executor, jobs) -> list[str]:
     accounts, requests = {}, {}
     for job in jobs:
         try:
-            call = tuple(_sbatch_call(executor, job, accounts))
+            call = tuple(_sbatch_call(workflow, executor, job, accounts))
         except WorkflowError as exc:  # refused before sbatch (the plugin's account check)
             call = " ".join(str(exc).split())
         if isinstance(call, tuple) and any("<TBD>" in word for word in call):
@@ -144,25 +153,23 @@ def _refusals(executor, jobs) -> list[str]:
         lines = [f"rule {', '.join(rules)} ({len(same)} job{'s' if len(same) > 1 else ''}: {', '.join(outputs)}): {message}"]
         if isinstance(call, tuple):
             lines.append(f"    request: {_shown_request(call)}")
-            lines += [f"    {line}" for line in _beyond_largest_node(same[0], call)]
+            lines += [f"    {line}" for line in _beyond_largest_node(workflow, same[0], call)]
         for rule in rules:
             job = next(j for j in same if j.rule.name == rule)
-            keys = ["slurm_account"] if isinstance(call, str) else [k for k in _SLURM_KEYS if k in job.resources.keys()]
-            lines.append(f"    {'rule ' + rule + ': ' if len(rules) > 1 else ''}set by {_where_set(rule, keys)}")
+            keys = ["slurm_account"] if isinstance(call, str) else [k for k in _REQUEST_KEYS if k in job.resources.keys()]
+            lines.append(f"    {'rule ' + rule + ': ' if len(rules) > 1 else ''}set by {_where_set(workflow, rule, keys)}")
         problems.append("\n".join(lines))
     return problems
 
 
-def _guard_slurm_run() -> None:
-    """Checks 1 and 2 (raising WorkflowError), then start the watcher (3)."""
-    executor, jobs = _slurm_jobs()
+def guard_run(workflow) -> None:
+    """Checks 1 and 2 (raising WorkflowError), then start the watcher (3); nothing when the
+    run's executor is not slurm."""
+    executor, jobs = _slurm_jobs(workflow)
     if executor is None:
         return
-    try:
-        from tesla.slurm import PendingWatch, earlier_jobs
-    except ImportError as exc:  # snakemake runs where the tesla package is not installed
-        _slurm_logger.warning(f"SLURM checks skipped: the tesla package is not importable here ({exc})")
-        return
+    from tesla.slurm import PendingWatch, earlier_jobs
+
     try:
         left = earlier_jobs(workflow.workdir_init, workflow.executor_settings.jobname_prefix, executor.run_uuid)
     except RuntimeError as exc:  # squeue failed: the scheduler is not answering
@@ -178,9 +185,9 @@ def _guard_slurm_run() -> None:
         )
     if os.environ.get("TESLA_SLURM_TEST_ONLY", "1") != "0":
         try:
-            problems = _refusals(executor, jobs)
+            problems = _refusals(workflow, executor, jobs)
         except (ImportError, AttributeError, TypeError) as exc:  # another plugin version
-            _slurm_logger.warning(f"sbatch --test-only check skipped: this executor plugin differs from 2.8 ({exc!r})")
+            _logger.warning(f"sbatch --test-only check skipped: this executor plugin differs from 2.8 ({exc!r})")
             problems = []
         if problems:
             raise WorkflowError(
@@ -191,22 +198,14 @@ def _guard_slurm_run() -> None:
     watch = PendingWatch(
         executor.run_uuid,
         period=workflow.remote_execution_settings.seconds_between_status_checks,
-        on_cancelled=_slurm_logger.error,
-        on_doubtful=_slurm_logger.warning,
+        on_cancelled=_logger.error,
+        on_doubtful=_logger.warning,
     )
     watch.start()
-    _SLURM_WATCHES.append(watch)
+    _WATCHES.append(watch)
 
 
-onstart:
-    _guard_slurm_run()
-
-
-onsuccess:
-    for watch in _SLURM_WATCHES:
-        watch.stop()
-
-
-onerror:
-    for watch in _SLURM_WATCHES:
+def stop_watches() -> None:
+    """Stop the pending-job watchers of this run (onsuccess, onerror)."""
+    for watch in _WATCHES:
         watch.stop()

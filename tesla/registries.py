@@ -1,0 +1,107 @@
+"""The names a configuration may use, checked against the registries that define them, and
+the method version of every stage.
+
+Each name has one home: networks in :mod:`tesla.models`, augmentation families in
+:mod:`tesla.augment`, gradient engines in :mod:`tesla.matching`, normalisations in
+:mod:`tesla.input_space`, step-size conventions in :mod:`tesla.distill`, data sources in
+:mod:`tesla.data.sources`. The workflow calls :func:`config_problems` while it builds the job
+graph, so a misspelt name stops ``snakemake -n`` at once, naming the config key and the valid
+names, instead of failing in a job hours later.
+
+``METHOD_VERSIONS``: a stage's number goes up whenever the results of the same command line
+change (a fix or a change of the method; not a refactor that leaves every output as it was).
+The workflow passes it to every job as a parameter, so that Snakemake reruns the jobs whose
+method changed and everything that follows them (``tests/test_method_versions.py`` keeps
+this honest: it fails when a stage's code changes until its version or the recorded code
+digest is updated).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from tesla.augment import FAMILIES, parse_strategy
+from tesla.distill import LR_IMG_CONVENTIONS
+from tesla.errors import TeslaError
+from tesla.input_space import NORMALIZATIONS, input_space_key
+from tesla.matching import ENGINES
+from tesla.models import available_models, supports_resolution
+
+__all__ = [
+    "ENGINES",
+    "FAMILIES",
+    "LR_IMG_CONVENTIONS",
+    "METHOD_VERSIONS",
+    "NORMALIZATIONS",
+    "config_problems",
+    "input_space_key",
+]
+
+#: the method version of each stage: bumped when the same command line gives other results
+METHOD_VERSIONS: dict[str, int] = {
+    "prepare": 1,
+    "zca": 1,
+    "experts": 1,
+    "distill": 1,
+    "evaluate": 1,
+    "results": 1,
+    "report": 1,
+}
+
+#: the alias of `tesla evaluate --arch` for the network a set was distilled with
+DISTILL_ALIAS = "distill"
+
+
+def _known(kind: str, names) -> str:
+    return f"known {kind}: {', '.join(names)}"
+
+
+def _network_problems(name: str, key: str, resolution: int | None, alias_ok: bool = False) -> list[str]:
+    """A network name that the model registry does not know, or that cannot take the
+    dataset's resolution."""
+    if alias_ok and name == DISTILL_ALIAS:
+        return []
+    models = available_models()
+    if name not in models:
+        extra = [DISTILL_ALIAS] if alias_ok else []
+        return [f"config key {key}: unknown network {name!r} ({_known('networks', [*models, *extra])})"]
+    if resolution is not None and not supports_resolution(name, resolution):
+        fits = [m for m in models if supports_resolution(m, resolution)]
+        return [f"config key {key}: {name} cannot take {resolution}x{resolution} images (networks that can: {', '.join(fits)})"]
+    return []
+
+
+def _strategy_problems(strategy: str | None, key: str) -> list[str]:
+    if strategy is None:
+        return []
+    try:
+        parse_strategy(strategy)
+    except TeslaError as exc:
+        return [f"config key {key}: {exc}"]
+    return []
+
+
+def _choice_problems(value: Any, key: str, kind: str, names) -> list[str]:
+    return [] if value in names else [f"config key {key}: unknown {kind} {value!r} ({_known(kind + 's', names)})"]
+
+
+def config_problems(ds: Mapping[str, Any], where: str, resolution: int | None = None) -> list[str]:
+    """'config key <where>.<key>: ...' for every name of a dataset entry that no registry
+    knows: its network (and whether it takes ``resolution``), the evaluation architectures,
+    augmentation strategies, engines, normalisations and step-size conventions."""
+    problems = _network_problems(ds["model"], f"{where}.model", resolution)
+    for i, arch in enumerate(ds["evaluate"]["architectures"]):
+        problems += _network_problems(arch, f"{where}.evaluate.architectures[{i}]", resolution, alias_ok=True)
+    problems += _strategy_problems(ds["experts"]["dsa"], f"{where}.experts.dsa")
+    problems += _choice_problems(ds["normalize"], f"{where}.normalize", "normalisation", NORMALIZATIONS)
+    for ipc, row in ds["distill"].items():
+        key = f"{where}.distill.{ipc}"
+        for engine in row["engine"]:
+            problems += _choice_problems(engine, f"{key}.engine", "engine", ENGINES)
+        if len(set(row["engine"])) != len(row["engine"]):
+            problems.append(f"config key {key}.engine: an engine is named twice ({', '.join(row['engine'])})")
+        problems += _strategy_problems(row["dsa"], f"{key}.dsa")
+        if row.get("normalize") not in (None, ds["normalize"]):  # a row's own value (else the dataset's, checked above)
+            problems += _choice_problems(row["normalize"], f"{key}.normalize", "normalisation", NORMALIZATIONS)
+        problems += _choice_problems(row["lr_img_convention"], f"{key}.lr_img_convention", "convention", LR_IMG_CONVENTIONS)
+    return problems
