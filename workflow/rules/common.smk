@@ -417,9 +417,10 @@ def evaluate_options(wildcards) -> str:
     """The evaluation protocol of one architecture (a distilled set carries its own
     learning rate, augmentation and input space)."""
     ev = dataset_cfg(wildcards.dataset)["evaluate"]
+    runs = distill_cfg(wildcards.dataset, wildcards.ipc)["eval_runs"] or ev["runs"]
     opts = [
         _opt("arch", wildcards.arch),
-        _opt("runs", ev["runs"]),
+        _opt("runs", runs),
         _opt("epochs", ev["epochs"]),
         _opt("batch-size", ev["batch_size"]),
         _opt("seed", config["seed"]),
