@@ -308,7 +308,7 @@ def test_cancelled_job_is_reported_as_failed(demo):
     assert sacct_when_final([job])[job]["State"].startswith("CANCELLED")
     assert demo["after_a"] == {"synthetic": False, "checkpoints": 1}
     # SLURM's log of the failed job is kept (those of successful jobs are deleted)
-    slurm_logs = {p.stem: p for p in (demo["workdir"] / "logs" / "slurm").rglob("*.log")}
+    slurm_logs = {p.stem: p for p in (demo["workdir"] / "results" / "logs" / "slurm").rglob("*.log")}
     assert job in slurm_logs and "rule_distill" in str(slurm_logs[job]), sorted(slurm_logs)
     assert set(slurm_logs) == {job}, sorted(slurm_logs)
 
