@@ -355,8 +355,8 @@ def test_acc_csv_is_what_a_local_run_writes(demo):
     """acc.csv from the cluster equals `tesla results` run locally on the same evaluations."""
     workdir = demo["workdir"]
     assert demo["rc_b"] == 0, demo["run_b"][-3000:]
-    runs = sorted(str(p) for p in (workdir / "eval" / "demo_ipc1").glob("*.csv"))
-    experts = sorted(str(p) for p in (workdir / "experts" / "demo").glob("expert_*.h5"))
+    runs = sorted(str(p) for p in (workdir / "results" / "demo_ipc1" / "eval").glob("*.csv"))
+    experts = sorted(str(p) for p in (workdir / "results" / "demo" / "experts" / "split").glob("expert_*.h5"))
     assert len(runs) == 2 and len(experts) == 2
     local = workdir / "local_acc.csv"
     tesla = Path(sys.executable).parent / "tesla"
@@ -433,7 +433,7 @@ def test_jobs_of_the_killed_run_stop_the_next_run_before_it_submits(killed):
     assert result.returncode != 0, log[-3000:]
     job = killed["job"]
     assert "jobs of an earlier run of this workflow are still queued or running" in log, log[-3000:]
-    assert f"SLURM job {job}, rule distill (demo_3): SUSPENDED" in log and f"scancel {job}" in log, log[-3000:]
+    assert f"SLURM job {job}, rule distill (demo_3_exact): SUSPENDED" in log and f"scancel {job}" in log, log[-3000:]
     assert "has been submitted with SLURM jobid" not in log
 
 
@@ -576,7 +576,7 @@ def test_job_pending_for_a_reason_that_never_clears_is_cancelled_and_reported(pr
     monkeypatch.setenv("TESLA_SLURM_TEST_ONLY", "0")
     log = _fails_fast(prepared_workdir, _too_many_cpus(), "results/demo/experts/split/expert_0.h5", "profile-cpus-watch")
     job = next(j for j, rule in submissions(log).items() if rule == "expert")
-    assert re.search(rf"SLURM job {job}, rule expert \(demo_0\) was pending with reason PartitionConfig, "
+    assert re.search(rf"SLURM job {job}, rule expert \(demo_split_0\) was pending with reason PartitionConfig, "
                      rf"which never clears by itself: .*set-resources: expert:", log), log[-3000:]
     assert f"SLURM-job '{job}' failed, SLURM status is: 'CANCELLED" in log and "Error in rule expert" in log
     assert sacct_when_final([job])[job]["State"].startswith("CANCELLED")
