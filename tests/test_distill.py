@@ -363,3 +363,51 @@ def test_zca_experts_need_the_same_zca_file_and_the_set_embeds_it(toy, tmp_path)
     real = torch.from_numpy(split.images_uint8()).permute(0, 3, 1, 2).float() / 255
     for n in range(len(u)):
         assert float((real - u[n]).abs().flatten(1).max(1).values.min()) < 1e-3
+
+
+# ---------------------------------------------------------------------------------------
+# --compile (the student-step graphs of tesla.student_steps)
+# ---------------------------------------------------------------------------------------
+def test_compile_mode_is_resolved_for_the_device_before_any_work(toy, tmp_path):
+    from tesla.distill import build_setup
+
+    assert build_setup(settings(toy, tmp_path, compile="auto")).compiler is None  # CPU: eager
+    assert build_setup(settings(toy, tmp_path, compile="off")).compiler is None
+    assert build_setup(settings(toy, tmp_path, compile="inductor")).compiler.mode == "inductor"
+    for mode, message in (("cudagraph", "needs a CUDA device"), ("fast", "--compile 'fast' is not a compile mode")):
+        with pytest.raises(TeslaError, match=message):
+            distill(settings(toy, tmp_path, compile=mode))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_run_resumes_under_another_compile_mode(toy, tmp_path, monkeypatch):
+    """compile may change on resume (RESUME_TUNABLE): graph steps continue an eager run to the
+    eager run's numbers within float32 round-off. (The 'inductor' setting is served by the
+    traced graphs without the compiler here, to keep the test fast; tests/test_matching.py
+    compares inductor itself.)"""
+    kw = dict(iterations=4, checkpoint_every=2, soft_labels=True, grid_dir=None)
+    whole = distill(settings(toy, tmp_path / "a", compile="off", **kw))
+    half = settings(toy, tmp_path / "b", compile="off", **dict(kw, iterations=2))
+    distill(half)
+    monkeypatch.setattr(distill_mod, "resolve_compile_mode", lambda mode, device: "trace")
+    real, modes = distill_mod.matching_gradients, []
+
+    def spy(*args, **kwargs):
+        result = real(*args, **kwargs)
+        modes.append(result.compile)
+        return result
+
+    monkeypatch.setattr(distill_mod, "matching_gradients", spy)
+    rc = main([
+        "distill", "--train", half.train, "--experts", *half.experts, "--out", half.out, "--ipc", "2", "--syn-steps", "3",
+        "--max-start-epoch", "2", "--lr-img", "100", "--lr-lr", "1e-4", "--batch-syn", "4", "--iterations", "4",
+        "--checkpoint-every", "2", "--soft-labels", "--metrics", half.metrics, "--device", "cpu", "--no-progress",
+        "--compile", "inductor",
+    ])
+    assert rc == 0 and modes == ["trace", "trace"]
+    resumed = SyntheticSet.load(half.out)
+    assert resumed.iteration == 4 and resumed.settings["compile"] == "inductor"
+    assert torch.allclose(resumed.images, whole.images, rtol=0, atol=1e-5)
+    losses_a = [float(r["loss"]) for r in read_metrics(tmp_path / "a" / "metrics.csv")]
+    losses_b = [float(r["loss"]) for r in read_metrics(half.metrics)]
+    assert losses_b == pytest.approx(losses_a, rel=1e-5)
