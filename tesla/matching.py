@@ -60,6 +60,7 @@ from tesla.student_steps import (
     StepCompiler,
     StepInputs,
     adjoint_step,
+    augmentations_on,
     ieee_float32,
     student_gradient,
     student_update,
@@ -153,16 +154,13 @@ def plan_student_steps(
 def _step_inputs(
     images: torch.Tensor, labels: torch.Tensor, alpha: float | torch.Tensor, plan: list[StudentStep]
 ) -> StepInputs:
-    """The plan on the images' device, moved before the sweeps: all indices in one copy, the
-    augmentation samples one copy each (so no step copies from the host)."""
+    """The plan for the steps: all minibatch indices moved to the images' device in one copy
+    before the sweeps (so no step copies from the host), the augmentation samples as drawn."""
     device = images.device
     sizes = [len(step.indices) for step in plan]
     indices = list(torch.cat([step.indices for step in plan]).to(device).split(sizes))
-    augmentations = [
-        p.to(device) if p is not None and hasattr(p, "to") else p for p in (step.augmentation for step in plan)
-    ]
     a = torch.as_tensor(alpha, dtype=images.dtype).to(device).detach()
-    return StepInputs(images.detach(), labels.to(device), a, indices, augmentations)
+    return StepInputs(images.detach(), labels.to(device), a, indices, [step.augmentation for step in plan])
 
 
 def trajectory_storage(compute: torch.device) -> torch.device:
@@ -338,7 +336,7 @@ def unroll_gradients(
         x_all = inputs.images.detach().requires_grad_(True)
         a = inputs.alpha.detach().clone().requires_grad_(True)
         theta = theta_start.detach().reshape(-1).requires_grad_(True)
-        for idx, params in zip(inputs.indices, inputs.augmentations):
+        for idx, params in zip(inputs.indices, augmentations_on(x_all.device, inputs.augmentations)):
             x = x_all.index_select(0, idx)
             if augment is not None and params is not None:
                 x = augment.apply(x, params)

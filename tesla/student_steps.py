@@ -224,7 +224,7 @@ def _precision_switches() -> list[Any]:
     """The backends whose ``fp32_precision`` (torch >= 2.9) lets float32 products use TF32 or
     bf16: cuBLAS, cuDNN convolutions and oneDNN (CPU) products and convolutions."""
     b = torch.backends
-    objects = [b.cuda.matmul, b.cudnn.conv, getattr(b.mkldnn, "matmul", None), getattr(b.mkldnn, "conv", None)]
+    objects = [b.cuda.matmul, getattr(b.cudnn, "conv", None), getattr(b.mkldnn, "matmul", None), getattr(b.mkldnn, "conv", None)]
     return [o for o in objects if o is not None and hasattr(o, "fp32_precision")]
 
 
@@ -271,13 +271,20 @@ def ieee_float32() -> Iterator[None]:
 @dataclass(frozen=True)
 class StepInputs:
     """What every step of one matching call reads: the synthetic set, its labels, the learned
-    alpha (0-d tensor), and per step i its minibatch indices and augmentation sample."""
+    alpha (0-d tensor), and per step i its minibatch indices (on the images' device) and its
+    augmentation sample (as drawn, on the CPU: each executor moves what it needs before the
+    sweeps)."""
 
     images: torch.Tensor
     labels: torch.Tensor
     alpha: torch.Tensor
     indices: list[torch.Tensor]
     augmentations: list[Any]
+
+
+def augmentations_on(device: torch.device, samples: Sequence[Any]) -> list[Any]:
+    """Every step's augmentation sample moved to ``device`` (once, before the sweeps)."""
+    return [p.to(device) if p is not None and hasattr(p, "to") else p for p in samples]
 
 
 class EagerSteps:
@@ -288,10 +295,11 @@ class EagerSteps:
 
     def __init__(self, loss_fn: LossFn, inputs: StepInputs, augment: Any | None) -> None:
         self.loss_fn, self.inputs, self.augment = loss_fn, inputs, augment
+        self.samples = augmentations_on(inputs.images.device, inputs.augmentations)
         self.theta = self.total = self.w = None
 
     def _augment(self, i: int) -> AugmentFn:
-        params = self.inputs.augmentations[i]
+        params = self.samples[i]
         if self.augment is None or params is None:
             return lambda x: x
         return lambda x: self.augment.apply(x, params)
@@ -533,8 +541,9 @@ class StepCompiler:
 
 
 def _stage_augmentations(inputs: StepInputs, families: tuple[str, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Every step's (family index, packed parameters), moved to the device in one copy per
-    minibatch size before the sweeps (so the sweeps never copy from the host)."""
+    """Every step's (family index, packed parameters), packed on the CPU from the samples as
+    drawn and moved to the device in one copy per minibatch size before the sweeps (so the
+    sweeps never copy from the host)."""
     device = inputs.images.device
     rows = [pack_augmentation(p, families, len(idx)) for p, idx in zip(inputs.augmentations, inputs.indices)]
     families_on_device = torch.tensor([k for k, _ in rows], dtype=torch.int64).to(device)

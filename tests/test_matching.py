@@ -475,11 +475,21 @@ def cuda_compilers():
     return {}
 
 
+#: every engine and label kind with captured eager kernels; the compiled modes on fewer
+#: combinations (each new compiler compiles its graphs: seconds to a minute each)
+CUDA_CASES = [
+    ("cudagraph", "exact", "hard"), ("cudagraph", "exact", "soft"), ("cudagraph", "tesla", "hard"),
+    ("cudagraph", "tesla", "soft"), ("inductor-cudagraph", "exact", "hard"), ("inductor-cudagraph", "tesla", "soft"),
+    ("inductor", "exact", "hard"),
+]
+
+
 @needs_cuda
-@pytest.mark.parametrize("mode", ["cudagraph", "inductor", "inductor-cudagraph"])
-@pytest.mark.parametrize("engine", ["exact", "tesla"])
-@pytest.mark.parametrize("labels", ["hard", "soft"])
+@pytest.mark.parametrize("mode, engine, labels", CUDA_CASES)
 def test_cuda_compiled_steps_equal_eager_steps(problem32, cuda_compilers, mode, engine, labels):
+    """On the GPU too, compiled/captured steps give the eager numbers within float32 round-off
+    (not bitwise: CUDA's index_add and grid_sample backward sum with atomics), and replaying
+    the captured graphs in a second call gives the first call's numbers."""
     cuda = on_cuda(problem32)
     y = cuda["labels"] if labels == "hard" else cuda["soft"]
     compiler = cuda_compilers.setdefault((mode, labels), StepCompiler(mode))
@@ -489,7 +499,7 @@ def test_cuda_compiled_steps_equal_eager_steps(problem32, cuda_compilers, mode, 
         again = run_engine(cuda, engine, syn_steps, labels=y, compiler=compiler)  # replayed graphs
         assert graph.compile == mode and graph.grad_images.device.type == "cuda"
         assert_close(graph, eager, FLOAT32_ROUNDOFF)
-        assert torch.equal(graph.grad_images, again.grad_images)
+        assert_close(again, graph, FLOAT32_ROUNDOFF)
 
 
 @needs_cuda
@@ -512,4 +522,4 @@ def test_cuda_sweeps_never_synchronise(problem32, cuda_compilers, monkeypatch, m
     monkeypatch.setattr(matching, "_forward_sweep", guarded(matching._forward_sweep))
     monkeypatch.setattr(matching, "_reverse_sweep", guarded(matching._reverse_sweep))
     result = run_engine(cuda, engine, 8, compiler=compiler)
-    assert torch.equal(result.grad_images, reference.grad_images)
+    assert_close(result, reference, FLOAT32_ROUNDOFF)
