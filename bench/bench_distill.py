@@ -579,6 +579,8 @@ def precision_benchmark(argv: list[str]) -> int:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--inductor", action="store_true", help="also float32 with the inductor-compiled step (minutes)")
+    p.add_argument("--kinks", action="store_true",
+                   help="count the ReLU inputs of the forward sweep that float32 puts on the other side of 0 than float64")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     if a.threads:
@@ -594,6 +596,7 @@ def precision_benchmark(argv: list[str]) -> int:
     if compiler is not None:
         variants["float32, inductor-compiled step"] = (torch.float32, contextlib.nullcontext)
     errors: dict[str, list[tuple[float, float, float]]] = {k: [] for k in [*variants, "first order (tesla), float64"]}
+    kinks: list[str] = []
     t_start = time.perf_counter()
     n = a.ipc * a.classes
     batch_syn = a.batch_syn or n
@@ -618,17 +621,44 @@ def precision_benchmark(argv: list[str]) -> int:
                 theta_target = theta_target - 0.01 * grad
         dsa = DSA("color_crop_cutout_flip_scale_rotate")
 
-        def run(engine, dtype, context, compiler=None):
+        def run(engine, dtype, context, compiler=None, relu_inputs=None):
             m = model.to(dtype)
+            hooks = []
+            if relu_inputs is not None:  # the ReLU inputs of the first N forwards: the forward sweep's
+                forwards = [0]
+
+                def record(module, inputs):
+                    if forwards[0] < a.syn_steps:
+                        relu_inputs.append(inputs[0].detach().double())
+
+                def counted(*args):
+                    forwards[0] += 1
+
+                hooks = [r.register_forward_pre_hook(record) for r in m.modules() if isinstance(r, torch.nn.ReLU)]
+                hooks.append(m.register_forward_hook(counted))
 
             def loss_fn(theta, x, y):
                 return training_loss(functional_forward(m, theta, x, layout=layout), y)
 
-            with context():
-                return matching_gradients(engine, loss_fn, theta_start.to(dtype), theta_target.to(dtype),
-                                          images.to(dtype), labels, a.alpha, a.syn_steps, batch_syn, dsa,
-                                          torch.Generator().manual_seed(seed), compiler=compiler)
+            try:
+                with context():
+                    return matching_gradients(engine, loss_fn, theta_start.to(dtype), theta_target.to(dtype),
+                                              images.to(dtype), labels, a.alpha, a.syn_steps, batch_syn, dsa,
+                                              torch.Generator().manual_seed(seed), compiler=compiler)
+            finally:
+                for h in hooks:
+                    h.remove()
 
+        if a.kinks:
+            acts64, acts32 = [], []
+            run("exact", torch.float64, contextlib.nullcontext, relu_inputs=acts64)
+            run("exact", torch.float32, contextlib.nullcontext, relu_inputs=acts32)
+            flips = [(x64, (x64 > 0) != (x32 > 0)) for x64, x32 in zip(acts64, acts32)]
+            flipped = torch.cat([x64[f] for x64, f in flips])
+            total = sum(f.numel() for _, f in flips)
+            kinks.append(f"seed {seed}: {flipped.numel()} of {total:,} ReLU inputs of the forward sweep on the other "
+                         f"side of 0 in float32 (their float64 values: "
+                         f"{', '.join(f'{v:.1e}' for v in flipped[:6].tolist()) or 'none'})")
         ref = run("exact", torch.float64, contextlib.nullcontext)
         for name, (dtype, context) in variants.items():
             r = run("exact", dtype, context, compiler if "inductor" in name else None)
@@ -649,6 +679,8 @@ def precision_benchmark(argv: list[str]) -> int:
     for name, errs in errors.items():
         worst = [max(e[k] for e in errs) for k in range(3)]
         lines.append(f"| {name} | {worst[0]:.1e} | {worst[1]:.1e} | {worst[2]:.1e} |")
+    if kinks:
+        lines += ["", *kinks]
     return _report(lines, t_start, a.out)
 
 

@@ -59,6 +59,7 @@ from tesla.student_steps import (
     LossFn,
     StepCompiler,
     StepInputs,
+    StudentSteps,
     adjoint_step,
     augmentations_on,
     ieee_float32,
@@ -170,7 +171,7 @@ def trajectory_storage(compute: torch.device) -> torch.device:
     return torch.device("cpu") if compute.type == "cuda" else compute
 
 
-def _forward_sweep(steps: Any, theta_start: torch.Tensor, num_steps: int) -> torch.Tensor:
+def _forward_sweep(steps: StudentSteps, theta_start: torch.Tensor, num_steps: int) -> torch.Tensor:
     """Run theta_{i+1} = theta_i - alpha g_i without a graph through the steps.
 
     Returns the student trajectory as one (N+1) x P tensor (row i = theta_i, row N = theta_N);
@@ -195,7 +196,7 @@ def _forward_sweep(steps: Any, theta_start: torch.Tensor, num_steps: int) -> tor
 
 
 def _reverse_sweep(
-    steps: Any,
+    steps: StudentSteps,
     trajectory: torch.Tensor,
     v: torch.Tensor,
     inputs: StepInputs,
@@ -255,7 +256,7 @@ def _student_steps(
     augment: Augmentation | None,
     compiler: StepCompiler | None,
     adjoint_kind: str,
-) -> Any:
+) -> StudentSteps:
     """The compiler's graphs (update + ``adjoint_kind``) built for this call, else eager steps."""
     steps = None if compiler is None else compiler.steps(loss_fn, theta_start, inputs, augment, ("update", adjoint_kind))
     return EagerSteps(loss_fn, inputs, augment) if steps is None else steps

@@ -49,7 +49,7 @@ import contextlib
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import torch
 
@@ -280,6 +280,26 @@ class StepInputs:
     alpha: torch.Tensor
     indices: list[torch.Tensor]
     augmentations: list[Any]
+
+
+class StudentSteps(Protocol):
+    """What the sweeps of :mod:`tesla.matching` drive: the state (theta = theta_i, total = G,
+    w = the adjoint vector) and the two kinds of step. :class:`EagerSteps` and
+    :class:`GraphSteps` provide it."""
+
+    mode: str
+    theta: torch.Tensor
+    total: torch.Tensor
+
+    def begin(self, theta_start: torch.Tensor) -> None: ...
+
+    def update(self, i: int) -> None: ...
+
+    def begin_adjoint(self, v: torch.Tensor) -> None: ...
+
+    def adjoint(self, i: int, theta_i: torch.Tensor, propagate_hessian: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step i of the reverse sweep at theta_i: (dX_b, s), leaving w' as the new w."""
+        ...
 
 
 def augmentations_on(device: torch.device, samples: Sequence[Any]) -> list[Any]:
