@@ -394,9 +394,10 @@ class StepCompiler:
     (kind, minibatch size) and reused; ``built`` lists them. A different loss function, device,
     dtype, parameter count, image or label shape, or DSA strategy starts over.
 
-    ``announce``: one line on stderr per graph built (compiling takes minutes). ``fallback``:
-    when building a graph fails (a compiler or capture error; TeslaError excepted), say so on
-    stderr and run this and every later call eagerly instead of raising (``--compile auto``).
+    ``announce``: one line on stderr per graph built (compiling takes minutes). When building a
+    graph fails (a compiler or capture error), a TeslaError names the mode and the way out; with
+    ``fallback`` (``--compile auto``) the failure is said on stderr instead and this and every
+    later call run eagerly.
     """
 
     def __init__(self, mode: str, announce: bool = False, fallback: bool = False) -> None:
@@ -549,7 +550,11 @@ class StepCompiler:
             raise
         except Exception as exc:
             if not self.fallback:
-                raise
+                raise TeslaError(
+                    f"--compile {self.mode}: could not build the student step graph ({type(exc).__name__}: "
+                    f"{str(exc).splitlines()[0][:300] if str(exc) else ''}); use --compile off (eager) or auto "
+                    "(falls back to eager)"
+                ) from exc
             self.failure = f"{type(exc).__name__}: {exc}"
             self._workspace = None
             print(

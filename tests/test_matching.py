@@ -436,7 +436,7 @@ def test_a_failed_build_falls_back_to_eager_steps_when_allowed(problem32, monkey
 
     monkeypatch.setattr(proxy_tensor, "make_fx", broken_make_fx)
     eager = run_engine(problem32, "exact", 3)
-    with pytest.raises(RuntimeError, match="compiler exploded"):
+    with pytest.raises(TeslaError, match="--compile trace: could not build.*compiler exploded.*--compile off"):
         run_engine(problem32, "exact", 3, compiler=StepCompiler("trace"))
     compiler = StepCompiler("trace", fallback=True)
     for _ in range(2):
