@@ -17,14 +17,14 @@ How a step is executed is the *compile mode*:
 
 ``off``
     eager autograd, step by step, each step applying its own DSA family
-    (``tesla.augment.DSA.apply``): today's engine, and the reference.
+    (``tesla.augment.DSA.apply``): the engine as it was before compiled steps, and the reference.
 ``inductor``
     the step traced once into a pure graph of ATen operations (``make_fx`` runs the same
     autograd code, double backward included, and records the kernels it calls), then compiled
     by TorchInductor (``torch.compile``): fused kernels.
 ``cudagraph``
     the traced step captured in a CUDA graph (the eager kernels, no compile time): one launch
-    per step instead of ~1,600.
+    per step instead of one per kernel (about 1,600 per ConvNet-3 step, counted on an H100).
 ``inductor-cudagraph``
     the compiled kernels captured in a CUDA graph.
 ``auto``
