@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -137,6 +138,15 @@ def timing(args) -> dict[str, float]:
     return {e: statistics.median(v) for e, v in times.items()}
 
 
+def _report(lines: list[str], t_start: float, out: str | None) -> int:
+    """Print the Markdown lines with the benchmark's wall time, and write them to ``out``."""
+    text = "\n".join([*lines, "", f"Whole benchmark: {time.perf_counter() - t_start:.0f} s."]).replace("\n\n\n", "\n\n")
+    print(text)
+    if out:
+        Path(out).write_text(text + "\n")
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu")
@@ -209,12 +219,7 @@ def main() -> int:
             lines.append(f"| {e} | {speeds[e]:.3f} | {speeds[e] / speeds['tesla']:.2f}x |")
         else:
             lines.append(f"| {e} | out of memory | |")
-    lines += ["", f"Whole benchmark: {time.perf_counter() - t_start:.0f} s."]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    return 0
+    return _report(lines, t_start, args.out)
 
 
 
@@ -316,5 +321,369 @@ def compare_engines(argv: list[str]) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------
+# the student step: eager (before / after this change) vs each compile mode vs the floor
+# ---------------------------------------------------------------------------------------
+#: the issue's settings (random data: time does not depend on the values)
+ENGINE_SETTINGS = {
+    "cifar10-ipc10": dict(model="convnet", width=128, resolution=32, classes=10, ipc=10, batch_syn=100, syn_steps=30),
+    "in1k-ipc10": dict(model="convnet_d4", width=128, resolution=64, classes=1000, ipc=10, batch_syn=500, syn_steps=20),
+    "in1k-ipc50": dict(model="convnet_d4", width=128, resolution=64, classes=1000, ipc=50, batch_syn=1000, syn_steps=30),
+}
+#: --toy: the same networks, tiny (checks that the script runs, in seconds, on a CPU)
+TOY = dict(width=8, resolution=16, classes=10, ipc=2, batch_syn=10, syn_steps=3)
+#: the engine of the commit before the compiled student step (the "before" column)
+BASELINE_REV = "6cb807c"
+
+
+def load_baseline(path: str | None, rev: str | None):
+    """The matching module of another revision, imported from a file (``git show
+    REV:tesla/matching.py``), or None."""
+    import importlib.util
+    import tempfile
+
+    if path is None and rev is not None:
+        done = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:tesla/matching.py"], capture_output=True, text=True)
+        if done.returncode != 0:
+            print(f"no baseline: git show {rev}:tesla/matching.py failed ({done.stderr.strip()[:200]})", file=sys.stderr)
+            return None
+        handle = tempfile.NamedTemporaryFile("w", suffix="_matching_before.py", delete=False)
+        handle.write(done.stdout)
+        handle.close()
+        path = handle.name
+    if path is None:
+        return None
+    spec = importlib.util.spec_from_file_location("tesla_matching_before", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _rel(a, b) -> float:
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    return float(torch.linalg.vector_norm(a.cpu() - b.cpu()) / torch.linalg.vector_norm(b.cpu()))
+
+
+def engine_benchmark(argv: list[str]) -> int:
+    """Seconds per distillation iteration: the engine before this change, the eager engine
+    now (--compile off) and each compile mode, side by side in one process, and the floor (the
+    same N plain forward+backward steps on the same minibatches and DSA samples).
+
+        python bench/bench_distill.py engine --device cuda                 # the issue's three settings
+        python bench/bench_distill.py engine --device cpu --toy --modes off trace
+    """
+    from tesla.augment import DSA
+    from tesla.matching import matching_gradients, plan_student_steps
+    from tesla.models import build_model, flatten_params, functional_forward, param_layout
+    from tesla.student_steps import StepCompiler, student_update
+    from tesla.training import training_loss
+
+    p = argparse.ArgumentParser(prog="bench_distill.py engine")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--settings", nargs="+", default=list(ENGINE_SETTINGS), choices=list(ENGINE_SETTINGS))
+    p.add_argument("--modes", nargs="+", default=["off", "cudagraph", "inductor", "inductor-cudagraph"],
+                   help="compile modes to time (off = the eager engine now; 'trace' = the traced graph uncompiled)")
+    p.add_argument("--engine", default="exact", choices=["exact", "tesla", "unroll"])
+    p.add_argument("--repeats", type=int, default=3, help="timed iterations per column (median), after one warm-up")
+    p.add_argument("--width", type=int, default=None, help="override the network width")
+    p.add_argument("--syn-steps", type=int, default=None, help="override N")
+    p.add_argument("--ipc", type=int, default=None, help="override the images per class")
+    p.add_argument("--batch-syn", type=int, default=None, help="override batch_syn")
+    p.add_argument("--toy", action="store_true", help=f"tiny sizes ({TOY}) to check the script runs")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--baseline", default=None, help="matching.py of the engine before (default: git show REV:...)")
+    p.add_argument("--baseline-rev", default=BASELINE_REV, help="git revision of the 'before' engine ('' for none)")
+    p.add_argument("--no-floor", dest="floor", action="store_false")
+    p.add_argument("--out", default=None, help="also write the tables to this file")
+    a = p.parse_args(argv)
+    device = torch.device(a.device)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    before = load_baseline(a.baseline, a.baseline_rev or None)
+    t_start = time.perf_counter()
+    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    lines = [
+        f"Device: {machine}; torch {torch.__version__}; engine `{a.engine}`; DSA color_crop_cutout_flip_scale_rotate; "
+        f"random images and snapshots; one warm-up call per column, then {a.repeats} timed iterations per column, "
+        f"columns interleaved in a rotating order (median).",
+        "",
+    ]
+    for name in a.settings:
+        cfg = dict(ENGINE_SETTINGS[name])
+        if a.toy:
+            cfg.update(TOY)
+        for key in ("width", "syn_steps", "ipc", "batch_syn"):
+            if getattr(a, key) is not None:
+                cfg[key] = getattr(a, key)
+        torch.manual_seed(0)
+        model = build_model(cfg["model"], channels=3, num_classes=cfg["classes"], resolution=cfg["resolution"],
+                            width=cfg["width"]).to(device)
+        layout = param_layout(model)
+
+        def loss_fn(theta, x, y, model=model, layout=layout):
+            return training_loss(functional_forward(model, theta, x, layout=layout), y)
+
+        g = torch.Generator().manual_seed(1)
+        theta_start = flatten_params(model, device=device)
+        theta_target = theta_start + 0.01 * torch.randn(theta_start.shape, generator=g).to(device)
+        n = cfg["ipc"] * cfg["classes"]
+        images = torch.randn(n, 3, cfg["resolution"], cfg["resolution"], generator=g).to(device)
+        labels = torch.arange(cfg["classes"]).repeat_interleave(cfg["ipc"]).to(device)
+        dsa = DSA("color_crop_cutout_flip_scale_rotate")
+        alpha, N, B = 0.01, cfg["syn_steps"], cfg["batch_syn"]
+        args = (loss_fn, theta_start, theta_target, images, labels, alpha, N, B, dsa)
+
+        def floor(seed):
+            """N plain forward+backward steps (eager) on the same minibatches and DSA samples."""
+            plan = plan_student_steps(n, N, B, images.shape[1:], dsa, torch.Generator().manual_seed(seed))
+            theta, total, a_t = theta_start.clone(), torch.zeros_like(theta_start), torch.tensor(alpha, device=device)
+            for step in plan:
+                idx = step.indices.to(device)
+                params = step.augmentation.to(device)
+                theta, total = student_update(loss_fn, theta, total, images[idx], labels[idx], a_t,
+                                              lambda x, params=params: dsa.apply(x, params))
+            return theta
+
+        runners: dict[str, Any] = {}
+        compilers: dict[str, Any] = {}
+        if before is not None:
+            runners["before"] = lambda seed: before.matching_gradients(a.engine, *args, torch.Generator().manual_seed(seed))
+        for mode in a.modes:
+            compilers[mode] = None if mode == "off" else StepCompiler(mode)
+            runners[mode] = lambda seed, c=compilers[mode]: matching_gradients(
+                a.engine, *args, torch.Generator().manual_seed(seed), compiler=c)
+        if a.floor:
+            runners["floor"] = floor
+        first: dict[str, float] = {}
+        results: dict[str, Any] = {}
+        failed: dict[str, str] = {}
+        for key, run in runners.items():  # warm-up: tracing, compiling, capturing
+            _sync(device)
+            t0 = time.perf_counter()
+            try:
+                results[key] = run(0)
+                _sync(device)
+                first[key] = time.perf_counter() - t0
+                print(f"{name}: {key} first call (builds graphs) {first[key]:.1f} s", flush=True)
+            except Exception as exc:  # a mode that cannot run here is reported, not fatal
+                failed[key] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+                print(f"{name}: {key} failed: {failed[key]}", file=sys.stderr)
+        times: dict[str, list[float]] = {k: [] for k in first}
+        order = list(first)
+        for r in range(a.repeats):
+            for key in order[r % len(order):] + order[: r % len(order)]:  # rotated: no column always first
+                _sync(device)
+                t0 = time.perf_counter()
+                runners[key](r + 1)
+                _sync(device)
+                times[key].append(time.perf_counter() - t0)
+        median = {k: statistics.median(v) for k, v in times.items()}
+        ref = results.get("off")
+        base = median.get("before")
+        lines += [
+            f"**{name}**: {cfg['model']} width {cfg['width']}, 3x{cfg['resolution']}x{cfg['resolution']}, "
+            f"{cfg['classes']} classes, {n} images (ipc {cfg['ipc']}), batch_syn {B}, N = {N}, "
+            f"{theta_start.numel():,} parameters",
+            "",
+            "| column | first call s (build) | s per iteration | before / this | / floor | graphs | dL/dX vs off | dL/dalpha vs off |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for key in runners:
+            if key in failed:
+                lines.append(f"| {key} | failed: {failed[key]} | | | | | | |")
+                continue
+            t = median[key]
+            speed = f"{base / t:.2f}x" if base else "n/a"
+            to_floor = f"{t / median['floor']:.2f}" if "floor" in median else "n/a"
+            graphs = len(compilers[key].built) if compilers.get(key) is not None else "-"
+            diff_x = diff_a = "-"
+            if ref is not None and key not in ("floor", "off") and hasattr(results[key], "grad_images"):
+                diff_x = f"{_rel(results[key].grad_images, ref.grad_images):.1e}"
+                diff_a = f"{_rel(results[key].grad_alpha, ref.grad_alpha):.1e}"
+            lines.append(f"| {key} | {first[key]:.2f} | {t:.4f} | {speed} | {to_floor} | {graphs} | {diff_x} | {diff_a} |")
+        lines.append("")
+        print("\n".join(lines[-(len(runners) + 5):]), flush=True)
+        del runners, compilers, results, images
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return _report(lines, t_start, a.out)
+
+
+# ---------------------------------------------------------------------------------------
+# precision: the exact gradient in lower precisions against float64
+# ---------------------------------------------------------------------------------------
+def _rounded(t: torch.Tensor, mantissa_bits: int) -> torch.Tensor:
+    """float32 -> nearest float32 with ``mantissa_bits`` explicit mantissa bits (ties away from
+    zero): TF32 keeps 10, bf16 7."""
+    drop = 23 - mantissa_bits
+    bits = t.contiguous().view(torch.int32)
+    return ((bits + (1 << (drop - 1))) & ~((1 << drop) - 1)).view(torch.float32).view(t.shape)
+
+
+def rounded_products(mantissa_bits: int):
+    """A dispatch mode rounding the float32 operands of every convolution and matrix product,
+    forward and backward (it sits below autograd), to ``mantissa_bits`` and accumulating in
+    float32: what tensor cores do in TF32 (10 bits) or with bf16 operands (7 bits)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_map
+
+    aten = torch.ops.aten
+    products = {aten.convolution.default, aten.convolution_backward.default, aten.mm.default, aten.addmm.default,
+                aten.bmm.default}
+
+    class RoundedProducts(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in products:
+                args = tree_map(lambda t: _rounded(t, mantissa_bits) if isinstance(t, torch.Tensor)
+                                and t.dtype == torch.float32 else t, args)
+            return func(*args, **(kwargs or {}))
+
+    return RoundedProducts()
+
+
+def precision_benchmark(argv: list[str]) -> int:
+    """Relative error of the exact engine's dL/dX, dL/dalpha and L against float64, for float32
+    and lower precisions runnable on the CPU: TF32 and bf16 product operands (emulated: operands
+    rounded, float32 accumulation), bf16 and float16 autocast. The first-order (tesla) engine's
+    distance from the exact gradient, in float64, is printed for scale.
+
+        python bench/bench_distill.py precision [--width 128 --ipc 1 --syn-steps 10 --seeds 3]
+    """
+    import contextlib
+
+    from tesla.augment import DSA
+    from tesla.matching import matching_gradients
+    from tesla.models import build_model, flatten_params, functional_forward, param_layout
+    from tesla.student_steps import StepCompiler
+    from tesla.training import training_loss
+
+    p = argparse.ArgumentParser(prog="bench_distill.py precision")
+    p.add_argument("--model", default="convnet")
+    p.add_argument("--width", type=int, default=128)
+    p.add_argument("--norm", default="instancenorm", help="ConvNet norm: instancenorm (the paper's) or none")
+    p.add_argument("--resolution", type=int, default=32)
+    p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--ipc", type=int, default=1)
+    p.add_argument("--batch-syn", type=int, default=None, help="default: all images")
+    p.add_argument("--syn-steps", type=int, default=10)
+    p.add_argument("--alpha", type=float, default=0.01)
+    p.add_argument("--target", choices=("noise", "sgd"), default="noise",
+                   help="theta*_{t+M}: theta*_t + 0.01 N(0, 1) noise, or 20 SGD steps (lr 0.01) on random images, "
+                        "an expert-like move")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--inductor", action="store_true", help="also float32 with the inductor-compiled step (minutes)")
+    p.add_argument("--kinks", action="store_true",
+                   help="count the ReLU inputs of the forward sweep that float32 puts on the other side of 0 than float64")
+    p.add_argument("--out", default=None)
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    compiler = StepCompiler("inductor") if a.inductor else None
+    variants = {
+        "float32": (torch.float32, contextlib.nullcontext),
+        "TF32 operands (emulated)": (torch.float32, lambda: rounded_products(10)),
+        "bf16 operands (emulated)": (torch.float32, lambda: rounded_products(7)),
+        "bf16 autocast": (torch.float32, lambda: torch.autocast("cpu", dtype=torch.bfloat16)),
+        "float16 autocast": (torch.float32, lambda: torch.autocast("cpu", dtype=torch.float16)),
+    }
+    if compiler is not None:
+        variants["float32, inductor-compiled step"] = (torch.float32, contextlib.nullcontext)
+    errors: dict[str, list[tuple[float, float, float]]] = {k: [] for k in [*variants, "first order (tesla), float64"]}
+    kinks: list[str] = []
+    t_start = time.perf_counter()
+    n = a.ipc * a.classes
+    batch_syn = a.batch_syn or n
+    for seed in range(a.seeds):
+        torch.manual_seed(seed)
+        model = build_model(a.model, channels=3, num_classes=a.classes, resolution=a.resolution, width=a.width,
+                            norm=a.norm).double()
+        layout = param_layout(model)
+        g = torch.Generator().manual_seed(100 + seed)
+        theta_start = flatten_params(model, dtype=torch.float64)
+        images = torch.randn(n, 3, a.resolution, a.resolution, generator=g, dtype=torch.float64)
+        labels = torch.arange(a.classes).repeat_interleave(a.ipc)
+        if a.target == "noise":
+            theta_target = theta_start + 0.01 * torch.randn(theta_start.shape, generator=g, dtype=torch.float64)
+        else:
+            theta_target = theta_start.clone()
+            for _ in range(20):
+                x = torch.randn(32, 3, a.resolution, a.resolution, generator=g, dtype=torch.float64)
+                y = torch.randint(a.classes, (32,), generator=g)
+                t = theta_target.clone().requires_grad_(True)
+                (grad,) = torch.autograd.grad(training_loss(functional_forward(model, t, x, layout=layout), y), t)
+                theta_target = theta_target - 0.01 * grad
+        dsa = DSA("color_crop_cutout_flip_scale_rotate")
+
+        def run(engine, dtype, context, compiler=None, relu_inputs=None):
+            m = model.to(dtype)
+            hooks = []
+            if relu_inputs is not None:  # the ReLU inputs of the first N forwards: the forward sweep's
+                forwards = [0]
+
+                def record(module, inputs):
+                    if forwards[0] < a.syn_steps:
+                        relu_inputs.append(inputs[0].detach().double())
+
+                def counted(*args):
+                    forwards[0] += 1
+
+                hooks = [r.register_forward_pre_hook(record) for r in m.modules() if isinstance(r, torch.nn.ReLU)]
+                hooks.append(m.register_forward_hook(counted))
+
+            def loss_fn(theta, x, y):
+                return training_loss(functional_forward(m, theta, x, layout=layout), y)
+
+            try:
+                with context():
+                    return matching_gradients(engine, loss_fn, theta_start.to(dtype), theta_target.to(dtype),
+                                              images.to(dtype), labels, a.alpha, a.syn_steps, batch_syn, dsa,
+                                              torch.Generator().manual_seed(seed), compiler=compiler)
+            finally:
+                for h in hooks:
+                    h.remove()
+
+        if a.kinks:
+            acts64, acts32 = [], []
+            run("exact", torch.float64, contextlib.nullcontext, relu_inputs=acts64)
+            run("exact", torch.float32, contextlib.nullcontext, relu_inputs=acts32)
+            flips = [(x64, (x64 > 0) != (x32 > 0)) for x64, x32 in zip(acts64, acts32)]
+            flipped = torch.cat([x64[f] for x64, f in flips])
+            total = sum(f.numel() for _, f in flips)
+            kinks.append(f"seed {seed}: {flipped.numel()} of {total:,} ReLU inputs of the forward sweep on the other "
+                         f"side of 0 in float32 (their float64 values: "
+                         f"{', '.join(f'{v:.1e}' for v in flipped[:6].tolist()) or 'none'})")
+        ref = run("exact", torch.float64, contextlib.nullcontext)
+        for name, (dtype, context) in variants.items():
+            r = run("exact", dtype, context, compiler if "inductor" in name else None)
+            errors[name].append((_rel(r.grad_images, ref.grad_images), _rel(r.grad_alpha, ref.grad_alpha),
+                                 _rel(r.loss, ref.loss)))
+        r = run("tesla", torch.float64, contextlib.nullcontext)
+        errors["first order (tesla), float64"].append((_rel(r.grad_images, ref.grad_images),
+                                                       _rel(r.grad_alpha, ref.grad_alpha), _rel(r.loss, ref.loss)))
+        print(f"seed {seed} done ({time.perf_counter() - t_start:.0f} s)", file=sys.stderr, flush=True)
+    lines = [
+        f"Exact engine against float64: {a.model} ({a.norm}) width {a.width}, 3x{a.resolution}x{a.resolution}, {a.classes} classes, "
+        f"{n} images, batch_syn {batch_syn}, N = {a.syn_steps}, alpha {a.alpha:g}, DSA on, {a.seeds} seeds "
+        f"(random network, target by {a.target}; max over seeds); torch {torch.__version__}, CPU.",
+        "",
+        "| precision | dL/dX rel. error | dL/dalpha rel. error | L rel. error |",
+        "|---|---|---|---|",
+    ]
+    for name, errs in errors.items():
+        worst = [max(e[k] for e in errs) for k in range(3)]
+        lines.append(f"| {name} | {worst[0]:.1e} | {worst[1]:.1e} | {worst[2]:.1e} |")
+    if kinks:
+        lines += ["", *kinks]
+    return _report(lines, t_start, a.out)
+
+
 if __name__ == "__main__":
-    sys.exit(compare_engines(sys.argv[2:]) if sys.argv[1:2] == ["compare"] else main())
+    commands = {"compare": compare_engines, "engine": engine_benchmark, "precision": precision_benchmark}
+    sys.exit(commands[sys.argv[1]](sys.argv[2:]) if sys.argv[1:2] and sys.argv[1] in commands else main())

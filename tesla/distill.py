@@ -52,6 +52,7 @@ from tesla.errors import TeslaError
 from tesla.files import atomic_output
 from tesla.locks import acquire
 from tesla.matching import ENGINES, MatchResult, matching_gradients
+from tesla.student_steps import COMPILE_MODES, StepCompiler, resolve_compile_mode
 
 CHECKPOINT_FORMAT = "tesla-distill-checkpoint"
 #: 2: adds ``guard_start`` and ``settings``; version 1 is still read (see load_checkpoint)
@@ -82,7 +83,7 @@ RESUME_TUNABLE = frozenset(
     {
         "out", "metrics", "grid_dir", "checkpoint", "checkpoint_dir", "checkpoint_every", "iterations", "device",
         "progress", "lr_img", "lr_img_convention", "lr_lr", "syn_steps", "batch_syn", "engine", "label_chunk",
-        "min_lr", "experts", "train", "zca", "max_lr", "max_image_growth", "max_loss", "restart", "config_key_prefix",
+        "min_lr", "experts", "train", "zca", "max_lr", "max_image_growth", "max_loss", "restart", "config_key_prefix", "compile",
     }
 )
 #: settings that do not change the synthetic set a run computes (see DistillSettings.result_settings)
@@ -117,6 +118,7 @@ class DistillSettings:
     iterations: int = 10000
     soft_labels: bool = False
     engine: str = "exact"
+    compile: str = "auto"
     dsa: str | None = None
     zca: str | None = None
     seed: int = 0
@@ -205,6 +207,7 @@ class DistillSetup:
     batch_syn: int
     loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = field(repr=False, default=None)
     input_space: Any = None  # tesla.input_space.InputSpace of the experts
+    compiler: StepCompiler | None = field(repr=False, default=None)  # None: eager student steps
 
 
 def _positive(value: float, option: str, integer: bool = False) -> None:
@@ -256,6 +259,8 @@ def check_settings(s: DistillSettings) -> None:
         _positive(s.batch_syn, "--batch-syn", integer=True)
     if s.engine not in ENGINES:
         raise TeslaError(f"--engine {s.engine!r} is not an engine; choose one of {', '.join(ENGINES)}")
+    if s.compile not in COMPILE_MODES:
+        raise TeslaError(f"--compile {s.compile!r} is not a compile mode; choose one of {', '.join(COMPILE_MODES)}")
     if s.init not in ("real", "noise"):
         raise TeslaError(f"--init {s.init!r}: choose 'real' (random real images of each class) or 'noise'")
     if not s.experts:
@@ -376,6 +381,7 @@ def build_setup(s: DistillSettings) -> DistillSetup:
     strategy = s.dsa if s.dsa is not None else (experts[0].dsa or "none")
     dsa = DSA(strategy)
     device = pick_device(s.device)
+    compile_mode = resolve_compile_mode(s.compile, device)
     spec = dict(experts[0].model_spec)
     model = build_from_spec(spec).to(device)
     layout = param_layout(model)
@@ -404,6 +410,7 @@ def build_setup(s: DistillSettings) -> DistillSetup:
         batch_syn=batch_syn,
         loss_fn=loss_fn,
         input_space=input_space,
+        compiler=None if compile_mode == "off" else StepCompiler(compile_mode, announce=s.progress, fallback=s.compile == "auto"),
     )
 
 
@@ -642,6 +649,7 @@ def distill_iteration(setup: DistillSetup, state: DistillState) -> tuple[MatchRe
         setup.batch_syn,
         setup.dsa,
         g,
+        compiler=setup.compiler,
     )
     return result, {"expert": Path(s.experts[e]).name, "start_epoch": t}
 
@@ -885,6 +893,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     a("--iterations", type=int, default=d.iterations, help="distillation iterations")
     a("--soft-labels", action="store_true", help="TESLA soft labels from the target expert (default: hard labels)")
     a("--engine", choices=ENGINES, default=d.engine, help="gradient engine (see docs/benchmarks for the choice)")
+    a("--compile", choices=COMPILE_MODES, default=d.compile,
+      help="how the student steps of exact/tesla run: off (eager), inductor, cudagraph, inductor-cudagraph; "
+           "auto: off on the CPU, inductor-cudagraph on CUDA (README, Gradient engines)")
     a("--dsa", default=None, help="augmentation strategy, or 'none' (default: the experts' strategy)")
     a("--zca", default=None, help="ZCA file (required iff the experts were trained with ZCA)")
     a("--seed", type=int, default=d.seed, help="random seed (images, expert/start choice, minibatches, DSA)")

@@ -36,21 +36,54 @@ With v = (2/D)(theta_N - theta*_{t+M}), J_i = d g_i / d X_{b_i} and H_i the Hess
 All three draw the same :class:`StudentStep` plan (minibatches and augmentation samples)
 from the generator, so with the same generator state they follow the same trajectory and
 report the same loss value.
+
+Execution. The steps of ``exact`` and ``tesla`` run through :mod:`tesla.student_steps`: eagerly
+(compile mode ``off``), or as fixed-shape graphs traced once and compiled and/or captured in
+CUDA graphs (a :class:`tesla.student_steps.StepCompiler` passed as ``compiler``). ``unroll``
+always runs eagerly. Inside the N-step loops nothing waits for the device: D, the loss,
+dL/dalpha and the finiteness check stay device tensors until the engine returns, and one
+transfer at the end fills :class:`MatchResult`. A matching call runs in IEEE float32
+(:func:`tesla.student_steps.ieee_float32`): a global TF32 setting does not reach it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 import torch
 
 from tesla.errors import TeslaError
+from tesla.student_steps import (
+    EagerSteps,
+    LossFn,
+    StepCompiler,
+    StepInputs,
+    StudentSteps,
+    adjoint_step,
+    augmentations_on,
+    ieee_float32,
+    student_gradient,
+    student_update,
+)
+
+__all__ = [
+    "ENGINES",
+    "LossFn",
+    "MatchResult",
+    "StudentStep",
+    "adjoint_step",
+    "exact_gradients",
+    "matching_gradients",
+    "plan_student_steps",
+    "student_gradient",
+    "student_update",
+    "tesla_gradients",
+    "trajectory_storage",
+    "unroll_gradients",
+]
 
 ENGINES: tuple[str, ...] = ("exact", "tesla", "unroll")
-
-#: l(theta, x, y): the mean training loss of the student with flat parameters theta on a batch.
-LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class Augmentation(Protocol):
@@ -80,6 +113,8 @@ class MatchResult:
     final_distance: float  # ||theta_N - theta*_{t+M}||^2
     engine: str
     syn_steps: int
+    finite: bool = True  # L, dL/dalpha and every element of dL/dX are finite
+    compile: str = "off"  # how the student steps ran (tesla.student_steps compile mode)
 
 
 def plan_student_steps(
@@ -93,9 +128,12 @@ def plan_student_steps(
     """Draw b_0..b_{N-1} and A_0..A_{N-1}.
 
     Minibatches are consecutive chunks of ``batch_syn`` indices of a random permutation of
-    0..num_images-1; a new permutation is drawn when the current one is exhausted (the last
-    chunk of a permutation may be shorter). Augmentation parameters are sampled per step for
-    that step's batch shape. Everything is drawn from ``generator`` (a CPU generator).
+    0..num_images-1; a new permutation is drawn when the current one is exhausted. The last
+    chunk of a permutation is shorter when ``batch_syn`` does not divide ``num_images`` (as in
+    the published code): every image is seen once per permutation. A run therefore has at
+    most two minibatch sizes, batch_syn and num_images mod batch_syn, and a compiled student
+    step one graph per size. Augmentation parameters are sampled per step for that step's
+    batch shape. Everything is drawn from ``generator`` (a CPU generator).
     """
     if syn_steps < 1:
         raise ValueError(f"syn_steps must be at least 1, got {syn_steps}")
@@ -114,84 +152,16 @@ def plan_student_steps(
     return steps
 
 
-def _on_device(step: StudentStep, device: torch.device) -> StudentStep:
-    """The step's indices and augmentation parameters moved to ``device`` (sampled on the CPU)."""
-    params = step.augmentation
-    if params is not None and hasattr(params, "to"):
-        params = params.to(device)
-    return StudentStep(indices=step.indices.to(device), augmentation=params)
-
-
-def _student_batch(
-    images: torch.Tensor, labels: torch.Tensor, step: StudentStep, augment: Augmentation | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A_i(X_{b_i}), Y_{b_i}); differentiable w.r.t. ``images``."""
-    idx = step.indices.to(images.device)
-    x = _augmented(images.index_select(0, idx), step, augment)
-    return x, labels.index_select(0, idx.to(labels.device))
-
-
-def _augmented(x: torch.Tensor, step: StudentStep, augment: Augmentation | None) -> torch.Tensor:
-    """A_i(x) with step i's stored augmentation sample (identity without augmentation)."""
-    if augment is None or step.augmentation is None:
-        return x
-    return augment.apply(x, step.augmentation)
-
-
-def student_gradient(
-    loss_fn: LossFn, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, create_graph: bool = False
-) -> torch.Tensor:
-    """g = grad_theta l(f_theta(x), y) for a flat parameter vector ``theta`` that requires grad."""
-    (g,) = torch.autograd.grad(loss_fn(theta, x, y), theta, create_graph=create_graph)
-    return g
-
-
-def _distance_normaliser(theta_start: torch.Tensor, theta_target: torch.Tensor) -> float:
-    """D = ||theta*_t - theta*_{t+M}||^2 (must be positive)."""
-    d = float(torch.sum((theta_start - theta_target) ** 2))
-    if not d > 0:
-        raise TeslaError(
-            "the expert did not move between the start and target snapshots (distance 0): "
-            "use an expert trained with a non-zero learning rate, or a larger --expert-epochs"
-        )
-    return d
-
-
-def _forward_sweep(
-    loss_fn: LossFn,
-    theta_start: torch.Tensor,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    alpha: float,
-    plan: list[StudentStep],
-    augment: Augmentation | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run theta_{i+1} = theta_i - alpha g_i without a graph through the steps.
-
-    Returns the student trajectory as one (N+1) x P tensor (row i = theta_i, row N =
-    theta_N) and G = sum_i g_i. Memory on the compute device: one step's graph (freed after
-    each step) plus that tensor, which :func:`trajectory_storage` puts in (pinned) host memory
-    when the computation runs on a GPU, so that GPU memory does not grow with N; rows go
-    back and forth with one copy per step, ordered on the current stream.
-    """
-    theta = theta_start.detach().reshape(-1).clone()
-    store = trajectory_storage(theta.device)
-    trajectory = torch.empty(
-        (len(plan) + 1, theta.numel()), dtype=theta.dtype, device=store,
-        pin_memory=store.type == "cpu" and theta.device.type == "cuda",
-    )
-    trajectory[0].copy_(theta, non_blocking=True)
-    G = torch.zeros_like(theta)
-    x_all = images.detach()
-    for i, step in enumerate(plan):
-        with torch.enable_grad():
-            t = theta.clone().requires_grad_(True)
-            x, y = _student_batch(x_all, labels, step, augment)
-            g = student_gradient(loss_fn, t, x, y)
-        G.add_(g)
-        theta = theta - alpha * g
-        trajectory[i + 1].copy_(theta, non_blocking=True)
-    return trajectory, G
+def _step_inputs(
+    images: torch.Tensor, labels: torch.Tensor, alpha: float | torch.Tensor, plan: list[StudentStep]
+) -> StepInputs:
+    """The plan for the steps: all minibatch indices moved to the images' device in one copy
+    before the sweeps (so no step copies from the host), the augmentation samples as drawn."""
+    device = images.device
+    sizes = [len(step.indices) for step in plan]
+    indices = list(torch.cat([step.indices for step in plan]).to(device).split(sizes))
+    a = torch.as_tensor(alpha, dtype=images.dtype).to(device).detach()
+    return StepInputs(images.detach(), labels.to(device), a, indices, [step.augmentation for step in plan])
 
 
 def trajectory_storage(compute: torch.device) -> torch.device:
@@ -201,15 +171,35 @@ def trajectory_storage(compute: torch.device) -> torch.device:
     return torch.device("cpu") if compute.type == "cuda" else compute
 
 
+def _forward_sweep(steps: StudentSteps, theta_start: torch.Tensor, num_steps: int) -> torch.Tensor:
+    """Run theta_{i+1} = theta_i - alpha g_i without a graph through the steps.
+
+    Returns the student trajectory as one (N+1) x P tensor (row i = theta_i, row N = theta_N);
+    ``steps.theta`` is then theta_N and ``steps.total`` G = sum_i g_i. Memory on the compute
+    device: one step (freed after each step) plus that tensor, which
+    :func:`trajectory_storage` puts in (pinned) host memory when the computation runs on a
+    GPU, so that GPU memory does not grow with N; rows go back and forth with one copy per
+    step, ordered on the current stream.
+    """
+    theta = theta_start.detach().reshape(-1)
+    store = trajectory_storage(theta.device)
+    trajectory = torch.empty(
+        (num_steps + 1, theta.numel()), dtype=theta.dtype, device=store,
+        pin_memory=store.type == "cpu" and theta.device.type == "cuda",
+    )
+    trajectory[0].copy_(theta, non_blocking=True)
+    steps.begin(theta)
+    for i in range(num_steps):
+        steps.update(i)
+        trajectory[i + 1].copy_(steps.theta, non_blocking=True)
+    return trajectory
+
+
 def _reverse_sweep(
-    loss_fn: LossFn,
-    thetas: torch.Tensor,
+    steps: StudentSteps,
+    trajectory: torch.Tensor,
     v: torch.Tensor,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    alpha: float,
-    plan: list[StudentStep],
-    augment: Augmentation | None,
+    inputs: StepInputs,
     propagate_hessian: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Accumulate dL/dX and dL/dalpha step by step, last step first.
@@ -218,63 +208,92 @@ def _reverse_sweep(
     of s_i = g_i . w w.r.t. [X_{b_i}, theta_i] gives J_i^T w and H_i w::
 
         dL/dX_{b_i} += -alpha J_i^T w,   dL/dalpha += -g_i . w,   v_i = w - alpha H_i w.
+
+    Returns dL/dX and dL/dalpha (a 0-d device tensor).
     """
-    grad_images = torch.zeros_like(images)
+    grad_images = torch.zeros_like(inputs.images)
     grad_alpha = torch.zeros((), dtype=v.dtype, device=v.device)
-    x_all = images.detach()
-    for i in reversed(range(len(plan))):
-        with torch.enable_grad():
-            theta = thetas[i].to(v.device, non_blocking=True).detach().requires_grad_(True)
-            xb = x_all.index_select(0, plan[i].indices.to(x_all.device)).requires_grad_(True)
-            y = labels.index_select(0, plan[i].indices.to(labels.device))
-            g = student_gradient(loss_fn, theta, _augmented(xb, plan[i], augment), y, create_graph=True)
-            s = torch.dot(g.reshape(-1), v.reshape(-1))
-            wrt = [xb, theta] if propagate_hessian else [xb]
-            grads = torch.autograd.grad(s, wrt, allow_unused=True)
-        jt_v = grads[0] if grads[0] is not None else torch.zeros_like(xb)
-        grad_images.index_add_(0, plan[i].indices.to(grad_images.device), -alpha * jt_v)
-        grad_alpha = grad_alpha - s.detach()
-        if propagate_hessian:
-            h_v = grads[1] if grads[1] is not None else torch.zeros_like(v)
-            v = v - alpha * h_v
+    steps.begin_adjoint(v)
+    for i in reversed(range(len(inputs.indices))):
+        dx, s = steps.adjoint(i, trajectory[i], propagate_hessian)
+        grad_images.index_add_(0, inputs.indices[i], dx)
+        grad_alpha.sub_(s)
     return grad_images, grad_alpha
 
 
-def _matching_loss(theta_final: torch.Tensor, theta_target: torch.Tensor, d: float) -> torch.Tensor:
-    """L = ||theta_N - theta*_{t+M}||^2 / D."""
-    return torch.sum((theta_final - theta_target) ** 2) / d
+def _distance_normaliser(theta_start: torch.Tensor, theta_target: torch.Tensor) -> torch.Tensor:
+    """D = ||theta*_t - theta*_{t+M}||^2, a device scalar (checked positive in :func:`_result`)."""
+    return torch.sum((theta_start.detach() - theta_target.detach()) ** 2)
 
 
-def _student_residual(
+def _result(
+    engine: str,
+    d: torch.Tensor,
+    final: torch.Tensor,
+    grad_images: torch.Tensor,
+    grad_alpha: torch.Tensor,
+    syn_steps: int,
+    compile_mode: str,
+) -> MatchResult:
+    """The one host transfer of a matching call: D, ||theta_N - theta*_{t+M}||^2, dL/dalpha and
+    the finiteness of (L, dL/dalpha, dL/dX) in one copy; L = final / D."""
+    finite = torch.isfinite(grad_images).all() & torch.isfinite(final) & torch.isfinite(grad_alpha)
+    d_, final_, grad_alpha_, finite_ = torch.stack(
+        [d.double(), final.double(), grad_alpha.double(), finite.double()]
+    ).tolist()
+    if not d_ > 0:
+        raise TeslaError(
+            "the expert did not move between the start and target snapshots (distance 0): "
+            "use an expert trained with a non-zero learning rate, or a larger --expert-epochs"
+        )
+    return MatchResult(final_ / d_, grad_images, grad_alpha_, d_, final_, engine, syn_steps, bool(finite_), compile_mode)
+
+
+def _student_steps(
+    loss_fn: LossFn,
+    theta_start: torch.Tensor,
+    inputs: StepInputs,
+    augment: Augmentation | None,
+    compiler: StepCompiler | None,
+    adjoint_kind: str,
+) -> StudentSteps:
+    """The compiler's graphs (update + ``adjoint_kind``) built for this call, else eager steps."""
+    steps = None if compiler is None else compiler.steps(loss_fn, theta_start, inputs, augment, ("update", adjoint_kind))
+    return EagerSteps(loss_fn, inputs, augment) if steps is None else steps
+
+
+def _constant_memory_gradients(
+    engine: str,
     loss_fn: LossFn,
     theta_start: torch.Tensor,
     theta_target: torch.Tensor,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    alpha: float,
-    plan: list[StudentStep],
+    inputs: StepInputs,
     augment: Augmentation | None,
-) -> tuple[float, torch.Tensor, torch.Tensor, float, torch.Tensor]:
-    """Pass 1 of the constant-memory engines: the student trajectory without a graph.
-
-    Returns D, the stored theta_0..theta_N, G = sum_i g_i, ||theta_N - theta*_{t+M}||^2 and
-    v = (2/D)(theta_N - theta*_{t+M}) = dL/dtheta_N.
-    """
+    compiler: StepCompiler | None,
+) -> MatchResult:
+    """Pass 1 (the student trajectory without a graph), then the reverse sweep of ``exact``
+    (propagating v_i = (I - alpha H_i) v_{i+1}) or of ``tesla`` (v held constant)."""
+    exact = engine == "exact"
+    steps = _student_steps(loss_fn, theta_start, inputs, augment, compiler, "adjoint" if exact else "adjoint-first-order")
     d = _distance_normaliser(theta_start, theta_target)
-    thetas, G = _forward_sweep(loss_fn, theta_start, images, labels, alpha, plan, augment)
-    residual = thetas[-1].to(theta_target.device, non_blocking=True) - theta_target
-    return d, thetas, G, float(torch.sum(residual**2)), (2.0 / d) * residual
+    trajectory = _forward_sweep(steps, theta_start, len(inputs.indices))
+    residual = steps.theta - theta_target.detach().reshape(-1)
+    final = torch.sum(residual**2)
+    v = (2.0 / d) * residual  # dL/dtheta_N
+    grad_alpha_first_order = None if exact else -torch.dot(v, steps.total)
+    grad_images, grad_alpha = _reverse_sweep(steps, trajectory, v, inputs, propagate_hessian=exact)
+    if not exact:
+        grad_alpha = grad_alpha_first_order
+    return _result(engine, d, final, grad_images, grad_alpha, len(inputs.indices), steps.mode)
 
 
 def exact_gradients(
     loss_fn: LossFn,
     theta_start: torch.Tensor,
     theta_target: torch.Tensor,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    alpha: float,
-    plan: list[StudentStep],
+    inputs: StepInputs,
     augment: Augmentation | None = None,
+    compiler: StepCompiler | None = None,
 ) -> MatchResult:
     """The exact MTT gradient by a reverse sweep (engine ``exact``).
 
@@ -282,22 +301,16 @@ def exact_gradients(
     dL/dalpha = -v^T sum_i [prod_{k=N-1..i+1} (I - alpha H_k)] g_i, computed as
     v_N = v, v_i = (I - alpha H_i) v_{i+1}.
     """
-    d, thetas, _, final, v = _student_residual(loss_fn, theta_start, theta_target, images, labels, alpha, plan, augment)
-    grad_images, grad_alpha = _reverse_sweep(
-        loss_fn, thetas, v, images, labels, alpha, plan, augment, propagate_hessian=True
-    )
-    return MatchResult(final / d, grad_images, float(grad_alpha), d, final, "exact", len(plan))
+    return _constant_memory_gradients("exact", loss_fn, theta_start, theta_target, inputs, augment, compiler)
 
 
 def tesla_gradients(
     loss_fn: LossFn,
     theta_start: torch.Tensor,
     theta_target: torch.Tensor,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    alpha: float,
-    plan: list[StudentStep],
+    inputs: StepInputs,
     augment: Augmentation | None = None,
+    compiler: StepCompiler | None = None,
 ) -> MatchResult:
     """TESLA's first-order constant-memory gradient (engine ``tesla``).
 
@@ -305,36 +318,34 @@ def tesla_gradients(
     Pass 2: dL/dX_{b_i} = (2/D)[alpha (theta*_{t+M} - theta*_t) + alpha^2 G]^T J_i
     = -alpha v^T J_i, and dL/dalpha = -v^T G.
     """
-    d, thetas, G, final, v = _student_residual(loss_fn, theta_start, theta_target, images, labels, alpha, plan, augment)
-    grad_images, _ = _reverse_sweep(loss_fn, thetas, v, images, labels, alpha, plan, augment, propagate_hessian=False)
-    grad_alpha = -torch.dot(v.reshape(-1), G.reshape(-1))
-    return MatchResult(final / d, grad_images, float(grad_alpha), d, final, "tesla", len(plan))
+    return _constant_memory_gradients("tesla", loss_fn, theta_start, theta_target, inputs, augment, compiler)
 
 
 def unroll_gradients(
     loss_fn: LossFn,
     theta_start: torch.Tensor,
     theta_target: torch.Tensor,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    alpha: float,
-    plan: list[StudentStep],
+    inputs: StepInputs,
     augment: Augmentation | None = None,
+    compiler: StepCompiler | None = None,
 ) -> MatchResult:
-    """Autograd through the whole unroll (engine ``unroll``, MTT): the graph of all N steps."""
+    """Autograd through the whole unroll (engine ``unroll``, MTT): the graph of all N steps.
+    Always eager (``compiler`` is not used: a graph of N double-backward steps is not worth
+    compiling for the reference engine)."""
     d = _distance_normaliser(theta_start, theta_target)
     with torch.enable_grad():
-        x_all = images.detach().requires_grad_(True)
-        a = torch.tensor(float(alpha), dtype=theta_start.dtype, device=theta_start.device, requires_grad=True)
-        theta = theta_start.detach().requires_grad_(True)
-        for step in plan:
-            x, y = _student_batch(x_all, labels, step, augment)
-            g = student_gradient(loss_fn, theta, x, y, create_graph=True)
+        x_all = inputs.images.detach().requires_grad_(True)
+        a = inputs.alpha.detach().clone().requires_grad_(True)
+        theta = theta_start.detach().reshape(-1).requires_grad_(True)
+        for idx, params in zip(inputs.indices, augmentations_on(x_all.device, inputs.augmentations)):
+            x = x_all.index_select(0, idx)
+            if augment is not None and params is not None:
+                x = augment.apply(x, params)
+            g = student_gradient(loss_fn, theta, x, inputs.labels.index_select(0, idx), create_graph=True)
             theta = theta - a * g
-        loss = _matching_loss(theta, theta_target.detach(), d)
-        grad_images, grad_alpha = torch.autograd.grad(loss, [x_all, a])
-    final = float(loss.detach()) * d
-    return MatchResult(float(loss.detach()), grad_images, float(grad_alpha), d, final, "unroll", len(plan))
+        final = torch.sum((theta - theta_target.detach().reshape(-1)) ** 2)
+        grad_images, grad_alpha = torch.autograd.grad(final / d, [x_all, a])
+    return _result("unroll", d, final.detach(), grad_images, grad_alpha, len(inputs.indices), "off")
 
 
 _ENGINE_FUNCTIONS = {"exact": exact_gradients, "tesla": tesla_gradients, "unroll": unroll_gradients}
@@ -347,21 +358,26 @@ def matching_gradients(
     theta_target: torch.Tensor,
     images: torch.Tensor,
     labels: torch.Tensor,
-    alpha: float,
+    alpha: float | torch.Tensor,
     syn_steps: int,
     batch_syn: int,
     augment: Augmentation | None,
     generator: torch.Generator,
+    compiler: StepCompiler | None = None,
 ) -> MatchResult:
     """Matching loss L and (dL/dX, dL/dalpha) by ``engine`` (``exact``, ``tesla`` or ``unroll``).
 
     ``theta_start`` = theta*_t and ``theta_target`` = theta*_{t+M} are flat parameter
-    vectors; ``labels`` are class indices or soft targets, as ``loss_fn`` expects.
-    Minibatches and augmentation samples are drawn from ``generator`` first
-    (:func:`plan_student_steps`), so every engine sees the same student trajectory.
+    vectors; ``labels`` are class indices or soft targets, as ``loss_fn`` expects; ``alpha``
+    a float or a 0-d tensor. Minibatches and augmentation samples are drawn from
+    ``generator`` first (:func:`plan_student_steps`), so every engine sees the same student
+    trajectory. ``compiler`` (a :class:`tesla.student_steps.StepCompiler`, kept for the whole
+    run) runs the steps of ``exact`` and ``tesla`` as compiled graphs; ``None`` runs them
+    eagerly. The call runs in IEEE float32 whatever the global TF32 settings.
     """
     if engine not in _ENGINE_FUNCTIONS:
         raise TeslaError(f"unknown gradient engine {engine!r}; choose one of {', '.join(ENGINES)}")
     plan = plan_student_steps(len(images), syn_steps, batch_syn, tuple(images.shape[1:]), augment, generator)
-    plan = [_on_device(step, images.device) for step in plan]
-    return _ENGINE_FUNCTIONS[engine](loss_fn, theta_start, theta_target, images, labels, float(alpha), plan, augment)
+    with ieee_float32():
+        inputs = _step_inputs(images, labels, alpha, plan)
+        return _ENGINE_FUNCTIONS[engine](loss_fn, theta_start, theta_target, inputs, augment, compiler)

@@ -796,3 +796,51 @@ def test_lr_img_convention_is_checked_and_may_change_on_resume(toy, tmp_path, ca
                  "--syn-steps", "2", "--lr-img-convention", "tesla-published", "--device", "cpu",
                  "--no-progress"]) == 0
     assert SyntheticSet.load(tmp_path / "cli.h5").settings["lr_img_convention"] == "tesla-published"
+
+
+# ---------------------------------------------------------------------------------------
+# --compile (the student-step graphs of tesla.student_steps)
+# ---------------------------------------------------------------------------------------
+def test_compile_mode_is_resolved_for_the_device_before_any_work(toy, tmp_path):
+    from tesla.distill import build_setup
+
+    assert build_setup(settings(toy, tmp_path, compile="auto")).compiler is None  # CPU: eager
+    assert build_setup(settings(toy, tmp_path, compile="off")).compiler is None
+    assert build_setup(settings(toy, tmp_path, compile="inductor")).compiler.mode == "inductor"
+    for mode, message in (("cudagraph", "needs a CUDA device"), ("fast", "--compile 'fast' is not a compile mode")):
+        with pytest.raises(TeslaError, match=message):
+            distill(settings(toy, tmp_path, compile=mode))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_run_resumes_under_another_compile_mode(toy, tmp_path, monkeypatch):
+    """compile may change on resume (RESUME_TUNABLE): graph steps continue an eager run to the
+    eager run's numbers within float32 round-off. (The 'inductor' setting is served by the
+    traced graphs without the compiler here, to keep the test fast; tests/test_matching.py
+    compares inductor itself.)"""
+    kw = dict(iterations=4, checkpoint_every=2, soft_labels=True, grid_dir=None)
+    whole = distill(settings(toy, tmp_path / "a", compile="off", **kw))
+    half = settings(toy, tmp_path / "b", compile="off", **dict(kw, iterations=2))
+    distill(half)
+    monkeypatch.setattr(distill_mod, "resolve_compile_mode", lambda mode, device: "trace")
+    real, modes = distill_mod.matching_gradients, []
+
+    def spy(*args, **kwargs):
+        result = real(*args, **kwargs)
+        modes.append(result.compile)
+        return result
+
+    monkeypatch.setattr(distill_mod, "matching_gradients", spy)
+    rc = main([
+        "distill", "--train", half.train, "--experts", *half.experts, "--out", half.out, "--ipc", "2", "--syn-steps", "3",
+        "--max-start-epoch", "2", "--lr-img", "100", "--lr-lr", "1e-4", "--batch-syn", "4", "--iterations", "4",
+        "--checkpoint-every", "2", "--soft-labels", "--metrics", half.metrics, "--device", "cpu", "--no-progress",
+        "--compile", "inductor",
+    ])
+    assert rc == 0 and modes == ["trace", "trace"]
+    resumed = SyntheticSet.load(half.out)
+    assert resumed.iteration == 4 and resumed.settings["compile"] == "inductor"
+    assert torch.allclose(resumed.images, whole.images, rtol=0, atol=1e-5)
+    losses_a = [float(r["loss"]) for r in read_metrics(tmp_path / "a" / "metrics.csv")]
+    losses_b = [float(r["loss"]) for r in read_metrics(half.metrics)]
+    assert losses_b == pytest.approx(losses_a, rel=1e-5)
