@@ -201,13 +201,13 @@ def test_pick_device():
 
 def test_uint8_images_normalised_per_batch_train_like_float_images():
     from tesla.data import normalize
-    from tesla.training import NetworkInput
+    from tesla.input_space import InputSpace, Normalization
 
     g = torch.Generator().manual_seed(0)
     u = torch.randint(0, 256, (20, 8, 8, 1), dtype=torch.uint8, generator=g)
     y = torch.arange(20) % 3
     mean, std = [0.4], [0.3]
-    to_input = NetworkInput(mean, std)
+    to_input = InputSpace(Normalization("split", tuple(mean), tuple(std))).minibatch_transform("cpu")
     assert torch.equal(to_input(u), normalize(u, mean, std))
     assert to_input(u).is_contiguous()
     a, b = small_net(), small_net()
