@@ -120,11 +120,12 @@ def test_partial_run_with_other_settings_is_refused(toy, tmp_path):
 def test_a_second_run_for_the_same_output_is_refused_and_a_killed_one_leaves_no_stale_lock(toy, tmp_path):
     train, test = toy
     out = tmp_path / "e.h5"
-    cfg = dict(train=train, test=test, out=out, seed=0, model="convnet_d1", epochs=100000, keep_snapshots=1, batch_size=32)
+    cfg = dict(train=train, test=test, out=out, seed=0, model="convnet_d1", epochs=100000, keep_snapshots=1, batch_size=32,
+               train_to_end=True)
     tesla = shutil.which("tesla", path=str(Path(sys.executable).parent))
     first = subprocess.Popen(
         [tesla, "experts", "--train", str(train), "--test", str(test), "--out", str(out), "--seed", "0", "--model",
-         "convnet_d1", "--epochs", "100000", "--keep-snapshots", "1", "--batch-size", "32"],
+         "convnet_d1", "--epochs", "100000", "--keep-snapshots", "1", "--train-to-end", "--batch-size", "32"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     state = tmp_path / "e.h5.partial" / "state.pt"
@@ -149,10 +150,10 @@ def test_a_second_run_for_the_same_output_is_refused_and_a_killed_one_leaves_no_
 
 def test_keep_snapshots_and_16_bit_storage(toy, tmp_path):
     out = tmp_path / "e.h5"
-    assert cli(toy, out, "--seed", "0", "--epochs", "3", "--keep-snapshots", "1", "--dtype", "bfloat16") == 0
+    assert cli(toy, out, "--seed", "0", "--epochs", "3", "--keep-snapshots", "1", "--train-to-end", "--dtype", "bfloat16") == 0
     with Trajectory.open(out) as t:
         assert t.num_snapshots == 2 and t.epochs == 3 and t.storage_dtype == "bfloat16"
-        assert len(t.train_loss) == 3
+        assert len(t.train_loss) == 3 and t.epochs_requested == 3 and t.test_accuracy_epoch == 3
     with h5py.File(out) as f:
         assert f["snapshots"].dtype == np.uint16
 
