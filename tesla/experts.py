@@ -658,8 +658,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     from tesla.augment import DEFAULT_STRATEGY
     from tesla.input_space import NORMALIZATIONS
     from tesla.models import available_models
-    from tesla.precision import PRECISIONS
-    from tesla.training import GROUP_MODES
+    from tesla.precision import add_numerics_arguments
+    from tesla.training import add_group_mode_argument
 
     parser.add_argument("--train", required=True, type=Path, help="training split (tesla-images HDF5 from 'tesla prepare')")
     parser.add_argument("--test", required=True, type=Path, help="test split of the same dataset (for the final test accuracy)")
@@ -691,16 +691,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--dtype", choices=list(STORAGE_DTYPES), default="float32",
         help="snapshot storage type; 16-bit halves the file, see docs/formats.md for its effect on the matching loss",
     )
-    parser.add_argument("--group-mode", default="auto", choices=["auto", *GROUP_MODES],
-                        help="how several experts train in one process: sequential (bitwise as alone), streams (CUDA streams), "
-                             "vmap (stacked, within float32 round-off); auto: chosen per device by measurement")
-    parser.add_argument("--precision", default="float32", choices=list(PRECISIONS),
-                        help="forward pass in float32, or under a bfloat16 autocast (bf16; recorded in the file)")
-    parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=None,
-                        help="TF32 tensor cores for float32 convolutions and matrix products (default: on where the GPU "
-                             "has them; --no-tf32 turns them off)")
-    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                        help="channels-last memory format (default: per device, from measurement; see docs/benchmarks.md)")
+    add_group_mode_argument(parser, "experts of several --seed")
+    add_numerics_arguments(parser)
     parser.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
     parser.add_argument("--stop-after-epochs", type=int, default=None, help=argparse.SUPPRESS)
 

@@ -28,6 +28,7 @@ bf16 autocast, channels-last) is ``tesla.precision.Numerics``.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import math
 import sys
@@ -49,6 +50,7 @@ __all__ = [
     "GROUP_MODES",
     "GroupMember",
     "accuracy",
+    "add_group_mode_argument",
     "epoch_lr",
     "make_optimizer",
     "minibatches",
@@ -377,6 +379,16 @@ def resolve_group_mode(mode: str, device: torch.device | str, networks: int, num
     if networks <= 1 or channels_last:
         return "sequential"
     return AUTO_GROUP_MODE.get(torch.device(device).type, "sequential")
+
+
+def add_group_mode_argument(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--group-mode auto|sequential|streams|vmap`` for a command that trains several ``what``."""
+    parser.add_argument(
+        "--group-mode", default="auto", choices=["auto", *GROUP_MODES],
+        help=f"how the {what} train together in this process: sequential (one after the other, each bitwise as "
+             "alone), streams (steps interleaved on CUDA streams), vmap (stacked into one step, equal to alone within "
+             "float32 round-off); auto: chosen per device from measurement (docs/benchmarks.md)",
+    )
 
 
 # -- the loops -----------------------------------------------------------------------------

@@ -295,7 +295,7 @@ def test_mnist_random_baseline_is_sane_and_full_data_beats_it(mnist):
 def read_runs_csv(path: Path) -> list[dict]:
     with open(path) as f:
         first = f.readline()
-        assert first.startswith(f"# format: {RUNS_FORMAT}, format_version: 2")
+        assert first.startswith(f"# format: {RUNS_FORMAT}, format_version: 3")
         return list(csv.DictReader(f))
 
 

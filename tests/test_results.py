@@ -94,7 +94,7 @@ def test_cli_writes_table_and_prints_summary(runs_files, tmp_path, capsys):
     rc = cli.main(["results", "--runs", *map(str, paths), "--experts", *map(str, experts), "--out", str(out)])
     printed = capsys.readouterr().out
     assert rc == 0
-    assert out.read_text().startswith("# format: tesla-acc, format_version: 1")
+    assert out.read_text().startswith("# format: tesla-acc, format_version: 2")
     table = read_table(out)
     assert list(table["method"]) == ["tesla", "tesla", "random", "full"]
     assert table["ipc"].isna().tolist() == [False, False, False, True]  # the full row has no IPC
@@ -122,8 +122,8 @@ def test_bad_inputs(runs_files, tmp_path, capsys):
     plain.write_text("dataset,ipc\ncifar10,10\n")
     refused(["--runs", str(plain)], "not a tesla evaluation runs file")
     newer = tmp_path / "newer.csv"
-    newer.write_text(paths[0].read_text().replace("format_version: 2", "format_version: 3", 1))
-    refused(["--runs", str(newer)], "format version 3, this tesla reads versions 1, 2")
+    newer.write_text(paths[0].read_text().replace("format_version: 3", "format_version: 4", 1))
+    refused(["--runs", str(newer)], "format version 4, this tesla reads versions 1, 2, 3")
     expert = write_expert(tmp_path / "mnist_expert.h5", 0.9, seed=0, dataset="mnist")
     refused(["--runs", str(paths[0]), "--experts", str(expert)], "experts were trained on mnist")
     refused(["--runs", str(tmp_path / "missing.csv")], "no such runs file")
