@@ -130,6 +130,7 @@ def main() -> None:
     parser.add_argument("--ipc", type=int, nargs="+", default=[1, 10, 50])
     parser.add_argument("--device", default="auto")
     parser.add_argument("--vmap", action="store_true", help="also compare sequential and vmapped runs")
+    parser.add_argument("--model", default="convnet", help="network for 32 x 32 x 3 inputs, 10 classes (default ConvNet-3)")
     parser.add_argument("--groups", action="store_true",
                         help="only compare the group modes of train_runs (the runs of one tesla evaluate job)")
     parser.add_argument("--runs", type=int, default=5, help="with --groups: runs per job")
@@ -137,10 +138,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="with --groups: measurements per mode (median)")
     args = parser.parse_args()
     device = pick_device(args.device)
-    spec = model_spec("convnet", channels=3, num_classes=10, resolution=32)
+    spec = model_spec(args.model, channels=3, num_classes=10, resolution=32)
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
     if args.groups:
-        print(f"{args.runs} runs per job, {args.epochs} epochs each, ConvNet-3, batch 256, median of {args.rounds} "
+        print(f"{args.runs} runs per job, {args.epochs} epochs each, {args.model}, batch 256, median of {args.rounds} "
               "interleaved rounds; seconds per run (group seconds / runs)")
         print("| IPC | " + " | ".join(args.modes) + " | " + " | ".join(f"sequential / {m}" for m in args.modes[1:]) + " |")
         print("|---|" + "---|" * (2 * len(args.modes) - 1))
