@@ -270,8 +270,9 @@ def run_matrix_config(config: dict, model_name: str, resolution: int, classes: i
         _restore_tf32(default_tf32)
         sync(device)
         t0, c0 = time.perf_counter(), cpu_seconds()
-        train(models[0], x, y, epochs=1, lr=0.01, batch_size=batch, dsa=dsa, generator=torch.Generator().manual_seed(0),
-              input_transform=to_input)
+        today_train = TODAY_TRAIN[0] if TODAY_TRAIN else train
+        today_train(models[0], x, y, epochs=1, lr=0.01, batch_size=batch, dsa=dsa,
+                    generator=torch.Generator().manual_seed(0), input_transform=to_input)
     else:
         numerics = Numerics(config["precision"], config["tf32"], config["channels_last"])
         numerics.apply(device)
@@ -284,14 +285,33 @@ def run_matrix_config(config: dict, model_name: str, resolution: int, classes: i
     return time.perf_counter() - t0, cpu_seconds() - c0
 
 
+#: ``--today-from``: the train function of another checkout's training module (today's path)
+TODAY_TRAIN: list = []
+
+
+def load_train_function(path: Path):
+    """``train`` from a training module file of another checkout (e.g. the main branch's
+    tesla/training.py before this work), imported under its own name."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("today_training", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["today_training"] = module
+    spec.loader.exec_module(module)
+    return module.train
+
+
 def main_matrix(args) -> int:
     device = pick_device(args.device)
+    if args.today_from is not None:
+        TODAY_TRAIN.append(load_train_function(args.today_from))
     default_tf32 = _tf32_state()
     lines = [
         f"load average at the start: {' '.join(f'{v:.1f}' for v in os.getloadavg())}",
         f"device {device}{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}; torch "
         f"{torch.__version__}; {torch.get_num_threads()} threads; batch {args.batch_size}; {args.images} random images per "
-        f"network per measurement; DSA {DSA().strategy}; median of {args.rounds} interleaved rounds",
+        f"network per measurement; DSA {DSA().strategy}; median of {args.rounds} interleaved rounds; today's path: "
+        f"{args.today_from or 'this checkout'}'s training.train",
     ]
     print("\n".join(lines), flush=True)
     for entry in args.matrix_models:
@@ -368,6 +388,9 @@ def main() -> int:
     p.add_argument("--tf32", nargs="+", default=["on", "off"], choices=["on", "off"],
                    help="with --matrix, on a GPU that has TF32: measure with it on and/or off")
     p.add_argument("--out", type=Path, default=None, help="with --matrix: also write the tables to this file")
+    p.add_argument("--today-from", type=Path, default=None,
+                   help="with --matrix: the tesla/training.py of another checkout whose train() is today's path "
+                        "(default: this checkout's, with torch's default arithmetic)")
     args = p.parse_args()
     if args.matrix:
         return main_matrix(args)

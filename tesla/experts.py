@@ -250,6 +250,7 @@ class _Shared:
         self.zca_fp = zca_fingerprint(self.space.zca)
         self.device = pick_device(cfg.device)
         self.numerics = Numerics.resolve(self.device, cfg.precision, cfg.tf32, cfg.channels_last)
+        self.group_mode = "sequential"  # how the pending experts train (train_experts resolves --group-mode)
 
     def identity(self, seed: int) -> dict[str, Any]:
         """What a finished trajectory of expert ``seed`` must record to count as this one."""
@@ -622,7 +623,7 @@ def train_experts(
                 dsa=shared.dsa, input_transform=shared.to_input, numerics=shared.numerics, progress=progress,
                 desc=f"experts {', '.join(str(r.cfg.seed) for r in training)}",
             )
-            trained = sum(len(r.history) for r in training) * shared.train_split.num_images
+            trained = sum(r.done_here for r in training) * shared.train_split.num_images
             seconds = time.perf_counter() - t0
             if len(training) > 1 and seconds > 0:
                 log(f"group: {trained:,} images in {seconds:.1f} s ({trained / seconds:.0f} img/s over {len(training)} experts)")

@@ -65,10 +65,13 @@ __all__ = [
 
 #: how a group of networks with the same settings trains in one process (:func:`train_group`)
 GROUP_MODES: tuple[str, ...] = ("sequential", "streams", "vmap")
-#: what ``--group-mode auto`` means per device type: on the CPU measured (docs/benchmarks.md,
-#: "Several networks per process"); on CUDA chosen before any GPU measurement, to be
-#: confirmed by bench/gpu_training.sh
-AUTO_GROUP_MODE: dict[str, str] = {"cpu": "sequential", "cuda": "vmap"}
+#: what ``--group-mode auto`` means per device type. CPU: measured (docs/benchmarks.md,
+#: "Several networks per process": vmap is slower there). CUDA: chosen by argument before any
+#: GPU measurement, to be confirmed by bench/gpu_training.sh: streams run the same kernels as
+#: alone, so they cannot lose much, and they let the GPU work on other networks while one
+#: network's step waits for the host (each DSA call copies its parameters from pageable host
+#: memory, which synchronises that network's stream)
+AUTO_GROUP_MODE: dict[str, str] = {"cpu": "sequential", "cuda": "streams"}
 
 #: a differentiable augmentation: (x, generator) -> (x_aug, sampled parameters)
 Augmentation = Callable[[torch.Tensor, torch.Generator], tuple[torch.Tensor, object]]
@@ -363,7 +366,8 @@ def train_group(
 
 
 def resolve_group_mode(mode: str, device: torch.device | str, networks: int, numerics: Numerics | None = None) -> str:
-    """``auto`` -> the mode measured fastest for ``device`` (:data:`AUTO_GROUP_MODE`); one
+    """``auto`` -> the mode chosen for ``device`` (:data:`AUTO_GROUP_MODE`: measured on the CPU, argued for
+    CUDA until measured there); one
     network, or a channels-last layout (which vmap cannot keep), -> ``sequential``.
     Other names are checked and returned."""
     if mode != "auto" and mode not in GROUP_MODES:
