@@ -11,7 +11,13 @@ extrapolated to the protocol's 1000 epochs, and the final test pass over 10,000 
 (``torch.func.vmap`` over stacked parameters, one SGD step per run) would be faster than
 the same steps run one after the other: forward + backward of R networks on R batches.
 
+``--groups`` measures what ``tesla evaluate --group-mode`` does: the R runs of one job
+through ``tesla.evaluation.train_runs`` (the whole protocol: momentum, weight decay, DSA,
+lr decay) in each group mode, side by side (modes interleaved round by round), per IPC;
+seconds per run = group seconds / R.
+
     .venv/bin/python bench/bench_evaluate.py --epochs 20 --vmap
+    .venv/bin/python bench/bench_evaluate.py --groups --runs 5 --epochs 4 --ipc 1 10 50 --rounds 2
 """
 
 from __future__ import annotations
@@ -89,16 +95,61 @@ def time_vmap(spec: dict, runs: int, batch: int, steps: int, device: torch.devic
     return out[0], out[1]
 
 
+def time_groups(ipc: int, runs: int, epochs: int, modes: list[str], rounds: int, device: torch.device,
+                spec: dict) -> dict[str, float]:
+    """Median seconds per run of R runs trained as one group, per group mode (interleaved)."""
+    import statistics
+
+    from tesla.evaluation import NetworkSpace, Subject, train_runs
+    from tesla.input_space import InputSpace, Normalization
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(10 * ipc, 3, 32, 32, generator=g).to(device)
+    y = torch.arange(10).repeat_interleave(ipc).to(device)
+    space = NetworkSpace("bench", 10, 3, 32, [str(c) for c in range(10)], InputSpace(Normalization("split", (0.0,) * 3, (1.0,) * 3)))
+    subject = Subject(method="tesla", engine="exact", ipc=ipc, lr=0.01, dsa_strategy=PAPER_DSA_STRATEGY, space=space,
+                      draw=lambda generator: (x, y), soft_labels=False, num_images=len(x), source="random")
+    protocol = Protocol(epochs=epochs, lr=0.01, dsa_strategy=PAPER_DSA_STRATEGY)
+    warm = Protocol(epochs=1, lr=0.01, dsa_strategy=PAPER_DSA_STRATEGY)
+    for mode in modes:
+        train_runs(subject, spec, warm, runs, 0, device, progress=False, group_mode=mode)
+    seconds: dict[str, list[float]] = {mode: [] for mode in modes}
+    for _ in range(rounds):
+        for mode in modes:
+            sync(device)
+            start = time.perf_counter()
+            train_runs(subject, spec, protocol, runs, 0, device, progress=False, group_mode=mode)
+            sync(device)
+            seconds[mode].append((time.perf_counter() - start) / runs)
+    return {mode: statistics.median(v) for mode, v in seconds.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=20, help="epochs actually timed (extrapolated to 1000)")
     parser.add_argument("--ipc", type=int, nargs="+", default=[1, 10, 50])
     parser.add_argument("--device", default="auto")
     parser.add_argument("--vmap", action="store_true", help="also compare sequential and vmapped runs")
+    parser.add_argument("--model", default="convnet", help="network for 32 x 32 x 3 inputs, 10 classes (default ConvNet-3)")
+    parser.add_argument("--groups", action="store_true",
+                        help="only compare the group modes of train_runs (the runs of one tesla evaluate job)")
+    parser.add_argument("--runs", type=int, default=5, help="with --groups: runs per job")
+    parser.add_argument("--modes", nargs="+", default=["sequential", "streams", "vmap"], help="with --groups: group modes")
+    parser.add_argument("--rounds", type=int, default=2, help="with --groups: measurements per mode (median)")
     args = parser.parse_args()
     device = pick_device(args.device)
-    spec = model_spec("convnet", channels=3, num_classes=10, resolution=32)
+    spec = model_spec(args.model, channels=3, num_classes=10, resolution=32)
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    if args.groups:
+        print(f"{args.runs} runs per job, {args.epochs} epochs each, {args.model}, batch 256, median of {args.rounds} "
+              "interleaved rounds; seconds per run (group seconds / runs)")
+        print("| IPC | " + " | ".join(args.modes) + " | " + " | ".join(f"sequential / {m}" for m in args.modes[1:]) + " |")
+        print("|---|" + "---|" * (2 * len(args.modes) - 1))
+        for ipc in args.ipc:
+            t = time_groups(ipc, args.runs, args.epochs, args.modes, args.rounds, device, spec)
+            ratios = " | ".join(f"{t[args.modes[0]] / t[m]:.2f}" for m in args.modes[1:])
+            print(f"| {ipc} | " + " | ".join(f"{t[m]:.3f} s" for m in args.modes) + f" | {ratios} |", flush=True)
+        return
     test_seconds = time_test(device, spec)
     print(f"test pass, 10,000 images: {test_seconds:.2f} s")
     print("| IPC | images | epochs timed | s/epoch | s per run at 1000 epochs (extrapolated, incl. test) |")

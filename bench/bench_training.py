@@ -24,6 +24,19 @@ Images come from a prepared ``train.h5`` (``--train``) or, failing that, straigh
 shared CIFAR-10 tar (``--tar``; the first ``--images`` JPEGs, decoded with PIL).
 
     python bench/bench_training.py --tar ../shared/datasets/cifar10-jpg.tar --images 5120 --rounds 2
+
+``--matrix`` measures instead expert images/s (all networks of a process together) of
+today's path -- one expert per process, ``tesla.training.train`` with torch's default
+arithmetic -- against ``tesla.training.train_group`` for every combination of group mode x
+K networks x precision x memory format (x TF32 on a GPU), as ``tesla experts`` runs them:
+random uint8 images held on the device, normalised per minibatch, DSA (the expert default)
+on every batch, SGD lr 0.01, one epoch of ``--images`` images per network per measurement,
+configurations interleaved round by round after one short warm-up each. Networks:
+``--matrix-models NAME:RESOLUTION:CLASSES ...`` (default ConvNet-3 on CIFAR-10 shapes and
+ConvNetD4 at 64 px with 1000 classes).
+
+    python bench/bench_training.py --matrix --device cpu --images 128 --batch-size 64 --rounds 2 \
+        --k 1 2 4 --modes sequential vmap --precisions float32 --layouts contiguous channels_last
 """
 
 from __future__ import annotations
@@ -45,7 +58,13 @@ import torch.nn.functional as F
 from tesla.augment import DSA
 from tesla.data import ImageSplit
 from tesla.models import build_model
-from tesla.training import NetworkInput, pick_device, train
+from tesla.input_space import InputSpace, Normalization
+from tesla.training import pick_device, train
+
+
+def network_input(mean, std, device):
+    """The experts' per-minibatch map uint8 N x H x W x C -> normalised float N x C x H x W."""
+    return InputSpace(Normalization("split", tuple(mean), tuple(std))).minibatch_transform(device)
 
 
 def load_images(args) -> tuple[np.ndarray, np.ndarray, list[float], list[float], str]:
@@ -96,7 +115,7 @@ def run_tesla(images, labels, mean, std, device, strategy: str | None, batch: in
     device, normalised per minibatch there (loading to the device is not timed)."""
     x = torch.from_numpy(images).to(device)
     y = torch.from_numpy(labels).to(device)
-    to_input = NetworkInput(mean, std, device)
+    to_input = network_input(mean, std, device)
     model = fresh_model(device)
     dsa = DSA(strategy) if strategy else None
     sync(device)
@@ -158,7 +177,7 @@ def data_tesla(images, labels, mean, std, device, strategy: str | None, batch: i
 
     x = torch.from_numpy(images).to(device)
     y = torch.from_numpy(labels).to(device)
-    to_input = NetworkInput(mean, std, device)
+    to_input = network_input(mean, std, device)
     dsa = DSA(strategy) if strategy else None
     g = torch.Generator().manual_seed(0)
     sync(device)
@@ -199,6 +218,145 @@ def sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
+# --------------------------------------------------------------------------------------
+# --matrix: several experts per process, precision and memory format
+# --------------------------------------------------------------------------------------
+def _tf32_state():
+    """torch's TF32 settings as they are (the default of a fresh process: today's path)."""
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    if hasattr(matmul, "fp32_precision"):
+        return ("new", matmul.fp32_precision, cudnn.conv.fp32_precision)
+    return ("old", matmul.allow_tf32, cudnn.allow_tf32)  # pragma: no cover - torch < 2.9
+
+
+def _restore_tf32(state) -> None:
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    if state[0] == "new":
+        matmul.fp32_precision, cudnn.conv.fp32_precision = state[1], state[2]
+    else:  # pragma: no cover - torch < 2.9
+        matmul.allow_tf32, cudnn.allow_tf32 = state[1], state[2]
+
+
+def matrix_configs(args, device) -> list[dict]:
+    """today's path, then every valid (mode, K, precision, layout, tf32) combination."""
+    import itertools
+
+    from tesla.precision import has_tf32
+
+    tf32s = [None] if not has_tf32(device) else [{"on": True, "off": False}[t] for t in args.tf32]
+    configs = [dict(name="today: one expert per process (training.train, torch defaults)", today=True, k=1)]
+    for mode, k, precision, layout, tf32 in itertools.product(args.modes, args.k, args.precisions, args.layouts, tf32s):
+        if mode == "vmap" and layout == "channels_last":
+            continue  # grouped convolutions have no channels-last layout (refused by train_group)
+        tf32_text = "" if tf32 is None else (", TF32" if tf32 else ", no TF32")
+        configs.append(dict(name=f"{mode}, K={k}, {precision}, {layout}{tf32_text}", today=False, mode=mode, k=k,
+                            precision=precision, channels_last=layout == "channels_last", tf32=bool(tf32)))
+    return configs
+
+
+def run_matrix_config(config: dict, model_name: str, resolution: int, classes: int, x, y, device, batch: int,
+                      default_tf32) -> tuple[float, float]:
+    """(wall, CPU) seconds for one epoch of K networks on (x, y), as tesla experts trains them."""
+    from tesla.precision import Numerics
+    from tesla.training import GroupMember, train_group
+
+    to_input = network_input([0.5] * 3, [0.25] * 3, device)
+    dsa = DSA()
+    models = []
+    for k in range(config["k"]):
+        torch.manual_seed(k)
+        models.append(build_model(model_name, channels=3, num_classes=classes, resolution=resolution).to(device))
+    if config["today"]:
+        _restore_tf32(default_tf32)
+        sync(device)
+        t0, c0 = time.perf_counter(), cpu_seconds()
+        today_train = TODAY_TRAIN[0] if TODAY_TRAIN else train
+        today_train(models[0], x, y, epochs=1, lr=0.01, batch_size=batch, dsa=dsa,
+                    generator=torch.Generator().manual_seed(0), input_transform=to_input)
+    else:
+        numerics = Numerics(config["precision"], config["tf32"], config["channels_last"])
+        numerics.apply(device)
+        members = [GroupMember(m, x, y, torch.Generator().manual_seed(k), name=f"net {k}") for k, m in enumerate(models)]
+        sync(device)
+        t0, c0 = time.perf_counter(), cpu_seconds()
+        train_group(members, mode=config["mode"], epochs=1, lr=0.01, batch_size=batch, dsa=dsa, input_transform=to_input,
+                    numerics=numerics)
+    sync(device)
+    return time.perf_counter() - t0, cpu_seconds() - c0
+
+
+#: ``--today-from``: the train function of another checkout's training module (today's path)
+TODAY_TRAIN: list = []
+
+
+def load_train_function(path: Path):
+    """``train`` from a training module file of another checkout (e.g. the main branch's
+    tesla/training.py before this work), imported under its own name."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("today_training", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["today_training"] = module
+    spec.loader.exec_module(module)
+    return module.train
+
+
+def main_matrix(args) -> int:
+    device = pick_device(args.device)
+    if args.today_from is not None:
+        TODAY_TRAIN.append(load_train_function(args.today_from))
+    default_tf32 = _tf32_state()
+    lines = [
+        f"load average at the start: {' '.join(f'{v:.1f}' for v in os.getloadavg())}",
+        f"device {device}{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}; torch "
+        f"{torch.__version__}; {torch.get_num_threads()} threads; batch {args.batch_size}; {args.images} random images per "
+        f"network per measurement; DSA {DSA().strategy}; median of {args.rounds} interleaved rounds; today's path: "
+        f"{args.today_from or 'this checkout'}'s training.train",
+    ]
+    print("\n".join(lines), flush=True)
+    for entry in args.matrix_models:
+        name, resolution, classes = entry.split(":")
+        resolution, classes = int(resolution), int(classes)
+        rng = np.random.default_rng(0)
+        x = torch.from_numpy(rng.integers(0, 256, size=(args.images, resolution, resolution, 3), dtype=np.uint8)).to(device)
+        y = torch.from_numpy(rng.integers(0, classes, size=args.images)).to(device)
+        configs = matrix_configs(args, device)
+        warm = max(1, min(args.images, 2 * args.batch_size))
+        for config in configs:  # kernel selection, first-call paths: two minibatches each
+            run_matrix_config(config, name, resolution, classes, x[:warm], y[:warm], device, args.batch_size, default_tf32)
+        walls = {c["name"]: [] for c in configs}
+        cpus = {c["name"]: [] for c in configs}
+        for r in range(args.rounds):
+            for config in configs:
+                wall, cpu_s = run_matrix_config(config, name, resolution, classes, x, y, device, args.batch_size, default_tf32)
+                walls[config["name"]].append(wall)
+                cpus[config["name"]].append(cpu_s)
+                print(f"round {r + 1}: {name} {config['name']}: {config['k'] * args.images / wall:.1f} images/s",
+                      file=sys.stderr, flush=True)
+        rate = {c["name"]: c["k"] * args.images / statistics.median(walls[c["name"]]) for c in configs}
+        per_cpu = {c["name"]: c["k"] * args.images / statistics.median(cpus[c["name"]]) for c in configs}
+        today = configs[0]["name"]
+        table = [
+            "",
+            f"{name} ({resolution} x {resolution} x 3, {classes} classes):",
+            "",
+            "| configuration | images/s, all networks (wall) | vs today | images per CPU-second | vs today |",
+            "|---|---|---|---|---|",
+        ]
+        for c in configs:
+            n = c["name"]
+            table.append(f"| {n} | {rate[n]:.1f} | {rate[n] / rate[today]:.2f}x | {per_cpu[n]:.1f} | "
+                         f"{per_cpu[n] / per_cpu[today]:.2f}x |")
+        print("\n".join(table), flush=True)
+        lines += table
+    lines.append(f"\nload average at the end: {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
+    print(lines[-1])
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text("\n".join(lines) + "\n")
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--train", type=Path, default=None, help="a prepared CIFAR-10 train.h5 (preferred)")
@@ -219,7 +377,23 @@ def main() -> int:
     p.add_argument("--classes", type=int, default=10, help="classes (with --synthetic)")
     p.add_argument("--synthetic", action="store_true",
                    help="random uint8 images of --resolution and --classes instead of CIFAR-10 (ImageNet-sized runs)")
+    p.add_argument("--matrix", action="store_true",
+                   help="measure several experts per process x precision x memory format instead (see the docstring)")
+    p.add_argument("--matrix-models", nargs="+", default=["convnet:32:10", "convnet_d4:64:1000"],
+                   help="with --matrix: NAME:RESOLUTION:CLASSES of each network measured")
+    p.add_argument("--k", type=int, nargs="+", default=[1, 2, 4, 8], help="with --matrix: networks per process")
+    p.add_argument("--modes", nargs="+", default=["sequential", "streams", "vmap"], help="with --matrix: group modes")
+    p.add_argument("--precisions", nargs="+", default=["float32", "bf16"], help="with --matrix: float32, bf16")
+    p.add_argument("--layouts", nargs="+", default=["contiguous", "channels_last"], help="with --matrix: memory formats")
+    p.add_argument("--tf32", nargs="+", default=["on", "off"], choices=["on", "off"],
+                   help="with --matrix, on a GPU that has TF32: measure with it on and/or off")
+    p.add_argument("--out", type=Path, default=None, help="with --matrix: also write the tables to this file")
+    p.add_argument("--today-from", type=Path, default=None,
+                   help="with --matrix: the tesla/training.py of another checkout whose train() is today's path "
+                        "(default: this checkout's, with torch's default arithmetic)")
     args = p.parse_args()
+    if args.matrix:
+        return main_matrix(args)
     MODEL_SPEC.update(name=args.model, num_classes=args.classes if args.synthetic else 10,
                       resolution=args.resolution if args.synthetic else 32)
     device = pick_device(args.device)

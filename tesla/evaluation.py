@@ -8,6 +8,9 @@ theta_0 (random initialisation, one per run) is trained for E epochs on the set
     eta_e = alpha            for e <  K
     eta_e = 0.1 alpha        for e >= K          (one x0.1 decay; K = E // 2 unless --lr-decay-epoch)
 
+(with ``--reset-momentum-at-decay`` the buffer restarts at epoch K, v <- 0, as the published
+code does by creating a new optimizer there; by default it is kept)
+
 with minibatches b of 256, a fresh differentiable-siamese augmentation draw A on every
 batch, and l the soft-target cross-entropy -sum_c y_c log softmax(z)_c when the set has
 soft labels (hard-label cross-entropy otherwise). alpha is the learning rate *learned* by
@@ -25,7 +28,12 @@ Evaluation runs in two visibly separate phases (:func:`evaluate`):
 2. the test split is loaded once and every trained network is measured on it.
 
 Run r of a job with ``--seed s`` uses seed s + r for theta_0, the random draw, the
-minibatch order and the augmentation parameters.
+minibatch order and the augmentation parameters. The runs of a job train in one process as
+a group (``--group-mode``, ``tesla.training.train_group``): one after the other
+(``sequential``, each bitwise what it is alone), interleaved on CUDA streams (``streams``)
+or stacked into one vmapped step (``vmap``, equal to alone within float32 round-off);
+``auto`` chooses per device from measurement. How each step is computed (TF32,
+``--precision bf16``, channels-last; ``tesla.precision``) is recorded per run.
 
 Architectures (``--arch``): any registered name of ``tesla.models`` that can take the
 set's resolution (``convnet`` is ConvNet-3, ``convnet_d4`` ConvNet-4, ``resnet18``,
@@ -40,7 +48,7 @@ row of ``acc.csv`` normally comes from the experts' recorded test accuracy inste
 input space is ``--normalize`` (default ``split``) and ``--zca`` (whose file fixes the
 normalisation), so a baseline can see the same inputs as the experts.
 
-Per-run results go to a long-form CSV (``tesla-eval-runs`` version 2, see
+Per-run results go to a long-form CSV (``tesla-eval-runs`` version 3, see
 docs/formats.md); ``tesla results`` aggregates them into ``acc.csv``.
 """
 
@@ -66,10 +74,12 @@ from tesla.data.header import check_test_split, read_split_header
 from tesla.errors import TeslaError
 from tesla.files import atomic_output
 from tesla.input_space import InputSpace, open_input_space, space_of_record
+from tesla.precision import Numerics
 
 RUNS_FORMAT = "tesla-eval-runs"
-#: v2 added the columns lr_decay_epoch and input_space (``tesla results`` reads v1 too)
-RUNS_FORMAT_VERSION = 2
+#: v2 added the columns lr_decay_epoch and input_space; v3 reset_momentum_at_decay, precision,
+#: tf32, memory_format and group_mode (``tesla results`` reads v1 and v2 too)
+RUNS_FORMAT_VERSION = 3
 
 #: columns of the per-run CSV, in order (docs/formats.md)
 RUN_COLUMNS: tuple[str, ...] = (
@@ -82,6 +92,7 @@ RUN_COLUMNS: tuple[str, ...] = (
     "seed",
     "epochs",
     "lr_decay_epoch",
+    "reset_momentum_at_decay",
     "lr",
     "final_train_loss",
     "test_acc",
@@ -92,6 +103,10 @@ RUN_COLUMNS: tuple[str, ...] = (
     "input_space",
     "num_images",
     "device",
+    "precision",
+    "tf32",
+    "memory_format",
+    "group_mode",
     "source",
 )
 
@@ -113,6 +128,7 @@ class Protocol:
     weight_decay: float = 5e-4
     dsa_strategy: str = PAPER_DSA_STRATEGY
     lr_decay_epoch: int | None = None  # K; None: E // 2
+    reset_momentum_at_decay: bool = False  # the published code's new optimizer at K: v <- 0
 
     @property
     def decay_epoch(self) -> int:
@@ -450,6 +466,11 @@ class RunResult:
     num_images: int
     device: str
     source: str
+    reset_momentum_at_decay: bool = False
+    precision: str = "float32"
+    tf32: bool = False
+    memory_format: str = "contiguous"
+    group_mode: str = "sequential"
 
     def row(self) -> dict:
         """The CSV row; ``ipc`` is empty for the ``full`` baseline (all images, no IPC)."""
@@ -472,6 +493,31 @@ def make_dsa(strategy: str):
     return dsa if dsa.families else None
 
 
+def fresh_network(spec: dict, init_seed: int, device: torch.device | str) -> torch.nn.Module:
+    """A network of ``spec`` with theta_0 drawn from ``init_seed`` (torch's global generator
+    forked, so nothing else is disturbed), on ``device``."""
+    from tesla.models import build_from_spec
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(init_seed)
+        model = build_from_spec(spec)
+    return model.to(device)
+
+
+def protocol_settings(protocol: Protocol) -> dict:
+    """The keyword arguments of ``training.train``/``train_group`` that the protocol fixes."""
+    return dict(
+        epochs=protocol.epochs,
+        lr=protocol.lr,
+        momentum=protocol.momentum,
+        weight_decay=protocol.weight_decay,
+        batch_size=protocol.batch_size,
+        dsa=make_dsa(protocol.dsa_strategy),
+        lr_decay_epochs=protocol.lr_decay_epochs,
+        reset_momentum_at_decay=protocol.reset_momentum_at_decay,
+    )
+
+
 def train_fresh_network(
     spec: dict,
     x: torch.Tensor,
@@ -482,33 +528,17 @@ def train_fresh_network(
     device: torch.device | str,
     progress: bool = False,
     desc: str = "train",
+    numerics: Numerics | None = None,
 ) -> tuple[torch.nn.Module, float]:
     """theta_0 from ``init_seed``, then ``training.train`` with the protocol.
 
     Returns (trained model, mean training loss of the last epoch).
     """
-    from tesla.models import build_from_spec
     from tesla.training import train
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(init_seed)
-        model = build_from_spec(spec)
-    model = model.to(device)
-    history = train(
-        model,
-        x,
-        y,
-        epochs=protocol.epochs,
-        lr=protocol.lr,
-        momentum=protocol.momentum,
-        weight_decay=protocol.weight_decay,
-        batch_size=protocol.batch_size,
-        dsa=make_dsa(protocol.dsa_strategy),
-        generator=generator,
-        lr_decay_epochs=protocol.lr_decay_epochs,
-        progress=progress,
-        desc=desc,
-    )
+    model = fresh_network(spec, init_seed, device)
+    history = train(model, x, y, generator=generator, numerics=numerics, progress=progress, desc=desc,
+                    **protocol_settings(protocol))
     return model, float(history[-1].loss)
 
 
@@ -520,22 +550,36 @@ def train_runs(
     seed: int,
     device: torch.device | str,
     progress: bool = True,
+    group_mode: str = "auto",
+    numerics: Numerics | None = None,
 ) -> list[TrainedNetwork]:
-    """Phase 1: train one fresh network per run. The test split plays no part here."""
-    from tqdm import tqdm
+    """Phase 1: train one fresh network per run, the runs as one group
+    (``training.train_group``; ``group_mode`` as ``--group-mode``). Run r draws its data
+    with its own generator (seed s + r) before training. The test split plays no part here.
 
-    trained = []
-    for r in tqdm(range(runs), desc=f"evaluate {subject.method}", unit="run", file=sys.stderr, disable=not progress):
+    Each run's ``seconds`` is its draw plus its training epochs (for runs trained together,
+    the group's epochs).
+    """
+    from tesla.training import GroupMember, resolve_group_mode, train_group
+
+    numerics = numerics or Numerics()
+    mode = resolve_group_mode(group_mode, device, runs, numerics)
+    members, draw_seconds = [], []
+    for r in range(runs):
         s = run_seed(seed, r)
-        generator = torch.Generator().manual_seed(s)
         start = time.perf_counter()
+        generator = torch.Generator().manual_seed(s)
         x, y = subject.draw(generator)
-        model, loss = train_fresh_network(
-            spec, x, y, protocol, generator, init_seed=s, device=device, progress=progress, desc=f"run {r + 1}/{runs}"
-        )
-        _synchronize(device)
-        trained.append(TrainedNetwork(run=r, seed=s, model=model, final_train_loss=loss, seconds=time.perf_counter() - start))
-    return trained
+        members.append(GroupMember(fresh_network(spec, s, device), x, y, generator, name=f"run {r + 1}/{runs}"))
+        draw_seconds.append(time.perf_counter() - start)
+    histories = train_group(members, mode=mode, numerics=numerics, progress=progress, desc=f"evaluate {subject.method}",
+                            **protocol_settings(protocol))
+    _synchronize(device)
+    return [
+        TrainedNetwork(run=r, seed=run_seed(seed, r), model=m.model, final_train_loss=float(h[-1].loss),
+                       seconds=draw_seconds[r] + sum(e.seconds for e in h))
+        for r, (m, h) in enumerate(zip(members, histories))
+    ]
 
 
 def measure_test_accuracy(
@@ -567,15 +611,22 @@ def evaluate(
     seed: int = 0,
     device: torch.device | str = "cpu",
     progress: bool = True,
+    group_mode: str = "auto",
+    numerics: Numerics | None = None,
 ) -> list[RunResult]:
     """Check everything, train ``runs`` fresh networks (phase 1), then test them (phase 2)."""
+    from tesla.training import resolve_group_mode
+
     if runs < 1:
         raise TeslaError(f"--runs {runs}: need at least one run")
     protocol.check()
+    numerics = numerics or Numerics()
+    mode = resolve_group_mode(group_mode, device, runs, numerics)
     label, spec = resolve_architecture(arch, subject)
     check_test_split(read_split_header(test_path), subject.space, subject.describe)
 
-    trained = train_runs(subject, spec, protocol, runs, seed, device, progress=progress)  # phase 1
+    trained = train_runs(subject, spec, protocol, runs, seed, device, progress=progress, group_mode=mode,
+                         numerics=numerics)  # phase 1
     accs = measure_test_accuracy(trained, test_path, subject.space, device)  # phase 2
 
     return [
@@ -600,6 +651,11 @@ def evaluate(
             num_images=subject.num_images,
             device=str(device),
             source=subject.source,
+            reset_momentum_at_decay=protocol.reset_momentum_at_decay,
+            precision=numerics.precision,
+            tf32=numerics.tf32,
+            memory_format=numerics.memory_format,
+            group_mode=mode,
         )
         for t, acc in zip(trained, accs)
     ]
@@ -666,7 +722,15 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay")
     parser.add_argument("--lr-random", type=float, default=None,
                         help="learning rate of the random and full baselines (default 0.01; a synthetic set uses its learned lr)")
+    parser.add_argument("--reset-momentum-at-decay", action="store_true",
+                        help="restart the SGD momentum buffer when the lr decays, as the published code does by creating "
+                             "a new optimizer there (default: keep it); recorded per run")
     parser.add_argument("--seed", type=int, default=0, help="run r uses seed + r")
+    from tesla.precision import add_numerics_arguments
+    from tesla.training import add_group_mode_argument
+
+    add_group_mode_argument(parser, "runs")
+    add_numerics_arguments(parser)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--out", type=Path, required=True, help="per-run CSV to write (tesla-eval-runs)")
 
@@ -714,8 +778,12 @@ def run(args: argparse.Namespace) -> int:
         weight_decay=args.weight_decay,
         dsa_strategy=subject.dsa_strategy,
         lr_decay_epoch=args.lr_decay_epoch,
+        reset_momentum_at_decay=args.reset_momentum_at_decay,
     )
-    results = evaluate(subject, args.arch, args.test, protocol, runs=args.runs, seed=args.seed, device=device)
+    numerics = Numerics.from_arguments(args, device)
+    numerics.apply(device)
+    results = evaluate(subject, args.arch, args.test, protocol, runs=args.runs, seed=args.seed, device=device,
+                       group_mode=args.group_mode, numerics=numerics)
     write_runs(args.out, results)
     accs = np.array([r.test_acc for r in results])
     ipc = "all images" if subject.method == "full" else f"ipc {subject.ipc}"

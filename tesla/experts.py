@@ -1,25 +1,48 @@
-"""Train one expert network on the real training split and save its trajectory.
+"""Train expert networks on the real training split and save their trajectories.
 
 Expert k (``--seed k``) is a fresh network (initialised from seed k) trained with plain SGD
 (lr 0.01, no momentum, no weight decay, batch 256, DSA on every batch; PAPER.md section 1)
-for E epochs, on inputs x = T((u/255 - mean)/std) of the chosen input space
-(``tesla.input_space``: ``--normalize``, and ``--zca`` whose file fixes the normalisation).
-Its flat parameter vector is saved at initialisation and after every epoch,
-theta*_0 .. theta*_E, in a ``tesla-trajectory`` file (docs/formats.md); ``--keep-snapshots
-K`` keeps theta*_0 .. theta*_K only (K = the largest max_start_epoch + expert_epochs the
-distillation will use).
+on inputs x = T((u/255 - mean)/std) of the chosen input space (``tesla.input_space``:
+``--normalize``, and ``--zca`` whose file fixes the normalisation). Its flat parameter
+vector is saved at initialisation and after every epoch, theta*_0 .. theta*_E, in a
+``tesla-trajectory`` file (docs/formats.md).
 
-A killed run resumes: after every epoch the model, optimizer and generator states and the
-snapshots so far are saved in ``OUT.partial/``; running the same command again continues
-from the last completed epoch, and the trajectory is bitwise identical to an uninterrupted
-run on the same device (CPU).  OUT appears only when the run is complete.
+**Only what is used.** Distillation reads snapshots 0 .. max_start_epoch + expert_epochs.
+With ``--keep-snapshots K`` (K = that number) the expert stores theta*_0 .. theta*_K and
+*stops training after epoch K*: plain SGD has no schedule, so these K epochs are exactly the
+first K epochs of a longer run. ``--train-to-end`` trains all ``--epochs`` anyway (when the
+final test accuracy of fully trained experts is wanted, e.g. the ``full`` row of acc.csv).
+The file records the epochs trained and the epoch after which its test accuracy was measured.
+
+**A group of experts per process.** ``--seed k1 k2 ... --out f1 f2 ...`` trains several
+experts with the same settings in one process: the data are loaded once, and each expert
+keeps its own initialisation, data order and augmentation draws (its seed), its own
+resumable state ``fi.partial/`` with its own lock, and its own output file, written as soon
+as that expert is complete. ``--group-mode`` (``tesla.training.train_group``):
+``sequential`` (one after the other: each bitwise equal to training it alone),
+``streams`` (steps interleaved on separate CUDA streams) or ``vmap`` (stacked parameters,
+one vmapped step: equal to alone within float32 round-off); ``auto`` picks per device
+(``tesla.training.AUTO_GROUP_MODE``). An expert whose output already exists (with the same
+settings) is skipped. While others of its group still train, a finished expert's partial
+folder keeps a hard link to its file, so a job killed later (whose outputs a workflow
+manager may delete) restores it instead of training it again.
+
+**Resuming.** After every epoch the model, optimizer and generator states and the snapshots
+so far are saved in ``OUT.partial/``; running the same command again continues from the
+last completed epoch, and the trajectory is bitwise identical to an uninterrupted run on
+the same device (CPU) and group mode. OUT appears only when that expert is complete.
+
+**Arithmetic** (``tesla.precision``): TF32 where the GPU has it (``--no-tf32`` turns it
+off), ``--precision bf16`` for a bfloat16 autocast, ``--channels-last``; all recorded.
 
 Command line::
 
-    tesla experts --train train.h5 --test test.h5 --out expert_K.h5 --seed K
+    tesla experts --train train.h5 --test test.h5 --out expert_K.h5 [expert_L.h5 ...] --seed K [L ...]
                   [--model convnet] [--epochs 50] [--lr 0.01] [--batch-size 256]
                   [--dsa STRATEGY|none] [--normalize NAME] [--zca zca.h5] [--keep-snapshots N]
-                  [--dtype float32|float16|bfloat16] [--device auto]
+                  [--train-to-end] [--dtype float32|float16|bfloat16] [--group-mode auto]
+                  [--precision float32|bf16] [--no-tf32] [--channels-last|--no-channels-last]
+                  [--device auto]
 """
 
 from __future__ import annotations
@@ -30,20 +53,33 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
 from tesla.errors import TeslaError
 from tesla.files import atomic_output
 from tesla.locks import acquire
-from tesla.trajectories import STORAGE_DTYPES, TrajectoryMeta, TrajectoryWriter
+from tesla.trajectories import STORAGE_DTYPES, Trajectory, TrajectoryMeta, TrajectoryWriter
 
-__all__ = ["ExpertConfig", "configure_parser", "derive_seed", "partial_dir", "run", "train_expert", "zca_fingerprint"]
+__all__ = [
+    "ExpertConfig",
+    "configure_parser",
+    "derive_seed",
+    "partial_dir",
+    "run",
+    "train_expert",
+    "train_experts",
+    "zca_fingerprint",
+]
 
 PARTIAL_VERSION = 1
+#: the hard link to a finished expert's file, kept in its partial folder until its group is done
+FINISHED_LINK = "trajectory.h5"
+#: the fields in which the experts of one group differ
+PER_EXPERT_FIELDS = ("seed", "out")
 
 
 @dataclass
@@ -62,12 +98,22 @@ class ExpertConfig:
     zca: Path | None = None
     normalize: str | None = None  # None: the ZCA file's normalisation, else 'split'
     keep_snapshots: int | None = None
+    train_to_end: bool = False
     dtype: str = "float32"
     device: str = "auto"
+    precision: str = "float32"
+    tf32: bool | None = None  # None: on where the GPU has it
+    channels_last: bool | None = None  # None: tesla.precision.CHANNELS_LAST_DEFAULT
 
+    @property
+    def last_snapshot(self) -> int:
+        """K: snapshots theta*_0 .. theta*_K are stored."""
+        return self.epochs if self.keep_snapshots is None else self.keep_snapshots
 
-class _Stop(Exception):
-    """Raised from the epoch callback to end a run early (testing the resume)."""
+    @property
+    def stop_epoch(self) -> int:
+        """The epochs trained: K (the last stored snapshot), or all --epochs with --train-to-end."""
+        return self.epochs if self.train_to_end else self.last_snapshot
 
 
 def derive_seed(seed: int, purpose: str) -> int:
@@ -91,6 +137,19 @@ def _atomic_save(obj, path: Path) -> None:
         torch.save(obj, tmp)
 
 
+def partial_dir(out: str | os.PathLike) -> Path:
+    """Where a run writing ``out`` keeps its resumable state: ``out`` + '.partial/'."""
+    out = Path(out)
+    return out.with_name(out.name + ".partial")
+
+
+def _snapshot_path(partial: Path, i: int) -> Path:
+    return partial / f"snapshot_{i:05d}.pt"
+
+
+# --------------------------------------------------------------------------------------
+# checks made before anything is trained
+# --------------------------------------------------------------------------------------
 def _validate(cfg: ExpertConfig) -> None:
     if cfg.epochs < 1:
         raise TeslaError(f"--epochs must be at least 1 (got {cfg.epochs})")
@@ -105,10 +164,40 @@ def _validate(cfg: ExpertConfig) -> None:
         )
     if cfg.dtype not in STORAGE_DTYPES:
         raise TeslaError(f"--dtype {cfg.dtype!r} is not one of {', '.join(STORAGE_DTYPES)}")
+    from tesla.precision import PRECISIONS
+
+    if cfg.precision not in PRECISIONS:
+        raise TeslaError(f"--precision {cfg.precision!r} is not one of {', '.join(PRECISIONS)}")
     for name in ("train", "test", "zca"):
         p = getattr(cfg, name)
         if p is not None and Path(p).resolve() == Path(cfg.out).resolve():
             raise TeslaError(f"--out {cfg.out} is the same file as --{name}; choose another output path")
+
+
+def _validate_group(cfgs: Sequence[ExpertConfig]) -> None:
+    """Every expert's settings, and a group that is one set of settings with distinct
+    seeds and distinct outputs."""
+    if not cfgs:
+        raise TeslaError("no expert to train: give --seed and --out")
+    for cfg in cfgs:
+        _validate(cfg)
+    shared = [f.name for f in fields(ExpertConfig) if f.name not in PER_EXPERT_FIELDS]
+    for cfg in cfgs[1:]:
+        differ = [name for name in shared if getattr(cfg, name) != getattr(cfgs[0], name)]
+        if differ:
+            raise TeslaError(f"the experts of one group share their settings; seed {cfg.seed} differs in {', '.join(differ)}")
+    _refuse_repeats([int(c.seed) for c in cfgs], "--seed", "the same seed twice trains the same expert twice")
+    _refuse_repeats([str(Path(c.out).resolve()) for c in cfgs], "--out", "two experts cannot write one file")
+
+
+def _refuse_repeats(values: Sequence, option: str, why: str) -> None:
+    seen, repeated = set(), []
+    for v in values:
+        if v in seen and v not in repeated:
+            repeated.append(v)
+        seen.add(v)
+    if repeated:
+        raise TeslaError(f"{option} names {', '.join(map(str, repeated))} more than once ({why}); give each once")
 
 
 def _check_splits(train, test) -> None:
@@ -131,33 +220,420 @@ def _check_splits(train, test) -> None:
         raise TeslaError(f"{train.path}: images are {train.resolution}x{train.attrs['width']}, the networks take square images; re-run 'tesla prepare' with --resolution")
 
 
-def _settings(cfg: ExpertConfig, spec: dict, train, test, zca_fp: str, normalization: str) -> dict:
-    """What a partial run must share with this one to be resumed (the normalisation only
-    when it is not the default, so partial runs saved before it existed still resume)."""
-    return dict(
-        **({"normalization": normalization} if normalization != "split" else {}),
-        partial_version=PARTIAL_VERSION,
-        model_spec=spec,
-        train_fingerprint=train.fingerprint,
-        test_fingerprint=test.fingerprint,
-        zca_fingerprint=zca_fp,
-        seed=int(cfg.seed),
-        epochs=int(cfg.epochs),
-        lr=float(cfg.lr),
-        batch_size=int(cfg.batch_size),
-        dsa=cfg.dsa,
-        keep_snapshots=cfg.keep_snapshots,
-    )
+# --------------------------------------------------------------------------------------
+# what the experts of a group share: data, network, input space, arithmetic
+# --------------------------------------------------------------------------------------
+class _Shared:
+    """The group's common ground: splits, model spec, DSA, input space, device, numerics;
+    the data are loaded on the device once (:meth:`load`)."""
+
+    def __init__(self, cfg: ExpertConfig) -> None:
+        from tesla.augment import DSA
+        from tesla.data import ImageSplit
+        from tesla.input_space import open_input_space
+        from tesla.models import model_spec
+        from tesla.precision import Numerics
+        from tesla.training import pick_device
+
+        self.cfg = cfg
+        self.train_split = ImageSplit.open(cfg.train)
+        self.test_split = ImageSplit.open(cfg.test)
+        _check_splits(self.train_split, self.test_split)
+        self.spec = model_spec(
+            cfg.model, channels=self.train_split.channels, num_classes=self.train_split.num_classes,
+            resolution=self.train_split.resolution,
+        )
+        strategy = (cfg.dsa or "none").strip().lower()
+        self.dsa = DSA(strategy) if strategy != "none" else None
+        self.dsa_strategy = self.dsa.strategy if self.dsa is not None else "none"
+        self.space = open_input_space(self.train_split, cfg.normalize, cfg.zca)
+        self.zca_fp = zca_fingerprint(self.space.zca)
+        self.device = pick_device(cfg.device)
+        self.numerics = Numerics.resolve(self.device, cfg.precision, cfg.tf32, cfg.channels_last)
+        self.group_mode = "sequential"  # how the pending experts train (train_experts resolves --group-mode)
+
+    def identity(self, seed: int) -> dict[str, Any]:
+        """What a finished trajectory of expert ``seed`` must record to count as this one."""
+        cfg = self.cfg
+        return dict(
+            seed=int(seed), model_spec=self.spec, dataset_fingerprint=self.train_split.fingerprint,
+            test_dataset_fingerprint=self.test_split.fingerprint, zca_fingerprint=self.zca_fp,
+            input_normalization=self.space.name, lr=float(cfg.lr), batch_size=int(cfg.batch_size),
+            dsa=self.dsa_strategy, epochs_requested=int(cfg.epochs), epochs=int(cfg.stop_epoch),
+            num_snapshots=cfg.last_snapshot + 1, storage_dtype=cfg.dtype, precision=self.numerics.precision,
+        )
+
+    def settings(self, seed: int) -> dict:
+        """What a partial run must share with this one to be resumed (the normalisation and
+        the arithmetic only when not the historical default, so partial runs saved before
+        they existed still resume). The epoch training stops at is not part of it: SGD
+        without a schedule computes the same first epochs either way."""
+        cfg = self.cfg
+        numerics = self.numerics.record()
+        return dict(
+            **({"normalization": self.space.name} if self.space.name != "split" else {}),
+            **({"numerics": numerics} if numerics != {"precision": "float32", "tf32": False, "memory_format": "contiguous"} else {}),
+            partial_version=PARTIAL_VERSION,
+            model_spec=self.spec,
+            train_fingerprint=self.train_split.fingerprint,
+            test_fingerprint=self.test_split.fingerprint,
+            zca_fingerprint=self.zca_fp,
+            seed=int(seed),
+            epochs=int(cfg.epochs),
+            lr=float(cfg.lr),
+            batch_size=int(cfg.batch_size),
+            dsa=cfg.dsa,
+            keep_snapshots=cfg.keep_snapshots,
+        )
+
+    def load(self) -> None:
+        """The splits on the device: without ZCA as uint8, normalised per minibatch (a quarter
+        of the memory); with ZCA (CIFAR-size images) whitened once, as float32."""
+        t0 = time.perf_counter()
+        if self.space.zca is None:
+            self.to_input = self.space.minibatch_transform(self.device)
+            self.x = torch.from_numpy(self.train_split.images_uint8()).to(self.device)
+            self.y = torch.as_tensor(self.train_split.labels, dtype=torch.int64, device=self.device)
+            self.x_test = torch.from_numpy(self.test_split.images_uint8()).to(self.device)
+            self.y_test = torch.as_tensor(self.test_split.labels, dtype=torch.int64, device=self.device)
+        else:
+            self.to_input = None
+            self.x, self.y = self.space.load_split(self.train_split, self.device)
+            self.x_test, self.y_test = self.space.load_split(self.test_split, self.device)
+        self.load_seconds = time.perf_counter() - t0
 
 
-def _snapshot_path(partial: Path, i: int) -> Path:
-    return partial / f"snapshot_{i:05d}.pt"
+def _differences(path: Path, expected: dict[str, Any]) -> list[str]:
+    """The recorded settings of a trajectory file that differ from ``expected``."""
+    from tesla.trajectories import same_model_spec
+
+    with Trajectory.open(path) as t:
+        recorded = dict(
+            seed=t.seed, model_spec=t.model_spec, dataset_fingerprint=t.dataset_fingerprint,
+            test_dataset_fingerprint=str(t.attrs["test_dataset_fingerprint"]), zca_fingerprint=t.zca_fingerprint,
+            input_normalization=t.input_normalization, lr=t.lr, batch_size=t.batch_size, dsa=t.dsa,
+            epochs_requested=t.epochs_requested, epochs=t.epochs, num_snapshots=t.num_snapshots,
+            storage_dtype=t.storage_dtype, precision=t.precision,
+        )
+
+    def same(key: str, value: Any) -> bool:
+        if key == "model_spec":
+            return same_model_spec(value, recorded[key])
+        if key == "epochs":  # trained at least as far as asked (SGD without a schedule: the same first epochs)
+            return recorded[key] >= value
+        return recorded[key] == value
+
+    return [
+        f"{key} {recorded[key]!r} vs {value!r}" if key != "model_spec" else "the network"
+        for key, value in expected.items()
+        if not same(key, value)
+    ]
 
 
-def partial_dir(out: str | os.PathLike) -> Path:
-    """Where a run writing ``out`` keeps its resumable state: ``out`` + '.partial/'."""
-    out = Path(out)
-    return out.with_name(out.name + ".partial")
+def _already_finished(cfg: ExpertConfig, expected: dict[str, Any], log: Callable[[str], None]) -> bool:
+    """True when expert ``cfg`` needs no training: its output exists, or its partial folder
+    keeps the finished file of an earlier run of its group (restored to the output). A file
+    trained with other settings is refused (delete it to train this expert)."""
+    out = Path(cfg.out)
+    kept = partial_dir(out) / FINISHED_LINK
+    for candidate in (out, kept):
+        if not candidate.exists():
+            continue
+        try:
+            problems = _differences(candidate, expected)
+        except TeslaError as exc:
+            raise TeslaError(f"{candidate} exists but is not a usable expert trajectory ({exc}); delete it to train "
+                             f"expert {cfg.seed}") from None
+        if problems:
+            raise TeslaError(
+                f"{candidate} exists but was trained with other settings ({'; '.join(problems)}); delete it to train "
+                f"expert {cfg.seed} with these settings, or choose another --out"
+            )
+        if candidate == kept:
+            _link_or_copy(kept, out)
+            log(f"restored {out} (expert {cfg.seed}, finished by an earlier run of its group) from {kept}")
+        else:
+            log(f"{out} exists (expert {cfg.seed}, same settings): skipped")
+        return True
+    return False
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """``target`` as a second name of ``source`` (a hard link), or a copy where links fail."""
+    try:
+        os.link(source, target)
+    except OSError:
+        with atomic_output(target) as tmp:
+            shutil.copy2(source, tmp)
+
+
+# --------------------------------------------------------------------------------------
+# one expert of a group
+# --------------------------------------------------------------------------------------
+class _ExpertRun:
+    """One expert's network, optimizer, generator and partial state, and what it does after
+    each epoch (snapshot, state, log) and when it is complete (test accuracy, file)."""
+
+    def __init__(self, cfg: ExpertConfig, shared: _Shared, *, stop_after_epochs: int | None,
+                 log: Callable[[str], None]) -> None:
+        from tesla.models import build_from_spec, flatten_buffers, flatten_params
+        from tesla.training import make_optimizer
+
+        self.cfg, self.shared, self.log = cfg, shared, log
+        self.out = Path(cfg.out)
+        self.partial = partial_dir(self.out)
+        self.stop_after_epochs = stop_after_epochs
+        self.done_here = 0
+        self.stopped = False
+        self.written: Path | None = None
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(cfg.seed, "init"))
+            self.model = build_from_spec(shared.spec)
+        self.model.to(shared.device)
+        self.optimizer = make_optimizer(self.model, cfg.lr)
+        self.generator = torch.Generator().manual_seed(derive_seed(cfg.seed, "data"))
+        self.settings = shared.settings(cfg.seed)
+        self.state_path = self.partial / "state.pt"
+        self.start_epoch, self.history = 0, []
+        if self.state_path.exists():
+            self._resume()
+        else:
+            _atomic_save({"theta": flatten_params(self.model, device="cpu"), "buffers": flatten_buffers(self.model, device="cpu")},
+                         _snapshot_path(self.partial, 0))
+            self._save_state(0)
+
+    def _resume(self) -> None:
+        partial, device = self.partial, self.shared.device
+        try:
+            state = torch.load(self.state_path, map_location=device, weights_only=True)
+        except Exception as exc:
+            raise TeslaError(f"{self.state_path}: unreadable partial state ({exc}); delete {partial} to start over") from None
+        if state.get("settings") != self.settings:
+            diff = [k for k in {**self.settings, **state.get("settings", {})}
+                    if state.get("settings", {}).get(k) != self.settings.get(k)]
+            raise TeslaError(
+                f"{partial} holds a partial run with other settings ({', '.join(diff)}); rerun with the same "
+                f"settings to resume it, or delete {partial} to start over"
+            )
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"].cpu())
+        self.start_epoch, self.history = int(state["epoch"]), list(state["history"])
+        missing = [i for i in range(min(self.start_epoch, self.cfg.last_snapshot) + 1)
+                   if not _snapshot_path(partial, i).exists()]
+        if missing:
+            raise TeslaError(f"{partial}: snapshot(s) {missing[:5]} missing; delete {partial} to start over")
+        self.log(f"resuming {self.out} from epoch {self.start_epoch}/{self.cfg.stop_epoch} ({partial})")
+
+    def _save_state(self, epoch: int) -> None:
+        _atomic_save(
+            dict(settings=self.settings, epoch=epoch, model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
+                 generator=self.generator.get_state(), history=self.history),
+            self.state_path,
+        )
+
+    @property
+    def needs_training(self) -> bool:
+        return self.start_epoch < self.cfg.stop_epoch
+
+    def on_epoch_end(self, stats) -> None:
+        """Snapshot (while stored), state and log; the file when complete; EndTraining when
+        ``stop_after_epochs`` epochs have run in this call."""
+        from tesla.models import flatten_buffers, flatten_params
+        from tesla.training import EndTraining
+
+        cfg = self.cfg
+        if stats.epoch <= cfg.last_snapshot:
+            _atomic_save({"theta": flatten_params(self.model, device="cpu"), "buffers": flatten_buffers(self.model, device="cpu")},
+                         _snapshot_path(self.partial, stats.epoch))
+        self.history.append(stats.as_dict())
+        self._save_state(stats.epoch)
+        self.log(
+            f"expert {cfg.seed}: epoch {stats.epoch}/{cfg.stop_epoch}  loss {stats.loss:.4f}  train acc "
+            f"{100 * stats.accuracy:.2f}%  lr {stats.lr:g}  {stats.seconds:.1f} s ({stats.images_per_second:.0f} img/s)"
+        )
+        self.done_here += 1
+        if stats.epoch >= cfg.stop_epoch:
+            self.finish()
+        elif self.stop_after_epochs is not None and self.done_here >= self.stop_after_epochs:
+            self.stopped = True
+            self.log(f"expert {cfg.seed}: stopped after epoch {stats.epoch}; run the same command again to resume "
+                     f"from {self.partial}")
+            raise EndTraining
+
+    def finish(self, *, keep_link: bool = True) -> Path:
+        """Test accuracy (float32) and the trajectory file, written at once; the partial
+        folder then keeps only a hard link to the file (removed when the group is done)."""
+        from tesla.models import buffer_layout, param_layout
+        from tesla.training import accuracy
+
+        cfg, shared = self.cfg, self.shared
+        epochs = int(self.start_epoch if not self.history else self.history[-1]["epoch"])
+        test_acc = accuracy(self.model, shared.x_test, shared.y_test, input_transform=shared.to_input)
+        self.log(f"expert {cfg.seed}: test accuracy {100 * test_acc:.2f}% after epoch {epochs} on "
+                 f"{shared.test_split.num_images} images of {cfg.test}")
+        meta = TrajectoryMeta(
+            model_spec=shared.spec,
+            dataset=shared.train_split.dataset,
+            dataset_fingerprint=shared.train_split.fingerprint,
+            test_dataset_fingerprint=shared.test_split.fingerprint,
+            zca_fingerprint=shared.zca_fp,
+            input_normalization=shared.space.name,
+            input_mean=shared.space.mean,
+            input_std=shared.space.std,
+            seed=cfg.seed,
+            lr=cfg.lr,
+            batch_size=cfg.batch_size,
+            dsa=shared.dsa_strategy,
+            epochs=epochs,
+            epochs_requested=cfg.epochs,
+            test_accuracy_epoch=epochs,
+            precision=shared.numerics.precision,
+            train_loss=[h["loss"] for h in self.history],
+            train_accuracy=[h["accuracy"] for h in self.history],
+            epoch_seconds=[h["seconds"] for h in self.history],
+            final_test_accuracy=test_acc,
+            extra=dict(
+                model=cfg.model,
+                train_path=str(cfg.train),
+                test_path=str(cfg.test),
+                zca_path=str(cfg.zca) if cfg.zca is not None else "",
+                keep_snapshots=cfg.last_snapshot,
+                device=str(shared.device),
+                torch_version=str(torch.__version__),
+                tf32=bool(shared.numerics.tf32),
+                memory_format=shared.numerics.memory_format,
+                group_mode=shared.group_mode,
+            ),
+        )
+        keep = cfg.last_snapshot
+        with TrajectoryWriter(
+            self.out, layout=param_layout(self.model), buffer_layout=buffer_layout(self.model), dtype=cfg.dtype,
+            expected_snapshots=keep + 1,
+        ) as writer:
+            for i in range(keep + 1):
+                snap = torch.load(_snapshot_path(self.partial, i), map_location="cpu", weights_only=True)
+                writer.append(snap["theta"], snap["buffers"])
+            writer.commit(meta)
+        self._keep_only_link()
+        self.log(f"wrote {self.out}: snapshots 0..{keep} x {param_layout(self.model).total:,} parameters ({cfg.dtype}), "
+                 f"{epochs} of {cfg.epochs} epochs trained")
+        self.written = self.out
+        return self.out
+
+    def _keep_only_link(self) -> None:
+        for path in self.partial.iterdir():
+            if path.name.startswith("snapshot_") or path.name == "state.pt":
+                path.unlink(missing_ok=True)
+        try:
+            os.link(self.out, self.partial / FINISHED_LINK)
+        except OSError:
+            pass  # no hard links here: a deleted output is then trained again
+
+
+def _cleanup(cfgs: Sequence[ExpertConfig]) -> None:
+    """The group is done: remove every expert's partial folder (its lock, if held, is
+    released afterwards and finds its file gone)."""
+    for cfg in cfgs:
+        shutil.rmtree(partial_dir(cfg.out), ignore_errors=True)
+
+
+def _lock_all(cfgs: Sequence[ExpertConfig]) -> list:
+    """One exclusive lock per expert (its ``partial``/lock), all or none."""
+    locks = []
+    try:
+        for cfg in cfgs:
+            partial = partial_dir(cfg.out)
+            locks.append((partial, partial.exists(), None))
+            partial.mkdir(parents=True, exist_ok=True)
+            locks[-1] = (partial, locks[-1][1], acquire(partial / "lock", stage="tesla experts", protects=str(partial)))
+    except BaseException:
+        _release_all(locks)
+        raise
+    return locks
+
+
+def _release_all(locks: Sequence) -> None:
+    for partial, existed, lock in locks:
+        if lock is not None:
+            lock.close()
+        if not existed and partial.exists() and all(p.name == "lock" for p in partial.iterdir()):
+            shutil.rmtree(partial, ignore_errors=True)  # failed before any state was saved
+
+
+# --------------------------------------------------------------------------------------
+# the group
+# --------------------------------------------------------------------------------------
+def train_experts(
+    cfgs: Sequence[ExpertConfig],
+    *,
+    group_mode: str = "auto",
+    stop_after_epochs: int | None = None,
+    log: Callable[[str], None] = _log,
+    progress: bool | None = True,
+) -> list[Path | None]:
+    """Train a group of experts (same settings, distinct seeds and outputs) in one process.
+
+    Everything is checked before any training: the settings, the group (distinct seeds and
+    outputs), the data, finished outputs (skipped when their settings match, refused
+    otherwise) and every expert's lock. ``stop_after_epochs``: each expert ends after that
+    many epochs in this call (its partial state stays; its entry is None). Returns each
+    expert's output path (None where not complete).
+    """
+    from tesla.training import resolve_group_mode, train_group
+
+    cfgs = list(cfgs)
+    _validate_group(cfgs)
+    shared = _Shared(cfgs[0])
+    done = [_already_finished(cfg, shared.identity(cfg.seed), log) for cfg in cfgs]
+    pending = [cfg for cfg, finished in zip(cfgs, done) if not finished]
+    shared.group_mode = resolve_group_mode(group_mode, shared.device, len(pending), shared.numerics)
+    results: list[Path | None] = [Path(cfg.out) if finished else None for cfg, finished in zip(cfgs, done)]
+    if not pending:
+        _cleanup(cfgs)
+        return results
+    locks = _lock_all(pending)
+    try:
+        shared.numerics.apply(shared.device)
+        runs = [_ExpertRun(cfg, shared, stop_after_epochs=stop_after_epochs, log=log) for cfg in pending]
+        shared.load()
+        n_params = sum(p.numel() for p in runs[0].model.parameters())
+        log(
+            f"{len(pending)} expert(s), seeds {', '.join(str(c.seed) for c in pending)}: {shared.spec['name']} "
+            f"({n_params:,} parameters) on {shared.train_split.num_images} {shared.train_split.dataset} images "
+            f"({shared.load_seconds:.1f} s to load), {cfgs[0].stop_epoch} of {cfgs[0].epochs} epochs, lr {cfgs[0].lr:g}, "
+            f"batch {cfgs[0].batch_size}, DSA {shared.dsa_strategy}, inputs: {shared.space.describe()}, device "
+            f"{shared.device} ({shared.numerics.describe()}), group mode {shared.group_mode}"
+        )
+        for run in runs:
+            if not run.needs_training:
+                run.finish()
+        training = [run for run in runs if run.needs_training]
+        if training:
+            from tesla.training import GroupMember
+
+            t0 = time.perf_counter()
+            members = [
+                GroupMember(run.model, shared.x, shared.y, run.generator, run.optimizer, run.start_epoch, run.on_epoch_end,
+                            name=f"expert {run.cfg.seed}")
+                for run in training
+            ]
+            train_group(
+                members, mode=shared.group_mode, epochs=cfgs[0].stop_epoch, lr=cfgs[0].lr, batch_size=cfgs[0].batch_size,
+                dsa=shared.dsa, input_transform=shared.to_input, numerics=shared.numerics, progress=progress,
+                desc=f"experts {', '.join(str(r.cfg.seed) for r in training)}",
+            )
+            trained = sum(r.done_here for r in training) * shared.train_split.num_images
+            seconds = time.perf_counter() - t0
+            if len(training) > 1 and seconds > 0:
+                log(f"group: {trained:,} images in {seconds:.1f} s ({trained / seconds:.0f} img/s over {len(training)} experts)")
+        for cfg, run in zip(pending, runs):
+            results[cfgs.index(cfg)] = run.written
+        if all(r is not None for r in results):
+            _cleanup(cfgs)
+    finally:
+        _release_all(locks)
+    return results
 
 
 def train_expert(
@@ -167,200 +643,13 @@ def train_expert(
     log: Callable[[str], None] = _log,
     progress: bool | None = True,
 ) -> Path | None:
-    """Train expert ``cfg.seed`` and write ``cfg.out``; resume from ``cfg.out``.partial/ if present.
+    """Train expert ``cfg.seed`` and write ``cfg.out`` (a group of one, :func:`train_experts`).
 
-    ``stop_after_epochs``: end after that many epochs have been completed in this call
-    (the partial state stays, the output is not written; returns None).  Otherwise returns
-    the output path.  Two runs for the same ``cfg.out`` at once: the second is refused.
+    ``stop_after_epochs``: end after that many epochs have been completed in this call (the
+    partial state stays, the output is not written; returns None). Otherwise returns the
+    output path. Two runs for the same ``cfg.out`` at once: the second is refused.
     """
-    _validate(cfg)
-    partial = partial_dir(cfg.out)
-    existed = partial.exists()
-    partial.mkdir(parents=True, exist_ok=True)
-    lock = _lock(partial)
-    try:
-        return _train_expert(cfg, partial, stop_after_epochs=stop_after_epochs, log=log, progress=progress)
-    finally:
-        lock.close()
-        if not existed and partial.exists() and all(p.name == "lock" for p in partial.iterdir()):
-            shutil.rmtree(partial, ignore_errors=True)  # failed before any state was saved
-
-
-def _train_expert(
-    cfg: ExpertConfig,
-    partial: Path,
-    *,
-    stop_after_epochs: int | None,
-    log: Callable[[str], None],
-    progress: bool | None,
-) -> Path | None:
-    from tesla.augment import DSA
-    from tesla.data import ImageSplit
-    from tesla.input_space import open_input_space
-    from tesla.models import buffer_layout, build_from_spec, flatten_buffers, flatten_params, model_spec, param_layout
-    from tesla.training import accuracy, make_optimizer, pick_device, train
-
-    out = Path(cfg.out)
-    train_split = ImageSplit.open(cfg.train)
-    test_split = ImageSplit.open(cfg.test)
-    _check_splits(train_split, test_split)
-    spec = model_spec(
-        cfg.model, channels=train_split.channels, num_classes=train_split.num_classes, resolution=train_split.resolution
-    )
-    dsa_strategy = (cfg.dsa or "none").strip().lower()
-    dsa = DSA(dsa_strategy) if dsa_strategy != "none" else None
-    if dsa is not None:
-        dsa_strategy = dsa.strategy
-    space = open_input_space(train_split, cfg.normalize, cfg.zca)
-    zca = space.zca
-    zca_fp = zca_fingerprint(zca)
-    keep = cfg.epochs if cfg.keep_snapshots is None else cfg.keep_snapshots
-    device = pick_device(cfg.device)
-
-    # -- network, optimizer, generator: fresh or resumed --------------------------------
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(cfg.seed, "init"))
-        model = build_from_spec(spec)
-    model.to(device)
-    optimizer = make_optimizer(model, cfg.lr)
-    generator = torch.Generator().manual_seed(derive_seed(cfg.seed, "data"))
-    settings = _settings(cfg, spec, train_split, test_split, zca_fp, space.name)
-    state_path = partial / "state.pt"
-    start_epoch, history = 0, []
-    if state_path.exists():
-        try:
-            state = torch.load(state_path, map_location=device, weights_only=True)
-        except Exception as exc:
-            raise TeslaError(f"{state_path}: unreadable partial state ({exc}); delete {partial} to start over") from None
-        if state.get("settings") != settings:
-            diff = [k for k in settings if state.get("settings", {}).get(k) != settings[k]]
-            raise TeslaError(
-                f"{partial} holds a partial run with other settings ({', '.join(diff)}); rerun with the same "
-                f"settings to resume it, or delete {partial} to start over"
-            )
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"].cpu())
-        start_epoch, history = int(state["epoch"]), list(state["history"])
-        missing = [i for i in range(min(start_epoch, keep) + 1) if not _snapshot_path(partial, i).exists()]
-        if missing:
-            raise TeslaError(f"{partial}: snapshot(s) {missing[:5]} missing; delete {partial} to start over")
-        log(f"resuming {out} from epoch {start_epoch}/{cfg.epochs} ({partial})")
-    else:
-        _atomic_save({"theta": flatten_params(model, device="cpu"), "buffers": flatten_buffers(model, device="cpu")}, _snapshot_path(partial, 0))
-        _save_state(state_path, settings, 0, model, optimizer, generator, history)
-
-    # -- data ------------------------------------------------------------------------------
-    # without ZCA the splits stay uint8 on the device and are normalised per minibatch (a
-    # quarter of the memory); with ZCA (CIFAR-size images) they are whitened once, as float32
-    t0 = time.perf_counter()
-    if zca is None:
-        to_input = space.minibatch_transform(device)
-        x = torch.from_numpy(train_split.images_uint8()).to(device)
-        y = torch.as_tensor(train_split.labels, dtype=torch.int64, device=device)
-        x_test = torch.from_numpy(test_split.images_uint8()).to(device)
-        y_test = torch.as_tensor(test_split.labels, dtype=torch.int64, device=device)
-    else:
-        to_input = None
-        x, y = space.load_split(train_split, device)
-        x_test, y_test = space.load_split(test_split, device)
-    log(
-        f"expert seed {cfg.seed}: {spec['name']} ({sum(p.numel() for p in model.parameters()):,} parameters) on "
-        f"{train_split.num_images} {train_split.dataset} images ({time.perf_counter() - t0:.1f} s to load), "
-        f"{cfg.epochs} epochs, lr {cfg.lr:g}, batch {cfg.batch_size}, DSA {dsa_strategy}, "
-        f"inputs: {space.describe()}, device {device}"
-    )
-
-    done_here = 0
-
-    def on_epoch_end(stats) -> None:
-        nonlocal done_here
-        if stats.epoch <= keep:
-            _atomic_save(
-                {"theta": flatten_params(model, device="cpu"), "buffers": flatten_buffers(model, device="cpu")},
-                _snapshot_path(partial, stats.epoch),
-            )
-        history.append(stats.as_dict())
-        _save_state(state_path, settings, stats.epoch, model, optimizer, generator, history)
-        log(
-            f"epoch {stats.epoch}/{cfg.epochs}  loss {stats.loss:.4f}  train acc {100 * stats.accuracy:.2f}%  "
-            f"lr {stats.lr:g}  {stats.seconds:.1f} s ({stats.images_per_second:.0f} img/s)"
-        )
-        done_here += 1
-        if stop_after_epochs is not None and done_here >= stop_after_epochs and stats.epoch < cfg.epochs:
-            raise _Stop
-
-    try:
-        train(
-            model, x, y,
-            epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, dsa=dsa, generator=generator,
-            start_epoch=start_epoch, optimizer=optimizer, on_epoch_end=on_epoch_end, input_transform=to_input,
-            progress=progress, desc=f"expert {cfg.seed} epoch",
-        )
-    except _Stop:
-        log(f"stopped after epoch {start_epoch + done_here}; run the same command again to resume from {partial}")
-        return None
-
-    # -- final test accuracy and the trajectory file -------------------------------------
-    test_acc = accuracy(model, x_test, y_test, input_transform=to_input)
-    log(f"test accuracy {100 * test_acc:.2f}% on {test_split.num_images} images of {cfg.test}")
-    meta = TrajectoryMeta(
-        model_spec=spec,
-        dataset=train_split.dataset,
-        dataset_fingerprint=train_split.fingerprint,
-        test_dataset_fingerprint=test_split.fingerprint,
-        zca_fingerprint=zca_fp,
-        input_normalization=space.name,
-        input_mean=space.mean,
-        input_std=space.std,
-        seed=cfg.seed,
-        lr=cfg.lr,
-        batch_size=cfg.batch_size,
-        dsa=dsa_strategy,
-        epochs=cfg.epochs,
-        train_loss=[h["loss"] for h in history],
-        train_accuracy=[h["accuracy"] for h in history],
-        epoch_seconds=[h["seconds"] for h in history],
-        final_test_accuracy=test_acc,
-        extra=dict(
-            model=cfg.model,
-            train_path=str(cfg.train),
-            test_path=str(cfg.test),
-            zca_path=str(cfg.zca) if cfg.zca is not None else "",
-            keep_snapshots=keep,
-            device=str(device),
-            torch_version=str(torch.__version__),
-        ),
-    )
-    with TrajectoryWriter(
-        out, layout=param_layout(model), buffer_layout=buffer_layout(model), dtype=cfg.dtype, expected_snapshots=keep + 1
-    ) as writer:
-        for i in range(keep + 1):
-            snap = torch.load(_snapshot_path(partial, i), map_location="cpu", weights_only=True)
-            writer.append(snap["theta"], snap["buffers"])
-        writer.commit(meta)
-    shutil.rmtree(partial, ignore_errors=True)
-    log(f"wrote {out}: snapshots 0..{keep} x {param_layout(model).total:,} parameters ({cfg.dtype})")
-    return out
-
-
-def _lock(partial: Path):
-    """Hold an exclusive lock on ``partial``/lock for this run (two jobs, one output: refused)."""
-    return acquire(partial / "lock", stage="tesla experts", protects=str(partial))
-
-
-def _save_state(path: Path, settings: dict, epoch: int, model, optimizer, generator: torch.Generator, history: list) -> None:
-    _atomic_save(
-        dict(
-            settings=settings,
-            epoch=epoch,
-            model=model.state_dict(),
-            optimizer=optimizer.state_dict(),
-            generator=generator.get_state(),
-            history=history,
-        ),
-        path,
-    )
+    return train_experts([cfg], stop_after_epochs=stop_after_epochs, log=log, progress=progress)[0]
 
 
 # --------------------------------------------------------------------------------------
@@ -370,11 +659,16 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     from tesla.augment import DEFAULT_STRATEGY
     from tesla.input_space import NORMALIZATIONS
     from tesla.models import available_models
+    from tesla.precision import add_numerics_arguments
+    from tesla.training import add_group_mode_argument
 
     parser.add_argument("--train", required=True, type=Path, help="training split (tesla-images HDF5 from 'tesla prepare')")
     parser.add_argument("--test", required=True, type=Path, help="test split of the same dataset (for the final test accuracy)")
-    parser.add_argument("--out", required=True, type=Path, help="output trajectory file (tesla-trajectory HDF5), e.g. expert_K.h5")
-    parser.add_argument("--seed", required=True, type=int, help="expert number k: seeds the initialisation and the data order")
+    parser.add_argument("--out", required=True, type=Path, nargs="+",
+                        help="output trajectory file(s) (tesla-trajectory HDF5), e.g. expert_K.h5; one per --seed")
+    parser.add_argument("--seed", required=True, type=int, nargs="+",
+                        help="expert number(s) k: seeds the initialisation and the data order; several seeds train a group "
+                             "of experts in one process (one --out each, in the same order)")
     parser.add_argument("--model", default="convnet", help=f"network: {', '.join(available_models())}")
     parser.add_argument("--epochs", type=int, default=50, help="training epochs E (snapshots 0..E)")
     parser.add_argument("--lr", type=float, default=0.01, help="SGD learning rate (no momentum, no weight decay)")
@@ -388,24 +682,37 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--zca", type=Path, default=None, help="ZCA whitening file from 'tesla zca' (applied to train and test)")
     parser.add_argument(
         "--keep-snapshots", type=int, default=None, metavar="K",
-        help="keep snapshots 0..K only (K = max_start_epoch + expert_epochs of the distillation; default: all, K = E)",
+        help="keep snapshots 0..K only and stop training after epoch K (K = max_start_epoch + expert_epochs of the "
+        "distillation; default: all, K = E)",
     )
+    parser.add_argument("--train-to-end", action="store_true",
+                        help="with --keep-snapshots: train all --epochs anyway (for the final test accuracy of fully "
+                             "trained experts, e.g. the 'full' row of acc.csv)")
     parser.add_argument(
         "--dtype", choices=list(STORAGE_DTYPES), default="float32",
         help="snapshot storage type; 16-bit halves the file, see docs/formats.md for its effect on the matching loss",
     )
+    add_group_mode_argument(parser, "experts of several --seed")
+    add_numerics_arguments(parser)
     parser.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
     parser.add_argument("--stop-after-epochs", type=int, default=None, help=argparse.SUPPRESS)
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = ExpertConfig(
-        train=args.train, test=args.test, out=args.out, seed=args.seed, model=args.model, epochs=args.epochs,
-        lr=args.lr, batch_size=args.batch_size, dsa=args.dsa, zca=args.zca, normalize=args.normalize,
-        keep_snapshots=args.keep_snapshots,
-        dtype=args.dtype, device=args.device,
-    )
+    seeds, outs = list(args.seed), list(args.out)
+    if len(seeds) != len(outs):
+        raise TeslaError(f"--seed gives {len(seeds)} expert(s) but --out {len(outs)} file(s); give one --out per --seed, "
+                         "in the same order")
     if args.stop_after_epochs is not None and args.stop_after_epochs < 1:
         raise TeslaError("--stop-after-epochs must be at least 1")
-    train_expert(cfg, stop_after_epochs=args.stop_after_epochs, progress=None)
+    cfgs = [
+        ExpertConfig(
+            train=args.train, test=args.test, out=out, seed=seed, model=args.model, epochs=args.epochs, lr=args.lr,
+            batch_size=args.batch_size, dsa=args.dsa, zca=args.zca, normalize=args.normalize,
+            keep_snapshots=args.keep_snapshots, train_to_end=args.train_to_end, dtype=args.dtype, device=args.device,
+            precision=args.precision, tf32=args.tf32, channels_last=args.channels_last,
+        )
+        for seed, out in zip(seeds, outs)
+    ]
+    train_experts(cfgs, group_mode=args.group_mode, stop_after_epochs=args.stop_after_epochs, progress=None)
     return 0

@@ -1,7 +1,7 @@
 """Collect evaluation runs into the result table ``acc.csv`` (``tesla results``).
 
-Input: the per-run CSVs of ``tesla evaluate`` (``tesla-eval-runs`` v2 or v1, one per method
-and architecture) and, optionally, the expert trajectory files of the dataset. Output: one row
+Input: the per-run CSVs of ``tesla evaluate`` (``tesla-eval-runs`` v3, v2 or v1, one per
+method and architecture) and, optionally, the expert trajectory files of the dataset. Output: one row
 per (dataset, ipc, method, engine, arch) with the mean and the standard deviation of the
 test accuracy over the runs (percent):
 
@@ -11,7 +11,9 @@ i.e. the *population* standard deviation (numpy's default, ``ddof=0``), which is
 published mean +- std numbers of MTT/TESLA (PAPER.md section 8) use, so the tables compare
 like with like. The ``full`` row usually is not trained here: it is the final test
 accuracy that the experts recorded after training on the whole training split (the
-``note`` says so); runs of ``tesla evaluate --full`` give a trained ``full`` row instead.
+``note`` says so, and the column ``test_epoch`` the epoch after which the experts measured it:
+experts that stopped after their last needed snapshot report an earlier epoch than
+``--epochs``); runs of ``tesla evaluate --full`` give a trained ``full`` row instead.
 
 A short human-readable summary (architecture, mean +- std, gain over ``random``) is
 printed at the end. Format: docs/formats.md.
@@ -32,16 +34,24 @@ from tesla.errors import TeslaError
 from tesla.evaluation import RUN_COLUMNS, RUNS_FORMAT, RUNS_FORMAT_VERSION, format_line, write_csv_atomic
 
 ACC_FORMAT = "tesla-acc"
-ACC_FORMAT_VERSION = 1
+#: v2 added the column test_epoch (read_table reads v1 too)
+ACC_FORMAT_VERSION = 2
+READABLE_ACC_VERSIONS = (1, ACC_FORMAT_VERSION)
 #: columns of acc.csv, in order
-ACC_COLUMNS: tuple[str, ...] = ("dataset", "ipc", "method", "engine", "arch", "runs", "acc_mean", "acc_std", "note")
+ACC_COLUMNS: tuple[str, ...] = (
+    "dataset", "ipc", "method", "engine", "arch", "runs", "acc_mean", "acc_std", "test_epoch", "note",
+)
 GROUP_KEYS = ["dataset", "ipc", "method", "engine", "arch"]
 #: row order of the table: the synthetic set first, then the baselines
 METHOD_ORDER = {"tesla": 0, "random": 1, "full": 2}
-#: runs-file versions read; v1 lacks lr_decay_epoch and input_space (filled in by _upgrade_v1)
-READABLE_RUNS_VERSIONS = (1, RUNS_FORMAT_VERSION)
+#: runs-file versions read; v1 lacks lr_decay_epoch and input_space (filled in by _upgrade_v1),
+#: v1 and v2 lack the v3 columns (filled in by _upgrade_v2)
+READABLE_RUNS_VERSIONS = (1, 2, RUNS_FORMAT_VERSION)
 #: columns whose values must agree within one row of acc.csv (else the runs are refused)
-PROTOCOL_COLUMNS = ("epochs", "lr_decay_epoch", "labels", "input_space")
+PROTOCOL_COLUMNS = ("epochs", "lr_decay_epoch", "reset_momentum_at_decay", "labels", "input_space", "precision")
+#: what a v1 or v2 runs file means by the absence of the v3 columns (tf32 was not recorded)
+V3_DEFAULTS = {"reset_momentum_at_decay": False, "precision": "float32", "tf32": "", "memory_format": "contiguous",
+               "group_mode": "sequential"}
 
 
 # -- reading -------------------------------------------------------------------------------
@@ -80,10 +90,13 @@ def read_runs(path: str | os.PathLike) -> pd.DataFrame:
             f"{', '.join(map(str, READABLE_RUNS_VERSIONS))}; re-run 'tesla evaluate' with this version"
         )
     df = pd.read_csv(
-        path, comment="#", dtype={"engine": str, "arch": str, "dataset": str, "input_space": str}, keep_default_na=False
+        path, comment="#", dtype={"engine": str, "arch": str, "dataset": str, "input_space": str, "tf32": str},
+        keep_default_na=False,
     )
     if version == 1:
         df = _upgrade_v1(df)
+    if version < 3:
+        df = df.assign(**{k: v for k, v in V3_DEFAULTS.items() if k not in df.columns})
     missing = [c for c in RUN_COLUMNS if c not in df.columns]
     if missing:
         raise TeslaError(f"{path}: columns {', '.join(missing)} missing; re-run 'tesla evaluate'")
@@ -96,6 +109,7 @@ def read_runs(path: str | os.PathLike) -> pd.DataFrame:
         df[column] = pd.to_numeric(df[column], errors="coerce")
     if df["test_acc"].isna().any():
         raise TeslaError(f"{path}: a run has no test accuracy; re-run 'tesla evaluate'")
+    df["reset_momentum_at_decay"] = df["reset_momentum_at_decay"].map(lambda v: str(v).lower() in ("true", "1"))
     df["source_file"] = str(path)
     return df
 
@@ -146,11 +160,14 @@ def _note(group: pd.DataFrame) -> str:
     else:
         parts.append(f"synthetic set, learned {lr}, {group['labels'].iloc[0]} labels")
         lr = ""
-    parts.append(f"{len(group)} random initialisations, {epochs} epochs" + (f" (lr x0.1 from epoch {decay})" if decay else ""))
+    restart = ", momentum restarted there" if decay and bool(group["reset_momentum_at_decay"].iloc[0]) else ""
+    parts.append(f"{len(group)} random initialisations, {epochs} epochs" + (f" (lr x0.1 from epoch {decay}{restart})" if decay else ""))
     if lr:
         parts.append(lr)
     parts.append(f"DSA {group['dsa'].iloc[0]}")
     parts.append(f"inputs {group['input_space'].iloc[0]}")
+    if group["precision"].iloc[0] != "float32":
+        parts.append(f"precision {group['precision'].iloc[0]}")
     return "; ".join(parts)
 
 
@@ -176,6 +193,7 @@ def aggregate_runs(df: pd.DataFrame) -> pd.DataFrame:
                 "runs": int(len(group)),
                 "acc_mean": float(accs.mean()),
                 "acc_std": population_std(accs),
+                "test_epoch": int(group["epochs"].iloc[0]),
                 "note": _note(group),
             }
         )
@@ -184,15 +202,25 @@ def aggregate_runs(df: pd.DataFrame) -> pd.DataFrame:
 
 def full_data_rows(expert_paths: Sequence[str | os.PathLike]) -> pd.DataFrame:
     """The ``full`` baseline from the experts: each expert's recorded final test accuracy
-    (after training on the whole training split), one row per (dataset, expert network)."""
+    (after training on the whole training split), one row per (dataset, expert network).
+    The experts of a row must have measured it after the same epoch (``test_epoch``)."""
     records = [expert_summary(p) for p in expert_paths]
     if not records:
         return pd.DataFrame(columns=list(ACC_COLUMNS))
     experts = pd.DataFrame(records)
     rows = []
     for (dataset, arch), group in experts.groupby(["dataset", "arch"], sort=False):
-        epochs = sorted(set(int(e) for e in group["epochs"]))
-        epoch_text = f"{epochs[0]} epochs" if len(epochs) == 1 else f"{epochs[0]}..{epochs[-1]} epochs"
+        epochs = sorted(set(int(e) for e in group["test_epoch"]))
+        if len(epochs) > 1:
+            by_epoch = {e: sorted(group.loc[group["test_epoch"] == e, "path"]) for e in epochs}
+            raise TeslaError(
+                f"--experts: the {arch} experts of {dataset} measured their test accuracy after different epochs ("
+                + "; ".join(f"epoch {e}: {', '.join(paths[:3])}{' ...' if len(paths) > 3 else ''}" for e, paths in by_epoch.items())
+                + "); averaging them means nothing: give experts trained alike (tesla experts --train-to-end trains "
+                "every expert to its --epochs)"
+            )
+        requested = sorted(set(int(e) for e in group["epochs_requested"]))
+        stopped = epochs[0] < requested[-1]
         accs = group["test_acc"].astype(np.float64)
         rows.append(
             {
@@ -204,16 +232,20 @@ def full_data_rows(expert_paths: Sequence[str | os.PathLike]) -> pd.DataFrame:
                 "runs": int(len(group)),
                 "acc_mean": float(accs.mean()),
                 "acc_std": population_std(accs),
-                "note": f"expert final test accuracy, {len(group)} expert{'s' if len(group) != 1 else ''}, {epoch_text} "
-                "on the whole training split",
+                "test_epoch": epochs[0],
+                "note": f"expert final test accuracy, {len(group)} expert{'s' if len(group) != 1 else ''}, "
+                + (f"{epochs[0]} of {requested[-1]} epochs" if stopped else f"{epochs[0]} epochs")
+                + " on the whole training split"
+                + (" (training stopped after the last snapshot distillation needs)" if stopped else ""),
             }
         )
     return pd.DataFrame(rows, columns=list(ACC_COLUMNS))
 
 
 def expert_summary(path: str | os.PathLike) -> dict:
-    """dataset, arch (the label evaluation would give the expert's network), epochs and the
-    final test accuracy (percent) recorded in one ``tesla-trajectory`` file."""
+    """dataset, arch (the label evaluation would give the expert's network), the epoch after
+    which the final test accuracy (percent) recorded in one ``tesla-trajectory`` file was
+    measured, and the epochs its run was asked for."""
     from tesla.evaluation import architecture_label
     from tesla.trajectories import Trajectory
 
@@ -224,7 +256,8 @@ def expert_summary(path: str | os.PathLike) -> dict:
         return {
             "dataset": trajectory.dataset,
             "arch": architecture_label(trajectory.model_spec),
-            "epochs": trajectory.epochs,
+            "test_epoch": trajectory.test_accuracy_epoch,
+            "epochs_requested": trajectory.epochs_requested,
             "test_acc": 100.0 * accuracy,
             "path": str(path),
         }
@@ -244,6 +277,7 @@ def build_table(runs: pd.DataFrame, full: pd.DataFrame | None = None) -> pd.Data
         table = pd.concat([table, full], ignore_index=True)
     table["ipc"] = table["ipc"].astype("Int64")
     table["runs"] = table["runs"].astype("int64")
+    table["test_epoch"] = table["test_epoch"].astype("int64")
     order = table["method"].map(lambda m: METHOD_ORDER.get(m, len(METHOD_ORDER)))
     table = table.assign(_order=order).sort_values(["dataset", "_order", "method", "engine", "arch", "ipc"], kind="stable")
     return table.drop(columns="_order").reset_index(drop=True)
@@ -262,13 +296,19 @@ def write_table(table: pd.DataFrame, path: str | os.PathLike) -> Path:
 
 
 def read_table(path: str | os.PathLike) -> pd.DataFrame:
-    """Read acc.csv back (checks its format line)."""
+    """Read acc.csv back (checks its format line); a v1 table has no ``test_epoch`` (read as missing)."""
     path = Path(path)
     name, version = read_format_line(path)
-    if (name, version) != (ACC_FORMAT, ACC_FORMAT_VERSION):
-        raise TeslaError(f"{path}: not a {ACC_FORMAT} v{ACC_FORMAT_VERSION} table (found {name!r} v{version})")
+    if name != ACC_FORMAT or version not in READABLE_ACC_VERSIONS:
+        raise TeslaError(
+            f"{path}: not a {ACC_FORMAT} table of version {' or '.join(map(str, READABLE_ACC_VERSIONS))} "
+            f"(found {name!r} v{version})"
+        )
     df = pd.read_csv(path, comment="#", dtype={"engine": str, "arch": str, "dataset": str, "note": str}, keep_default_na=False)
     df["ipc"] = pd.to_numeric(df["ipc"].replace("", pd.NA)).astype("Int64")
+    if "test_epoch" not in df.columns:
+        df.insert(list(df.columns).index("note"), "test_epoch", pd.NA)
+    df["test_epoch"] = pd.to_numeric(df["test_epoch"].replace("", pd.NA)).astype("Int64")
     return df
 
 

@@ -1,4 +1,4 @@
-"""Expert trajectory files: the ``tesla-trajectory`` HDF5 format (version 1).
+"""Expert trajectory files: the ``tesla-trajectory`` HDF5 format (version 2; version 1 is read).
 
 An expert trajectory is the sequence theta*_0, theta*_1, ..., theta*_S-1 of the expert's
 flat parameter vector (``tesla.models.flatten_params`` order): theta*_0 at
@@ -11,7 +11,11 @@ initialisation, theta*_e after training epoch e.  It is stored as ONE 2-D datase
   ``tesla.models.flatten_buffers`` order) at the same moments; only when B > 0;
 * ``train_loss``, ``train_accuracy``, ``epoch_seconds``: float64 (E,), per trained epoch;
 
-with the attributes listed in :data:`REQUIRED_ATTRS` (docs/formats.md).
+with the attributes listed in :data:`REQUIRED_ATTRS` (docs/formats.md). Version 2 adds
+``epochs_requested`` (``--epochs``; ``epochs`` is the number trained, which is smaller when
+training stopped after the last stored snapshot), ``test_accuracy_epoch`` (the epoch after
+which ``final_test_accuracy`` was measured) and ``precision`` (``float32`` or ``bf16``); a
+version-1 file reads as trained to ``epochs``, tested after it, in float32.
 16-bit storage rounds theta (round to nearest even); its effect on the matching loss is
 measured in docs/formats.md.  Files are written to a temporary name and
 renamed when complete.
@@ -47,7 +51,9 @@ __all__ = [
 ]
 
 FORMAT_NAME = "tesla-trajectory"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: versions :meth:`Trajectory.open` reads (v1: no epochs_requested, test_accuracy_epoch, precision)
+READABLE_VERSIONS = (1, FORMAT_VERSION)
 #: storage dtype name -> (HDF5/numpy dtype of the stored values)
 STORAGE_DTYPES: dict[str, np.dtype] = {
     "float32": np.dtype(np.float32),
@@ -79,6 +85,8 @@ REQUIRED_ATTRS = (
     "storage_dtype",
     "final_test_accuracy",
 )
+#: attributes version 2 added, and what a version-1 file means by their absence
+V2_ATTRS = ("epochs_requested", "test_accuracy_epoch", "precision")
 
 
 @dataclass
@@ -104,6 +112,9 @@ class TrajectoryMeta:
     input_mean: Sequence[float] = ()
     input_std: Sequence[float] = ()
     epoch_seconds: Sequence[float] = ()
+    epochs_requested: int | None = None  # --epochs; None: the same as epochs (trained to the end)
+    test_accuracy_epoch: int | None = None  # the epoch final_test_accuracy was measured after; None: epochs
+    precision: str = "float32"  # forward pass: float32 or bf16 (tesla.precision)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -264,6 +275,9 @@ class TrajectoryWriter:
             batch_size=int(meta.batch_size),
             dsa=str(meta.dsa),
             epochs=int(meta.epochs),
+            epochs_requested=int(meta.epochs if meta.epochs_requested is None else meta.epochs_requested),
+            test_accuracy_epoch=int(meta.epochs if meta.test_accuracy_epoch is None else meta.test_accuracy_epoch),
+            precision=str(meta.precision),
             num_snapshots=int(self.count),
             storage_dtype=self.dtype,
             final_test_accuracy=float(meta.final_test_accuracy),
@@ -306,10 +320,12 @@ class Trajectory:
     def open(cls, path: str | os.PathLike) -> "Trajectory":
         """Open and validate ``path``: our format and version, all attributes, consistent shapes."""
         f, attrs, path = open_checked(
-            path, format_name=FORMAT_NAME, format_version=FORMAT_VERSION, kind="expert trajectory file", producer="tesla experts"
+            path, format_name=FORMAT_NAME, format_version=READABLE_VERSIONS, kind="expert trajectory file",
+            producer="tesla experts",
         )
         with f:
-            missing = [k for k in REQUIRED_ATTRS if k not in attrs]
+            required = REQUIRED_ATTRS + (V2_ATTRS if int(attrs["format_version"]) >= 2 else ())
+            missing = [k for k in required if k not in attrs]
             if missing or "snapshots" not in f:
                 what = ", ".join(missing) if missing else "the 'snapshots' dataset"
                 raise TeslaError(f"{path}: incomplete expert trajectory (missing {what}); re-run 'tesla experts'")
@@ -443,8 +459,29 @@ class Trajectory:
         return str(self.attrs["dsa"])
 
     @property
+    def format_version(self) -> int:
+        return int(self.attrs["format_version"])
+
+    @property
     def epochs(self) -> int:
+        """Epochs trained (the length of ``train_loss``)."""
         return int(self.attrs["epochs"])
+
+    @property
+    def epochs_requested(self) -> int:
+        """``--epochs`` of the run; more than :attr:`epochs` when training stopped after the
+        last stored snapshot (version-1 files: :attr:`epochs`)."""
+        return int(self.attrs.get("epochs_requested", self.epochs))
+
+    @property
+    def test_accuracy_epoch(self) -> int:
+        """The epoch after which :attr:`final_test_accuracy` was measured (version 1: :attr:`epochs`)."""
+        return int(self.attrs.get("test_accuracy_epoch", self.epochs))
+
+    @property
+    def precision(self) -> str:
+        """The forward pass's arithmetic, ``float32`` or ``bf16`` (version 1: ``float32``)."""
+        return str(self.attrs.get("precision", "float32"))
 
     @property
     def storage_dtype(self) -> str:

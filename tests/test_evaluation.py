@@ -295,7 +295,7 @@ def test_mnist_random_baseline_is_sane_and_full_data_beats_it(mnist):
 def read_runs_csv(path: Path) -> list[dict]:
     with open(path) as f:
         first = f.readline()
-        assert first.startswith(f"# format: {RUNS_FORMAT}, format_version: 2")
+        assert first.startswith(f"# format: {RUNS_FORMAT}, format_version: 3")
         return list(csv.DictReader(f))
 
 
@@ -455,3 +455,48 @@ def test_normalize_is_refused_for_a_synthetic_set_and_checked_for_baselines(tiny
          monkeypatch)
     _bad(tiny, tmp_path, capsys, ["--random", "--train", str(tiny["train"]), "--ipc", "2", "--test", test,
                                   "--arch", "convnet_d1", "--lr-decay-epoch", "1"], "--lr-decay-epoch 1", monkeypatch)
+
+
+# -- the runs of a job as one group; precision and the momentum restart -------------------------
+@pytest.mark.parametrize("mode", ["streams", "vmap"])
+def test_runs_trained_as_a_group_equal_runs_trained_alone(tiny, mode):
+    """Each run keeps its seed's initialisation, random draw, order and augmentation."""
+    subject = random_subject(tiny["train"], 2, "cpu", lr=0.05, dsa_strategy=PAPER_DSA_STRATEGY)
+    spec = model_spec("convnet_d1", channels=C, num_classes=K, resolution=R, width=8)
+    protocol = Protocol(epochs=4, lr=subject.lr, dsa_strategy=subject.dsa_strategy, reset_momentum_at_decay=True)
+    alone = train_runs(subject, spec, protocol, runs=3, seed=5, device="cpu", progress=False, group_mode="sequential")
+    group = train_runs(subject, spec, protocol, runs=3, seed=5, device="cpu", progress=False, group_mode=mode)
+    for a, g in zip(alone, group):
+        assert (a.run, a.seed) == (g.run, g.seed)
+        if mode == "streams":  # interleaved on the CPU: the same computation
+            assert torch.equal(flatten_params(a.model), flatten_params(g.model)) and a.final_train_loss == g.final_train_loss
+        else:
+            torch.testing.assert_close(flatten_params(g.model), flatten_params(a.model), rtol=1e-4, atol=1e-5)
+            assert g.final_train_loss == pytest.approx(a.final_train_loss, rel=1e-4)
+    assert not torch.allclose(flatten_params(alone[0].model), flatten_params(alone[1].model))
+
+
+def test_cli_group_mode_precision_and_momentum_restart_are_applied_and_recorded(tiny, tmp_path, monkeypatch):
+    spy = TrainSpy(monkeypatch)
+    out = tmp_path / "runs.csv"
+    rc = cli.main(["evaluate", "--random", "--train", str(tiny["train"]), "--ipc", "2", "--test", str(tiny["test"]),
+                   "--arch", "convnet_d1", "--runs", "2", "--epochs", "4", "--reset-momentum-at-decay", "--precision", "bf16",
+                   "--group-mode", "sequential", "--device", "cpu", "--out", str(out)])
+    assert rc == 0
+    assert [c["reset_momentum_at_decay"] for c in spy.calls] == [True, True]
+    assert all(c["numerics"].precision == "bf16" for c in spy.calls)
+    rows = read_runs_csv(out)
+    assert {(r["reset_momentum_at_decay"], r["precision"], r["tf32"], r["memory_format"], r["group_mode"]) for r in rows} == \
+        {("True", "bf16", "False", "contiguous", "sequential")}
+    out2 = tmp_path / "vmap.csv"
+    assert cli.main(["evaluate", "--random", "--train", str(tiny["train"]), "--ipc", "2", "--test", str(tiny["test"]),
+                     "--arch", "convnet_d1", "--runs", "2", "--epochs", "2", "--group-mode", "vmap", "--device", "cpu",
+                     "--out", str(out2)]) == 0
+    rows = read_runs_csv(out2)
+    assert {(r["reset_momentum_at_decay"], r["precision"], r["group_mode"]) for r in rows} == {("False", "float32", "vmap")}
+
+
+def test_vmap_with_channels_last_is_refused_before_training(tiny, tmp_path, capsys, monkeypatch):
+    syn = make_set(tiny, tmp_path / "syn.h5")
+    _bad(tiny, tmp_path, capsys, ["--synthetic", str(syn), "--test", str(tiny["test"]), "--arch", "distill",
+                                  "--group-mode", "vmap", "--channels-last"], "no channels-last layout", monkeypatch)

@@ -20,7 +20,7 @@ import torch
 from tesla.cli import main
 from tesla.data import ImageSplit, SplitWriter
 from tesla.errors import TeslaError
-from tesla.experts import ExpertConfig, derive_seed, train_expert
+from tesla.experts import ExpertConfig, derive_seed, partial_dir, train_expert, train_experts
 from tesla.models import flatten_params
 from tesla.trajectories import Trajectory
 
@@ -120,11 +120,12 @@ def test_partial_run_with_other_settings_is_refused(toy, tmp_path):
 def test_a_second_run_for_the_same_output_is_refused_and_a_killed_one_leaves_no_stale_lock(toy, tmp_path):
     train, test = toy
     out = tmp_path / "e.h5"
-    cfg = dict(train=train, test=test, out=out, seed=0, model="convnet_d1", epochs=100000, keep_snapshots=1, batch_size=32)
+    cfg = dict(train=train, test=test, out=out, seed=0, model="convnet_d1", epochs=100000, keep_snapshots=1, batch_size=32,
+               train_to_end=True)
     tesla = shutil.which("tesla", path=str(Path(sys.executable).parent))
     first = subprocess.Popen(
         [tesla, "experts", "--train", str(train), "--test", str(test), "--out", str(out), "--seed", "0", "--model",
-         "convnet_d1", "--epochs", "100000", "--keep-snapshots", "1", "--batch-size", "32"],
+         "convnet_d1", "--epochs", "100000", "--keep-snapshots", "1", "--train-to-end", "--batch-size", "32"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     state = tmp_path / "e.h5.partial" / "state.pt"
@@ -149,10 +150,10 @@ def test_a_second_run_for_the_same_output_is_refused_and_a_killed_one_leaves_no_
 
 def test_keep_snapshots_and_16_bit_storage(toy, tmp_path):
     out = tmp_path / "e.h5"
-    assert cli(toy, out, "--seed", "0", "--epochs", "3", "--keep-snapshots", "1", "--dtype", "bfloat16") == 0
+    assert cli(toy, out, "--seed", "0", "--epochs", "3", "--keep-snapshots", "1", "--train-to-end", "--dtype", "bfloat16") == 0
     with Trajectory.open(out) as t:
         assert t.num_snapshots == 2 and t.epochs == 3 and t.storage_dtype == "bfloat16"
-        assert len(t.train_loss) == 3
+        assert len(t.train_loss) == 3 and t.epochs_requested == 3 and t.test_accuracy_epoch == 3
     with h5py.File(out) as f:
         assert f["snapshots"].dtype == np.uint16
 
@@ -310,3 +311,215 @@ def test_mnist_expert_reaches_95_percent_after_one_epoch(datasets_dir, tmp_path,
     with capsys.disabled():
         print(f"\nMNIST ConvNet-3 expert, 1 epoch: test accuracy {100 * acc:.2f}% in {seconds:.0f} s")
     assert acc >= 0.95
+
+
+# --------------------------------------------------------------------------------------
+# a group of experts per process; experts that train only what is used
+# --------------------------------------------------------------------------------------
+def snapshots_of(path: Path) -> np.ndarray:
+    with h5py.File(path) as f:
+        return f["snapshots"][()]
+
+
+def group_cli(toy, outs, seeds, *extra: str) -> int:
+    train, test = toy
+    return main(["experts", "--train", str(train), "--test", str(test), "--out", *map(str, outs), "--seed",
+                 *map(str, seeds), "--model", "convnet_d1", "--batch-size", "32", "--lr", "0.05", *extra])
+
+
+@pytest.mark.parametrize("mode", ["sequential", "vmap"])
+def test_expert_k_of_a_group_equals_expert_k_trained_alone(toy, tmp_path, mode):
+    """Each expert of a group keeps its seed's initialisation, order and augmentation:
+    sequential bitwise, vmap within float32 round-off (snapshots and final test accuracy)."""
+    seeds = [4, 7, 9]
+    alone = [tmp_path / f"alone_{s}.h5" for s in seeds]
+    for s, out in zip(seeds, alone):
+        assert group_cli(toy, [out], [s], "--epochs", "3", "--no-channels-last") == 0
+    grouped = [tmp_path / "group" / f"expert_{s}.h5" for s in seeds]
+    assert group_cli(toy, grouped, seeds, "--epochs", "3", "--group-mode", mode, "--no-channels-last") == 0
+    assert sorted(p.name for p in (tmp_path / "group").iterdir()) == sorted(p.name for p in grouped)  # no partial state left
+    n_test = ImageSplit.open(toy[1]).num_images
+    for a, g in zip(alone, grouped):
+        with Trajectory.open(a) as ta, Trajectory.open(g) as tg:
+            assert tg.attrs["group_mode"] == mode and ta.attrs["group_mode"] == "sequential"
+            assert (ta.seed, ta.epochs, ta.num_snapshots) == (tg.seed, tg.epochs, tg.num_snapshots)
+            if mode == "sequential":
+                assert np.array_equal(snapshots_of(a), snapshots_of(g))
+                assert np.array_equal(ta.train_loss, tg.train_loss)
+                assert ta.final_test_accuracy == tg.final_test_accuracy
+            else:
+                np.testing.assert_allclose(snapshots_of(g), snapshots_of(a), rtol=1e-4, atol=1e-5)
+                np.testing.assert_allclose(tg.train_loss, ta.train_loss, rtol=1e-4)
+                assert abs(ta.final_test_accuracy - tg.final_test_accuracy) <= 1 / n_test
+    assert not np.array_equal(snapshots_of(grouped[0])[0], snapshots_of(grouped[1])[0])  # distinct experts
+
+
+@pytest.mark.parametrize("mode", ["sequential", "vmap"])
+def test_a_stopped_group_resumes_to_the_uninterrupted_result(toy, tmp_path, mode):
+    train, test = toy
+    base = dict(train=train, test=test, model="convnet_d1", epochs=3, lr=0.05, batch_size=16, channels_last=False)
+    quiet = dict(progress=False, log=lambda m: None)
+    full = [ExpertConfig(out=tmp_path / f"full_{s}.h5", seed=s, **base) for s in (1, 2)]
+    assert train_experts(full, group_mode=mode, **quiet) == [c.out for c in full]
+    cut = [ExpertConfig(out=tmp_path / f"cut_{s}.h5", seed=s, **base) for s in (1, 2)]
+    assert train_experts(cut, group_mode=mode, stop_after_epochs=1, **quiet) == [None, None]
+    assert all((partial_dir(c.out) / "state.pt").exists() and not Path(c.out).exists() for c in cut)
+    assert train_experts(cut, group_mode=mode, stop_after_epochs=1, **quiet) == [None, None]  # epoch 2
+    logs = []
+    assert train_experts(cut, group_mode=mode, progress=False, log=logs.append) == [c.out for c in cut]
+    assert sum(m.startswith("resuming") and "from epoch 2/3" in m for m in logs) == 2
+    for f, c in zip(full, cut):
+        assert np.array_equal(snapshots_of(f.out), snapshots_of(c.out))  # bitwise, also stacked: same cohort, same steps
+        assert not partial_dir(c.out).exists()
+
+
+def test_a_killed_group_resumes_bitwise(toy, tmp_path):
+    """SIGKILL at an arbitrary moment (after expert 1 has saved its third snapshot), then the
+    same command again: every expert equals an uninterrupted group's."""
+    train, test = toy
+    outs = [tmp_path / f"e{s}.h5" for s in (1, 2)]
+    argv = ["--train", str(train), "--test", str(test), "--model", "convnet_d1", "--batch-size", "16", "--epochs", "12",
+            "--group-mode", "sequential", "--no-channels-last", "--seed", "1", "2"]
+    tesla = shutil.which("tesla", path=str(Path(sys.executable).parent))
+    first = subprocess.Popen([tesla, "experts", *argv, "--out", *map(str, outs)], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 180
+        while not (partial_dir(outs[0]) / "snapshot_00003.pt").exists():
+            assert first.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    assert not outs[1].exists()
+    assert main(["experts", *argv, "--out", *map(str, outs)]) == 0
+    reference = [tmp_path / "ref" / f"e{s}.h5" for s in (1, 2)]
+    assert main(["experts", *argv, "--out", *map(str, reference)]) == 0
+    for got, want in zip(outs, reference):
+        assert np.array_equal(snapshots_of(got), snapshots_of(want))
+        with h5py.File(got) as f, h5py.File(want) as g:
+            assert np.array_equal(f["train_loss"][()], g["train_loss"][()])
+            assert f.attrs["final_test_accuracy"] == g.attrs["final_test_accuracy"]
+
+
+class TrainSpy:
+    """Wraps training.train: records which expert trains, and can kill one after an epoch."""
+
+    def __init__(self, monkeypatch, kill: str | None = None) -> None:
+        import tesla.training
+
+        self.trained: list[str] = []
+        real = tesla.training.train
+
+        def spy(model, x, y, **kw):
+            self.trained.append(kw["desc"])
+            if kw["desc"] == kill:
+                callback = kw["on_epoch_end"]
+
+                def killed(stats):
+                    callback(stats)
+                    raise KeyboardInterrupt  # the job ends here, as if killed
+
+                kw["on_epoch_end"] = killed
+            return real(model, x, y, **kw)
+
+        monkeypatch.setattr(tesla.training, "train", spy)
+
+
+def toy_group(toy, tmp_path, seeds, epochs=2):
+    train, test = toy
+    return [ExpertConfig(train=train, test=test, out=tmp_path / f"e{s}.h5", seed=s, model="convnet_d1", epochs=epochs,
+                         lr=0.05, batch_size=32) for s in seeds]
+
+
+def test_a_group_skips_a_finished_expert(toy, tmp_path, monkeypatch):
+    cfgs = toy_group(toy, tmp_path, (1, 2, 3))
+    assert train_expert(cfgs[0], progress=False, log=lambda m: None) == cfgs[0].out
+    before = snapshots_of(cfgs[0].out)
+    spy = TrainSpy(monkeypatch)
+    logs = []
+    assert train_experts(cfgs, group_mode="sequential", progress=False, log=logs.append) == [c.out for c in cfgs]
+    assert spy.trained == ["expert 2", "expert 3"]
+    assert any("e1.h5 exists (expert 1, same settings): skipped" in m for m in logs)
+    assert np.array_equal(snapshots_of(cfgs[0].out), before)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e1.h5", "e2.h5", "e3.h5"]
+
+
+def test_a_finished_expert_whose_file_was_deleted_is_restored_not_retrained(toy, tmp_path, monkeypatch):
+    """A job killed after expert 1 finished: a workflow manager removes the failed job's
+    outputs, but expert 1's partial folder keeps its file until the whole group is done."""
+    cfgs = toy_group(toy, tmp_path, (1, 2), epochs=3)
+    spy = TrainSpy(monkeypatch, kill="expert 2")
+    with pytest.raises(KeyboardInterrupt):
+        train_experts(cfgs, group_mode="sequential", progress=False, log=lambda m: None)
+    assert spy.trained == ["expert 1", "expert 2"]
+    finished = snapshots_of(cfgs[0].out)
+    assert sorted(p.name for p in partial_dir(cfgs[0].out).iterdir()) == ["trajectory.h5"]
+    cfgs[0].out.unlink()
+    spy.trained.clear()
+    monkeypatch.undo()
+    spy = TrainSpy(monkeypatch)
+    logs = []
+    assert train_experts(cfgs, group_mode="sequential", progress=False, log=logs.append) == [c.out for c in cfgs]
+    assert spy.trained == ["expert 2"]
+    assert any(m.startswith(f"restored {cfgs[0].out}") for m in logs)
+    assert any(m.startswith(f"resuming {cfgs[1].out} from epoch 1/3") for m in logs)
+    assert np.array_equal(snapshots_of(cfgs[0].out), finished)
+    assert not partial_dir(cfgs[0].out).exists() and not partial_dir(cfgs[1].out).exists()
+
+
+def test_group_arguments_are_refused_before_anything_is_trained(toy, tmp_path, capsys):
+    def refused(*argv: str) -> str:
+        capsys.readouterr()
+        assert main(["experts", "--train", str(toy[0]), "--test", str(toy[1]), "--model", "convnet_d1", "--epochs", "1",
+                     *argv]) == 2
+        return capsys.readouterr().err
+
+    a, b = tmp_path / "a.h5", tmp_path / "b.h5"
+    assert "--seed gives 2 expert(s) but --out 1 file(s)" in refused("--seed", "1", "2", "--out", str(a))
+    assert "--out names" in refused("--seed", "1", "2", "--out", str(a), str(tmp_path / "." / "a.h5"))
+    assert "--seed names 1 more than once" in refused("--seed", "1", "1", "--out", str(a), str(b))
+    assert "no channels-last layout" in refused("--seed", "1", "2", "--out", str(a), str(b), "--group-mode", "vmap",
+                                                "--channels-last")
+    assert sorted(tmp_path.iterdir()) == []
+    # an existing output trained with other settings
+    assert group_cli(toy, [a], [1], "--epochs", "1") == 0
+    msg = refused("--seed", "1", "2", "--out", str(a), str(b), "--lr", "0.02", "--batch-size", "32")
+    assert "a.h5 exists but was trained with other settings (lr 0.05 vs 0.02)" in msg and "delete it" in msg
+    # one expert of the group is locked by another run: nothing starts
+    from tesla.locks import acquire
+
+    with acquire(partial_dir(b) / "lock", stage="tesla experts", protects=str(partial_dir(b))):
+        msg = refused("--seed", "3", "2", "--out", str(tmp_path / "c.h5"), str(b))
+        assert "b.h5.partial is in use by another 'tesla experts' run" in msg
+    # nothing of expert 3 (locked first, released when expert 2's lock was refused) is left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.h5", "b.h5.partial"]
+    assert list(partial_dir(b).iterdir()) == []
+
+
+def test_experts_stop_after_the_last_kept_snapshot_which_equals_the_start_of_a_full_run(toy, tmp_path):
+    """Plain SGD has no schedule: a run stopped after epoch K computes the first K epochs of
+    a longer run, bitwise; the file says how far it trained and when it was tested."""
+    short, full = tmp_path / "short.h5", tmp_path / "full.h5"
+    assert group_cli(toy, [short], [3], "--epochs", "5", "--keep-snapshots", "2") == 0
+    assert group_cli(toy, [full], [3], "--epochs", "5") == 0
+    with Trajectory.open(short) as s, Trajectory.open(full) as f:
+        assert (s.num_snapshots, s.epochs, s.epochs_requested, s.test_accuracy_epoch) == (3, 2, 5, 2)
+        assert (f.num_snapshots, f.epochs, f.epochs_requested, f.test_accuracy_epoch) == (6, 5, 5, 5)
+        assert np.array_equal(snapshots_of(short), snapshots_of(full)[:3])
+        assert np.array_equal(s.train_loss, f.train_loss[:2])
+        assert s.format_version == 2 and s.precision == "float32"
+    # a longer trajectory serves a shorter request: the full run's file counts as done for --keep-snapshots 5
+    assert group_cli(toy, [full], [3], "--epochs", "5", "--keep-snapshots", "5") == 0
+
+
+def test_precision_layout_and_group_mode_are_recorded(toy, tmp_path):
+    out = tmp_path / "bf16.h5"
+    assert group_cli(toy, [out], [0], "--epochs", "1", "--precision", "bf16", "--channels-last") == 0
+    with Trajectory.open(out) as t:
+        assert t.precision == "bf16" and t.attrs["memory_format"] == "channels_last"
+        assert not t.attrs["tf32"] and t.attrs["group_mode"] == "sequential"
+        assert np.isfinite(t.train_loss).all() and 0 <= t.final_test_accuracy <= 1
+    # the same expert in float32 is another expert: its file is not taken for it
+    capsys_out = group_cli(toy, [out], [0], "--epochs", "1")
+    assert capsys_out == 2

@@ -12,7 +12,7 @@ import pytest
 from tesla import cli
 from tesla.evaluation import RunResult, write_runs
 from tesla.models import build_model, flatten_params, model_spec, param_layout
-from tesla.results import ACC_COLUMNS, build_table, full_data_rows, read_all_runs, read_table
+from tesla.results import ACC_COLUMNS, build_table, full_data_rows, read_all_runs, read_table, write_table
 from tesla.trajectories import TrajectoryMeta, TrajectoryWriter
 
 
@@ -94,7 +94,7 @@ def test_cli_writes_table_and_prints_summary(runs_files, tmp_path, capsys):
     rc = cli.main(["results", "--runs", *map(str, paths), "--experts", *map(str, experts), "--out", str(out)])
     printed = capsys.readouterr().out
     assert rc == 0
-    assert out.read_text().startswith("# format: tesla-acc, format_version: 1")
+    assert out.read_text().startswith("# format: tesla-acc, format_version: 2")
     table = read_table(out)
     assert list(table["method"]) == ["tesla", "tesla", "random", "full"]
     assert table["ipc"].isna().tolist() == [False, False, False, True]  # the full row has no IPC
@@ -122,8 +122,8 @@ def test_bad_inputs(runs_files, tmp_path, capsys):
     plain.write_text("dataset,ipc\ncifar10,10\n")
     refused(["--runs", str(plain)], "not a tesla evaluation runs file")
     newer = tmp_path / "newer.csv"
-    newer.write_text(paths[0].read_text().replace("format_version: 2", "format_version: 3", 1))
-    refused(["--runs", str(newer)], "format version 3, this tesla reads versions 1, 2")
+    newer.write_text(paths[0].read_text().replace("format_version: 3", "format_version: 4", 1))
+    refused(["--runs", str(newer)], "format version 4, this tesla reads versions 1, 2, 3")
     expert = write_expert(tmp_path / "mnist_expert.h5", 0.9, seed=0, dataset="mnist")
     refused(["--runs", str(paths[0]), "--experts", str(expert)], "experts were trained on mnist")
     refused(["--runs", str(tmp_path / "missing.csv")], "no such runs file")
@@ -160,3 +160,72 @@ def test_v1_runs_files_are_read_with_the_protocol_they_used(tmp_path):
         mixed = read_all_runs([tmp_path / "v1.csv", write_runs(tmp_path / "v2.csv", new)])
         with pytest.raises(Exception, match=f"differ in {next(iter(change))}"):
             build_table(mixed)
+
+
+def write_expert_stopped(path, acc: float, seed: int, epochs: int, requested: int):
+    """An expert that stopped after its last needed snapshot: trained `epochs` of `requested`."""
+    spec = model_spec("convnet", channels=3, num_classes=10, resolution=32)
+    model = build_model("convnet", channels=3, num_classes=10, resolution=32)
+    with TrajectoryWriter(path, layout=param_layout(model)) as w:
+        for _ in range(epochs + 1):
+            w.append(flatten_params(model))
+        w.commit(TrajectoryMeta(model_spec=spec, dataset="cifar10", dataset_fingerprint="f", seed=seed, lr=0.01,
+                                batch_size=256, dsa="none", epochs=epochs, epochs_requested=requested,
+                                test_accuracy_epoch=epochs, train_loss=[1.0] * epochs, train_accuracy=[0.5] * epochs,
+                                final_test_accuracy=acc))
+    return path
+
+
+def test_the_full_row_says_after_which_epoch_the_experts_were_tested(runs_files, tmp_path):
+    paths, _ = runs_files
+    stopped = [write_expert_stopped(tmp_path / f"s{i}.h5", acc, i, epochs=12, requested=50) for i, acc in enumerate([0.6, 0.7])]
+    table = build_table(read_all_runs(paths), full_data_rows(stopped))
+    assert list(table.columns) == list(ACC_COLUMNS) and "test_epoch" in ACC_COLUMNS
+    full = table[table["method"] == "full"].iloc[0]
+    assert full["test_epoch"] == 12 and full["acc_mean"] == pytest.approx(65.0)
+    assert "12 of 50 epochs" in full["note"] and "stopped" in full["note"]
+    assert list(table.loc[table["method"] != "full", "test_epoch"]) == [300, 300, 300]  # the runs' epochs
+    out = tmp_path / "acc.csv"
+    write_table(table, out)
+    assert list(read_table(out)["test_epoch"]) == [300, 300, 300, 12]
+    # experts tested after different epochs are not averaged
+    mixed = [*stopped, write_expert(tmp_path / "end.h5", 0.8, seed=5, epochs=2)]
+    with pytest.raises(Exception, match=r"after different epochs \(epoch 2: .*end\.h5; epoch 12: "):
+        full_data_rows(mixed)
+
+
+def test_a_v1_table_reads_without_test_epoch(runs_files, tmp_path):
+    paths, _ = runs_files
+    out = write_table(build_table(read_all_runs(paths)), tmp_path / "acc.csv")
+    lines = out.read_text().splitlines()
+    header = lines[1].split(",")
+    i = header.index("test_epoch")
+    old = [lines[0].replace("format_version: 2", "format_version: 1")] + [
+        ",".join(f for j, f in enumerate(line.split(",")) if j != i) for line in lines[1:]
+    ]
+    (tmp_path / "v1.csv").write_text("\n".join(old) + "\n")
+    table = read_table(tmp_path / "v1.csv")
+    assert list(table.columns) == list(ACC_COLUMNS) and table["test_epoch"].isna().all()
+    assert list(table["acc_mean"]) == list(read_table(out)["acc_mean"])
+
+
+def test_v2_runs_files_read_as_float32_without_momentum_restart(runs_files, tmp_path):
+    paths, _ = runs_files
+    frame = pd.read_csv(paths[1], comment="#")
+    v2 = frame.drop(columns=["reset_momentum_at_decay", "precision", "tf32", "memory_format", "group_mode"])
+    with open(tmp_path / "v2.csv", "w", newline="") as f:
+        f.write("# format: tesla-eval-runs, format_version: 2, tesla_version: 0.1.0\n")
+        v2.to_csv(f, index=False)
+    old = read_all_runs([tmp_path / "v2.csv"])
+    assert list(old["precision"]) == ["float32"] * 4 and not old["reset_momentum_at_decay"].any()
+    # averaged with v3 runs of the same protocol, refused with runs of another precision or momentum schedule
+    same = write_runs(tmp_path / "same.csv", run_rows("random", "convnet", [33.0], seed=20))
+    assert build_table(read_all_runs([tmp_path / "v2.csv", same])).iloc[0]["runs"] == 5
+    for change in (dict(precision="bf16"), dict(reset_momentum_at_decay=True)):
+        rows = run_rows("random", "convnet", [33.0], seed=30)
+        for r in rows:
+            for k, v in change.items():
+                setattr(r, k, v)
+        other = write_runs(tmp_path / f"other_{next(iter(change))}.csv", rows)
+        with pytest.raises(Exception, match=f"differ in {next(iter(change))}"):
+            build_table(read_all_runs([tmp_path / "v2.csv", other]))

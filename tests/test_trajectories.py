@@ -157,3 +157,30 @@ def test_input_normalisation_is_recorded_and_older_files_read_as_split(tmp_path)
         del f.attrs["input_normalization"]
     with Trajectory.open(path) as t:
         assert t.input_normalization == "split"
+
+
+def test_version_2_records_the_epochs_trained_and_tested_and_version_1_still_reads(tmp_path):
+    path = write(tmp_path / "e.h5", snaps(), epochs=2, epochs_requested=50, test_accuracy_epoch=2, precision="bf16")
+    with Trajectory.open(path) as t:
+        assert t.format_version == 2 == FORMAT_VERSION
+        assert (t.epochs, t.epochs_requested, t.test_accuracy_epoch, t.precision) == (2, 50, 2, "bf16")
+    defaults = write(tmp_path / "d.h5", snaps(), epochs=2)
+    with Trajectory.open(defaults) as t:  # trained to the end, tested after it, float32
+        assert (t.epochs, t.epochs_requested, t.test_accuracy_epoch, t.precision) == (2, 2, 2, "float32")
+    with h5py.File(path, "a") as f:  # as tesla-trajectory v1 wrote it
+        f.attrs["format_version"] = 1
+        for key in ("epochs_requested", "test_accuracy_epoch", "precision"):
+            del f.attrs[key]
+    with Trajectory.open(path) as t:
+        assert t.format_version == 1
+        assert (t.epochs, t.epochs_requested, t.test_accuracy_epoch, t.precision) == (2, 2, 2, "float32")
+        assert torch.equal(t.snapshot(1), snaps()[1])
+    damaged = write(tmp_path / "x.h5", snaps())
+    with h5py.File(damaged, "a") as f:  # a v2 file without a v2 attribute
+        del f.attrs["test_accuracy_epoch"]
+    with pytest.raises(TeslaError, match="incomplete expert trajectory .*test_accuracy_epoch"):
+        Trajectory.open(damaged)
+    with h5py.File(damaged, "a") as f:
+        f.attrs["format_version"] = 3
+    with pytest.raises(TeslaError, match="format version 3, this tesla reads version 1 and 2"):
+        Trajectory.open(damaged)
