@@ -3,7 +3,8 @@ the method version of every stage.
 
 Each name has one home: networks in :mod:`tesla.models`, augmentation families in
 :mod:`tesla.augment`, gradient engines in :mod:`tesla.matching`, normalisations in
-:mod:`tesla.input_space`, step-size conventions in :mod:`tesla.distill`, data sources in
+:mod:`tesla.input_space`, step-size conventions in :mod:`tesla.distill`, group modes in
+:mod:`tesla.training`, arithmetic in :mod:`tesla.precision`, data sources in
 :mod:`tesla.data.sources`. The workflow calls :func:`config_problems` while it builds the job
 graph, so a misspelt name stops ``snakemake -n`` at once, naming the config key and the valid
 names, instead of failing in a job hours later.
@@ -26,13 +27,17 @@ from tesla.errors import TeslaError
 from tesla.input_space import NORMALIZATIONS, input_space_key
 from tesla.matching import ENGINES
 from tesla.models import available_models, supports_resolution
+from tesla.precision import PRECISIONS
+from tesla.training import GROUP_MODES
 
 __all__ = [
     "ENGINES",
     "FAMILIES",
+    "GROUP_MODES",
     "LR_IMG_CONVENTIONS",
     "METHOD_VERSIONS",
     "NORMALIZATIONS",
+    "PRECISIONS",
     "config_problems",
     "input_space_key",
 ]
@@ -88,12 +93,17 @@ def _choice_problems(value: Any, key: str, kind: str, names) -> list[str]:
 def config_problems(ds: Mapping[str, Any], where: str, resolution: int | None = None) -> list[str]:
     """'config key <where>.<key>: ...' for every name of a dataset entry that no registry
     knows: its network (and whether it takes ``resolution``), the evaluation architectures,
-    augmentation strategies, engines, normalisations and step-size conventions."""
+    augmentation strategies, engines, normalisations, step-size conventions, group modes and
+    precisions."""
     problems = _network_problems(ds["model"], f"{where}.model", resolution)
     for i, arch in enumerate(ds["evaluate"]["architectures"]):
         problems += _network_problems(arch, f"{where}.evaluate.architectures[{i}]", resolution, alias_ok=True)
     problems += _strategy_problems(ds["experts"]["dsa"], f"{where}.experts.dsa")
     problems += _choice_problems(ds["normalize"], f"{where}.normalize", "normalisation", NORMALIZATIONS)
+    for stage in ("experts", "evaluate"):
+        problems += _choice_problems(ds[stage]["group_mode"], f"{where}.{stage}.group_mode", "group mode",
+                                     ["auto", *GROUP_MODES])
+        problems += _choice_problems(ds[stage]["precision"], f"{where}.{stage}.precision", "precision", PRECISIONS)
     for ipc, row in ds["distill"].items():
         key = f"{where}.distill.{ipc}"
         for engine in row["engine"]:

@@ -219,11 +219,18 @@ def may_never_clear(reason: str) -> bool:
     return code in MAY_NEVER_CLEAR or reason.strip() in MAY_NEVER_CLEAR
 
 
+def profile_rule(rule: str) -> str:
+    """The profile's `set-resources` key of a rule: the workflow generates one rule per group
+    of experts (`expert_group_<dataset>_<space>_<k>`, experts.per_job > 1), which all take the
+    resources of `expert`."""
+    return "expert" if rule.startswith("expert_group_") else rule
+
+
 def why_never(job: QueuedJob) -> str:
     """What the reason of a job that never starts means and what to change."""
     code = job.reason_code
     hint = _HINTS.get(code) or (_PER_JOB_HINT if _PER_JOB_LIMIT.match(code) else "its request must change")
-    return hint.format(partition=job.partition, rule=job.rule)
+    return hint.format(partition=job.partition, rule=profile_rule(job.rule))
 
 
 def run_job_name(prefix: str | None) -> re.Pattern:

@@ -95,6 +95,9 @@ def _shown_request(call) -> str:
 def _where_set(workflow, rule: str, keys) -> str:
     """Where each resource comes from: 'set-resources: expert: cpus_per_task, mem_mb;
     default-resources: slurm_account'."""
+    from tesla.slurm import profile_rule
+
+    rule = profile_rule(rule)
     settings = workflow.resource_settings
     groups = {}
     for key in keys:

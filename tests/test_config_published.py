@@ -95,6 +95,7 @@ def test_networks_experts_and_evaluation_follow_the_protocol(config, dataset):
         assert (ex["count"], ex["epochs"]) == EXPERTS[dataset]
     ev = ds["evaluate"]
     assert (ev["epochs"], ev["lr_decay_epoch"]) == (1001, 502)  # x0.1 after 502 epochs
+    assert ev["reset_momentum_at_decay"] is True  # the published code makes a new SGD optimizer there
     assert ds.get("zca_eps", 0.1) == 0.1
     if dataset in ("cifar10", "cifar100"):  # MTT's cross-architecture AlexNet at 32 px
         assert "alexnet_mtt" in ev["architectures"]

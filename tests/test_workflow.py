@@ -14,11 +14,14 @@ Time budget: about 30 s on 2 cores.
 from __future__ import annotations
 
 import copy
+import re
+import shutil
 from pathlib import Path
 
 import pytest
 import yaml
 from workflow_support import (
+    ROOT,
     SNAKEMAKE,
     dry_run,
     install_fake_tesla,
@@ -418,3 +421,93 @@ def test_a_new_method_version_reruns_that_stage_and_what_follows(executed, tmp_p
 def test_the_workflow_passes_snakemake_lint(plain_workdir):
     result = snakemake(plain_workdir, "--lint", "--cores", "1")
     assert result.returncode == 0 and "Lints for" not in result.stdout + result.stderr, result.stdout + result.stderr
+
+
+# --------------------------------------------------------------------------------------
+# several experts per job; the evaluation's momentum restart and arithmetic
+# --------------------------------------------------------------------------------------
+def _per_job(cfg: dict, per_job: int) -> dict:
+    cfg["datasets"]["demo"]["experts"]["per_job"] = per_job
+    return cfg
+
+
+def test_experts_per_job_trains_each_group_in_one_command(plain_workdir):
+    cfg = _per_job(load_config(plain_workdir), 2)
+    count = cfg["datasets"]["demo"]["experts"]["count"]
+    text = _shell_commands(plain_workdir, cfg, "results/demo_ipc1/acc.csv")
+    jobs = planned_jobs(text)
+    assert "expert" not in jobs
+    groups = [list(range(k, min(k + 2, count))) for k in range(0, count, 2)]
+    assert {rule: files for rule, files in jobs.items() if rule.startswith("expert_group_")} == {
+        f"expert_group_demo_split_{g[0]}": {f"results/demo/experts/split/expert_{k}.h5" for k in g} for g in groups
+    }
+    for g in groups:
+        outs = " ".join(f"results/demo/experts/split/expert_{k}.h5" for k in g)
+        line = next(line for line in text.splitlines() if f"--out {outs} " in line)
+        assert f"--seed {' '.join(map(str, g))} " in line and "tesla experts " in line
+
+
+def test_regrouping_experts_reruns_nothing_and_options_reach_the_commands(executed):
+    """The experts were trained one per job: grouping them, or choosing how a group or the
+    evaluation runs train together, reruns nothing; arithmetic and the momentum restart
+    are settings of the results and rerun what they change."""
+    workdir, _ = executed
+    assert dry_run(workdir, _per_job(load_config(workdir), 2)) == {}
+
+    def how(c):
+        c["datasets"]["demo"]["experts"]["group_mode"] = "vmap"
+        c["datasets"]["demo"]["evaluate"]["group_mode"] = "streams"
+
+    assert dry_run(workdir, _edited(workdir, how)) == {}
+
+    def momentum(c):
+        c["datasets"]["demo"]["evaluate"]["reset_momentum_at_decay"] = True
+
+    assert set(dry_run(workdir, _edited(workdir, momentum))) == {"evaluate_synthetic", "evaluate_random", "results"}
+    text = _shell_commands(workdir, _edited(workdir, lambda c: (how(c), momentum(c))), "--forceall")
+    evaluations = [line for line in text.splitlines() if "tesla evaluate " in line]
+    assert evaluations and all("--reset-momentum-at-decay" in line and "--group-mode streams" in line for line in evaluations)
+    experts = [line for line in text.splitlines() if "tesla experts " in line]
+    assert experts and all("--group-mode vmap" in line for line in experts)
+
+    def arithmetic(c):
+        c["datasets"]["demo"]["experts"].update(precision="bf16", tf32=False, channels_last=True)
+
+    jobs = dry_run(workdir, _edited(workdir, arithmetic))
+    assert "expert" in jobs and "distill" in jobs
+    line = next(x for x in _shell_commands(workdir, _edited(workdir, arithmetic), "--forceall").splitlines()
+                if "tesla experts " in x)
+    assert "--precision bf16" in line and "--no-tf32" in line and "--channels-last" in line
+
+
+@pytest.mark.parametrize("key, value, known", [
+    ("experts.group_mode", "parallel", "sequential, streams, vmap"),
+    ("evaluate.precision", "fp8", "float32, bf16"),
+])
+def test_unknown_group_mode_or_precision_is_refused_naming_the_key(plain_workdir, key, value, known):
+    cfg = load_config(plain_workdir)
+    stage, name = key.split(".")
+    cfg["datasets"]["demo"][stage][name] = value
+    write_config(plain_workdir, cfg, "edited.yaml")
+    result = snakemake(plain_workdir, "--dry-run", "--cores", "1", "--configfile", "edited.yaml")
+    log = result.stdout + result.stderr
+    assert result.returncode != 0, log
+    assert f"config key datasets.demo.{key}: unknown" in log and known in log, log
+
+
+def test_a_group_of_experts_asks_slurm_for_the_expert_resources_once(plain_workdir, tmp_path):
+    """Under the SLURM profile a job of P experts gets `set-resources: expert:` (one GPU, its
+    partition, memory, threads) and P times its runtime."""
+    workdir = make_workdir(tmp_path / "wf")
+    shutil.copytree(ROOT / "profiles", workdir / "profiles")
+    profile = yaml.safe_load((workdir / "profiles" / "slurm" / "config.yaml").read_text())["set-resources"]["expert"]
+    cfg = _per_job(load_config(workdir), 3)
+    write_config(workdir, cfg, "edited.yaml")
+    result = snakemake(workdir, "results/demo/experts/split/expert_1.h5", "--dry-run", "--workflow-profile",
+                       "profiles/slurm", "--configfile", "edited.yaml")
+    assert result.returncode == 0, result.stdout + result.stderr
+    job = re.search(r"^rule expert_group_demo_split_0:\n((?:[ \t]+.*\n)+)", result.stdout, re.MULTILINE).group(1)
+    resources = dict(kv.split("=", 1) for kv in re.search(r"resources: (.*)", job).group(1).split(", "))
+    assert resources["gpu"] == "1" and resources["slurm_partition"] == profile["slurm_partition"]
+    assert int(resources["runtime"]) == 3 * profile["runtime"] and int(resources["mem_mb"]) == profile["mem_mb"]
+    assert int(resources["cpus_per_task"]) == profile["cpus_per_task"]

@@ -20,9 +20,12 @@
 #   results/<dataset>_ipc<N>/acc.csv                           tesla results
 #   results/logs/..., results/benchmarks/...                   every job's log and time/memory
 
+import inspect
 import os
+import re
 import shutil
 import sys
+from argparse import Namespace
 from pathlib import Path
 
 import yaml
@@ -337,9 +340,21 @@ def zca_options(wildcards) -> str:
     return " ".join([_opt("normalize", wildcards.normalize), _opt("eps", dataset_cfg(wildcards.dataset)["zca_eps"])])
 
 
+def numerics_options(stage_cfg: dict) -> list[str]:
+    """--precision/--tf32/--channels-last of a training stage (experts, evaluate): they change
+    the numbers, so they are rule parameters; a default (float32, null) adds nothing, so that
+    jobs run before these keys existed are not rerun."""
+    opts = [] if stage_cfg["precision"] == "float32" else [_opt("precision", stage_cfg["precision"])]
+    for key, flag in (("tf32", "tf32"), ("channels_last", "channels-last")):
+        if stage_cfg[key] is not None:
+            opts.append(f"--{flag}" if stage_cfg[key] else f"--no-{flag}")
+    return opts
+
+
 def expert_options(wildcards) -> str:
-    """Everything that shapes one expert trajectory (not `count`: adding experts must not
-    retrain the existing ones)."""
+    """Everything that shapes the expert trajectories of one input space, the same for every
+    expert (the seed and the grouping are run options: regrouping finished experts with
+    experts.per_job reruns none of them)."""
     ds = dataset_cfg(wildcards.dataset)
     ex = ds["experts"]
     row = space_of_key(wildcards.dataset, wildcards.space)
@@ -350,14 +365,73 @@ def expert_options(wildcards) -> str:
         _opt("batch-size", ex["batch_size"]),
         _opt("dsa", ex["dsa"]),
         _opt("dtype", ex["dtype"]),
-        _opt("seed", config["seed"] + int(wildcards.k)),
+        *numerics_options(ex),
     ]
     if not row["zca"] and row["normalize"] != "split":  # with ZCA, the ZCA file fixes it
         opts.append(_opt("normalize", row["normalize"]))
     kept = snapshots_kept(ds, wildcards.space)
     if kept != ex["epochs"]:
         opts.append(_opt("keep-snapshots", kept))
+        if ex["train_to_end"]:
+            opts.append("--train-to-end")
     return " ".join(opts)
+
+
+def group_mode_option(stage_cfg: dict) -> list[str]:
+    """--group-mode unless auto: how the networks of one job train together (equal to alone
+    within float32 round-off), so a run option, not a rule parameter."""
+    return [] if stage_cfg["group_mode"] == "auto" else [_opt("group-mode", stage_cfg["group_mode"])]
+
+
+def expert_run_options(wildcards, output) -> str:
+    """The seeds of the job's experts (config seed + k of each expert_k.h5) and the group
+    mode: functions of `output`, so that regrouping experts reruns nothing."""
+    ks = [int(re.fullmatch(r"expert_([0-9]+)\.h5", Path(f).name).group(1)) for f in output]
+    opts = ["--seed " + " ".join(str(config["seed"] + k) for k in ks)]
+    return " ".join(opts + group_mode_option(dataset_cfg(wildcards.dataset)["experts"]))
+
+
+def for_group(function, dataset: str, space: str):
+    """`function` (an input or params function of the `expert` rule) for a generated group
+    rule, which has no wildcards: called with its dataset and input space as wildcards."""
+    wildcards = Namespace(dataset=dataset, space=space)
+    if "output" in inspect.signature(function).parameters:
+        return lambda wildcards_, output: function(wildcards, output)
+    if "input" in inspect.signature(function).parameters:
+        return lambda wildcards_, input: function(wildcards, input)
+    return lambda wildcards_: function(wildcards)
+
+
+def expert_groups() -> list[tuple[str, str, list[int]]]:
+    """(dataset, input space, expert numbers) of every job of several experts: the experts of
+    each pool taken `experts.per_job` at a time, in order (the last group may be smaller)."""
+    groups = []
+    for name, ds in config["datasets"].items():
+        per_job = ds["experts"]["per_job"]
+        if per_job == 1:
+            continue
+        for space in spaces_of(ds):
+            ks = list(range(ds["experts"]["count"]))
+            groups += [(name, space, ks[i : i + per_job]) for i in range(0, len(ks), per_job)]
+    return groups
+
+
+def single_expert_datasets() -> list[str]:
+    """The datasets whose experts train one per job (the `expert` rule's); the others have
+    one generated rule per group (rules/experts.smk)."""
+    return [name for name, ds in config["datasets"].items() if ds["experts"]["per_job"] == 1]
+
+
+def group_resources(per_job: int) -> dict:
+    """The resources of a job of `per_job` experts: those of the `expert` rule (its
+    set-resources in the profile: partition, GPU, memory), its runtime x per_job."""
+    def plain(value):  # a profile's value may come as snakemake.resources.Resource
+        return value.raw if getattr(value, "raw", None) is not None else value
+
+    overrides = {k: plain(v) for k, v in workflow.resource_settings.overwrite_resources.get("expert", {}).items()}
+    runtime = overrides.pop("runtime", 12 * 60)
+    return {"mem_mb": 16000, "gpu": TRAIN_GPU, **overrides,
+            "runtime": runtime * per_job if isinstance(runtime, int) else runtime}
 
 
 def distill_options(wildcards) -> str:
@@ -427,7 +501,15 @@ def evaluate_options(wildcards) -> str:
     ]
     if ev["lr_decay_epoch"] is not None:
         opts.append(_opt("lr-decay-epoch", ev["lr_decay_epoch"]))
+    if ev["reset_momentum_at_decay"]:
+        opts.append("--reset-momentum-at-decay")
+    opts += numerics_options(ev)
     return " ".join(opts)
+
+
+def evaluate_run_options(wildcards, output) -> str:
+    """How the job's runs train together (not a rule parameter: within float32 round-off)."""
+    return " ".join(group_mode_option(dataset_cfg(wildcards.dataset)["evaluate"]))
 
 
 def random_baseline_options(wildcards) -> str:
@@ -493,8 +575,6 @@ def training_resources() -> tuple[int, int]:
 def wildcard_patterns() -> dict[str, str]:
     """The wildcard constraints: configured dataset names, registered engines, the known
     normalisations, input-space keys as tesla.registries.input_space_key writes them."""
-    import re
-
     datasets = sorted(map(re.escape, config["datasets"]), key=len, reverse=True)
     return {
         "dataset": "|".join(datasets),

@@ -13,6 +13,7 @@ rule evaluate_synthetic:
     params:
         device=job_device,
         options=evaluate_options,
+        run=evaluate_run_options,
         method=method("evaluate"),
     log:
         "results/logs/evaluate/{dataset}_ipc{ipc}/{engine}_{arch}.log",
@@ -27,7 +28,7 @@ rule evaluate_synthetic:
         "../envs/tesla.yaml"
     shell:
         "tesla evaluate --synthetic {input.synthetic} --test {input.test} {params.options} "
-        "--out {output} --device {params.device} > {log} 2>&1"
+        "{params.run} --out {output} --device {params.device} > {log} 2>&1"
 
 
 rule evaluate_random:
@@ -41,6 +42,7 @@ rule evaluate_random:
     params:
         device=job_device,
         options=evaluate_options,
+        run=evaluate_run_options,
         baseline=random_baseline_options,
         zca=zca_option,
         method=method("evaluate"),
@@ -57,4 +59,4 @@ rule evaluate_random:
         "../envs/tesla.yaml"
     shell:
         "tesla evaluate --random --train {input.train} --test {input.test} {params.baseline} "
-        "{params.zca} {params.options} --out {output} --device {params.device} > {log} 2>&1"
+        "{params.zca} {params.options} {params.run} --out {output} --device {params.device} > {log} 2>&1"

@@ -1,14 +1,18 @@
-# Expert trajectories: one job per expert network (independent, so they spread over GPUs
-# or cluster nodes), in one folder per input space (the normalisation and ZCA their inputs
-# went through): distill rows of one input space share their experts. Training rules ask
-# for the `gpu` resource when a GPU is visible, so that the local profile's
-# `--resources gpu=1` runs one at a time on a workstation's GPU (see TRAIN_GPU in
-# common.smk); on SLURM the profile's `gpu: 1` becomes `--gpus=1`.
+# Expert trajectories, in one folder per input space (the normalisation and ZCA their inputs
+# went through): distill rows of one input space share their experts. By default one job per
+# expert network (independent, so they spread over GPUs or cluster nodes); with
+# `experts.per_job: P` one job trains P experts in one process on one device (one rule per
+# group, generated below, with the `expert` rule's resources), each still in its own file.
+# Training rules ask for the `gpu` resource when a GPU is visible, so that the local
+# profile's `--resources gpu=1` runs one at a time on a workstation's GPU (see TRAIN_GPU in
+# common.smk); on SLURM the profile's `gpu: 1` becomes `--gpus=1`, one GPU per job.
 
 
 rule expert:
     """Train expert k on the real training split, in input space <space>, saving its
     parameter trajectory."""
+    wildcard_constraints:
+        dataset="|".join(map(re.escape, single_expert_datasets())) or "(?!)",
     input:
         train="resources/{dataset}/train.h5",
         test="resources/{dataset}/test.h5",
@@ -18,6 +22,7 @@ rule expert:
     params:
         device=job_device,
         options=expert_options,
+        run=expert_run_options,
         zca=zca_option,
         method=method("experts"),
     log:
@@ -33,4 +38,36 @@ rule expert:
         "../envs/tesla.yaml"
     shell:
         "tesla experts --train {input.train} --test {input.test} --out {output} "
-        "{params.options} {params.zca} --device {params.device} > {log} 2>&1"
+        "{params.options} {params.run} {params.zca} --device {params.device} > {log} 2>&1"
+
+
+for _dataset, _space, _ks in expert_groups():
+
+    rule:
+        """Train experts k1..kP of one input space in one process (experts.per_job)."""
+        name:
+            f"expert_group_{_dataset}_{re.sub(r'[^A-Za-z0-9_]', '_', _space)}_{_ks[0]}"
+        input:
+            train=split_file(_dataset, "train"),
+            test=split_file(_dataset, "test"),
+            zca=for_group(space_zca, _dataset, _space),
+        output:
+            [f"results/{_dataset}/experts/{_space}/expert_{k}.h5" for k in _ks],
+        params:
+            device=job_device,
+            options=for_group(expert_options, _dataset, _space),
+            run=for_group(expert_run_options, _dataset, _space),
+            zca=zca_option,
+            method=method("experts"),
+        log:
+            f"results/logs/experts/{_dataset}/{_space}/experts_{_ks[0]}-{_ks[-1]}.log",
+        benchmark:
+            f"results/benchmarks/experts/{_dataset}/{_space}/experts_{_ks[0]}-{_ks[-1]}.tsv"
+        threads: workflow.resource_settings.overwrite_threads.get("expert", TRAIN_THREADS)
+        resources:
+            **group_resources(len(_ks)),
+        conda:
+            "../envs/tesla.yaml"
+        shell:
+            "tesla experts --train {input.train} --test {input.test} --out {output} "
+            "{params.options} {params.run} {params.zca} --device {params.device} > {log} 2>&1"
