@@ -117,6 +117,10 @@ DISTILL_ALIAS = "distill"
 
 
 # -- protocol and network input space ------------------------------------------------------
+#: the learning rate of the random-real-images baseline (``--lr-random``; a synthetic set carries its own)
+LR_RANDOM = 0.01
+
+
 @dataclass(frozen=True)
 class Protocol:
     """The training recipe of PAPER.md section 6 (everything but the data and the network)."""
@@ -745,7 +749,7 @@ def subject_from_args(args: argparse.Namespace, device: torch.device | str) -> S
                 )
         return synthetic_subject(args.synthetic, device)
     dsa = PAPER_DSA_STRATEGY if args.dsa is None else args.dsa
-    lr = 0.01 if args.lr_random is None else args.lr_random
+    lr = LR_RANDOM if args.lr_random is None else args.lr_random
     if args.full:
         if args.train is None:
             raise TeslaError("--full needs --train TRAIN.h5")

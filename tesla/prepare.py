@@ -32,6 +32,7 @@ from tesla.data.pool import RESULT_SLOT_BYTES, WorkerPool
 from tesla.data.imaging import decode_block, min_decoded_side, parse_resize_rule, resize_block, resize_rule_name
 from tesla.data.sources import ArraySplit, DatasetPlan, EncodedSplit, StreamedSplit, registry
 from tesla.data.sources.base import Split, empty_split_error
+from tesla.data.sources.options import RESOLUTION_RANGE
 from tesla.errors import TeslaError
 
 #: images per unit of work sent to a worker (fewer when their pixels would not fit a result slot,
@@ -58,8 +59,9 @@ def run(args: argparse.Namespace) -> int:
     resolution = args.resolution or plan.default_resolution or _native_resolution(plan)
     if not resolution:
         raise TeslaError(f"--resolution: required for the {args.source} source (e.g. 32 for CIFAR-sized images, 64 for ImageNet)")
-    if resolution < 1 or resolution > 4096:
-        raise TeslaError(f"--resolution {resolution}: must be between 1 and 4096")
+    low, high = RESOLUTION_RANGE
+    if not low <= resolution <= high:
+        raise TeslaError(f"--resolution {resolution}: must be between {low} and {high}")
     report = prepare_dataset(
         plan,
         args.out_dir,
