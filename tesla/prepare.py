@@ -34,12 +34,15 @@ from tesla.data.sources import ArraySplit, DatasetPlan, EncodedSplit, StreamedSp
 from tesla.data.sources.base import Split, empty_split_error
 from tesla.data.sources.options import RESOLUTION_RANGE
 from tesla.errors import TeslaError
+from tesla.locks import acquire
 
 #: images per unit of work sent to a worker (fewer when their pixels would not fit a result slot,
 #: or when the split is too small to give every worker two blocks)
 ENCODED_BLOCK = 128
 ARRAY_BLOCK = 1024
 REPORT_NAME = "prepare_report.txt"
+#: the lock file of a preparation in its output folder (tesla-lock; one preparation per folder at a time)
+LOCK_NAME = ".tesla-prepare.lock"
 _STAGING = re.compile(r"^\.tesla-prepare\.(\d+)\.tmp$")
 
 
@@ -189,6 +192,15 @@ def prepare_dataset(
         raise TeslaError(f"--resize {rule}: {exc}") from None
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    with acquire(out_dir / LOCK_NAME, stage="tesla prepare", protects=f"--out-dir {out_dir}"):
+        return _prepare_locked(plan, out_dir, resolution, rule, filter_name, workers, strict, reduced, progress)
+
+
+def _prepare_locked(
+    plan: DatasetPlan, out_dir: Path, resolution: int, rule: str, filter_name: str, workers: int, strict: bool,
+    reduced: bool, progress: bool,
+) -> PrepareReport:
+    """:func:`prepare_dataset` while it holds the folder's lock: no other preparation writes there."""
     _remove_stale_staging(out_dir)
     staging = out_dir / f".tesla-prepare.{os.getpid()}.tmp"
     staging.mkdir()
