@@ -3,7 +3,7 @@
 # experts, distillation with both engines from the same experts, the published evaluation and the
 # random-real baseline, then one table ($OUT/reproduce.md, also printed last).
 # A REDUCED BUDGET, chosen to fit one command on the lent H200 (at most 10 minutes; whole script
-# under `timeout 570`, each stage under its own cap inside bench/reproduce_cifar10.py):
+# under `timeout 570`, each stage under its own cap inside bench/reproduce_published.py):
 #
 #   stage (cap)        what                                              expected, from H100 rates*
 #   setup (-)          check python3's packages, unpack the data           ~10 s
@@ -83,7 +83,7 @@ else
   limit=570
 fi
 [ -f "$data" ] || { echo "gpu_reproduce.sh: $data not found: run bench/make_device_data.sh here and carry .device" >&2; exit 2; }
-timeout $limit $py bench/reproduce_cifar10.py --data "$data" --work "$WORK" --out "$OUT" "${args[@]}" "$@" 2>&1 \
+timeout $limit $py bench/reproduce_published.py --data "$data" --work "$WORK" --out "$OUT" "${args[@]}" "$@" 2>&1 \
   | tee "$OUT/reproduce.log"
 status=${PIPESTATUS[0]}
 echo "gpu_reproduce.sh: exit status $status, work folder $WORK"

@@ -1,6 +1,6 @@
-"""Reproduce CIFAR-10 IPC 1 and IPC 10 at the published settings, at a reduced budget, in one go.
+"""Reproduce a dataset's published rows (CIFAR-10 IPC 1 and 10 by default) at a reduced budget, in one go.
 
-The settings of every row come from ``config/config.yaml`` (the ``cifar10`` entry: per-row
+The settings of every row come from ``config/config.yaml`` (the ``--dataset`` entry, ``cifar10`` by default: per-row
 syn_steps, expert_epochs, max_start_epoch, lr_img and its convention, lr_lr, lr_teacher,
 batch_syn, normalisation and ZCA, engines, evaluation runs; the entry's evaluation schedule:
 1001 epochs, lr x0.1 from epoch 502, momentum restarted there). What is reduced is the budget,
@@ -16,8 +16,11 @@ and the random-real baseline, ConvNet-3), cross-architecture evaluation at IPC 1
 left allows, results (``tesla results``). It writes, under ``--out``: ``reproduce.md`` (the
 table, also printed), ``acc_ipc<N>.csv`` and ``logs.tar.gz`` (every process's output).
 
-    python bench/reproduce_cifar10.py --data .device/cifar10-subset.tar.gz --work /tmp/repro \\
+    python bench/reproduce_published.py --data .device/cifar10-subset.tar.gz --work /tmp/repro \\
         --out bench_out --device cuda        # bench/gpu_reproduce.sh calls it with its budget
+    python bench/reproduce_published.py --dataset mnist --channels 1 --data mnist-subset.tar ...   # docs/benchmarks.md
+
+PAPER.md section 8 gives numbers for CIFAR-10 (ConvNet-3); for other datasets the paper columns show "-".
 """
 
 from __future__ import annotations
@@ -117,9 +120,9 @@ def run_stage(name: str, jobs: list[Job], cap_s: float, max_parallel: int, stage
     stage_seconds[name] = time.monotonic() - start
 
 
-def config_rows(config_path: Path, ipcs: list[int], max_start: int | None, syn_steps: int | None) -> tuple[dict, list[Row]]:
-    """The ``cifar10`` entry of the config and its rows for ``ipcs`` (toy overrides applied)."""
-    entry = yaml.safe_load(config_path.read_text())["datasets"]["cifar10"]
+def config_rows(config_path: Path, dataset: str, ipcs: list[int], max_start: int | None, syn_steps: int | None) -> tuple[dict, list[Row]]:
+    """The ``dataset`` entry of the config and its rows for ``ipcs`` (toy overrides applied)."""
+    entry = yaml.safe_load(config_path.read_text())["datasets"][dataset]
     rows = []
     for ipc in ipcs:
         s = dict(entry["distill"][ipc])
@@ -156,7 +159,9 @@ def space_flags(row: Row, zca_files: dict[str, Path]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, required=True, help="CIFAR-10 class-folder tar (.tar or .tar.gz; bench/make_device_data.sh)")
+    p.add_argument("--data", type=Path, required=True, help="class-folder tar train/<class>/, test/<class>/ (.tar or .tar.gz; bench/make_device_data.sh)")
+    p.add_argument("--dataset", default="cifar10", help="entry of the config whose rows are reproduced")
+    p.add_argument("--channels", type=int, choices=[1, 3], default=3, help="tesla prepare --channels (1 for MNIST)")
     p.add_argument("--work", type=Path, required=True, help="working folder (prepared data, experts, sets)")
     p.add_argument("--out", type=Path, required=True, help="folder for reproduce.md, acc_ipc<N>.csv, logs.tar.gz")
     p.add_argument("--config", type=Path, default=ROOT / "config" / "config.yaml")
@@ -184,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(a.iterations) != len(a.ipc):
         p.error("--iterations takes one value per --ipc")
     t0 = time.monotonic()
-    entry, rows = config_rows(a.config, a.ipc, a.max_start_epoch, a.syn_steps)
+    entry, rows = config_rows(a.config, a.dataset, a.ipc, a.max_start_epoch, a.syn_steps)
     ev = entry["evaluate"]
     epochs, decay = int(ev["epochs"]), int(ev["lr_decay_epoch"])
     if a.eval_epochs is not None:
@@ -204,8 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     t = time.monotonic()
     tar = unpack(a.data, work)
     stage_s["unpack"] = time.monotonic() - t
-    run_stage("prepare", [Job("prepare", ["prepare", "folder", "--input", str(tar), "--out-dir", str(data), "--name", "cifar10",
-                                          "--resolution", str(entry.get("resolution", 32)), "--quiet"], logs / "prepare.log")],
+    run_stage("prepare", [Job("prepare", ["prepare", "folder", "--input", str(tar), "--out-dir", str(data), "--name", a.dataset,
+                                          "--resolution", str(entry.get("resolution", 32)), "--channels", str(a.channels), "--quiet"], logs / "prepare.log")],
               a.caps[0], a.jobs, stage_s)
     train, test = data / "train.h5", data / "test.h5"
     zca_files = {r.space: work / f"zca_{r.space}.h5" for r in rows if r.zca}
@@ -277,8 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     left = a.budget - (time.monotonic() - t0) - 15
     others = a.cross_archs if a.cross_archs is not None else [arch for arch in ev["architectures"] if arch != model]
     cross = [r for r in rows if r.ipc == 10]
+    cross_jobs: list[Job] = []
     if cross and others and left >= a.cross_arch_min:
-        jobs = [eval_job(r, e, arch, ["--synthetic", str(f)]) for r in cross for arch in others for e, f in r.synthetic.items() if f.exists()]
+        cross_jobs = jobs = [eval_job(r, e, arch, ["--synthetic", str(f)]) for r in cross for arch in others for e, f in r.synthetic.items() if f.exists()]
         run_stage("cross-arch", jobs, left, a.jobs, stage_s)
     else:
         stage_s["cross-arch"] = 0.0
@@ -300,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
             acc[row.ipc] = pd.read_csv(out, comment="#")
     stage_s["results"] = time.monotonic() - t
     stage_s["total"] = time.monotonic() - t0
-    all_jobs = expert_jobs + distill_jobs + eval_jobs + list(zca_jobs.values())
+    all_jobs = list(zca_jobs.values()) + expert_jobs + distill_jobs + eval_jobs + cross_jobs
     table = render(rows, acc, a, model, epochs, decay, ev, keep, stage_s, all_jobs, tar)
     (a.out / "reproduce.md").write_text(table)
     print(table)
@@ -310,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
             for e, f in row.synthetic.items():
                 if f.with_name("metrics.csv").exists():
                     t_.add(f.with_name("metrics.csv"), arcname=f"metrics/ipc{row.ipc}_{e}.csv")
-    return 0 if all(job.status == "ok" for job in all_jobs) else 1
+    return 0 if all(job.status == "ok" for job in all_jobs if job not in cross_jobs) else 1
 
 
 def _acc(df: pd.DataFrame | None, method: str, engine: str, arch: str) -> str:
@@ -329,7 +335,7 @@ def render(rows, acc, a, model, epochs, decay, ev, keep, stage_s, jobs, tar) -> 
     import torch
 
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() and a.device != "cpu" else "CPU"
-    lines = [f"# CIFAR-10 at the published settings, REDUCED budget ({dev}, torch {torch.__version__})", "",
+    lines = [f"# {a.dataset} at the published settings, REDUCED budget ({dev}, torch {torch.__version__})", "",
              f"Data: {tar.name}; experts per input space: {a.experts} ({model}, trained to the last snapshot the rows read: "
              + ", ".join(f"{s} {k} epochs" for s, k in keep.items()) + "; published: 100 x 50 epochs); "
              f"evaluation: {epochs} epochs, lr x0.1 from epoch {decay}, momentum restart {bool(ev.get('reset_momentum_at_decay'))}. "
@@ -342,7 +348,7 @@ def render(rows, acc, a, model, epochs, decay, ev, keep, stage_s, jobs, tar) -> 
         if df is not None and (df["method"] == "full").any():
             f = df[df["method"] == "full"].iloc[0]
             full = f"{f.acc_mean:.2f} +- {f.acc_std:.2f} ({int(f.test_epoch)})"
-        paper = PAPER.get(row.ipc, {})
+        paper = PAPER.get(row.ipc, {}) if a.dataset == "cifar10" else {}
         for engine in row.engines:
             lines.append(f"| {row.ipc} | {engine} | {row.space} | {row.settings['iterations_run']} ({row.settings['iterations']}) | "
                          f"{_acc(df, 'tesla', engine, model)} | {paper.get('TESLA', '-')} | {paper.get('MTT', '-')} | "
