@@ -55,11 +55,12 @@ PAPER = {
 
 @dataclass
 class Job:
-    """One ``python -m tesla`` process of a stage."""
+    """One process of a stage: ``program`` (``python -m tesla``) with ``args``."""
 
     name: str
     args: list[str]
     log: Path
+    program: tuple[str, ...] = (sys.executable, "-m", "tesla")
     proc: subprocess.Popen | None = None
     started: float = 0.0
     status: str = "not run"
@@ -92,9 +93,9 @@ def run_stage(name: str, jobs: list[Job], cap_s: float, max_parallel: int, stage
             job = waiting.pop(0)
             job.log.parent.mkdir(parents=True, exist_ok=True)
             with open(job.log, "w") as log:
-                log.write("$ python -m tesla " + " ".join(job.args) + "\n")
+                log.write("$ " + " ".join([*job.program, *job.args]) + "\n")
                 log.flush()
-                job.proc = subprocess.Popen([sys.executable, "-m", "tesla", *job.args], stdout=log,
+                job.proc = subprocess.Popen([*job.program, *job.args], stdout=log,
                                             stderr=subprocess.STDOUT, env=env, start_new_session=True)
             job.started = time.monotonic()
             running.append(job)
