@@ -1,32 +1,45 @@
 #!/usr/bin/env bash
-# The GPU measurements recorded in docs/benchmarks.md, in one go (about 8-9 minutes on an H100).
-# Run from the repository root on a CUDA machine; the package need not be installed
-# (PYTHONPATH is set here). Results go to $OUT (default: bench_out/).
-#   CIFAR_TRAIN: a prepared CIFAR-10 train.h5 (or a class-balanced subset of one)
+# The GPU measurements of docs/benchmarks.md: one entry point, one PART per command, each PART at
+# most 10 minutes on one H200/H100 (the lent machine's limit for one command).
+#
+#   bash bench/gpu_benchmarks.sh PART            # on the GPU machine, from the repository root
+#   TOY=1 bash bench/gpu_benchmarks.sh PART      # the same steps at toy size on the CPU (checks only)
+#
+# PART        script                   answers                                        device min  carry
+# engine      bench/gpu_engine.sh      the compiled student step (--compile): every    <= 9.5      none
+#                                      mode against the engine before it, CIFAR-10
+#                                      IPC 10 and ImageNet-1K IPC 10/50; which mode
+#                                      `auto` should be; the CUDA tests of matching
+# training    bench/gpu_training.sh    several experts/evaluation runs per process      ~4          none
+#                                      (group modes x precision x memory format x TF32),
+#                                      ConvNet-3 and ConvNetD4; the CUDA training tests
+# reproduce   bench/gpu_reproduce.sh   CIFAR-10 IPC 1 and 10 at the published settings  <= 9.5      .device
+#                                      (reduced budget), both engines from the same       (bench/make_device_data.sh
+#                                      experts, published evaluation, random real          first, here)
+# baseline    bench/gpu_baseline.sh    the first GPU figures (training loop vs           ~8-9        a prepared CIFAR-10
+#                                      DataLoader; distillation memory per engine at                   train.h5 as
+#                                      ImageNet-1K scale)                                              $CIFAR_TRAIN
+#
+# Add the machine start (a minute or more) to each. Every part writes its tables and logs to
+# $OUT (default bench_out/; at most 8 files come back from the lent machine) and prints its
+# table last. Where the machine's copy of the tree has no .git, the engine part needs
+# bench/matching_before.py first (see bench/gpu_engine.sh). bench/project_cost.py turns the
+# engine and training parts' outputs into the rates file of the cost projection (docs/benchmarks.md).
 set -u
-OUT=${OUT:-bench_out}
-CIFAR_TRAIN=${CIFAR_TRAIN:-data/cifar10/train.h5}
-mkdir -p "$OUT"
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-py=${PYTHON:-python3}
-{
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-  $py -c "import sys, torch, torchvision, numpy, h5py; print('python', sys.version.split()[0], 'torch', torch.__version__, 'torchvision', torchvision.__version__, 'numpy', numpy.__version__, 'h5py', h5py.__version__)"
-  nproc
-} 2>&1 | tee "$OUT/machine.txt"
-
-# 1. the training loop against a DataLoader loop: ConvNet-3 on CIFAR-10
-timeout 150 $py bench/bench_training.py --device cuda --train "$CIFAR_TRAIN" --images 12800 --rounds 3 \
-  --workers 0 4 8 16 2>&1 | tee "$OUT/training_cifar10.md"
-# 2. the same at ImageNet-1K sizes (ConvNetD4, 64 x 64, 1000 classes; random pixels: no ImageNet here)
-timeout 110 $py bench/bench_training.py --device cuda --synthetic --model convnet_d4 --resolution 64 --classes 1000 \
-  --images 12800 --rounds 2 --workers 0 8 16 --strategies color_crop_cutout_flip_scale_rotate none --no-data-only \
-  2>&1 | tee "$OUT/training_in1k64.md"
-# 3. distillation memory and time per engine at ImageNet-1K scale, TESLA's IPC 1 setting (batch_syn 100)
-timeout 130 $py bench/bench_distill.py --device cuda --model convnet_d4 --width 128 --resolution 64 --classes 1000 \
-  --ipc 1 --batch-syn 100 --steps 10 20 40 80 --time-steps 10 --repeats 3 --out "$OUT/distill_in1k_ipc1.md" \
-  2>&1 | tail -40
-# 4. IPC 50 at ImageNet-1K scale (50,000 synthetic images), batch_syn 500
-timeout 190 $py bench/bench_distill.py --device cuda --model convnet_d4 --width 128 --resolution 64 --classes 1000 \
-  --ipc 50 --batch-syn 500 --steps 10 20 --time-steps 10 --repeats 2 --out "$OUT/distill_in1k_ipc50.md" \
-  2>&1 | tail -40
+here=$(cd "$(dirname "$0")" && pwd)
+part=${1:-}
+[ $# -gt 0 ] && shift
+case "$part" in
+  engine) exec bash "$here/gpu_engine.sh" "$@" ;;
+  training)
+    # gpu_training.sh names its toy switch TESLA_BENCH_TOY
+    if [ "${TOY:-0}" = 1 ]; then export TESLA_BENCH_TOY=1; fi
+    exec bash "$here/gpu_training.sh" "$@" ;;
+  reproduce) exec bash "$here/gpu_reproduce.sh" "$@" ;;
+  baseline)
+    if [ "${TOY:-0}" = 1 ]; then echo "gpu_benchmarks.sh: the baseline part has no toy size" >&2; exit 2; fi
+    exec bash "$here/gpu_baseline.sh" "$@" ;;
+  *)
+    echo "usage: bash bench/gpu_benchmarks.sh {engine|training|reproduce|baseline}   (header: what each measures)" >&2
+    exit 2 ;;
+esac
