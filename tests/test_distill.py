@@ -1020,3 +1020,22 @@ def test_non_finite_label_logits_stop_the_run_naming_lr_label(toy, tmp_path, mon
     monkeypatch.setattr(distill_mod, "matching_gradients", inf_labels)
     with pytest.raises(TeslaError, match="iteration 1: the gradient of the learned labels is not finite. Most likely cause: --lr-label"):
         distill(settings(toy, tmp_path, soft_labels="learned"))
+
+
+def test_report_reads_metrics_of_every_version_and_draws_the_window(toy, tmp_path):
+    from tesla.report import plot_curves, read_metrics as report_metrics
+
+    s = settings(toy, tmp_path, max_start_epoch=1, max_start_epoch_final=2, window_iterations=2, iterations=3, grid_dir=None)
+    distill(s)
+    m = report_metrics(s.metrics)
+    assert m["window_max"].tolist() == [1.0, 2.0, 2.0] and m["loss"].shape == (3,)
+    assert plot_curves(m, tmp_path / "curves.png").stat().st_size > 0
+    old = tmp_path / "v2.csv"  # a version-2 file: no window columns
+    lines = Path(s.metrics).read_text().splitlines()
+    header = lines[1].split(",")
+    keep = [i for i, c in enumerate(header) if c not in ("window_min", "window_max", "grad_norm_labels")]
+    old.write_text("\n".join(["# format: tesla-distill-metrics, format_version: 2"]
+                             + [",".join(row.split(",")[i] for i in keep) for row in lines[1:]]) + "\n")
+    m2 = report_metrics(old)
+    assert "window_max" not in m2 and m2["loss"].tolist() == m["loss"].tolist()
+    assert plot_curves(m2, tmp_path / "curves2.png").stat().st_size > 0
