@@ -582,7 +582,7 @@ def cuda_compilers():
 CUDA_CASES = [
     ("cudagraph", "exact", "hard"), ("cudagraph", "exact", "soft"), ("cudagraph", "tesla", "hard"),
     ("cudagraph", "tesla", "soft"), ("inductor-cudagraph", "exact", "hard"), ("inductor-cudagraph", "tesla", "soft"),
-    ("inductor", "exact", "hard"),
+    ("inductor", "exact", "hard"), ("cudagraph", "exact", "learned"), ("inductor-cudagraph", "tesla", "learned"),
 ]
 
 
@@ -594,14 +594,18 @@ def test_cuda_compiled_steps_equal_eager_steps(problem32, cuda_compilers, mode, 
     the captured graphs in a second call gives the first call's numbers."""
     cuda = on_cuda(problem32)
     y = cuda["labels"] if labels == "hard" else cuda["soft"]
+    learn = labels == "learned"  # soft targets with the label gradient dL/dY
     compiler = cuda_compilers.setdefault((mode, labels), StepCompiler(mode))
     for syn_steps in (3, 8):
-        eager = run_engine(cuda, engine, syn_steps, labels=y)
-        graph = run_engine(cuda, engine, syn_steps, labels=y, compiler=compiler)
-        again = run_engine(cuda, engine, syn_steps, labels=y, compiler=compiler)  # replayed graphs
+        eager = run_engine(cuda, engine, syn_steps, labels=y, learn_labels=learn)
+        graph = run_engine(cuda, engine, syn_steps, labels=y, compiler=compiler, learn_labels=learn)
+        again = run_engine(cuda, engine, syn_steps, labels=y, compiler=compiler, learn_labels=learn)  # replayed graphs
         assert graph.compile == mode and graph.grad_images.device.type == "cuda"
         assert_close(graph, eager, FLOAT32_ROUNDOFF)
         assert_close(again, graph, FLOAT32_ROUNDOFF)
+        if learn:
+            assert rel(graph.grad_labels, eager.grad_labels) < FLOAT32_ROUNDOFF
+            assert rel(again.grad_labels, graph.grad_labels) < FLOAT32_ROUNDOFF
 
 
 @needs_cuda
