@@ -178,6 +178,7 @@ def main() -> int:
     p.add_argument("--point-labels", default="hard", choices=("hard", "soft", "learned"), help=argparse.SUPPRESS)
     p.add_argument("--labels", action="store_true",
                    help="also measure soft vs learned labels (exact and tesla engines, same N values)")
+    p.add_argument("--labels-only", action="store_true", help="only the soft vs learned labels table")
     args = p.parse_args()
     if args.point_engine:
         print(json.dumps(memory_point(args)))
@@ -188,9 +189,17 @@ def main() -> int:
         "--batch-syn", str(args.batch_syn), "--threads", str(args.threads),
     ]
     t_start = time.perf_counter()
-    points = {(e, n): run_point(args, e, n) for e in ENGINES for n in args.steps}
-    speeds = timing(args)
     key = "cuda_peak_mb" if args.device.startswith("cuda") else "iteration_mb"
+    if args.labels_only:
+        setup = (f"Setup: {args.model} width {args.width}, {args.channels}x{args.resolution}x{args.resolution}, "
+                 f"{args.classes} classes, ipc {args.ipc}, batch_syn {args.batch_syn}, DSA on, device {args.device}, "
+                 f"{args.threads} thread(s), torch {torch.__version__}.")
+        return _report([setup, *label_memory_table(args, key)], t_start, args.out)
+    points = {(e, n): run_point(args, e, n) for e in ENGINES for n in args.steps}
+    # every memory point before the timing: a child forked from a process inherits its peak RSS
+    # (Linux keeps ru_maxrss across fork and exec), and the timing grows this process
+    label_lines = label_memory_table(args, key) if args.labels else []
+    speeds = timing(args)
     what = "torch.cuda.max_memory_allocated during the call" if key == "cuda_peak_mb" else "growth of peak RSS during the call"
     lines = [
         f"Setup: {args.model} width {args.width}, {args.channels}x{args.resolution}x{args.resolution}, {args.classes} classes, "
@@ -231,9 +240,7 @@ def main() -> int:
             lines.append(f"| {e} | {speeds[e]:.3f} | {speeds[e] / speeds['tesla']:.2f}x |")
         else:
             lines.append(f"| {e} | out of memory | |")
-    if args.labels:
-        lines += label_memory_table(args, key)
-    return _report(lines, t_start, args.out)
+    return _report(lines + label_lines, t_start, args.out)
 
 
 def label_memory_table(args, key: str) -> list[str]:
