@@ -1105,7 +1105,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     a("--expert-epochs", type=int, default=d.expert_epochs, help="M: the target is M epochs after the start")
     a("--max-start-epoch", type=int, default=d.max_start_epoch,
       help="start epoch t ~ U{min .. max-1} (the window's upper bound; with a schedule, its start value)")
-    a("--min-start-epoch", type=int, default=d.min_start_epoch, help="the window's lower bound (default 0)")
+    a("--min-start-epoch", type=int, default=d.min_start_epoch, help="the window's lower bound: t >= this")
     a("--max-start-epoch-final", type=int, default=None,
       help="moving window: the upper bound grows linearly (rounded down) to this value by --window-iterations")
     a("--window-iterations", type=int, default=None, help="moving window: the iteration at which the upper bound is final")
