@@ -911,7 +911,7 @@ def _write_metrics(path: Path, rows: list[dict]) -> None:
 
 
 def _save_grid(setup: DistillSetup, state: DistillState, name: str) -> None:
-    from tesla.export import save_class_grid
+    from tesla.grids import save_class_grid
 
     s = setup.settings
     if not s.grid_dir:

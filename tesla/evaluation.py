@@ -55,10 +55,8 @@ docs/formats.md); ``tesla results`` aggregates them into ``acc.csv``.
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,48 +65,13 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from tesla import __version__
 from tesla.augment import DEFAULT_STRATEGY
 from tesla.data import ImageSplit
 from tesla.data.header import check_test_split, read_split_header
 from tesla.errors import TeslaError
-from tesla.files import atomic_output
 from tesla.input_space import InputSpace, open_input_space, space_of_record
 from tesla.precision import Numerics
-
-RUNS_FORMAT = "tesla-eval-runs"
-#: v2 added the columns lr_decay_epoch and input_space; v3 reset_momentum_at_decay, precision,
-#: tf32, memory_format and group_mode (``tesla results`` reads v1 and v2 too)
-RUNS_FORMAT_VERSION = 3
-
-#: columns of the per-run CSV, in order (docs/formats.md)
-RUN_COLUMNS: tuple[str, ...] = (
-    "dataset",
-    "ipc",
-    "method",
-    "engine",
-    "arch",
-    "run",
-    "seed",
-    "epochs",
-    "lr_decay_epoch",
-    "reset_momentum_at_decay",
-    "lr",
-    "final_train_loss",
-    "test_acc",
-    "seconds",
-    "labels",
-    "dsa",
-    "zca",
-    "input_space",
-    "num_images",
-    "device",
-    "precision",
-    "tf32",
-    "memory_format",
-    "group_mode",
-    "source",
-)
+from tesla.tables import RUN_COLUMNS, RUNS_FORMAT, RUNS_FORMAT_VERSION, format_line, write_csv_atomic
 
 #: the paper's augmentation strategy, used by the baselines unless --dsa says otherwise
 PAPER_DSA_STRATEGY = DEFAULT_STRATEGY
@@ -117,6 +80,10 @@ DISTILL_ALIAS = "distill"
 
 
 # -- protocol and network input space ------------------------------------------------------
+#: the learning rate of the random-real-images baseline (``--lr-random``; a synthetic set carries its own)
+LR_RANDOM = 0.01
+
+
 @dataclass(frozen=True)
 class Protocol:
     """The training recipe of PAPER.md section 6 (everything but the data and the network)."""
@@ -412,22 +379,7 @@ def resolve_architecture(arch: str | dict, subject: Subject) -> tuple[str, dict]
         models.build_from_spec(spec)  # fail now (unknown option, resolution it cannot take), not after a run
     except TeslaError as exc:
         raise TeslaError(f"--arch {arch if isinstance(arch, str) else spec.get('name')}: {exc}") from None
-    return architecture_label(spec), spec
-
-
-def architecture_label(spec: dict) -> str:
-    """The name recorded in the tables: the registry name, plus every option that differs
-    from that name's defaults, e.g. ``convnet_d4`` or ``convnet(width=64)``."""
-    from tesla import models
-
-    name = str(spec["name"])
-    defaults = models.model_spec(
-        name, channels=int(spec["channels"]), num_classes=int(spec["num_classes"]), resolution=int(spec["resolution"])
-    )["options"]
-    changed = {k: v for k, v in dict(spec.get("options", {})).items() if defaults.get(k) != v}
-    if not changed:
-        return name
-    return f"{name}(" + ",".join(f"{k}={changed[k]}" for k in sorted(changed)) + ")"
+    return models.architecture_label(spec), spec
 
 
 # -- the two phases ------------------------------------------------------------------------
@@ -667,23 +619,6 @@ def _synchronize(device: torch.device | str) -> None:
 
 
 # -- output --------------------------------------------------------------------------------
-def format_line(name: str, version: int) -> str:
-    """The first line of every CSV we write: it names the format and its version."""
-    return f"# format: {name}, format_version: {version}, tesla_version: {__version__}\n"
-
-
-def write_csv_atomic(path: str | os.PathLike, header_line: str, columns: Sequence[str], rows: Sequence[dict]) -> Path:
-    """Write a CSV with a leading ``# format: ...`` line to a temporary name, then rename it."""
-    path = Path(path)
-    with atomic_output(path) as tmp, open(tmp, "w", newline="") as f:
-        f.write(header_line)
-        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="raise")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow(row)
-    return path
-
-
 def write_runs(path: str | os.PathLike, results: Sequence[RunResult]) -> Path:
     return write_csv_atomic(path, format_line(RUNS_FORMAT, RUNS_FORMAT_VERSION), RUN_COLUMNS, [r.row() for r in results])
 
@@ -745,7 +680,7 @@ def subject_from_args(args: argparse.Namespace, device: torch.device | str) -> S
                 )
         return synthetic_subject(args.synthetic, device)
     dsa = PAPER_DSA_STRATEGY if args.dsa is None else args.dsa
-    lr = 0.01 if args.lr_random is None else args.lr_random
+    lr = LR_RANDOM if args.lr_random is None else args.lr_random
     if args.full:
         if args.train is None:
             raise TeslaError("--full needs --train TRAIN.h5")

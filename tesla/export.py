@@ -5,7 +5,6 @@ For people who use other tools. PNG files show the images as pixels: the set's i
 normalisation, u = clamp(T^-1(x) * std_c + mean_c, 0, 1), then quantised to 8 bits. The torch file keeps the
 exact float tensors in network input space together with what is needed to use them.
 
-Also provides the class-grid picture that ``tesla distill`` writes at checkpoints.
 """
 
 from __future__ import annotations
@@ -14,15 +13,13 @@ import argparse
 import os
 import re
 from pathlib import Path
-from typing import Sequence
 
-import numpy as np
 import torch
 from PIL import Image
 
 from tesla.errors import TeslaError
 from tesla.files import atomic_output
-from tesla.input_space import InputSpace, Normalization
+from tesla.grids import to_uint8_hwc
 from tesla.synthetic import SyntheticSet
 
 TORCH_EXPORT_FORMAT = "tesla-synthetic-torch"
@@ -32,65 +29,6 @@ TORCH_EXPORT_VERSION = 1
 def embedded_zca(synthetic: SyntheticSet):
     """The ZCA transform embedded in a synthetic set (None without ZCA)."""
     return synthetic.zca()
-
-
-def to_pixels(images: torch.Tensor, mean: Sequence[float], std: Sequence[float], zca=None) -> torch.Tensor:
-    """Network input space -> pixels in [0, 1]: u = clamp(ZCA^-1(x) * std + mean, 0, 1)
-    (:meth:`tesla.input_space.InputSpace.to_pixels` with these constants)."""
-    return InputSpace(Normalization("", tuple(mean), tuple(std)), zca).to_pixels(images)
-
-
-def _to_uint8_hwc(pixels: torch.Tensor) -> np.ndarray:
-    """C x H x W floats in [0, 1] -> H x W (x C) uint8 for PIL."""
-    a = (pixels.clamp(0, 1) * 255.0 + 0.5).to(torch.uint8).permute(1, 2, 0).numpy()
-    return a[..., 0] if a.shape[2] == 1 else a
-
-
-def _save_png_atomic(array: np.ndarray, path: Path) -> None:
-    with atomic_output(path) as tmp:
-        Image.fromarray(array).save(tmp, format="PNG")
-
-
-def grid_rows(num_classes: int, max_rows: int) -> list[int]:
-    """The classes shown in a grid: all of them, or ``max_rows`` evenly spaced ones."""
-    if num_classes <= max_rows:
-        return list(range(num_classes))
-    picks = torch.linspace(0, num_classes - 1, max_rows).round().long().tolist()
-    return sorted(set(int(p) for p in picks))
-
-
-def save_class_grid(
-    images: torch.Tensor,
-    classes: torch.Tensor,
-    num_classes: int,
-    path: str | os.PathLike,
-    mean: Sequence[float],
-    std: Sequence[float],
-    zca=None,
-    max_rows: int = 20,
-    max_cols: int = 10,
-    padding: int = 2,
-) -> Path:
-    """A PNG grid with one row per class (at most ``max_rows`` classes, evenly spaced) and
-    at most ``max_cols`` images per row, in pixel space; written atomically."""
-    from torchvision.utils import make_grid
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    classes = classes.detach().cpu()
-    rows = grid_rows(num_classes, max_rows)
-    per_row = [torch.nonzero(classes == c).flatten()[:max_cols] for c in rows]
-    cols = max(1, max((len(r) for r in per_row), default=1))
-    c, h, w = images.shape[1:]
-    tiles = torch.zeros(len(rows) * cols, c, h, w)
-    for r, idx in enumerate(per_row):
-        if len(idx):
-            tiles[r * cols : r * cols + len(idx)] = to_pixels(images[idx.to(images.device)], mean, std, zca)
-    grid = make_grid(tiles, nrow=cols, padding=padding, pad_value=1.0)
-    if c == 1:
-        grid = grid[:1]
-    _save_png_atomic(_to_uint8_hwc(grid), path)
-    return path
 
 
 def _safe_name(name: str) -> str:
@@ -121,7 +59,7 @@ def export_png(synthetic: SyntheticSet, out_dir: str | os.PathLike) -> list[Path
             (tmp / folder).mkdir(parents=True, exist_ok=True)
             k = counters.get(c, 0)
             counters[c] = k + 1
-            Image.fromarray(_to_uint8_hwc(pixels[n])).save(tmp / folder / f"{k:05d}.png", format="PNG")
+            Image.fromarray(to_uint8_hwc(pixels[n])).save(tmp / folder / f"{k:05d}.png", format="PNG")
             relative.append(folder / f"{k:05d}.png")
         if out_dir.exists():
             out_dir.rmdir()  # empty (checked above): replaced by the finished folder

@@ -11,7 +11,9 @@ version 1, docs/formats.md) and records in it who holds it: pid, host, start tim
 command line. A second run is refused at once with a :class:`~tesla.errors.TeslaError` that
 names the first one. The kernel releases the lock when its holder ends, however it ends
 (SIGKILL, out of memory, node reboot), so a killed run never leaves a stale lock; a clean
-end removes the file.
+end removes the file. A process forked while a lock is held (a worker pool) does not keep
+it: the child closes its copy of the descriptor at once, so the lock still ends with the
+process that took it.
 
 What it does not cover: ``flock`` between *different machines* works only where the shared
 file system forwards it (NFS v4 and NFS v3 with ``lockd`` do on Linux; Lustre only when
@@ -47,6 +49,24 @@ LOCK_FORMAT = "tesla-lock"
 LOCK_VERSION = 1
 #: errors of flock that mean "another process holds it" (all others: the file system has no locks)
 _HELD = (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
+#: descriptors of the locks this process holds (a forked child closes its copies)
+_HELD_FDS: set[int] = set()
+
+
+def _close_inherited_locks() -> None:
+    """In a forked child: close the inherited lock descriptors. flock belongs to the open
+    file, which the child shares: without this, a worker that outlives a killed parent
+    would keep the parent's lock."""
+    for fd in list(_HELD_FDS):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD_FDS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_inherited_locks)
 
 
 @dataclass(frozen=True)
@@ -110,6 +130,7 @@ class RunLock:
             if _same_file(self.path, self._handle.fileno()):
                 self.path.unlink(missing_ok=True)
         finally:
+            _HELD_FDS.discard(self._handle.fileno())
             self._handle.close()
             self._handle = None
 
@@ -160,6 +181,7 @@ def acquire(path: str | os.PathLike, *, stage: str, protects: str) -> RunLock:
         handle.truncate()
         handle.write(Holder.this_process().to_json() + "\n")
         handle.flush()
+        _HELD_FDS.add(handle.fileno())
         return RunLock(path, handle)
 
 

@@ -748,3 +748,16 @@ def load_flat_buffers_(module: nn.Module, flat: torch.Tensor) -> nn.Module:
     """Copy a flat buffer vector into the module's floating-point buffers in place."""
     _load(_float_buffers(module), flat, buffer_layout(module), "flat buffer vector")
     return module
+
+
+def architecture_label(spec: dict) -> str:
+    """The name recorded in the tables: the registry name, plus every option that differs
+    from that name's defaults, e.g. ``convnet_d4`` or ``convnet(width=64)``."""
+    name = str(spec["name"])
+    defaults = model_spec(
+        name, channels=int(spec["channels"]), num_classes=int(spec["num_classes"]), resolution=int(spec["resolution"])
+    )["options"]
+    changed = {k: v for k, v in dict(spec.get("options", {})).items() if defaults.get(k) != v}
+    if not changed:
+        return name
+    return f"{name}(" + ",".join(f"{k}={changed[k]}" for k in sorted(changed)) + ")"

@@ -32,13 +32,17 @@ from tesla.data.pool import RESULT_SLOT_BYTES, WorkerPool
 from tesla.data.imaging import decode_block, min_decoded_side, parse_resize_rule, resize_block, resize_rule_name
 from tesla.data.sources import ArraySplit, DatasetPlan, EncodedSplit, StreamedSplit, registry
 from tesla.data.sources.base import Split, empty_split_error
+from tesla.data.sources.options import RESOLUTION_RANGE
 from tesla.errors import TeslaError
+from tesla.locks import acquire
 
 #: images per unit of work sent to a worker (fewer when their pixels would not fit a result slot,
 #: or when the split is too small to give every worker two blocks)
 ENCODED_BLOCK = 128
 ARRAY_BLOCK = 1024
 REPORT_NAME = "prepare_report.txt"
+#: the lock file of a preparation in its output folder (tesla-lock; one preparation per folder at a time)
+LOCK_NAME = ".tesla-prepare.lock"
 _STAGING = re.compile(r"^\.tesla-prepare\.(\d+)\.tmp$")
 
 
@@ -58,8 +62,9 @@ def run(args: argparse.Namespace) -> int:
     resolution = args.resolution or plan.default_resolution or _native_resolution(plan)
     if not resolution:
         raise TeslaError(f"--resolution: required for the {args.source} source (e.g. 32 for CIFAR-sized images, 64 for ImageNet)")
-    if resolution < 1 or resolution > 4096:
-        raise TeslaError(f"--resolution {resolution}: must be between 1 and 4096")
+    low, high = RESOLUTION_RANGE
+    if not low <= resolution <= high:
+        raise TeslaError(f"--resolution {resolution}: must be between {low} and {high}")
     report = prepare_dataset(
         plan,
         args.out_dir,
@@ -187,6 +192,15 @@ def prepare_dataset(
         raise TeslaError(f"--resize {rule}: {exc}") from None
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    with acquire(out_dir / LOCK_NAME, stage="tesla prepare", protects=f"--out-dir {out_dir}"):
+        return _prepare_locked(plan, out_dir, resolution, rule, filter_name, workers, strict, reduced, progress)
+
+
+def _prepare_locked(
+    plan: DatasetPlan, out_dir: Path, resolution: int, rule: str, filter_name: str, workers: int, strict: bool,
+    reduced: bool, progress: bool,
+) -> PrepareReport:
+    """:func:`prepare_dataset` while it holds the folder's lock: no other preparation writes there."""
     _remove_stale_staging(out_dir)
     staging = out_dir / f".tesla-prepare.{os.getpid()}.tmp"
     staging.mkdir()

@@ -46,10 +46,15 @@ __all__ = [
 METHOD_VERSIONS: dict[str, int] = {
     "prepare": 1,
     "zca": 1,
-    "experts": 1,
-    "distill": 1,
-    "evaluate": 1,
-    "results": 1,
+    # 2: with --keep-snapshots an expert stops after the last kept epoch (its final test
+    # accuracy is measured there); TF32 on by default on GPUs that have it
+    "experts": 2,
+    # 2: IEEE float32 inside matching on GPUs (PyTorch's default had let cuDNN use TF32)
+    "distill": 2,
+    # 2: TF32 on by default for evaluation on GPUs that have it (matrix products too)
+    "evaluate": 2,
+    # 2: acc.csv v2 (test_epoch)
+    "results": 2,
     "report": 1,
 }
 

@@ -12,7 +12,7 @@
     window_min .. window_max - 1 that iteration i drew t from, and the t drawn.
 
 * ``--grid PNG``: the final synthetic images, one row per class, mapped back to pixels
-  (ZCA inverted, normalisation undone; :func:`tesla.export.save_class_grid`), enlarged by
+  (ZCA inverted, normalisation undone; :func:`tesla.grids.save_class_grid`), enlarged by
   pixel replication when narrower than 480 px.
 
 Both files are written to a temporary name and renamed when complete.
@@ -136,7 +136,7 @@ def enlarge_png(path: Path, min_width: int = MIN_GRID_WIDTH) -> None:
 
 def plot_grid(synthetic_path: str | os.PathLike, path: str | os.PathLike) -> Path:
     """The final synthetic images of a ``tesla-synthetic`` file, one row per class."""
-    from tesla.export import save_class_grid
+    from tesla.grids import save_class_grid
     from tesla.synthetic import SyntheticSet
 
     syn = SyntheticSet.load(synthetic_path)

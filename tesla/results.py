@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from tesla.errors import TeslaError
-from tesla.evaluation import RUN_COLUMNS, RUNS_FORMAT, RUNS_FORMAT_VERSION, format_line, write_csv_atomic
+from tesla.tables import RUN_COLUMNS, RUNS_FORMAT, RUNS_FORMAT_VERSION, format_line, read_format_line, write_csv_atomic
 
 ACC_FORMAT = "tesla-acc"
 #: v2 added the column test_epoch (read_table reads v1 too)
@@ -55,24 +55,6 @@ V3_DEFAULTS = {"reset_momentum_at_decay": False, "precision": "float32", "tf32":
 
 
 # -- reading -------------------------------------------------------------------------------
-def read_format_line(path: Path) -> tuple[str, int]:
-    """Parse the ``# format: NAME, format_version: V, ...`` first line of our CSVs."""
-    with open(path, "r", newline="") as f:
-        first = f.readline().strip()
-    if not first.startswith("#"):
-        return "", -1
-    fields = {}
-    for part in first.lstrip("#").split(","):
-        if ":" in part:
-            key, value = part.split(":", 1)
-            fields[key.strip()] = value.strip()
-    try:
-        version = int(fields.get("format_version", -1))
-    except ValueError:
-        version = -1
-    return fields.get("format", ""), version
-
-
 def read_runs(path: str | os.PathLike) -> pd.DataFrame:
     """One per-run CSV of ``tesla evaluate``, checked for format, version and columns."""
     path = Path(path)
@@ -246,7 +228,7 @@ def expert_summary(path: str | os.PathLike) -> dict:
     """dataset, arch (the label evaluation would give the expert's network), the epoch after
     which the final test accuracy (percent) recorded in one ``tesla-trajectory`` file was
     measured, and the epochs its run was asked for."""
-    from tesla.evaluation import architecture_label
+    from tesla.models import architecture_label
     from tesla.trajectories import Trajectory
 
     with Trajectory.open(path) as trajectory:

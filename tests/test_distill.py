@@ -25,7 +25,8 @@ from tesla.data import ImageSplit, SplitWriter
 from tesla.distill import DistillSettings, distill
 from tesla.errors import TeslaError
 from tesla.input_space import resolve_normalization
-from tesla.export import embedded_zca, export_png, export_torch, grid_rows, save_class_grid, to_pixels
+from tesla.export import embedded_zca, export_png, export_torch
+from tesla.grids import grid_rows, save_class_grid, to_pixels
 from tesla.models import build_model, flatten_params, model_spec, param_layout
 from tesla.synthetic import SyntheticSet
 from tesla.trajectories import Trajectory, TrajectoryMeta, TrajectoryWriter

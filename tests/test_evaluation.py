@@ -19,8 +19,6 @@ import tesla.training
 from tesla import cli
 from tesla.data import ImageSplit, SplitWriter
 from tesla.evaluation import (
-    RUN_COLUMNS,
-    RUNS_FORMAT,
     PAPER_DSA_STRATEGY,
     Protocol,
     evaluate,
@@ -31,6 +29,7 @@ from tesla.evaluation import (
 )
 from tesla.models import build_from_spec, flatten_params, model_spec
 from tesla.synthetic import FORMAT_VERSION, SyntheticSet
+from tesla.tables import RUN_COLUMNS, RUNS_FORMAT
 
 from conftest import require_dataset
 

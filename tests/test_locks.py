@@ -70,3 +70,66 @@ def test_a_file_system_without_locks_warns_and_runs_unprotected(tmp_path, monkey
         assert not lock.held
     err = capsys.readouterr().err
     assert "warning: cannot lock" in err and os.strerror(errno.ENOLCK) in err and "not protected" in err
+
+
+def test_a_forked_child_does_not_keep_the_lock_of_a_killed_parent(tmp_path):
+    """flock belongs to the open file a forked child shares: the child must close its copy,
+    else a worker that outlives its killed parent keeps the lock. Here the parent (a forked
+    process that takes the lock, forks a long-lived child, then dies by SIGKILL) is gone
+    while its child lives: the lock must be free."""
+    import signal
+    import time
+
+    path = tmp_path / "out.lock"
+    child_pid_file = tmp_path / "child.pid"
+    parent = os.fork()
+    if parent == 0:  # the parent-to-be-killed
+        try:
+            held = locks.acquire(path, stage="tesla prepare", protects="--out-dir x")  # noqa: F841 (kept alive)
+            child = os.fork()
+            if child == 0:  # a worker: lives on
+                time.sleep(60)
+                os._exit(0)
+            child_pid_file.write_text(str(child))
+            time.sleep(60)
+        finally:
+            os._exit(0)
+    try:
+        deadline = time.monotonic() + 30
+        while not child_pid_file.exists() or not child_pid_file.read_text():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        child = int(child_pid_file.read_text())
+        os.kill(parent, signal.SIGKILL)
+        os.waitpid(parent, 0)
+        os.kill(child, 0)  # the worker still lives
+        with locks.acquire(path, stage="tesla prepare", protects="--out-dir x") as held:
+            assert held.held
+    finally:
+        for pid in (parent, locals().get("child")):
+            if pid:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+
+def test_two_preparations_of_one_folder_are_kept_apart(tmp_path, capsys):
+    """`tesla prepare` holds OUT_DIR/.tesla-prepare.lock while it works: a second one on the
+    same folder is refused naming the first, and leaves no file behind."""
+    from tesla.cli import main
+    from tesla.prepare import LOCK_NAME
+
+    out = tmp_path / "demo"
+    out.mkdir()
+    first = locks.acquire(out / LOCK_NAME, stage="tesla prepare", protects=f"--out-dir {out}")
+    try:
+        assert main(["prepare", "demo", "--out-dir", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"--out-dir {out} is in use by another 'tesla prepare' run: pid {os.getpid()}" in err
+        assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]
+    finally:
+        first.release()
+    assert main(["prepare", "demo", "--out-dir", str(out)]) == 0
+    assert {"train.h5", "test.h5", "prepare_report.txt"} <= {p.name for p in out.iterdir()}
+    assert not (out / LOCK_NAME).exists()

@@ -508,7 +508,8 @@ def evaluate_options(wildcards) -> str:
 
 
 def evaluate_run_options(wildcards, output) -> str:
-    """How the job's runs train together (not a rule parameter: within float32 round-off)."""
+    """How the job's runs train together: equal to alone within float32 round-off, so a run
+    option (a function of `output`), not a parameter of the job."""
     return " ".join(group_mode_option(dataset_cfg(wildcards.dataset)["evaluate"]))
 
 

@@ -91,13 +91,15 @@ NAME = Option(
     common=True,
     config=False,
 )
+#: the sides S a prepared split may have (both the command line and the config schema)
+RESOLUTION_RANGE: tuple[int, int] = (4, 1024)
 RESOLUTION = Option(
     "resolution",
     "output side S in pixels (S x S images); when not given",
     int,
     common=True,
     config_help="square side in pixels images are resized to at prepare time (null = the source's own)",
-    schema={"anyOf": [{"type": "integer", "minimum": 4, "maximum": 1024}, {"type": "null"}]},
+    schema={"anyOf": [{"type": "integer", "minimum": RESOLUTION_RANGE[0], "maximum": RESOLUTION_RANGE[1]}, {"type": "null"}]},
 )
 RESIZE = Option(
     "resize",

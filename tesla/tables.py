@@ -1,0 +1,85 @@
+"""The CSV tables we write: a first line naming the format and its version, then a header
+row (docs/formats.md), and the columns of the per-run evaluation table (``tesla-eval-runs``),
+which ``tesla evaluate`` writes and ``tesla results`` reads.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from tesla import __version__
+from tesla.files import atomic_output
+
+__all__ = ["RUNS_FORMAT", "RUNS_FORMAT_VERSION", "RUN_COLUMNS", "format_line", "read_format_line", "write_csv_atomic"]
+
+RUNS_FORMAT = "tesla-eval-runs"
+#: v2 added the columns lr_decay_epoch and input_space; v3 reset_momentum_at_decay, precision,
+#: tf32, memory_format and group_mode (``tesla results`` reads v1 and v2 too)
+RUNS_FORMAT_VERSION = 3
+
+#: columns of the per-run CSV, in order (docs/formats.md)
+RUN_COLUMNS: tuple[str, ...] = (
+    "dataset",
+    "ipc",
+    "method",
+    "engine",
+    "arch",
+    "run",
+    "seed",
+    "epochs",
+    "lr_decay_epoch",
+    "reset_momentum_at_decay",
+    "lr",
+    "final_train_loss",
+    "test_acc",
+    "seconds",
+    "labels",
+    "dsa",
+    "zca",
+    "input_space",
+    "num_images",
+    "device",
+    "precision",
+    "tf32",
+    "memory_format",
+    "group_mode",
+    "source",
+)
+
+
+def format_line(name: str, version: int) -> str:
+    """The first line of every CSV we write: it names the format and its version."""
+    return f"# format: {name}, format_version: {version}, tesla_version: {__version__}\n"
+
+
+def write_csv_atomic(path: str | os.PathLike, header_line: str, columns: Sequence[str], rows: Sequence[dict]) -> Path:
+    """Write a CSV with a leading ``# format: ...`` line to a temporary name, then rename it."""
+    path = Path(path)
+    with atomic_output(path) as tmp, open(tmp, "w", newline="") as f:
+        f.write(header_line)
+        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="raise")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(row)
+    return path
+
+
+def read_format_line(path: Path) -> tuple[str, int]:
+    """Parse the ``# format: NAME, format_version: V, ...`` first line of our CSVs."""
+    with open(path, "r", newline="") as f:
+        first = f.readline().strip()
+    if not first.startswith("#"):
+        return "", -1
+    fields = {}
+    for part in first.lstrip("#").split(","):
+        if ":" in part:
+            key, value = part.split(":", 1)
+            fields[key.strip()] = value.strip()
+    try:
+        version = int(fields.get("format_version", -1))
+    except ValueError:
+        version = -1
+    return fields.get("format", ""), version
