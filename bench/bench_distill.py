@@ -12,6 +12,11 @@ so the ratio exact/tesla compares runs under the same machine load.
     python bench/bench_distill.py                          # CPU, default sizes (< 5 min)
     python bench/bench_distill.py --device cuda --model convnet_d4 --resolution 64 \
         --classes 1000 --ipc 1 --batch-syn 100 --width 128     # ImageNet-scale, on a GPU
+    python bench/bench_distill.py --labels                  # + learned labels vs soft labels
+
+With ``--labels``, every (engine, N) point also runs with soft targets (TESLA's labels: no
+label gradient) and with learned labels (the same soft targets, plus dL/dY from the same
+sweep), each in its own fresh subprocess, and the table gives learned / soft.
 
 Prints a markdown table (add ``--out FILE`` to also write it to a file).
 """
@@ -52,6 +57,8 @@ def build_problem(args, device):
     n = args.ipc * args.classes
     images = torch.randn(n, args.channels, args.resolution, args.resolution, generator=g).to(device)
     labels = torch.arange(args.classes).repeat_interleave(args.ipc).to(device)
+    if getattr(args, "point_labels", "hard") != "hard":  # soft targets (TESLA's or learned)
+        labels = torch.softmax(torch.randn(n, args.classes, generator=g), dim=1).to(device)
 
     def loss_fn(theta, x, y):
         return training_loss(functional_forward(model, theta, x, layout=layout), y)
@@ -60,13 +67,13 @@ def build_problem(args, device):
     return loss_fn, theta_start, theta_target, images, labels, dsa, layout.total
 
 
-def one_iteration(engine, problem, syn_steps, batch_syn, seed=0):
+def one_iteration(engine, problem, syn_steps, batch_syn, seed=0, learn_labels=False):
     from tesla.matching import matching_gradients
 
     loss_fn, theta_start, theta_target, images, labels, dsa, _ = problem
     return matching_gradients(
         engine, loss_fn, theta_start, theta_target, images, labels, 0.01, syn_steps, batch_syn, dsa,
-        torch.Generator().manual_seed(seed),
+        torch.Generator().manual_seed(seed), learn_labels=learn_labels,
     )
 
 
@@ -87,7 +94,8 @@ def memory_point(args) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     before = _rss_peak_mb()
     t0 = time.perf_counter()
-    result = one_iteration(args.point_engine, problem, args.point_steps, args.batch_syn)
+    result = one_iteration(args.point_engine, problem, args.point_steps, args.batch_syn,
+                           learn_labels=args.point_labels == "learned")
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
@@ -99,8 +107,9 @@ def memory_point(args) -> dict:
     return out
 
 
-def run_point(args, engine, steps) -> dict:
-    cmd = [sys.executable, __file__, "--point-engine", engine, "--point-steps", str(steps)] + args.passthrough
+def run_point(args, engine, steps, labels="hard") -> dict:
+    cmd = [sys.executable, __file__, "--point-engine", engine, "--point-steps", str(steps), "--point-labels", labels]
+    cmd += args.passthrough
     env = dict(os.environ)
     if args.mmap_threshold:
         # glibc's dynamic mmap threshold lets freed step graphs fragment the heap, which adds
@@ -166,6 +175,10 @@ def main() -> int:
                    help="MALLOC_MMAP_THRESHOLD_ for the memory subprocesses (0: glibc default)")
     p.add_argument("--point-engine", default=None, help=argparse.SUPPRESS)
     p.add_argument("--point-steps", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--point-labels", default="hard", choices=("hard", "soft", "learned"), help=argparse.SUPPRESS)
+    p.add_argument("--labels", action="store_true",
+                   help="also measure soft vs learned labels (exact and tesla engines, same N values)")
+    p.add_argument("--labels-only", action="store_true", help="only the soft vs learned labels table")
     args = p.parse_args()
     if args.point_engine:
         print(json.dumps(memory_point(args)))
@@ -176,9 +189,17 @@ def main() -> int:
         "--batch-syn", str(args.batch_syn), "--threads", str(args.threads),
     ]
     t_start = time.perf_counter()
-    points = {(e, n): run_point(args, e, n) for e in ENGINES for n in args.steps}
-    speeds = timing(args)
     key = "cuda_peak_mb" if args.device.startswith("cuda") else "iteration_mb"
+    if args.labels_only:
+        setup = (f"Setup: {args.model} width {args.width}, {args.channels}x{args.resolution}x{args.resolution}, "
+                 f"{args.classes} classes, ipc {args.ipc}, batch_syn {args.batch_syn}, DSA on, device {args.device}, "
+                 f"{args.threads} thread(s), torch {torch.__version__}.")
+        return _report([setup, *label_memory_table(args, key)], t_start, args.out)
+    points = {(e, n): run_point(args, e, n) for e in ENGINES for n in args.steps}
+    # every memory point before the timing: a child forked from a process inherits its peak RSS
+    # (Linux keeps ru_maxrss across fork and exec), and the timing grows this process
+    label_lines = label_memory_table(args, key) if args.labels else []
+    speeds = timing(args)
     what = "torch.cuda.max_memory_allocated during the call" if key == "cuda_peak_mb" else "growth of peak RSS during the call"
     lines = [
         f"Setup: {args.model} width {args.width}, {args.channels}x{args.resolution}x{args.resolution}, {args.classes} classes, "
@@ -219,14 +240,47 @@ def main() -> int:
             lines.append(f"| {e} | {speeds[e]:.3f} | {speeds[e] / speeds['tesla']:.2f}x |")
         else:
             lines.append(f"| {e} | out of memory | |")
-    return _report(lines, t_start, args.out)
+    return _report(lines + label_lines, t_start, args.out)
+
+
+def label_memory_table(args, key: str) -> list[str]:
+    """Peak memory of one iteration with learned labels (dL/dY from the same sweep) against soft
+    labels without a label gradient: same soft targets, same N, fresh subprocesses, run
+    alternately (soft, learned) so that both see the same machine load."""
+    lines = ["", "Learned labels vs soft labels (same soft targets; MiB as above; learned / soft):", "",
+             "| engine | " + " | ".join(f"N={n}" for n in args.steps) + " |",
+             "|---|" + "---|" * len(args.steps)]
+    for e in ("exact", "tesla"):
+        cells = []
+        for n in args.steps:
+            soft, learned = run_point(args, e, n, "soft"), run_point(args, e, n, "learned")
+            cells.append(f"{soft[key]:.1f} -> {learned[key]:.1f} ({learned[key] / max(soft[key], 1e-9):.3f}x; "
+                         f"peak RSS {learned['rss_peak_mb'] / soft['rss_peak_mb']:.3f}x)")
+        lines.append(f"| {e} | " + " | ".join(cells) + " |")
+    return lines
 
 
 
 
 # ---------------------------------------------------------------------------------------
-# exact vs tesla on real data at the same budget (the choice of the default engine)
+# exact vs tesla on real data at the same budget (the choice of the default engine), and the
+# label/window/initialisation variants of issue 17
 # ---------------------------------------------------------------------------------------
+VARIANTS = ("hard", "tesla-labels", "learned", "learned-window-correct")
+
+
+def variant_options(name: str, a) -> list:
+    """The ``tesla distill`` options of a --variants entry."""
+    learned = ["--soft-labels", "learned", "--lr-label", a.lr_label, "--label-temperature", a.label_temperature]
+    final = a.max_start_epoch_final if a.max_start_epoch_final is not None else 2 * a.max_start_epoch
+    window = ["--min-start-epoch", a.min_start_epoch, "--max-start-epoch-final", final,
+              "--window-iterations", a.window_iterations or max(1, a.iterations // 2)]
+    return {
+        "hard": ["--soft-labels", "none"],
+        "tesla-labels": ["--soft-labels", "tesla"],
+        "learned": learned,
+        "learned-window-correct": [*learned, *window, "--init", "real-correct"],
+    }[name]
 def compare_engines(argv: list[str]) -> int:
     """prepare (demo digits, or a given dataset) -> experts -> distill with each engine -> evaluate,
     all through the command line, at the same budget for both engines.
@@ -234,6 +288,12 @@ def compare_engines(argv: list[str]) -> int:
         python bench/bench_distill.py compare --work /tmp/cmp [--iterations 200] [--ipc 1]
         python bench/bench_distill.py compare --work /tmp/cmp --train data/cifar10/train.h5 \
             --test data/cifar10/test.h5 --device cuda --ipc 10 --syn-steps 30 --iterations 400
+
+    With ``--variants`` it compares label/window/initialisation options (issue 17) instead of
+    engines, all with ``--engine`` (default exact) on the same experts:
+    ``tesla-labels`` (a: TESLA's labels), ``learned`` (b: learned labels), ``learned-window-correct``
+    (c: learned labels + moving window + real-correct initialisation), ``hard`` (class labels).
+    A summary gives, per variant, the mean +- std over seeds of the per-seed mean accuracy.
     """
     import csv as _csv
 
@@ -260,6 +320,14 @@ def compare_engines(argv: list[str]) -> int:
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--engines", nargs="+", default=["exact", "tesla"], choices=ENGINES)
+    p.add_argument("--variants", nargs="+", default=None, choices=tuple(VARIANTS),
+                   help="compare these label/window/init variants (with --engine) instead of --engines")
+    p.add_argument("--engine", default="exact", choices=ENGINES, help="the engine of every --variants run")
+    p.add_argument("--lr-label", type=float, default=10.0)
+    p.add_argument("--label-temperature", type=float, default=1.0)
+    p.add_argument("--min-start-epoch", type=int, default=0, help="variant c: the window's lower bound")
+    p.add_argument("--max-start-epoch-final", type=int, default=None, help="variant c (default: 2 x --max-start-epoch)")
+    p.add_argument("--window-iterations", type=int, default=None, help="variant c (default: half the iterations)")
     a = p.parse_args(argv)
     if (a.train is None) != (a.test is None):
         p.error("give --train and --test together (a prepared train.h5 and its test.h5), or neither for the demo")
@@ -290,31 +358,48 @@ def compare_engines(argv: list[str]) -> int:
                               "--lr", a.expert_lr, "--batch-size", a.expert_batch)
         experts.append(path)
     batch = ["--batch-syn", a.batch_syn] if a.batch_syn else []
+    if a.variants:
+        runs_of = {v: (a.engine, variant_options(v, a)) for v in a.variants}
+    else:
+        runs_of = {e: (e, []) for e in a.engines}
     rows = []
     for seed in a.seeds:
-        for engine in a.engines:
-            out = work / f"syn_{engine}_ipc{a.ipc}_s{seed}.h5"
+        for name, (engine, options) in runs_of.items():
+            out = work / f"syn_{name}_ipc{a.ipc}_s{seed}.h5"
             secs = call("distill", "--train", train, "--experts", *experts, "--out", out, "--ipc", a.ipc,
                         "--syn-steps", a.syn_steps, "--expert-epochs", a.expert_epochs, "--max-start-epoch", a.max_start_epoch,
                         "--lr-img", a.lr_img, "--lr-lr", a.lr_lr, "--lr-teacher", a.lr_teacher, *batch,
                         "--iterations", a.iterations, "--engine", engine, "--seed", seed, "--device", a.device,
-                        "--metrics", work / f"metrics_{engine}_ipc{a.ipc}_s{seed}.csv", "--checkpoint-every", a.iterations,
-                        "--no-progress")
-            runs = work / f"runs_{engine}_ipc{a.ipc}_s{seed}.csv"
+                        "--metrics", work / f"metrics_{name}_ipc{a.ipc}_s{seed}.csv", "--checkpoint-every", a.iterations,
+                        "--no-progress", "--restart", *options)
+            runs = work / f"runs_{name}_ipc{a.ipc}_s{seed}.csv"
             call("evaluate", "--synthetic", out, "--test", test, "--arch", "distill", "--runs", a.runs,
                  "--epochs", a.eval_epochs, "--device", a.device, "--out", runs)
             with open(runs) as f:
                 accs = [float(r["test_acc"]) for r in _csv.DictReader(line for line in f if not line.startswith("#"))]
-            with open(work / f"metrics_{engine}_ipc{a.ipc}_s{seed}.csv") as f:
+            with open(work / f"metrics_{name}_ipc{a.ipc}_s{seed}.csv") as f:
                 m = list(_csv.DictReader(line for line in f if not line.startswith("#")))
             last = [float(r["loss"]) for r in m[-20:]]
-            rows.append((engine, seed, statistics.mean(accs), statistics.pstdev(accs), statistics.mean(last), secs))
+            rows.append((name, seed, statistics.mean(accs), statistics.pstdev(accs), statistics.mean(last), secs))
+            print(f"{name} seed {seed}: {rows[-1][2]:.2f} %", file=sys.stderr, flush=True)
     print(f"{what}, {a.experts} {a.model} experts x {a.expert_epochs_train} epochs (lr {a.expert_lr:g}, batch "
           f"{a.expert_batch}; {t_experts:.0f} s), ipc {a.ipc}, "
           f"syn_steps {a.syn_steps}, expert_epochs {a.expert_epochs}, max_start {a.max_start_epoch}, "
           f"batch_syn {a.batch_syn or 'all'}, {a.iterations} iterations, lr_img {a.lr_img:g}, lr_lr {a.lr_lr:g}, "
           f"lr_teacher {a.lr_teacher:g}, device {a.device}; evaluation: {a.runs} runs x {a.eval_epochs} epochs")
-    print("| engine | seed | test accuracy % (mean +- std over runs) | matching loss (mean of last 20 it.) | distill seconds |")
+    if a.variants:
+        print(f"variants with engine {a.engine}: " + "; ".join(f"{v}: {' '.join(map(str, o)) or '-'}" for v, (_, o) in runs_of.items()))
+        print()
+        print("| variant | seeds | test accuracy % (mean +- std over seeds of the per-seed mean) | matching loss (last 20 it.) |")
+        print("|---|---|---|---|")
+        for name in runs_of:
+            mine = [r for r in rows if r[0] == name]
+            means = [r[2] for r in mine]
+            spread = statistics.stdev(means) if len(means) > 1 else 0.0
+            print(f"| {name} | {len(mine)} | {statistics.mean(means):.2f} +- {spread:.2f} | "
+                  f"{statistics.mean(r[4] for r in mine):.4f} |")
+        print()
+    print(f"| {'variant' if a.variants else 'engine'} | seed | test accuracy % (mean +- std over runs) | matching loss (mean of last 20 it.) | distill seconds |")
     print("|---|---|---|---|---|")
     for engine, seed, mean, std, loss, secs in rows:
         print(f"| {engine} | {seed} | {mean:.2f} +- {std:.2f} | {loss:.4f} | {secs:.0f} |")

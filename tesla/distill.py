@@ -2,18 +2,28 @@
 
 Each iteration (PAPER.md section 1):
 
-1. pick an expert e ~ U{experts} and a start epoch t ~ U{0 .. max_start_epoch - 1}; read
-   only the snapshots theta*_t and theta*_{t+M} (M = ``expert_epochs``) from its file;
-2. with soft labels, relabel the synthetic images: Y = softmax(f_{theta*_{t+M}}(X));
+1. pick an expert e ~ U{experts} and a start epoch t ~ U{T- .. T+(i) - 1} (the matching
+   window: T- = ``min_start_epoch``, T+(i) = ``max_start_epoch`` or, with a schedule, growing
+   to ``max_start_epoch_final`` by iteration ``window_iterations``: :func:`start_window`);
+   read only the snapshots theta*_t and theta*_{t+M} (M = ``expert_epochs``) from its file;
+2. labels (``soft_labels``): ``none``, the class indices; ``tesla``, relabel the synthetic
+   images with the target expert, Y = softmax(f_{theta*_{t+M}}(X)); ``learned``, Y =
+   softmax(Z / T) with learned logits Z (:mod:`tesla.soft_labels`);
 3. compute the matching loss L = ||theta_N - theta*_{t+M}||^2 / ||theta*_t - theta*_{t+M}||^2
-   of an N-step student and its gradients dL/dX, dL/dalpha with the chosen engine
-   (``exact``, ``tesla`` or ``unroll``, see :mod:`tesla.matching`);
+   of an N-step student and its gradients dL/dX, dL/dalpha (and dL/dZ for learned labels)
+   with the chosen engine (``exact``, ``tesla`` or ``unroll``, see :mod:`tesla.matching`);
 4. X <- SGD(c lr_img, momentum 0.5),  alpha <- SGD(lr_lr, momentum 0.5), then
-   alpha <- max(alpha, min_lr) (projected SGD: alpha can never become zero or negative).
+   alpha <- max(alpha, min_lr) (projected SGD: alpha can never become zero or negative);
+   learned labels: Z <- SGD(lr_label, momentum 0.5).
    c is the step-size convention of lr_img (``--lr-img-convention``): 1 for ``gradient``
    (lr_img multiplies dL/dX as the engine computes it), 1/2 for ``tesla-published`` (the
    published TESLA code's image gradient is 0.5x the first-order gradient, PAPER.md
    section 10, so its published lr_img values can be copied verbatim).
+
+The initial images are random real images of each class (``init: real``), only those that a
+chosen expert snapshot classifies correctly (``real-correct``, :mod:`tesla.initialisation`),
+or noise. The same snapshot (``init_expert``, ``init_epoch``) initialises learned labels:
+Z_0 = f_{theta*}(X_0).
 
 The images live in the experts' input space (``tesla.input_space``: the normalisation and
 ZCA they were trained with, recorded in their files; all experts must agree).
@@ -55,24 +65,32 @@ from tesla.matching import ENGINES, MatchResult, matching_gradients
 from tesla.student_steps import COMPILE_MODES, StepCompiler, resolve_compile_mode
 
 CHECKPOINT_FORMAT = "tesla-distill-checkpoint"
-#: 2: adds ``guard_start`` and ``settings``; version 1 is still read (see load_checkpoint)
-CHECKPOINT_VERSION = 2
+#: 2: adds ``guard_start`` and ``settings``; 3: adds ``label_logits`` and ``opt_labels``
+#: (learned labels) and the window settings; versions 1 and 2 are still read (see load_checkpoint)
+CHECKPOINT_VERSION = 3
 METRICS_FORMAT = "tesla-distill-metrics"
-#: 2: adds the ``max_image_rms`` column
-METRICS_VERSION = 2
+#: 2: adds the ``max_image_rms`` column; 3: adds the matching window (``window_min``,
+#: ``window_max``: t was drawn from window_min .. window_max - 1) and ``grad_norm_labels``
+METRICS_VERSION = 3
 METRICS_COLUMNS = (
     "iteration",
     "expert",
     "start_epoch",
+    "window_min",
+    "window_max",
     "loss",
     "alpha",
     "grad_norm_images",
     "grad_norm_alpha",
+    "grad_norm_labels",
     "max_image_rms",
     "seconds",
     "peak_memory_mb",
 )
 MOMENTUM = 0.5
+SOFT_LABELS: tuple[str, ...] = ("none", "tesla", "learned")
+SOFT_LABELS_OF_BOOL = {True: "tesla", False: "none"}
+INITS: tuple[str, ...] = ("real", "real-correct", "noise")
 #: lr_img conventions: c in X <- X - c lr_img b, b the momentum buffer of dL/dX. 'gradient':
 #: lr_img multiplies the gradient the engine computes; 'tesla-published': the published TESLA
 #: code's image step, which is 0.5 x lr_img x the first-order gradient (it drops the 2 of
@@ -82,7 +100,7 @@ LR_IMG_CONVENTIONS: dict[str, float] = {"gradient": 1.0, "tesla-published": 0.5}
 RESUME_TUNABLE = frozenset(
     {
         "out", "metrics", "grid_dir", "checkpoint", "checkpoint_dir", "checkpoint_every", "iterations", "device",
-        "progress", "lr_img", "lr_img_convention", "lr_lr", "syn_steps", "batch_syn", "engine", "label_chunk",
+        "progress", "lr_img", "lr_img_convention", "lr_lr", "lr_label", "syn_steps", "batch_syn", "engine", "label_chunk",
         "min_lr", "experts", "train", "zca", "max_lr", "max_image_growth", "max_loss", "restart", "config_key_prefix", "compile",
     }
 )
@@ -95,7 +113,7 @@ RESULT_NEUTRAL = frozenset(
     }
 )
 #: step sizes and limits whose change a resumed run reports
-RESUME_REPORTED = ("lr_img", "lr_img_convention", "lr_lr", "syn_steps", "batch_syn", "engine", "min_lr", "max_lr", "max_image_growth", "max_loss")
+RESUME_REPORTED = ("lr_img", "lr_img_convention", "lr_lr", "lr_label", "syn_steps", "batch_syn", "engine", "min_lr", "max_lr", "max_image_growth", "max_loss")
 
 
 @dataclass
@@ -116,13 +134,20 @@ class DistillSettings:
     min_lr: float | None = None
     batch_syn: int | None = None
     iterations: int = 10000
-    soft_labels: bool = False
+    soft_labels: str = "none"
+    label_temperature: float = 1.0
+    lr_label: float = 10.0
     engine: str = "exact"
     compile: str = "auto"
     dsa: str | None = None
     zca: str | None = None
     seed: int = 0
     init: str = "real"
+    init_expert: int = 0
+    init_epoch: int | None = None
+    min_start_epoch: int = 0
+    max_start_epoch_final: int | None = None
+    window_iterations: int | None = None
     metrics: str | None = None
     grid_dir: str | None = None
     checkpoint: str | None = None
@@ -136,6 +161,30 @@ class DistillSettings:
     max_loss: float = guard.DEFAULT_MAX_LOSS
     restart: bool = False
     config_key_prefix: str | None = None
+
+    def __post_init__(self) -> None:
+        # the boolean form of earlier versions (and of config files): True = TESLA's labels
+        if isinstance(self.soft_labels, bool) or self.soft_labels in ("true", "false"):
+            self.soft_labels = SOFT_LABELS_OF_BOOL[str(self.soft_labels).lower() == "true"]
+
+    @property
+    def learned_labels(self) -> bool:
+        return self.soft_labels == "learned"
+
+    @property
+    def init_snapshot_epoch(self) -> int:
+        """The epoch of the snapshot that decides real-correct images and initialises learned
+        labels: ``init_epoch``, by default ``max_start_epoch`` (the end of the first window)."""
+        return self.max_start_epoch if self.init_epoch is None else self.init_epoch
+
+    @property
+    def uses_init_snapshot(self) -> bool:
+        return self.init == "real-correct" or self.learned_labels
+
+    @property
+    def largest_max_start_epoch(self) -> int:
+        """The largest upper bound the window reaches (the experts must cover it + expert_epochs)."""
+        return max(self.max_start_epoch, self.max_start_epoch_final or 0)
 
     @property
     def alpha_floor(self) -> float:
@@ -217,6 +266,46 @@ def _positive(value: float, option: str, integer: bool = False) -> None:
         raise TeslaError(f"{option} must be {what}, got {value!r}")
 
 
+def check_window(s: DistillSettings) -> None:
+    """The matching window's settings: 0 <= min_start_epoch < max_start_epoch, and a schedule
+    either absent or complete (max_start_epoch_final >= max_start_epoch, window_iterations >= 1)."""
+    if not 0 <= s.min_start_epoch < s.max_start_epoch:
+        raise TeslaError(
+            f"--min-start-epoch {s.min_start_epoch} must be >= 0 and below --max-start-epoch {s.max_start_epoch} "
+            "(start epochs are drawn from min .. max - 1)"
+        )
+    final, k = s.max_start_epoch_final, s.window_iterations
+    if (final is None) != (k is None):
+        raise TeslaError(
+            "--max-start-epoch-final and --window-iterations go together (the window's upper bound grows from "
+            "--max-start-epoch to --max-start-epoch-final by iteration --window-iterations); give both or neither"
+        )
+    if final is not None:
+        if final < s.max_start_epoch:
+            raise TeslaError(
+                f"--max-start-epoch-final {final} is below --max-start-epoch {s.max_start_epoch}: the window only "
+                "grows; give a final value >= the start value"
+            )
+        _positive(k, "--window-iterations", integer=True)
+
+
+def start_window(s: DistillSettings, iteration: int) -> tuple[int, int]:
+    """(T-, T+(i)): iteration i (1-based) draws its start epoch t ~ U{T- .. T+(i) - 1}.
+
+    T- = ``min_start_epoch``. Without a schedule T+(i) = ``max_start_epoch``; with one it grows
+    linearly, rounded down, from T+_0 = ``max_start_epoch`` to T+_K = ``max_start_epoch_final``
+    at iteration K = ``window_iterations`` and stays there::
+
+        T+(i) = T+_0 + floor((T+_K - T+_0) min(i, K) / K)
+
+    A function of the iteration only: a resumed run continues the schedule exactly."""
+    upper = s.max_start_epoch
+    if s.max_start_epoch_final is not None:
+        k = s.window_iterations
+        upper += (s.max_start_epoch_final - s.max_start_epoch) * min(iteration, k) // k
+    return s.min_start_epoch, upper
+
+
 def check_settings(s: DistillSettings) -> None:
     """Refuse settings that cannot work, before opening any file."""
     _positive(s.ipc, "--ipc", integer=True)
@@ -261,8 +350,24 @@ def check_settings(s: DistillSettings) -> None:
         raise TeslaError(f"--engine {s.engine!r} is not an engine; choose one of {', '.join(ENGINES)}")
     if s.compile not in COMPILE_MODES:
         raise TeslaError(f"--compile {s.compile!r} is not a compile mode; choose one of {', '.join(COMPILE_MODES)}")
-    if s.init not in ("real", "noise"):
-        raise TeslaError(f"--init {s.init!r}: choose 'real' (random real images of each class) or 'noise'")
+    if s.init not in INITS:
+        raise TeslaError(
+            f"--init {s.init!r}: choose 'real' (random real images of each class), 'real-correct' (only those the "
+            "--init-expert/--init-epoch snapshot classifies correctly) or 'noise'"
+        )
+    if s.soft_labels not in SOFT_LABELS:
+        raise TeslaError(
+            f"--soft-labels {s.soft_labels!r}: choose 'none' (class labels), 'tesla' (the target expert's softmax) "
+            "or 'learned' (logits learned with the images)"
+        )
+    _positive(s.label_temperature, "--label-temperature")
+    if not (math.isfinite(s.lr_label) and s.lr_label >= 0):
+        raise TeslaError(f"--lr-label must be a finite number >= 0 (0 keeps the labels fixed), got {s.lr_label!r}")
+    check_window(s)
+    if s.init_expert < 0:
+        raise TeslaError(f"--init-expert must be >= 0 (an index into --experts), got {s.init_expert}")
+    if s.init_epoch is not None and s.init_epoch < 0:
+        raise TeslaError(f"--init-epoch must be >= 0 (a snapshot epoch), got {s.init_epoch}")
     if not s.experts:
         raise TeslaError("--experts: give at least one expert trajectory file (written by 'tesla experts')")
 
@@ -281,7 +386,24 @@ def _open_experts(s: DistillSettings, split) -> list:
                 f"{s.experts[0]}: expert network has {key}={spec.get(key)}, {s.train} has {value}; "
                 "give experts trained on this split"
             )
-    need = s.max_start_epoch + s.expert_epochs + 1
+    need = s.largest_max_start_epoch + s.expert_epochs + 1
+    if s.uses_init_snapshot:
+        if s.init_expert >= len(experts):
+            raise TeslaError(
+                f"--init-expert {s.init_expert}: there are only {len(experts)} --experts (indices 0..{len(experts) - 1}); "
+                "give the index of the expert whose snapshot initialises the images/labels"
+            )
+        init_traj = experts[s.init_expert]
+        if s.init_snapshot_epoch >= init_traj.num_snapshots:
+            raise TeslaError(
+                f"{init_traj.path}: --init-epoch {s.init_snapshot_epoch} (default: --max-start-epoch) needs snapshot "
+                f"theta*_{s.init_snapshot_epoch}, but the file stores theta*_0 .. theta*_{init_traj.num_snapshots - 1}; "
+                f"give --init-epoch at most {init_traj.num_snapshots - 1}"
+            )
+    bound = "--max-start-epoch" if s.max_start_epoch_final is None else "--max-start-epoch-final"
+    window = f"{bound} {s.largest_max_start_epoch}"
+    if s.max_start_epoch_final is not None:
+        window = f"the window's largest upper bound ({bound}) {s.largest_max_start_epoch}"
     for traj in experts:
         traj.check_compatible(
             model_spec=spec,
@@ -291,10 +413,9 @@ def _open_experts(s: DistillSettings, split) -> list:
         )
         if traj.num_snapshots < need:
             raise TeslaError(
-                f"{traj.path}: stores snapshots theta*_0 .. theta*_{traj.num_snapshots - 1}, but --max-start-epoch "
-                f"{s.max_start_epoch} + --expert-epochs {s.expert_epochs} needs theta*_{need - 1}; lower "
-                f"--max-start-epoch to at most {max(0, traj.num_snapshots - 1 - s.expert_epochs)} or train "
-                f"experts keeping more snapshots"
+                f"{traj.path}: stores snapshots theta*_0 .. theta*_{traj.num_snapshots - 1}, but {window} "
+                f"+ --expert-epochs {s.expert_epochs} needs theta*_{need - 1}; lower {bound} to at most "
+                f"{max(0, traj.num_snapshots - 1 - s.expert_epochs)} or train experts keeping more snapshots"
             )
     return experts
 
@@ -431,21 +552,46 @@ class DistillState:
     opt_alpha: torch.optim.Optimizer = None
     generator: torch.Generator = None
     start: guard.Start = None  # alpha_0 and the initial largest image RMS (the guard's references)
+    label_logits: torch.Tensor | None = None  # Z, leaf tensor (learned labels only)
+    opt_labels: torch.optim.Optimizer | None = None
+
+
+def init_snapshot(setup: DistillSetup) -> torch.Tensor:
+    """theta* of the initialising snapshot (``init_expert`` at ``init_epoch``) on the device."""
+    s = setup.settings
+    return setup.experts[s.init_expert].snapshot(s.init_snapshot_epoch).to(setup.device, torch.float32)
 
 
 def initial_images(setup: DistillSetup, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """X_0 and its classes: ``ipc`` random real images of every class (class-major), in
-    the experts' input space x = T((u/255 - mean)/std); or, with ``init='noise'``, standard
-    normal images."""
+    the experts' input space x = T((u/255 - mean)/std); with ``init='real-correct'`` only
+    among those the initialising snapshot classifies correctly; with ``init='noise'``,
+    standard normal images."""
     s, split = setup.settings, setup.split
     classes = torch.arange(split.num_classes).repeat_interleave(s.ipc)
     if s.init == "noise":
         shape = (setup.num_images, split.channels, split.resolution, int(split.attrs["width"]))
         return torch.randn(shape, generator=generator), classes
-    pixels, labels = split.sample_per_class(s.ipc, generator)
+    if s.init == "real-correct":
+        from tesla.initialisation import correct_indices_per_class
+
+        where = f"--init real-correct (snapshot theta*_{s.init_snapshot_epoch} of {s.experts[s.init_expert]})"
+        index = correct_indices_per_class(
+            split, s.ipc, setup.model, init_snapshot(setup), setup.input_space, generator, s.label_chunk, where
+        )
+        pixels, labels = split.images_uint8(index), split.labels[index]
+    else:
+        pixels, labels = split.sample_per_class(s.ipc, generator)
     x = setup.input_space.to_input(pixels)
     assert torch.equal(torch.as_tensor(labels, dtype=torch.int64), classes)
     return x, classes
+
+
+def initial_label_logits(setup: DistillSetup, images: torch.Tensor) -> torch.Tensor:
+    """Z_0 = f_{theta*}(X_0): the initialising snapshot's logits on the initial images."""
+    from tesla.soft_labels import expert_logits
+
+    return expert_logits(setup.model, init_snapshot(setup), images, setup.settings.label_chunk)
 
 
 def _optimisers(images: torch.Tensor, alpha: torch.Tensor, s: DistillSettings):
@@ -455,6 +601,11 @@ def _optimisers(images: torch.Tensor, alpha: torch.Tensor, s: DistillSettings):
     )
 
 
+def _label_optimiser(logits: torch.Tensor | None, s: DistillSettings) -> torch.optim.Optimizer | None:
+    """SGD(lr_label, momentum 0.5) on the label logits, as for the images (None without them)."""
+    return None if logits is None else torch.optim.SGD([logits], lr=s.lr_label, momentum=MOMENTUM)
+
+
 def fresh_state(setup: DistillSetup) -> DistillState:
     s = setup.settings
     generator = torch.Generator().manual_seed(s.seed)
@@ -462,7 +613,11 @@ def fresh_state(setup: DistillSetup) -> DistillState:
     images = x.to(setup.device).requires_grad_(True)
     alpha = torch.tensor(s.lr_teacher, dtype=torch.float32, device=setup.device, requires_grad=True)
     opt_images, opt_alpha = _optimisers(images, alpha, s)
-    return DistillState(0, images, classes, [], alpha, None, opt_images, opt_alpha, generator, guard.Start.of(s.lr_teacher, x))
+    logits = initial_label_logits(setup, images.detach()).requires_grad_(True) if s.learned_labels else None
+    return DistillState(
+        0, images, classes, [], alpha, None, opt_images, opt_alpha, generator, guard.Start.of(s.lr_teacher, x),
+        logits, _label_optimiser(logits, s),
+    )
 
 
 def save_checkpoint(path: Path, setup: DistillSetup, state: DistillState, generator_state: torch.Tensor) -> None:
@@ -484,16 +639,36 @@ def save_checkpoint(path: Path, setup: DistillSetup, state: DistillState, genera
         "log": state.log,
         "guard_start": asdict(state.start),
         "settings": asdict(setup.settings),
+        "label_logits": None if state.label_logits is None else state.label_logits.detach().cpu(),
+        "opt_labels": None if state.opt_labels is None else state.opt_labels.state_dict(),
     }
     with atomic_output(path) as tmp:
         torch.save(payload, tmp)
+
+
+#: identity settings added by checkpoint version 3, with the value every earlier run had
+_ADDED_IN_VERSION_3 = ("label_temperature", "init_expert", "init_epoch", "min_start_epoch", "max_start_epoch_final", "window_iterations")
+
+
+def _identity_of_version(identity: dict[str, Any], version: int) -> dict[str, Any]:
+    """A checkpoint's identity in today's terms: before version 3, ``soft_labels`` was a
+    boolean and the label/window/init-snapshot settings did not exist (their defaults are what
+    those runs did)."""
+    if version >= 3:
+        return identity
+    defaults = DistillSettings(train="", experts=[], out="", ipc=1)
+    upgraded = {**identity, **{k: getattr(defaults, k) for k in _ADDED_IN_VERSION_3}}
+    if isinstance(identity.get("soft_labels"), bool):
+        upgraded["soft_labels"] = SOFT_LABELS_OF_BOOL[identity["soft_labels"]]
+    return upgraded
 
 
 def load_checkpoint(path: Path, setup: DistillSetup) -> DistillState:
     """Restore a state saved by :func:`save_checkpoint`, refusing one of a different run or
     one whose state fails the guard's state rules (an old version-1 checkpoint may hold a
     state saved without them). Version 1 (no ``guard_start``) is read: rho_0 is recomputed
-    from the seed's initial images."""
+    from the seed's initial images. Versions 1 and 2 (no learned labels, no window schedule)
+    are read as runs with today's defaults for those settings."""
     s = setup.settings
     try:
         payload = torch.load(path, map_location="cpu", weights_only=False)
@@ -502,14 +677,14 @@ def load_checkpoint(path: Path, setup: DistillSetup) -> DistillState:
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise TeslaError(f"{path}: not a tesla distill checkpoint; give another --checkpoint path or delete it")
     version = int(payload.get("format_version", -1))
-    if version not in (1, CHECKPOINT_VERSION):
+    if version not in (1, 2, CHECKPOINT_VERSION):
         raise TeslaError(
-            f"{path}: checkpoint format version {payload.get('format_version')} (this tesla reads 1 and "
+            f"{path}: checkpoint format version {payload.get('format_version')} (this tesla reads 1 to "
             f"{CHECKPOINT_VERSION}); to start over, {s.start_over()}"
         )
     if payload["dataset_fingerprint"] != setup.split.fingerprint:
         raise TeslaError(f"{path}: checkpoint of a run on another dataset; give another --checkpoint or, to start over, {s.start_over()}")
-    theirs, ours = payload["identity"], s.identity()
+    theirs, ours = _identity_of_version(payload["identity"], version), s.identity()
     diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
     if diff:
         listed = ", ".join(f"{k}: checkpoint {theirs.get(k)!r} vs now {ours.get(k)!r}" for k in diff)
@@ -541,6 +716,13 @@ def load_checkpoint(path: Path, setup: DistillSetup) -> DistillState:
         start = guard.Start.of(s.lr_teacher, x0)
     else:
         start = guard.Start(**payload["guard_start"])
+    logits = payload.get("label_logits")
+    logits = None if logits is None else logits.to(setup.device).requires_grad_(True)
+    opt_labels = _label_optimiser(logits, s)
+    if opt_labels is not None:
+        opt_labels.load_state_dict(payload["opt_labels"])
+        for group in opt_labels.param_groups:
+            group["lr"] = s.lr_label  # tunable on resume
     state = DistillState(
         int(payload["iteration"]),
         images,
@@ -552,8 +734,10 @@ def load_checkpoint(path: Path, setup: DistillSetup) -> DistillState:
         opt_alpha,
         generator,
         start,
+        logits,
+        opt_labels,
     )
-    breach = guard.check_state(float(alpha.detach()), images, start, s.guard_limits())
+    breach = guard.check_state(float(alpha.detach()), images, start, s.guard_limits()) or _check_labels(state)
     if breach is not None:
         old = " (written by a tesla before version-2 checkpoints, which saved states without these checks)" if version == 1 else ""
         limit = f"; if the value is intended, raise {s.wording.name(breach.limit)}" if breach.limit else ""
@@ -621,20 +805,36 @@ def _stop(s: DistillSettings, iteration: int, breach: guard.Breach, last_saved: 
     return Diverged(f"{guard.explain(breach, iteration, s.effective(), s.wording)} {_rerun_note(s, last_saved, breach)}")
 
 
+def _check_labels(state: DistillState, grad_logits: torch.Tensor | None = None) -> guard.Breach | None:
+    """The divergence guard's rule for learned labels: the logits Z (and, when given, dL/dZ)
+    finite. (The labels' probabilities softmax(Z / T) are then finite and sum to 1.)"""
+    if grad_logits is not None and not bool(torch.isfinite(grad_logits).all()):
+        return guard.Breach("finite", "the gradient of the learned labels is not finite", ("lr_label",))
+    if state.label_logits is not None and not bool(torch.isfinite(state.label_logits.detach()).all()):
+        return guard.Breach("finite", "the learned label logits are not finite", ("lr_label",))
+    return None
+
+
 def distill_iteration(setup: DistillSetup, state: DistillState) -> tuple[MatchResult, dict]:
-    """One iteration: choose (expert, t), read theta*_t and theta*_{t+M}, label (soft), match."""
+    """One iteration: choose (expert, t in the window), read theta*_t and theta*_{t+M}, label
+    (soft: assigned or learned), match."""
     s, g = setup.settings, state.generator
     e = int(torch.randint(len(setup.experts), (1,), generator=g))
-    t = int(torch.randint(s.max_start_epoch, (1,), generator=g))
+    lower, upper = start_window(s, state.iteration + 1)
+    t = lower + int(torch.randint(upper - lower, (1,), generator=g))
     expert = setup.experts[e]
     theta_start = expert.snapshot(t).to(setup.device, torch.float32)
     theta_target = expert.snapshot(t + s.expert_epochs).to(setup.device, torch.float32)
     images = state.images.detach()
-    if s.soft_labels:
+    if s.soft_labels == "tesla":
         from tesla.soft_labels import assign_soft_labels
 
         state.soft_labels = assign_soft_labels(setup.model, theta_target, images, s.label_chunk)
         targets = state.soft_labels
+    elif s.learned_labels:
+        from tesla.soft_labels import learned_soft_labels
+
+        targets = learned_soft_labels(state.label_logits, s.label_temperature)
     else:
         targets = state.classes.to(setup.device)
     result = matching_gradients(
@@ -650,8 +850,9 @@ def distill_iteration(setup: DistillSetup, state: DistillState) -> tuple[MatchRe
         setup.dsa,
         g,
         compiler=setup.compiler,
+        learn_labels=s.learned_labels,
     )
-    return result, {"expert": Path(s.experts[e]).name, "start_epoch": t}
+    return result, {"expert": Path(s.experts[e]).name, "start_epoch": t, "window_min": lower, "window_max": upper}
 
 
 def synthetic_set(setup: DistillSetup, state: DistillState):
@@ -659,10 +860,18 @@ def synthetic_set(setup: DistillSetup, state: DistillState):
     from tesla.synthetic import SyntheticSet
 
     s, split, space = setup.settings, setup.split, setup.input_space
+    soft, logits = state.soft_labels, None
+    if state.label_logits is not None:
+        from tesla.soft_labels import learned_soft_labels
+
+        logits = state.label_logits.detach().cpu().float()
+        soft = learned_soft_labels(logits, s.label_temperature)
     return SyntheticSet(
         images=state.images.detach().cpu(),
         labels=state.classes.clone(),
-        soft_labels=None if state.soft_labels is None else state.soft_labels.detach().cpu().float(),
+        soft_labels=None if soft is None else soft.detach().cpu().float(),
+        label_logits=logits,
+        label_temperature=s.label_temperature if logits is not None else None,
         lr=float(state.alpha.detach()),
         dataset=split.dataset,
         dataset_fingerprint=split.fingerprint,
@@ -801,8 +1010,14 @@ def _distill_locked(setup: DistillSetup):
             t0 = time.perf_counter()
             result, info = distill_iteration(setup, state)
             grad_images, grad_alpha = result.grad_images, result.grad_alpha
+            grad_logits = None
+            if result.grad_labels is not None:
+                from tesla.soft_labels import label_logit_gradient
+
+                grad_logits = label_logit_gradient(state.label_logits, s.label_temperature, result.grad_labels)
             alpha = float(state.alpha.detach())
             breach = guard.check_match(result.loss, grad_images, grad_alpha, alpha, state.images, state.start, limits)
+            breach = breach or _check_labels(state, grad_logits)
             if breach is not None:
                 raise _stop(s, it, breach, last_saved)
             if due:  # the state of iteration it - 1 passed its loss check: now it may be saved
@@ -811,9 +1026,13 @@ def _distill_locked(setup: DistillSetup):
             state.alpha.grad = torch.tensor(grad_alpha, dtype=state.alpha.dtype, device=state.alpha.device)
             state.opt_images.step()
             state.opt_alpha.step()
+            if state.opt_labels is not None:
+                state.label_logits.grad = grad_logits.to(state.label_logits.dtype)
+                state.opt_labels.step()
             with torch.no_grad():
                 state.alpha.clamp_(min=s.alpha_floor)  # projected SGD: alpha >= min_lr > 0
             breach = guard.check_state(float(state.alpha.detach()), state.images, state.start, limits)
+            breach = breach or _check_labels(state)
             if breach is not None:
                 raise _stop(s, it, breach, last_saved)
             state.iteration = it
@@ -821,10 +1040,13 @@ def _distill_locked(setup: DistillSetup):
                 "iteration": it,
                 "expert": info["expert"],
                 "start_epoch": info["start_epoch"],
+                "window_min": info["window_min"],
+                "window_max": info["window_max"],
                 "loss": result.loss,
                 "alpha": float(state.alpha.detach()),
                 "grad_norm_images": float(torch.linalg.vector_norm(grad_images)),
                 "grad_norm_alpha": abs(grad_alpha),
+                "grad_norm_labels": "" if grad_logits is None else float(torch.linalg.vector_norm(grad_logits)),
                 "max_image_rms": guard.largest_image_rms(state.images),
                 "seconds": time.perf_counter() - t0,
                 "peak_memory_mb": _peak_memory_mb(setup.device),
@@ -881,7 +1103,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     a("--ipc", required=True, type=int, help="synthetic images per class")
     a("--syn-steps", type=int, default=d.syn_steps, help="N: student steps per iteration")
     a("--expert-epochs", type=int, default=d.expert_epochs, help="M: the target is M epochs after the start")
-    a("--max-start-epoch", type=int, default=d.max_start_epoch, help="start epoch t ~ U{0 .. max-1}")
+    a("--max-start-epoch", type=int, default=d.max_start_epoch,
+      help="start epoch t ~ U{min .. max-1} (the window's upper bound; with a schedule, its start value)")
+    a("--min-start-epoch", type=int, default=d.min_start_epoch, help="the window's lower bound: t >= this")
+    a("--max-start-epoch-final", type=int, default=None,
+      help="moving window: the upper bound grows linearly (rounded down) to this value by --window-iterations")
+    a("--window-iterations", type=int, default=None, help="moving window: the iteration at which the upper bound is final")
     a("--lr-img", type=float, default=d.lr_img, help="learning rate of the images (SGD, momentum 0.5)")
     a("--lr-img-convention", choices=tuple(LR_IMG_CONVENTIONS), default=d.lr_img_convention,
       help="what --lr-img means: 'gradient' = the step on dL/dX as computed; 'tesla-published' = the published TESLA "
@@ -891,7 +1118,14 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     a("--min-lr", type=float, default=None, help="alpha is kept >= this value (default: lr_teacher / 1000)")
     a("--batch-syn", type=int, default=None, help="synthetic minibatch size per student step (default: all images)")
     a("--iterations", type=int, default=d.iterations, help="distillation iterations")
-    a("--soft-labels", action="store_true", help="TESLA soft labels from the target expert (default: hard labels)")
+    a("--soft-labels", nargs="?", const="tesla", default=d.soft_labels, choices=SOFT_LABELS,
+      help="labels the student trains on: none (class labels, the default), tesla (the target expert's softmax, "
+           "recomputed every iteration; the bare flag means this), learned (logits learned with the images, "
+           "initialised from the --init-expert/--init-epoch snapshot; README, Beyond TESLA)")
+    a("--label-temperature", type=float, default=d.label_temperature,
+      help="learned labels: T in y = softmax(z / T), z initialised to the snapshot's logits")
+    a("--lr-label", type=float, default=d.lr_label,
+      help="learned labels: learning rate of the label logits (SGD, momentum 0.5; 0 keeps them fixed)")
     a("--engine", choices=ENGINES, default=d.engine, help="gradient engine (see docs/benchmarks for the choice)")
     a("--compile", choices=COMPILE_MODES, default=d.compile,
       help="how the student steps of exact/tesla run: off (eager), inductor, cudagraph, inductor-cudagraph; "
@@ -899,7 +1133,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     a("--dsa", default=None, help="augmentation strategy, or 'none' (default: the experts' strategy)")
     a("--zca", default=None, help="ZCA file (required iff the experts were trained with ZCA)")
     a("--seed", type=int, default=d.seed, help="random seed (images, expert/start choice, minibatches, DSA)")
-    a("--init", choices=("real", "noise"), default=d.init, help="initial images: random real images of each class, or noise")
+    a("--init", choices=INITS, default=d.init,
+      help="initial images: random real images of each class, real-correct (only among those the --init-expert/"
+           "--init-epoch snapshot classifies correctly), or noise")
+    a("--init-expert", type=int, default=d.init_expert,
+      help="which of --experts (index, default 0) gives the snapshot for real-correct and learned labels")
+    a("--init-epoch", type=int, default=None,
+      help="that snapshot's epoch (default: --max-start-epoch, the end of the first window)")
     a("--metrics", default=None, help="per-iteration metrics CSV (written as METRICS.partial while running)")
     a("--grid-dir", default=None, help="directory for PNG grids of the images (checkpoints and final.png)")
     a("--checkpoint", default=None, help="checkpoint file (default: OUT.ckpt); an existing one is resumed")

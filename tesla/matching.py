@@ -24,10 +24,14 @@ With v = (2/D)(theta_N - theta*_{t+M}), J_i = d g_i / d X_{b_i} and H_i the Hess
             dL/dalpha   += -g_i . v_{i+1}
             v_i = v_{i+1} - alpha H_i v_{i+1}
 
+    With learned soft labels (``learn_labels``) the soft targets Y are a third differentiated
+    input: with K_i = d g_i / d Y_{b_i}, the same sweep gives
+    ``dL/dY_{b_i} += -alpha K_i^T v_{i+1}`` (one more entry of the same vector-Jacobian product).
+
 ``tesla``
     the first-order procedure of the published TESLA code (same memory): every product
     prod_k (I - alpha H_k) replaced by I, i.e. dL/dX_{b_i} = -alpha J_i^T v and
-    dL/dalpha = -v . G with G = sum_i g_i. Exact for N = 1 only.
+    dL/dalpha = -v . G with G = sum_i g_i (and dL/dY_{b_i} = -alpha K_i^T v). Exact for N = 1 only.
 
 ``unroll``
     autograd through all N steps (MTT): activation memory grows as N x batch. The reference
@@ -60,6 +64,7 @@ from tesla.student_steps import (
     StepCompiler,
     StepInputs,
     StudentSteps,
+    adjoint_kind,
     adjoint_step,
     augmentations_on,
     ieee_float32,
@@ -72,6 +77,7 @@ __all__ = [
     "LossFn",
     "MatchResult",
     "StudentStep",
+    "adjoint_kind",
     "adjoint_step",
     "exact_gradients",
     "matching_gradients",
@@ -104,7 +110,8 @@ class StudentStep:
 
 @dataclass
 class MatchResult:
-    """The matching loss L and its gradients w.r.t. the synthetic images and alpha."""
+    """The matching loss L and its gradients w.r.t. the synthetic images, alpha and (when the
+    labels are learned) the soft targets Y."""
 
     loss: float
     grad_images: torch.Tensor
@@ -115,6 +122,7 @@ class MatchResult:
     syn_steps: int
     finite: bool = True  # L, dL/dalpha and every element of dL/dX are finite
     compile: str = "off"  # how the student steps ran (tesla.student_steps compile mode)
+    grad_labels: torch.Tensor | None = None  # dL/dY (N x K), computed only when asked for (learn_labels)
 
 
 def plan_student_steps(
@@ -153,7 +161,8 @@ def plan_student_steps(
 
 
 def _step_inputs(
-    images: torch.Tensor, labels: torch.Tensor, alpha: float | torch.Tensor, plan: list[StudentStep]
+    images: torch.Tensor, labels: torch.Tensor, alpha: float | torch.Tensor, plan: list[StudentStep],
+    learn_labels: bool = False,
 ) -> StepInputs:
     """The plan for the steps: all minibatch indices moved to the images' device in one copy
     before the sweeps (so no step copies from the host), the augmentation samples as drawn."""
@@ -161,7 +170,9 @@ def _step_inputs(
     sizes = [len(step.indices) for step in plan]
     indices = list(torch.cat([step.indices for step in plan]).to(device).split(sizes))
     a = torch.as_tensor(alpha, dtype=images.dtype).to(device).detach()
-    return StepInputs(images.detach(), labels.to(device), a, indices, [step.augmentation for step in plan])
+    return StepInputs(
+        images.detach(), labels.detach().to(device), a, indices, [step.augmentation for step in plan], learn_labels
+    )
 
 
 def trajectory_storage(compute: torch.device) -> torch.device:
@@ -201,24 +212,28 @@ def _reverse_sweep(
     v: torch.Tensor,
     inputs: StepInputs,
     propagate_hessian: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Accumulate dL/dX and dL/dalpha step by step, last step first.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Accumulate dL/dX, dL/dalpha (and dL/dY) step by step, last step first.
 
     For step i, with w = v_{i+1} (exact) or w = v (first-order), one vector-Jacobian product
-    of s_i = g_i . w w.r.t. [X_{b_i}, theta_i] gives J_i^T w and H_i w::
+    of s_i = g_i . w w.r.t. [X_{b_i}, theta_i (, Y_{b_i})] gives J_i^T w, H_i w (and K_i^T w)::
 
-        dL/dX_{b_i} += -alpha J_i^T w,   dL/dalpha += -g_i . w,   v_i = w - alpha H_i w.
+        dL/dX_{b_i} += -alpha J_i^T w,   dL/dalpha += -g_i . w,   v_i = w - alpha H_i w
+        (dL/dY_{b_i} += -alpha K_i^T w).
 
-    Returns dL/dX and dL/dalpha (a 0-d device tensor).
+    Returns dL/dX, dL/dalpha (a 0-d device tensor) and dL/dY (None unless ``inputs.label_gradient``).
     """
     grad_images = torch.zeros_like(inputs.images)
+    grad_labels = torch.zeros_like(inputs.labels) if inputs.label_gradient else None
     grad_alpha = torch.zeros((), dtype=v.dtype, device=v.device)
     steps.begin_adjoint(v)
     for i in reversed(range(len(inputs.indices))):
-        dx, s = steps.adjoint(i, trajectory[i], propagate_hessian)
+        dx, dy, s = steps.adjoint(i, trajectory[i], propagate_hessian)
         grad_images.index_add_(0, inputs.indices[i], dx)
+        if grad_labels is not None:
+            grad_labels.index_add_(0, inputs.indices[i], dy)
         grad_alpha.sub_(s)
-    return grad_images, grad_alpha
+    return grad_images, grad_alpha, grad_labels
 
 
 def _distance_normaliser(theta_start: torch.Tensor, theta_target: torch.Tensor) -> torch.Tensor:
@@ -234,10 +249,13 @@ def _result(
     grad_alpha: torch.Tensor,
     syn_steps: int,
     compile_mode: str,
+    grad_labels: torch.Tensor | None = None,
 ) -> MatchResult:
     """The one host transfer of a matching call: D, ||theta_N - theta*_{t+M}||^2, dL/dalpha and
-    the finiteness of (L, dL/dalpha, dL/dX) in one copy; L = final / D."""
+    the finiteness of (L, dL/dalpha, dL/dX, dL/dY) in one copy; L = final / D."""
     finite = torch.isfinite(grad_images).all() & torch.isfinite(final) & torch.isfinite(grad_alpha)
+    if grad_labels is not None:
+        finite = finite & torch.isfinite(grad_labels).all()
     d_, final_, grad_alpha_, finite_ = torch.stack(
         [d.double(), final.double(), grad_alpha.double(), finite.double()]
     ).tolist()
@@ -246,7 +264,9 @@ def _result(
             "the expert did not move between the start and target snapshots (distance 0): "
             "use an expert trained with a non-zero learning rate, or a larger --expert-epochs"
         )
-    return MatchResult(final_ / d_, grad_images, grad_alpha_, d_, final_, engine, syn_steps, bool(finite_), compile_mode)
+    return MatchResult(
+        final_ / d_, grad_images, grad_alpha_, d_, final_, engine, syn_steps, bool(finite_), compile_mode, grad_labels
+    )
 
 
 def _student_steps(
@@ -274,17 +294,17 @@ def _constant_memory_gradients(
     """Pass 1 (the student trajectory without a graph), then the reverse sweep of ``exact``
     (propagating v_i = (I - alpha H_i) v_{i+1}) or of ``tesla`` (v held constant)."""
     exact = engine == "exact"
-    steps = _student_steps(loss_fn, theta_start, inputs, augment, compiler, "adjoint" if exact else "adjoint-first-order")
+    steps = _student_steps(loss_fn, theta_start, inputs, augment, compiler, adjoint_kind(exact, inputs.label_gradient))
     d = _distance_normaliser(theta_start, theta_target)
     trajectory = _forward_sweep(steps, theta_start, len(inputs.indices))
     residual = steps.theta - theta_target.detach().reshape(-1)
     final = torch.sum(residual**2)
     v = (2.0 / d) * residual  # dL/dtheta_N
     grad_alpha_first_order = None if exact else -torch.dot(v, steps.total)
-    grad_images, grad_alpha = _reverse_sweep(steps, trajectory, v, inputs, propagate_hessian=exact)
+    grad_images, grad_alpha, grad_labels = _reverse_sweep(steps, trajectory, v, inputs, propagate_hessian=exact)
     if not exact:
         grad_alpha = grad_alpha_first_order
-    return _result(engine, d, final, grad_images, grad_alpha, len(inputs.indices), steps.mode)
+    return _result(engine, d, final, grad_images, grad_alpha, len(inputs.indices), steps.mode, grad_labels)
 
 
 def exact_gradients(
@@ -299,7 +319,8 @@ def exact_gradients(
 
     dL/dX_{b_i} = -alpha v^T [prod_{k=N-1..i+1} (I - alpha H_k)] J_i and
     dL/dalpha = -v^T sum_i [prod_{k=N-1..i+1} (I - alpha H_k)] g_i, computed as
-    v_N = v, v_i = (I - alpha H_i) v_{i+1}.
+    v_N = v, v_i = (I - alpha H_i) v_{i+1}; with ``inputs.label_gradient`` also
+    dL/dY_{b_i} = -alpha v^T [prod_{k=N-1..i+1} (I - alpha H_k)] K_i, K_i = d g_i / d Y_{b_i}.
     """
     return _constant_memory_gradients("exact", loss_fn, theta_start, theta_target, inputs, augment, compiler)
 
@@ -316,7 +337,8 @@ def tesla_gradients(
 
     Pass 1 keeps theta_i and G = sum_i g_i (g_i detached); theta_N = theta*_t - alpha G.
     Pass 2: dL/dX_{b_i} = (2/D)[alpha (theta*_{t+M} - theta*_t) + alpha^2 G]^T J_i
-    = -alpha v^T J_i, and dL/dalpha = -v^T G.
+    = -alpha v^T J_i, and dL/dalpha = -v^T G; with ``inputs.label_gradient`` also the
+    first-order label gradient dL/dY_{b_i} = -alpha v^T K_i.
     """
     return _constant_memory_gradients("tesla", loss_fn, theta_start, theta_target, inputs, augment, compiler)
 
@@ -335,17 +357,22 @@ def unroll_gradients(
     d = _distance_normaliser(theta_start, theta_target)
     with torch.enable_grad():
         x_all = inputs.images.detach().requires_grad_(True)
+        y_all = inputs.labels.detach().requires_grad_(inputs.label_gradient)
         a = inputs.alpha.detach().clone().requires_grad_(True)
         theta = theta_start.detach().reshape(-1).requires_grad_(True)
         for idx, params in zip(inputs.indices, augmentations_on(x_all.device, inputs.augmentations)):
             x = x_all.index_select(0, idx)
             if augment is not None and params is not None:
                 x = augment.apply(x, params)
-            g = student_gradient(loss_fn, theta, x, inputs.labels.index_select(0, idx), create_graph=True)
+            g = student_gradient(loss_fn, theta, x, y_all.index_select(0, idx), create_graph=True)
             theta = theta - a * g
         final = torch.sum((theta - theta_target.detach().reshape(-1)) ** 2)
-        grad_images, grad_alpha = torch.autograd.grad(final / d, [x_all, a])
-    return _result("unroll", d, final.detach(), grad_images, grad_alpha, len(inputs.indices), "off")
+        wrt = [x_all, a] + ([y_all] if inputs.label_gradient else [])
+        grads = torch.autograd.grad(final / d, wrt, allow_unused=True)
+    grad_labels = None
+    if inputs.label_gradient:
+        grad_labels = torch.zeros_like(y_all) if grads[2] is None else grads[2]
+    return _result("unroll", d, final.detach(), grads[0], grads[1], len(inputs.indices), "off", grad_labels)
 
 
 _ENGINE_FUNCTIONS = {"exact": exact_gradients, "tesla": tesla_gradients, "unroll": unroll_gradients}
@@ -364,6 +391,7 @@ def matching_gradients(
     augment: Augmentation | None,
     generator: torch.Generator,
     compiler: StepCompiler | None = None,
+    learn_labels: bool = False,
 ) -> MatchResult:
     """Matching loss L and (dL/dX, dL/dalpha) by ``engine`` (``exact``, ``tesla`` or ``unroll``).
 
@@ -373,11 +401,15 @@ def matching_gradients(
     ``generator`` first (:func:`plan_student_steps`), so every engine sees the same student
     trajectory. ``compiler`` (a :class:`tesla.student_steps.StepCompiler`, kept for the whole
     run) runs the steps of ``exact`` and ``tesla`` as compiled graphs; ``None`` runs them
-    eagerly. The call runs in IEEE float32 whatever the global TF32 settings.
+    eagerly. The call runs in IEEE float32 whatever the global TF32 settings. With
+    ``learn_labels`` (``labels`` must then be N x K soft targets) the result also holds
+    dL/dY (``grad_labels``), from the same reverse sweep (exact, first-order or autograd).
     """
     if engine not in _ENGINE_FUNCTIONS:
         raise TeslaError(f"unknown gradient engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    if learn_labels and not (labels.is_floating_point() and labels.ndim == 2):
+        raise TeslaError(f"learned labels need N x K soft targets, got labels of shape {tuple(labels.shape)} ({labels.dtype})")
     plan = plan_student_steps(len(images), syn_steps, batch_syn, tuple(images.shape[1:]), augment, generator)
     with ieee_float32():
-        inputs = _step_inputs(images, labels, alpha, plan)
+        inputs = _step_inputs(images, labels, alpha, plan, learn_labels)
         return _ENGINE_FUNCTIONS[engine](loss_fn, theta_start, theta_target, inputs, augment, compiler)

@@ -7,7 +7,9 @@
     (noisy, since every iteration draws another expert and start epoch t), with its moving
     average over a window of w = max(1, n/20) iterations, m_i = (1/w) sum_{j=i-w+1..i} L_j;
     L = 1 means the student got no closer to the target than its start;
-  - the learned learning rate alpha_i that evaluation will train with.
+  - the learned learning rate alpha_i that evaluation will train with;
+  - when the metrics record it (format version 3), the matching window: the start epochs
+    window_min .. window_max - 1 that iteration i drew t from, and the t drawn.
 
 * ``--grid PNG``: the final synthetic images, one row per class, mapped back to pixels
   (ZCA inverted, normalisation undone; :func:`tesla.grids.save_class_grid`), enlarged by
@@ -29,10 +31,13 @@ from tesla.files import atomic_output
 
 #: metrics columns the curves need (tesla.distill.METRICS_COLUMNS has more)
 CURVE_COLUMNS = ("iteration", "loss", "alpha")
+#: the matching window (metrics version 3; absent from versions 1 and 2)
+WINDOW_COLUMNS = ("window_min", "window_max", "start_epoch")
 
 
 def read_metrics(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """The iteration, loss and alpha columns of a distillation metrics CSV."""
+    """The iteration, loss and alpha columns of a distillation metrics CSV (any version), and
+    the window columns when the file has them (version 3)."""
     import pandas as pd
 
     path = Path(path)
@@ -50,7 +55,8 @@ def read_metrics(path: str | os.PathLike) -> dict[str, np.ndarray]:
         )
     if len(table) == 0:
         raise TeslaError(f"{path}: no iterations recorded; the distillation ran 0 iterations")
-    return {c: table[c].to_numpy(dtype=np.float64) for c in CURVE_COLUMNS}
+    window = WINDOW_COLUMNS if all(c in table.columns for c in WINDOW_COLUMNS) else ()
+    return {c: table[c].to_numpy(dtype=np.float64) for c in (*CURVE_COLUMNS, *window)}
 
 
 def moving_average(values: np.ndarray, window: int) -> np.ndarray:
@@ -68,7 +74,8 @@ def _savefig_atomic(fig, path: Path) -> None:
 
 
 def plot_curves(metrics: dict[str, np.ndarray], path: str | os.PathLike, title: str = "") -> Path:
-    """Loss (raw and moving average) and alpha against the iteration, as one PNG."""
+    """Loss (raw and moving average), alpha and (when recorded) the matching window against the
+    iteration, as one PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -77,7 +84,9 @@ def plot_curves(metrics: dict[str, np.ndarray], path: str | os.PathLike, title: 
     path = Path(path)
     it, loss, alpha = metrics["iteration"], metrics["loss"], metrics["alpha"]
     window = max(1, len(loss) // 20)
-    fig, (ax_loss, ax_alpha) = plt.subplots(1, 2, figsize=(10, 3.6))
+    window_panel = "window_max" in metrics and np.isfinite(metrics["window_max"]).any()
+    fig, axes = plt.subplots(1, 3 if window_panel else 2, figsize=(15 if window_panel else 10, 3.6))
+    ax_loss, ax_alpha = axes[0], axes[1]
     ax_loss.plot(it, loss, color="0.75", linewidth=0.8, label="per iteration")
     ax_loss.plot(it, moving_average(loss, window), color="C0", linewidth=1.6, label=f"moving average ({window})")
     ax_loss.axhline(1.0, color="0.4", linestyle=":", linewidth=0.8)
@@ -88,6 +97,14 @@ def plot_curves(metrics: dict[str, np.ndarray], path: str | os.PathLike, title: 
     ax_alpha.set_xlabel("iteration")
     ax_alpha.set_ylabel("learned learning rate alpha")
     ax_alpha.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    if window_panel:
+        ax = axes[2]
+        ax.fill_between(it, metrics["window_min"], metrics["window_max"] - 1, step="mid", color="C2", alpha=0.3,
+                        label="window (start epochs)")
+        ax.plot(it, metrics["start_epoch"], ".", color="C2", markersize=2, label="start epoch drawn")
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("start epoch t")
+        ax.legend(loc="upper left", fontsize=8)
     if title:
         fig.suptitle(title)
     fig.tight_layout()

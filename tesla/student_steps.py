@@ -117,26 +117,37 @@ def adjoint_step(
     alpha: torch.Tensor,
     augment: AugmentFn,
     propagate_hessian: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One reverse-sweep step: s = g . w, dX_b = -alpha J^T w and w' = w - alpha H w (w' = w
-    when ``propagate_hessian`` is off: the first-order procedure).
+    label_gradient: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """One reverse-sweep step: s = g . w, dX_b = -alpha J^T w, dY_b = -alpha K^T w (with
+    ``label_gradient``; K = d g / d Y_b, the soft targets being the third differentiated
+    input) and w' = w - alpha H w (w' = w when ``propagate_hessian`` is off: the first-order
+    procedure).
 
-    One vector-Jacobian product of s w.r.t. [X_b, theta] gives J^T w and H w. (A third
-    differentiated input, e.g. learned labels Y_b, is one more entry of that list.)
+    One vector-Jacobian product of s w.r.t. [X_b, theta, Y_b] gives J^T w, H w and K^T w.
+    Returns (w', dX_b, dY_b or None, s).
     """
+    if label_gradient and not y.is_floating_point():
+        raise TeslaError("a label gradient needs soft (floating-point) labels, not class indices")
     with torch.enable_grad():
         t = theta.detach().requires_grad_(True)
         xb = x.detach().requires_grad_(True)
-        g = student_gradient(loss_fn, t, augment(xb), y, create_graph=True)
+        yb = y.detach().requires_grad_(True) if label_gradient else y
+        g = student_gradient(loss_fn, t, augment(xb), yb, create_graph=True)
         s = torch.dot(g.reshape(-1), w.reshape(-1))
-        wrt = [xb, t] if propagate_hessian else [xb]
-        grads = torch.autograd.grad(s, wrt, allow_unused=True)
-    jt_w = grads[0] if grads[0] is not None else torch.zeros_like(xb)
+        wrt = [xb] + ([t] if propagate_hessian else []) + ([yb] if label_gradient else [])
+        grads = list(torch.autograd.grad(s, wrt, allow_unused=True))
+    jt_w = grads.pop(0)
+    jt_w = torch.zeros_like(xb) if jt_w is None else jt_w
     w_next = w
     if propagate_hessian:
-        h_w = grads[1] if grads[1] is not None else torch.zeros_like(w)
-        w_next = w - alpha * h_w
-    return w_next, -alpha * jt_w, s.detach()
+        h_w = grads.pop(0)
+        w_next = w - alpha * (torch.zeros_like(w) if h_w is None else h_w)
+    dy = None
+    if label_gradient:
+        kt_w = grads.pop(0)
+        dy = -alpha * (torch.zeros_like(yb) if kt_w is None else kt_w)
+    return w_next, -alpha * jt_w, dy, s.detach()
 
 
 # ---------------------------------------------------------------------------------------
@@ -280,6 +291,13 @@ class StepInputs:
     alpha: torch.Tensor
     indices: list[torch.Tensor]
     augmentations: list[Any]
+    label_gradient: bool = False  # the reverse sweep also gives dL/dY (soft labels learned with the images)
+
+
+def adjoint_kind(propagate_hessian: bool, label_gradient: bool) -> str:
+    """The name of a reverse-sweep step graph: ``adjoint`` (exact) or ``adjoint-first-order``
+    (tesla), with ``-labels`` when it also gives the label gradient dY_b."""
+    return ("adjoint" if propagate_hessian else "adjoint-first-order") + ("-labels" if label_gradient else "")
 
 
 class StudentSteps(Protocol):
@@ -297,8 +315,10 @@ class StudentSteps(Protocol):
 
     def begin_adjoint(self, v: torch.Tensor) -> None: ...
 
-    def adjoint(self, i: int, theta_i: torch.Tensor, propagate_hessian: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Step i of the reverse sweep at theta_i: (dX_b, s), leaving w' as the new w."""
+    def adjoint(
+        self, i: int, theta_i: torch.Tensor, propagate_hessian: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Step i of the reverse sweep at theta_i: (dX_b, dY_b or None, s), leaving w' as the new w."""
         ...
 
 
@@ -341,20 +361,23 @@ class EagerSteps:
     def begin_adjoint(self, v: torch.Tensor) -> None:
         self.w = v
 
-    def adjoint(self, i: int, theta_i: torch.Tensor, propagate_hessian: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def adjoint(
+        self, i: int, theta_i: torch.Tensor, propagate_hessian: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         x, y = self._batch(i)
         theta = theta_i.to(self.w.device, non_blocking=True)
-        self.w, dx, s = adjoint_step(
-            self.loss_fn, theta, self.w, x, y, self.inputs.alpha, self._augment(i), propagate_hessian
+        self.w, dx, dy, s = adjoint_step(
+            self.loss_fn, theta, self.w, x, y, self.inputs.alpha, self._augment(i), propagate_hessian,
+            self.inputs.label_gradient,
         )
-        return dx, s
+        return dx, dy, s
 
 
 @dataclass
 class BuiltGraph:
     """One traced (and compiled and/or captured) step graph of a run."""
 
-    kind: str  # "update", "adjoint" (exact) or "adjoint-first-order" (tesla)
+    kind: str  # "update", "adjoint" (exact) or "adjoint-first-order" (tesla), "-labels" with dY (adjoint_kind)
     batch: int
     mode: str
     seconds: float  # tracing + compiling + capturing, including the warm-up runs
@@ -369,6 +392,7 @@ class _BatchBuffers:
     family: torch.Tensor
     packed: torch.Tensor
     dx: torch.Tensor
+    dy: torch.Tensor
 
 
 @dataclass
@@ -440,6 +464,7 @@ class StepCompiler:
                 family=torch.full((), -1, dtype=torch.int64, device=images.device),
                 packed=torch.zeros((batch, width), dtype=torch.float64, device=images.device),
                 dx=torch.zeros((batch, *images.shape[1:]), dtype=images.dtype, device=images.device),
+                dy=torch.zeros((batch, *labels.shape[1:]), dtype=labels.dtype, device=images.device),
             )
         return ws.batches[batch]
 
@@ -462,14 +487,15 @@ class StepCompiler:
             args = (ws.theta, ws.total, bb.x, bb.y, ws.alpha, bb.family, bb.packed)
             outputs: tuple[torch.Tensor, ...] = (ws.theta, ws.total)
         else:
-            exact = kind == "adjoint"
+            exact = not kind.startswith("adjoint-first-order")
+            labels = kind.endswith("-labels")
 
             def step(theta, w, x, y, alpha, family, packed):
-                w_next, dx, s = adjoint_step(loss_fn, theta, w, x, y, alpha, augment(family, packed), exact)
-                return (w_next, dx, s) if exact else (dx, s)
+                w_next, dx, dy, s = adjoint_step(loss_fn, theta, w, x, y, alpha, augment(family, packed), exact, labels)
+                return (w_next,) * exact + (dx,) + (dy,) * labels + (s,)
 
             args = (ws.theta, ws.w, bb.x, bb.y, ws.alpha, bb.family, bb.packed)
-            outputs = (ws.w, bb.dx, ws.s) if exact else (bb.dx, ws.s)
+            outputs = (ws.w,) * exact + (bb.dx,) + (bb.dy,) * labels + (ws.s,)
 
         graph = make_fx(step)(*args)  # runs the step once, recording its ATen operations
         call: Callable[..., Any] = graph
@@ -628,9 +654,11 @@ class GraphSteps:
     def begin_adjoint(self, v: torch.Tensor) -> None:
         self.ws.w.copy_(v)
 
-    def adjoint(self, i: int, theta_i: torch.Tensor, propagate_hessian: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def adjoint(
+        self, i: int, theta_i: torch.Tensor, propagate_hessian: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         self.ws.theta.copy_(theta_i, non_blocking=True)
         bb = self.load(i)
-        kind = "adjoint" if propagate_hessian else "adjoint-first-order"
+        kind = adjoint_kind(propagate_hessian, self.inputs.label_gradient)
         self.ws.runs[(kind, len(self.inputs.indices[i]))]()
-        return bb.dx, self.ws.s
+        return bb.dx, bb.dy if self.inputs.label_gradient else None, self.ws.s

@@ -101,7 +101,7 @@ def settings(toy, tmp: Path, **kw) -> DistillSettings:
 
 def read_metrics(path) -> list[dict]:
     with open(path) as f:
-        assert f.readline().startswith("# format: tesla-distill-metrics, format_version: 2")
+        assert f.readline().startswith("# format: tesla-distill-metrics, format_version: 3")
         return list(csv.DictReader(f))
 
 
@@ -845,3 +845,198 @@ def test_a_run_resumes_under_another_compile_mode(toy, tmp_path, monkeypatch):
     losses_a = [float(r["loss"]) for r in read_metrics(tmp_path / "a" / "metrics.csv")]
     losses_b = [float(r["loss"]) for r in read_metrics(half.metrics)]
     assert losses_b == pytest.approx(losses_a, rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------
+# beyond TESLA (issue 17): learned labels, a moving window, real-correct initialisation
+# ---------------------------------------------------------------------------------------
+def _snapshot_predictions(toy, expert: int, epoch: int) -> torch.Tensor:
+    """Independent classification of every training image by an expert snapshot: the nn.Module
+    itself with the snapshot's parameters loaded (not the functional forward)."""
+    root, split, experts = toy
+    traj = Trajectory.open(experts[expert])
+    model = build_model("convnet_d1", channels=CH, num_classes=CLASSES, resolution=RES, width=4)
+    torch.nn.utils.vector_to_parameters(traj.snapshot(epoch).float(), model.parameters())
+    norm = resolve_normalization("split", split)
+    x, _ = split.load_tensors(mean=norm.mean, std=norm.std)
+    with torch.no_grad():
+        return model(x).argmax(1), x
+
+
+def test_learned_labels_start_from_the_snapshot_logits_move_and_are_saved(toy, tmp_path):
+    s = settings(toy, tmp_path, soft_labels="learned", label_temperature=2.0, lr_label=50.0, init_expert=1,
+                 init_epoch=3, iterations=3)
+    setup = distill_mod.build_setup(s)
+    state = distill_mod.fresh_state(setup)
+    traj = Trajectory.open(toy[2][1])
+    model = build_model("convnet_d1", channels=CH, num_classes=CLASSES, resolution=RES, width=4)
+    torch.nn.utils.vector_to_parameters(traj.snapshot(3).float(), model.parameters())
+    with torch.no_grad():
+        expected = model(state.images.detach())
+    torch.testing.assert_close(state.label_logits.detach(), expected, rtol=1e-5, atol=1e-5)
+    syn = distill(s)
+    assert syn.label_kind == "learned" and syn.label_temperature == 2.0
+    torch.testing.assert_close(syn.soft_labels, torch.softmax(syn.label_logits / 2.0, dim=1))
+    assert float((syn.label_logits - expected).abs().max()) > 1e-4  # learned: they moved
+    rows = read_metrics(tmp_path / "metrics.csv")
+    assert all(float(r["grad_norm_labels"]) > 0 for r in rows)
+    again = SyntheticSet.load(s.out)
+    assert torch.equal(again.label_logits, syn.label_logits) and again.targets is again.soft_labels
+
+
+def test_learned_labels_take_the_exact_label_gradient_step(toy, tmp_path, monkeypatch):
+    """One iteration, momentum buffer empty: Z_1 = Z_0 - lr_label dL/dZ with dL/dZ the chain rule
+    of the engine's dL/dY through softmax(Z / T) (autograd here, independently)."""
+    seen = {}
+    real = distill_mod.matching_gradients
+
+    def spy(*args, **kwargs):
+        r = real(*args, **kwargs)
+        seen["grad_y"] = r.grad_labels.clone()
+        return r
+
+    monkeypatch.setattr(distill_mod, "matching_gradients", spy)
+    s = settings(toy, tmp_path, soft_labels="learned", label_temperature=0.5, lr_label=3.0, iterations=1, grid_dir=None)
+    z0 = distill_mod.fresh_state(distill_mod.build_setup(s)).label_logits.detach().clone()
+    syn = distill(s)
+    z = z0.clone().requires_grad_(True)
+    (grad_z,) = torch.autograd.grad(torch.softmax(z / 0.5, dim=1), z, seen["grad_y"])
+    torch.testing.assert_close(syn.label_logits, z0 - 3.0 * grad_z, rtol=1e-5, atol=1e-6)
+
+
+def test_soft_labels_flag_forms(toy, tmp_path):
+    """The bare flag (and the boolean of earlier versions) means TESLA's labels."""
+    from tesla.cli import build_parser
+
+    parser = build_parser("distill")
+    base = ["distill", "--train", "t", "--experts", "e", "--out", "o", "--ipc", "1"]
+    assert parser.parse_args(base).soft_labels == "none"
+    assert parser.parse_args(base + ["--soft-labels"]).soft_labels == "tesla"
+    assert parser.parse_args(base + ["--soft-labels", "learned"]).soft_labels == "learned"
+    assert settings(toy, tmp_path, soft_labels=True).soft_labels == "tesla"
+    assert settings(toy, tmp_path, soft_labels=False).soft_labels == "none"
+    with pytest.raises(TeslaError, match="--soft-labels 'maybe'"):
+        distill(settings(toy, tmp_path, soft_labels="maybe"))
+
+
+def test_the_window_grows_on_schedule_and_is_recorded(toy, tmp_path):
+    s = settings(toy, tmp_path, min_start_epoch=1, max_start_epoch=2, max_start_epoch_final=3, window_iterations=3,
+                 expert_epochs=1, iterations=5, grid_dir=None)
+    assert [distill_mod.start_window(s, i) for i in range(6)] == [(1, 2), (1, 2), (1, 2), (1, 3), (1, 3), (1, 3)]
+    distill(s)
+    rows = read_metrics(tmp_path / "metrics.csv")
+    for r in rows:  # recorded, and the start epoch inside it
+        lo, hi = int(r["window_min"]), int(r["window_max"])
+        assert (lo, hi) == distill_mod.start_window(s, int(r["iteration"])) and lo <= int(r["start_epoch"]) < hi
+    # T+(i) = 2 + floor(4 min(i, 4) / 4): 3, 4, 5, 6, 6
+    grown = settings(toy, tmp_path, max_start_epoch=2, max_start_epoch_final=6, window_iterations=4)
+    assert [distill_mod.start_window(grown, i)[1] for i in range(1, 6)] == [3, 4, 5, 6, 6]
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(min_start_epoch=2), "--min-start-epoch 2 must be >= 0 and below --max-start-epoch 2"),
+    (dict(max_start_epoch_final=3), "go together"),
+    (dict(window_iterations=3), "go together"),
+    (dict(max_start_epoch_final=1, window_iterations=3), "the window only grows"),
+    (dict(max_start_epoch_final=4, window_iterations=3), r"the window's largest upper bound \(--max-start-epoch-final\) 4"),
+    (dict(label_temperature=0.0), "--label-temperature"),
+    (dict(lr_label=-1.0), "--lr-label"),
+    (dict(soft_labels="learned", init_expert=2), "--init-expert 2: there are only 2 --experts"),
+    (dict(init="real-correct", init_epoch=5), "--init-epoch 5 .* at most 4"),
+])
+def test_bad_window_label_and_init_settings_are_refused(toy, tmp_path, change, message):
+    with pytest.raises(TeslaError, match=message):
+        distill(settings(toy, tmp_path, **change))
+    assert not (tmp_path / "syn.h5").exists()
+
+
+def test_real_correct_images_are_classified_correctly_reproducible_and_differ_from_real(toy, tmp_path):
+    """Expert 0 at epoch 1 classifies 2 of class c0's 6 images correctly (and all of c1, c2)."""
+    predicted, x = _snapshot_predictions(toy, 0, 1)
+    labels = torch.as_tensor(toy[1].labels)
+    assert int(((predicted == labels) & (labels == 0)).sum()) == 2  # the premise
+    kw = dict(init="real-correct", init_expert=0, init_epoch=1)
+    s = settings(toy, tmp_path, **kw)
+    first = distill_mod.fresh_state(distill_mod.build_setup(s)).images.detach()
+    again = distill_mod.fresh_state(distill_mod.build_setup(s)).images.detach()
+    assert torch.equal(first, again)
+    for n in range(len(first)):  # each one a real image of its class, classified correctly
+        i = [j for j in range(len(x)) if torch.equal(x[j], first[n])]
+        assert i and int(labels[i[0]]) == n // 2 and int(predicted[i[0]]) == n // 2
+    other = distill_mod.fresh_state(distill_mod.build_setup(settings(toy, tmp_path, seed=1, **kw))).images.detach()
+    assert torch.equal(other[:2], first[:2])  # class c0: the only two correct images
+    real = [distill_mod.fresh_state(distill_mod.build_setup(settings(toy, tmp_path, seed=k))).images.detach() for k in range(4)]
+    assert any(not torch.equal(r[:2], first[:2]) for r in real)
+
+
+def test_real_correct_names_the_class_without_enough_correct_images(toy, tmp_path):
+    with pytest.raises(TeslaError) as err:  # expert 1 at epoch 1 gets no image of c1 right
+        distill(settings(toy, tmp_path, init="real-correct", init_expert=1, init_epoch=1))
+    msg = str(err.value)
+    assert "class c1 has only 0 of its 6 training images classified correctly, fewer than --ipc 2" in msg
+    assert "--init-epoch" in msg and "--init real" in msg
+
+
+def test_resume_with_learned_labels_window_and_real_correct_is_bitwise_identical(toy, tmp_path, monkeypatch):
+    kw = dict(iterations=6, checkpoint_every=2, soft_labels="learned", lr_label=20.0, init="real-correct",
+              init_epoch=2, max_start_epoch=1, max_start_epoch_final=2, window_iterations=4)
+    whole = distill(settings(toy, tmp_path / "a", **kw))
+    _killed_in_iteration(monkeypatch, 6)
+    b = settings(toy, tmp_path / "b", **kw)
+    with pytest.raises(KeyboardInterrupt):
+        distill(b)
+    ckpt = torch.load(b.checkpoint_path, weights_only=False)
+    assert ckpt["iteration"] == 4 and ckpt["format_version"] == 3 and ckpt["label_logits"] is not None
+    monkeypatch.undo()
+    resumed = distill(b)
+    assert torch.equal(resumed.images, whole.images) and torch.equal(resumed.label_logits, whole.label_logits)
+    assert resumed.lr == whole.lr
+    la, lb = read_metrics(tmp_path / "a" / "metrics.csv"), read_metrics(tmp_path / "b" / "metrics.csv")
+    assert [(r["loss"], r["window_max"], r["start_epoch"]) for r in la] == [(r["loss"], r["window_max"], r["start_epoch"]) for r in lb]
+
+
+def test_version_2_checkpoints_of_boolean_soft_labels_resume(toy, tmp_path):
+    whole = distill(settings(toy, tmp_path / "whole", iterations=4, soft_labels="tesla"))
+    s = settings(toy, tmp_path, iterations=2, soft_labels="tesla")
+    distill(s)
+    payload = torch.load(s.checkpoint_path, weights_only=False)
+    payload["format_version"] = 2  # as version 2 wrote it
+    payload["identity"]["soft_labels"] = True
+    for key in distill_mod._ADDED_IN_VERSION_3:
+        del payload["identity"][key]
+    del payload["label_logits"], payload["opt_labels"]
+    torch.save(payload, s.checkpoint_path)
+    resumed = distill(settings(toy, tmp_path, iterations=4, soft_labels=True))
+    assert torch.equal(resumed.images, whole.images) and torch.equal(resumed.soft_labels, whole.soft_labels)
+
+
+def test_non_finite_label_logits_stop_the_run_naming_lr_label(toy, tmp_path, monkeypatch):
+    real = distill_mod.matching_gradients
+
+    def inf_labels(*args, **kwargs):
+        r = real(*args, **kwargs)
+        r.grad_labels[0, 0] = float("inf")
+        return r
+
+    monkeypatch.setattr(distill_mod, "matching_gradients", inf_labels)
+    with pytest.raises(TeslaError, match="iteration 1: the gradient of the learned labels is not finite. Most likely cause: --lr-label"):
+        distill(settings(toy, tmp_path, soft_labels="learned"))
+
+
+def test_report_reads_metrics_of_every_version_and_draws_the_window(toy, tmp_path):
+    from tesla.report import plot_curves, read_metrics as report_metrics
+
+    s = settings(toy, tmp_path, max_start_epoch=1, max_start_epoch_final=2, window_iterations=2, iterations=3, grid_dir=None)
+    distill(s)
+    m = report_metrics(s.metrics)
+    assert m["window_max"].tolist() == [1.0, 2.0, 2.0] and m["loss"].shape == (3,)
+    assert plot_curves(m, tmp_path / "curves.png").stat().st_size > 0
+    old = tmp_path / "v2.csv"  # a version-2 file: no window columns
+    lines = Path(s.metrics).read_text().splitlines()
+    header = lines[1].split(",")
+    keep = [i for i, c in enumerate(header) if c not in ("window_min", "window_max", "grad_norm_labels")]
+    old.write_text("\n".join(["# format: tesla-distill-metrics, format_version: 2"]
+                             + [",".join(row.split(",")[i] for i in keep) for row in lines[1:]]) + "\n")
+    m2 = report_metrics(old)
+    assert "window_max" not in m2 and m2["loss"].tolist() == m["loss"].tolist()
+    assert plot_curves(m2, tmp_path / "curves2.png").stat().st_size > 0

@@ -62,7 +62,7 @@ def problem():
 
 
 def run_engine(problem, engine, syn_steps, alpha=0.1, seed=7, labels=None, augment=DSA(STRATEGY), compiler=None,
-               batch_syn=BATCH_SYN):
+               batch_syn=BATCH_SYN, learn_labels=False):
     return matching_gradients(
         engine,
         problem["loss_fn"],
@@ -76,6 +76,7 @@ def run_engine(problem, engine, syn_steps, alpha=0.1, seed=7, labels=None, augme
         augment,
         torch.Generator().manual_seed(seed),
         compiler=compiler,
+        learn_labels=learn_labels,
     )
 
 
@@ -155,6 +156,107 @@ def test_exact_equals_unroll_with_soft_labels(problem):
     unroll = run_engine(problem, "unroll", 6, labels=soft)
     assert rel(exact.grad_images, unroll.grad_images) < 1e-9
     assert rel(exact.grad_alpha, unroll.grad_alpha) < 1e-9
+
+
+# ---------------------------------------------------------------------------------------
+# learned labels: dL/dY from the same reverse sweep
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("syn_steps", [1, 4, 16])
+def test_exact_label_gradient_equals_unroll(problem, syn_steps):
+    """dL/dY of the exact engine equals full-unroll autograd in float64 (DSA on, soft targets,
+    images and labels repeated across steps for N = 4 and 16), next to dL/dX and dL/dalpha.
+    The errors are printed for docs/benchmarks.md (pytest -s)."""
+    exact = run_engine(problem, "exact", syn_steps, labels=problem["soft"], learn_labels=True)
+    unroll = run_engine(problem, "unroll", syn_steps, labels=problem["soft"], learn_labels=True)
+    assert exact.grad_labels.shape == problem["soft"].shape and exact.grad_labels.dtype == torch.float64
+    assert torch.linalg.vector_norm(unroll.grad_labels) > 0
+    errors = [rel(exact.grad_labels, unroll.grad_labels), rel(exact.grad_images, unroll.grad_images),
+              rel(exact.grad_alpha, unroll.grad_alpha)]
+    print(f"N={syn_steps}: relative error of exact vs unroll (labels, images, alpha): " + ", ".join(f"{e:.2e}" for e in errors))
+    assert max(errors) < 1e-9
+    assert exact.finite and exact.loss == pytest.approx(unroll.loss, rel=1e-12)
+
+
+def test_label_gradient_matches_finite_differences(problem):
+    """An independent check of the unroll reference itself: central differences of L along a
+    random direction of Y."""
+    soft, n = problem["soft"], 4
+    unroll = run_engine(problem, "unroll", n, labels=soft, learn_labels=True)
+    direction = torch.randn(soft.shape, generator=torch.Generator().manual_seed(3), dtype=soft.dtype)
+    eps = 1e-6
+    plus = run_engine(problem, "unroll", n, labels=soft + eps * direction).loss
+    minus = run_engine(problem, "unroll", n, labels=soft - eps * direction).loss
+    assert float(torch.sum(unroll.grad_labels * direction)) == pytest.approx((plus - minus) / (2 * eps), rel=1e-6)
+
+
+def first_order_label_reference(problem, syn_steps, alpha, seed=7, augment=DSA(STRATEGY)):
+    """The first-order label gradient written independently: dL/dY = d/dY sum_i (-alpha v . g_i(theta_i, Y)),
+    theta_i and v held constant."""
+    loss_fn, images, soft = problem["loss_fn"], problem["images"], problem["soft"]
+    plan = plan_student_steps(NUM_IMAGES, syn_steps, BATCH_SYN, images.shape[1:], augment, torch.Generator().manual_seed(seed))
+    xs = [augment.apply(images[step.indices], step.augmentation) for step in plan]
+    thetas, theta = [], problem["theta_start"].clone()
+    for step, x in zip(plan, xs):
+        thetas.append(theta)
+        t = theta.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(loss_fn(t, x, soft[step.indices]), t)
+        theta = theta - alpha * g
+    v = 2 * (theta - problem["theta_target"]) / torch.sum((problem["theta_start"] - problem["theta_target"]) ** 2)
+    Y = soft.clone().requires_grad_(True)
+    surrogate = 0.0
+    for step, x, theta_i in zip(plan, xs, thetas):
+        t = theta_i.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(loss_fn(t, x, Y[step.indices]), t, create_graph=True)
+        surrogate = surrogate + (-alpha) * torch.dot(g, v)
+    (grad_y,) = torch.autograd.grad(surrogate, Y)
+    return grad_y
+
+
+@pytest.mark.parametrize("syn_steps", [1, 6])
+def test_tesla_label_gradient_is_the_first_order_formula(problem, syn_steps):
+    tesla = run_engine(problem, "tesla", syn_steps, alpha=0.5, labels=problem["soft"], learn_labels=True)
+    reference = first_order_label_reference(problem, syn_steps, 0.5)
+    assert rel(tesla.grad_labels, reference) < 1e-9
+    exact = run_engine(problem, "exact", syn_steps, alpha=0.5, labels=problem["soft"], learn_labels=True)
+    if syn_steps == 1:  # one step: first order is exact
+        assert rel(tesla.grad_labels, exact.grad_labels) < 1e-9
+    else:  # several steps at a large alpha: the first-order gradient is not the exact one
+        assert rel(tesla.grad_labels, exact.grad_labels) > 1e-3
+
+
+def test_label_gradient_only_when_asked_and_only_for_soft_targets(problem):
+    plain = run_engine(problem, "exact", 2, labels=problem["soft"])
+    learned = run_engine(problem, "exact", 2, labels=problem["soft"], learn_labels=True)
+    assert plain.grad_labels is None
+    assert torch.equal(plain.grad_images, learned.grad_images) and plain.grad_alpha == learned.grad_alpha
+    with pytest.raises(TeslaError, match="soft targets"):
+        run_engine(problem, "exact", 2, learn_labels=True)
+
+
+def test_non_finite_label_gradient_is_flagged(problem32):
+    soft = problem32["soft"].clone()
+    soft[0, 0] = float("inf")
+    result = run_engine(problem32, "exact", 2, labels=soft, learn_labels=True)
+    assert not result.finite
+
+
+@pytest.mark.parametrize("engine", ["exact", "tesla"])
+def test_traced_label_gradient_equals_eager(problem32, engine):
+    """The traced step graphs with the label gradient (kinds adjoint[-first-order]-labels) give
+    the eager numbers within float32 round-off, and the float64 trace the unroll's."""
+    compiler = StepCompiler("trace")
+    eager = run_engine(problem32, engine, 8, labels=problem32["soft"], learn_labels=True)
+    graph = run_engine(problem32, engine, 8, labels=problem32["soft"], learn_labels=True, compiler=compiler)
+    assert {b.kind for b in compiler.built} == {"update", ("adjoint" if engine == "exact" else "adjoint-first-order") + "-labels"}
+    assert_close(graph, eager, FLOAT32_ROUNDOFF)
+    assert rel(graph.grad_labels, eager.grad_labels) < FLOAT32_ROUNDOFF
+
+
+def test_traced_exact_label_gradient_equals_unroll_in_float64(problem):
+    compiler = StepCompiler("trace")
+    graph = run_engine(problem, "exact", 6, labels=problem["soft"], learn_labels=True, compiler=compiler)
+    unroll = run_engine(problem, "unroll", 6, labels=problem["soft"], learn_labels=True)
+    assert rel(graph.grad_labels, unroll.grad_labels) < 1e-9
 
 
 def test_exact_equals_unroll_without_augmentation(problem):
@@ -480,7 +582,7 @@ def cuda_compilers():
 CUDA_CASES = [
     ("cudagraph", "exact", "hard"), ("cudagraph", "exact", "soft"), ("cudagraph", "tesla", "hard"),
     ("cudagraph", "tesla", "soft"), ("inductor-cudagraph", "exact", "hard"), ("inductor-cudagraph", "tesla", "soft"),
-    ("inductor", "exact", "hard"),
+    ("inductor", "exact", "hard"), ("cudagraph", "exact", "learned"), ("inductor-cudagraph", "tesla", "learned"),
 ]
 
 
@@ -492,14 +594,18 @@ def test_cuda_compiled_steps_equal_eager_steps(problem32, cuda_compilers, mode, 
     the captured graphs in a second call gives the first call's numbers."""
     cuda = on_cuda(problem32)
     y = cuda["labels"] if labels == "hard" else cuda["soft"]
+    learn = labels == "learned"  # soft targets with the label gradient dL/dY
     compiler = cuda_compilers.setdefault((mode, labels), StepCompiler(mode))
     for syn_steps in (3, 8):
-        eager = run_engine(cuda, engine, syn_steps, labels=y)
-        graph = run_engine(cuda, engine, syn_steps, labels=y, compiler=compiler)
-        again = run_engine(cuda, engine, syn_steps, labels=y, compiler=compiler)  # replayed graphs
+        eager = run_engine(cuda, engine, syn_steps, labels=y, learn_labels=learn)
+        graph = run_engine(cuda, engine, syn_steps, labels=y, compiler=compiler, learn_labels=learn)
+        again = run_engine(cuda, engine, syn_steps, labels=y, compiler=compiler, learn_labels=learn)  # replayed graphs
         assert graph.compile == mode and graph.grad_images.device.type == "cuda"
         assert_close(graph, eager, FLOAT32_ROUNDOFF)
         assert_close(again, graph, FLOAT32_ROUNDOFF)
+        if learn:
+            assert rel(graph.grad_labels, eager.grad_labels) < FLOAT32_ROUNDOFF
+            assert rel(again.grad_labels, graph.grad_labels) < FLOAT32_ROUNDOFF
 
 
 @needs_cuda
@@ -523,3 +629,16 @@ def test_cuda_sweeps_never_synchronise(problem32, cuda_compilers, monkeypatch, m
     monkeypatch.setattr(matching, "_reverse_sweep", guarded(matching._reverse_sweep))
     result = run_engine(cuda, engine, 8, compiler=compiler)
     assert_close(result, reference, FLOAT32_ROUNDOFF)
+
+
+@pytest.mark.slow
+def test_inductor_compiled_label_gradient_equals_eager_steps():
+    """TorchInductor's compiled exact step with the label gradient gives the eager numbers
+    (dL/dX, dL/dalpha and dL/dY) within float32 round-off."""
+    problem = make_problem(torch.float32, "convnet_d1")
+    compiler = StepCompiler("inductor")
+    eager = run_engine(problem, "exact", 4, batch_syn=6, labels=problem["soft"], learn_labels=True)
+    compiled = run_engine(problem, "exact", 4, batch_syn=6, labels=problem["soft"], learn_labels=True, compiler=compiler)
+    assert compiled.compile == "inductor" and len(compiler.built) == 2
+    assert_close(compiled, eager, FLOAT32_ROUNDOFF)
+    assert rel(compiled.grad_labels, eager.grad_labels) < FLOAT32_ROUNDOFF

@@ -72,3 +72,17 @@ def test_bad_arguments_are_refused(expert):
         assign_soft_labels(model, flat, torch.zeros(3, 8, 8))
     with pytest.raises(ValueError, match="no images"):
         assign_soft_labels(model, flat, torch.zeros(0, 3, 8, 8))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5, 4.0])
+def test_label_logit_gradient_is_the_chain_rule_through_the_softmax(temperature):
+    """dL/dz of y = softmax(z / T) against autograd through torch.softmax, in float64."""
+    from tesla.soft_labels import label_logit_gradient, learned_soft_labels
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(7, 5, generator=g, dtype=torch.float64)
+    grad_y = torch.randn(7, 5, generator=g, dtype=torch.float64)
+    zr = z.clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad(torch.softmax(zr / temperature, dim=1), zr, grad_y)
+    torch.testing.assert_close(label_logit_gradient(z, temperature, grad_y), expected, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(learned_soft_labels(z, temperature), torch.softmax(z / temperature, dim=1))

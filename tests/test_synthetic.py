@@ -103,3 +103,33 @@ def test_input_space_is_recorded_and_older_files_read_as_split(tmp_path):
         f.attrs["mean"], f.attrs["std"] = [0.5], [0.25]
     t = SyntheticSet.load(path)
     assert t.normalization == "split" and t.input_space().mean == [0.5]
+
+
+def test_learned_labels_round_trip_with_logits_and_temperature(tmp_path):
+    s = _set()
+    z = torch.randn(6, 3, generator=torch.Generator().manual_seed(1))
+    s.label_logits, s.label_temperature = z, 2.0
+    s.soft_labels = torch.softmax(z / 2.0, dim=1)
+    path = s.save(tmp_path / "syn.h5")
+    with h5py.File(path) as f:
+        assert f.attrs["label_kind"] == "learned" and f.attrs["format_version"] == FORMAT_VERSION == 2
+    t = SyntheticSet.load(path)
+    assert t.label_kind == "learned" and t.label_temperature == 2.0
+    assert torch.equal(t.label_logits, z) and t.targets is t.soft_labels
+    torch.testing.assert_close(t.soft_labels, torch.softmax(t.label_logits / 2.0, dim=1))
+    s.label_temperature = None
+    with pytest.raises(ValueError, match="temperature"):
+        s.save(tmp_path / "bad.h5")
+    assert not (tmp_path / "bad.h5").exists()
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_version_1_files_are_still_read(tmp_path, soft):
+    """A file as version 1 wrote it (no label_logits, no temperature, version 1) reads unchanged."""
+    path = _set(soft).save(tmp_path / "syn.h5")
+    with h5py.File(path, "a") as f:
+        f.attrs["format_version"] = 1
+        f.attrs["label_kind"] = "soft" if soft else "hard"
+    t = SyntheticSet.load(path)
+    assert t.label_logits is None and t.label_temperature is None
+    assert t.label_kind == ("soft" if soft else "hard")
