@@ -22,7 +22,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from tesla.augment import FAMILIES, parse_strategy
-from tesla.distill import LR_IMG_CONVENTIONS
+from tesla.distill import INITS, LR_IMG_CONVENTIONS, SOFT_LABELS, SOFT_LABELS_OF_BOOL
 from tesla.errors import TeslaError
 from tesla.input_space import NORMALIZATIONS, input_space_key
 from tesla.matching import ENGINES
@@ -34,12 +34,15 @@ __all__ = [
     "ENGINES",
     "FAMILIES",
     "GROUP_MODES",
+    "INITS",
     "LR_IMG_CONVENTIONS",
     "METHOD_VERSIONS",
     "NORMALIZATIONS",
     "PRECISIONS",
+    "SOFT_LABELS",
     "config_problems",
     "input_space_key",
+    "soft_label_kind",
 ]
 
 #: the method version of each stage: bumped when the same command line gives other results
@@ -95,6 +98,12 @@ def _choice_problems(value: Any, key: str, kind: str, names) -> list[str]:
     return [] if value in names else [f"config key {key}: unknown {kind} {value!r} ({_known(kind + 's', names)})"]
 
 
+def soft_label_kind(value: str | bool) -> str:
+    """A config's ``soft_labels``: a kind (none, tesla, learned), or a boolean of older
+    configs (true = tesla, false = none)."""
+    return SOFT_LABELS_OF_BOOL[value] if isinstance(value, bool) else value
+
+
 def config_problems(ds: Mapping[str, Any], where: str, resolution: int | None = None) -> list[str]:
     """'config key <where>.<key>: ...' for every name of a dataset entry that no registry
     knows: its network (and whether it takes ``resolution``), the evaluation architectures,
@@ -119,4 +128,6 @@ def config_problems(ds: Mapping[str, Any], where: str, resolution: int | None = 
         if row.get("normalize") not in (None, ds["normalize"]):  # a row's own value (else the dataset's, checked above)
             problems += _choice_problems(row["normalize"], f"{key}.normalize", "normalisation", NORMALIZATIONS)
         problems += _choice_problems(row["lr_img_convention"], f"{key}.lr_img_convention", "convention", LR_IMG_CONVENTIONS)
+        problems += _choice_problems(soft_label_kind(row["soft_labels"]), f"{key}.soft_labels", "label kind", SOFT_LABELS)
+        problems += _choice_problems(row["init"], f"{key}.init", "initialisation", INITS)
     return problems

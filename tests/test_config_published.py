@@ -22,19 +22,19 @@ ROOT = Path(__file__).resolve().parents[1]
 #: gradient is the exact one (our `exact`) and its lr_img the plain gradient step.
 PUBLISHED = {
     ("cifar10", 1): ("TESLA", dict(syn_steps=50, expert_epochs=2, max_start_epoch=5, lr_img=1000, lr_lr=1e-7,
-                                   lr_teacher=0.01, batch_syn=None, zca=False, soft_labels=False)),
+                                   lr_teacher=0.01, batch_syn=None, zca=False, soft_labels="none")),
     ("cifar10", 10): ("MTT", dict(syn_steps=30, expert_epochs=2, max_start_epoch=20, lr_img=100, lr_lr=1e-5,
-                                  lr_teacher=0.001, zca=True, soft_labels=False)),
+                                  lr_teacher=0.001, zca=True, soft_labels="none")),
     ("cifar10", 50): ("MTT", dict(syn_steps=30, expert_epochs=2, max_start_epoch=40, lr_img=1000, lr_lr=1e-5,
-                                  lr_teacher=0.001, zca=False, soft_labels=False)),
+                                  lr_teacher=0.001, zca=False, soft_labels="none")),
     ("cifar100", 1): ("MTT", dict(syn_steps=20, expert_epochs=3, max_start_epoch=20, lr_img=1000, lr_lr=1e-5,
-                                  lr_teacher=0.01, zca=True, soft_labels=False)),
+                                  lr_teacher=0.01, zca=True, soft_labels="none")),
     ("cifar100", 10): ("MTT", dict(syn_steps=20, expert_epochs=2, max_start_epoch=20, lr_img=1000, lr_lr=1e-5,
-                                   lr_teacher=0.01, zca=False, soft_labels=False)),
+                                   lr_teacher=0.01, zca=False, soft_labels="none")),
     ("cifar100", 50): ("TESLA", dict(syn_steps=80, expert_epochs=2, max_start_epoch=40, lr_img=1000, lr_lr=1e-5,
-                                     lr_teacher=0.01, batch_syn=125, zca=True, soft_labels=False)),
+                                     lr_teacher=0.01, batch_syn=125, zca=True, soft_labels="none")),
     ("in1k", 1): ("TESLA", dict(syn_steps=10, expert_epochs=3, max_start_epoch=10, lr_img=10000, lr_lr=1e-4,
-                                lr_teacher=0.01, batch_syn=100, zca=False, soft_labels=True)),
+                                lr_teacher=0.01, batch_syn=100, zca=False, soft_labels="tesla")),
 }
 #: the published engine and step-size convention of each source, and its evaluation networks
 SOURCE = {

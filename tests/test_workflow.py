@@ -511,3 +511,47 @@ def test_a_group_of_experts_asks_slurm_for_the_expert_resources_once(plain_workd
     assert resources["gpu"] == "1" and resources["slurm_partition"] == profile["slurm_partition"]
     assert int(resources["runtime"]) == 3 * profile["runtime"] and int(resources["mem_mb"]) == profile["mem_mb"]
     assert int(resources["cpus_per_task"]) == profile["cpus_per_task"]
+
+
+# --------------------------------------------------------------------------------------
+# beyond TESLA: learned labels, a moving window, real-correct initialisation
+# --------------------------------------------------------------------------------------
+def test_learned_labels_a_moving_window_and_real_correct_reach_the_command(plain_workdir):
+    cfg = load_config(plain_workdir)
+    demo = cfg["datasets"]["demo"]
+    row = demo["distill"][1]
+    row.update(soft_labels="learned", label_temperature=2.0, lr_label=5.0, min_start_epoch=1,
+               max_start_epoch_final=row["max_start_epoch"] + 3, window_iterations=50, init="real-correct",
+               init_expert=1)
+    demo["experts"]["keep_snapshots"] = "auto"
+    text = _shell_commands(plain_workdir, cfg, "results/demo_ipc1/acc.csv")
+    distill = next(line for line in text.splitlines() if "tesla distill " in line and "demo_ipc1/" in line)
+    for flag in ("--soft-labels learned", "--label-temperature 2.0", "--lr-label 5.0", "--min-start-epoch 1",
+                 f"--max-start-epoch-final {row['max_start_epoch_final']}", "--window-iterations 50",
+                 "--init real-correct", "--init-expert 1"):
+        assert flag in distill, (flag, distill)
+    expert = next(line for line in text.splitlines() if "tesla experts " in line)
+    needed = max(row["max_start_epoch_final"], demo["distill"][3]["max_start_epoch"]) + row["expert_epochs"]
+    assert f"--keep-snapshots {min(needed, demo['experts']['epochs'])} " in expert
+    # TESLA's labels, spelt the old way or the new, are the same command (nothing reruns)
+    for value in (True, "tesla"):
+        row.update(soft_labels=value)
+        line = next(x for x in _shell_commands(plain_workdir, cfg, "results/demo_ipc1/acc.csv").splitlines()
+                    if "tesla distill " in x and "demo_ipc1/" in x)
+        assert " --soft-labels " in line and "--soft-labels learned" not in line and "--label-temperature" not in line
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(soft_labels="learnt"), "datasets.demo.distill.1.soft_labels: unknown label kind 'learnt'"),
+    (dict(init="correct"), "datasets.demo.distill.1.init: unknown initialisation 'correct'"),
+    (dict(max_start_epoch_final=9), "a moving window needs both max_start_epoch_final and window_iterations"),
+    (dict(init_expert=99), "datasets.demo.distill.1.init_expert: 99 is not an expert of the pool"),
+    (dict(min_start_epoch=4), "datasets.demo.distill.1.min_start_epoch: 4 must be below max_start_epoch"),
+])
+def test_bad_beyond_tesla_settings_are_refused_naming_the_key(plain_workdir, change, message):
+    cfg = load_config(plain_workdir)
+    cfg["datasets"]["demo"]["distill"][1].update(change)
+    write_config(plain_workdir, cfg, "edited.yaml")
+    result = snakemake(plain_workdir, "--dry-run", "--cores", "1", "--configfile", "edited.yaml")
+    log = result.stdout + result.stderr
+    assert result.returncode != 0 and message in log, log[-3000:]

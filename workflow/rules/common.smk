@@ -126,17 +126,29 @@ def _cross_checks(cfg) -> list[str]:
             continue
         ex = ds["experts"]
         for space, rows in spaces_of(ds).items():
-            need = max(row["max_start_epoch"] + row["expert_epochs"] for _, row in rows)
             kept = snapshots_kept(ds, space)
-            if need > kept:
-                key = "keep_snapshots" if ex["keep_snapshots"] not in (None, "auto") else "epochs"
-                for ipc, row in rows:
-                    if row["max_start_epoch"] + row["expert_epochs"] > kept:
-                        problems.append(
-                            f"config key {where}.distill.{ipc}: max_start_epoch + expert_epochs = "
-                            f"{row['max_start_epoch'] + row['expert_epochs']} needs expert snapshots up to that "
-                            f"epoch, but {where}.experts.{key} is {kept}; raise it or lower max_start_epoch"
-                        )
+            key = "keep_snapshots" if ex["keep_snapshots"] not in (None, "auto") else "epochs"
+            for ipc, row in rows:
+                if last_snapshot_needed(row) > kept:
+                    problems.append(
+                        f"config key {where}.distill.{ipc}: the window (max_start_epoch, max_start_epoch_final) + "
+                        f"expert_epochs and init_epoch need expert snapshots up to epoch {last_snapshot_needed(row)}, "
+                        f"but {where}.experts.{key} is {kept}; raise it or lower max_start_epoch"
+                    )
+        for ipc, row in ds["distill"].items():
+            key = f"{where}.distill.{ipc}"
+            if (row["max_start_epoch_final"] is None) != (row["window_iterations"] is None):
+                problems.append(f"config key {key}: a moving window needs both max_start_epoch_final and "
+                                "window_iterations (or neither)")
+            if row["max_start_epoch_final"] is not None and row["max_start_epoch_final"] < row["max_start_epoch"]:
+                problems.append(f"config key {key}.max_start_epoch_final: {row['max_start_epoch_final']} must be at "
+                                f"least max_start_epoch ({row['max_start_epoch']}): the window only grows")
+            if row["min_start_epoch"] >= row["max_start_epoch"]:
+                problems.append(f"config key {key}.min_start_epoch: {row['min_start_epoch']} must be below "
+                                f"max_start_epoch ({row['max_start_epoch']})")
+            if row["init_expert"] >= ex["count"]:
+                problems.append(f"config key {key}.init_expert: {row['init_expert']} is not an expert of the pool "
+                                f"(experts 0..{ex['count'] - 1}, {where}.experts.count)")
         if isinstance(ex["keep_snapshots"], int) and ex["keep_snapshots"] > ex["epochs"]:
             problems.append(
                 f"config key {where}.experts.keep_snapshots: {ex['keep_snapshots']} is more than the "
@@ -231,13 +243,20 @@ def space_of_key(dataset: str, space: str) -> dict:
     return rows[0][1]
 
 
+def last_snapshot_needed(row: dict) -> int:
+    """The last expert snapshot a distill row reads (tesla.distill checks the same): the
+    window's largest upper bound + expert_epochs, and the initialising snapshot."""
+    largest = max(row["max_start_epoch"], row["max_start_epoch_final"] or 0)
+    return max(largest + row["expert_epochs"], row["init_epoch"] or 0)
+
+
 def snapshots_kept(ds: dict, space: str) -> int:
     """Snapshots theta*_0..theta*_K kept (and, unless experts.train_to_end, trained) for the
     experts of one input space: `keep_snapshots`, or with `auto` the largest
     max_start_epoch + expert_epochs of the rows that use these experts, or all epochs."""
     ex = ds["experts"]
     if ex["keep_snapshots"] == "auto":
-        return min(ex["epochs"], max(r["max_start_epoch"] + r["expert_epochs"] for _, r in spaces_of(ds)[space]))
+        return min(ex["epochs"], max(last_snapshot_needed(r) for _, r in spaces_of(ds)[space]))
     return ex["epochs"] if ex["keep_snapshots"] is None else ex["keep_snapshots"]
 
 
@@ -455,8 +474,23 @@ def distill_options(wildcards) -> str:
         opts.append(_opt("dsa", d["dsa"]))
     if d["batch_syn"] is not None:
         opts.append(_opt("batch-syn", d["batch_syn"]))
-    if d["soft_labels"]:
-        opts.append("--soft-labels")
+    labels = registries.soft_label_kind(d["soft_labels"])
+    if labels == "tesla":
+        opts.append("--soft-labels")  # the bare flag: TESLA's labels
+    elif labels == "learned":
+        opts += ["--soft-labels learned", _opt("label-temperature", d["label_temperature"]),
+                 _opt("lr-label", d["lr_label"])]
+    if d["min_start_epoch"] != 0:
+        opts.append(_opt("min-start-epoch", d["min_start_epoch"]))
+    if d["max_start_epoch_final"] is not None:
+        opts += [_opt("max-start-epoch-final", d["max_start_epoch_final"]),
+                 _opt("window-iterations", d["window_iterations"])]
+    if d["init"] != "real":
+        opts.append(_opt("init", d["init"]))
+    if d["init"] == "real-correct" or labels == "learned":
+        opts.append(_opt("init-expert", d["init_expert"]))
+        if d["init_epoch"] is not None:
+            opts.append(_opt("init-epoch", d["init_epoch"]))
     return " ".join(opts)
 
 
