@@ -58,7 +58,7 @@ left=$(( 570 * x - ($(date +%s) - started) ))
 if [[ $steps != *" 4 "* ]]; then
   :
 elif [ "$left" -gt 30 ]; then
-  timeout "$left" $py -m pytest -q -p no:cacheprovider tests/test_matching.py -k "cuda or gpu" 2>&1 | tail -15 | tee "$OUT/tests_cuda.txt"
+  timeout "$left" $py -m pytest -q -p no:cacheprovider -o addopts="" tests/test_matching.py -k "cuda or gpu" 2>&1 | tail -15 | tee "$OUT/tests_cuda.txt"
 else
   echo "no time left for the CUDA tests" | tee "$OUT/tests_cuda.txt"
 fi

@@ -57,5 +57,5 @@ timeout $((30 * SCALE)) $py bench/bench_evaluate.py --groups --device "$DEVICE" 
   2> "$OUT/eval_groups.log" | tee "$OUT/eval_groups.md"
 echo "exit status ${PIPESTATUS[0]} (evaluation groups)"
 if [ -z "${TESLA_BENCH_TOY:-}" ]; then
-  timeout 40 $py -m pytest -q -p no:cacheprovider tests/test_training.py -k cuda 2>&1 | tail -5 | tee "$OUT/cuda_tests.txt"
+  timeout 40 $py -m pytest -q -p no:cacheprovider -o addopts="" tests/test_training.py -k cuda 2>&1 | tail -5 | tee "$OUT/cuda_tests.txt"
 fi

@@ -59,3 +59,18 @@ def sample(tmp_path_factory, datasets_dir):
 
     src = require_dataset(datasets_dir, "imagenet-sample/train")
     return build_imagenet_sample(src, tmp_path_factory.mktemp("downsampled"))
+
+
+#: the modules that take minutes (the local SLURM cluster, the demo end to end, kills and
+#: reruns, real data): collected first, so that with `-n 2` (pyproject's addopts) one worker
+#: starts on them while the other works through the many short modules
+LONG_MODULES = ("test_slurm.py", "test_workflow_demo.py", "test_rerun_after_kill.py", "test_workflow_report.py",
+                "test_workflow_tiny_imagenet.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item) -> int:
+        name = Path(str(item.fspath)).name
+        return LONG_MODULES.index(name) if name in LONG_MODULES else len(LONG_MODULES)
+
+    items.sort(key=rank)  # stable: the order within a module is kept

