@@ -51,6 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tesla.errors import TeslaError  # noqa: E402
+from tesla.registries import last_snapshot_needed, soft_label_kind  # noqa: E402
 
 RATES_FORMAT, RATES_VERSION = "tesla-rates", 1
 # ImageNet-1K (ILSVRC2012): training and validation images.
@@ -99,16 +100,16 @@ class Rates:
 
 
 def expert_epochs_trained(entry: dict, space: tuple) -> int:
-    """Epochs the experts of one input space train: ``keep_snapshots`` (``auto``: the largest
-    max_start_epoch + expert_epochs of the rows in that space, at most ``epochs``), or all
-    ``epochs`` with ``train_to_end`` or ``keep_snapshots: null``."""
+    """Epochs the experts of one input space train: ``keep_snapshots`` (``auto``: the last
+    snapshot the rows in that space read, ``tesla.registries.last_snapshot_needed``, at most
+    ``epochs``), or all ``epochs`` with ``train_to_end`` or ``keep_snapshots: null``."""
     ex = entry["experts"]
     keep = ex.get("keep_snapshots")
     if ex.get("train_to_end") or keep is None:
         return int(ex["epochs"])
     if keep == "auto":
         rows = [r for r in entry["distill"].values() if row_space(entry, r) == space]
-        return min(int(ex["epochs"]), max(int(r["max_start_epoch"]) + int(r["expert_epochs"]) for r in rows))
+        return min(int(ex["epochs"]), max(last_snapshot_needed(r) for r in rows))
     return int(keep)
 
 
@@ -161,7 +162,7 @@ def project(entry: dict, dataset: str, ipc: int, rates: Rates, train_images: int
     step = rate(f"student_step_image_seconds.{model}", f"distill ({model})", used, assumed)
     per_iter = steps * batch * step
     labels = ""
-    if row.get("soft_labels"):
+    if soft_label_kind(row.get("soft_labels", "none")) == "tesla":  # relabelled every iteration (learned: once)
         per_iter += n_syn / rate(f"forward_images_per_second.{model}", f"soft labels ({model})", used, assumed)
         labels = f" + soft labels of {n_syn:,} images"
     seconds = len(engines) * iterations * per_iter

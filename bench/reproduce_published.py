@@ -44,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tesla.input_space import input_space_key  # noqa: E402
+from tesla.registries import soft_label_kind  # noqa: E402
 
 # PAPER.md section 8 (accuracy %, ConvNet-3, mean +- std): the numbers to compare with.
 PAPER = {
@@ -254,8 +255,9 @@ def main(argv: list[str] | None = None) -> int:
                     "--no-progress", *dev]
             if s.get("batch_syn"):
                 args += ["--batch-syn", str(s["batch_syn"])]
-            if s.get("soft_labels"):
-                args.append("--soft-labels")
+            labels = soft_label_kind(s.get("soft_labels", "none"))
+            if labels != "none":
+                args += ["--soft-labels", labels]
             if row.zca:
                 args += ["--zca", str(zca_files[row.space])]
             if a.max_loss is not None:

@@ -42,6 +42,7 @@ __all__ = [
     "SOFT_LABELS",
     "config_problems",
     "input_space_key",
+    "last_snapshot_needed",
     "soft_label_kind",
 ]
 
@@ -102,6 +103,15 @@ def soft_label_kind(value: str | bool) -> str:
     """A config's ``soft_labels``: a kind (none, tesla, learned), or a boolean of older
     configs (true = tesla, false = none)."""
     return SOFT_LABELS_OF_BOOL[value] if isinstance(value, bool) else value
+
+
+def last_snapshot_needed(row: Mapping[str, Any]) -> int:
+    """The last expert snapshot a distill row of the config reads (what ``tesla distill``
+    checks): the window's largest upper bound (``max_start_epoch``, or
+    ``max_start_epoch_final`` when larger) + ``expert_epochs``, and the initialising snapshot
+    ``init_epoch``. Absent keys take their defaults (a fixed window, no init_epoch)."""
+    largest = max(int(row["max_start_epoch"]), int(row.get("max_start_epoch_final") or 0))
+    return max(largest + int(row["expert_epochs"]), int(row.get("init_epoch") or 0))
 
 
 def config_problems(ds: Mapping[str, Any], where: str, resolution: int | None = None) -> list[str]:

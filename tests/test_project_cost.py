@@ -136,3 +136,21 @@ def test_the_gpu_parts_tables_convert_into_a_rates_file(tmp_path):
     out = tmp_path / "new.yaml"
     out.write_text(yaml.safe_dump(doc))
     assert project_cost.Rates(out).get("student_step_image_seconds.convnet_d4", "test")[0] == pytest.approx(1e-4)
+
+
+@pytest.mark.parametrize("labels, relabelled", [(True, True), ("tesla", True), (False, False), ("none", False),
+                                                ("learned", False)])
+def test_only_teslas_labels_cost_a_labelling_pass_per_iteration(tmp_path, labels, relabelled):
+    """The config's soft_labels as a kind (none/tesla/learned) or a boolean of older configs:
+    only TESLA's labels are recomputed every iteration (a string 'none' is not true)."""
+    rates = project_cost.Rates(write_rates(tmp_path / "r.yaml", RATES))
+    entry = {**ENTRY, "distill": {**ENTRY["distill"], 1: {**ENTRY["distill"][1], "soft_labels": labels}}}
+    stages = {s.name: s for s in project_cost.project(entry, "tiny", 1, rates, train_images=600, test_images=200, classes=10)}
+    per_iteration = 0.04 + (0.0025 if relabelled else 0.0)
+    assert stages["distill"].hours * 3600 == pytest.approx(2 * 5 * per_iteration)
+
+
+def test_a_moving_window_keeps_experts_training_to_its_final_bound():
+    entry = {**ENTRY, "distill": {**ENTRY["distill"], 2: {**ENTRY["distill"][2], "max_start_epoch_final": 8,
+                                                          "window_iterations": 3}}}
+    assert project_cost.expert_epochs_trained(entry, ("none", False)) == 8 + 1

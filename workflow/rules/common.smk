@@ -129,10 +129,10 @@ def _cross_checks(cfg) -> list[str]:
             kept = snapshots_kept(ds, space)
             key = "keep_snapshots" if ex["keep_snapshots"] not in (None, "auto") else "epochs"
             for ipc, row in rows:
-                if last_snapshot_needed(row) > kept:
+                if registries.last_snapshot_needed(row) > kept:
                     problems.append(
                         f"config key {where}.distill.{ipc}: the window (max_start_epoch, max_start_epoch_final) + "
-                        f"expert_epochs and init_epoch need expert snapshots up to epoch {last_snapshot_needed(row)}, "
+                        f"expert_epochs and init_epoch need expert snapshots up to epoch {registries.last_snapshot_needed(row)}, "
                         f"but {where}.experts.{key} is {kept}; raise it or lower max_start_epoch"
                     )
         for ipc, row in ds["distill"].items():
@@ -243,20 +243,13 @@ def space_of_key(dataset: str, space: str) -> dict:
     return rows[0][1]
 
 
-def last_snapshot_needed(row: dict) -> int:
-    """The last expert snapshot a distill row reads (tesla.distill checks the same): the
-    window's largest upper bound + expert_epochs, and the initialising snapshot."""
-    largest = max(row["max_start_epoch"], row["max_start_epoch_final"] or 0)
-    return max(largest + row["expert_epochs"], row["init_epoch"] or 0)
-
-
 def snapshots_kept(ds: dict, space: str) -> int:
     """Snapshots theta*_0..theta*_K kept (and, unless experts.train_to_end, trained) for the
     experts of one input space: `keep_snapshots`, or with `auto` the largest
     max_start_epoch + expert_epochs of the rows that use these experts, or all epochs."""
     ex = ds["experts"]
     if ex["keep_snapshots"] == "auto":
-        return min(ex["epochs"], max(last_snapshot_needed(r) for _, r in spaces_of(ds)[space]))
+        return min(ex["epochs"], max(registries.last_snapshot_needed(r) for _, r in spaces_of(ds)[space]))
     return ex["epochs"] if ex["keep_snapshots"] is None else ex["keep_snapshots"]
 
 
