@@ -43,7 +43,8 @@ ENGINES = ("exact", "tesla", "unroll")
 
 def build_problem(args, device):
     from tesla.augment import DSA
-    from tesla.models import build_model, flatten_params, functional_forward, param_layout
+    from tesla.models import build_model
+    from tesla.parameters import flatten_params, functional_forward, param_layout
     from tesla.training import training_loss
 
     torch.manual_seed(0)
@@ -465,7 +466,8 @@ def engine_benchmark(argv: list[str]) -> int:
     """
     from tesla.augment import DSA
     from tesla.matching import matching_gradients, plan_student_steps
-    from tesla.models import build_model, flatten_params, functional_forward, param_layout
+    from tesla.models import build_model
+    from tesla.parameters import flatten_params, functional_forward, param_layout
     from tesla.student_steps import StepCompiler, student_update
     from tesla.training import training_loss
 
@@ -644,7 +646,8 @@ def precision_benchmark(argv: list[str]) -> int:
 
     from tesla.augment import DSA
     from tesla.matching import matching_gradients
-    from tesla.models import build_model, flatten_params, functional_forward, param_layout
+    from tesla.models import build_model
+    from tesla.parameters import flatten_params, functional_forward, param_layout
     from tesla.student_steps import StepCompiler
     from tesla.training import training_loss
 

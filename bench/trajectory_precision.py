@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from tesla.augment import DSA
 from tesla.data import ImageSplit, normalize
-from tesla.models import functional_forward, param_layout
+from tesla.parameters import functional_forward, param_layout
 from tesla.trajectories import Trajectory, round_to_storage
 
 

@@ -477,7 +477,8 @@ def build_setup(s: DistillSettings) -> DistillSetup:
     """Open and cross-check the inputs; raise TeslaError with the fix for anything wrong."""
     from tesla.augment import DSA
     from tesla.data import ImageSplit
-    from tesla.models import build_from_spec, functional_forward, param_layout
+    from tesla.models import build_from_spec
+    from tesla.parameters import functional_forward, param_layout
     from tesla.training import pick_device, training_loss
 
     check_settings(s)

@@ -376,7 +376,8 @@ class _ExpertRun:
 
     def __init__(self, cfg: ExpertConfig, shared: _Shared, *, stop_after_epochs: int | None,
                  log: Callable[[str], None]) -> None:
-        from tesla.models import build_from_spec, flatten_buffers, flatten_params
+        from tesla.models import build_from_spec
+        from tesla.parameters import flatten_buffers, flatten_params
         from tesla.training import make_optimizer
 
         self.cfg, self.shared, self.log = cfg, shared, log
@@ -439,7 +440,7 @@ class _ExpertRun:
     def on_epoch_end(self, stats) -> None:
         """Snapshot (while stored), state and log; the file when complete; EndTraining when
         ``stop_after_epochs`` epochs have run in this call."""
-        from tesla.models import flatten_buffers, flatten_params
+        from tesla.parameters import flatten_buffers, flatten_params
         from tesla.training import EndTraining
 
         cfg = self.cfg
@@ -464,7 +465,7 @@ class _ExpertRun:
     def finish(self, *, keep_link: bool = True) -> Path:
         """Test accuracy (float32) and the trajectory file, written at once; the partial
         folder then keeps only a hard link to the file (removed when the group is done)."""
-        from tesla.models import buffer_layout, param_layout
+        from tesla.parameters import buffer_layout, param_layout
         from tesla.training import accuracy
 
         cfg, shared = self.cfg, self.shared

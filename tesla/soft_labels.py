@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tesla.models import functional_forward
+from tesla.parameters import functional_forward
 
 
 @torch.no_grad()
@@ -38,7 +38,7 @@ def expert_logits(
     """f_theta(X) row by row, ``chunk`` images at a time: an N x K tensor of logits.
 
     ``model`` is the expert architecture, ``flat`` its flat parameter vector (see
-    ``tesla.models.flatten_params``), ``images`` N x C x H x W in network input space. The
+    ``tesla.parameters.flatten_params``), ``images`` N x C x H x W in network input space. The
     result has the dtype of ``images`` and lives on their device.
     """
     if chunk < 1:

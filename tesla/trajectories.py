@@ -1,14 +1,14 @@
 """Expert trajectory files: the ``tesla-trajectory`` HDF5 format (version 2; version 1 is read).
 
 An expert trajectory is the sequence theta*_0, theta*_1, ..., theta*_S-1 of the expert's
-flat parameter vector (``tesla.models.flatten_params`` order): theta*_0 at
+flat parameter vector (``tesla.parameters.flatten_params`` order): theta*_0 at
 initialisation, theta*_e after training epoch e.  It is stored as ONE 2-D dataset
 
 * ``snapshots``: S x P, chunked one row per chunk (so ``snapshot(i)`` reads exactly one
   row from disk), dtype float32, float16, or bfloat16 (stored as its uint16 bit pattern,
   since HDF5 has no bfloat16 type; ``storage_dtype`` says which);
 * ``buffers``: S x B float32, the floating-point buffers (batch-norm running statistics,
-  ``tesla.models.flatten_buffers`` order) at the same moments; only when B > 0;
+  ``tesla.parameters.flatten_buffers`` order) at the same moments; only when B > 0;
 * ``train_loss``, ``train_accuracy``, ``epoch_seconds``: float64 (E,), per trained epoch;
 
 with the attributes listed in :data:`REQUIRED_ATTRS` (docs/formats.md). Version 2 adds
@@ -422,7 +422,7 @@ class Trajectory:
 
     @property
     def param_layout(self):
-        from tesla.models import ParamLayout
+        from tesla.parameters import ParamLayout
 
         return ParamLayout.from_json(self.attrs["param_layout"])
 

@@ -27,7 +27,8 @@ from tesla.errors import TeslaError
 from tesla.input_space import resolve_normalization
 from tesla.export import embedded_zca, export_png, export_torch
 from tesla.grids import grid_rows, save_class_grid, to_pixels
-from tesla.models import build_model, flatten_params, model_spec, param_layout
+from tesla.models import build_model, model_spec
+from tesla.parameters import flatten_params, param_layout
 from tesla.synthetic import SyntheticSet
 from tesla.trajectories import Trajectory, TrajectoryMeta, TrajectoryWriter
 from tesla.training import train
@@ -747,7 +748,7 @@ def first_order_image_gradient(setup, images, classes, theta_start, theta_target
     """dL/dX of TESLA's first-order procedure, computed independently of tesla.matching: the
     student recursion with every theta_i detached, so autograd sees only g_i's explicit
     dependence on X: dL/dX = -alpha v^T sum_i J_i (all images in every step, no augmentation)."""
-    from tesla.models import functional_forward
+    from tesla.parameters import functional_forward
 
     layout = param_layout(setup.model)
     x = images.clone().requires_grad_(True)

@@ -27,7 +27,8 @@ from tesla.evaluation import (
     synthetic_subject,
     train_runs,
 )
-from tesla.models import build_from_spec, flatten_params, model_spec
+from tesla.models import build_from_spec, model_spec
+from tesla.parameters import flatten_params
 from tesla.synthetic import FORMAT_VERSION, SyntheticSet
 from tesla.tables import RUN_COLUMNS, RUNS_FORMAT
 

@@ -21,7 +21,7 @@ from tesla.cli import main
 from tesla.data import ImageSplit, SplitWriter
 from tesla.errors import TeslaError
 from tesla.experts import ExpertConfig, derive_seed, partial_dir, train_expert, train_experts
-from tesla.models import flatten_params
+from tesla.parameters import flatten_params
 from tesla.trajectories import Trajectory
 
 from conftest import require_dataset

@@ -20,7 +20,8 @@ import tesla.student_steps as student_steps
 from tesla.augment import DSA, FAMILIES
 from tesla.errors import TeslaError
 from tesla.matching import ENGINES, matching_gradients, plan_student_steps, trajectory_storage
-from tesla.models import build_model, flatten_params, functional_forward, param_layout
+from tesla.models import build_model
+from tesla.parameters import flatten_params, functional_forward, param_layout
 from tesla.student_steps import (
     StepCompiler,
     apply_packed,

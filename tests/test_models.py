@@ -8,21 +8,17 @@ import pytest
 import torch
 
 from tesla.errors import TeslaError
-from tesla.models import (
+from tesla.models import available_models, build_from_spec, build_model, model_spec, supports_resolution
+from tesla.parameters import (
     ParamLayout,
-    available_models,
     buffer_layout,
-    build_from_spec,
-    build_model,
     count_params,
     flatten_buffers,
     flatten_params,
     functional_forward,
     load_flat_,
     load_flat_buffers_,
-    model_spec,
     param_layout,
-    supports_resolution,
     unflatten,
 )
 

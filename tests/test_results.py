@@ -11,7 +11,8 @@ import pytest
 
 from tesla import cli
 from tesla.evaluation import RunResult, write_runs
-from tesla.models import build_model, flatten_params, model_spec, param_layout
+from tesla.models import build_model, model_spec
+from tesla.parameters import flatten_params, param_layout
 from tesla.results import ACC_COLUMNS, build_table, full_data_rows, read_all_runs, read_table, write_table
 from tesla.trajectories import TrajectoryMeta, TrajectoryWriter
 

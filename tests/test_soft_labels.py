@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tesla.models import build_model, flatten_params
+from tesla.models import build_model
+from tesla.parameters import flatten_params
 from tesla.soft_labels import assign_soft_labels
 
 

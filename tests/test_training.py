@@ -11,7 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tesla.errors import TeslaError
-from tesla.models import build_model, flatten_params
+from tesla.models import build_model
+from tesla.parameters import flatten_params
 from tesla.training import (
     EpochStats,
     accuracy,
@@ -223,7 +224,7 @@ def test_uint8_images_normalised_per_batch_train_like_float_images():
 # the loop is today's loop; several networks per process; precision and layout
 # --------------------------------------------------------------------------------------
 from tesla.augment import DSA  # noqa: E402
-from tesla.models import flatten_buffers  # noqa: E402
+from tesla.parameters import flatten_buffers  # noqa: E402
 from tesla.precision import Numerics  # noqa: E402
 from tesla.training import AUTO_GROUP_MODE, EndTraining, GroupMember, resolve_group_mode, train_group  # noqa: E402
 

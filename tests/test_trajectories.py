@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from tesla.errors import TeslaError
-from tesla.models import buffer_layout, build_model, flatten_buffers, flatten_params, model_spec, param_layout
+from tesla.models import build_model, model_spec
+from tesla.parameters import buffer_layout, flatten_buffers, flatten_params, param_layout
 from tesla.trajectories import (
     FORMAT_VERSION,
     Trajectory,
