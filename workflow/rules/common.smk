@@ -20,7 +20,6 @@
 #   results/<dataset>_ipc<N>/acc.csv                           tesla results
 #   results/logs/..., results/benchmarks/...                   every job's log and time/memory
 
-import inspect
 import os
 import re
 import shutil
@@ -396,22 +395,14 @@ def group_mode_option(stage_cfg: dict) -> list[str]:
 
 
 def expert_run_options(wildcards, output) -> str:
-    """The seeds of the job's experts (config seed + k of each expert_k.h5) and the group
-    mode: functions of `output`, so that regrouping experts reruns nothing."""
+    """The seeds of the job's experts (config seed + k of each results/<dataset>/experts/
+    <space>/expert_k.h5) and the group mode: functions of `output` (read from the paths, so
+    the generated group rules, which have no wildcards, use it as it is), so that regrouping
+    experts reruns nothing."""
     ks = [int(re.fullmatch(r"expert_([0-9]+)\.h5", Path(f).name).group(1)) for f in output]
+    dataset = Path(output[0]).parts[1]
     opts = ["--seed " + " ".join(str(config["seed"] + k) for k in ks)]
-    return " ".join(opts + group_mode_option(dataset_cfg(wildcards.dataset)["experts"]))
-
-
-def for_group(function, dataset: str, space: str):
-    """`function` (an input or params function of the `expert` rule) for a generated group
-    rule, which has no wildcards: called with its dataset and input space as wildcards."""
-    wildcards = Namespace(dataset=dataset, space=space)
-    if "output" in inspect.signature(function).parameters:
-        return lambda wildcards_, output: function(wildcards, output)
-    if "input" in inspect.signature(function).parameters:
-        return lambda wildcards_, input: function(wildcards, input)
-    return lambda wildcards_: function(wildcards)
+    return " ".join(opts + group_mode_option(dataset_cfg(dataset)["experts"]))
 
 
 def expert_groups() -> list[tuple[str, str, list[int]]]:
@@ -441,9 +432,9 @@ def group_resources(per_job: int) -> dict:
         return value.raw if getattr(value, "raw", None) is not None else value
 
     overrides = {k: plain(v) for k, v in workflow.resource_settings.overwrite_resources.get("expert", {}).items()}
-    runtime = overrides.pop("runtime", 12 * 60)
-    return {"mem_mb": 16000, "gpu": TRAIN_GPU, **overrides,
-            "runtime": runtime * per_job if isinstance(runtime, int) else runtime}
+    merged = {**EXPERT_RESOURCES, "gpu": TRAIN_GPU, **overrides}
+    runtime = merged["runtime"]
+    return {**merged, "runtime": runtime * per_job if isinstance(runtime, int) else runtime}
 
 
 def distill_options(wildcards) -> str:
@@ -621,3 +612,5 @@ def wildcard_patterns() -> dict[str, str]:
 load_and_validate_config(config)
 put_tesla_on_path()
 TRAIN_GPU, TRAIN_THREADS = training_resources()
+#: what one expert job asks for unless the profile says otherwise (a group of P: runtime x P)
+EXPERT_RESOURCES = {"mem_mb": 16000, "runtime": 12 * 60}

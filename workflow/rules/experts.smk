@@ -31,8 +31,7 @@ rule expert:
         "results/benchmarks/experts/{dataset}/{space}/expert_{k}.tsv"
     threads: TRAIN_THREADS
     resources:
-        mem_mb=16000,
-        runtime=12 * 60,
+        **EXPERT_RESOURCES,
         gpu=TRAIN_GPU,
     conda:
         "../envs/tesla.yaml"
@@ -50,13 +49,13 @@ for _dataset, _space, _ks in expert_groups():
         input:
             train=split_file(_dataset, "train"),
             test=split_file(_dataset, "test"),
-            zca=for_group(space_zca, _dataset, _space),
+            zca=space_zca(Namespace(dataset=_dataset, space=_space)),
         output:
             [f"results/{_dataset}/experts/{_space}/expert_{k}.h5" for k in _ks],
         params:
             device=job_device,
-            options=for_group(expert_options, _dataset, _space),
-            run=for_group(expert_run_options, _dataset, _space),
+            options=expert_options(Namespace(dataset=_dataset, space=_space)),
+            run=expert_run_options,
             zca=zca_option,
             method=method("experts"),
         log:
