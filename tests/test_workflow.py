@@ -469,6 +469,8 @@ def test_regrouping_experts_reruns_nothing_and_options_reach_the_commands(execut
     assert evaluations and all("--reset-momentum-at-decay" in line and "--group-mode streams" in line for line in evaluations)
     experts = [line for line in text.splitlines() if "tesla experts " in line]
     assert experts and all("--group-mode vmap" in line for line in experts)
+    for line in evaluations + experts:
+        _parses(line)
 
     def arithmetic(c):
         c["datasets"]["demo"]["experts"].update(precision="bf16", tf32=False, channels_last=True)
@@ -478,6 +480,17 @@ def test_regrouping_experts_reruns_nothing_and_options_reach_the_commands(execut
     line = next(x for x in _shell_commands(workdir, _edited(workdir, arithmetic), "--forceall").splitlines()
                 if "tesla experts " in x)
     assert "--precision bf16" in line and "--no-tf32" in line and "--channels-last" in line
+    _parses(line)
+
+
+def _parses(line: str) -> None:
+    """A generated `tesla ...` command line is one the package's parser takes."""
+    import shlex
+
+    from tesla.cli import build_parser
+
+    words = shlex.split(line[line.index("tesla "):].split(" > ")[0])
+    build_parser(only=words[1]).parse_args(words[1:])
 
 
 @pytest.mark.parametrize("key, value, known", [
@@ -530,6 +543,7 @@ def test_learned_labels_a_moving_window_and_real_correct_reach_the_command(plain
                  f"--max-start-epoch-final {row['max_start_epoch_final']}", "--window-iterations 50",
                  "--init real-correct", "--init-expert 1"):
         assert flag in distill, (flag, distill)
+    _parses(distill)
     expert = next(line for line in text.splitlines() if "tesla experts " in line)
     needed = max(row["max_start_epoch_final"], demo["distill"][3]["max_start_epoch"]) + row["expert_epochs"]
     assert f"--keep-snapshots {min(needed, demo['experts']['epochs'])} " in expert
