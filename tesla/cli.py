@@ -80,6 +80,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TeslaError as exc:
         print(f"tesla {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        if exc.filename is None:  # not about a path the user gave: a fault to report with its traceback
+            raise
+        where = exc.filename if exc.filename2 is None else f"{exc.filename} -> {exc.filename2}"
+        print(f"tesla {args.command}: error: {where}: {exc.strerror or exc} (check the path, its permissions "
+              "and the free space of its file system)", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"tesla {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -133,3 +133,16 @@ def test_two_preparations_of_one_folder_are_kept_apart(tmp_path, capsys):
     assert main(["prepare", "demo", "--out-dir", str(out)]) == 0
     assert {"train.h5", "test.h5", "prepare_report.txt"} <= {p.name for p in out.iterdir()}
     assert not (out / LOCK_NAME).exists()
+
+
+def test_an_output_folder_that_cannot_be_made_is_a_clear_error(tmp_path, capsys):
+    """A path error of the file system (here: --out-dir below a regular file) ends with one
+    line naming the path, exit status 2, no traceback."""
+    from tesla.cli import main
+
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    assert main(["prepare", "demo", "--out-dir", str(blocker / "demo")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tesla prepare: error: ") and str(blocker) in err and "Traceback" not in err
+    assert blocker.read_text() == "x"
