@@ -219,11 +219,20 @@ def may_never_clear(reason: str) -> bool:
     return code in MAY_NEVER_CLEAR or reason.strip() in MAY_NEVER_CLEAR
 
 
+#: the name of every rule the workflow generates for a group of experts starts so
+EXPERT_GROUP_RULE = "expert_group_"
+
+
+def expert_group_rule(dataset: str, space: str, first: int) -> str:
+    """The name of the workflow's rule for the group of experts ``first``.. of one input space
+    (experts.per_job > 1), a valid identifier."""
+    return re.sub(r"[^A-Za-z0-9_]", "_", f"{EXPERT_GROUP_RULE}{dataset}_{space}_{first}")
+
+
 def profile_rule(rule: str) -> str:
-    """The profile's `set-resources` key of a rule: the workflow generates one rule per group
-    of experts (`expert_group_<dataset>_<space>_<k>`, experts.per_job > 1), which all take the
-    resources of `expert`."""
-    return "expert" if rule.startswith("expert_group_") else rule
+    """The profile's `set-resources` key of a rule: the rules of expert groups
+    (:func:`expert_group_rule`) all take the resources of `expert`."""
+    return "expert" if rule.startswith(EXPERT_GROUP_RULE) else rule
 
 
 def why_never(job: QueuedJob) -> str:

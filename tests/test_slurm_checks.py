@@ -181,3 +181,11 @@ def test_largest_node_is_the_maximum_over_the_partitions_nodes(scheduler):
     assert scheduler.calls("sinfo") == [["-h", "-N", "-o", "%c %m", "-p", "gpu"]]
     scheduler.answer("sinfo", err="sinfo: error: invalid partition\n", rc=1)
     assert slurm.largest_node("nope") is None
+
+
+def test_the_rules_of_expert_groups_take_the_expert_resources_of_the_profile():
+    from tesla.slurm import expert_group_rule, profile_rule
+
+    name = expert_group_rule("cifar10", "none+zca-eps0.1", 4)
+    assert name == "expert_group_cifar10_none_zca_eps0_1_4" and name.isidentifier()
+    assert profile_rule(name) == "expert" and profile_rule("distill") == "distill"

@@ -38,7 +38,7 @@ try:
     # Every name the config may use (data sources and their options, networks,
     # augmentation families, gradient engines, normalisations, step-size conventions) and
     # every stage's method version are declared once, in the package: the workflow asks it.
-    from tesla import registries, slurm_run
+    from tesla import registries, slurm, slurm_run
     from tesla.devices import nvidia_gpu_visible
     from tesla.data.sources import workflow as data_sources
 except ImportError as exc:

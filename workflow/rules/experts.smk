@@ -45,7 +45,7 @@ for _dataset, _space, _ks in expert_groups():
     rule:
         """Train experts k1..kP of one input space in one process (experts.per_job)."""
         name:
-            f"expert_group_{_dataset}_{re.sub(r'[^A-Za-z0-9_]', '_', _space)}_{_ks[0]}"
+            slurm.expert_group_rule(_dataset, _space, _ks[0])
         input:
             train=split_file(_dataset, "train"),
             test=split_file(_dataset, "test"),
