@@ -105,7 +105,7 @@ show_status() {
     if running "${d#*:}" "${d%%:*}" mysqld; then echo "${d%%:*}: running (pid $(tr -dc 0-9 <"${d#*:}"))"
     else echo "${d%%:*}: not running"; fi
   done
-  command -v sinfo >/dev/null && sinfo 2>&1 || true
+  command -v sinfo >/dev/null && { sinfo 2>&1; sinfo -h -N -o 'node %N: %c CPUs, %m MB memory' 2>&1; } || true
 }
 
 case "${1:-start}" in
