@@ -37,23 +37,17 @@ import torch.nn as nn
 from tesla.errors import TeslaError
 
 __all__ = [
+    "AlexNet",
     "AlexNetMTT",
     "ConvNet",
-    "ParamLayout",
+    "ModelEntry",
+    "VGG",
+    "architecture_label",
     "available_models",
-    "buffer_layout",
     "build_from_spec",
     "build_model",
-    "count_params",
-    "flatten_buffers",
-    "flatten_params",
-    "functional_forward",
-    "load_flat_",
-    "load_flat_buffers_",
     "model_spec",
-    "param_layout",
     "supports_resolution",
-    "unflatten",
 ]
 
 SPEC_FORMAT = "tesla-model-spec"

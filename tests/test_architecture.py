@@ -24,3 +24,22 @@ def test_no_stage_module_imports_another(stage):
     allowed = set() if stage in CONCEPTS else CONCEPTS  # the concept module itself imports no stage
     assert imported <= allowed, f"{stage} imports the stage module(s) {sorted(imported - allowed)}"
 
+
+
+def _modules_with_all() -> list[str]:
+    import pkgutil
+
+    import tesla
+
+    names = [m.name for m in pkgutil.walk_packages(tesla.__path__, "tesla.")]
+    return sorted(n for n in names if "__all__" in module_path(n).read_text())
+
+
+@pytest.mark.parametrize("name", _modules_with_all())
+def test_every_name_a_module_exports_is_there(name):
+    """`from tesla.x import *` works: a name that moved elsewhere leaves the `__all__` too."""
+    import importlib
+
+    module = importlib.import_module(name)
+    missing = [n for n in module.__all__ if not hasattr(module, n)]
+    assert not missing, f"{name}.__all__ lists names it does not have: {missing}"

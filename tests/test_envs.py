@@ -1,0 +1,70 @@
+"""The conda environment (workflow/envs/tesla.yaml) installs what pyproject.toml declares, with
+the same lower bounds, and its pip part installs this checkout from where conda runs it."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV_FILE = ROOT / "workflow" / "envs" / "tesla.yaml"
+# conda-forge names of the pip packages that are published there under another name
+CONDA_NAMES = {"torch": "pytorch-gpu", "matplotlib": "matplotlib-base", "snakemake": "snakemake-minimal"}
+SPEC = re.compile(r"^([A-Za-z0-9_.\-]+)\s*(>=\s*[0-9][^,<;\s]*)?")
+
+
+def _bounds(specs: list[str]) -> dict[str, str | None]:
+    out = {}
+    for spec in specs:
+        name, bound = SPEC.match(spec).groups()
+        out[name.lower()] = bound.replace(" ", "") if bound else None
+    return out
+
+
+def _environment() -> dict:
+    return yaml.safe_load(ENV_FILE.read_text())
+
+
+def _pip_part() -> list[str]:
+    return next(d["pip"] for d in _environment()["dependencies"] if isinstance(d, dict))
+
+
+def test_conda_packages_have_the_lower_bounds_of_pyproject():
+    declared = _bounds(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"])
+    conda = _bounds([d for d in _environment()["dependencies"] if isinstance(d, str)])
+    for name, bound in declared.items():
+        conda_name = CONDA_NAMES.get(name, name)
+        assert conda_name in conda, f"{ENV_FILE.name} lacks {conda_name} (pyproject.toml: {name}{bound or ''})"
+        assert conda[conda_name] == bound, f"{conda_name}{conda[conda_name]} in {ENV_FILE.name}, {name}{bound} in pyproject.toml"
+    extra = set(conda) - {CONDA_NAMES.get(n, n) for n in declared} - {"python", "pip"}
+    assert not extra, f"{ENV_FILE.name} installs what pyproject.toml does not declare: {sorted(extra)}"
+
+
+@pytest.mark.parametrize("where", ["workflow/envs", ".snakemake/conda"])
+def test_the_pip_part_installs_this_checkout(where, tmp_path):
+    """conda runs pip in the folder of the environment file it reads: workflow/envs for
+    `conda env create -f`, .snakemake/conda (Snakemake's copy) for `snakemake --use-conda`
+    started in the checkout. From both, the editable path is this checkout and pip builds it."""
+    (editable,) = [line.split(maxsplit=1)[1] for line in _pip_part() if line.startswith("-e ")]
+    assert (ROOT / where / editable).resolve() == ROOT
+    cwd = ROOT / where
+    if not cwd.exists():  # .snakemake/conda exists only after a --use-conda run: same depth in a copy
+        cwd = tmp_path / "checkout" / where
+        cwd.mkdir(parents=True)
+        (tmp_path / "checkout" / "pyproject.toml").symlink_to(ROOT / "pyproject.toml")
+        (tmp_path / "checkout" / "tesla").symlink_to(ROOT / "tesla")
+    requirements = cwd / f"requirements-{where.replace('/', '-')}.txt"
+    requirements.write_text("\n".join(_pip_part()) + "\n")
+    try:
+        run = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--no-deps", "--no-index",
+                              "--no-build-isolation", "-r", requirements.name], cwd=cwd, capture_output=True, text=True)
+    finally:
+        requirements.unlink()
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "Would install tesla-" in run.stdout
