@@ -8,6 +8,7 @@ import gzip
 import json
 import pickle
 import shutil
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -175,3 +176,34 @@ def write_shard(path: Path, rows: list[tuple[bytes, str, int]], layout: str, nam
         meta = {"info": {"features": {"image": {"_type": "Image"}, "label": {"names": names, "_type": "ClassLabel"}}}}
         table = table.replace_schema_metadata({b"huggingface": json.dumps(meta).encode()})
     pq.write_table(table, path, row_group_size=row_group_size)
+
+
+#: the fields of the devkit's meta.mat struct array ``synsets``, in its order
+DEVKIT_FIELDS = ("ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "wordnet_height", "num_train_images")
+
+
+def write_devkit(root: Path, leaves: dict[str, int], truth: list[int], inner: int = 2) -> dict[str, Path]:
+    """An ILSVRC2012 devkit in ``root``: the extracted folder ``ILSVRC2012_devkit_t12/`` and the
+    tar ``ILSVRC2012_devkit_t12.tar.gz`` of it, as distributed. ``leaves``: WordNet id -> ILSVRC2012
+    id of the classes; ``inner`` internal synsets (ids 1001.., with children) follow them, as in
+    the official meta.mat (an N x 1 struct array of doubles and strings); ``truth``: the ground
+    truth, line i the id of ILSVRC2012_val_<i>."""
+    from scipy.io import savemat
+
+    top = root / "ILSVRC2012_devkit_t12"
+    (top / "data").mkdir(parents=True)
+    (top / "evaluation").mkdir()
+    syn = np.zeros((len(leaves) + inner, 1), dtype=[(f, "O") for f in DEVKIT_FIELDS])
+    for k, (wnid, ident) in enumerate(leaves.items()):
+        syn[k, 0] = (float(ident), wnid, f"words of {wnid}", f"gloss of {wnid}", 0.0, 0.0, 1300.0)
+    for j in range(inner):
+        syn[len(leaves) + j, 0] = (1001.0 + j, f"n0000{j:04d}", "an internal node", "", 2.0, 1.0 + j, 2600.0)
+    savemat(top / "data/meta.mat", {"synsets": syn})
+    (top / "data/ILSVRC2012_validation_ground_truth.txt").write_text("".join(f"{i}\n" for i in truth))
+    (top / "data/ILSVRC2012_validation_blacklisted_det.txt").write_text("1\n")
+    (top / "evaluation/demo_eval.m").write_text("% evaluation demo\n")
+    (top / "readme.txt").write_text("ILSVRC2012 development kit\n")
+    (top / "COPYING").write_text("licence\n")
+    with tarfile.open(root / "ILSVRC2012_devkit_t12.tar.gz", "w:gz") as tar:
+        tar.add(top, arcname=top.name)
+    return {"tar": root / "ILSVRC2012_devkit_t12.tar.gz", "folder": top, "data": top / "data"}

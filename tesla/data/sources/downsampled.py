@@ -36,14 +36,13 @@ import numpy as np
 
 from tesla.data.imaging import LabelledBlock, resize_block
 from tesla.data.sources.base import DatasetPlan, SourceOptions, StreamedSplit
+from tesla.data.sources.devkit import NUM_DEVKIT_IDS, class_mapping
 from tesla.data.sources.options import INPUT, SYNSETS, TEST_INPUT
 from tesla.data.sources.registry import DataSource
 from tesla.errors import TeslaError
 
 TRAIN_BATCH = re.compile(r"^train_data_batch_(\d+)(\.npz)?$")
 VAL_BATCH = re.compile(r"^val_data(\.npz)?$")
-WNID = re.compile(r"^n\d{8}$")
-NUM_DEVKIT_IDS = 1000
 #: rows of a batch handed on at a time (about 100 MB at 64 px)
 ROWS_PER_BLOCK = 8192
 RESIZE_ROWS = 1024
@@ -188,65 +187,16 @@ def unmapped_classes() -> DevkitClasses:
     return DevkitClasses(ids, list(ids), lookup, "devkit-ids-unmapped")
 
 
-def _mapping_from_mat(path: Path) -> list[tuple[str, int, str]]:
-    from scipy.io import loadmat
-
-    try:
-        synsets = loadmat(str(path), squeeze_me=True)["synsets"]
-    except Exception as exc:  # noqa: BLE001
-        raise TeslaError(f"{path}: not a readable devkit meta.mat with a 'synsets' table ({type(exc).__name__}: {exc}); give ILSVRC2012_devkit_t12/data/meta.mat") from None
-    names = synsets.dtype.names or ()
-    if not {"ILSVRC2012_ID", "WNID"} <= set(names):
-        raise TeslaError(f"{path}: 'synsets' has fields {names}, not ILSVRC2012_ID and WNID; give the devkit's meta.mat")
-    rows = []
-    for s in np.atleast_1d(synsets):
-        ident = int(s["ILSVRC2012_ID"])
-        leaf = "num_children" not in names or int(s["num_children"]) == 0
-        if 1 <= ident <= NUM_DEVKIT_IDS and leaf:
-            rows.append((str(s["WNID"]), ident, str(s["words"]) if "words" in names else str(s["WNID"])))
-    return rows
-
-
-def _mapping_from_text(path: Path) -> list[tuple[str, int, str]]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            text = line.strip()
-            if not text or text.startswith("#"):
-                continue
-            parts = text.split(None, 2)
-            if len(parts) < 2 or not WNID.match(parts[0]) or not parts[1].isdigit():
-                raise TeslaError(
-                    f"{path}, line {lineno}: expected 'wnid id name' (the devkit's map_clsloc.txt layout, e.g. "
-                    f"'n02119789 1 kit_fox'), got {text!r}; a 'wnid name' list such as LOC_synset_mapping.txt has no "
-                    "devkit ids: give map_clsloc.txt or meta.mat"
-                )
-            rows.append((parts[0], int(parts[1]), parts[2].strip() if len(parts) > 2 else parts[0]))
-    return rows
-
-
 def devkit_classes(path: Path) -> DevkitClasses:
     """Classes in sorted-WordNet-id order from ``meta.mat`` or a 'wnid id name' file."""
     path = Path(path)
     if not path.is_file():
         raise TeslaError(f"{path}: class mapping not found (given as --synsets); give the devkit's meta.mat or map_clsloc.txt")
-    rows = _mapping_from_mat(path) if path.suffix.lower() == ".mat" else _mapping_from_text(path)
-    if not rows:
-        raise TeslaError(f"{path}: no classes with devkit ids 1..1000 found; give the devkit's meta.mat or map_clsloc.txt")
+    rows = sorted(class_mapping(path).values())
     lookup = np.full(NUM_DEVKIT_IDS + 1, -1, dtype=np.int64)
-    seen_ids: dict[int, str] = {}
-    seen_wnids: set[str] = set()
-    for wnid, ident, _ in rows:
-        if not 1 <= ident <= NUM_DEVKIT_IDS:
-            raise TeslaError(f"{path}: devkit id {ident} of {wnid} is outside 1..1000; fix the mapping file")
-        if ident in seen_ids or wnid in seen_wnids:
-            raise TeslaError(f"{path}: devkit id {ident} or WordNet id {wnid} appears twice; fix the mapping file")
-        seen_ids[ident] = wnid
-        seen_wnids.add(wnid)
-    rows.sort(key=lambda r: r[0])
-    for c, (_, ident, _) in enumerate(rows):
-        lookup[ident] = c
-    return DevkitClasses([r[0] for r in rows], [r[2] for r in rows], lookup, "sorted class ids", str(path))
+    for c, row in enumerate(rows):
+        lookup[row.ident] = c
+    return DevkitClasses([r.wnid for r in rows], [r.words for r in rows], lookup, "sorted class ids", str(path))
 
 
 # -- the split ------------------------------------------------------------------------------

@@ -6,8 +6,9 @@ Both read a folder or an uncompressed tar (see :mod:`tesla.data.sources.tree`):
   (``ILSVRC2012_img_train.tar``); an input holding ``train/`` and ``test/`` (or ``val/``)
   folders gives both splits;
 * test (``--test-input``): a class-folder tree, or a flat folder / tar of images labelled by
-  ``--test-labels`` (``LOC_val_solution.csv`` or 'file class' lines), e.g.
-  ``ILSVRC2012_img_val.tar``; without one, ``--test-fraction`` holds out part of train.
+  ``--test-labels`` (``LOC_val_solution.csv``, 'file class' lines, or the ILSVRC2012 devkit:
+  :mod:`tesla.data.sources.devkit`), e.g. ``ILSVRC2012_img_val.tar``; without one,
+  ``--test-fraction`` holds out part of train.
 
 ImageNet class folders must be WordNet ids (``n01440764``); class index = sorted ids.
 """
@@ -72,7 +73,9 @@ def _test_split(
     if opts.test_fraction is not None:
         raise TeslaError(f"--test-fraction: the input already has a test split ({root}); drop --test-fraction")
     if is_flat(entries):
-        test = labelled_flat_split("test", entries, opts.test_labels, class_ids, class_names, root, opts.ignore_non_images)
+        test = labelled_flat_split(
+            "test", entries, opts.test_labels, class_ids, class_names, root, opts.ignore_non_images, train.source_path
+        )
     else:
         if opts.test_labels is not None:
             raise TeslaError(

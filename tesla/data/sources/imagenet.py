@@ -3,8 +3,9 @@
 * the raw JPEGs: ``ILSVRC2012_img_train.tar`` (a tar of per-class ``<wnid>.tar``), its
   extracted ``train/<wnid>/`` folders, a tar of those, or a folder holding ``train/`` and
   ``val/``; the validation images as ``ILSVRC2012_img_val.tar`` or its flat folder with a
-  labels file, or sorted into ``val/<wnid>/`` folders (read as class-folder trees whose
-  classes must be WordNet ids, :func:`tesla.data.sources.folder.plan_tree`);
+  labels file or the devkit (:mod:`tesla.data.sources.devkit`), or sorted into
+  ``val/<wnid>/`` folders (read as class-folder trees whose classes must be WordNet ids,
+  :func:`tesla.data.sources.folder.plan_tree`);
 * Downsampled-ImageNet batches (:mod:`tesla.data.sources.downsampled`) and parquet shards
   (:mod:`tesla.data.sources.parquet`), recognised from the files given.
 
@@ -45,8 +46,10 @@ SOURCES = (
             "input": "ILSVRC2012_img_train.tar (1000 inner <wnid>.tar files), or an extracted train folder of class "
             "folders <wnid>/*.JPEG, or a folder holding train/ and val/ class folders (or Downsampled-ImageNet batches, "
             "or parquet shards)",
-            "test_input": "ILSVRC2012_img_val.tar or its extracted flat folder, labelled by the test labels file "
-            "(LOC_val_solution.csv), or a val folder sorted into class folders <wnid>/*.JPEG",
+            "test_input": "ILSVRC2012_img_val.tar or its extracted flat folder, labelled by the test labels "
+            "(the devkit or LOC_val_solution.csv), or a val folder sorted into class folders <wnid>/*.JPEG",
+            "test_labels": "ILSVRC2012_devkit_t12.tar.gz (or its extracted folder) labels the 50,000 images of "
+            "ILSVRC2012_img_val.tar, all of them; LOC_val_solution.csv also labels a subset",
             "synsets": "lines '<wnid> <name, name2, ...>' (LOC_synset_mapping.txt); for Downsampled-ImageNet batches "
             "as for imagenet-downsampled",
             "resolution": "64 (Downsampled-ImageNet batches: their own size)",

@@ -70,10 +70,13 @@ TEST_INPUT = Option(
 )
 TEST_LABELS = Option(
     "test_labels",
-    "labels of a flat test folder: LOC_val_solution.csv (ImageId,PredictionString; class = first token), or lines "
-    "'file class' separated by commas, tabs or spaces; file names may omit the extension",
+    "labels of a flat test folder: LOC_val_solution.csv (ImageId,PredictionString; class = first token), lines "
+    "'file class' separated by commas, tabs or spaces (file names may omit the extension), or the ILSVRC2012 devkit "
+    "(ILSVRC2012_devkit_t12.tar.gz, its extracted folder or that folder's data/: the validation ground truth, its "
+    "ids turned into WordNet ids by meta.mat)",
     Path,
-    config_help="labels of a flat test folder/tar (ImageNet LOC_val_solution.csv or 'file class' lines)",
+    config_help="labels of a flat test folder/tar (ImageNet LOC_val_solution.csv, the ILSVRC2012 devkit "
+    "ILSVRC2012_devkit_t12.tar.gz or its extracted folder, or 'file class' lines)",
 )
 SYNSETS = Option(
     "synsets",

@@ -34,6 +34,7 @@ import numpy as np
 
 from tesla.data.imaging import ImageRef, is_image_name
 from tesla.data.sources.base import ClassFiles, EncodedSplit
+from tesla.data.sources.devkit import GROUND_TRUTH, META, read_devkit, validation_labels
 from tesla.data.sources.tarscan import check_uncompressed, tar_members
 from tesla.errors import TeslaError
 
@@ -272,6 +273,11 @@ def encoded_split(split: str, tree: ClassTree, class_ids: list[str], source_path
 
 # -- flat test folders with a labels file -----------------------------------------------
 
+#: what --test-labels takes, for the errors that list it
+LABELS_ACCEPTED = (
+    "LOC_val_solution.csv, lines 'file class' (comma, tab or space separated), or the ILSVRC2012 devkit "
+    "(ILSVRC2012_devkit_t12.tar.gz as distributed, its extracted folder or that folder's data/)"
+)
 _LOC_HEADER = re.compile(r"^\s*imageid\s*,\s*predictionstring\s*$", re.IGNORECASE)
 
 
@@ -289,8 +295,7 @@ def read_labels(path: Path, class_ids: list[str], class_names: list[str] | None 
     index = {c: i for i, c in enumerate(class_ids)}
     by_name = {n: i for i, n in enumerate(class_names or []) if n not in index}
     labels: dict[str, int] = {}
-    with open(path, encoding="utf-8-sig") as f:
-        lines = f.read().splitlines()
+    lines = _label_lines(path)
     loc = bool(lines) and bool(_LOC_HEADER.match(lines[0]))
     first_line = True
     for lineno, line in enumerate(lines, start=1):
@@ -303,7 +308,8 @@ def read_labels(path: Path, class_ids: list[str], class_names: list[str] | None 
         else:
             fields = [t for t in re.split(r"[,\t ]+", text) if t]
         if len(fields) < 2 or not fields[1]:
-            raise TeslaError(f"{path}, line {lineno}: expected 'file class' (comma, tab or space separated), got {line!r}")
+            hint = f"; a file of class ids alone such as the devkit's {GROUND_TRUTH} needs its meta.mat: give the devkit" if text.isdigit() else ""
+            raise TeslaError(f"{path}, line {lineno}: expected 'file class' (comma, tab or space separated), got {line!r}{hint}")
         key, cls = fields[0].strip().strip('"'), fields[1].strip().strip('"')
         was_first, first_line = first_line, False
         if cls in index:
@@ -327,9 +333,61 @@ def read_labels(path: Path, class_ids: list[str], class_names: list[str] | None 
     return labels
 
 
+def _label_lines(path: Path) -> list[str]:
+    """The lines of a text labels file; anything else is an error listing what is accepted."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            return f.read().splitlines()
+    except UnicodeDecodeError:
+        raise TeslaError(f"{path}: not a text labels file (given as --test-labels); accepted: {LABELS_ACCEPTED}") from None
+
+
 def _stem(name: str) -> str:
     base = _base_name(name)
     return base.rsplit(".", 1)[0] if "." in base else base
+
+
+def read_test_labels(
+    path: Path,
+    class_ids: list[str],
+    class_names: list[str],
+    image_names: list[str],
+    test_source: str,
+    train_source: str,
+) -> dict[str, int]:
+    """{file name or stem: class index} of the test images from ``--test-labels``, told apart by
+    content: the ILSVRC2012 devkit (its tar, or folder: :mod:`tesla.data.sources.devkit`),
+    else a labels file (:func:`read_labels`)."""
+    path = Path(path)
+    if not path.exists():
+        raise TeslaError(f"{path}: not found (given as --test-labels); check the path. Accepted: {LABELS_ACCEPTED}")
+    devkit = read_devkit(path)
+    if devkit is not None:
+        return validation_labels(devkit, image_names, class_ids, test_source, train_source)
+    if path.is_dir() or tarfile.is_tarfile(path):
+        raise TeslaError(
+            f"{path}: a {'folder' if path.is_dir() else 'tar archive'} without the devkit's data/{META} and "
+            f"data/{GROUND_TRUTH} (given as --test-labels); accepted: {LABELS_ACCEPTED}"
+        )
+    return read_labels(path, class_ids, class_names)
+
+
+def _flat_images(entries: list[Entry], source_path: str, ignore_non_images: bool) -> tuple[list[Entry], list[str]]:
+    """(the image files of a flat test folder, report lines of the files ignored)."""
+    images: list[Entry] = []
+    ignored: list[str] = []
+    for e in entries:
+        if e.ref is None:
+            continue
+        if _is_ignorable(e.rel):
+            ignored.append(f"{e.ref.name}\thidden file")
+        elif is_image_name(e.parts[-1]):
+            images.append(e)
+        elif ignore_non_images:
+            ignored.append(f"{e.ref.name}\tnot an image file")
+        else:
+            raise _non_image_error(e.ref.name, source_path)
+    return images, ignored
 
 
 def labelled_flat_split(
@@ -340,28 +398,20 @@ def labelled_flat_split(
     class_names: list[str],
     source_path: str,
     ignore_non_images: bool,
+    train_source: str = "",
 ) -> EncodedSplit:
-    """A flat folder (or tar) of test images labelled by a labels file."""
+    """A flat folder (or tar) of test images labelled by ``--test-labels`` (:func:`read_test_labels`;
+    ``train_source`` names the train split in its errors)."""
     if labels_path is None:
         raise TeslaError(
             f"{source_path}: the test images are in one flat folder, so they need a labels file; "
-            "give --test-labels (LOC_val_solution.csv, or 'file class' lines), or sort them into class folders"
+            f"give --test-labels ({LABELS_ACCEPTED}), or sort them into class folders"
         )
-    labels = read_labels(labels_path, class_ids, class_names)
+    images, ignored = _flat_images(entries, source_path, ignore_non_images)
+    names = [e.parts[-1] for e in images]
+    labels = read_test_labels(labels_path, class_ids, class_names, names, source_path, train_source)
     per_class: list[list[ImageRef]] = [[] for _ in class_ids]
-    ignored: list[str] = []
-    for e in entries:
-        if e.ref is None:
-            continue
-        name = e.parts[-1]
-        if _is_ignorable(e.rel):
-            ignored.append(f"{e.ref.name}\thidden file")
-            continue
-        if not is_image_name(name):
-            if ignore_non_images:
-                ignored.append(f"{e.ref.name}\tnot an image file")
-                continue
-            raise _non_image_error(e.ref.name, source_path)
+    for e, name in zip(images, names):
         label = labels.get(e.rel, labels.get(name, labels.get(_stem(name))))
         if label is None:
             raise TeslaError(
@@ -369,11 +419,10 @@ def labelled_flat_split(
                 "or remove the image from the test input"
             )
         per_class[label].append(e.ref)
-    notes = []
     for refs in per_class:
         refs.sort(key=lambda r: r.name)
     classes = [ClassFiles(index=i, refs=r) for i, r in enumerate(per_class)]
-    split_obj = EncodedSplit(split=split, classes=classes, source_path=source_path, ignored=ignored, notes=notes)
+    split_obj = EncodedSplit(split=split, classes=classes, source_path=source_path, ignored=ignored, notes=[])
     split_obj.attrs["labels_file"] = str(labels_path)
     return split_obj
 
