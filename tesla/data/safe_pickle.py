@@ -54,13 +54,23 @@ def _numpy_reconstructors() -> dict[str, Callable]:
 def _allowed_globals() -> dict[tuple[str, str], Any]:
     """(module, name) as written in a file -> the object it may stand for.
 
+    Why these are safe: ``_reconstruct(subtype, shape, dtype)`` makes an empty array of an
+    ndarray subtype (NumPy checks it is one; the only type a file can name is ``ndarray``
+    itself), and BUILD then hands ``ndarray.__setstate__`` the shape, dtype and raw bytes,
+    whose sizes NumPy checks; ``numpy.dtype(spec, align, copy)`` parses a type code;
+    ``numpy.ndarray(...)`` called directly checks that a given buffer is large enough;
+    ``_frombuffer(buf, dtype, shape, order)`` is ``frombuffer`` and ``reshape``. None of them
+    imports, opens or calls anything named by the file; the elements of an object array are
+    built by this same unpickler.
+
     Not here, on purpose: ``copyreg._reconstructor`` / ``copy_reg._reconstructor`` (Python's
     way to pickle plain class instances under protocols 0-1). ``_reconstructor(cls, base,
     state)`` calls ``object.__new__(cls)``, or ``base.__new__(cls, state)`` and then
     ``base.__init__(obj, state)``, so it constructs and initialises whatever classes it is
     handed: it would be harmless only if ``cls`` and ``base`` were themselves allowed globals,
-    and then it would add nothing, since no NumPy array, dtype or official batch uses it. Likewise ``numpy.core.multiarray.scalar`` (NumPy scalars) is not in
-    the official files and stays refused."""
+    and then it would add nothing, since no NumPy array, dtype or official batch uses it.
+    Likewise ``numpy.core.multiarray.scalar`` (NumPy scalars) is not in the official files and
+    stays refused."""
     numpy_funcs = _numpy_reconstructors()
     allowed: dict[tuple[str, str], Any] = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
     for core in ("numpy.core", "numpy._core"):  # NumPy 1.x and 2.x write different paths
@@ -79,8 +89,10 @@ class RefusedGlobal(pickle.UnpicklingError):
     def __init__(self, module: str, name: str) -> None:
         super().__init__(f"{module}.{name}")
         self.qualified_name = f"{module}.{name}"
-        python3 = ".".join(_compat_pickle.NAME_MAPPING.get((module, name), (_compat_pickle.IMPORT_MAPPING.get(module, module), name)))
-        if python3 != self.qualified_name:  # a Python 2 name, as protocols 0-2 write them
+        # Python 2 names (protocols 0-2 write them), mapped as pickle itself maps them
+        renamed = _compat_pickle.IMPORT_MAPPING.get(module, module), name
+        python3 = ".".join(_compat_pickle.NAME_MAPPING.get((module, name), renamed))
+        if python3 != self.qualified_name:
             self.qualified_name += f" (Python 3: {python3})"
 
 

@@ -176,8 +176,7 @@ def _cifar(source: str, title: str) -> DataSource:
     layout = LAYOUT[source]
     return DataSource(
         source,
-        f"{title} python pickle batches (read with a restricted unpickler: only dicts, lists, strings, numbers and "
-        "NumPy arrays; a file naming any other Python global is refused)",
+        f"{title} python pickle batches, read by a restricted unpickler (plain data and NumPy arrays only)",
         partial(plan_cifar, source=source),
         (INPUT, DOWNLOAD),
         {"input": f"{layout['archive']} or its extracted {layout['folder']} folder (or the folder holding either)", "resolution": "32"},

@@ -379,9 +379,8 @@ def plan_downsampled(opts: SourceOptions, name: str | None = None) -> DatasetPla
 SOURCES = (
     DataSource(
         "imagenet-downsampled",
-        "train_data_batch_1..10 python pickles or .npz, val_data or val_data.npz of Downsampled ImageNet 16/32/64 px; "
-        "pickles are read with a restricted unpickler (only dicts, lists, strings, numbers and NumPy arrays; a file "
-        "naming any other Python global is refused)",
+        "train_data_batch_1..10 python pickles or .npz, val_data or val_data.npz of Downsampled ImageNet 8/16/32/64 px; "
+        "pickles are read by a restricted unpickler (plain data and NumPy arrays only)",
         plan_downsampled,
         (INPUT, TEST_INPUT, SYNSETS),
         {
