@@ -291,18 +291,24 @@ def test_downsampled_batches_of_each_resolution_read_pixel_exactly(tmp_path, pro
         assert np.array_equal(data, batch["data"]) and labels.tolist() == batch["labels"]
 
 
+@pytest.mark.filterwarnings("ignore:numpy.core:DeprecationWarning")
 def test_real_cifar10_python_batches_when_present():
+    """The official data_batch_1, where TESLA_DATASETS holds it (as cifar-10-batches-py/ or
+    the .tar.gz, at the top or one folder down): its globals are the three allowed ones."""
     root = Path(os.environ.get("TESLA_DATASETS", "/nonexistent"))
-    found = sorted(root.glob("**/cifar-10-batches-py/data_batch_1")) + sorted(root.glob("**/cifar-10-python.tar.gz"))
+    names = ("cifar-10-batches-py/data_batch_1", "cifar-10-python.tar.gz")
+    found = [p for name in names for p in [root / name, *sorted(root.glob(f"*/{name}"))] if p.is_file()]
     if not found:
-        pytest.skip(f"no CIFAR-10 python batches under TESLA_DATASETS ({root}); the shared copy is JPEG only")
+        pytest.skip(f"no {' or '.join(names)} under TESLA_DATASETS ({root})")
     path = found[0]
     if path.name == "data_batch_1":
         raw = path.read_bytes()
     else:
         with tarfile.open(path) as tar:
             raw = tar.extractfile("cifar-10-batches-py/data_batch_1").read()
-    assert _same(load_official(raw, file=str(path), member=None, what="CIFAR", encoding="bytes"), pickle.loads(raw, encoding="bytes"))
+    assert _globals_of(raw) == {"numpy.core.multiarray._reconstruct", "numpy.ndarray", "numpy.dtype"}
+    ours = load_official(raw, file=str(path), member=None, what="CIFAR", encoding="bytes")
+    assert _same(ours, pickle.loads(raw, encoding="bytes")) and ours[b"data"].shape == (10000, 3072)
 
 
 # -- no other way to unpickle in the package ---------------------------------------------------
@@ -313,18 +319,38 @@ READER = PACKAGE / "data/safe_pickle.py"
 
 
 def _keyword(call: ast.Call, name: str):
+    """The constant given as keyword ``name``, "absent", or "not a constant"."""
     found = [k.value for k in call.keywords if k.arg == name]
-    return found[0].value if found and isinstance(found[0], ast.Constant) else ("absent" if not found else "not a constant")
+    if not found:
+        return "absent"
+    return found[0].value if isinstance(found[0], ast.Constant) else "not a constant"
+
+
+def _modules_by_local_name(tree: ast.AST) -> dict[str, str]:
+    """``import numpy as np`` -> {"np": "numpy"} (and a plain import maps to itself)."""
+    names = {"np": "numpy", "pd": "pandas"}  # the usual names, also when imported elsewhere
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update({a.asname or a.name: a.name for a in node.names})
+    return names
+
+
+def _unsafe_call(module: str, attr: str, node: ast.Call) -> str | None:
+    if module == "torch" and attr == "load" and _keyword(node, "weights_only") is not True:
+        return "torch.load without weights_only=True"
+    if module == "numpy" and attr == "load" and _keyword(node, "allow_pickle") not in (False, "absent"):
+        return "np.load with allow_pickle other than False"
+    return None
 
 
 def _unsafe_in(tree: ast.AST, is_reader: bool) -> list[str]:
     """Ways to unpickle outside the rules, by line: pickle-like modules' load/loads/Unpickler
     (the Unpickler base class only in the reader), torch.load without weights_only=True,
-    np.load with allow_pickle other than False, pandas' read_pickle."""
-    bad = []
+    np.load with allow_pickle other than False, pandas' read_pickle; module aliases resolved."""
+    modules, bad = _modules_by_local_name(tree), []
     for node in ast.walk(tree):
         if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
-            module, attr = node.value.id, node.attr
+            module, attr = modules.get(node.value.id, node.value.id), node.attr
             if module in PICKLE_MODULES and attr in UNPICKLING and not (is_reader and attr == "Unpickler"):
                 bad.append(f"{node.lineno}: {module}.{attr}")
             if attr == "read_pickle":
@@ -333,11 +359,8 @@ def _unsafe_in(tree: ast.AST, is_reader: bool) -> list[str]:
             names = {a.name for a in node.names} & (UNPICKLING | {"read_pickle"})
             bad += [f"{node.lineno}: from {node.module} import {n}" for n in sorted(names)]
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and isinstance(node.func.value, ast.Name):
-            owner, attr = node.func.value.id, node.func.attr
-            if owner == "torch" and attr == "load" and _keyword(node, "weights_only") is not True:
-                bad.append(f"{node.lineno}: torch.load without weights_only=True")
-            if owner in ("np", "numpy") and attr == "load" and _keyword(node, "allow_pickle") not in (False, "absent"):
-                bad.append(f"{node.lineno}: np.load with allow_pickle other than False")
+            problem = _unsafe_call(modules.get(node.func.value.id, node.func.value.id), node.func.attr, node)
+            bad += [f"{node.lineno}: {problem}"] if problem else []
     return bad
 
 
@@ -353,6 +376,9 @@ def _unsafe_in(tree: ast.AST, is_reader: bool) -> list[str]:
         "import numpy as np\nnp.load(p, allow_pickle=True)",
         "import pandas as pd\npd.read_pickle(p)",
         "import dill\ndill.loads(b)",
+        "import pickle as pk\npk.Unpickler(f).load()",
+        "import torch as t\nt.load(p, weights_only=flag)",
+        "import numpy\nnumpy.load(p, allow_pickle=True)",
     ],
 )
 def test_the_scan_catches_each_way_to_unpickle(source):
@@ -362,8 +388,9 @@ def test_the_scan_catches_each_way_to_unpickle(source):
 def test_the_package_unpickles_only_through_the_restricted_reader():
     clean = "import torch, numpy as np\ntorch.load(p, weights_only=True)\nnp.load(p, allow_pickle=False)\nnp.load(p)"
     assert _unsafe_in(ast.parse(clean), is_reader=False) == []
-    found = {}
-    for path in sorted(PACKAGE.rglob("*.py")):
+    found, paths = {}, sorted(PACKAGE.rglob("*.py"))
+    assert READER in paths and len(paths) > 20
+    for path in paths:
         bad = _unsafe_in(ast.parse(path.read_text(), str(path)), is_reader=path == READER)
         if bad:
             found[str(path.relative_to(PACKAGE.parent))] = bad
