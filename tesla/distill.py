@@ -672,7 +672,7 @@ def load_checkpoint(path: Path, setup: DistillSetup) -> DistillState:
     are read as runs with today's defaults for those settings."""
     s = setup.settings
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
+        payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a torn or foreign file
         raise TeslaError(f"{path}: cannot read this checkpoint ({exc}); to start over, {s.start_over()}") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:

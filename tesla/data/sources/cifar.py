@@ -7,18 +7,20 @@ channel-planar: 1024 red, 1024 green, 1024 blue values, rows top to bottom) and
 ``test``, ``meta`` (``fine_label_names``). Read from the folder ``cifar-10-batches-py`` /
 ``cifar-100-python``, the folder holding it, or the official ``.tar.gz``.
 
-Pickles can run code when loaded: only files at the path the user named are loaded.
+A pickle can run code when loaded by Python's own unpickler: the batches are read with
+:func:`tesla.data.safe_pickle.load_official`, which builds only dicts, lists, strings, numbers
+and NumPy arrays and refuses any other global, naming the file and member.
 """
 
 from __future__ import annotations
 
-import pickle
 import tarfile
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 
+from tesla.data.safe_pickle import load_official
 from tesla.data.sources.base import ArraySplit, DatasetPlan, SourceOptions
 from tesla.data.sources.options import DOWNLOAD, INPUT
 from tesla.data.sources.registry import DataSource
@@ -48,14 +50,22 @@ LAYOUT = {
 }
 
 
-def _unpickle(data: bytes, where: str) -> dict:
+def _unpickle(data: bytes, where: tuple[str, str | None]) -> dict:
+    """A batch dict from its bytes; ``where`` = (file, archive member or None)."""
     try:
-        obj = pickle.loads(data, encoding="bytes")
+        obj = load_official(data, file=where[0], member=where[1], what="CIFAR", encoding="bytes")
+    except TeslaError:
+        raise
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means a damaged file
-        raise TeslaError(f"{where}: not a readable CIFAR pickle ({type(exc).__name__}: {exc}); fetch the official archive again") from None
+        raise TeslaError(f"{_named(where)}: not a readable CIFAR pickle ({type(exc).__name__}: {exc}); fetch the official archive again") from None
     if not isinstance(obj, dict):
-        raise TeslaError(f"{where}: expected a pickled dict, found {type(obj).__name__}; give the official CIFAR batches")
+        raise TeslaError(f"{_named(where)}: expected a pickled dict, found {type(obj).__name__}; give the official CIFAR batches")
     return {(k.decode() if isinstance(k, bytes) else k): v for k, v in obj.items()}
+
+
+def _named(where: tuple[str, str | None]) -> str:
+    """'archive/member' or the file's path, as the messages name a batch."""
+    return f"{where[0]}/{where[1]}" if where[1] else where[0]
 
 
 class _Files:
@@ -88,23 +98,24 @@ class _Files:
                 )
             self.where = str(self.folder)
 
-    def read(self, name: str) -> tuple[bytes, str]:
+    def read(self, name: str) -> tuple[bytes, tuple[str, str | None]]:
+        """The bytes of batch ``name`` and where they are: (archive, member) or (path, None)."""
         if self.tar is not None:
             m = self.members.get(name)
             if m is None:
                 raise TeslaError(f"{self.where}: member {name} missing; give the complete official archive")
-            return self.tar.extractfile(m).read(), f"{self.where}/{m.name}"
+            return self.tar.extractfile(m).read(), (self.where, m.name)
         p = self.folder / name
         if not p.is_file():
             raise TeslaError(f"{p}: missing; the folder must hold the complete official batches")
-        return p.read_bytes(), str(p)
+        return p.read_bytes(), (str(p), None)
 
 
 def _read_batches(files: _Files, names: list[str], layout: dict, split: str) -> ArraySplit:
     images, labels = [], []
     for name in names:
-        raw, where = files.read(name)
-        batch = _unpickle(raw, where)
+        raw, found = files.read(name)
+        batch, where = _unpickle(raw, found), _named(found)
         if "data" not in batch or layout["labels_key"] not in batch:
             raise TeslaError(
                 f"{where}: batch lacks 'data' or '{layout['labels_key']}' (keys: {sorted(batch)}); "
@@ -142,8 +153,8 @@ def plan_cifar(opts: SourceOptions, name: str | None = None, *, source: str) -> 
         raise TeslaError(f"{path}: no such file or folder (given as --input); give the {LAYOUT[source]['folder']} folder or the .tar.gz")
     layout = LAYOUT[source]
     files = _Files(path, layout, source)
-    raw, where = files.read(layout["meta"])
-    meta = _unpickle(raw, where)
+    raw, found = files.read(layout["meta"])
+    meta, where = _unpickle(raw, found), _named(found)
     names = [n.decode() if isinstance(n, bytes) else str(n) for n in meta.get(layout["names_key"], [])]
     if len(names) != layout["num_classes"]:
         raise TeslaError(f"{where}: expected {layout['num_classes']} names under '{layout['names_key']}', found {len(names)}")
@@ -165,7 +176,7 @@ def _cifar(source: str, title: str) -> DataSource:
     layout = LAYOUT[source]
     return DataSource(
         source,
-        f"{title} python pickle batches; pickles can run code, so give only files you trust",
+        f"{title} python pickle batches, read by a restricted unpickler (plain data and NumPy arrays only)",
         partial(plan_cifar, source=source),
         (INPUT, DOWNLOAD),
         {"input": f"{layout['archive']} or its extracted {layout['folder']} folder (or the folder holding either)", "resolution": "32"},

@@ -1,11 +1,15 @@
 """Opt-in download (``--download``) of the datasets torchvision can fetch.
 
-MNIST, Fashion-MNIST, CIFAR-10 and CIFAR-100 are fetched with
-``torchvision.datasets.<Name>(root=--input, download=True)``, which checks the official
-checksums and leaves the files where the ``mnist``/``cifar`` sources look for them
-(``<input>/MNIST/raw/``, ``<input>/cifar-10-batches-py/``, ...). Every network wait is
-bounded by :data:`DOWNLOAD_TIMEOUT_S`; without a network the run stops with a message
-saying how to place the files by hand.
+MNIST, Fashion-MNIST, CIFAR-10 and CIFAR-100 are fetched with torchvision's downloader
+(``torchvision.datasets.utils.download_and_extract_archive``, with the URLs, mirrors and MD5
+sums of the ``torchvision.datasets.<Name>`` class), which checks the official checksums and
+leaves the files where the ``mnist``/``cifar`` sources look for them (``<input>/MNIST/raw/``,
+``<input>/cifar-10-batches-py/``, ...). The dataset classes themselves are not built: their
+constructors would read the files with their own loaders (``pickle.load`` for CIFAR); the
+``mnist``/``cifar`` sources read them instead (CIFAR through :mod:`tesla.data.safe_pickle`).
+Files already in place are kept (CIFAR: when every batch has its official MD5 sum). Every
+network wait is bounded by :data:`DOWNLOAD_TIMEOUT_S`; without a network the run stops with a
+message saying how to place the files by hand.
 """
 
 from __future__ import annotations
@@ -28,8 +32,43 @@ BY_HAND = {
 }
 
 
+def _archives(cls: type, folder: Path) -> list[tuple[list[str], Path, str, str]]:
+    """(URLs to try in turn, folder to extract into, file name, MD5) of each file of a
+    torchvision dataset class: one archive for CIFAR, four idx files (over mirrors) for MNIST."""
+    if hasattr(cls, "tgz_md5"):
+        return [([cls.url], folder, cls.filename, cls.tgz_md5)]
+    raw = folder / cls.__name__ / "raw"  # torchvision's MNIST layout
+    return [([mirror + name for mirror in cls.mirrors], raw, name, md5) for name, md5 in cls.resources]
+
+
+def _in_place(cls: type, folder: Path) -> bool:
+    """True when the files are already there: CIFAR batches with their official MD5 sums, or
+    the extracted idx files."""
+    from torchvision.datasets.utils import check_integrity
+
+    if hasattr(cls, "tgz_md5"):
+        base = folder / cls.base_folder
+        return all(check_integrity(str(base / name), md5) for name, md5 in [*cls.train_list, *cls.test_list])
+    raw = folder / cls.__name__ / "raw"
+    return all((raw / Path(name).stem).is_file() for name, _ in cls.resources)
+
+
+def _fetch(urls: list[str], root: Path, filename: str, md5: str) -> None:
+    """Download ``filename`` (checking ``md5``) from the first URL that answers, and extract it."""
+    from torchvision.datasets import utils
+
+    for i, url in enumerate(urls):
+        try:
+            utils.download_and_extract_archive(url, str(root), filename=filename, md5=md5)
+            return
+        except (urllib.error.URLError, socket.timeout, ConnectionError):
+            if i == len(urls) - 1:
+                raise
+
+
 def download(source: str, folder: Path, timeout_s: float = DOWNLOAD_TIMEOUT_S) -> None:
-    """Fetch ``source`` into ``folder`` with torchvision; TeslaError when offline or on failure."""
+    """Fetch ``source`` into ``folder`` with torchvision's downloader; TeslaError when offline
+    or on failure. Nothing is unpickled here (see the module doc)."""
     import torchvision.datasets
 
     folder = Path(folder)
@@ -40,8 +79,9 @@ def download(source: str, folder: Path, timeout_s: float = DOWNLOAD_TIMEOUT_S) -
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(timeout_s)
     try:
-        for train in (True, False):
-            cls(root=str(folder), train=train, download=True)
+        if not _in_place(cls, folder):
+            for urls, root, filename, md5 in _archives(cls, folder):
+                _fetch(urls, root, filename, md5)
     except (urllib.error.URLError, socket.timeout, ConnectionError, OSError, RuntimeError) as exc:
         raise TeslaError(
             f"--download {source}: could not download into {folder} ({type(exc).__name__}: {exc}); this machine "

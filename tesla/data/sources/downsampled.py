@@ -18,14 +18,16 @@ zip members). Each batch is sorted by class and appended to a temporary file, wh
 read back class by class (:class:`tesla.prepare.ClassSortingStore`), so the peak is about one
 batch, whatever the number of batches.
 
-Pickles can run code when loaded: only the files at the paths the user named are loaded.
+A pickle can run code when loaded by Python's own unpickler: the batches are read with
+:func:`tesla.data.safe_pickle.load_official`, which builds only dicts, lists, strings, numbers
+and NumPy arrays and refuses any other global, naming the file; ``.npz`` files are read with
+``allow_pickle=False``.
 """
 
 from __future__ import annotations
 
 import glob
 import math
-import pickle
 import re
 import zipfile
 from dataclasses import dataclass, field
@@ -35,6 +37,7 @@ from typing import Iterator
 import numpy as np
 
 from tesla.data.imaging import LabelledBlock, resize_block
+from tesla.data.safe_pickle import load_official
 from tesla.data.sources.base import DatasetPlan, SourceOptions, StreamedSplit
 from tesla.data.sources.devkit import NUM_DEVKIT_IDS, class_mapping
 from tesla.data.sources.options import INPUT, SYNSETS, TEST_INPUT
@@ -123,7 +126,7 @@ def load_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
                 data, labels = z["data"], z["labels"]
         else:
             with open(path, "rb") as f:
-                obj = pickle.load(f, encoding="latin1")
+                obj = load_official(f, file=str(path), member=None, what="Downsampled-ImageNet", encoding="latin1")
             if not isinstance(obj, dict):
                 raise TeslaError(f"{path}: expected a pickled dict, found {type(obj).__name__}; give a Downsampled-ImageNet batch")
             obj = {(k.decode() if isinstance(k, bytes) else k): v for k, v in obj.items()}
@@ -326,8 +329,8 @@ def plan_downsampled(opts: SourceOptions, name: str | None = None) -> DatasetPla
 SOURCES = (
     DataSource(
         "imagenet-downsampled",
-        "train_data_batch_1..10 python pickles or .npz, val_data or val_data.npz of Downsampled ImageNet 16/32/64 px; "
-        "pickles can run code, so give only files you trust: only the paths you name are loaded",
+        "train_data_batch_1..10 python pickles or .npz, val_data or val_data.npz of Downsampled ImageNet 8/16/32/64 px; "
+        "pickles are read by a restricted unpickler (plain data and NumPy arrays only)",
         plan_downsampled,
         (INPUT, TEST_INPUT, SYNSETS),
         {
