@@ -24,8 +24,9 @@
 #   bash bench/gpu_reproduce.sh --out DIR                   # more distillation, evaluation, table
 # Without a time limit (your own GPU): LIMIT=0 BUDGET=14400 bash bench/gpu_reproduce.sh --out DIR
 # runs the row's full iterations in one go.
-#   expected on an H100 (docs/benchmarks.md rates): prepare + ZCA ~40 s, 5 experts side by side
-#   ~3-5 min, an eager IPC-10 iteration ~0.5 s, evaluation ~1-2 min.
+#   estimated on an H100 (docs/benchmarks.md rates, not measured for this script): prepare + ZCA
+#   ~40 s, 5 experts side by side ~2-5 min, an eager IPC-10 iteration ~0.5 s, evaluation ~1-2 min.
+#   BUDGET (s per command) and LIMIT (the command's timeout) size each command.
 #
 # Data: .device/cifar10.tar.gz (all 60,000 JPEGs, 18.5 MiB; TESLA_DATASETS=... bash
 # bench/make_device_data.sh builds it from the shared cifar10-jpg.tar; carry .device). TOY=1: the
