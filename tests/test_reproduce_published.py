@@ -80,11 +80,11 @@ def test_a_run_spans_two_commands_and_reports_the_iterations_and_seconds_of_both
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         return (tmp_path / out / "reproduce.md").read_text()
 
-    first = command("out1", "--until", "distill", "--distill-cap", "25")
+    first = command("out1", "--until", "distill", "--distill-cap", "15")
     assert "distill ipc1 exact: killed at the distill cap" in first  # 100,000 iterations cannot fit: stopped, not failed
     assert "of 100,000 (published 10,000, distilling)" in first and "not run" in first
     assert not (work / "ipc1" / "exact" / "synthetic.h5").exists()
-    second = command("out2", "--distill-cap", "8")
+    second = command("out2", "--distill-cap", "5")
     assert "finalise ipc1 exact: ok" in second and (work / "ipc1" / "exact" / "synthetic.h5").exists()
     reached = rp.iterations_reached(work / "ipc1" / "exact" / "synthetic.h5")
     assert reached >= 1 and f"| {reached:,} of 100,000 (published 10,000, BELOW the 1,000 minimum) |" in second
