@@ -28,7 +28,7 @@
 #   ~40 s, 5 experts side by side ~2-5 min, an eager IPC-10 iteration ~0.5 s, evaluation ~1-2 min.
 #   BUDGET (s per command) and LIMIT (the command's timeout) size each command.
 #
-# Data: .device/cifar10.tar.gz (all 60,000 JPEGs, 18.5 MiB; TESLA_DATASETS=... bash
+# Data: $DATA, default .device/cifar10.tar.gz (all 60,000 JPEGs, 18.5 MiB; TESLA_DATASETS=... bash
 # bench/make_device_data.sh builds it from the shared cifar10-jpg.tar; carry .device). TOY=1: the
 # same stages at toy size on the CPU (checks only; TOY=1 bash bench/make_device_data.sh first).
 # Python: torch, torchvision, numpy, pillow, h5py, pandas, pyyaml, tqdm must be importable by
@@ -74,7 +74,7 @@ if [ -n "$missing" ]; then
 fi
 
 if [ "${TOY:-0}" = 1 ]; then
-  data=.device/cifar10-toy.tar.gz
+  data=${DATA:-.device/cifar10-toy.tar.gz}
   # toy size, CPU: 2 ConvNet-1 experts, max_start_epoch 2 and syn_steps 4, 3 iterations, 4 evaluation
   # epochs, 2 runs (cross-architecture: ConvNet-2); the guard's loss limit lifted (toy experts take
   # 1 SGD step per epoch, the student 4). Checks the stages only.
@@ -83,7 +83,7 @@ if [ "${TOY:-0}" = 1 ]; then
           --model convnet_d1 --cross-archs convnet_d2 --max-loss 1e9)
   LIMIT=${LIMIT:-3600}
 else
-  data=.device/cifar10.tar.gz
+  data=${DATA:-.device/cifar10.tar.gz}
   budget=(--device cuda --experts 5 --jobs 6 --budget ${BUDGET:-555} --compile ${COMPILE:-off})
   LIMIT=${LIMIT:-585}
 fi

@@ -132,3 +132,19 @@ def test_every_test_that_needs_cuda_is_run_by_some_gpu_part():
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
         run |= {line.split("[")[0] for line in done.stdout.splitlines() if "::" in line}
     assert needed <= run, f"skipped without CUDA and run by no GPU part: {sorted(needed - run)}"
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_the_entry_point_takes_the_output_folder_and_refuses_what_it_cannot_run(tmp_path):
+    def part(*args: str, **env: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(ROOT / "bench" / "gpu_benchmarks.sh"), *args], cwd=ROOT, capture_output=True, text=True,
+                              env={**os.environ, "PYTHON": sys.executable, **env}, timeout=300)
+
+    assert part("nonsense").returncode == 2
+    done = part("baseline", "--out", str(tmp_path / "b"), TOY="1")
+    assert done.returncode == 2 and "no toy size" in done.stderr
+    done = part("reproduce", "--out", str(tmp_path / "r"), "--row", "ipc3")
+    assert done.returncode == 2 and "--row ipc10 or ipc1" in done.stderr
+    done = part("reproduce", "--out", str(tmp_path / "r"), DATA=str(tmp_path / "missing.tar.gz"))
+    assert done.returncode == 2 and "missing.tar.gz not found" in done.stderr
+    assert "torch" in (tmp_path / "r" / "machine.txt").read_text()  # --out DIR is where the part writes
