@@ -14,7 +14,7 @@
 # at three settings; each mode's dL/dX and dL/dalpha against off's; then the CUDA tests. Every table
 # is rewritten after each measurement: a step stopped by its timeout keeps what it measured.
 # The "before" engine is read from $BASELINE (default .device/matching_before.py, which
-# bench/make_device_data.sh writes from the history: carry .device where the tree travels without
+# bench/make_device_data.sh writes from the history: copy .device along where the tree travels without
 # .git), else from git; without either that column is left out, and the script says so.
 # STEPS="1 2 3 4" (default) chooses the steps below, e.g. STEPS=4 to run only the CUDA tests.
 # Output folder (6 files): machine.txt, engine_cifar10_ipc10.md, engine_in1k_ipc50.md,

@@ -29,7 +29,7 @@
 #   BUDGET (s per command) and LIMIT (the command's timeout) size each command.
 #
 # Data: $DATA, default .device/cifar10.tar.gz (all 60,000 JPEGs, 18.5 MiB; TESLA_DATASETS=... bash
-# bench/make_device_data.sh builds it from the shared cifar10-jpg.tar; carry .device). TOY=1: the
+# bench/make_device_data.sh builds it from the shared cifar10-jpg.tar; copy .device along with the tree). TOY=1: the
 # same stages at toy size on the CPU (checks only; TOY=1 bash bench/make_device_data.sh first).
 # Python: torch, torchvision, numpy, pillow, h5py, pandas, pyyaml, tqdm must be importable by
 # python3 ($PYTHON); the package runs from the tree (PYTHONPATH). Nothing is downloaded.
@@ -69,7 +69,7 @@ print(" ".join(n for n in need if importlib.util.find_spec(n) is None))
 PY
 )
 if [ -n "$missing" ]; then
-  echo "gpu_reproduce.sh: $py lacks: $missing (install them, or carry them as wheels)" >&2
+  echo "gpu_reproduce.sh: $py lacks: $missing (install them first)" >&2
   exit 2
 fi
 
@@ -87,7 +87,7 @@ else
   budget=(--device cuda --experts 5 --jobs 6 --budget ${BUDGET:-555} --compile ${COMPILE:-off})
   LIMIT=${LIMIT:-585}
 fi
-[ -f "$data" ] || { echo "gpu_reproduce.sh: $data not found: run bench/make_device_data.sh (TESLA_DATASETS set) and carry .device" >&2; exit 2; }
+[ -f "$data" ] || { echo "gpu_reproduce.sh: $data not found: run bench/make_device_data.sh (TESLA_DATASETS set), and copy .device along where the tree travels" >&2; exit 2; }
 mkdir -p "$WORK"
 run=($py bench/reproduce_published.py --data "$data" --work "$WORK" --out "$OUT" "${row[@]}" "${budget[@]}" "${args[@]}")
 if [ "$LIMIT" = 0 ]; then "${run[@]}" 2>&1 | tee -a "$OUT/reproduce.log"; else timeout "$LIMIT" "${run[@]}" 2>&1 | tee -a "$OUT/reproduce.log"; fi

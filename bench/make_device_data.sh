@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build what travels to a GPU machine that cannot reach the data or the repository's history, into
-# .device/ (git-ignored; name it in the run's carry):
+# .device/ (git-ignored; copy it along with the tree):
 #   .device/cifar10.tar.gz        all 60,000 CIFAR-10 JPEGs of the shared cifar10-jpg.tar (50,000 train,
 #                                 10,000 test), gzip-compressed: 18.5 MiB (the tar's 512-byte headers and
 #                                 padding are most of its 88 MiB); bench/gpu_reproduce.sh reads it
