@@ -196,7 +196,13 @@ def main() -> int:
                  f"{args.classes} classes, ipc {args.ipc}, batch_syn {args.batch_syn}, DSA on, device {args.device}, "
                  f"{args.threads} thread(s), torch {torch.__version__}.")
         return _report([setup, *label_memory_table(args, key)], t_start, args.out)
-    points = {(e, n): run_point(args, e, n) for e in ENGINES for n in args.steps}
+    points: dict[tuple[str, int], dict] = {}
+    for e in ENGINES:
+        for n in args.steps:  # the file holds every point measured so far (a step stopped by its cap keeps them)
+            points[(e, n)] = run_point(args, e, n)
+            _write(args.out, ["Peak memory of one iteration so far (MiB; the full tables follow when every point is in):", "",
+                              "| engine | N | MiB | out of memory |", "|---|---|---|---|",
+                              *(f"| {pe} | {pn} | {pt.get(key, '')} | {bool(pt.get('oom'))} |" for (pe, pn), pt in points.items())])
     # every memory point before the timing: a child forked from a process inherits its peak RSS
     # (Linux keeps ru_maxrss across fork and exec), and the timing grows this process
     label_lines = label_memory_table(args, key) if args.labels else []
@@ -456,6 +462,39 @@ def _rel(a, b) -> float:
     return float(torch.linalg.vector_norm(a.cpu() - b.cpu()) / torch.linalg.vector_norm(b.cpu()))
 
 
+def _write(out: str | None, lines: list[str]) -> None:
+    """Rewrite ``out`` with ``lines`` (a step killed at its time cap keeps what it measured)."""
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text("\n".join(lines) + "\n")
+
+
+def _engine_rows(runners: dict, failed: dict, first: dict, times: dict, results: dict, compilers: dict) -> list[str]:
+    """One row per column of the engine table: those measured (median of the timed calls so far),
+    those that failed, and those still waiting ("not measured yet")."""
+    median = {k: statistics.median(v) for k, v in times.items() if v}
+    ref, base = results.get("off"), median.get("before")
+    rows = []
+    for key in runners:
+        if key in failed:
+            rows.append(f"| {key} | failed: {failed[key]} | | | | | | |")
+            continue
+        if key not in median:
+            build = f"{first[key]:.2f}" if key in first else "not measured yet"
+            rows.append(f"| {key} | {build} | not measured yet | | | | | |")
+            continue
+        t = median[key]
+        speed = f"{base / t:.2f}x" if base else "n/a"
+        to_floor = f"{t / median['floor']:.2f}" if "floor" in median else "n/a"
+        graphs = len(compilers[key].built) if compilers.get(key) is not None else "-"
+        diff_x = diff_a = "-"
+        if ref is not None and key not in ("floor", "off") and hasattr(results[key], "grad_images"):
+            diff_x = f"{_rel(results[key].grad_images, ref.grad_images):.1e}"
+            diff_a = f"{_rel(results[key].grad_alpha, ref.grad_alpha):.1e}"
+        rows.append(f"| {key} | {first[key]:.2f} | {t:.4f} | {speed} | {to_floor} | {graphs} | {diff_x} | {diff_a} |")
+    return rows
+
+
 def engine_benchmark(argv: list[str]) -> int:
     """Seconds per distillation iteration: the engine before this change, the eager engine
     now (--compile off) and each compile mode, side by side in one process, and the floor (the
@@ -550,6 +589,21 @@ def engine_benchmark(argv: list[str]) -> int:
         first: dict[str, float] = {}
         results: dict[str, Any] = {}
         failed: dict[str, str] = {}
+        times: dict[str, list[float]] = {}
+        head = [
+            f"**{name}**: {cfg['model']} width {cfg['width']}, 3x{cfg['resolution']}x{cfg['resolution']}, "
+            f"{cfg['classes']} classes, {n} images (ipc {cfg['ipc']}), batch_syn {B}, N = {N}, "
+            f"{theta_start.numel():,} parameters",
+            "",
+            "| column | first call s (build) | s per iteration | before / this | / floor | graphs | dL/dX vs off | dL/dalpha vs off |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+
+        def table(rounds: int) -> list[str]:
+            """The setting's table with what is measured so far (written after every measurement)."""
+            done = f"timed rounds done: {rounds} of {a.repeats}" if rounds < a.repeats else ""
+            return [*head, *_engine_rows(runners, failed, first, times, results, compilers), "", *([done, ""] if done else [])]
+
         for key, run in runners.items():  # warm-up: tracing, compiling, capturing
             _sync(device)
             t0 = time.perf_counter()
@@ -557,11 +611,12 @@ def engine_benchmark(argv: list[str]) -> int:
                 results[key] = run(0)
                 _sync(device)
                 first[key] = time.perf_counter() - t0
+                times[key] = []
                 print(f"{name}: {key} first call (builds graphs) {first[key]:.1f} s", flush=True)
             except Exception as exc:  # a mode that cannot run here is reported, not fatal
                 failed[key] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
                 print(f"{name}: {key} failed: {failed[key]}", file=sys.stderr)
-        times: dict[str, list[float]] = {k: [] for k in first}
+            _write(a.out, lines + table(0))
         order = list(first)
         for r in range(a.repeats):
             for key in order[r % len(order):] + order[: r % len(order)]:  # rotated: no column always first
@@ -570,32 +625,9 @@ def engine_benchmark(argv: list[str]) -> int:
                 runners[key](r + 1)
                 _sync(device)
                 times[key].append(time.perf_counter() - t0)
-        median = {k: statistics.median(v) for k, v in times.items()}
-        ref = results.get("off")
-        base = median.get("before")
-        lines += [
-            f"**{name}**: {cfg['model']} width {cfg['width']}, 3x{cfg['resolution']}x{cfg['resolution']}, "
-            f"{cfg['classes']} classes, {n} images (ipc {cfg['ipc']}), batch_syn {B}, N = {N}, "
-            f"{theta_start.numel():,} parameters",
-            "",
-            "| column | first call s (build) | s per iteration | before / this | / floor | graphs | dL/dX vs off | dL/dalpha vs off |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        for key in runners:
-            if key in failed:
-                lines.append(f"| {key} | failed: {failed[key]} | | | | | | |")
-                continue
-            t = median[key]
-            speed = f"{base / t:.2f}x" if base else "n/a"
-            to_floor = f"{t / median['floor']:.2f}" if "floor" in median else "n/a"
-            graphs = len(compilers[key].built) if compilers.get(key) is not None else "-"
-            diff_x = diff_a = "-"
-            if ref is not None and key not in ("floor", "off") and hasattr(results[key], "grad_images"):
-                diff_x = f"{_rel(results[key].grad_images, ref.grad_images):.1e}"
-                diff_a = f"{_rel(results[key].grad_alpha, ref.grad_alpha):.1e}"
-            lines.append(f"| {key} | {first[key]:.2f} | {t:.4f} | {speed} | {to_floor} | {graphs} | {diff_x} | {diff_a} |")
-        lines.append("")
-        print("\n".join(lines[-(len(runners) + 5):]), flush=True)
+            _write(a.out, lines + table(r + 1))
+        lines += table(a.repeats)
+        print("\n".join(table(a.repeats)), flush=True)
         del runners, compilers, results, images
         if device.type == "cuda":
             torch.cuda.empty_cache()

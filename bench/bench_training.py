@@ -333,28 +333,43 @@ def main_matrix(args) -> int:
                 cpus[config["name"]].append(cpu_s)
                 print(f"round {r + 1}: {name} {config['name']}: {config['k'] * args.images / wall:.1f} images/s",
                       file=sys.stderr, flush=True)
-        rate = {c["name"]: c["k"] * args.images / statistics.median(walls[c["name"]]) for c in configs}
-        per_cpu = {c["name"]: c["k"] * args.images / statistics.median(cpus[c["name"]]) for c in configs}
-        today = configs[0]["name"]
-        table = [
-            "",
-            f"{name} ({resolution} x {resolution} x 3, {classes} classes):",
-            "",
-            "| configuration | images/s, all networks (wall) | vs today | images per CPU-second | vs today |",
-            "|---|---|---|---|---|",
-        ]
-        for c in configs:
-            n = c["name"]
-            table.append(f"| {n} | {rate[n]:.1f} | {rate[n] / rate[today]:.2f}x | {per_cpu[n]:.1f} | "
-                         f"{per_cpu[n] / per_cpu[today]:.2f}x |")
+                _write(args.out, lines + matrix_table(entry, configs, walls, cpus, args.images, args.rounds))
+        table = matrix_table(entry, configs, walls, cpus, args.images, args.rounds)
         print("\n".join(table), flush=True)
         lines += table
     lines.append(f"\nload average at the end: {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
     print(lines[-1])
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text("\n".join(lines) + "\n")
+    _write(args.out, lines)
     return 0
+
+
+def _write(out: Path | None, lines: list[str]) -> None:
+    """Rewrite ``out`` with ``lines`` (a step killed at its time cap keeps what it measured)."""
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("\n".join(lines) + "\n")
+
+
+def matrix_table(entry: str, configs: list[dict], walls: dict, cpus: dict, images: int, rounds: int) -> list[str]:
+    """The table of one ``MODEL:R:C`` entry: the median of the rounds measured so far per configuration
+    (rows not measured yet are left out; the line under the table says how many rounds are in)."""
+    name, resolution, classes = entry.split(":")
+    done = [c for c in configs if walls[c["name"]]]
+    rate = {c["name"]: c["k"] * images / statistics.median(walls[c["name"]]) for c in done}
+    per_cpu = {c["name"]: c["k"] * images / statistics.median(cpus[c["name"]]) for c in done}
+    today = configs[0]["name"]
+    table = ["", f"{name} ({resolution} x {resolution} x 3, {classes} classes):", "",
+             "| configuration | images/s, all networks (wall) | vs today | images per CPU-second | vs today |",
+             "|---|---|---|---|---|"]
+    for c in done:
+        n = c["name"]
+        vs, vs_cpu = (f"{rate[n] / rate[today]:.2f}x", f"{per_cpu[n] / per_cpu[today]:.2f}x") if today in rate else ("n/a", "n/a")
+        table.append(f"| {n} | {rate[n]:.1f} | {vs} | {per_cpu[n]:.1f} | {vs_cpu} |")
+    measured = min(len(walls[c["name"]]) for c in configs)
+    if measured < rounds:
+        table += ["", f"(measured so far: {sum(len(v) for v in walls.values())} of {rounds * len(configs)} runs; "
+                      f"{len(done)} of {len(configs)} configurations)"]
+    return table
 
 
 def main() -> int:

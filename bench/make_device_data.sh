@@ -1,31 +1,38 @@
 #!/usr/bin/env bash
-# Build the CIFAR-10 data that travels to the lent GPU machine (bench/gpu_reproduce.sh reads it).
+# Build what travels to a GPU machine that cannot reach the data or the repository's history, into
+# .device/ (git-ignored; copy it along with the tree):
+#   .device/cifar10.tar.gz        all 60,000 CIFAR-10 JPEGs of the shared cifar10-jpg.tar (50,000 train,
+#                                 10,000 test), gzip-compressed: 18.5 MiB (the tar's 512-byte headers and
+#                                 padding are most of its 88 MiB); bench/gpu_reproduce.sh reads it
+#   .device/matching_before.py    tesla/matching.py of commit 6cb807c, the engine before the compiled
+#                                 step: the "before" column of bench/gpu_engine.sh where the tree has no .git
 #
-#   TESLA_DATASETS=../shared/datasets bash bench/make_device_data.sh      # on the development machine
+#   TESLA_DATASETS=../shared/datasets bash bench/make_device_data.sh      # from the repository root
 #
-# The shared cifar10-jpg.tar (88 MiB) is larger than the 64 MiB working tree that travels, so this
-# writes a class-balanced subset: the first TRAIN_PER_CLASS train and TEST_PER_CLASS test JPEGs of
-# every class in file-name order (default 1000 and 1000: 10,000 train images, i.e. 20% of the
-# training split, and the whole 10,000-image test split), as a gzip-compressed tar in the layout
-# `tesla prepare folder` reads (train/<class>/NNNN.jpg, test/<class>/NNNN.jpg). Gzip removes the
-# tar's 512-byte headers and padding (a 920-byte JPEG takes 1,536 bytes in a tar): 6.2 MiB at the
-# defaults (measured; the whole 60,000-image tar would be about 3x that and would travel too, but
-# 50,000 training images cost 5x the expert time of 10,000 on the GPU). The GPU script unpacks it with `gzip -dc` before `tesla prepare`.
-# Output: .device/cifar10-subset.tar.gz (.device/ is git-ignored; name it in the run's `carry`).
-# TOY=1 writes .device/cifar10-toy.tar.gz instead (20 train, 20 test per class), for
-# `TOY=1 bash bench/gpu_reproduce.sh` on the CPU.
+# The tar keeps the layout `tesla prepare folder` reads (train/<class>/NNNN.jpg, test/<class>/NNNN.jpg).
+# TRAIN_PER_CLASS / TEST_PER_CLASS (default: all) keep the first N JPEGs of every class in file-name
+# order instead, as .device/cifar10-subset.tar.gz. TOY=1 writes .device/cifar10-toy.tar.gz (20 train,
+# 20 test per class) for `TOY=1 bash bench/gpu_reproduce.sh` on the CPU.
 set -euo pipefail
 src=${TESLA_DATASETS:?set TESLA_DATASETS to the folder holding cifar10-jpg.tar}/cifar10-jpg.tar
 [ -f "$src" ] || { echo "make_device_data.sh: $src not found (TESLA_DATASETS=$TESLA_DATASETS)" >&2; exit 1; }
 if [ "${TOY:-0}" = 1 ]; then
   TRAIN_PER_CLASS=${TRAIN_PER_CLASS:-20}; TEST_PER_CLASS=${TEST_PER_CLASS:-20}; name=cifar10-toy
+elif [ -n "${TRAIN_PER_CLASS:-}${TEST_PER_CLASS:-}" ]; then
+  TRAIN_PER_CLASS=${TRAIN_PER_CLASS:-5000}; TEST_PER_CLASS=${TEST_PER_CLASS:-1000}; name=cifar10-subset
 else
-  TRAIN_PER_CLASS=${TRAIN_PER_CLASS:-1000}; TEST_PER_CLASS=${TEST_PER_CLASS:-1000}; name=cifar10-subset
+  TRAIN_PER_CLASS=5000; TEST_PER_CLASS=1000; name=cifar10
 fi
 mkdir -p .device
+if git rev-parse --verify -q 6cb807c^{commit} > /dev/null 2>&1; then
+  git show 6cb807c:tesla/matching.py > .device/matching_before.py.tmp && mv .device/matching_before.py.tmp .device/matching_before.py
+  echo ".device/matching_before.py: tesla/matching.py of 6cb807c"
+else
+  echo "make_device_data.sh: no git history here: .device/matching_before.py not written" >&2
+fi
 out=.device/$name.tar.gz
 python3 - "$src" "$out" "$TRAIN_PER_CLASS" "$TEST_PER_CLASS" <<'PY'
-import collections, gzip, io, os, sys, tarfile
+import collections, gzip, os, sys, tarfile
 src, out, per_split = sys.argv[1], sys.argv[2], {"train": int(sys.argv[3]), "test": int(sys.argv[4])}
 with tarfile.open(src) as tar:
     members = [m for m in tar.getmembers() if m.isfile()]

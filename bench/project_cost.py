@@ -2,8 +2,8 @@
 
     python bench/project_cost.py --rates bench/rates_h100_today.yaml                 # results/in1k_ipc50/acc.csv
     python bench/project_cost.py --rates R.yaml --dataset cifar10 --ipc 10 --train-images 50000 --test-images 10000
-    python bench/project_cost.py rates --engine OUT/engine_in1k_ipc50.md --training OUT/convnet_d4_float32.md \\
-        --base bench/rates_h100_today.yaml --machine "H200, 2026-12-01" --out bench/rates_h200.yaml
+    python bench/project_cost.py rates --engine DIR/engine_in1k_ipc50.md --training DIR/convnet_d4_float32.md \\
+        DIR/models_64px.md --base bench/rates_h100_today.yaml --machine "H200, 2026-12-01" --out bench/rates_h200.yaml
 
 The work of each stage comes from the dataset's entry of ``config/config.yaml`` (read as the
 workflow reads it): experts count x the epochs they actually train (``keep_snapshots: auto``: the
@@ -30,7 +30,7 @@ every figure that depends on one. Names (``ARCH`` is a registry name, e.g. ``con
 A rate the target needs and the file lacks is refused with its name and where it comes from.
 ``rates`` converts the outputs of ``bench/gpu_benchmarks.sh engine`` (its ``engine_*.md``: the
 fastest column other than ``before`` and ``floor``, seconds per iteration / (N x batch_syn)) and
-``training`` (its ``*_float32.md`` / ``*_bf16.md`` matrix tables: the fastest configuration's
+``training`` (its ``*_float32.md`` / ``*_bf16.md`` / ``models_64px.md`` matrix tables: the fastest configuration's
 images/s of all the networks of its group, which is what a group of experts or of evaluation runs
 achieves) into such a file, keeping the other rates of ``--base`` (their source says "carried
 over from").
@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["rates"]:
         p = argparse.ArgumentParser(prog="project_cost.py rates", description="rates file from the GPU parts' tables")
         p.add_argument("--engine", type=Path, nargs="*", default=[], help="engine_*.md of bench/gpu_benchmarks.sh engine")
-        p.add_argument("--training", type=Path, nargs="*", default=[], help="*_float32.md / *_bf16.md of bench/gpu_benchmarks.sh training")
+        p.add_argument("--training", type=Path, nargs="*", default=[], help="*_float32.md / *_bf16.md / models_64px.md of bench/gpu_benchmarks.sh training")
         p.add_argument("--base", type=Path, help="rates file whose other rates are carried over")
         p.add_argument("--machine", required=True, help="the GPU and the date, in words")
         p.add_argument("--out", type=Path, required=True)

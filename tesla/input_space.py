@@ -55,7 +55,9 @@ __all__ = [
 DEFAULT_NORMALIZATION = "split"
 #: fixed per-channel (mean, std) of pixels in [0, 1] used by the published MTT/TESLA code
 #: (facts about that code, PAPER.md sections 4 and 10; not computed here): CIFAR-10 and
-#: ImageNet as PAPER.md gives them, CIFAR-100 and MNIST as the published code sets them.
+#: ImageNet as PAPER.md gives them, MNIST as the published code sets it; ``cifar100`` is
+#: CIFAR-100's own statistics, which the published code does NOT use: it normalises CIFAR-100
+#: with the ``cifar10`` constants (config/config.yaml's cifar100 entry does the same).
 PUBLISHED_CONSTANTS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
     "cifar100": ((0.5071, 0.4866, 0.4409), (0.2673, 0.2564, 0.2762)),

@@ -8,7 +8,9 @@ for C x R x R inputs.  Registered names (``available_models()``):
 * ``convnet`` (depth 3), ``convnet_d1`` .. ``convnet_d5``: the ConvNet-D of MTT/TESLA,
   D x [conv3x3(width, pad 1) -> norm -> ReLU -> pool 2x2] -> linear;
 * ``resnet18`` (instance norm) and ``resnet18_bn`` (batch norm): torchvision's ResNet-18
-  (``BasicBlock`` x [2, 2, 2, 2]) with a 3x3 stride-1 stem and no max-pool;
+  (``BasicBlock`` x [2, 2, 2, 2]) with a 3x3 stride-1 stem and no max-pool, initialised as
+  the published network (PyTorch's default layer initialisation, option ``init``);
+  ``resnet18_tv`` and ``resnet18_bn_tv``: the same with torchvision's initialisation;
 * ``vgg11`` (instance norm, as MTT's cross-architecture VGG-11) and ``vgg11_bn``;
 * ``alexnet``: a small-input AlexNet (five convolutions, three max-pools, linear head);
 * ``alexnet_mtt``: the AlexNet of MTT's cross-architecture table (widths 128-192-256-192-192,
@@ -155,6 +157,14 @@ def _build_convnet(channels: int, num_classes: int, resolution: int, **o: Any) -
 # --------------------------------------------------------------------------------------
 # ResNet-18 (torchvision building blocks)
 # --------------------------------------------------------------------------------------
+#: how a ResNet-18's layers start: ``torch-default`` (every layer's own ``reset_parameters``:
+#: Kaiming-uniform with a = sqrt(5) for convolutions and the linear head, i.e. std
+#: 1/sqrt(3 fan_in); the published MTT/TESLA network, PAPER.md section 10) or ``torchvision``
+#: (torchvision's ResNet: Kaiming-normal fan-out convolutions, std sqrt(2/fan_out), 0.5-2.5x
+#: the former's)
+RESNET_INITS: tuple[str, ...] = ("torch-default", "torchvision")
+
+
 def _build_resnet18(channels: int, num_classes: int, resolution: int, **o: Any) -> nn.Module:
     """torchvision ResNet-18 adapted to small inputs.
 
@@ -162,7 +172,8 @@ def _build_resnet18(channels: int, num_classes: int, resolution: int, **o: Any) 
     stride-1 convolution and nothing, at every resolution: 32 px inputs reach the last
     stage at 4 x 4, 64 px at 8 x 8, 28 px at 4 x 4, 8 px at 1 x 1; the adaptive average
     pool makes the head independent of R.  The rest (BasicBlock x [2, 2, 2, 2], widths
-    64..512, strides 1, 2, 2, 2, 1x1 projection shortcuts) is torchvision's.
+    64..512, strides 1, 2, 2, 2, 1x1 projection shortcuts) is torchvision's; the weights
+    start as ``o["init"]`` says (:data:`RESNET_INITS`; norms at weight 1, bias 0 either way).
     """
     from torchvision.models.resnet import BasicBlock, ResNet
 
@@ -171,8 +182,13 @@ def _build_resnet18(channels: int, num_classes: int, resolution: int, **o: Any) 
         raise TeslaError("resnet18 needs a norm: choose 'instancenorm' or 'batchnorm'")
     model = ResNet(BasicBlock, [2, 2, 2, 2], num_classes=num_classes, norm_layer=norm_layer)
     model.conv1 = nn.Conv2d(channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
-    nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
     model.maxpool = nn.Identity()
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            if o["init"] == "torchvision":
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            else:
+                module.reset_parameters()
     return model
 
 
@@ -457,14 +473,19 @@ def _convnet_entry(depth: int) -> ModelEntry:
 _REGISTRY: dict[str, ModelEntry] = {
     "convnet": _convnet_entry(3),
     **{f"convnet_d{d}": _convnet_entry(d) for d in range(1, 6)},
-    "resnet18": ModelEntry(
-        _build_resnet18, dict(norm="instancenorm"), _resnet_resolution_problem, "at least 9 px",
-        "ResNet-18 (torchvision BasicBlocks), instance norm, 3x3 stem", dict(norm=("instancenorm", "batchnorm")),
-    ),
-    "resnet18_bn": ModelEntry(
-        _build_resnet18, dict(norm="batchnorm"), _resnet_resolution_problem, "any size",
-        "ResNet-18 (torchvision BasicBlocks), batch norm, 3x3 stem", dict(norm=("instancenorm", "batchnorm")),
-    ),
+    **{
+        name: ModelEntry(
+            _build_resnet18, dict(norm=norm, init=init), _resnet_resolution_problem, sizes,
+            f"ResNet-18 (torchvision BasicBlocks), {label}, 3x3 stem, {init} initialisation",
+            dict(norm=("instancenorm", "batchnorm"), init=RESNET_INITS),
+        )
+        for name, norm, init, sizes, label in (
+            ("resnet18", "instancenorm", "torch-default", "at least 9 px", "instance norm"),
+            ("resnet18_bn", "batchnorm", "torch-default", "any size", "batch norm"),
+            ("resnet18_tv", "instancenorm", "torchvision", "at least 9 px", "instance norm"),
+            ("resnet18_bn_tv", "batchnorm", "torchvision", "any size", "batch norm"),
+        )
+    },
     "vgg11": ModelEntry(
         _build_vgg11, dict(norm="instancenorm"), _vgg_resolution_problem, "at least 17 px",
         "VGG-11, instance norm", dict(norm=NORMS),
@@ -586,8 +607,18 @@ def build_from_spec(spec: Mapping[str, Any] | str) -> nn.Module:
         channels=int(spec["channels"]),
         num_classes=int(spec["num_classes"]),
         resolution=int(spec["resolution"]),
-        **dict(spec.get("options", {})),
+        **_options_as_written(spec),
     )
+
+
+def _options_as_written(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """A spec's options, with what an option added later meant when the spec was written:
+    a ResNet-18 spec without ``init`` comes from before the option, when every ResNet-18
+    started with torchvision's initialisation."""
+    options = dict(spec.get("options", {}))
+    if str(spec["name"]).startswith("resnet18"):
+        options.setdefault("init", "torchvision")
+    return options
 
 
 def architecture_label(spec: dict) -> str:

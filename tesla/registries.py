@@ -52,11 +52,14 @@ METHOD_VERSIONS: dict[str, int] = {
     "zca": 1,
     # 2: with --keep-snapshots an expert stops after the last kept epoch (its final test
     # accuracy is measured there); TF32 on by default on GPUs that have it
-    "experts": 2,
+    # 3: resnet18 / resnet18_bn start as the published network (PyTorch's default layer
+    # initialisation; torchvision's is resnet18_tv / resnet18_bn_tv)
+    "experts": 3,
     # 2: IEEE float32 inside matching on GPUs (PyTorch's default had let cuDNN use TF32)
     "distill": 2,
     # 2: TF32 on by default for evaluation on GPUs that have it (matrix products too)
-    "evaluate": 2,
+    # 3: resnet18 / resnet18_bn start as the published network (as experts 3)
+    "evaluate": 3,
     # 2: acc.csv v2 (test_epoch)
     "results": 2,
     "report": 1,

@@ -250,3 +250,42 @@ def test_alexnet_mtt_refuses_sizes_it_cannot_take():
     assert not supports_resolution("alexnet_mtt", 64) and not supports_resolution("alexnet_mtt", 8)
     with pytest.raises(TeslaError, match=r"cannot take 64 x 64.*192 x 4 x 4.*use 'alexnet'"):
         build_model("alexnet_mtt", channels=3, num_classes=10, resolution=64)
+
+
+# -- ResNet-18 initialisation --------------------------------------------------------------
+def _conv_stds(model: torch.nn.Module) -> list[tuple[float, int, int]]:
+    """(weight std, fan_in, fan_out) of every convolution."""
+    out = []
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            k = m.kernel_size[0] * m.kernel_size[1]
+            out.append((float(m.weight.detach().std()), m.in_channels * k, m.out_channels * k))
+    return out
+
+
+def test_resnet18_starts_as_the_published_network_and_torchvision_init_stays_available():
+    """PAPER.md section 10: the published ResNet-18 keeps PyTorch's default layer
+    initialisation (Kaiming-uniform, a = sqrt(5): std 1/sqrt(3 fan_in)); torchvision's
+    (Kaiming-normal fan-out: std sqrt(2/fan_out)) is ``resnet18_tv``."""
+    torch.manual_seed(0)
+    published = build_model("resnet18", channels=3, num_classes=10, resolution=32)
+    torch.manual_seed(0)
+    tv = build_model("resnet18_tv", channels=3, num_classes=10, resolution=32)
+    for std, fan_in, _ in _conv_stds(published):
+        assert std == pytest.approx((3 * fan_in) ** -0.5, rel=0.1), fan_in
+    ratios = []
+    for (std, fan_in, fan_out), (std_tv, _, _) in zip(_conv_stds(published), _conv_stds(tv)):
+        assert std_tv == pytest.approx((2 / fan_out) ** 0.5, rel=0.1), fan_out
+        ratios.append(std_tv / std)
+    assert min(ratios) < 0.6 and max(ratios) > 2.3  # the 0.5-2.5x of PAPER.md section 10
+    for name, init in (("resnet18", "torch-default"), ("resnet18_bn", "torch-default"), ("resnet18_tv", "torchvision"),
+                       ("resnet18_bn_tv", "torchvision")):
+        assert model_spec(name, channels=3, num_classes=10, resolution=32)["options"]["init"] == init
+    with pytest.raises(TeslaError, match="init='kaiming' is not one of torch-default, torchvision"):
+        build_model("resnet18", channels=3, num_classes=10, resolution=32, init="kaiming")
+    # a spec written before the option rebuilds what it was built with: torchvision's
+    old = model_spec("resnet18", channels=3, num_classes=10, resolution=32)
+    del old["options"]["init"]
+    torch.manual_seed(0)
+    rebuilt = build_from_spec(old)
+    assert [s for s, _, _ in _conv_stds(rebuilt)] == pytest.approx([s for s, _, _ in _conv_stds(tv)], rel=1e-6)

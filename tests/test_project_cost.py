@@ -154,3 +154,24 @@ def test_a_moving_window_keeps_experts_training_to_its_final_bound():
     entry = {**ENTRY, "distill": {**ENTRY["distill"], 2: {**ENTRY["distill"][2], "max_start_epoch_final": 8,
                                                           "window_iterations": 3}}}
     assert project_cost.expert_epochs_trained(entry, ("none", False)) == 8 + 1
+
+
+def test_the_training_parts_64px_table_gives_the_cross_architecture_rates():
+    """models_64px.md of the training part (ResNet-18, VGG-11, AlexNet at 64 px; written by
+    bench_training.py's matrix_table, here with one entry stopped at its cap before its second
+    configuration) turns into measured training rates of those networks."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_training_tables", ROOT / "bench" / "bench_training.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    configs = [{"name": "today: one expert per process", "k": 1}, {"name": "sequential, K=2, float32, contiguous, TF32", "k": 2}]
+    text = []
+    for arch, seconds in (("resnet18", [0.5, 0.25]), ("vgg11", [0.2, 0.1]), ("alexnet", [0.1])):
+        walls = {c["name"]: ([s] if i < len(seconds) else []) for i, (c, s) in enumerate(zip(configs, seconds + [0.0]))}
+        text += bench.matrix_table(f"{arch}:64:1000", configs, walls, walls, images=1280, rounds=1)
+    rates = project_cost.training_rate("\n".join(text) + "\n")
+    assert rates["train_images_per_second.resnet18"]["value"] == pytest.approx(2 * 1280 / 0.25)
+    assert rates["train_images_per_second.vgg11"]["value"] == pytest.approx(2 * 1280 / 0.1)
+    assert rates["train_images_per_second.alexnet"]["value"] == pytest.approx(1280 / 0.1)
+    assert all(not r["assumed"] and "64 px, 1000 classes" in r["source"] for r in rates.values())

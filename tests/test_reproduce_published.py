@@ -1,12 +1,21 @@
 """bench/reproduce_published.py (the driver of bench/gpu_reproduce.sh): the rows it reads from
-config/config.yaml and its stage runner's time cap. The whole script runs at toy size with
-`TOY=1 bash bench/gpu_reproduce.sh` (minutes; docs/benchmarks.md), not here."""
+config/config.yaml, its stage runner's time cap, and a run over two commands at micro size (a
+distillation stopped by its time cap in the first, resumed, stopped again and written from its
+checkpoint in the second, then evaluated: about a minute on 2 cores). The GPU script itself runs
+at toy size with `TOY=1 bash bench/gpu_reproduce.sh` (minutes; docs/benchmarks.md)."""
 
 from __future__ import annotations
 
 import importlib.util
+import io
+import os
+import subprocess
 import sys
+import tarfile
 from pathlib import Path
+
+import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("reproduce_published", ROOT / "bench" / "reproduce_published.py")
@@ -20,6 +29,7 @@ def test_cifar10_rows_are_the_published_ones_with_their_input_spaces():
     assert (one.space, one.engines, one.eval_runs, one.zca) == ("cifar10", ["exact", "tesla"], 3, False)
     assert (one.settings["syn_steps"], one.settings["lr_img"], one.settings["lr_img_convention"]) == (50, 1000, "tesla-published")
     assert (ten.space, ten.engines, ten.eval_runs, ten.zca) == ("none+zca-eps0.1", ["exact"], 5, True)
+    assert (one.settings["iterations"], ten.settings["iterations"]) == (10000, 5000)  # TESLA's and MTT's defaults
     assert (ten.settings["syn_steps"], ten.settings["max_start_epoch"], ten.settings["lr_teacher"]) == (30, 20, 0.001)
     assert entry["evaluate"]["epochs"] == 1001 and entry["evaluate"]["lr_decay_epoch"] == 502
     _, toy = rp.config_rows(ROOT / "config" / "config.yaml", "cifar10", [10], 2, 4)
@@ -35,3 +45,53 @@ def test_a_stage_kills_what_outlives_its_cap_and_keeps_what_finished(tmp_path):
     assert quick.status == "ok" and "done" in quick.log.read_text()
     assert fails.status == "exit status 3"
     assert slow.status.startswith("killed at the test cap") and slow.proc.returncode is not None
+
+
+def _class_folder_tar(path: Path, classes: int = 10, per_split: int = 4) -> Path:
+    """A CIFAR-shaped class-folder tar of random 32 x 32 JPEGs (train/<class>/, test/<class>/)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    with tarfile.open(path, "w") as tar:
+        for split in ("train", "test"):
+            for c in range(classes):
+                for i in range(per_split):
+                    buf = io.BytesIO()
+                    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buf, format="JPEG")
+                    info = tarfile.TarInfo(f"{split}/class{c}/{i:04d}.jpg")
+                    info.size = buf.tell()
+                    buf.seek(0)
+                    tar.addfile(info, buf)
+    return path
+
+
+@pytest.mark.slow
+def test_a_run_spans_two_commands_and_reports_the_iterations_and_seconds_of_both(tmp_path):
+    data, work = _class_folder_tar(tmp_path / "tiny.tar"), tmp_path / "work"
+    common = ["--data", str(data), "--work", str(work), "--ipc", "1", "--engines", "exact", "--device", "cpu",
+              "--experts", "1", "--iterations", "100000", "--max-start-epoch", "1", "--syn-steps", "2", "--eval-epochs", "2",
+              "--eval-runs", "1", "--model", "convnet_d1", "--cross-archs", "--checkpoint-every", "1", "--max-loss", "1e9",
+              "--jobs", "2", "--budget", "900"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+    def command(out: str, *extra: str) -> str:
+        r = subprocess.run([sys.executable, str(ROOT / "bench" / "reproduce_published.py"), *common, "--out", str(tmp_path / out), *extra],
+                           env=env, capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        return (tmp_path / out / "reproduce.md").read_text()
+
+    first = command("out1", "--until", "distill", "--distill-cap", "15")
+    assert "distill ipc1 exact: killed at the distill cap" in first  # 100,000 iterations cannot fit: stopped, not failed
+    assert "of 100,000 (published 10,000, distilling)" in first and "not run" in first
+    assert not (work / "ipc1" / "exact" / "synthetic.h5").exists()
+    second = command("out2", "--distill-cap", "5")
+    assert "finalise ipc1 exact: ok" in second and (work / "ipc1" / "exact" / "synthetic.h5").exists()
+    reached = rp.iterations_reached(work / "ipc1" / "exact" / "synthetic.h5")
+    assert reached >= 1 and f"| {reached:,} of 100,000 (published 10,000, BELOW the 1,000 minimum) |" in second
+    assert "over 2 command(s)" in second and "experts " in second and "distill " in second
+    distill_seconds = second.split("distill ")[1].split(",")[0]
+    assert distill_seconds.count("+") == 1  # one value per command
+    assert "| 1 | exact | cifar10 |" in second and "48.5 +- 0.8" in second and "the FINAL ones" in second
+    row = [line for line in second.splitlines() if line.startswith("| 1 | exact")][0]
+    assert row.split("|")[5].strip().endswith("(1)")  # our accuracy, 1 run
+    assert sorted(p.name for p in (tmp_path / "out2").iterdir()) == ["acc_ipc1.csv", "logs.tar.gz", "reproduce.md"]
