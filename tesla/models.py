@@ -49,6 +49,7 @@ __all__ = [
     "build_from_spec",
     "build_model",
     "model_spec",
+    "model_version",
     "supports_resolution",
 ]
 
@@ -457,6 +458,9 @@ class ModelEntry:
     resolutions: str
     description: str
     choices: dict[str, tuple] = field(default_factory=dict)
+    #: bumped when the same name builds another network (other results): the workflow reruns
+    #: the jobs that train it (:func:`model_version`)
+    version: int = 1
 
 
 def _convnet_entry(depth: int) -> ModelEntry:
@@ -477,13 +481,15 @@ _REGISTRY: dict[str, ModelEntry] = {
         name: ModelEntry(
             _build_resnet18, dict(norm=norm, init=init), _resnet_resolution_problem, sizes,
             f"ResNet-18 (torchvision BasicBlocks), {label}, 3x3 stem, {init} initialisation",
-            dict(norm=("instancenorm", "batchnorm"), init=RESNET_INITS),
+            dict(norm=("instancenorm", "batchnorm"), init=RESNET_INITS), version,
         )
-        for name, norm, init, sizes, label in (
-            ("resnet18", "instancenorm", "torch-default", "at least 9 px", "instance norm"),
-            ("resnet18_bn", "batchnorm", "torch-default", "any size", "batch norm"),
-            ("resnet18_tv", "instancenorm", "torchvision", "at least 9 px", "instance norm"),
-            ("resnet18_bn_tv", "batchnorm", "torchvision", "any size", "batch norm"),
+        # version 2 of resnet18 / resnet18_bn: PyTorch's default initialisation (the published
+        # network); version 1 had torchvision's, kept as resnet18_tv / resnet18_bn_tv
+        for name, norm, init, sizes, label, version in (
+            ("resnet18", "instancenorm", "torch-default", "at least 9 px", "instance norm", 2),
+            ("resnet18_bn", "batchnorm", "torch-default", "any size", "batch norm", 2),
+            ("resnet18_tv", "instancenorm", "torchvision", "at least 9 px", "instance norm", 1),
+            ("resnet18_bn_tv", "batchnorm", "torchvision", "any size", "batch norm", 1),
         )
     },
     "vgg11": ModelEntry(
@@ -512,6 +518,12 @@ _REGISTRY: dict[str, ModelEntry] = {
 def available_models() -> list[str]:
     """Registered model names, sorted."""
     return sorted(_REGISTRY)
+
+
+def model_version(name: str) -> int:
+    """The version of the network a registered name builds (1 for a name unknown here: the
+    workflow's own checks name those)."""
+    return _REGISTRY[name].version if name in _REGISTRY else 1
 
 
 def _entry(name: str) -> ModelEntry:

@@ -26,7 +26,7 @@ from tesla.distill import INITS, LR_IMG_CONVENTIONS, SOFT_LABELS, SOFT_LABELS_OF
 from tesla.errors import TeslaError
 from tesla.input_space import NORMALIZATIONS, input_space_key
 from tesla.matching import ENGINES
-from tesla.models import available_models, supports_resolution
+from tesla.models import available_models, model_version, supports_resolution
 from tesla.precision import PRECISIONS
 from tesla.training import GROUP_MODES
 
@@ -43,6 +43,7 @@ __all__ = [
     "config_problems",
     "input_space_key",
     "last_snapshot_needed",
+    "method_of",
     "soft_label_kind",
 ]
 
@@ -52,14 +53,11 @@ METHOD_VERSIONS: dict[str, int] = {
     "zca": 1,
     # 2: with --keep-snapshots an expert stops after the last kept epoch (its final test
     # accuracy is measured there); TF32 on by default on GPUs that have it
-    # 3: resnet18 / resnet18_bn start as the published network (PyTorch's default layer
-    # initialisation; torchvision's is resnet18_tv / resnet18_bn_tv)
-    "experts": 3,
+    "experts": 2,
     # 2: IEEE float32 inside matching on GPUs (PyTorch's default had let cuDNN use TF32)
     "distill": 2,
     # 2: TF32 on by default for evaluation on GPUs that have it (matrix products too)
-    # 3: resnet18 / resnet18_bn start as the published network (as experts 3)
-    "evaluate": 3,
+    "evaluate": 2,
     # 2: acc.csv v2 (test_epoch)
     "results": 2,
     "report": 1,
@@ -67,6 +65,16 @@ METHOD_VERSIONS: dict[str, int] = {
 
 #: the alias of `tesla evaluate --arch` for the network a set was distilled with
 DISTILL_ALIAS = "distill"
+
+
+def method_of(stage: str, model: str) -> str:
+    """`<stage> method vN`, and the network's own version where it is above 1
+    (:func:`tesla.models.model_version`): a network whose construction changed reruns the
+    jobs that train it (experts, evaluations of that architecture) and what follows, and
+    only those."""
+    tag = f"{stage} method v{METHOD_VERSIONS[stage]}"
+    version = model_version(model)
+    return tag if version == 1 else f"{tag}, {model} v{version}"
 
 
 def _known(kind: str, names) -> str:

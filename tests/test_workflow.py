@@ -396,26 +396,45 @@ def test_a_row_with_two_engines_distils_two_sets_from_the_same_experts(plain_wor
     assert all(f"{base}/eval/{e}_{a}.csv" in results for e in ("exact", "tesla", "random") for a in archs)
 
 
-def test_a_new_method_version_reruns_that_stage_and_what_follows(executed, tmp_path):
-    """tesla.registries.METHOD_VERSIONS is a param of every job: a bumped version (here of
-    `evaluate`, through a sitecustomize that bumps it in the snakemake process) reruns the
-    evaluations and the tables, nothing before them."""
-    workdir, _ = executed
-    (tmp_path / "sitecustomize.py").write_text(
-        "import tesla.registries as r\nr.METHOD_VERSIONS['evaluate'] += 1\n"
-    )
+def _dry_run_after(patch: str, workdir: Path, tmp_path: Path) -> dict[str, set[str]]:
+    """A dry run whose Snakemake first runs `patch` (a sitecustomize on its PYTHONPATH), as a
+    new release of the package would change it."""
+    (tmp_path / "sitecustomize.py").write_text(patch)
     import os
 
     old = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = os.pathsep.join([str(tmp_path), *([old] if old else [])])
     try:
-        jobs = dry_run(workdir)
+        return dry_run(workdir)
     finally:
         if old is None:
             del os.environ["PYTHONPATH"]
         else:
             os.environ["PYTHONPATH"] = old
+
+
+def test_a_new_method_version_reruns_that_stage_and_what_follows(executed, tmp_path):
+    """tesla.registries.METHOD_VERSIONS is a param of every job: a bumped version (here of
+    `evaluate`) reruns the evaluations and the tables, nothing before them."""
+    workdir, _ = executed
+    jobs = _dry_run_after("import tesla.registries as r\nr.METHOD_VERSIONS['evaluate'] += 1\n", workdir, tmp_path)
     assert set(jobs) == {"evaluate_synthetic", "evaluate_random", "results"}
+
+
+def test_a_new_network_version_reruns_only_the_jobs_that_train_it(executed, tmp_path):
+    """A network whose construction changed (tesla.models.model_version, here convnet_d2, one of
+    the demo's evaluation architectures) reruns its evaluations and the tables; the other
+    architecture's evaluations, the experts and the distillations stay."""
+    workdir, _ = executed
+    patch = ("import dataclasses, tesla.models as m\n"
+             "m._REGISTRY['convnet_d2'] = dataclasses.replace(m._REGISTRY['convnet_d2'], version=2)\n")
+    jobs = _dry_run_after(patch, workdir, tmp_path)
+    assert set(jobs) == {"evaluate_synthetic", "evaluate_random", "results"}
+    evaluated = jobs["evaluate_synthetic"] | jobs["evaluate_random"]
+    assert evaluated and all(f.endswith("_convnet_d2.csv") for f in evaluated), evaluated
+    patch = patch.replace("convnet_d2", "convnet_d1")  # the experts' network: everything after prepare
+    assert {"expert", "distill", "evaluate_synthetic", "results"} <= set(dry_run_after := _dry_run_after(patch, workdir, tmp_path))
+    assert "prepare" not in dry_run_after
 
 
 def test_the_workflow_passes_snakemake_lint(plain_workdir):

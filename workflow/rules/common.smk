@@ -341,6 +341,18 @@ def method(stage: str) -> str:
     return f"{stage} method v{registries.METHOD_VERSIONS[stage]}"
 
 
+def expert_method(wildcards) -> str:
+    """The experts' method version, with their network's (tesla.models.model_version)."""
+    return registries.method_of("experts", dataset_cfg(wildcards.dataset)["model"])
+
+
+def evaluate_method(wildcards) -> str:
+    """The evaluation's method version, with the evaluated network's."""
+    arch = wildcards.arch
+    model = dataset_cfg(wildcards.dataset)["model"] if arch == registries.DISTILL_ALIAS else arch
+    return registries.method_of("evaluate", model)
+
+
 def prepare_options(wildcards) -> str:
     """`tesla prepare` options of a dataset entry, generated from the data sources' declarations
     (defaults left implicit as before, so existing datasets are not re-prepared)."""

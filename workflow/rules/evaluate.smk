@@ -14,7 +14,7 @@ rule evaluate_synthetic:
         device=job_device,
         options=evaluate_options,
         run=evaluate_run_options,
-        method=method("evaluate"),
+        method=evaluate_method,
     log:
         "results/logs/evaluate/{dataset}_ipc{ipc}/{engine}_{arch}.log",
     benchmark:
@@ -45,7 +45,7 @@ rule evaluate_random:
         run=evaluate_run_options,
         baseline=random_baseline_options,
         zca=zca_option,
-        method=method("evaluate"),
+        method=evaluate_method,
     log:
         "results/logs/evaluate/{dataset}_ipc{ipc}/random_{arch}.log",
     benchmark:

@@ -24,7 +24,7 @@ rule expert:
         options=expert_options,
         run=expert_run_options,
         zca=zca_option,
-        method=method("experts"),
+        method=expert_method,
     log:
         "results/logs/experts/{dataset}/{space}/expert_{k}.log",
     benchmark:
@@ -57,7 +57,7 @@ for _dataset, _space, _ks in expert_groups():
             options=expert_options(Namespace(dataset=_dataset, space=_space)),
             run=expert_run_options,
             zca=zca_option,
-            method=method("experts"),
+            method=expert_method(Namespace(dataset=_dataset)),
         log:
             f"results/logs/experts/{_dataset}/{_space}/experts_{_ks[0]}-{_ks[-1]}.log",
         benchmark:
