@@ -48,13 +48,25 @@ SCHEMA_BREAKAGES = {
     "unknown top-level key": ["config key device_name: unknown key"],
     "bad source": ["config key datasets.demo.source: 'imagenet21k' is not one of", "folder"],
     "missing source": ["config key datasets.mnist: 'source' is a required property"],
-    "bad batch_syn": ["config key datasets.demo.distill.1.batch_syn"],
+    "bad batch_syn": ["config key datasets.demo.distill.1.batch_syn: -5 is less than the minimum of 1"],
+    "nan lr_img": ["config key datasets.demo.distill.1.lr_img: nan is not a finite number"],
+    "inf lr_lr": ["config key datasets.demo.distill.1.lr_lr: inf is not a finite number"],
+    "nan max_lr": ["config key datasets.demo.distill.3.max_lr: nan is not a finite number"],
+    "resolution too large": ["config key datasets.demo.resolution: 2000 is greater than the maximum of 1024", "(4-1024)"],
 }
 #: problems between keys, and names only the package's registries know, found after the
 #: schema passes (each names its key and the valid names)
 CROSS_BREAKAGES = {
     "unknown default dataset": ["config key default_datasets: 'cifar11' is not a configured dataset"],
-    "snapshots too few": ["config key datasets.demo.distill.1", "datasets.demo.experts.keep_snapshots is 3"],
+    "snapshots too few": ["config key datasets.demo.distill.1: reads expert snapshots up to epoch 6 (max_start_epoch 4 + "
+                          "expert_epochs 2), but datasets.demo.experts.keep_snapshots is 3",
+                          "lower datasets.demo.distill.1.expert_epochs or datasets.demo.distill.1.max_start_epoch "
+                          "(their sum to at most 3), or raise datasets.demo.experts.keep_snapshots to 6"],
+    "expert_epochs beyond the experts": ["config key datasets.demo.distill.3: reads expert snapshots up to epoch 24 "
+                                         "(max_start_epoch 4 + expert_epochs 20)",
+                                         "or raise datasets.demo.experts.epochs and keep_snapshots to 24"],
+    "batch_syn beyond the set": ["config key datasets.demo.distill.1.batch_syn: 50 is more than the synthetic set "
+                                 "(1 x 10 classes = 10 images)"],
 }
 NAME_BREAKAGES = {
     "misspelt model": ["config key datasets.demo.model: unknown network 'convnet_dd1'", "convnet_d1, "],
@@ -89,6 +101,18 @@ def _break(cfg: dict, edits) -> dict:
             del cfg["datasets"]["mnist"]["source"]
         elif edit == "bad batch_syn":
             demo["distill"][1]["batch_syn"] = -5
+        elif edit == "nan lr_img":
+            demo["distill"][1]["lr_img"] = float("nan")
+        elif edit == "inf lr_lr":
+            demo["distill"][1]["lr_lr"] = float("inf")
+        elif edit == "nan max_lr":
+            demo["distill"][3]["max_lr"] = float("nan")
+        elif edit == "resolution too large":
+            demo["resolution"] = 2000
+        elif edit == "expert_epochs beyond the experts":
+            demo["distill"][3]["expert_epochs"] = 20
+        elif edit == "batch_syn beyond the set":
+            demo["distill"][1]["batch_syn"] = 50
         elif edit == "unknown default dataset":
             cfg["default_datasets"] = ["demo", "cifar11"]
         elif edit == "snapshots too few":
@@ -154,6 +178,18 @@ def test_broken_config_is_refused_naming_every_key(plain_workdir, breakages):
         for needle in needles:
             assert needle in text, f"{edit}: {needle!r} not in:\n{text}"
     assert not (plain_workdir / "results").exists()
+
+
+@pytest.mark.parametrize("edit", ["nan lr_img", "inf lr_lr", "nan max_lr"])
+def test_a_non_finite_number_alone_is_refused(plain_workdir, edit):
+    """YAML's .nan passes every bound of the schema (NaN compares False): refused by key anyway."""
+    write_config(plain_workdir, _break(load_config(plain_workdir), [edit]), "nan.yaml")
+    assert ".nan" in (plain_workdir / "nan.yaml").read_text() or ".inf" in (plain_workdir / "nan.yaml").read_text()
+    result = snakemake(plain_workdir, "--dry-run", "--cores", "1", "--configfile", "nan.yaml")
+    text = result.stdout + result.stderr
+    assert result.returncode != 0 and "invalid configuration" in text, text
+    for needle in SCHEMA_BREAKAGES[edit]:
+        assert needle in text, text
 
 
 # --------------------------------------------------------------------------------------

@@ -133,6 +133,13 @@ def resolution_of(entry: Mapping[str, Any]) -> int | None:
     return int(digits) if digits.isdigit() else None
 
 
+def class_count(entry: Mapping[str, Any]) -> int | None:
+    """The number of classes of an entry's dataset where its source fixes it (demo, MNIST,
+    Fashion-MNIST, CIFAR-10, CIFAR-100), else None (the files tell: a class-folder tree,
+    ImageNet in any form, parquet shards)."""
+    return get_source(entry["source"]).num_classes
+
+
 def _ordered(options: list[Option]) -> list[Option]:
     rank = {key: i for i, key in enumerate(COMMAND_ORDER)}
     return sorted(options, key=lambda o: rank.get(o.key, len(rank)))  # stable: the rest keep the help order
