@@ -31,7 +31,7 @@ from tesla.data.format import SplitWriter
 from tesla.data.pool import RESULT_SLOT_BYTES, WorkerPool
 from tesla.data.imaging import decode_block, min_decoded_side, parse_resize_rule, resize_block, resize_rule_name
 from tesla.data.sources import ArraySplit, DatasetPlan, EncodedSplit, StreamedSplit, registry
-from tesla.data.sources.base import Split, empty_split_error
+from tesla.data.sources.base import Split, empty_split_error, single_class_error
 from tesla.data.sources.options import RESOLUTION_RANGE
 from tesla.errors import TeslaError
 from tesla.locks import acquire
@@ -328,6 +328,9 @@ def write_split(
         if not report.counts.any():
             why = f"all {len(report.skipped)} of its images are undecodable, e.g. {report.skipped[0]}" if report.skipped else "its input holds none"
             raise empty_split_error(split.split, split.source_path, why.replace("\t", ": "))
+        filled = [plan.class_ids[c] for c in np.flatnonzero(report.counts)]
+        if split.split == "train" and len(filled) < 2:  # a streamed split's classes, or undecodable ones
+            raise single_class_error(filled, split.source_path)
     with h5py.File(path, "r") as f:
         report.mean = [float(v) for v in np.atleast_1d(f.attrs["mean"])]
         report.std = [float(v) for v in np.atleast_1d(f.attrs["std"])]
