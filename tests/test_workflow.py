@@ -14,8 +14,10 @@ Time budget: about 30 s on 2 cores.
 from __future__ import annotations
 
 import copy
+import io
 import re
 import shutil
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -213,6 +215,60 @@ def test_wrong_imagenet_path_fails_at_once_naming_the_key(plain_workdir, tmp_pat
     text = result.stdout + result.stderr
     assert result.returncode != 0
     assert "datasets.in1k.input" in text and "does not exist" in text
+    assert not (plain_workdir / "results").exists()
+
+
+def _imagenet_tree(root: Path, flat_val: bool = False) -> Path:
+    """A two-class ImageNet-style tree: train/<wnid>/ (and val/, flat or in class folders)."""
+    for wnid in ("n00000001", "n00000002"):
+        (root / "train" / wnid).mkdir(parents=True)
+        (root / "train" / wnid / f"{wnid}_1.JPEG").write_bytes(b"not decoded by a dry run")
+        val = root / "val" if flat_val else root / "val" / wnid
+        val.mkdir(parents=True, exist_ok=True)
+        (val / f"val_{wnid}.JPEG").write_bytes(b"not decoded by a dry run")
+    return root
+
+
+#: (in1k keys -> paths under the temporary folder, or values) -> the error's text, or None: plans
+IMAGENET_LAYOUTS = {
+    "train folder alone": ({"input": "sorted/train"}, "config key datasets.in1k.test_input is not set, and "),
+    "train tar of class tars alone": ({"input": "train.tar"}, "config key datasets.in1k.test_input is not set"),
+    "flat val without labels": ({"input": "flat/train", "test_input": "flat/val"},
+                                "config key datasets.in1k.test_labels is not set, but "),
+    "flat val with labels": ({"input": "flat/train", "test_input": "flat/val", "test_labels": "labels.txt"}, None),
+    "sorted val": ({"input": "sorted/train", "test_input": "sorted/val"}, None),
+    "folder holding train and val": ({"input": "sorted"}, None),
+    "hold-out": ({"input": "sorted/train", "test_fraction": 0.5}, None),
+}
+
+
+@pytest.mark.parametrize("layout", list(IMAGENET_LAYOUTS))
+def test_imagenet_inputs_that_need_each_other_are_checked_before_any_job(plain_workdir, tmp_path, layout):
+    """An ImageNet entry whose input has no test split and no test_input (or whose flat test
+    folder has no labels) fails before any job, naming the key to set; complete layouts plan."""
+    _imagenet_tree(tmp_path / "sorted")
+    _imagenet_tree(tmp_path / "flat", flat_val=True)
+    (tmp_path / "labels.txt").write_text("val_n00000001.JPEG n00000001\nval_n00000002.JPEG n00000002\n")
+    with tarfile.open(tmp_path / "train.tar", "w") as outer:
+        for wnid in ("n00000001", "n00000002"):
+            buf = io.BytesIO()
+            with tarfile.open(fileobj=buf, mode="w") as inner:
+                inner.add(tmp_path / "sorted" / "train" / wnid / f"{wnid}_1.JPEG", arcname=f"{wnid}_1.JPEG")
+            info = tarfile.TarInfo(f"{wnid}.tar")
+            info.size = len(buf.getvalue())
+            outer.addfile(info, io.BytesIO(buf.getvalue()))
+    keys, error = IMAGENET_LAYOUTS[layout]
+    entry = {k: (str(tmp_path / v) if isinstance(v, str) else v) for k, v in keys.items()}
+    (tmp_path / "site.yaml").write_text(yaml.safe_dump({"datasets": {"in1k": entry}}))
+    result = snakemake(plain_workdir, "results/in1k_ipc1/acc.csv", "--dry-run", "--cores", "1", "--configfile",
+                       str(tmp_path / "site.yaml"))
+    text = result.stdout + result.stderr
+    if error is None:
+        assert result.returncode == 0, text
+        assert "resources/in1k/train.h5" in text
+    else:
+        assert result.returncode != 0 and error in text, text
+        assert "datasets.in1k.test_fraction" in text or "LOC_val_solution.csv" in text  # the way out
     assert not (plain_workdir / "results").exists()
 
 

@@ -56,6 +56,10 @@ class DataSource:
     #: the number of classes of every dataset it reads, when the source fixes it (the workflow
     #: checks batch_syn against it before any job); None when only the files tell
     num_classes: int | None = None
+    #: (options, how to name an option by its key) -> the problems a cheap look at the given paths
+    #: shows: the inputs a layout needs together (a test split, a labels file); the workflow asks
+    #: before any job, each problem naming its setting
+    input_problems: Callable[[SourceOptions, Callable[[str], str]], list[str]] | None = None
 
     def takes(self, option: Option) -> bool:
         return option.common or option in self.options
