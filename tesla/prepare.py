@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         raise TeslaError(f"--resolution: required for the {args.source} source (e.g. 32 for CIFAR-sized images, 64 for ImageNet)")
     low, high = RESOLUTION_RANGE
     if not low <= resolution <= high:
-        raise TeslaError(f"--resolution {resolution}: must be between {low} and {high}")
+        raise TeslaError(f"the images' own side {resolution} is outside the allowed range {low}-{high}; give --resolution")
     report = prepare_dataset(
         plan,
         args.out_dir,
