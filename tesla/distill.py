@@ -57,6 +57,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from tesla.arguments import finite_float
 from tesla import __version__, guard
 from tesla.errors import TeslaError
 from tesla.files import atomic_output
@@ -1110,22 +1111,22 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     a("--max-start-epoch-final", type=int, default=None,
       help="moving window: the upper bound grows linearly (rounded down) to this value by --window-iterations")
     a("--window-iterations", type=int, default=None, help="moving window: the iteration at which the upper bound is final")
-    a("--lr-img", type=float, default=d.lr_img, help="learning rate of the images (SGD, momentum 0.5)")
+    a("--lr-img", type=finite_float, default=d.lr_img, help="learning rate of the images (SGD, momentum 0.5)")
     a("--lr-img-convention", choices=tuple(LR_IMG_CONVENTIONS), default=d.lr_img_convention,
       help="what --lr-img means: 'gradient' = the step on dL/dX as computed; 'tesla-published' = the published TESLA "
            "code's step, half of that (so its published values are copied verbatim)")
-    a("--lr-lr", type=float, default=d.lr_lr, help="learning rate of alpha (SGD, momentum 0.5; 0 keeps alpha fixed)")
-    a("--lr-teacher", type=float, default=d.lr_teacher, help="initial alpha (the student's learning rate)")
-    a("--min-lr", type=float, default=None, help="alpha is kept >= this value (default: lr_teacher / 1000)")
+    a("--lr-lr", type=finite_float, default=d.lr_lr, help="learning rate of alpha (SGD, momentum 0.5; 0 keeps alpha fixed)")
+    a("--lr-teacher", type=finite_float, default=d.lr_teacher, help="initial alpha (the student's learning rate)")
+    a("--min-lr", type=finite_float, default=None, help="alpha is kept >= this value (default: lr_teacher / 1000)")
     a("--batch-syn", type=int, default=None, help="synthetic minibatch size per student step (default: all images)")
     a("--iterations", type=int, default=d.iterations, help="distillation iterations")
     a("--soft-labels", nargs="?", const="tesla", default=d.soft_labels, choices=SOFT_LABELS,
       help="labels the student trains on: none (class labels, the default), tesla (the target expert's softmax, "
            "recomputed every iteration; the bare flag means this), learned (logits learned with the images, "
            "initialised from the --init-expert/--init-epoch snapshot; README, Beyond TESLA)")
-    a("--label-temperature", type=float, default=d.label_temperature,
+    a("--label-temperature", type=finite_float, default=d.label_temperature,
       help="learned labels: T in y = softmax(z / T), z initialised to the snapshot's logits")
-    a("--lr-label", type=float, default=d.lr_label,
+    a("--lr-label", type=finite_float, default=d.lr_label,
       help="learned labels: learning rate of the label logits (SGD, momentum 0.5; 0 keeps them fixed)")
     a("--engine", choices=ENGINES, default=d.engine, help="gradient engine (see docs/benchmarks for the choice)")
     a("--compile", choices=COMPILE_MODES, default=d.compile,
@@ -1153,9 +1154,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     a("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
     a("--no-progress", dest="progress", action="store_false", help="no progress bar")
     g = parser.add_argument_group("divergence guard (stops the run before a bad state is saved; see tesla.guard)")
-    g.add_argument("--max-lr", type=float, default=None, help=f"alpha may not exceed this (default: {guard.MAX_LR_FACTOR:g} x lr_teacher)")
-    g.add_argument("--max-image-growth", type=float, default=d.max_image_growth, help="the largest image RMS may not exceed this many times its initial value")
-    g.add_argument("--max-loss", type=float, default=d.max_loss, help="the matching loss (about 1 at the start) may not exceed this")
+    g.add_argument("--max-lr", type=finite_float, default=None, help=f"alpha may not exceed this (default: {guard.MAX_LR_FACTOR:g} x lr_teacher)")
+    g.add_argument("--max-image-growth", type=finite_float, default=d.max_image_growth, help="the largest image RMS may not exceed this many times its initial value")
+    g.add_argument("--max-loss", type=finite_float, default=d.max_loss, help="the matching loss (about 1 at the start) may not exceed this")
     g.add_argument(
         "--config-key-prefix", default=None, metavar="KEY",
         help="name settings in messages as config keys under KEY (set by the workflow, e.g. datasets.demo.distill.1)",

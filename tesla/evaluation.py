@@ -65,6 +65,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from tesla.arguments import finite_float
 from tesla.augment import DEFAULT_STRATEGY
 from tesla.data import ImageSplit
 from tesla.data.header import check_test_split, read_split_header
@@ -653,9 +654,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="the lr drops x0.1 at the start of 0-based epoch K (default: epochs // 2; the published "
                              "protocol: --epochs 1001 --lr-decay-epoch 502)")
     parser.add_argument("--batch-size", type=int, default=256, help="minibatch size")
-    parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    parser.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay")
-    parser.add_argument("--lr-random", type=float, default=None,
+    parser.add_argument("--momentum", type=finite_float, default=0.9, help="SGD momentum")
+    parser.add_argument("--weight-decay", type=finite_float, default=5e-4, help="SGD weight decay")
+    parser.add_argument("--lr-random", type=finite_float, default=None,
                         help="learning rate of the random and full baselines (default 0.01; a synthetic set uses its learned lr)")
     parser.add_argument("--reset-momentum-at-decay", action="store_true",
                         help="restart the SGD momentum buffer when the lr decays, as the published code does by creating "

@@ -59,6 +59,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from tesla.arguments import finite_float
 from tesla.errors import TeslaError
 from tesla.files import atomic_output
 from tesla.locks import acquire
@@ -672,7 +673,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                              "of experts in one process (one --out each, in the same order)")
     parser.add_argument("--model", default="convnet", help=f"network: {', '.join(available_models())}")
     parser.add_argument("--epochs", type=int, default=50, help="training epochs E (snapshots 0..E)")
-    parser.add_argument("--lr", type=float, default=0.01, help="SGD learning rate (no momentum, no weight decay)")
+    parser.add_argument("--lr", type=finite_float, default=0.01, help="SGD learning rate (no momentum, no weight decay)")
     parser.add_argument("--batch-size", type=int, default=256, help="minibatch size")
     parser.add_argument("--dsa", default=DEFAULT_STRATEGY, help="DSA strategy ('_'-joined families, one picked per batch) or 'none'")
     parser.add_argument(

@@ -31,8 +31,9 @@ from tesla.data.format import SplitWriter
 from tesla.data.pool import RESULT_SLOT_BYTES, WorkerPool
 from tesla.data.imaging import decode_block, min_decoded_side, parse_resize_rule, resize_block, resize_rule_name
 from tesla.data.sources import ArraySplit, DatasetPlan, EncodedSplit, StreamedSplit, registry
-from tesla.data.sources.base import Split, empty_split_error
+from tesla.data.sources.base import Split, empty_split_error, single_class_error
 from tesla.data.sources.options import RESOLUTION_RANGE
+from tesla.data.sources.tarscan import LINK_REASONS
 from tesla.errors import TeslaError
 from tesla.locks import acquire
 
@@ -41,6 +42,8 @@ from tesla.locks import acquire
 ENCODED_BLOCK = 128
 ARRAY_BLOCK = 1024
 REPORT_NAME = "prepare_report.txt"
+#: lines of one list (skipped, converted, ignored) written into the report; the rest are counted
+REPORT_LIST_LIMIT = 1000
 #: the lock file of a preparation in its output folder (tesla-lock; one preparation per folder at a time)
 LOCK_NAME = ".tesla-prepare.lock"
 _STAGING = re.compile(r"^\.tesla-prepare\.(\d+)\.tmp$")
@@ -64,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         raise TeslaError(f"--resolution: required for the {args.source} source (e.g. 32 for CIFAR-sized images, 64 for ImageNet)")
     low, high = RESOLUTION_RANGE
     if not low <= resolution <= high:
-        raise TeslaError(f"--resolution {resolution}: must be between {low} and {high}")
+        raise TeslaError(f"the images' own side {resolution} is outside the allowed range {low}-{high}; give --resolution")
     report = prepare_dataset(
         plan,
         args.out_dir,
@@ -144,7 +147,9 @@ class PrepareReport:
         for s in self.splits:
             for title, items in (("skipped (undecodable)", s.skipped), ("converted", s.converted), ("ignored", s.ignored)):
                 lines += ["", f"[{s.split}] {title}: {len(items)} (path<TAB>reason)"]
-                lines += items
+                lines += items[:REPORT_LIST_LIMIT]
+                if len(items) > REPORT_LIST_LIMIT:
+                    lines.append(f"... and {len(items) - REPORT_LIST_LIMIT} more, not listed (the first {REPORT_LIST_LIMIT} are)")
         return "\n".join(lines) + "\n"
 
 
@@ -325,9 +330,16 @@ def write_split(
             _write_encoded(split, writer, report, conv)
         # ignored files found while listing lazily (inner tars) join the report
         report.ignored = list(dict.fromkeys(report.ignored + list(split.ignored)))
+        links = sum(line.partition("\t")[2].startswith(LINK_REASONS) for line in report.ignored)
+        if links:
+            report.notes.append(f"{links} tar member(s) are symbolic links, or hard links to no regular member of their "
+                                "archive: not read (listed among the ignored files, with their targets)")
         if not report.counts.any():
             why = f"all {len(report.skipped)} of its images are undecodable, e.g. {report.skipped[0]}" if report.skipped else "its input holds none"
             raise empty_split_error(split.split, split.source_path, why.replace("\t", ": "))
+        filled = [plan.class_ids[c] for c in np.flatnonzero(report.counts)]
+        if split.split == "train" and len(filled) < 2:  # a streamed split's classes, or undecodable ones
+            raise single_class_error(filled, split.source_path)
     with h5py.File(path, "r") as f:
         report.mean = [float(v) for v in np.atleast_1d(f.attrs["mean"])]
         report.std = [float(v) for v in np.atleast_1d(f.attrs["std"])]

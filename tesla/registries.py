@@ -19,6 +19,7 @@ digest is updated).
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping
 
 from tesla.augment import FAMILIES, parse_strategy
@@ -44,6 +45,8 @@ __all__ = [
     "input_space_key",
     "last_snapshot_needed",
     "method_of",
+    "non_finite_problems",
+    "snapshot_shortfall",
     "soft_label_kind",
 ]
 
@@ -123,6 +126,52 @@ def last_snapshot_needed(row: Mapping[str, Any]) -> int:
     ``init_epoch``. Absent keys take their defaults (a fixed window, no init_epoch)."""
     largest = max(int(row["max_start_epoch"]), int(row.get("max_start_epoch_final") or 0))
     return max(largest + int(row["expert_epochs"]), int(row.get("init_epoch") or 0))
+
+
+def _snapshot_terms(row: Mapping[str, Any]) -> tuple[str, list[str]]:
+    """(the sum that sets :func:`last_snapshot_needed`, spelt with its keys; those keys)."""
+    top = "max_start_epoch"
+    if (row.get("max_start_epoch_final") or 0) > int(row["max_start_epoch"]):
+        top = "max_start_epoch_final"
+    window = int(row[top]) + int(row["expert_epochs"])
+    if int(row.get("init_epoch") or 0) > window:
+        return f"init_epoch {row['init_epoch']}", ["init_epoch"]
+    return f"{top} {row[top]} + expert_epochs {row['expert_epochs']}", ["expert_epochs", top]
+
+
+def snapshot_shortfall(row: Mapping[str, Any], key: str, experts_key: str, kept: int, experts: Mapping[str, Any]) -> str | None:
+    """The problem of a distill row (config key ``key``) that reads expert snapshots beyond the
+    ``kept`` ones of its experts (``experts_key``: their config key; ``experts``: their
+    settings, ``epochs`` and ``keep_snapshots``), naming the keys that set both sides and the
+    fixes; None when the snapshots suffice."""
+    needed = last_snapshot_needed(row)
+    if needed <= kept:
+        return None
+    terms, keys = _snapshot_terms(row)
+    epochs, keep = int(experts["epochs"]), experts.get("keep_snapshots")
+    if isinstance(keep, int) and not isinstance(keep, bool):
+        limit = f"{experts_key}.keep_snapshots is {kept} (of {epochs} epochs trained, {experts_key}.epochs)"
+        raise_ = f"{experts_key}.keep_snapshots" if needed <= epochs else f"{experts_key}.epochs and keep_snapshots"
+    else:
+        limit, raise_ = f"{experts_key}.epochs is {epochs}", f"{experts_key}.epochs"
+    lower = " or ".join(f"{key}.{k}" for k in keys)
+    target = f"{'their sum ' if len(keys) > 1 else ''}to at most {kept}"
+    return (f"config key {key}: reads expert snapshots up to epoch {needed} ({terms}), but {limit}; "
+            f"lower {lower} ({target}), or raise {raise_} to {needed}")
+
+
+def non_finite_problems(value: Any, path: tuple = ()) -> list[str]:
+    """'config key <a.b.c>: ...' for every NaN or infinite number anywhere in a loaded config.
+    YAML reads ``.nan`` and ``.inf`` as floats, and a NaN compares False with every bound, so
+    a JSON schema's minimum and maximum let it through: this walk refuses them by key."""
+    if isinstance(value, float) and not math.isfinite(value):
+        key = ".".join(str(p) for p in path) or "(top level)"
+        return [f"config key {key}: {value} is not a finite number (YAML's .nan and .inf are refused); give a number"]
+    if isinstance(value, Mapping):
+        return [line for k, v in value.items() for line in non_finite_problems(v, (*path, k))]
+    if isinstance(value, (list, tuple)):
+        return [line for i, v in enumerate(value) for line in non_finite_problems(v, (*path, i))]
+    return []
 
 
 def config_problems(ds: Mapping[str, Any], where: str, resolution: int | None = None) -> list[str]:

@@ -373,7 +373,8 @@ class Trajectory:
         if not isinstance(i, (int, np.integer)) or not (-n <= i < n):
             raise TeslaError(
                 f"{self.path}: snapshot {i} asked for, the file keeps snapshots 0..{n - 1}; re-run 'tesla experts' "
-                f"with a larger --keep-snapshots/--epochs or lower max_start_epoch + expert_epochs"
+                f"with a larger --keep-snapshots/--epochs, or lower --max-start-epoch (or --max-start-epoch-final) + "
+                f"--expert-epochs, and --init-epoch, to at most {n - 1}"
             )
         return self._h5()[name][int(i) % n]
 
@@ -546,6 +547,7 @@ class Trajectory:
         if needed_snapshots is not None and needed_snapshots > self.num_snapshots:
             raise TeslaError(
                 f"{self.path}: {needed_snapshots} snapshots (0..{needed_snapshots - 1}) are needed but the file keeps "
-                f"{self.num_snapshots} (0..{self.num_snapshots - 1}); lower max_start_epoch + expert_epochs or re-run "
-                f"'tesla experts' with more --epochs/--keep-snapshots"
+                f"{self.num_snapshots} (0..{self.num_snapshots - 1}); lower --max-start-epoch (or "
+                f"--max-start-epoch-final) + --expert-epochs, and --init-epoch, to at most {self.num_snapshots - 1}, "
+                f"or re-run 'tesla experts' with more --epochs/--keep-snapshots"
             )

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from tesla import __version__
+from tesla.arguments import finite_float
 from tesla.errors import TeslaError
 from tesla.files import atomic_output
 from tesla.hdf5 import open_checked
@@ -328,7 +329,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help="the space ZCA is fitted in (and later applied after): 'split' = the split's own mean/std; 'none' = "
         "pixels in [0, 1], as the published code; or fixed published constants",
     )
-    parser.add_argument("--eps", type=float, default=DEFAULT_EPS, help="eigenvalue regulariser eps")
+    parser.add_argument("--eps", type=finite_float, default=DEFAULT_EPS, help="eigenvalue regulariser eps")
     parser.add_argument("--chunk", type=int, default=4096, help="images per covariance update")
     parser.add_argument("--device", default="cpu", help="device for the covariance: cpu, cuda, auto")
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import pickle
 import re
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -124,3 +125,36 @@ def test_no_test_split_at_all_is_still_asked_for(tmp_path, capsys, source):
         jpeg(tmp_path / "tree" / cls / "x.png", Image.new("RGB", (4, 4)), "PNG")
     assert prepare(source, "--input", tmp_path / "tree", "--resolution", 8, "--out-dir", tmp_path / "out") == 2
     assert "no test split; give --test-input" in capsys.readouterr().err
+
+
+ONE_CLASS = r": the train split has images of one class only \('{}'\); a classifier needs at least 2 classes"
+
+
+@pytest.mark.parametrize("layout", ["folder", "tar"])
+def test_a_single_class_tree_is_refused(tmp_path, capsys, layout):
+    """Trained on one class, a network reaches loss 0 and 100 % and learns nothing: refused."""
+    for split in ("train", "test"):
+        for k in range(2):
+            jpeg(tmp_path / "ds" / split / "cat" / f"{k}.png", pattern(k), "PNG")
+    given = tmp_path / "ds"
+    if layout == "tar":
+        given = tmp_path / "ds.tar"
+        with tarfile.open(given, "w") as tar:
+            tar.add(tmp_path / "ds", arcname=".")
+    out = tmp_path / "out"
+    assert prepare("folder", "--input", given, "--resolution", 8, "--out-dir", out) == 2
+    err = refused(out, capsys, ONE_CLASS.format("cat"))
+    assert f"{given}" in err
+
+
+def test_downsampled_rows_of_a_single_class_are_refused(tmp_path, capsys):
+    """Two classes in the mapping, rows of one: known only once the streamed split is read, refused then."""
+    (tmp_path / "map_clsloc.txt").write_text("n00000001 1 one\nn00000002 2 two\n")
+    rng = np.random.default_rng(0)
+    write_pickle(tmp_path / "in/train_data_batch_1", rng.integers(0, 256, (6, 3 * 4 * 4), dtype=np.uint8), [1] * 6)
+    np.savez(tmp_path / "in/val_data.npz", data=rng.integers(0, 256, (2, 3 * 4 * 4), dtype=np.uint8), labels=np.ones(2, np.int64))
+    out = tmp_path / "out"
+    assert prepare("imagenet-downsampled", "--input", tmp_path / "in", "--synsets", tmp_path / "map_clsloc.txt",
+                   "--out-dir", out, "--workers", 1) == 2
+    refused(out, capsys, ONE_CLASS.format("n00000001"))
+    assert sorted(p.name for p in out.iterdir()) == [], "the staging folder is gone too"

@@ -15,7 +15,15 @@ import pytest
 from prepare_support import jpeg, pattern, prepare
 from tesla.data import ImageSplit
 from tesla.data.sources import tarscan
-from tesla.data.sources.tarscan import ABSOLUTE_PATH, PARENT_PATH, _tarfile_members, member_path, tar_members
+from tesla.data.sources.tarscan import (
+    ABSOLUTE_PATH,
+    HARD_LINK,
+    PARENT_PATH,
+    SYMBOLIC_LINK,
+    _tarfile_members,
+    member_path,
+    tar_members,
+)
 from tesla.errors import TeslaError
 
 
@@ -103,6 +111,75 @@ def test_unsafe_members_of_a_class_tar_are_listed(tmp_path):
     assert f"{outer}/n00000001.tar//etc/n00000001_9.JPEG\t{ABSOLUTE_PATH}" in (out / "prepare_report.txt").read_text()
 
 
+def add_link(tar: tarfile.TarFile, name: str, target: str, kind: bytes) -> None:
+    """A link member: kind tarfile.SYMTYPE or tarfile.LNKTYPE, pointing at ``target`` as stored."""
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, target
+    tar.addfile(info)
+
+
+#: link members of the archive below -> the reason they are not read (None: read as their target)
+LINKS = {
+    "train/cat/s.png": (SYMBOLIC_LINK.format(target="a.png"), "a.png", tarfile.SYMTYPE),
+    "train/dog/d.png": (None, "./train/cat/a.png", tarfile.LNKTYPE),  # a regular member: read (as a dog)
+    "train/dog/gone.png": (HARD_LINK.format(target="train/none.png"), "train/none.png", tarfile.LNKTYPE),
+    "train/dog/up.png": (SYMBOLIC_LINK.format(target="../../../etc/passwd"), "../../../etc/passwd", tarfile.SYMTYPE),
+}
+
+
+@pytest.fixture(params=[tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def linked_tar(tmp_path, request) -> Path:
+    path = tmp_path / "linked.tar"
+    with tarfile.open(path, "w", format=request.param) as tar:
+        for k, name in enumerate(["train/cat/a.png", "train/cat/b.png", "train/dog/c.png", "test/cat/t.png", "test/dog/u.png"]):
+            add_member(tar, name, image_bytes(k))
+        for name, (_, target, kind) in LINKS.items():
+            add_link(tar, name, target, kind)
+    return path
+
+
+def test_links_are_listed_with_their_reason_and_hard_links_to_members_read(linked_tar):
+    walked = tar_members(linked_tar)
+    assert walked == _tarfile_members(linked_tar, 0, linked_tar.stat().st_size, str(linked_tar))
+    by_path = {m.path: m for m in walked}
+    for name, (reason, _, _) in LINKS.items():
+        assert by_path[name].problem == (reason or ""), name
+    a, d = by_path["train/cat/a.png"], by_path["train/dog/d.png"]
+    assert (d.offset, d.size) == (a.offset, a.size)  # the bytes of the member it links to
+
+
+def test_links_in_a_tar_appear_in_the_report_instead_of_vanishing(linked_tar, tmp_path):
+    out = tmp_path / "out"
+    assert prepare("folder", "--input", linked_tar, "--resolution", 8, "--out-dir", out, "--workers", 1) == 0
+    train = ImageSplit.open(out / "train.h5")
+    assert train.num_images == 4  # a, b, c and the hard link d
+    report = (out / "prepare_report.txt").read_text()
+    not_read = {name: reason for name, (reason, _, _) in LINKS.items() if reason}
+    for name, reason in not_read.items():
+        assert f"{linked_tar}/{name}\t{reason}" in report
+    assert f"note: {len(not_read)} tar member(s) are symbolic links, or hard links to no regular member" in report
+    assert f"{linked_tar}/train/dog/d.png\thard link" not in report  # read: not among the ignored
+
+
+def test_a_long_list_in_the_report_is_cut_and_counted(tmp_path, monkeypatch):
+    import tesla.prepare
+
+    monkeypatch.setattr(tesla.prepare, "REPORT_LIST_LIMIT", 2)
+    path = tmp_path / "many.tar"
+    with tarfile.open(path, "w") as tar:
+        for k, name in enumerate(["cat/a.png", "cat/c.png", "dog/b.png", "dog/d.png"]):
+            add_member(tar, name, image_bytes(k))
+        for k in range(5):
+            add_link(tar, f"cat/l{k}.png", "a.png", tarfile.SYMTYPE)
+    out = tmp_path / "out"
+    assert prepare("folder", "--input", path, "--resolution", 8, "--test-fraction", 0.5, "--out-dir", out, "--workers", 1) == 0
+    report = (out / "prepare_report.txt").read_text()
+    assert "[train] ignored: 5 (path<TAB>reason)" in report
+    assert report.count("\tsymbolic link to a.png") == 2
+    assert "... and 3 more, not listed (the first 2 are)" in report
+    assert "note: 5 tar member(s) are symbolic links" in report
+
+
 def test_two_runs_write_the_same_report(tmp_path):
     """Skip reasons name no memory address (Pillow names an in-memory file by its address)."""
     root = tmp_path / "tree"
@@ -125,7 +202,8 @@ def test_two_runs_write_the_same_report(tmp_path):
 
 def tarfile_view(path: Path) -> list[tuple]:
     """The entries the tar lister must give, read with tarfile directly: (path, None) for a
-    folder, (path, data offset, size) for a regular file; other members left out."""
+    folder, (path, data offset, size) for a regular file or a hard link to one (its target's
+    bytes), (path, 'not read') for other links; other members left out."""
     out = []
     with tarfile.open(path) as tar:
         for m in tar:
@@ -139,13 +217,21 @@ def tarfile_view(path: Path) -> list[tuple]:
                 out.append((rel, None))
             elif m.isfile():
                 out.append((rel, m.offset_data, m.size))
+            elif m.islnk():  # read as the regular member it links to, when there is one
+                target = next((e for e in out if e[0] == m.linkname.removeprefix("./") and len(e) == 3), None)
+                out.append((rel, *target[1:]) if target else (rel, "not read"))
+            elif m.issym():
+                out.append((rel, "not read"))
     return out
 
 
 def lister_view(path: Path) -> list[tuple]:
     from tesla.data.sources.tree import list_container
 
-    return [(e.rel, None) if e.ref is None else (e.rel, e.ref.offset, e.ref.size) for e in list_container(path, "--input")]
+    return [
+        (e.rel, None) if e.ref is None else (e.rel, "not read") if e.problem else (e.rel, e.ref.offset, e.ref.size)
+        for e in list_container(path, "--input")
+    ]
 
 
 @pytest.fixture

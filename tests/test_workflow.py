@@ -14,8 +14,10 @@ Time budget: about 30 s on 2 cores.
 from __future__ import annotations
 
 import copy
+import io
 import re
 import shutil
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -48,13 +50,25 @@ SCHEMA_BREAKAGES = {
     "unknown top-level key": ["config key device_name: unknown key"],
     "bad source": ["config key datasets.demo.source: 'imagenet21k' is not one of", "folder"],
     "missing source": ["config key datasets.mnist: 'source' is a required property"],
-    "bad batch_syn": ["config key datasets.demo.distill.1.batch_syn"],
+    "bad batch_syn": ["config key datasets.demo.distill.1.batch_syn: -5 is less than the minimum of 1"],
+    "nan lr_img": ["config key datasets.demo.distill.1.lr_img: nan is not a finite number"],
+    "inf lr_lr": ["config key datasets.demo.distill.1.lr_lr: inf is not a finite number"],
+    "nan max_lr": ["config key datasets.demo.distill.3.max_lr: nan is not a finite number"],
+    "resolution too large": ["config key datasets.demo.resolution: 2000 is greater than the maximum of 1024", "(4-1024)"],
 }
 #: problems between keys, and names only the package's registries know, found after the
 #: schema passes (each names its key and the valid names)
 CROSS_BREAKAGES = {
     "unknown default dataset": ["config key default_datasets: 'cifar11' is not a configured dataset"],
-    "snapshots too few": ["config key datasets.demo.distill.1", "datasets.demo.experts.keep_snapshots is 3"],
+    "snapshots too few": ["config key datasets.demo.distill.1: reads expert snapshots up to epoch 6 (max_start_epoch 4 + "
+                          "expert_epochs 2), but datasets.demo.experts.keep_snapshots is 3",
+                          "lower datasets.demo.distill.1.expert_epochs or datasets.demo.distill.1.max_start_epoch "
+                          "(their sum to at most 3), or raise datasets.demo.experts.keep_snapshots to 6"],
+    "expert_epochs beyond the experts": ["config key datasets.demo.distill.3: reads expert snapshots up to epoch 24 "
+                                         "(max_start_epoch 4 + expert_epochs 20)",
+                                         "or raise datasets.demo.experts.epochs and keep_snapshots to 24"],
+    "batch_syn beyond the set": ["config key datasets.demo.distill.1.batch_syn: 50 is more than the synthetic set "
+                                 "(1 x 10 classes = 10 images)"],
 }
 NAME_BREAKAGES = {
     "misspelt model": ["config key datasets.demo.model: unknown network 'convnet_dd1'", "convnet_d1, "],
@@ -89,6 +103,18 @@ def _break(cfg: dict, edits) -> dict:
             del cfg["datasets"]["mnist"]["source"]
         elif edit == "bad batch_syn":
             demo["distill"][1]["batch_syn"] = -5
+        elif edit == "nan lr_img":
+            demo["distill"][1]["lr_img"] = float("nan")
+        elif edit == "inf lr_lr":
+            demo["distill"][1]["lr_lr"] = float("inf")
+        elif edit == "nan max_lr":
+            demo["distill"][3]["max_lr"] = float("nan")
+        elif edit == "resolution too large":
+            demo["resolution"] = 2000
+        elif edit == "expert_epochs beyond the experts":
+            demo["distill"][3]["expert_epochs"] = 20
+        elif edit == "batch_syn beyond the set":
+            demo["distill"][1]["batch_syn"] = 50
         elif edit == "unknown default dataset":
             cfg["default_datasets"] = ["demo", "cifar11"]
         elif edit == "snapshots too few":
@@ -156,6 +182,18 @@ def test_broken_config_is_refused_naming_every_key(plain_workdir, breakages):
     assert not (plain_workdir / "results").exists()
 
 
+@pytest.mark.parametrize("edit", ["nan lr_img", "inf lr_lr", "nan max_lr"])
+def test_a_non_finite_number_alone_is_refused(plain_workdir, edit):
+    """YAML's .nan passes every bound of the schema (NaN compares False): refused by key anyway."""
+    write_config(plain_workdir, _break(load_config(plain_workdir), [edit]), "nan.yaml")
+    assert ".nan" in (plain_workdir / "nan.yaml").read_text() or ".inf" in (plain_workdir / "nan.yaml").read_text()
+    result = snakemake(plain_workdir, "--dry-run", "--cores", "1", "--configfile", "nan.yaml")
+    text = result.stdout + result.stderr
+    assert result.returncode != 0 and "invalid configuration" in text, text
+    for needle in SCHEMA_BREAKAGES[edit]:
+        assert needle in text, text
+
+
 # --------------------------------------------------------------------------------------
 # (c) a requested dataset whose raw data is missing fails before any job
 # --------------------------------------------------------------------------------------
@@ -177,6 +215,60 @@ def test_wrong_imagenet_path_fails_at_once_naming_the_key(plain_workdir, tmp_pat
     text = result.stdout + result.stderr
     assert result.returncode != 0
     assert "datasets.in1k.input" in text and "does not exist" in text
+    assert not (plain_workdir / "results").exists()
+
+
+def _imagenet_tree(root: Path, flat_val: bool = False) -> Path:
+    """A two-class ImageNet-style tree: train/<wnid>/ (and val/, flat or in class folders)."""
+    for wnid in ("n00000001", "n00000002"):
+        (root / "train" / wnid).mkdir(parents=True)
+        (root / "train" / wnid / f"{wnid}_1.JPEG").write_bytes(b"not decoded by a dry run")
+        val = root / "val" if flat_val else root / "val" / wnid
+        val.mkdir(parents=True, exist_ok=True)
+        (val / f"val_{wnid}.JPEG").write_bytes(b"not decoded by a dry run")
+    return root
+
+
+#: (in1k keys -> paths under the temporary folder, or values) -> the error's text, or None: plans
+IMAGENET_LAYOUTS = {
+    "train folder alone": ({"input": "sorted/train"}, "config key datasets.in1k.test_input is not set, and "),
+    "train tar of class tars alone": ({"input": "train.tar"}, "config key datasets.in1k.test_input is not set"),
+    "flat val without labels": ({"input": "flat/train", "test_input": "flat/val"},
+                                "config key datasets.in1k.test_labels is not set, but "),
+    "flat val with labels": ({"input": "flat/train", "test_input": "flat/val", "test_labels": "labels.txt"}, None),
+    "sorted val": ({"input": "sorted/train", "test_input": "sorted/val"}, None),
+    "folder holding train and val": ({"input": "sorted"}, None),
+    "hold-out": ({"input": "sorted/train", "test_fraction": 0.5}, None),
+}
+
+
+@pytest.mark.parametrize("layout", list(IMAGENET_LAYOUTS))
+def test_imagenet_inputs_that_need_each_other_are_checked_before_any_job(plain_workdir, tmp_path, layout):
+    """An ImageNet entry whose input has no test split and no test_input (or whose flat test
+    folder has no labels) fails before any job, naming the key to set; complete layouts plan."""
+    _imagenet_tree(tmp_path / "sorted")
+    _imagenet_tree(tmp_path / "flat", flat_val=True)
+    (tmp_path / "labels.txt").write_text("val_n00000001.JPEG n00000001\nval_n00000002.JPEG n00000002\n")
+    with tarfile.open(tmp_path / "train.tar", "w") as outer:
+        for wnid in ("n00000001", "n00000002"):
+            buf = io.BytesIO()
+            with tarfile.open(fileobj=buf, mode="w") as inner:
+                inner.add(tmp_path / "sorted" / "train" / wnid / f"{wnid}_1.JPEG", arcname=f"{wnid}_1.JPEG")
+            info = tarfile.TarInfo(f"{wnid}.tar")
+            info.size = len(buf.getvalue())
+            outer.addfile(info, io.BytesIO(buf.getvalue()))
+    keys, error = IMAGENET_LAYOUTS[layout]
+    entry = {k: (str(tmp_path / v) if isinstance(v, str) else v) for k, v in keys.items()}
+    (tmp_path / "site.yaml").write_text(yaml.safe_dump({"datasets": {"in1k": entry}}))
+    result = snakemake(plain_workdir, "results/in1k_ipc1/acc.csv", "--dry-run", "--cores", "1", "--configfile",
+                       str(tmp_path / "site.yaml"))
+    text = result.stdout + result.stderr
+    if error is None:
+        assert result.returncode == 0, text
+        assert "resources/in1k/train.h5" in text
+    else:
+        assert result.returncode != 0 and error in text, text
+        assert "datasets.in1k.test_fraction" in text or "LOC_val_solution.csv" in text  # the way out
     assert not (plain_workdir / "results").exists()
 
 

@@ -79,8 +79,12 @@ def _schema_errors(cfg) -> list[str]:
                 f"{err.message} ({err.schema.get('description', 'see the schema')})"
             )
             continue
-        elif err.schema.get("description"):
-            what = f"{err.message} ({err.schema['description']})"
+        if err.validator == "anyOf" and err.instance is not None:
+            # the branch of the value's own type says what is wrong with it (a bound), not "any of the given schemas"
+            bounds = [e.message for e in err.context if e.validator not in ("type", "const", "enum")]
+            what = "; ".join(dict.fromkeys(bounds)) or what
+        if err.schema.get("description"):
+            what = f"{what} ({err.schema['description']})"
         lines.append(f"config key {_config_key(err.absolute_path)}: {what}")
     return lines
 
@@ -126,16 +130,16 @@ def _cross_checks(cfg) -> list[str]:
         ex = ds["experts"]
         for space, rows in spaces_of(ds).items():
             kept = snapshots_kept(ds, space)
-            key = "keep_snapshots" if ex["keep_snapshots"] not in (None, "auto") else "epochs"
             for ipc, row in rows:
-                if registries.last_snapshot_needed(row) > kept:
-                    problems.append(
-                        f"config key {where}.distill.{ipc}: the window (max_start_epoch, max_start_epoch_final) + "
-                        f"expert_epochs and init_epoch need expert snapshots up to epoch {registries.last_snapshot_needed(row)}, "
-                        f"but {where}.experts.{key} is {kept}; raise it or lower max_start_epoch"
-                    )
+                short = registries.snapshot_shortfall(row, f"{where}.distill.{ipc}", f"{where}.experts", kept, ex)
+                problems += [short] if short else []
+        classes = data_sources.class_count(ds)
         for ipc, row in ds["distill"].items():
             key = f"{where}.distill.{ipc}"
+            images = int(ipc) * (classes or 0)
+            if classes and row["batch_syn"] is not None and row["batch_syn"] > images:
+                problems.append(f"config key {key}.batch_syn: {row['batch_syn']} is more than the synthetic set ({ipc} x "
+                                f"{classes} classes = {images} images); lower it to at most {images}, or null (all images)")
             if (row["max_start_epoch_final"] is None) != (row["window_iterations"] is None):
                 problems.append(f"config key {key}: a moving window needs both max_start_epoch_final and "
                                 "window_iterations (or neither)")
@@ -161,10 +165,12 @@ def load_and_validate_config(cfg) -> None:
     then the cross-key and registry checks. Fails before any job with every problem listed
     as `config key a.b.c: problem`."""
     _normalise_config(cfg)
+    problems = registries.non_finite_problems(cfg)  # a NaN passes every bound of the schema
     try:
         validate(cfg, str(SCHEMA))
     except WorkflowError:
-        problems = _schema_errors(cfg) or ["(see the schema)"]
+        problems += _schema_errors(cfg) or ["(see the schema)"]
+    if problems:
         raise WorkflowError(
             f"invalid configuration in {CONFIG_FILE_HINT}; the schema is {SCHEMA}:\n  "
             + "\n  ".join(problems)

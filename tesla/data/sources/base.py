@@ -206,9 +206,21 @@ def empty_class_error(classes: list[str], where: str) -> TeslaError:
     )
 
 
+def single_class_error(classes: list[str], where: str) -> TeslaError:
+    """The error of every source for a train split with images of fewer than two classes."""
+    what = f"images of one class only ({classes[0]!r})" if classes else "no class"
+    return TeslaError(
+        f"{where}: the train split has {what}; a classifier needs at least 2 classes (trained on one, it "
+        "reaches loss 0 and 100 % without learning anything); nothing was written: give the images of two "
+        "classes or more (for a class-folder tree: one folder per class)"
+    )
+
+
 def refuse_empty_splits(plan: DatasetPlan) -> None:
-    """Before anything is decoded: no split may be empty, no train class may be empty, as far
-    as the split knows its counts (see :meth:`EncodedSplit.class_counts`)."""
+    """Before anything is decoded: at least two classes; no split may be empty, no train class
+    may be empty, as far as the split knows its counts (see :meth:`EncodedSplit.class_counts`)."""
+    if len(plan.class_ids) < 2:
+        raise single_class_error(plan.class_ids, plan.train.source_path)
     for split in (plan.train, plan.test):
         counts = split.class_counts(len(plan.class_ids))
         if counts is None:

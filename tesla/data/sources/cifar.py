@@ -180,6 +180,7 @@ def _cifar(source: str, title: str) -> DataSource:
         partial(plan_cifar, source=source),
         (INPUT, DOWNLOAD),
         {"input": f"{layout['archive']} or its extracted {layout['folder']} folder (or the folder holding either)", "resolution": "32"},
+        num_classes=layout["num_classes"],
     )
 
 

@@ -16,6 +16,7 @@ from tesla.data.sources.registry import DataSource
 
 DEMO_SEED = 0
 DEMO_TEST_FRACTION = 0.2
+DEMO_CLASSES = 10
 
 
 def demo_digits() -> tuple[np.ndarray, np.ndarray]:
@@ -45,8 +46,8 @@ def plan_demo(opts: SourceOptions, name: str | None = None) -> DatasetPlan:
     return DatasetPlan(
         source="demo",
         name=name or "demo",
-        class_ids=[str(d) for d in range(10)],
-        class_names=[str(d) for d in range(10)],
+        class_ids=[str(d) for d in range(DEMO_CLASSES)],
+        class_names=[str(d) for d in range(DEMO_CLASSES)],
         channels=1,
         default_resolution=8,
         train=ArraySplit("train", images[~test], labels[~test], "sklearn.datasets.load_digits", attrs=dict(attrs)),
@@ -56,4 +57,6 @@ def plan_demo(opts: SourceOptions, name: str | None = None) -> DatasetPlan:
     )
 
 
-SOURCES = (DataSource("demo", "scikit-learn's handwritten digits, no input", plan_demo, notes={"resolution": "8"}),)
+SOURCES = (
+    DataSource("demo", "scikit-learn's handwritten digits, no input", plan_demo, notes={"resolution": "8"}, num_classes=DEMO_CLASSES),
+)

@@ -15,9 +15,13 @@ ImageNet class folders must be WordNet ids (``n01440764``); class index = sorted
 
 from __future__ import annotations
 
+import os
 import re
+import tarfile
 from pathlib import Path
+from typing import Callable
 
+from tesla.data.imaging import is_image_name
 from tesla.data.sources.base import DatasetPlan, EncodedSplit, SourceOptions
 from tesla.data.sources.options import (
     CHANNELS,
@@ -30,6 +34,7 @@ from tesla.data.sources.options import (
     TEST_LABELS,
 )
 from tesla.data.sources.registry import DataSource
+from tesla.data.sources.tarscan import member_path
 from tesla.data.sources.tree import (
     TEST_SPLIT_NAMES,
     Entry,
@@ -47,6 +52,58 @@ from tesla.data.sources.tree import (
 from tesla.errors import TeslaError
 
 WNID = re.compile(r"^n\d{8}$")
+#: tar members read by the early look at a tar's layout (:func:`top_level`): its first ones
+PEEK_MEMBERS = 5000
+
+
+def top_level(path: Path) -> tuple[set[str], set[str], bool] | None:
+    """(folder names, file names, every member seen) at the top of a folder or an uncompressed
+    tar, from a cheap look: a folder's own entries, a tar's first :data:`PEEK_MEMBERS` members;
+    hidden names left out. None when it is neither (the planner says why)."""
+    folders: set[str] = set()
+    files: set[str] = set()
+    if path.is_dir():
+        for entry in os.scandir(path):
+            (folders if entry.is_dir() else files).add(entry.name)
+        return {f for f in folders if not f.startswith(".")}, {f for f in files if not f.startswith(".")}, True
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for k, member in enumerate(tar):
+                if k >= PEEK_MEMBERS:
+                    return folders, files, False
+                rel, problem = member_path(member.name)
+                if rel is None or problem or rel.startswith("."):
+                    continue
+                top, _, below = rel.partition("/")
+                (folders if below or member.isdir() else files).add(top)
+    except (tarfile.TarError, OSError):
+        return None
+    return folders, files, True
+
+
+def tree_input_problems(opts: SourceOptions, name: Callable[[str], str]) -> list[str]:
+    """What a class-folder tree's paths need together, from a cheap look at them: a test split
+    (``test_input``, the input's own train/ beside val/ or test/, or ``test_fraction``), and a
+    labels file for a flat test folder. Only what is certain is reported (a tar too long to
+    look through is left to ``tesla prepare``)."""
+    problems = []
+    if opts.input is not None and opts.test_input is None and opts.test_fraction is None:
+        top = top_level(Path(opts.input))
+        if top is not None and top[2] and not ("train" in top[0] and any(n in top[0] for n in TEST_SPLIT_NAMES)):
+            problems.append(
+                f"{name('test_input')} is not set, and {opts.input} holds no test split (no train/ folder beside a val/ "
+                f"or test/ folder); set it to the test images (class folders, or a flat folder or tar with "
+                f"{name('test_labels')}), or hold out part of train with {name('test_fraction')} (e.g. 0.1)"
+            )
+    if opts.test_input is not None and opts.test_labels is None:
+        top = top_level(Path(opts.test_input))
+        if top is not None and not top[0] and any(is_image_name(f) for f in top[1]):
+            problems.append(
+                f"{name('test_labels')} is not set, but {opts.test_input} holds its images in one flat folder, which "
+                "says nothing of their classes; set it to the labels file (LOC_val_solution.csv, or 'file class' "
+                "lines), or sort the test images into class folders"
+            )
+    return problems
 
 
 def _test_split(
@@ -163,5 +220,6 @@ SOURCES = (
         },
         resolution_required=True,
         explicit_defaults=("resize",),
+        input_problems=tree_input_problems,
     ),
 )

@@ -132,6 +132,8 @@ _IDX_NOTES = {
     "resolution": "28",
 }
 SOURCES = (
-    DataSource("mnist", "MNIST idx files", partial(plan_idx, source="mnist"), (INPUT, DOWNLOAD), _IDX_NOTES),
-    DataSource("fashion-mnist", "Fashion-MNIST idx files", partial(plan_idx, source="fashion-mnist"), (INPUT, DOWNLOAD), _IDX_NOTES),
+    DataSource("mnist", "MNIST idx files", partial(plan_idx, source="mnist"), (INPUT, DOWNLOAD), _IDX_NOTES,
+               num_classes=len(CLASS_NAMES["mnist"])),
+    DataSource("fashion-mnist", "Fashion-MNIST idx files", partial(plan_idx, source="fashion-mnist"), (INPUT, DOWNLOAD), _IDX_NOTES,
+               num_classes=len(CLASS_NAMES["fashion-mnist"])),
 )

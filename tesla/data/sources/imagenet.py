@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from tesla.data.sources.base import DatasetPlan, SourceOptions
 from tesla.data.sources.downsampled import is_downsampled_input, plan_downsampled
-from tesla.data.sources.folder import TREE_OPTIONS, plan_tree
+from tesla.data.sources.folder import TREE_OPTIONS, plan_tree, tree_input_problems
 from tesla.data.sources.options import IMAGE_COLUMN, LABEL_COLUMN
 from tesla.data.sources.parquet import is_parquet_input, plan_parquet
 from tesla.data.sources.registry import DataSource
@@ -33,6 +33,13 @@ def plan_imagenet(opts: SourceOptions, name: str | None = None) -> DatasetPlan:
     if opts.input is not None and is_parquet_input(opts.input):
         return plan_parquet(opts, name, default_resolution=DEFAULT_RESOLUTION)
     return plan_tree(opts, "imagenet", name, wnids=True, default_resolution=DEFAULT_RESOLUTION)
+
+
+def imagenet_input_problems(opts: SourceOptions, name) -> list[str]:
+    """The inputs the raw JPEGs' layout needs together (batches and shards find their own test split)."""
+    if opts.input is not None and (is_downsampled_input(opts.input) or is_parquet_input(opts.input)):
+        return []
+    return tree_input_problems(opts, name)
 
 
 SOURCES = (
@@ -55,5 +62,6 @@ SOURCES = (
             "resolution": "64 (Downsampled-ImageNet batches: their own size)",
         },
         explicit_defaults=("resize", "image_column", "label_column"),
+        input_problems=imagenet_input_problems,
     ),
 )

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
+from tesla.arguments import finite_float, int_in_range
 from tesla.data.imaging import RESIZE_FILTERS, RESIZE_RULES
 
 
@@ -42,6 +43,8 @@ class Option:
     config_help: str = ""
     #: the config value's JSON schema when its kind alone says too little (ranges)
     schema: Mapping[str, Any] | None = None
+    #: the command line's value type when ``kind`` alone says too little (a range)
+    parse: Callable[[str], Any] | None = None
 
     @property
     def flag(self) -> str:
@@ -53,6 +56,11 @@ class Option:
 
     def is_default(self, value: Any) -> bool:
         return value == self.default
+
+    @property
+    def value_type(self) -> Callable[[str], Any]:
+        """The command line's type of the value: ``parse``, else ``kind`` (a float: finite)."""
+        return self.parse or (finite_float if self.kind is float else self.kind)
 
 
 INPUT = Option(
@@ -98,11 +106,13 @@ NAME = Option(
 RESOLUTION_RANGE: tuple[int, int] = (4, 1024)
 RESOLUTION = Option(
     "resolution",
-    "output side S in pixels (S x S images); when not given",
+    f"output side S in pixels (S x S images, S in {RESOLUTION_RANGE[0]}-{RESOLUTION_RANGE[1]}); when not given",
     int,
     common=True,
-    config_help="square side in pixels images are resized to at prepare time (null = the source's own)",
+    config_help=f"square side in pixels ({RESOLUTION_RANGE[0]}-{RESOLUTION_RANGE[1]}) images are resized to at prepare "
+    "time (null = the source's own)",
     schema={"anyOf": [{"type": "integer", "minimum": RESOLUTION_RANGE[0], "maximum": RESOLUTION_RANGE[1]}, {"type": "null"}]},
+    parse=int_in_range(*RESOLUTION_RANGE),
 )
 RESIZE = Option(
     "resize",

@@ -53,6 +53,13 @@ class DataSource:
     #: option keys the workflow writes on the command line even at their default value (as earlier
     #: workflows did: a changed command line would re-prepare existing datasets)
     explicit_defaults: tuple[str, ...] = ()
+    #: the number of classes of every dataset it reads, when the source fixes it (the workflow
+    #: checks batch_syn against it before any job); None when only the files tell
+    num_classes: int | None = None
+    #: (options, how to name an option by its key) -> the problems a cheap look at the given paths
+    #: shows: the inputs a layout needs together (a test split, a labels file); the workflow asks
+    #: before any job, each problem naming its setting
+    input_problems: Callable[[SourceOptions, Callable[[str], str]], list[str]] | None = None
 
     def takes(self, option: Option) -> bool:
         return option.common or option in self.options
@@ -199,7 +206,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if option.kind is bool:
             kwargs["action"] = "store_true"
         else:
-            kwargs.update(type=option.kind, default=option.default)
+            kwargs.update(type=option.value_type, default=option.default)
             if option.choices is not None:
                 kwargs["choices"] = option.choices
             else:

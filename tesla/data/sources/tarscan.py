@@ -14,6 +14,12 @@ Member paths (:func:`member_path`): a leading './' and a trailing '/' are droppe
 whose stored name is absolute (``/tmp/x/a.JPEG``) or has a ``..`` component cannot be placed
 in the archive's tree; it is listed with that reason in :attr:`TarMember.problem`, never
 read, and the caller lists it in the report.
+
+Links: a hard link to a regular member of the same archive is listed as a file with that
+member's bytes (extracting the archive gives the same file at both paths, so the archive
+reads as its extracted folder). A symbolic link, or a hard link to anything else, is listed
+with the reason it is not read (:data:`SYMBOLIC_LINK`, :data:`HARD_LINK`): a link inside an
+archive may point anywhere, and following it could read a file outside the dataset.
 """
 
 from __future__ import annotations
@@ -31,6 +37,13 @@ from tesla.errors import TeslaError
 #: :attr:`TarMember.problem` of members that are never read
 ABSOLUTE_PATH = "absolute member path (a dataset archive holds relative paths); not read"
 PARENT_PATH = "member path leaves the archive's folders through '..'; not read"
+SYMBOLIC_LINK = (
+    "symbolic link to {target}; links are not followed in an archive, not read (re-create the tar with "
+    "'tar --dereference', or extract it and give the folder)"
+)
+HARD_LINK = "hard link to {target}, which is not a regular file of this archive; not read"
+#: how the reasons of links begin (the report counts them)
+LINK_REASONS = ("symbolic link to ", "hard link to ")
 
 
 class TarMember(NamedTuple):
@@ -127,6 +140,7 @@ def tar_members(path: Path, base: int = 0, size: int | None = None, label: str |
 def _tarfile_members(path: Path, base: int, total: int, label: str) -> list[TarMember]:
     """:func:`tar_members` by :mod:`tarfile` (every header parsed in Python: ~25 us per member)."""
     members: list[TarMember] = []
+    links: list[tuple[int, str, str]] = []
     with open(path, "rb") as raw:
         window = io.BufferedReader(_Window(raw, base, total), buffer_size=1 << 16)
         try:
@@ -151,6 +165,30 @@ def _tarfile_members(path: Path, base: int, total: int, label: str) -> list[TarM
                     if member.offset_data + member.size > total:
                         raise TeslaError(f"{label}: member {rel} runs past the end of the archive (truncated download?)")
                     members.append(TarMember(rel, base + member.offset_data, member.size, False, problem))
+                elif member.issym() or member.islnk():
+                    links.append(_link(members, rel, problem, member.linkname, member.islnk(), base + member.offset_data))
+    return _resolve_hard_links(members, links)
+
+
+def _link(members: list[TarMember], rel: str, problem: str, target: str, hard: bool, at: int) -> tuple[int, str, str]:
+    """List a link member as a file not to read, with its reason; (its index, the target path
+    of a hard link or '', its own path problem) for :func:`_resolve_hard_links`."""
+    reason = (HARD_LINK if hard else SYMBOLIC_LINK).format(target=target)
+    members.append(_member((rel, at, 0, False, problem or reason)))
+    return len(members) - 1, (member_path(target)[0] or "") if hard else "", problem
+
+
+def _resolve_hard_links(members: list[TarMember], links: list[tuple[int, str, str]]) -> list[TarMember]:
+    """Hard links to a regular member of the archive take that member's bytes (and are read,
+    unless their own path is unsafe); the other links keep the reason they are not read."""
+    wanted = {target for _, target, _ in links if target}
+    if not wanted:
+        return members
+    found = {m.path: m for m in members if not m.is_dir and not m.problem and m.path in wanted}
+    for i, target, own_problem in links:
+        regular = found.get(target)
+        if regular is not None and not own_problem:
+            members[i] = _member((members[i].path, regular.offset, regular.size, False, ""))
     return members
 
 
@@ -321,9 +359,11 @@ def _scan_tar(path: Path, base: int, total: int, label: str) -> list[TarMember]:
 def _scan_headers(fd: int, checks: _ChecksumBatch, base: int, total: int, label: str) -> list[TarMember]:
     """The members of the archive, walking its headers (see the notes above :class:`_LeaveToTarfile`)."""
     members: list[TarMember] = []
+    links: list[tuple[int, str, str]] = []
     buf, start = b"", 0  # bytes of the archive read at ``start``
     pos = 0
     long_name: bytes | None = None  # from a GNU 'L' header, for the next member
+    long_link: bytes | None = None  # from a GNU 'K' header: the next member's link target
     pax: dict[str, bytes] | None = None  # from a pax 'x' header, for the next member
     while True:
         if pos > total:
@@ -368,6 +408,8 @@ def _scan_headers(fd: int, checks: _ChecksumBatch, base: int, total: int, label:
                     raise _LeaveToTarfile
             elif kind == 0x4C:  # 'L'
                 long_name = data.split(b"\0", 1)[0]
+            elif kind == 0x4B:  # 'K'
+                long_link = data.split(b"\0", 1)[0]
             elif kind == 0x67 and _mentions_used_keys(data):  # 'g' (global): skipped unless it changes what is listed
                 if any(k in _PAX_KEYS_USED or k.startswith("GNU.sparse.") for k in _pax_records(data)):
                     raise _LeaveToTarfile
@@ -390,7 +432,9 @@ def _scan_headers(fd: int, checks: _ChecksumBatch, base: int, total: int, label:
                 size = int(pax["size"])
             except ValueError:
                 raise _LeaveToTarfile from None
-        long_name = pax = None
+        if kind in b"12":  # a link: its target (GNU 'K' header, pax linkpath, or the header's linkname field)
+            link = long_link or (pax or {}).get("linkpath") or header[157:257].split(b"\0", 1)[0]
+        long_name = long_link = pax = None
         # data follows regular files and members of unknown types; folders, links and devices have none
         pos = data_at if is_dir or kind in _NO_DATA_TYPES else data_at + _padded(size)
         rel, problem = member_path(name.decode("utf-8", "surrogateescape"))
@@ -403,8 +447,10 @@ def _scan_headers(fd: int, checks: _ChecksumBatch, base: int, total: int, label:
                 checks.verify()
                 raise TeslaError(f"{label}: member {rel} runs past the end of the archive (truncated download?)")
             members.append(_member((rel, base + data_at, size, False, problem)))
+        elif kind in b"12":  # hard link, symbolic link
+            links.append(_link(members, rel, problem, link.decode("utf-8", "surrogateescape"), kind == 0x31, base + data_at))
     checks.verify()
-    return members
+    return _resolve_hard_links(members, links)
 
 
 def _padded(size: int) -> int:

@@ -15,7 +15,9 @@ option with a config key (:attr:`Option.config`). From the registry
   the workflow's prepare rule: Snakemake re-prepares a dataset whenever this string changes,
   so it keeps the order and the explicit defaults earlier workflows wrote;
 * the check of the entry's raw-data paths, with the layouts the source accepts
-  (:func:`raw_data_problems`).
+  (:func:`raw_data_problems`): each path must exist, and the inputs the layout needs together
+  must be set (the source's ``input_problems``: e.g. a class-folder tree without a test split
+  needs ``test_input`` or ``test_fraction``, a flat test folder needs ``test_labels``).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from typing import Any, Callable, Mapping
 import yaml
 
 from tesla.data.sources.options import Option
-from tesla.data.sources.registry import all_options, get_source, source_names, takers
+from tesla.data.sources.registry import all_options, get_source, source_names, source_options, takers
 
 #: the order of the command line's options (as earlier workflows wrote them; an option
 #: not listed here comes after these, in the order of ``tesla prepare --help``)
@@ -133,6 +135,13 @@ def resolution_of(entry: Mapping[str, Any]) -> int | None:
     return int(digits) if digits.isdigit() else None
 
 
+def class_count(entry: Mapping[str, Any]) -> int | None:
+    """The number of classes of an entry's dataset where its source fixes it (demo, MNIST,
+    Fashion-MNIST, CIFAR-10, CIFAR-100), else None (the files tell: a class-folder tree,
+    ImageNet in any form, parquet shards)."""
+    return get_source(entry["source"]).num_classes
+
+
 def _ordered(options: list[Option]) -> list[Option]:
     rank = {key: i for i, key in enumerate(COMMAND_ORDER)}
     return sorted(options, key=lambda o: rank.get(o.key, len(rank)))  # stable: the rest keep the help order
@@ -175,6 +184,10 @@ def raw_data_problems(entry: Mapping[str, Any], where: str, resolve: Callable[[s
                 problems.append(f"config key {where}.{option.key} is not set")
         elif not _exists(resolve(value)) and not (option.key == "input" and entry.get("download")):  # fetched there
             problems.append(f"config key {where}.{option.key}: {value} does not exist")
+    if not problems and source.input_problems is not None:
+        values = {o.key: entry.get(o.key, o.default) for o in all_options()}
+        values.update({o.key: resolve(entry[o.key]) for o in all_options() if o.is_path and entry.get(o.key)})
+        problems = [f"config key {line}" for line in source.input_problems(source_options(values), lambda key: f"{where}.{key}")]
     if problems:
         problems.append(f"accepted layouts for source '{source.name}': {source.layouts() or 'see `tesla prepare --help`'}")
     return problems
