@@ -35,6 +35,14 @@ or stacked into one vmapped step (``vmap``, equal to alone within float32 round-
 ``auto`` chooses per device from measurement. How each step is computed (TF32,
 ``--precision bf16``, channels-last; ``tesla.precision``) is recorded per run.
 
+**Resuming.** Phase 1 saves the state of its runs (``tesla.group_checkpoint``: networks,
+optimizers, generators, epochs, torch's global generators) in ``--checkpoint`` (default
+``OUT.ckpt``) every epoch or every ``--checkpoint-every`` seconds, whichever is rarer, under
+an exclusive lock (``CHECKPOINT.lock``). The same command run again after a kill continues
+from it and gives the result of an uninterrupted run; a checkpoint of other settings or
+other training data, or a damaged one, is set aside (logged) and the runs start afresh. It
+is removed once the output is written.
+
 Architectures (``--arch``): any registered name of ``tesla.models`` that can take the
 set's resolution (``convnet`` is ConvNet-3, ``convnet_d4`` ConvNet-4, ``resnet18``,
 ``resnet18_bn``, ``vgg11``, ``vit``, ...), built with its default options for the set's
