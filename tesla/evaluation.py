@@ -196,8 +196,8 @@ class Subject:
     source: str
     model_spec: dict | None = None
     describe: str = ""
-    #: SHA-256 of the training data as the runs see them (computed when asked: it reads every image)
-    fingerprint: Callable[[], str] = lambda: ""
+    #: SHA-256 of the training data as the runs see them (``data_fingerprint``): what a checkpoint is keyed to
+    fingerprint: str = ""
 
 
 def data_fingerprint(*parts) -> str:
@@ -207,7 +207,7 @@ def data_fingerprint(*parts) -> str:
         if isinstance(part, torch.Tensor):
             t = part.detach().cpu().contiguous()
             h.update(f"{t.dtype}{tuple(t.shape)};".encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
         else:
             h.update(f"{part!r};".encode())
     return h.hexdigest()
@@ -249,9 +249,6 @@ def synthetic_subject(path: str | os.PathLike, device: torch.device | str) -> Su
     def draw(generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         return x, y
 
-    def fingerprint() -> str:
-        return data_fingerprint(x, y, float(syn.lr), syn.dsa_strategy, space_fingerprint(space))
-
     return Subject(
         method="tesla",
         engine=syn.engine,
@@ -265,7 +262,7 @@ def synthetic_subject(path: str | os.PathLike, device: torch.device | str) -> Su
         source=str(path),
         model_spec=dict(syn.model_spec),
         describe=f"synthetic set {path}",
-        fingerprint=fingerprint,
+        fingerprint=data_fingerprint(syn.images, syn.targets, float(syn.lr), syn.dsa_strategy, space_fingerprint(space)),
     )
 
 
@@ -320,7 +317,7 @@ def random_subject(
         source=str(train_path),
         model_spec=None,
         describe=f"training split {train_path}",
-        fingerprint=lambda: data_fingerprint(split.fingerprint, space_fingerprint(space)),
+        fingerprint=data_fingerprint(split.fingerprint, space_fingerprint(space)),
     )
 
 
@@ -361,7 +358,7 @@ def full_subject(
         source=str(train_path),
         model_spec=None,
         describe=f"training split {train_path}",
-        fingerprint=lambda: data_fingerprint(split.fingerprint, space_fingerprint(space)),
+        fingerprint=data_fingerprint(split.fingerprint, space_fingerprint(space)),
     )
 
 
@@ -595,7 +592,7 @@ def checkpoint_identity(subject: Subject, spec: dict, protocol: Protocol, runs: 
     settings = dict(method=subject.method, engine=subject.engine, ipc=subject.ipc, model_spec=spec, protocol=asdict(protocol),
                     runs=int(runs), seed=int(seed), group_mode=mode, numerics=numerics.record(),
                     device_type=torch.device(device).type)
-    return {"settings": settings, "inputs": {"training data": subject.fingerprint()}}
+    return {"settings": settings, "inputs": {"training data": subject.fingerprint}}
 
 
 def measure_test_accuracy(

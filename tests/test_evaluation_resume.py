@@ -176,3 +176,17 @@ def test_the_checkpoint_records_its_format_and_identity(splits, tmp_path, monkey
     assert identity["settings"]["runs"] == 2 and identity["settings"]["protocol"]["epochs"] == 3
     assert [n["epoch"] for n in payload["networks"]] == [3, 3]
     assert len(payload["networks"][0]["history"]) == 3 and set(payload["generators"]) == {"cpu", "cuda"}
+
+
+def test_a_synthetic_sets_fingerprint_is_its_content(tiny, tmp_path):
+    """The checkpoint's `inputs`: the same set in another file resumes, a changed one does not."""
+    from test_evaluation import make_set
+
+    from tesla.evaluation import synthetic_subject
+
+    def fingerprint(name: str, **changes) -> str:
+        return synthetic_subject(make_set(tiny, tmp_path / name, **changes), "cpu").fingerprint
+
+    first = fingerprint("a.h5")
+    assert first == fingerprint("b.h5")
+    assert first not in {fingerprint("c.h5", lr=0.06), fingerprint("d.h5", ipc=3), fingerprint("e.h5", dsa="flip")}
