@@ -800,6 +800,7 @@ def checkpoint_path(args: argparse.Namespace) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tesla.group_checkpoint import remove_checkpoint
     from tesla.training import pick_device
 
     device = pick_device(args.device)
@@ -822,7 +823,7 @@ def run(args: argparse.Namespace) -> int:
                            group_mode=args.group_mode, numerics=numerics, checkpoint=checkpoint,
                            checkpoint_every=args.checkpoint_every)
         write_runs(args.out, results)
-        checkpoint.unlink(missing_ok=True)  # the output holds the result now
+        remove_checkpoint(checkpoint)  # the output holds the result now
     accs = np.array([r.test_acc for r in results])
     ipc = "all images" if subject.method == "full" else f"ipc {subject.ipc}"
     print(

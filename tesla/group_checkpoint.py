@@ -38,10 +38,11 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from tesla import __version__
 from tesla.files import atomic_output
 from tesla.training import EpochStats, GroupMember
 
-__all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "GroupCheckpoint", "NetworkState", "identity_key"]
+__all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "GroupCheckpoint", "NetworkState", "identity_key", "remove_checkpoint"]
 
 CHECKPOINT_FORMAT = "tesla-group-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -113,6 +114,8 @@ class GroupCheckpoint:
     def _read(self, networks: int) -> tuple[list[NetworkState], dict] | None:
         """The states saved for this group, or None (with a log line saying why)."""
         if not self.path.exists():
+            self.log(f"training from epoch 0; the state is saved to {self.path} every epoch or every {self.every:g} s, "
+                     "whichever is rarer")
             return None
         try:
             payload = torch.load(self.path, map_location="cpu", weights_only=True)
@@ -180,6 +183,7 @@ class GroupCheckpoint:
         payload = {
             "format": CHECKPOINT_FORMAT,
             "format_version": CHECKPOINT_VERSION,
+            "tesla_version": __version__,
             "key": self.key,
             "identity": json.dumps(self.identity, sort_keys=True),
             "networks": [NetworkState.of(m, h, e).record() for m, h, e in zip(members, histories, epochs)],
@@ -209,3 +213,13 @@ class GroupCheckpoint:
 
         for k, member in enumerate(members):
             member.on_epoch_end = lambda stats, k=k: after(k, stats)
+
+
+def remove_checkpoint(path: str | Path) -> None:
+    """The result is safe elsewhere: remove the checkpoint, and any temporary that a save
+    killed half-way left beside it (``atomic_output``'s ``.NAME.PID.tmp``). Call it while
+    holding the checkpoint's lock."""
+    path = Path(path)
+    path.unlink(missing_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
