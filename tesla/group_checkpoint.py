@@ -39,6 +39,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from tesla import __version__
+from tesla.errors import TeslaError
 from tesla.files import atomic_output
 from tesla.training import EpochStats, GroupMember
 
@@ -169,9 +170,13 @@ class GroupCheckpoint:
         if read is None:
             return [[] for _ in members]
         states, generators = read
-        for member, state in zip(members, states):
-            state.restore(member)
-        _set_global_generators(generators)
+        try:
+            for member, state in zip(members, states):
+                state.restore(member)
+            _set_global_generators(generators)
+        except Exception as exc:  # the networks are now partly restored: no fresh start from here
+            raise TeslaError(f"checkpoint {self.path}: its state does not fit these networks ({type(exc).__name__}: "
+                             f"{exc}); delete it to start from epoch 0") from None
         epochs = ", ".join(f"{m.name} at epoch {s.epoch}" for m, s in zip(members, states))
         self.log(f"resumed from {self.path}: {epochs}")
         return [list(s.history) for s in states]

@@ -192,3 +192,20 @@ def test_a_synthetic_sets_fingerprint_is_its_content(tiny, tmp_path):
     first = fingerprint("a.h5")
     assert first == fingerprint("b.h5")
     assert first not in {fingerprint("c.h5", lr=0.06), fingerprint("d.h5", ipc=3), fingerprint("e.h5", dsa="flip")}
+
+
+def test_a_checkpoint_of_this_evaluation_that_does_not_fit_is_refused(splits, tmp_path, monkeypatch, capsys):
+    """Its key is this evaluation's, yet a network's state lacks a tensor (a file edited by
+    hand): the networks may be partly restored, so the run stops and says how to start over."""
+    import torch
+
+    out = tmp_path / "runs.csv"
+    ckpt = leave_checkpoint(splits, out, monkeypatch)
+    payload = torch.load(ckpt, weights_only=True)
+    payload["networks"][1]["model"].pop(next(iter(payload["networks"][1]["model"])))
+    torch.save(payload, ckpt)
+    capsys.readouterr()
+    assert cli.main(argv(splits, out, "sequential", epochs=3)) == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint {ckpt}: its state does not fit these networks" in err and "delete it" in err, err
+    assert ckpt.exists() and not out.exists()
