@@ -174,15 +174,18 @@ def project(entry: dict, dataset: str, ipc: int, rates: Rates, train_images: int
     runs = int(row.get("eval_runs") or ev.get("runs", 5))
     eval_epochs = int(ev.get("epochs", 1000))
     sets = len(engines) + (1 if ev.get("random_baseline", True) else 0)
-    seconds, per_arch = 0.0, []
+    seconds, per_arch, per_job = 0.0, [], {}
     for arch in ev["architectures"]:
         t = rate(f"train_images_per_second.{arch}", f"evaluate ({arch})", used, assumed)
         f = rate(f"forward_images_per_second.{arch}", f"evaluate's test pass ({arch})", used, assumed)
-        s = sets * runs * (eval_epochs * n_syn / t + test_images / f)
+        per_job[arch] = runs * (eval_epochs * n_syn / t + test_images / f)  # one job: one set, one architecture
+        s = sets * per_job[arch]
         per_arch.append(f"{arch} {s / 3600:.1f} h")
         seconds += s
+    longest = max(per_job, key=per_job.get)
     stages.append(Stage("evaluate", f"{sets} sets x {len(ev['architectures'])} architectures x {runs} runs x {eval_epochs} epochs x "
-                        f"{n_syn:,} images ({'; '.join(per_arch)})", seconds / 3600, "GPU-hours", used, assumed))
+                        f"{n_syn:,} images ({'; '.join(per_arch)}; the longest job: {longest}, "
+                        f"{per_job[longest] / 3600:.1f} h)", seconds / 3600, "GPU-hours", used, assumed))
     return stages
 
 

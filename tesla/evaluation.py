@@ -35,6 +35,14 @@ or stacked into one vmapped step (``vmap``, equal to alone within float32 round-
 ``auto`` chooses per device from measurement. How each step is computed (TF32,
 ``--precision bf16``, channels-last; ``tesla.precision``) is recorded per run.
 
+**Resuming.** Phase 1 saves the state of its runs (``tesla.group_checkpoint``: networks,
+optimizers, generators, epochs, torch's global generators) in ``--checkpoint`` (default
+``OUT.ckpt``) every epoch or every ``--checkpoint-every`` seconds, whichever is rarer, under
+an exclusive lock (``CHECKPOINT.lock``). The same command run again after a kill continues
+from it and gives the result of an uninterrupted run; a checkpoint of other settings or
+other training data, or a damaged one, is set aside (logged) and the runs start afresh. It
+is removed once the output is written.
+
 Architectures (``--arch``): any registered name of ``tesla.models`` that can take the
 set's resolution (``convnet`` is ConvNet-3, ``convnet_d4`` ConvNet-4, ``resnet18``,
 ``resnet18_bn``, ``vgg11``, ``vit``, ...), built with its default options for the set's
@@ -55,12 +63,14 @@ docs/formats.md); ``tesla results`` aggregates them into ``acc.csv``.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
 import os
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import torch
@@ -71,8 +81,12 @@ from tesla.data import ImageSplit
 from tesla.data.header import check_test_split, read_split_header
 from tesla.errors import TeslaError
 from tesla.input_space import InputSpace, open_input_space, space_of_record
+from tesla.locks import acquire
 from tesla.precision import Numerics
 from tesla.tables import RUN_COLUMNS, RUNS_FORMAT, RUNS_FORMAT_VERSION, format_line, write_csv_atomic
+
+if TYPE_CHECKING:
+    from tesla.group_checkpoint import GroupCheckpoint
 
 #: the paper's augmentation strategy, used by the baselines unless --dsa says otherwise
 PAPER_DSA_STRATEGY = DEFAULT_STRATEGY
@@ -83,6 +97,8 @@ DISTILL_ALIAS = "distill"
 # -- protocol and network input space ------------------------------------------------------
 #: the learning rate of the random-real-images baseline (``--lr-random``; a synthetic set carries its own)
 LR_RANDOM = 0.01
+#: seconds between two checkpoints of the runs' training, at least (``--checkpoint-every``)
+DEFAULT_CHECKPOINT_SECONDS = 300.0
 
 
 @dataclass(frozen=True)
@@ -181,6 +197,27 @@ class Subject:
     source: str
     model_spec: dict | None = None
     describe: str = ""
+    #: SHA-256 of the training data as the runs see them (``data_fingerprint``): what a checkpoint is keyed to
+    fingerprint: str = ""
+
+
+def data_fingerprint(*parts) -> str:
+    """SHA-256 of tensors (their dtype, shape and bytes) and plain values (their repr), in order."""
+    h = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, torch.Tensor):
+            t = part.detach().cpu().contiguous()
+            h.update(f"{t.dtype}{tuple(t.shape)};".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        else:
+            h.update(f"{part!r};".encode())
+    return h.hexdigest()
+
+
+def space_fingerprint(space: NetworkSpace) -> tuple:
+    """What identifies a network input space: normalisation name and constants, the ZCA transform."""
+    zca = space.zca
+    return space.input_space.name, space.input_space.mean, space.input_space.std, "" if zca is None else zca.fingerprint()
 
 
 def synthetic_subject(path: str | os.PathLike, device: torch.device | str) -> Subject:
@@ -226,6 +263,7 @@ def synthetic_subject(path: str | os.PathLike, device: torch.device | str) -> Su
         source=str(path),
         model_spec=dict(syn.model_spec),
         describe=f"synthetic set {path}",
+        fingerprint=data_fingerprint(syn.images, syn.targets, float(syn.lr), syn.dsa_strategy, space_fingerprint(space)),
     )
 
 
@@ -280,6 +318,7 @@ def random_subject(
         source=str(train_path),
         model_spec=None,
         describe=f"training split {train_path}",
+        fingerprint=data_fingerprint(split.fingerprint, space_fingerprint(space)),
     )
 
 
@@ -320,6 +359,7 @@ def full_subject(
         source=str(train_path),
         model_spec=None,
         describe=f"training split {train_path}",
+        fingerprint=data_fingerprint(split.fingerprint, space_fingerprint(space)),
     )
 
 
@@ -505,15 +545,18 @@ def train_runs(
     progress: bool = True,
     group_mode: str = "auto",
     numerics: Numerics | None = None,
+    checkpoint: GroupCheckpoint | None = None,
 ) -> list[TrainedNetwork]:
     """Phase 1: train one fresh network per run, the runs as one group
     (``training.train_group``; ``group_mode`` as ``--group-mode``). Run r draws its data
     with its own generator (seed s + r) before training. The test split plays no part here.
+    With a ``checkpoint`` (``tesla.group_checkpoint``) the runs continue from its saved
+    state when it is theirs, and save theirs as they go.
 
     Each run's ``seconds`` is its draw plus its training epochs (for runs trained together,
-    the group's epochs).
+    the group's epochs; those of a resumed run include the epochs before it was stopped).
     """
-    from tesla.training import GroupMember, resolve_group_mode, train_group
+    from tesla.training import GroupMember, make_optimizer, resolve_group_mode, train_group
 
     numerics = numerics or Numerics()
     mode = resolve_group_mode(group_mode, device, runs, numerics)
@@ -523,16 +566,34 @@ def train_runs(
         start = time.perf_counter()
         generator = torch.Generator().manual_seed(s)
         x, y = subject.draw(generator)
-        members.append(GroupMember(fresh_network(spec, s, device), x, y, generator, name=f"run {r + 1}/{runs}"))
+        model = fresh_network(spec, s, device)
+        optimizer = make_optimizer(model, protocol.lr, protocol.momentum, protocol.weight_decay)
+        members.append(GroupMember(model, x, y, generator, optimizer, name=f"run {r + 1}/{runs}"))
         draw_seconds.append(time.perf_counter() - start)
+    earlier = [[] for _ in members]
+    if checkpoint is not None:
+        earlier = checkpoint.resume(members)  # after the draws, which the saved generators have passed
+        checkpoint.follow(members, earlier, sequential=mode == "sequential")
     histories = train_group(members, mode=mode, numerics=numerics, progress=progress, desc=f"evaluate {subject.method}",
                             **protocol_settings(protocol))
     _synchronize(device)
+    histories = [list(before) + list(h) for before, h in zip(earlier, histories)]
     return [
         TrainedNetwork(run=r, seed=run_seed(seed, r), model=m.model, final_train_loss=float(h[-1].loss),
                        seconds=draw_seconds[r] + sum(e.seconds for e in h))
         for r, (m, h) in enumerate(zip(members, histories))
     ]
+
+
+def checkpoint_identity(subject: Subject, spec: dict, protocol: Protocol, runs: int, seed: int, mode: str,
+                        numerics: Numerics, device: torch.device | str) -> dict:
+    """Everything the trained networks depend on: the settings of the runs (network,
+    protocol, seeds, group mode, arithmetic, device type) and the fingerprint of their
+    training data. The test split is not part of it: it is read after training."""
+    settings = dict(method=subject.method, engine=subject.engine, ipc=subject.ipc, model_spec=spec, protocol=asdict(protocol),
+                    runs=int(runs), seed=int(seed), group_mode=mode, numerics=numerics.record(),
+                    device_type=torch.device(device).type)
+    return {"settings": settings, "inputs": {"training data": subject.fingerprint}}
 
 
 def measure_test_accuracy(
@@ -566,8 +627,17 @@ def evaluate(
     progress: bool = True,
     group_mode: str = "auto",
     numerics: Numerics | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: float = 300.0,
+    log: Callable[[str], None] | None = None,
 ) -> list[RunResult]:
-    """Check everything, train ``runs`` fresh networks (phase 1), then test them (phase 2)."""
+    """Check everything, train ``runs`` fresh networks (phase 1), then test them (phase 2).
+
+    ``checkpoint``: a file from which phase 1 resumes when it holds the state of these runs
+    (same settings and training data), and to which it saves their state after an epoch once
+    ``checkpoint_every`` seconds have passed since the last save (``tesla.group_checkpoint``).
+    The caller holds its lock and removes it once the result is written (:func:`run`)."""
+    from tesla.group_checkpoint import GroupCheckpoint
     from tesla.training import resolve_group_mode
 
     if runs < 1:
@@ -578,8 +648,12 @@ def evaluate(
     label, spec = resolve_architecture(arch, subject)
     check_test_split(read_split_header(test_path), subject.space, subject.describe)
 
+    saved = None
+    if checkpoint is not None:
+        identity = checkpoint_identity(subject, spec, protocol, runs, seed, mode, numerics, device)
+        saved = GroupCheckpoint(checkpoint, identity, every=checkpoint_every, log=log or _log)
     trained = train_runs(subject, spec, protocol, runs, seed, device, progress=progress, group_mode=mode,
-                         numerics=numerics)  # phase 1
+                         numerics=numerics, checkpoint=saved)  # phase 1
     accs = measure_test_accuracy(trained, test_path, subject.space, device)  # phase 2
 
     return [
@@ -612,6 +686,10 @@ def evaluate(
         )
         for t, acc in zip(trained, accs)
     ]
+
+
+def _log(message: str) -> None:
+    print(f"tesla evaluate: {message}", file=sys.stderr, flush=True)
 
 
 def _synchronize(device: torch.device | str) -> None:
@@ -669,6 +747,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     add_numerics_arguments(parser)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--out", type=Path, required=True, help="per-run CSV to write (tesla-eval-runs)")
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="file holding the state of the runs' training (default: OUT.ckpt): a killed evaluation run "
+                             "again resumes from it when its settings and training data are the same (else it starts "
+                             "afresh, saying why); removed once OUT is written")
+    parser.add_argument("--checkpoint-every", type=float, default=DEFAULT_CHECKPOINT_SECONDS, metavar="SECONDS",
+                        help="save the checkpoint after an epoch once this many seconds have passed since the last save "
+                             "(every epoch or every SECONDS, whichever is rarer; 0: every epoch)")
 
 
 def subject_from_args(args: argparse.Namespace, device: torch.device | str) -> Subject:
@@ -701,7 +786,22 @@ def subject_from_args(args: argparse.Namespace, device: torch.device | str) -> S
     )
 
 
+def checkpoint_path(args: argparse.Namespace) -> Path:
+    """``--checkpoint``, default OUT.ckpt; refused where it would overwrite an input or the output."""
+    path = Path(args.checkpoint) if args.checkpoint is not None else Path(f"{args.out}.ckpt")
+    if not (args.checkpoint_every >= 0 and math.isfinite(args.checkpoint_every)):
+        raise TeslaError(f"--checkpoint-every {args.checkpoint_every}: give a number of seconds >= 0 (0: every epoch)")
+    for option in ("out", "synthetic", "train", "test", "zca"):
+        other = getattr(args, option, None)
+        if other is not None and Path(other).resolve() == path.resolve():
+            raise TeslaError(f"--checkpoint {path} is the --{option} file; give another --checkpoint path")
+    if path.is_dir():
+        raise TeslaError(f"--checkpoint {path} is a folder; give a file path (its folder is made if missing)")
+    return path
+
+
 def run(args: argparse.Namespace) -> int:
+    from tesla.group_checkpoint import remove_checkpoint
     from tesla.training import pick_device
 
     device = pick_device(args.device)
@@ -718,9 +818,13 @@ def run(args: argparse.Namespace) -> int:
     )
     numerics = Numerics.from_arguments(args, device)
     numerics.apply(device)
-    results = evaluate(subject, args.arch, args.test, protocol, runs=args.runs, seed=args.seed, device=device,
-                       group_mode=args.group_mode, numerics=numerics)
-    write_runs(args.out, results)
+    checkpoint = checkpoint_path(args)
+    with acquire(f"{checkpoint}.lock", stage="tesla evaluate", protects=f"the checkpoint {checkpoint}"):
+        results = evaluate(subject, args.arch, args.test, protocol, runs=args.runs, seed=args.seed, device=device,
+                           group_mode=args.group_mode, numerics=numerics, checkpoint=checkpoint,
+                           checkpoint_every=args.checkpoint_every)
+        write_runs(args.out, results)
+        remove_checkpoint(checkpoint)  # the output holds the result now
     accs = np.array([r.test_acc for r in results])
     ipc = "all images" if subject.method == "full" else f"ipc {subject.ipc}"
     print(

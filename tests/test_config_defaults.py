@@ -5,6 +5,7 @@ by the stage, the nearest value it refuses is refused by the stage too)."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import importlib
 import math
@@ -17,7 +18,7 @@ from tesla.cli import build_parser
 from tesla.data.sources.options import RESOLUTION_RANGE
 from tesla.distill import DistillSettings, check_settings
 from tesla.errors import TeslaError
-from tesla.evaluation import Protocol
+from tesla.evaluation import Protocol, checkpoint_path
 from tesla.experts import ExpertConfig, _validate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,6 +69,7 @@ MAPPED = {
     ("evaluate", "precision"): ("evaluate", "precision"),
     ("evaluate", "tf32"): ("evaluate", "tf32"),
     ("evaluate", "channels_last"): ("evaluate", "channels_last"),
+    ("evaluate", "checkpoint_every"): ("evaluate", "checkpoint_every"),
     ("dataset", "zca_eps"): ("zca", "eps"),
 }
 
@@ -154,6 +156,10 @@ def _evaluate(**changes) -> None:
     dataclasses.replace(Protocol(epochs=1001), **changes).check()
 
 
+def _evaluate_checkpoint(seconds: float) -> None:
+    checkpoint_path(argparse.Namespace(out=Path("o.csv"), checkpoint=None, checkpoint_every=seconds))
+
+
 #: (schema section, key) -> how the stage checks a value of it
 CHECKED = {
     ("experts", "epochs"): lambda v: _experts(epochs=v),
@@ -178,6 +184,7 @@ CHECKED = {
     ("evaluate", "lr_decay_epoch"): lambda v: _evaluate(lr_decay_epoch=v),
     ("evaluate", "batch_size"): lambda v: _evaluate(batch_size=v),
     ("evaluate", "lr_random"): lambda v: _evaluate(lr=v),
+    ("evaluate", "checkpoint_every"): _evaluate_checkpoint,
 }
 
 

@@ -61,6 +61,7 @@ def test_projection_equals_a_hand_computation(tmp_path):
     # evaluate: (2 sets + random) x eval_runs 2 x per arch (7 epochs x 10 images / train + 200 / forward)
     assert stages["evaluate"].hours * 3600 == pytest.approx(3 * 2 * ((0.07 + 0.05) + (0.14 + 0.1)))
     assert stages["evaluate"].assumed == ["train_images_per_second.a2"]
+    assert "the longest job: a2, 0.0 h" in stages["evaluate"].work  # one set of a2: 2 x 0.24 s (what a job's runtime must cover)
     table = project_cost.render(list(stages.values()), rates, "results/tiny_ipc1/acc.csv", 12.0)
     assert "train_images_per_second.a2*" in table and "Assumed rates" in table
 

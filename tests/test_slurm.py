@@ -20,6 +20,12 @@ queue (`squeue`, as README shows it); after `--unlock` the same command refuses 
 while that job is there; after `scancel` it resumes the distillation from its checkpoint
 and redoes nothing else.
 
+An evaluation job stopped by the scheduler mid-run (`scancel` once it has saved its state;
+the plugin reports a job stopped at its time limit, `TIMEOUT`, the same way, as failed) is
+resubmitted by the same Snakemake run (`retries`) and resumes from its checkpoint. A real
+time limit is not used: SLURM's smallest is one minute, enforced up to 30 s late, which
+would make the test minutes longer.
+
 Bad input fails before anything is submitted, with the scheduler's message in the
 Snakemake log: the shipped profile unedited (placeholder account), an unknown partition, a
 GPU job on a partition without GPUs, more CPUs than the node has (which `sbatch` itself
@@ -30,7 +36,9 @@ Needs root on Debian/Ubuntu (the script installs the slurm packages with apt-get
 missing, about 30 s); skips otherwise. Time budget: measured 567 s with the cluster already
 installed, on 2 cores shared with other work (load average 5 to 6): the demo runs 331 s,
 Snakemake killed and README's steps 119 s, Ctrl-C 21 s, the bad-input and pending-job
-tests 67 s (175 s for the demo runs alone on a quieter machine).
+tests 67 s (175 s for the demo runs alone on a quieter machine); the stopped evaluation
+178 s more (load average about 8: two submissions, each starting Snakemake and tesla in
+the job).
 """
 
 from __future__ import annotations
@@ -485,6 +493,52 @@ def test_ctrl_c_cancels_the_jobs_and_leaves_no_lock(prepared_workdir):
     assert not left, f"Ctrl-C left jobs in the queue: {left}"
     assert sacct_when_final(jobs)[jobs[0]]["State"].startswith("CANCELLED")
     assert not list((workdir / ".snakemake" / "locks").glob("*")), "Ctrl-C left Snakemake's lock"
+
+
+#: an evaluation long enough to be stopped mid-run, saving its state every second
+LONG_EVALUATION = {"datasets": {"demo": {**SMALL_DEMO["datasets"]["demo"], "evaluate": {
+    "architectures": ["convnet_d1"], "runs": 2, "epochs": 500, "checkpoint_every": 1}}}}
+
+
+def test_a_stopped_evaluation_is_retried_and_resumes(prepared_workdir):
+    """An evaluation job stopped by the scheduler once it has saved its state (`scancel`,
+    which the SLURM plugin reports as it reports a job stopped at its time limit, `TIMEOUT`:
+    a failed job) is resubmitted by the same Snakemake run (`retries`) and continues from its
+    checkpoint instead of epoch 0."""
+    workdir = prepared_workdir
+    profile = write_profile(workdir / "profile-local", local_profile(shipped_profile()))
+    (workdir / "long_eval.yaml").write_text(yaml.safe_dump(LONG_EVALUATION, sort_keys=False))
+    target = "results/demo_ipc3/eval/random_convnet_d1.csv"
+    log_e = workdir / "run_e.log"
+    proc = start_slurm(workdir, profile, log_e, "--configfile", "long_eval.yaml", "--retries", "1", target)
+    stopped = None
+    try:
+        deadline = time.monotonic() + 300
+        while stopped is None and time.monotonic() < deadline and proc.poll() is None:
+            jobs = [j for j, rule in submissions(log_e.read_text()).items() if rule == "evaluate_random"]
+            if jobs and (workdir / f"{target}.ckpt").exists():
+                stopped = jobs[0]
+                subprocess.run(["scancel", stopped], check=True, timeout=30)
+            time.sleep(0.2)
+        proc.wait(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        cancel_jobs_in(workdir)
+    log = log_e.read_text()
+    assert stopped is not None, "the evaluation never saved its state while running:\n" + log[-5000:]
+    assert proc.returncode == 0, log[-6000:]
+    assert f"SLURM-job '{stopped}' failed, SLURM status is: 'CANCELLED" in log, log[-5000:]
+    retried = [j for j, rule in submissions(log).items() if rule == "evaluate_random" and j != stopped]
+    assert len(retried) == 1, log[-5000:]
+    states = sacct_when_final([stopped, *retried])
+    assert states[stopped]["State"].startswith("CANCELLED") and states[retried[0]]["State"] == "COMPLETED"
+    stage_log = (workdir / "results" / "logs" / "evaluate" / "demo_ipc3" / "random_convnet_d1.log").read_text()
+    resumed = re.search(r"resumed from \S+random_convnet_d1\.csv\.ckpt: run 1/2 at epoch (\d+), run 2/2 at epoch (\d+)",
+                        stage_log)
+    assert resumed and int(resumed.group(1)) > 0, stage_log[-3000:]
+    assert (workdir / target).exists() and not (workdir / f"{target}.ckpt").exists()
 
 
 # --------------------------------------------------------------------------------------

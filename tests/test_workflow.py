@@ -388,6 +388,7 @@ def test_settings_that_do_not_change_results_rerun_nothing(executed):
     def change(c):
         c["device"] = "cpu"  # where it runs, not what it computes
         c["datasets"]["demo"]["distill"][1]["checkpoint_every"] += 7
+        c["datasets"]["demo"]["evaluate"]["checkpoint_every"] = 60  # how often an evaluation saves its state
         c["datasets"]["mnist"]["experts"]["epochs"] += 1  # another dataset
         c["datasets"]["in1k"]["distill"][50]["lr_img"] = 500
 
@@ -578,6 +579,9 @@ def test_regrouping_experts_reruns_nothing_and_options_reach_the_commands(execut
     text = _shell_commands(workdir, _edited(workdir, lambda c: (how(c), momentum(c))), "--forceall")
     evaluations = [line for line in text.splitlines() if "tesla evaluate " in line]
     assert evaluations and all("--reset-momentum-at-decay" in line and "--group-mode streams" in line for line in evaluations)
+    for line in evaluations:  # each job its own checkpoint, beside (not among) its outputs
+        out = re.search(r"--out (\S+\.csv) ", line).group(1)
+        assert f"--checkpoint {out}.ckpt --checkpoint-every 300 " in line, line
     experts = [line for line in text.splitlines() if "tesla experts " in line]
     assert experts and all("--group-mode vmap" in line for line in experts)
     for line in evaluations + experts:

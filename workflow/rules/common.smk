@@ -544,9 +544,17 @@ def evaluate_options(wildcards) -> str:
 
 
 def evaluate_run_options(wildcards, output) -> str:
-    """How the job's runs train together: equal to alone within float32 round-off, so a run
-    option (a function of `output`), not a parameter of the job."""
-    return " ".join(group_mode_option(dataset_cfg(wildcards.dataset)["evaluate"]))
+    """What does not change an evaluation's result (functions of `output`, so not a rerun
+    trigger): how the job's runs train together (equal to alone within float32 round-off),
+    and where (`<output>.ckpt`) and how often (config `evaluate.checkpoint_every`, seconds) it
+    saves the state of their training. The checkpoint is not
+    an output: Snakemake deletes the outputs of a failed job, but the checkpoint must survive
+    a kill or a time limit so that the rerun resumes from it. `tesla evaluate` resumes it
+    only when it was saved by the same settings on the same inputs (it starts afresh
+    otherwise) and removes it once the output is written."""
+    ev = dataset_cfg(wildcards.dataset)["evaluate"]
+    opts = [*group_mode_option(ev), _opt("checkpoint", f"{output[0]}.ckpt"), _opt("checkpoint-every", ev["checkpoint_every"])]
+    return " ".join(opts)
 
 
 def random_baseline_options(wildcards) -> str:
