@@ -668,6 +668,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     add_numerics_arguments(parser)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--out", type=Path, required=True, help="per-run CSV to write (tesla-eval-runs)")
+    from tesla.tracking import add_tracking_arguments
+
+    add_tracking_arguments(parser)
 
 
 def subject_from_args(args: argparse.Namespace, device: torch.device | str) -> Subject:
@@ -700,9 +703,45 @@ def subject_from_args(args: argparse.Namespace, device: torch.device | str) -> S
     )
 
 
+def track_results(args: argparse.Namespace, subject: Subject, results: Sequence[RunResult]) -> None:
+    """The live curves of an evaluation (``--tracker``, :mod:`tesla.tracking`): each run's test
+    accuracy, final training loss and time at its run number (1, 2, ...), their mean and
+    standard deviation (series ``summary``, at the number of runs), and the per-run table;
+    the configuration every option, the subject and the inputs' fingerprints. TensorBoard's
+    events by default in a folder ``tensorboard/<out name>`` beside the output."""
+    from tesla.tracking import file_digest, open_tracking, options_from_args
+
+    options = options_from_args(args)
+    if options.kind is None:
+        return
+    splits = {k: ImageSplit.open(getattr(args, k)).fingerprint for k in ("train", "test") if getattr(args, k, None)}
+    files = {k: file_digest(getattr(args, k)) for k in ("synthetic", "zca") if getattr(args, k, None) is not None}
+    config = {
+        "arguments": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
+                      if not k.startswith("tracker") and k != "func"},
+        "subject": {"method": subject.method, "engine": subject.engine, "ipc": subject.ipc, "lr": subject.lr,
+                    "dsa": subject.dsa_strategy, "dataset": subject.space.dataset, "source": subject.source,
+                    "input_space": subject.space.input_space.key, "num_images": subject.num_images},
+        "inputs": {**splits, **files},
+    }
+    out = Path(args.out)
+    tracker = open_tracking(options, stage="evaluate", identity={"out": str(out.resolve()), "config": config},
+                            default_dir=out.parent / "tensorboard" / out.stem, step_name="run",
+                            name=f"evaluate {out}", config=config, start=0)
+    for r in results:
+        tracker.log_scalars(r.run + 1, {"test_acc": r.test_acc, "final_train_loss": r.final_train_loss,
+                                        "seconds": r.seconds})
+    accs = np.array([r.test_acc for r in results])
+    tracker.log_scalars(len(results), {"test_acc_mean": accs.mean(), "test_acc_std": accs.std()}, series="summary")
+    tracker.log_table("runs", RUN_COLUMNS, [[r.row()[c] for c in RUN_COLUMNS] for r in results])
+    tracker.close()
+
+
 def run(args: argparse.Namespace) -> int:
     from tesla.training import pick_device
+    from tesla.tracking import options_from_args
 
+    options_from_args(args)  # a tracker whose package is missing is refused before any work
     device = pick_device(args.device)
     subject = subject_from_args(args, device)
     protocol = Protocol(
@@ -720,6 +759,7 @@ def run(args: argparse.Namespace) -> int:
     results = evaluate(subject, args.arch, args.test, protocol, runs=args.runs, seed=args.seed, device=device,
                        group_mode=args.group_mode, numerics=numerics)
     write_runs(args.out, results)
+    track_results(args, subject, results)
     accs = np.array([r.test_acc for r in results])
     ipc = "all images" if subject.method == "full" else f"ipc {subject.ipc}"
     print(

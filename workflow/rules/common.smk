@@ -402,7 +402,7 @@ def expert_run_options(wildcards, output) -> str:
     ks = [int(re.fullmatch(r"expert_([0-9]+)\.h5", Path(f).name).group(1)) for f in output]
     dataset = Path(output[0]).parts[1]
     opts = ["--seed " + " ".join(str(config["seed"] + k) for k in ks)]
-    return " ".join(opts + group_mode_option(dataset_cfg(dataset)["experts"]))
+    return " ".join(opts + group_mode_option(dataset_cfg(dataset)["experts"]) + tracking_options("experts", output))
 
 
 def expert_groups() -> list[tuple[str, str, list[int]]]:
@@ -502,7 +502,7 @@ def distill_run_options(wildcards, output) -> str:
     for key in ("max_lr", "max_image_growth", "max_loss"):
         if d.get(key) is not None:
             opts.append(_opt(key.replace("_", "-"), d[key]))
-    return " ".join(opts)
+    return " ".join(opts + tracking_options("distill", output))
 
 
 def evaluate_options(wildcards) -> str:
@@ -528,7 +528,7 @@ def evaluate_options(wildcards) -> str:
 def evaluate_run_options(wildcards, output) -> str:
     """How the job's runs train together: equal to alone within float32 round-off, so a run
     option (a function of `output`), not a parameter of the job."""
-    return " ".join(group_mode_option(dataset_cfg(wildcards.dataset)["evaluate"]))
+    return " ".join(group_mode_option(dataset_cfg(wildcards.dataset)["evaluate"]) + tracking_options("evaluate", output))
 
 
 def random_baseline_options(wildcards) -> str:
