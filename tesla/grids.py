@@ -83,12 +83,11 @@ def save_class_grid(
     mean: Sequence[float],
     std: Sequence[float],
     zca=None,
-    max_rows: int = 20,
-    max_cols: int = 10,
-    padding: int = 2,
+    **layout: int,
 ) -> Path:
-    """The class grid (:func:`class_grid`) as a PNG file, written atomically."""
+    """The class grid (:func:`class_grid`; ``layout``: its ``max_rows``, ``max_cols``,
+    ``padding``) as a PNG file, written atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_png(class_grid(images, classes, num_classes, mean, std, zca, max_rows, max_cols, padding), path)
+    save_png(class_grid(images, classes, num_classes, mean, std, zca, **layout), path)
     return path

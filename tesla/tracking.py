@@ -191,9 +191,9 @@ class Tracking:
 
     def start(self, start_step: int = 0, series: str = "") -> None:
         """A series begins at ``start_step``: 0 = fresh (the series starts over), > 0 =
-        resumed (steps up to the last one logged before are not logged again)."""
-        if start_step == 0:
-            self.last[series] = 0
+        resumed (steps up to the last one logged before, at least ``start_step``, are not
+        logged again)."""
+        self.last[series] = max(self.last.get(series, 0), start_step) if start_step > 0 else 0
         self.started.add(series)
         self._call("starting", lambda b: b.start(series, self.last.get(series, 0) + 1))
 

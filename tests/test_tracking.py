@@ -26,7 +26,7 @@ from tesla.experts import ExpertConfig, train_experts
 from tesla.synthetic import SyntheticSet
 from tesla.tracking import TrackerOptions
 
-from test_distill import make_expert, make_split, read_metrics, settings
+from test_distill import _killed_in_iteration, make_split, read_metrics, settings, toy  # noqa: F401 (toy: a fixture)
 from test_experts import write_split
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -40,14 +40,6 @@ needs_wandb = pytest.mark.skipif(
 )
 #: the metrics columns the tracker gets as numbers (the expert as its index; the rest as written)
 NUMBER_COLUMNS = [c for c in distill_mod.METRICS_COLUMNS if c != "expert"]
-
-
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    root = tmp_path_factory.mktemp("toy")
-    split = make_split(root / "train.h5")
-    experts = [make_expert(root / f"expert_{k}.h5", split, seed=k) for k in range(2)]
-    return root, split, experts
 
 
 @pytest.fixture(autouse=True)
@@ -171,27 +163,13 @@ def test_wandb_offline_run_folder_holds_the_same_history(toy, tmp_path):
     assert next(r.run.run_group for r in wandb_records(run) if r.WhichOneof("record_type") == "run") == "toy_ipc2"
 
 
-def _kill_in_iteration(monkeypatch, n: int):
-    real = distill_mod.matching_gradients
-    calls = {"n": 0}
-
-    def killed(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == n:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(distill_mod, "matching_gradients", killed)
-    return real
-
-
 @pytest.mark.parametrize("kind", [pytest.param("tensorboard", marks=needs_tensorboard), pytest.param("wandb", marks=needs_wandb)])
 def test_kill_and_resume_gives_one_run_without_duplicate_steps(toy, tmp_path, monkeypatch, kind):
     """Killed in iteration 6 (iterations 1..5 tracked, the checkpoint of 4 saved), then resumed:
     one curve 1..7, each step once, equal to the metrics of the finished run."""
     s = settings(toy, tmp_path, iterations=7, checkpoint_every=2)
     options = TrackerOptions(kind=kind, dir=str(tmp_path / "tracker"))
-    real = _kill_in_iteration(monkeypatch, 6)
+    real = _killed_in_iteration(monkeypatch, 6)
     with pytest.raises(KeyboardInterrupt):
         distill(s, options)
     assert torch.load(s.checkpoint_path, weights_only=False)["iteration"] == 4
