@@ -64,6 +64,9 @@ from tesla.files import atomic_output
 from tesla.locks import acquire
 from tesla.matching import ENGINES, MatchResult, matching_gradients
 from tesla.student_steps import COMPILE_MODES, StepCompiler, resolve_compile_mode
+from tesla.tracking import TrackerOptions, Tracking, add_tracking_arguments, open_tracking
+from tesla.tracking import disabled as tracking_disabled
+from tesla.tracking import options_from_args as tracking_options
 
 CHECKPOINT_FORMAT = "tesla-distill-checkpoint"
 #: 2: adds ``guard_start`` and ``settings``; 3: adds ``label_logits`` and ``opt_labels``
@@ -947,7 +950,7 @@ def result_key(setup: DistillSetup) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=repr).encode()).hexdigest()[:16]
 
 
-def distill(settings: DistillSettings):
+def distill(settings: DistillSettings, tracking: TrackerOptions | None = None):
     """Run (or resume) a distillation; returns the final :class:`tesla.synthetic.SyntheticSet`.
 
     The inputs are checked first; then the run holds exclusive locks on ``OUT.lock`` and
@@ -955,7 +958,7 @@ def distill(settings: DistillSettings):
     same output or checkpoint is refused with the first one's pid and host. With
     ``--checkpoint-dir`` the checkpoint is ``DIR/checkpoint-<result_key>.pt``, removed (with
     any other ``checkpoint-*.pt`` left there by runs of other settings) once the output is
-    written."""
+    written. ``tracking``: the live curves (:func:`open_tracker`; none by default)."""
     setup = build_setup(settings)
     s = settings
     if s.checkpoint_dir is not None:
@@ -963,7 +966,7 @@ def distill(settings: DistillSettings):
     with acquire(f"{s.out}.lock", stage="tesla distill", protects=f"--out {s.out}"), acquire(
         f"{s.checkpoint_path}.lock", stage="tesla distill", protects=f"the checkpoint {s.checkpoint_path}"
     ):
-        return _distill_locked(setup)
+        return _distill_locked(setup, tracking or TrackerOptions())
 
 
 def _restart(s: DistillSettings) -> None:
@@ -977,12 +980,13 @@ def _restart(s: DistillSettings) -> None:
             old.unlink()
 
 
-def _distill_locked(setup: DistillSetup):
+def _distill_locked(setup: DistillSetup, tracking: TrackerOptions):
     s = setup.settings
     ckpt = s.checkpoint_path
     if s.restart:
         _restart(s)
     state = load_checkpoint(ckpt, setup) if ckpt.exists() else fresh_state(setup)
+    tracker = open_tracker(setup, state, tracking)
     if state.iteration > 0:
         print(f"tesla distill: resuming from {ckpt} at iteration {state.iteration}", file=sys.stderr)
     metrics_partial = Path(f"{s.metrics}.partial") if s.metrics else None
@@ -1002,6 +1006,7 @@ def _distill_locked(setup: DistillSetup):
         save_checkpoint(ckpt, setup, state, generator_state)
         last_saved, due = state.iteration, False
         _save_grid(setup, state, f"iteration_{state.iteration:06d}.png")
+        tracker.log_image(state.iteration, "synthetic images", lambda: _grid(setup, state))
 
     try:
         while state.iteration < s.iterations:
@@ -1054,6 +1059,7 @@ def _distill_locked(setup: DistillSetup):
                 "peak_memory_mb": _peak_memory_mb(setup.device),
             }
             state.log.append(row)
+            tracker.log_scalars(it, lambda: tracked_values(setup, state, row))
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{result.loss:.4f}", alpha=f"{row['alpha']:.3g}")
@@ -1067,6 +1073,7 @@ def _distill_locked(setup: DistillSetup):
     finally:
         if bar is not None:
             bar.close()
+        tracker.close()
     final = synthetic_set(setup, state)
     if s.metrics:
         _write_metrics(Path(s.metrics), state.log)
@@ -1078,6 +1085,47 @@ def _distill_locked(setup: DistillSetup):
             old.unlink(missing_ok=True)
     print(f"tesla distill: {_headroom(state, limits)}", file=sys.stderr)
     return final
+
+
+def open_tracker(setup: DistillSetup, state: DistillState, options: TrackerOptions) -> Tracking:
+    """The run's live curves (``--tracker``, :mod:`tesla.tracking`): one tracker run per
+    output and result (a resumed run continues it from its checkpoint's iteration), its
+    configuration every setting and the inputs' fingerprints; TensorBoard's events by
+    default in a folder ``tensorboard`` beside the output."""
+    if options.kind is None:
+        return tracking_disabled()
+    from tesla.zca import zca_fingerprint
+
+    s, key = setup.settings, result_key(setup)
+    inputs = {"train": setup.split.fingerprint, "experts": [e.content_fingerprint() for e in setup.experts],
+              "zca": zca_fingerprint(setup.zca)}
+    config = {"settings": s.effective(), "batch_syn": setup.batch_syn, "inputs": inputs, "result_key": key,
+              "tesla_version": __version__}
+    return open_tracking(options, stage="distill", identity={"out": str(Path(s.out).resolve()), "result": key},
+                         default_dir=Path(s.out).parent / "tensorboard", step_name="iteration",
+                         name=f"distill {s.out}", config=config, start=state.iteration)
+
+
+def tracked_values(setup: DistillSetup, state: DistillState, row: dict) -> dict[str, float]:
+    """What the tracker gets of an iteration: the metrics row's numbers (the expert as its
+    index among --experts), the guard's state (image growth: the largest image RMS over its
+    initial value) and, with learned labels, the labels' mean entropy."""
+    names = [Path(e).name for e in setup.settings.experts]
+    values = {**row, "expert": names.index(row["expert"]) if row["expert"] in names else ""}
+    values["image_growth"] = float(row["max_image_rms"]) / state.start.largest_image_rms
+    if state.label_logits is not None:
+        from tesla.soft_labels import learned_soft_labels, mean_entropy
+
+        probs = learned_soft_labels(state.label_logits.detach(), setup.settings.label_temperature)
+        values["label_entropy"] = mean_entropy(probs)
+    return values
+
+
+def _grid(setup: DistillSetup, state: DistillState):
+    from tesla.grids import class_grid
+
+    return class_grid(state.images.detach(), state.classes, setup.split.num_classes, setup.input_space.mean,
+                      setup.input_space.std, setup.zca)
 
 
 def _headroom(state: DistillState, limits: guard.Limits) -> str:
@@ -1153,6 +1201,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     a("--label-chunk", type=int, default=d.label_chunk, help="images per forward pass when assigning soft labels")
     a("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
     a("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    add_tracking_arguments(parser)
     g = parser.add_argument_group("divergence guard (stops the run before a bad state is saved; see tesla.guard)")
     g.add_argument("--max-lr", type=finite_float, default=None, help=f"alpha may not exceed this (default: {guard.MAX_LR_FACTOR:g} x lr_teacher)")
     g.add_argument("--max-image-growth", type=finite_float, default=d.max_image_growth, help="the largest image RMS may not exceed this many times its initial value")
@@ -1169,7 +1218,7 @@ def settings_from_args(args: argparse.Namespace) -> DistillSettings:
 
 
 def run(args: argparse.Namespace) -> int:
-    final = distill(settings_from_args(args))
+    final = distill(settings_from_args(args), tracking_options(args))
     print(
         f"wrote {args.out}: {final.num_images} images ({final.ipc} per class), alpha {final.lr:.4g}, "
         f"{final.iteration} iterations",

@@ -751,9 +751,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="file holding the state of the runs' training (default: OUT.ckpt): a killed evaluation run "
                              "again resumes from it when its settings and training data are the same (else it starts "
                              "afresh, saying why); removed once OUT is written")
-    parser.add_argument("--checkpoint-every", type=float, default=DEFAULT_CHECKPOINT_SECONDS, metavar="SECONDS",
+    parser.add_argument("--checkpoint-every", type=finite_float, default=DEFAULT_CHECKPOINT_SECONDS, metavar="SECONDS",
                         help="save the checkpoint after an epoch once this many seconds have passed since the last save "
                              "(every epoch or every SECONDS, whichever is rarer; 0: every epoch)")
+    from tesla.tracking import add_tracking_arguments
+
+    add_tracking_arguments(parser)
 
 
 def subject_from_args(args: argparse.Namespace, device: torch.device | str) -> Subject:
@@ -799,11 +802,46 @@ def checkpoint_path(args: argparse.Namespace) -> Path:
         raise TeslaError(f"--checkpoint {path} is a folder; give a file path (its folder is made if missing)")
     return path
 
+def track_results(args: argparse.Namespace, subject: Subject, results: Sequence[RunResult]) -> None:
+    """The live curves of an evaluation (``--tracker``, :mod:`tesla.tracking`): each run's test
+    accuracy, final training loss and time at its run number (1, 2, ...), their mean and
+    standard deviation (series ``summary``, at the number of runs), and the per-run table;
+    the configuration every option, the subject and the inputs' fingerprints. TensorBoard's
+    events by default in a folder ``tensorboard/<out name>`` beside the output."""
+    from tesla.tracking import file_digest, open_tracking, options_from_args
+
+    options = options_from_args(args)
+    if options.kind is None:
+        return
+    splits = {k: ImageSplit.open(getattr(args, k)).fingerprint for k in ("train", "test") if getattr(args, k, None)}
+    files = {k: file_digest(getattr(args, k)) for k in ("synthetic", "zca") if getattr(args, k, None) is not None}
+    config = {
+        "arguments": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
+                      if not k.startswith("tracker") and k != "func"},
+        "subject": {"method": subject.method, "engine": subject.engine, "ipc": subject.ipc, "lr": subject.lr,
+                    "dsa": subject.dsa_strategy, "dataset": subject.space.dataset, "source": subject.source,
+                    "input_space": subject.space.input_space.key, "num_images": subject.num_images},
+        "inputs": {**splits, **files},
+    }
+    out = Path(args.out)
+    tracker = open_tracking(options, stage="evaluate", identity={"out": str(out.resolve()), "config": config},
+                            default_dir=out.parent / "tensorboard" / out.stem, step_name="run",
+                            name=f"evaluate {out}", config=config, start=0)
+    for r in results:
+        tracker.log_scalars(r.run + 1, {"test_acc": r.test_acc, "final_train_loss": r.final_train_loss,
+                                        "seconds": r.seconds})
+    accs = np.array([r.test_acc for r in results])
+    tracker.log_scalars(len(results), {"test_acc_mean": accs.mean(), "test_acc_std": accs.std()}, series="summary")
+    tracker.log_table("runs", RUN_COLUMNS, [[r.row()[c] for c in RUN_COLUMNS] for r in results])
+    tracker.close()
+
 
 def run(args: argparse.Namespace) -> int:
     from tesla.group_checkpoint import remove_checkpoint
     from tesla.training import pick_device
+    from tesla.tracking import options_from_args
 
+    options_from_args(args)  # a tracker whose package is missing is refused before any work
     device = pick_device(args.device)
     subject = subject_from_args(args, device)
     protocol = Protocol(
@@ -825,6 +863,7 @@ def run(args: argparse.Namespace) -> int:
                            checkpoint_every=args.checkpoint_every)
         write_runs(args.out, results)
         remove_checkpoint(checkpoint)  # the output holds the result now
+    track_results(args, subject, results)
     accs = np.array([r.test_acc for r in results])
     ipc = "all images" if subject.method == "full" else f"ipc {subject.ipc}"
     print(

@@ -64,6 +64,9 @@ from tesla.errors import TeslaError
 from tesla.files import atomic_output
 from tesla.locks import acquire
 from tesla.trajectories import STORAGE_DTYPES, Trajectory, TrajectoryMeta, TrajectoryWriter
+from tesla.tracking import TrackerOptions, Tracking, add_tracking_arguments, open_tracking
+from tesla.tracking import disabled as tracking_disabled
+from tesla.tracking import options_from_args as tracking_options
 
 __all__ = [
     "ExpertConfig",
@@ -376,12 +379,13 @@ class _ExpertRun:
     each epoch (snapshot, state, log) and when it is complete (test accuracy, file)."""
 
     def __init__(self, cfg: ExpertConfig, shared: _Shared, *, stop_after_epochs: int | None,
-                 log: Callable[[str], None]) -> None:
+                 log: Callable[[str], None], tracker: Tracking) -> None:
         from tesla.models import build_from_spec
         from tesla.parameters import flatten_buffers, flatten_params
         from tesla.training import make_optimizer
 
-        self.cfg, self.shared, self.log = cfg, shared, log
+        self.cfg, self.shared, self.log, self.tracker = cfg, shared, log, tracker
+        self.series = f"expert_{cfg.seed}"  # its curves in the job's tracker
         self.out = Path(cfg.out)
         self.partial = partial_dir(self.out)
         self.stop_after_epochs = stop_after_epochs
@@ -403,6 +407,7 @@ class _ExpertRun:
             _atomic_save({"theta": flatten_params(self.model, device="cpu"), "buffers": flatten_buffers(self.model, device="cpu")},
                          _snapshot_path(self.partial, 0))
             self._save_state(0)
+        tracker.start(self.start_epoch, self.series)
 
     def _resume(self) -> None:
         partial, device = self.partial, self.shared.device
@@ -455,6 +460,8 @@ class _ExpertRun:
             f"{100 * stats.accuracy:.2f}%  lr {stats.lr:g}  {stats.seconds:.1f} s ({stats.images_per_second:.0f} img/s)"
         )
         self.done_here += 1
+        if stats.epoch < cfg.stop_epoch:  # the last epoch is tracked with the test accuracy (finish)
+            self.tracker.log_scalars(stats.epoch, stats.as_dict(), self.series)
         if stats.epoch >= cfg.stop_epoch:
             self.finish()
         elif self.stop_after_epochs is not None and self.done_here >= self.stop_after_epochs:
@@ -474,6 +481,8 @@ class _ExpertRun:
         test_acc = accuracy(self.model, shared.x_test, shared.y_test, input_transform=shared.to_input)
         self.log(f"expert {cfg.seed}: test accuracy {100 * test_acc:.2f}% after epoch {epochs} on "
                  f"{shared.test_split.num_images} images of {cfg.test}")
+        self.tracker.log_scalars(epochs, {**(self.history[-1] if self.history else {}), "test_accuracy": test_acc},
+                                 self.series)
         meta = TrajectoryMeta(
             model_spec=shared.spec,
             dataset=shared.train_split.dataset,
@@ -573,6 +582,7 @@ def train_experts(
     stop_after_epochs: int | None = None,
     log: Callable[[str], None] = _log,
     progress: bool | None = True,
+    tracking: TrackerOptions | None = None,
 ) -> list[Path | None]:
     """Train a group of experts (same settings, distinct seeds and outputs) in one process.
 
@@ -580,7 +590,8 @@ def train_experts(
     outputs), the data, finished outputs (skipped when their settings match, refused
     otherwise) and every expert's lock. ``stop_after_epochs``: each expert ends after that
     many epochs in this call (its partial state stays; its entry is None). Returns each
-    expert's output path (None where not complete).
+    expert's output path (None where not complete). ``tracking``: the live curves of the
+    group (:func:`open_tracker`; none by default).
     """
     from tesla.training import resolve_group_mode, train_group
 
@@ -595,9 +606,12 @@ def train_experts(
         _cleanup(cfgs)
         return results
     locks = _lock_all(pending)
+    tracker = tracking_disabled()
     try:
+        tracker = open_tracker(cfgs, shared, tracking or TrackerOptions())
         shared.numerics.apply(shared.device)
-        runs = [_ExpertRun(cfg, shared, stop_after_epochs=stop_after_epochs, log=log) for cfg in pending]
+        runs = [_ExpertRun(cfg, shared, stop_after_epochs=stop_after_epochs, log=log, tracker=tracker)
+                for cfg in pending]
         shared.load()
         n_params = sum(p.numel() for p in runs[0].model.parameters())
         log(
@@ -634,8 +648,26 @@ def train_experts(
         if all(r is not None for r in results):
             _cleanup(cfgs)
     finally:
+        tracker.close()
         _release_all(locks)
     return results
+
+
+def open_tracker(cfgs: Sequence[ExpertConfig], shared: _Shared, options: TrackerOptions) -> Tracking:
+    """The job's live curves (``--tracker``, :mod:`tesla.tracking`): one tracker run per group
+    of outputs and settings, each expert a series (``expert_<seed>``: its loss, accuracy,
+    learning rate and time per epoch, and the test accuracy with its last epoch), the
+    configuration every setting and the inputs' fingerprints; TensorBoard's events by default
+    in a folder ``tensorboard`` beside the outputs."""
+    if options.kind is None:
+        return tracking_disabled()
+    outs = [str(Path(c.out).resolve()) for c in cfgs]
+    settings = {str(c.seed): shared.settings(c.seed) for c in cfgs}
+    config = {"experts": {str(c.seed): {k: str(v) if isinstance(v, Path) else v for k, v in vars(c).items()} for c in cfgs},
+              "settings": settings, "device": str(shared.device), "group_mode": shared.group_mode}
+    return open_tracking(options, stage="experts", identity={"outs": outs, "settings": settings},
+                         default_dir=Path(cfgs[0].out).parent / "tensorboard", step_name="epoch",
+                         name=f"experts {', '.join(Path(c.out).name for c in cfgs)}", config=config)
 
 
 def train_expert(
@@ -696,6 +728,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
     add_group_mode_argument(parser, "experts of several --seed")
     add_numerics_arguments(parser)
+    add_tracking_arguments(parser)
     parser.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
     parser.add_argument("--stop-after-epochs", type=int, default=None, help=argparse.SUPPRESS)
 
@@ -716,5 +749,6 @@ def run(args: argparse.Namespace) -> int:
         )
         for seed, out in zip(seeds, outs)
     ]
-    train_experts(cfgs, group_mode=args.group_mode, stop_after_epochs=args.stop_after_epochs, progress=None)
+    train_experts(cfgs, group_mode=args.group_mode, stop_after_epochs=args.stop_after_epochs, progress=None,
+                  tracking=tracking_options(args))
     return 0

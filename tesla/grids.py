@@ -16,7 +16,7 @@ from PIL import Image
 from tesla.files import atomic_output
 from tesla.input_space import InputSpace, Normalization
 
-__all__ = ["grid_rows", "save_class_grid", "save_png", "to_pixels", "to_uint8_hwc"]
+__all__ = ["class_grid", "grid_rows", "save_class_grid", "save_png", "to_pixels", "to_uint8_hwc"]
 
 
 def to_pixels(images: torch.Tensor, mean: Sequence[float], std: Sequence[float], zca=None) -> torch.Tensor:
@@ -45,24 +45,21 @@ def grid_rows(num_classes: int, max_rows: int) -> list[int]:
     return sorted(set(int(p) for p in picks))
 
 
-def save_class_grid(
+def class_grid(
     images: torch.Tensor,
     classes: torch.Tensor,
     num_classes: int,
-    path: str | os.PathLike,
     mean: Sequence[float],
     std: Sequence[float],
     zca=None,
     max_rows: int = 20,
     max_cols: int = 10,
     padding: int = 2,
-) -> Path:
-    """A PNG grid with one row per class (at most ``max_rows`` classes, evenly spaced) and
-    at most ``max_cols`` images per row, in pixel space; written atomically."""
+) -> np.ndarray:
+    """The class grid as an H x W (x C) uint8 array: one row per class (at most ``max_rows``
+    classes, evenly spaced), at most ``max_cols`` images per row, in pixel space."""
     from torchvision.utils import make_grid
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     classes = classes.detach().cpu()
     rows = grid_rows(num_classes, max_rows)
     per_row = [torch.nonzero(classes == c).flatten()[:max_cols] for c in rows]
@@ -75,5 +72,22 @@ def save_class_grid(
     grid = make_grid(tiles, nrow=cols, padding=padding, pad_value=1.0)
     if c == 1:
         grid = grid[:1]
-    save_png(to_uint8_hwc(grid), path)
+    return to_uint8_hwc(grid)
+
+
+def save_class_grid(
+    images: torch.Tensor,
+    classes: torch.Tensor,
+    num_classes: int,
+    path: str | os.PathLike,
+    mean: Sequence[float],
+    std: Sequence[float],
+    zca=None,
+    **layout: int,
+) -> Path:
+    """The class grid (:func:`class_grid`; ``layout``: its ``max_rows``, ``max_cols``,
+    ``padding``) as a PNG file, written atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_png(class_grid(images, classes, num_classes, mean, std, zca, **layout), path)
     return path

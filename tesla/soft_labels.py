@@ -78,3 +78,10 @@ def label_logit_gradient(logits: torch.Tensor, temperature: float, grad_labels: 
     y = learned_soft_labels(logits, temperature)
     g = grad_labels.to(y.dtype)
     return y * (g - torch.sum(y * g, dim=1, keepdim=True)) / temperature
+
+
+def mean_entropy(probs: torch.Tensor) -> float:
+    """The labels' mean entropy in nats, (1/N) sum_n -sum_c y_nc log y_nc: log K for uniform
+    labels, 0 for one-hot ones (how far learned labels have moved from hard labels)."""
+    p = probs.detach().double()
+    return float(-(torch.special.xlogy(p, p)).sum(dim=1).mean())

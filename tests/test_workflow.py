@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import io
+import os
 import re
 import shutil
 import tarfile
@@ -684,3 +685,40 @@ def test_bad_beyond_tesla_settings_are_refused_naming_the_key(plain_workdir, cha
     result = snakemake(plain_workdir, "--dry-run", "--cores", "1", "--configfile", "edited.yaml")
     log = result.stdout + result.stderr
     assert result.returncode != 0 and message in log, log[-3000:]
+
+
+# --------------------------------------------------------------------------------------
+# live curves (config `tracking`)
+# --------------------------------------------------------------------------------------
+def test_switching_tracking_on_reruns_nothing_and_its_options_reach_the_training_jobs(executed):
+    workdir, _ = executed
+
+    def wandb(c):
+        c["tracking"] = {"tracker": "wandb", "wandb": {"project": "distill-runs", "mode": "offline"}}
+
+    assert dry_run(workdir, _edited(workdir, wandb)) == {}  # tracking never changes a result
+    text = _shell_commands(workdir, _edited(workdir, wandb), "--forceall")
+    for stage, group in (("experts", "demo_experts"), ("distill", "demo_ipc1"), ("evaluate", "demo_ipc1")):
+        lines = [line for line in text.splitlines() if f"tesla {stage} " in line and (stage == "experts" or "_ipc1/" in line)]
+        assert lines and all(f"--tracker wandb --tracker-dir results --tracker-project distill-runs --tracker-group {group} "
+                             "--tracker-mode offline" in line for line in lines), (stage, lines)
+
+    def tensorboard(c):
+        c["tracking"] = {"tracker": "tensorboard", "tensorboard": {"dir": "runs"}}
+
+    text = _shell_commands(workdir, _edited(workdir, tensorboard), "--forceall")
+    assert "--tracker tensorboard --tracker-dir runs/demo_ipc1/exact " in text
+    assert "--tracker-dir runs/demo_ipc1/eval/random_convnet_d1 " in text
+    assert "--tracker" not in _shell_commands(workdir, load_config(workdir), "--forceall")  # off by default
+
+
+def test_a_tracker_whose_extra_is_missing_fails_the_dry_run_naming_the_extra(plain_workdir, tmp_path, monkeypatch):
+    """Snakemake's Python without the wandb package (a sitecustomize hides it)."""
+    (tmp_path / "sitecustomize.py").write_text("import sys\nsys.modules['wandb'] = None\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+    cfg = load_config(plain_workdir)
+    cfg["tracking"] = {"tracker": "wandb"}
+    write_config(plain_workdir, cfg, "edited.yaml")
+    result = snakemake(plain_workdir, "--dry-run", "--cores", "1", "--configfile", "edited.yaml")
+    text = result.stdout + result.stderr
+    assert result.returncode != 0 and "config key tracking.tracker" in text and "pip install -e '.[wandb]'" in text, text

@@ -420,7 +420,7 @@ def expert_run_options(wildcards, output) -> str:
     ks = [int(re.fullmatch(r"expert_([0-9]+)\.h5", Path(f).name).group(1)) for f in output]
     dataset = Path(output[0]).parts[1]
     opts = ["--seed " + " ".join(str(config["seed"] + k) for k in ks)]
-    return " ".join(opts + group_mode_option(dataset_cfg(dataset)["experts"]))
+    return " ".join(opts + group_mode_option(dataset_cfg(dataset)["experts"]) + tracking_options("experts", output))
 
 
 def expert_groups() -> list[tuple[str, str, list[int]]]:
@@ -520,7 +520,7 @@ def distill_run_options(wildcards, output) -> str:
     for key in ("max_lr", "max_image_growth", "max_loss"):
         if d.get(key) is not None:
             opts.append(_opt(key.replace("_", "-"), d[key]))
-    return " ".join(opts)
+    return " ".join(opts + tracking_options("distill", output))
 
 
 def evaluate_options(wildcards) -> str:
@@ -554,7 +554,7 @@ def evaluate_run_options(wildcards, output) -> str:
     otherwise) and removes it once the output is written."""
     ev = dataset_cfg(wildcards.dataset)["evaluate"]
     opts = [*group_mode_option(ev), _opt("checkpoint", f"{output[0]}.ckpt"), _opt("checkpoint-every", ev["checkpoint_every"])]
-    return " ".join(opts)
+    return " ".join(opts + tracking_options("evaluate", output))
 
 
 def random_baseline_options(wildcards) -> str:
