@@ -7,7 +7,9 @@
 # they change (the default rerun triggers include `params`), so each rule gets exactly the
 # settings that shape its result: a change reruns that job and everything downstream,
 # nothing else. Options that do not change a result (device, checkpoint interval, guard
-# limits) are functions of `output` or `resources`, which Snakemake does not compare.
+# limits) are functions of `output` or `resources`, which Snakemake does not compare. Every
+# job below prepare also gets `upstream`, a digest of the settings of all jobs before it
+# (see "upstream fingerprints" below), so that what follows a failed job reruns too.
 #
 # File layout (snakemake-workflows template): prepared inputs under resources/, everything
 # a run makes under results/:
@@ -584,7 +586,7 @@ def _fingerprint(*parts: str) -> str:
 
 def upstream_param(*settings: str) -> str:
     """The `upstream` param of a job from the settings digests of the jobs it reads."""
-    return "upstream " + _fingerprint(*settings)
+    return f"upstream {_fingerprint(*settings)}"
 
 
 def prepare_settings(dataset: str) -> str:
