@@ -18,7 +18,7 @@ fails any more) writes them from the new settings. Without upstream fingerprints
 answered "Nothing to be done": the downstream jobs' own settings had not changed and their
 outputs existed.
 
-Time budget: about 60 s on 2 cores.
+Time budget: about 70 s on 2 cores (about 3 s per Snakemake call).
 """
 
 from __future__ import annotations

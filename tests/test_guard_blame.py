@@ -11,7 +11,7 @@ the run's last state with a healthy loss.
 
 The module prepares the demo, trains its experts and runs 100 healthy iterations once;
 each test then resumes from that checkpoint, or starts afresh, for a few iterations.
-Time budget: about 40 s on 2 cores.
+Time budget: about 20 s on 2 cores.
 """
 
 from __future__ import annotations
