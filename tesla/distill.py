@@ -1023,7 +1023,9 @@ def _distill_locked(setup: DistillSetup, tracking: TrackerOptions):
 
                 grad_logits = label_logit_gradient(state.label_logits, s.label_temperature, result.grad_labels)
             alpha = float(state.alpha.detach())
-            breach = guard.check_match(result.loss, grad_images, grad_alpha, alpha, state.images, state.start, limits)
+            breach = guard.check_match(
+                result.loss, grad_images, grad_alpha, alpha, state.images, state.start, limits, state.log
+            )
             breach = breach or _check_labels(state, grad_logits)
             if breach is not None:
                 raise _stop(s, it, breach, last_saved)

@@ -36,17 +36,26 @@ Cause (:func:`suspects`), the setting named in the advice:
 
 * alpha out of range or not finite: ``lr_lr``;
 * images out of range or not finite: ``lr_img``;
-* a loss or gradient breach: whichever of alpha (``lr_lr``) and the images (``lr_img``)
-  has drifted up from its start by a factor of at least :data:`DRIFT`, the larger drift
-  first; when neither has (typically in the first iterations), ``lr_teacher`` (alpha's
-  initial value is too large a step for this network) or ``syn_steps`` (too many steps).
+* a loss or gradient breach: judged against the run's own evidence, its history (kept in the
+  checkpoint, so a resumed run keeps it). A state S_j is *healthy* when its loss L_{j+1} was
+  at most :data:`HEALTHY_LOSS` = 1: the student ended nearer its target than it started (a
+  student that does not move has L = 1). Against the latest healthy state S_r of the run
+  (:func:`last_healthy`), whichever of alpha (``lr_lr``) and the largest image RMS
+  (``lr_img``) has grown by a factor of at least :data:`DRIFT` is a suspect, the larger
+  growth first: the state moved away from one that matched well, and the loss followed.
+  When neither has, or when no state of the run was healthy (the loss was high before the
+  images or alpha had moved: typically a new lr_teacher from iteration 0, or a larger
+  syn_steps on resume), the cause is the student's trajectory itself: ``lr_teacher`` (its
+  step alpha starts too large) or ``syn_steps`` (too many steps). Growth since the run's
+  start is no evidence: a healthy run's images grow too (about 3 x in the demo's 200
+  iterations), so a stop after a change of syn_steps would be blamed on lr_img.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -54,8 +63,10 @@ __all__ = [
     "DEFAULT_MAX_IMAGE_GROWTH",
     "DEFAULT_MAX_LOSS",
     "DRIFT",
+    "HEALTHY_LOSS",
     "MAX_LR_FACTOR",
     "Breach",
+    "Healthy",
     "Limits",
     "Start",
     "Wording",
@@ -65,6 +76,7 @@ __all__ = [
     "format_value",
     "image_rms",
     "largest_image_rms",
+    "last_healthy",
     "suspects",
 ]
 
@@ -74,8 +86,10 @@ MAX_LR_FACTOR = 100.0
 DEFAULT_MAX_IMAGE_GROWTH = 100.0
 #: default bound of the matching loss (about 1 at the start)
 DEFAULT_MAX_LOSS = 10.0
-#: a quantity that has grown by this factor from its start is a suspect of a loss breach
+#: a quantity that has grown by this factor since the last healthy state is a suspect of a loss breach
 DRIFT = 2.0
+#: a state whose matching loss is at most this is healthy: the student ended nearer its target than it started
+HEALTHY_LOSS = 1.0
 
 
 @dataclass(frozen=True)
@@ -122,12 +136,51 @@ def largest_image_rms(images: torch.Tensor) -> float:
     return float(image_rms(images).max())
 
 
-def suspects(alpha: float, largest_rms: float, start: Start) -> tuple[str, ...]:
+@dataclass(frozen=True)
+class Healthy:
+    """The latest healthy state S_r of a run (its loss at most HEALTHY_LOSS): r, alpha, rho."""
+
+    iteration: int
+    alpha: float
+    largest_image_rms: float
+
+
+def last_healthy(history: Sequence[Mapping[str, Any]], start: Start) -> Healthy | None:
+    """The latest state S_r of the run whose own loss was at most HEALTHY_LOSS, from the
+    metrics rows of its iterations (row k: the loss L_k of S_{k-1}, then alpha and the largest
+    image RMS of S_k; S_0 is the start); None when there is none. Rows without the image
+    RMS (written before it was recorded) cannot serve."""
+    rows = {int(r["iteration"]): r for r in history}
+    for k in sorted(rows, reverse=True):
+        if not float(rows[k]["loss"]) <= HEALTHY_LOSS:
+            continue
+        if k == 1:
+            return Healthy(0, start.alpha, start.largest_image_rms)
+        before = rows.get(k - 1)
+        if before is not None and before.get("max_image_rms") not in (None, ""):
+            return Healthy(k - 1, float(before["alpha"]), float(before["max_image_rms"]))
+    return None
+
+
+def suspects(alpha: float, largest_rms: float, healthy: Healthy | None) -> tuple[str, ...]:
     """The settings behind a loss or gradient breach of a state (alpha, largest image RMS):
-    the quantities that drifted up by >= DRIFT from their start, else lr_teacher/syn_steps."""
-    drifts = [(alpha / start.alpha, "lr_lr"), (largest_rms / start.largest_image_rms, "lr_img")]
+    the quantities that grew by >= DRIFT since the run's last healthy state, else (and when
+    the run had none) lr_teacher/syn_steps."""
+    if healthy is None:
+        return ("lr_teacher", "syn_steps")
+    drifts = [(alpha / healthy.alpha, "lr_lr"), (largest_rms / healthy.largest_image_rms, "lr_img")]
     drifted = tuple(name for ratio, name in sorted(drifts, reverse=True) if not ratio < DRIFT)
     return drifted or ("lr_teacher", "syn_steps")
+
+
+def _evidence(alpha: float, largest_rms: float, healthy: Healthy | None) -> str:
+    """How the state compares with the run's last healthy one (the grounds of the cause named)."""
+    if healthy is None:
+        return f"no state of this run had a loss of at most {HEALTHY_LOSS:g} (the student ending nearer its target than it started)"
+    return (
+        f"since iteration {healthy.iteration}, the last state with a loss of at most {HEALTHY_LOSS:g}, alpha changed "
+        f"{alpha / healthy.alpha:.3g} x and the largest image RMS {largest_rms / healthy.largest_image_rms:.3g} x"
+    )
 
 
 def _finite(t: torch.Tensor) -> bool:
@@ -135,10 +188,18 @@ def _finite(t: torch.Tensor) -> bool:
 
 
 def check_match(
-    loss: float, grad_images: torch.Tensor, grad_alpha: float, alpha: float, images: torch.Tensor, start: Start, limits: Limits
+    loss: float,
+    grad_images: torch.Tensor,
+    grad_alpha: float,
+    alpha: float,
+    images: torch.Tensor,
+    start: Start,
+    limits: Limits,
+    history: Sequence[Mapping[str, Any]] = (),
 ) -> Breach | None:
     """Rules 1(a) and 1(d) for the state (``alpha``, ``images``) whose matching loss and
-    gradients were just computed."""
+    gradients were just computed; ``history``: the metrics rows of the iterations before
+    (the evidence of :func:`suspects`)."""
     if not math.isfinite(loss):
         rule, what = "finite", f"the matching loss is not finite ({loss})"
     elif not _finite(grad_images) or not math.isfinite(grad_alpha):
@@ -153,7 +214,9 @@ def check_match(
         f"alpha {alpha:.4g} ({alpha / start.alpha:.3g} x its start), largest image RMS {peak:.4g} "
         f"({peak / start.largest_image_rms:.3g} x its initial value {start.largest_image_rms:.4g})"
     )
-    return Breach(rule, f"{what}; the state: {state}", suspects(alpha, peak, start), "max_loss" if rule == "loss" else None)
+    healthy = last_healthy(history, start)
+    what = f"{what}; the state: {state}; {_evidence(alpha, peak, healthy)}"
+    return Breach(rule, what, suspects(alpha, peak, healthy), "max_loss" if rule == "loss" else None)
 
 
 def check_state(alpha: float, images: torch.Tensor, start: Start, limits: Limits) -> Breach | None:

@@ -541,13 +541,28 @@ def test_guard_rules_against_an_independent_computation():
     assert guard.check_match(1.0, grad, 0.0, 0.01, x0, start, limits).rule == "finite"
     b = guard.check_match(1e12, grad, 0.0, 0.01, x0, start, limits)  # both: the gradient is what failed
     assert b.rule == "finite" and b.limit is None and "gradient of the matching loss is not finite (the loss is 1e+12)" in b.what
-    # causes of a loss breach: what drifted up by DRIFT (2x) or more, the larger drift first
-    rho = start.largest_image_rms
-    assert guard.suspects(0.0199, 1.99 * rho, start) == ("lr_teacher", "syn_steps")
-    assert guard.suspects(0.02, rho, start) == ("lr_lr",)
-    assert guard.suspects(0.001, 2 * rho, start) == ("lr_img",)  # alpha at its floor is no suspect
-    assert guard.suspects(0.05, 3 * rho, start) == ("lr_lr", "lr_img")
-    assert guard.suspects(0.03, 4 * rho, start) == ("lr_img", "lr_lr")
+    # causes of a loss breach: what grew by DRIFT (2x) or more since the run's last healthy state
+    # (loss <= 1), the larger growth first; no healthy state, or no growth: lr_teacher/syn_steps
+    rho = 1.5
+    healthy = guard.Healthy(7, 0.01, rho)
+    assert guard.suspects(0.0199, 1.99 * rho, healthy) == ("lr_teacher", "syn_steps")
+    assert guard.suspects(0.02, rho, healthy) == ("lr_lr",)
+    assert guard.suspects(0.001, 2 * rho, healthy) == ("lr_img",)  # alpha at its floor is no suspect
+    assert guard.suspects(0.05, 3 * rho, healthy) == ("lr_lr", "lr_img")
+    assert guard.suspects(0.03, 4 * rho, healthy) == ("lr_img", "lr_lr")
+    assert guard.suspects(1.0, 100 * rho, None) == ("lr_teacher", "syn_steps")
+    # the last healthy state of a history: row k holds the loss of S_{k-1} and alpha, RMS of S_k
+    rows = [dict(iteration=k, loss=loss, alpha=0.01 * k, max_image_rms=float(k)) for k, loss in
+            [(1, 0.8), (2, 0.9), (3, 1.5), (4, 3.0)]]
+    assert guard.last_healthy(rows, start) == guard.Healthy(1, 0.01, 1.0)  # S_1, judged by row 2
+    assert guard.last_healthy(rows[:1], start) == guard.Healthy(0, start.alpha, start.largest_image_rms)
+    assert guard.last_healthy(rows[2:], start) is None
+    assert guard.last_healthy([], start) is None
+    # a resumed history (the checkpoint's rows first) and one without the image RMS
+    assert guard.last_healthy([{**r, "iteration": r["iteration"] + 50} for r in rows], start).iteration == 51
+    assert guard.last_healthy([{**r, "max_image_rms": ""} for r in rows], start).iteration == 0
+    b = guard.check_match(12.0, torch.zeros_like(x0), 0.0, 0.01, x0, start, limits, rows)
+    assert b.suspects == ("lr_teacher", "syn_steps") and "since iteration 1, the last state with a loss of at most 1" in b.what
 
 
 @pytest.mark.parametrize(

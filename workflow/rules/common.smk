@@ -7,7 +7,9 @@
 # they change (the default rerun triggers include `params`), so each rule gets exactly the
 # settings that shape its result: a change reruns that job and everything downstream,
 # nothing else. Options that do not change a result (device, checkpoint interval, guard
-# limits) are functions of `output` or `resources`, which Snakemake does not compare.
+# limits) are functions of `output` or `resources`, which Snakemake does not compare. Every
+# job below prepare also gets `upstream`, a digest of the settings of all jobs before it
+# (see "upstream fingerprints" below), so that what follows a failed job reruns too.
 #
 # File layout (snakemake-workflows template): prepared inputs under resources/, everything
 # a run makes under results/:
@@ -587,6 +589,109 @@ def full_data_experts(wildcards) -> list[str]:
 
 def experts_option(wildcards, input) -> str:
     return ("--experts " + " ".join(input.experts)) if input.get("experts") else ""
+
+
+# --------------------------------------------------------------------------------------
+# upstream fingerprints: the settings of everything before a job (the `upstream` param)
+# --------------------------------------------------------------------------------------
+# A job's own params hold only its own settings. After a config change, a job that fails (a
+# guard stop, a kill, a cancelled cluster job) leaves its output missing, and Snakemake does
+# not rerun a job whose output exists only because an input is missing (that is how temp()
+# files work): the old evaluations and acc.csv would stay, made from the old settings. So
+# every job below prepare also gets `upstream`, a digest of the settings of every job it
+# depends on, directly or not (prepare -> zca -> experts -> distill -> evaluate -> results,
+# report): a changed setting changes the fingerprint of everything downstream, which then
+# reruns even while the changed job's own output is missing. The digests are built from the
+# same option strings as the params, so what is not a rerun trigger (device, seeds of the
+# experts, grouping, checkpoint interval, guard limits) is not in them either.
+def _fingerprint(*parts: str) -> str:
+    import hashlib
+
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def upstream_param(*settings: str) -> str:
+    """The `upstream` param of a job from the settings digests of the jobs it reads."""
+    return f"upstream {_fingerprint(*settings)}"
+
+
+def prepare_settings(dataset: str) -> str:
+    w = Namespace(dataset=dataset)
+    return _fingerprint(prepare_options(w), method("prepare"))
+
+
+def zca_settings(dataset: str, normalize: str) -> str:
+    w = Namespace(dataset=dataset, normalize=normalize)
+    return _fingerprint(zca_options(w), method("zca"), prepare_settings(dataset))
+
+
+def space_settings(dataset: str, row: dict) -> list[str]:
+    """The settings behind the inputs of an input space: the data, and its ZCA when on."""
+    return [prepare_settings(dataset)] + ([zca_settings(dataset, row["normalize"])] if row["zca"] else [])
+
+
+def experts_settings(dataset: str, space: str) -> str:
+    """Every expert of one input space has the same settings (its seed is a run option)."""
+    w = Namespace(dataset=dataset, space=space)
+    return _fingerprint(expert_options(w), expert_method(w), *space_settings(dataset, space_of_key(dataset, space)))
+
+
+def distill_settings(dataset: str, ipc, engine: str) -> str:
+    w = Namespace(dataset=dataset, ipc=ipc, engine=engine)
+    row = distill_cfg(dataset, ipc)
+    experts = experts_settings(dataset, row_space(dataset_cfg(dataset), row))
+    return _fingerprint(distill_options(w), method("distill"), experts, *space_settings(dataset, row))
+
+
+def evaluation_settings(dataset: str, ipc, method_name: str, arch: str) -> str:
+    """One evaluation: of an engine's distilled set, or of the random baseline."""
+    w = Namespace(dataset=dataset, ipc=ipc, arch=arch)
+    if method_name == "random":
+        row = distill_cfg(dataset, ipc)
+        inputs = [random_baseline_options(w), *space_settings(dataset, row)]
+    else:
+        inputs = [distill_settings(dataset, ipc, method_name), prepare_settings(dataset)]
+    return _fingerprint(evaluate_options(w), evaluate_method(w), *inputs)
+
+
+def zca_upstream(wildcards) -> str:
+    return upstream_param(prepare_settings(wildcards.dataset))
+
+
+def experts_upstream(wildcards) -> str:
+    row = space_of_key(wildcards.dataset, wildcards.space)
+    return upstream_param(*space_settings(wildcards.dataset, row))
+
+
+def distill_upstream(wildcards) -> str:
+    row = distill_cfg(wildcards.dataset, wildcards.ipc)
+    experts = experts_settings(wildcards.dataset, row_space(dataset_cfg(wildcards.dataset), row))
+    return upstream_param(experts, *space_settings(wildcards.dataset, row))
+
+
+def evaluate_synthetic_upstream(wildcards) -> str:
+    distilled = distill_settings(wildcards.dataset, wildcards.ipc, wildcards.engine)
+    return upstream_param(distilled, prepare_settings(wildcards.dataset))
+
+
+def evaluate_random_upstream(wildcards) -> str:
+    return upstream_param(*space_settings(wildcards.dataset, distill_cfg(wildcards.dataset, wildcards.ipc)))
+
+
+def results_upstream(wildcards) -> str:
+    """Every evaluation of the table (its own settings and all before them), and the expert
+    pool of the 'full' row when there is one."""
+    ds, ipc = wildcards.dataset, wildcards.ipc
+    ev = dataset_cfg(ds)["evaluate"]
+    methods = row_engines(ds, ipc) + (["random"] if ev["random_baseline"] else [])
+    parts = [evaluation_settings(ds, ipc, m, arch) for m in methods for arch in ev["architectures"]]
+    if ev["full_data"]:
+        parts.append(experts_settings(ds, row_space(dataset_cfg(ds), distill_cfg(ds, ipc))))
+    return upstream_param(*parts)
+
+
+def report_upstream(wildcards) -> str:
+    return upstream_param(distill_settings(wildcards.dataset, wildcards.ipc, wildcards.engine))
 
 
 # --------------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ rule zca:
     params:
         options=zca_options,
         method=method("zca"),
+        upstream=zca_upstream,
     log:
         "results/logs/zca/{dataset}_{normalize}.log",
     benchmark:

@@ -18,6 +18,7 @@ rule distill:
         options=distill_options,
         zca=zca_option,
         method=method("distill"),
+        upstream=distill_upstream,
         # Not settings of the result: the checkpoint folder (the checkpoint is not an
         # output: Snakemake deletes the outputs of a failed job, but the checkpoint must
         # survive a kill so that the rerun resumes from it), its interval, the guard.

@@ -15,6 +15,7 @@ rule evaluate_synthetic:
         options=evaluate_options,
         run=evaluate_run_options,
         method=evaluate_method,
+        upstream=evaluate_synthetic_upstream,
     log:
         "results/logs/evaluate/{dataset}_ipc{ipc}/{engine}_{arch}.log",
     benchmark:
@@ -46,6 +47,7 @@ rule evaluate_random:
         baseline=random_baseline_options,
         zca=zca_option,
         method=evaluate_method,
+        upstream=evaluate_random_upstream,
     log:
         "results/logs/evaluate/{dataset}_ipc{ipc}/random_{arch}.log",
     benchmark:

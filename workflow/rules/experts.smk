@@ -25,6 +25,7 @@ rule expert:
         run=expert_run_options,
         zca=zca_option,
         method=expert_method,
+        upstream=experts_upstream,
     log:
         "results/logs/experts/{dataset}/{space}/expert_{k}.log",
     benchmark:
@@ -58,6 +59,7 @@ for _dataset, _space, _ks in expert_groups():
             run=expert_run_options,
             zca=zca_option,
             method=expert_method(Namespace(dataset=_dataset)),
+            upstream=experts_upstream(Namespace(dataset=_dataset, space=_space)),
         log:
             f"results/logs/experts/{_dataset}/{_space}/experts_{_ks[0]}-{_ks[-1]}.log",
         benchmark:

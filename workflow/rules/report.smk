@@ -18,6 +18,7 @@ rule results:
     params:
         experts=experts_option,
         method=method("results"),
+        upstream=results_upstream,
     log:
         "results/logs/results/{dataset}_ipc{ipc}.log",
     benchmark:
@@ -54,6 +55,7 @@ rule report:
         ),
     params:
         method=method("report"),
+        upstream=report_upstream,
     log:
         "results/logs/report/{dataset}_ipc{ipc}_{engine}.log",
     benchmark:
