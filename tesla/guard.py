@@ -38,8 +38,11 @@ Cause (:func:`suspects`), the setting named in the advice:
 * images out of range or not finite: ``lr_img``;
 * a loss or gradient breach: judged against the run's own evidence, its history (kept in the
   checkpoint, so a resumed run keeps it). A state S_j is *healthy* when its loss L_{j+1} was
-  at most :data:`HEALTHY_LOSS` = 1: the student ended nearer its target than it started (a
-  student that does not move has L = 1). Against the latest healthy state S_r of the run
+  at most the larger of :data:`HEALTHY_LOSS` = 1 (the student ended nearer its target than it
+  started; a student that does not move has L = 1) and, once the history holds
+  :data:`LEVEL_ITERATIONS` iterations, its median loss (:func:`healthy_loss_bound`: a run
+  whose normal loss stays between 1 and 2, as the published CIFAR runs do, still has healthy
+  states, its better half; a few iterations do not show a run's level). Against the latest healthy state S_r of the run
   (:func:`last_healthy`), whichever of alpha (``lr_lr``) and the largest image RMS
   (``lr_img``) has grown by a factor of at least :data:`DRIFT` is a suspect, the larger
   growth first: the state moved away from one that matched well, and the loss followed.
@@ -64,6 +67,7 @@ __all__ = [
     "DEFAULT_MAX_LOSS",
     "DRIFT",
     "HEALTHY_LOSS",
+    "LEVEL_ITERATIONS",
     "MAX_LR_FACTOR",
     "Breach",
     "Healthy",
@@ -74,6 +78,7 @@ __all__ = [
     "check_state",
     "explain",
     "format_value",
+    "healthy_loss_bound",
     "image_rms",
     "largest_image_rms",
     "last_healthy",
@@ -88,8 +93,11 @@ DEFAULT_MAX_IMAGE_GROWTH = 100.0
 DEFAULT_MAX_LOSS = 10.0
 #: a quantity that has grown by this factor since the last healthy state is a suspect of a loss breach
 DRIFT = 2.0
-#: a state whose matching loss is at most this is healthy: the student ended nearer its target than it started
+#: a state whose matching loss is at most this (or the run's median loss, if larger) is healthy:
+#: the student ended nearer its target than it started
 HEALTHY_LOSS = 1.0
+#: iterations of history from which the run's median loss shows its normal level
+LEVEL_ITERATIONS = 10
 
 
 @dataclass(frozen=True)
@@ -145,14 +153,26 @@ class Healthy:
     largest_image_rms: float
 
 
+def healthy_loss_bound(history: Sequence[Mapping[str, Any]]) -> float:
+    """max(HEALTHY_LOSS, median of the run's losses): the loss of a healthy state, measured on
+    the run itself (HEALTHY_LOSS alone before LEVEL_ITERATIONS iterations)."""
+    losses = sorted(float(r["loss"]) for r in history if math.isfinite(float(r["loss"])))
+    if len(losses) < LEVEL_ITERATIONS:
+        return HEALTHY_LOSS
+    middle = len(losses) // 2
+    median = losses[middle] if len(losses) % 2 else (losses[middle - 1] + losses[middle]) / 2
+    return max(HEALTHY_LOSS, median)
+
+
 def last_healthy(history: Sequence[Mapping[str, Any]], start: Start) -> Healthy | None:
-    """The latest state S_r of the run whose own loss was at most HEALTHY_LOSS, from the
-    metrics rows of its iterations (row k: the loss L_k of S_{k-1}, then alpha and the largest
-    image RMS of S_k; S_0 is the start); None when there is none. Rows without the image
-    RMS (written before it was recorded) cannot serve."""
+    """The latest state S_r of the run whose own loss was at most :func:`healthy_loss_bound`,
+    from the metrics rows of its iterations (row k: the loss L_k of S_{k-1}, then alpha and the
+    largest image RMS of S_k; S_0 is the start); None when there is none. Rows without the
+    image RMS (written before it was recorded) cannot serve."""
     rows = {int(r["iteration"]): r for r in history}
+    bound = healthy_loss_bound(history)
     for k in sorted(rows, reverse=True):
-        if not float(rows[k]["loss"]) <= HEALTHY_LOSS:
+        if not float(rows[k]["loss"]) <= bound:
             continue
         if k == 1:
             return Healthy(0, start.alpha, start.largest_image_rms)
@@ -173,12 +193,12 @@ def suspects(alpha: float, largest_rms: float, healthy: Healthy | None) -> tuple
     return drifted or ("lr_teacher", "syn_steps")
 
 
-def _evidence(alpha: float, largest_rms: float, healthy: Healthy | None) -> str:
+def _evidence(alpha: float, largest_rms: float, healthy: Healthy | None, bound: float) -> str:
     """How the state compares with the run's last healthy one (the grounds of the cause named)."""
     if healthy is None:
-        return f"no state of this run had a loss of at most {HEALTHY_LOSS:g} (the student ending nearer its target than it started)"
+        return f"no state of this run had a loss of at most {bound:.3g} (1, or the median loss of a longer history if larger)"
     return (
-        f"since iteration {healthy.iteration}, the last state with a loss of at most {HEALTHY_LOSS:g}, alpha changed "
+        f"since iteration {healthy.iteration}, the last state with a loss of at most {bound:.3g}, alpha changed "
         f"{alpha / healthy.alpha:.3g} x and the largest image RMS {largest_rms / healthy.largest_image_rms:.3g} x"
     )
 
@@ -215,7 +235,7 @@ def check_match(
         f"({peak / start.largest_image_rms:.3g} x its initial value {start.largest_image_rms:.4g})"
     )
     healthy = last_healthy(history, start)
-    what = f"{what}; the state: {state}; {_evidence(alpha, peak, healthy)}"
+    what = f"{what}; the state: {state}; {_evidence(alpha, peak, healthy, healthy_loss_bound(history))}"
     return Breach(rule, what, suspects(alpha, peak, healthy), "max_loss" if rule == "loss" else None)
 
 
