@@ -60,6 +60,8 @@ from tesla.errors import TeslaError
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 #: x -> A(x): a step's augmentation, differentiable in x.
 AugmentFn = Callable[[torch.Tensor], torch.Tensor]
+#: a sum over the processes of a distributed run (in place), see tesla.distributed.Ranks.sum
+Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 COMPILE_MODES: tuple[str, ...] = ("auto", "off", "inductor", "cudagraph", "inductor-cudagraph")
 #: the traced graph run as it is (no compiler, no capture): tests and benchmarks of the tracing
@@ -100,11 +102,16 @@ def student_update(
     y: torch.Tensor,
     alpha: torch.Tensor,
     augment: AugmentFn,
+    reduce: Reduce | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """theta_{i+1} = theta_i - alpha g_i and G_{i+1} = G_i + g_i, with g_i at (theta_i, A_i(x))."""
+    """theta_{i+1} = theta_i - alpha g_i and G_{i+1} = G_i + g_i, with g_i at (theta_i, A_i(x)).
+
+    Over several processes ``reduce`` sums the ranks' shares of g_i (:mod:`tesla.distributed`)."""
     with torch.enable_grad():
         t = theta.detach().requires_grad_(True)
         g = student_gradient(loss_fn, t, augment(x.detach()), y)
+    if reduce is not None:
+        g = reduce(g)
     return theta - alpha * g, total + g
 
 
@@ -118,6 +125,7 @@ def adjoint_step(
     augment: AugmentFn,
     propagate_hessian: bool,
     label_gradient: bool = False,
+    reduce: Reduce | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """One reverse-sweep step: s = g . w, dX_b = -alpha J^T w, dY_b = -alpha K^T w (with
     ``label_gradient``; K = d g / d Y_b, the soft targets being the third differentiated
@@ -125,7 +133,8 @@ def adjoint_step(
     procedure).
 
     One vector-Jacobian product of s w.r.t. [X_b, theta, Y_b] gives J^T w, H w and K^T w.
-    Returns (w', dX_b, dY_b or None, s).
+    Over several processes (x, y a shard of the minibatch) ``reduce`` sums the ranks' H w;
+    dX_b, dY_b and s stay this shard's. Returns (w', dX_b, dY_b or None, s).
     """
     if label_gradient and not y.is_floating_point():
         raise TeslaError("a label gradient needs soft (floating-point) labels, not class indices")
@@ -142,7 +151,10 @@ def adjoint_step(
     w_next = w
     if propagate_hessian:
         h_w = grads.pop(0)
-        w_next = w - alpha * (torch.zeros_like(w) if h_w is None else h_w)
+        h_w = torch.zeros_like(w) if h_w is None else h_w
+        if reduce is not None:
+            h_w = reduce(h_w)
+        w_next = w - alpha * h_w
     dy = None
     if label_gradient:
         kt_w = grads.pop(0)
@@ -292,6 +304,11 @@ class StepInputs:
     indices: list[torch.Tensor]
     augmentations: list[Any]
     label_gradient: bool = False  # the reverse sweep also gives dL/dY (soft labels learned with the images)
+    #: over several processes: step i's rows are this rank's shard of b_i and weighs |shard| / |b_i|
+    #: (its loss is the shard's sum over the FULL batch size), and ``reduce`` sums over the ranks
+    weights: tuple[float, ...] | None = None
+    reduce: Reduce | None = None
+    touched: torch.Tensor | None = None  # over several processes: the rows some rank's step reads
 
 
 def adjoint_kind(propagate_hessian: bool, label_gradient: bool) -> str:
@@ -352,10 +369,17 @@ class EagerSteps:
         self.theta = theta_start.detach().reshape(-1).clone()
         self.total = torch.zeros_like(self.theta)
 
+    def _loss(self, i: int) -> LossFn:
+        """Step i's loss: l itself, or over several processes this shard's share of it."""
+        weights = self.inputs.weights
+        if weights is None:
+            return self.loss_fn
+        return lambda theta, x, y: self.loss_fn(theta, x, y) * weights[i]
+
     def update(self, i: int) -> None:
         x, y = self._batch(i)
         self.theta, self.total = student_update(
-            self.loss_fn, self.theta, self.total, x, y, self.inputs.alpha, self._augment(i)
+            self._loss(i), self.theta, self.total, x, y, self.inputs.alpha, self._augment(i), self.inputs.reduce
         )
 
     def begin_adjoint(self, v: torch.Tensor) -> None:
@@ -367,8 +391,8 @@ class EagerSteps:
         x, y = self._batch(i)
         theta = theta_i.to(self.w.device, non_blocking=True)
         self.w, dx, dy, s = adjoint_step(
-            self.loss_fn, theta, self.w, x, y, self.inputs.alpha, self._augment(i), propagate_hessian,
-            self.inputs.label_gradient,
+            self._loss(i), theta, self.w, x, y, self.inputs.alpha, self._augment(i), propagate_hessian,
+            self.inputs.label_gradient, self.inputs.reduce,
         )
         return dx, dy, s
 
