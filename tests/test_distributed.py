@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -154,6 +155,41 @@ def test_a_killed_rank_ends_the_job_with_an_error_and_the_rerun_completes(toy, t
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"at iteration {saved}" in rerun.stderr
     assert SyntheticSet.load(s.out).iteration == saved + 2
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_tasks_started_as_srun_does_join_by_slurms_environment_and_a_survivor_stops_with_a_clear_error(toy, tmp_path):
+    """Two tasks started with the variables srun gives them (no torchrun to tear the job down):
+    they meet at the first host of SLURM_JOB_NODELIST; when one is killed, the other's next
+    collective fails and it exits non-zero saying what happened and how to resume."""
+    s = case_settings(toy, tmp_path, "exact", "none", iterations=400, checkpoint_every=2, syn_steps=2)
+    slurm = {"SLURM_STEP_NUM_TASKS": "2", "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_ID": "7",
+             "MASTER_PORT": str(_free_port()), "TESLA_DIST_TIMEOUT": "30"}
+    tasks = [
+        subprocess.Popen([sys.executable, "-m", "tesla", "distill", *_flags(s)], stderr=subprocess.PIPE, text=True,
+                         env={**job_env(), **slurm, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)})
+        for r in range(2)
+    ]
+    try:
+        ckpt = Path(f"{s.out}.ckpt")
+        deadline = time.monotonic() + 300
+        while not ckpt.exists() and all(t.poll() is None for t in tasks) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert ckpt.exists() and all(t.poll() is None for t in tasks), tasks[0].stderr.read() if tasks[0].poll() else ""
+        tasks[1].send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        _, err = tasks[0].communicate(timeout=90)
+    finally:
+        for t in tasks:
+            t.kill()
+    assert tasks[0].returncode not in (0, None) and time.monotonic() - killed < 90
+    assert "process 0 of 2:" in err and "another process of the job stopped" in err and "resume" in err, err[-2000:]
+    assert "Traceback" not in err
 
 
 def _flags(s, **change) -> list[str]:
