@@ -11,6 +11,7 @@ a launch costs seconds of imports on a small machine.
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import socket
@@ -257,3 +258,19 @@ def test_what_two_processes_cannot_do_is_refused_before_any_work(toy, tmp_path):
         _check_per_sample(bn, {"name": "convnet_d1"}, two)
     _check_per_sample(bn, {"name": "convnet_d1"}, SINGLE)  # one process: batch norm as before
     _check_per_sample(build_model("convnet_d1", channels=3, num_classes=3, resolution=8, width=4), {}, two)
+
+
+@pytest.mark.slow
+def test_the_multi_gpu_benchmark_script_runs_at_toy_size_and_counts_the_formulas_bytes(tmp_path):
+    """bench/gpu_distributed.sh (G = 1, 2 on the CPU): its tables, and the all-reduced floats
+    counted in the two-process run equal bench_distributed.py's formula."""
+    env = {**job_env(), "TOY": "1", "OUT": str(tmp_path), "PYTHON": sys.executable}
+    done = subprocess.run(["bash", str(ROOT / "bench" / "gpu_distributed.sh")], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "exit status 0 (G = 1)" in done.stdout and "exit status 0 (G = 2)" in done.stdout
+    two = (tmp_path / "distributed_g2.md").read_text()
+    formula, counted = re.search(r"Formula: ([\d,]+) floats all-reduced per iteration; counted: ([\d,]+)\.", two).groups()
+    assert formula == counted and int(formula.replace(",", "")) > 0
+    speedup = (tmp_path / "distributed_speedup.md").read_text()
+    assert re.search(r"^\| 1 \| [\d.]+ \| 1\.00 \|$", speedup, re.M) and re.search(r"^\| 2 \| [\d.]+ \| [\d.]+ \|$", speedup, re.M)
