@@ -80,7 +80,8 @@ def iteration(problem, args, ranks: Ranks, seed: int) -> tuple[float, float]:
         torch.Generator().manual_seed(seed), learn_labels=args.labels == "learned", ranks=ranks,
     )
     sync()
-    wall, cpu = time.perf_counter() - t0, torch.tensor([time.process_time() - c0], dtype=torch.float64)
+    wall = time.perf_counter() - t0
+    cpu = torch.tensor([time.process_time() - c0], dtype=torch.float64, device=ranks.device_for_collectives())
     if ranks.distributed:
         import torch.distributed as dist
 

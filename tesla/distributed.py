@@ -238,11 +238,16 @@ def leave(ranks: Ranks) -> None:
 
 
 def local_device(device: torch.device, ranks: Ranks) -> torch.device:
-    """The device of this rank: its own GPU (``cuda:LOCAL_RANK``) when the run is on CUDA
-    without an index, else ``device`` as named."""
-    if ranks.distributed and device.type == "cuda" and device.index is None:
-        return torch.device("cuda", torch.cuda.current_device())
-    return device
+    """The device of this rank: its own GPU (``cuda:LOCAL_RANK``, chosen by :func:`join`) when
+    the run is on CUDA, else ``device``. A GPU named by index would be every rank's: refused."""
+    if not ranks.distributed or device.type != "cuda":
+        return device
+    if device.index is not None:
+        raise TeslaError(
+            f"--device {device}: over {ranks.world_size} processes each takes the GPU of its local rank; give "
+            "--device cuda (or auto), and choose the GPUs with CUDA_VISIBLE_DEVICES"
+        )
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 @contextlib.contextmanager

@@ -137,6 +137,8 @@ def test_a_killed_rank_ends_the_job_with_an_error_and_the_rerun_completes(toy, t
     while not ckpt.exists() and job.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
     assert ckpt.exists() and job.poll() is None, "the job did not reach its first checkpoint"
+    with pytest.raises(TeslaError, match="lock"):  # rank 0 holds the output's lock for the job
+        distill(s)
     workers = _workers(job.pid)
     assert len(workers) == 2
     os.kill(workers[1], signal.SIGKILL)
@@ -226,6 +228,15 @@ def test_the_launch_is_read_from_torchrun_or_srun():
     assert detect_launch({**slurm, "SLURM_LAUNCH_NODE_IPADDR": "10.0.0.1"}).master_addr == "10.0.0.1"
     assert detect_launch({**slurm, "SLURM_STEP_NUM_TASKS": "1"}) is None  # one task: no job to join
     assert detect_launch({"SLURM_PROCID": "0", "SLURM_NTASKS": "4"}) is None  # the batch script, not an srun step
+
+
+def test_a_gpu_named_by_index_is_refused_over_several_processes():
+    from tesla.distributed import local_device
+
+    with pytest.raises(TeslaError, match="each takes the GPU of its local rank"):
+        local_device(torch.device("cuda", 0), Ranks(rank=1, world_size=2))
+    assert local_device(torch.device("cuda", 0), SINGLE) == torch.device("cuda", 0)
+    assert local_device(torch.device("cpu"), Ranks(rank=1, world_size=2)) == torch.device("cpu")
 
 
 def test_shards_cover_the_minibatch_in_order():
