@@ -476,16 +476,6 @@ def _input_space(s: DistillSettings, experts: list, split, zca):
     return space
 
 
-def _compile_mode_of_ranks(s: DistillSettings, mode: str, ranks: Ranks) -> str:
-    """Over several processes the student steps run eagerly: ``--compile auto`` means ``off``
-    there (said once, by rank 0); another mode is refused by :func:`check_shardable`."""
-    if not ranks.distributed or s.compile != "auto" or mode == "off":
-        return mode
-    if ranks.writes:
-        print(f"tesla distill: over {ranks.world_size} processes the student steps run eagerly (--compile off)", file=sys.stderr)
-    return "off"
-
-
 def _check_per_sample(model: torch.nn.Module, spec: dict, ranks: Ranks) -> None:
     """Refuse a batch-statistics network over several processes: each rank would normalise its
     shard of a minibatch by the shard's own statistics, which is not the one-process network."""
@@ -528,12 +518,12 @@ def build_setup(s: DistillSettings, ranks: Ranks = SINGLE) -> DistillSetup:
     strategy = s.dsa if s.dsa is not None else (experts[0].dsa or "none")
     dsa = DSA(strategy)
     device = distributed.local_device(pick_device(s.device), ranks)
-    compile_mode = _compile_mode_of_ranks(s, resolve_compile_mode(s.compile, device), ranks)
+    compile_mode = resolve_compile_mode(s.compile, device)
     spec = dict(experts[0].model_spec)
     model = build_from_spec(spec).to(device)
     layout = param_layout(model)
     _check_per_sample(model, spec, ranks)
-    check_shardable(s.engine, None if compile_mode == "off" else compile_mode, batch_syn, num_images, ranks)
+    check_shardable(s.engine, batch_syn, num_images, ranks)
     if layout.total != experts[0].num_params:
         raise TeslaError(
             f"{s.experts[0]}: snapshots have {experts[0].num_params} parameters, the network "

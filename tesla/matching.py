@@ -70,6 +70,7 @@ from tesla.student_steps import (
     adjoint_step,
     augmentations_on,
     ieee_float32,
+    step_kinds,
     student_gradient,
     student_update,
 )
@@ -322,10 +323,11 @@ def _student_steps(
     inputs: StepInputs,
     augment: Augmentation | None,
     compiler: StepCompiler | None,
-    adjoint_kind: str,
+    exact: bool,
 ) -> StudentSteps:
-    """The compiler's graphs (update + ``adjoint_kind``) built for this call, else eager steps."""
-    steps = None if compiler is None else compiler.steps(loss_fn, theta_start, inputs, augment, ("update", adjoint_kind))
+    """The compiler's graphs (:func:`tesla.student_steps.step_kinds`) built for this call, else eager steps."""
+    kinds = step_kinds(exact, inputs.label_gradient, inputs.reduce is not None)
+    steps = None if compiler is None else compiler.steps(loss_fn, theta_start, inputs, augment, kinds)
     return EagerSteps(loss_fn, inputs, augment) if steps is None else steps
 
 
@@ -341,7 +343,7 @@ def _constant_memory_gradients(
     """Pass 1 (the student trajectory without a graph), then the reverse sweep of ``exact``
     (propagating v_i = (I - alpha H_i) v_{i+1}) or of ``tesla`` (v held constant)."""
     exact = engine == "exact"
-    steps = _student_steps(loss_fn, theta_start, inputs, augment, compiler, adjoint_kind(exact, inputs.label_gradient))
+    steps = _student_steps(loss_fn, theta_start, inputs, augment, compiler, exact)
     d = _distance_normaliser(theta_start, theta_target)
     trajectory = _forward_sweep(steps, theta_start, len(inputs.indices))
     residual = steps.theta - theta_target.detach().reshape(-1)
@@ -424,16 +426,14 @@ def unroll_gradients(
     return _result("unroll", d, final.detach(), grads[0], grads[1], len(inputs.indices), "off", grad_labels)
 
 
-def check_shardable(engine: str, compiler: StepCompiler | None, batch_syn: int, num_images: int, ranks: Ranks) -> None:
-    """Refuse what a run over several processes cannot do: ``unroll`` (one graph of all steps),
-    compiled steps, and a minibatch smaller than the number of processes (an empty shard)."""
+def check_shardable(engine: str, batch_syn: int, num_images: int, ranks: Ranks) -> None:
+    """Refuse what a run over several processes cannot do: ``unroll`` (one graph of all steps)
+    and a minibatch smaller than the number of processes (an empty shard)."""
     if not ranks.distributed:
         return
     where = f"a run over {ranks.world_size} processes"
     if engine == "unroll":
         raise TeslaError(f"{where}: engine unroll runs in one process; use --engine exact or tesla")
-    if compiler is not None:
-        raise TeslaError(f"{where} runs the student steps eagerly; use --compile off (or auto)")
     sizes = {batch_syn, num_images % batch_syn or batch_syn}
     if min(sizes) < ranks.world_size:
         raise TeslaError(
@@ -474,13 +474,13 @@ def matching_gradients(
     dL/dY (``grad_labels``), from the same reverse sweep (exact, first-order or autograd).
     With ``ranks`` of several processes (:mod:`tesla.distributed`; every rank passes the same
     arguments) each rank computes its shards of the minibatches and every rank returns the
-    whole result (``exact`` and ``tesla``, eager steps).
+    whole result (``exact`` and ``tesla``, eager or compiled steps).
     """
     if engine not in _ENGINE_FUNCTIONS:
         raise TeslaError(f"unknown gradient engine {engine!r}; choose one of {', '.join(ENGINES)}")
     if learn_labels and not (labels.is_floating_point() and labels.ndim == 2):
         raise TeslaError(f"learned labels need N x K soft targets, got labels of shape {tuple(labels.shape)} ({labels.dtype})")
-    check_shardable(engine, compiler, batch_syn, len(images), ranks)
+    check_shardable(engine, batch_syn, len(images), ranks)
     plan = plan_student_steps(len(images), syn_steps, batch_syn, tuple(images.shape[1:]), augment, generator)
     with ieee_float32():
         inputs = _step_inputs(images, labels, alpha, plan, learn_labels, ranks)
