@@ -38,6 +38,11 @@ per-iteration metrics CSV, PNG grids of the images at checkpoints and at the end
 checkpoint from which a killed run resumes (on the CPU, bitwise identical to an
 uninterrupted run with the same seed). One run at a time per output: the run holds
 exclusive locks (:mod:`tesla.locks`) on ``OUT.lock`` and ``CHECKPOINT.lock`` from start to end.
+
+Started by torchrun or srun, a run is one job of several processes (:mod:`tesla.distributed`):
+each student step's minibatch is split over them and the sums over it all-reduced, so the result
+is the one-process result up to float round-off; rank 0 writes every file and holds the locks,
+and a checkpoint resumes with any number of processes.
 """
 
 from __future__ import annotations
