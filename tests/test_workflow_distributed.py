@@ -3,8 +3,8 @@ started by torchrun locally and by srun under the SLURM profile (a job asking fo
 G tasks); `snakemake -n -p` shows the command; G is not a rerun trigger; and the demo's
 distillation runs over two CPU processes end to end.
 
-The SLURM command is checked here as a dry run (the command line and the request); the test
-cluster (tests/test_slurm.py) does not run it.
+The SLURM command is checked here as a dry run (the command line, the request, and the sbatch
+call the executor plugin builds from it); the test cluster (tests/test_slurm.py) does not run it.
 """
 
 from __future__ import annotations
@@ -65,6 +65,23 @@ def test_a_row_with_two_gpus_is_launched_by_torchrun_locally_and_by_srun_under_s
     assert int(resources["cpus_per_task"]) == profile["cpus_per_task"] and int(resources["mem_mb"]) == profile["mem_mb"]
     one = _resources(_job(slurm, "distill"))  # the one-process row keeps the profile's request
     assert one["gpu"] == str(profile["gpu"]) and "tasks" not in one and "mpi" not in one
+    sbatch = _sbatch(resources).split()  # what the SLURM executor plugin submits for that request
+    assert {f"--gpus={2 * profile['gpu']}", "--ntasks=2", "--ntasks-per-gpu=1", f"--cpus-per-task={profile['cpus_per_task']}"} <= set(sbatch)
+
+
+def _sbatch(resources: dict[str, str]) -> str:
+    """The executor plugin's sbatch command for a job with these (dry-run) resources."""
+    from snakemake_executor_plugin_slurm.submit_string import get_submit_command
+    from snakemake_executor_plugin_slurm.utils import set_gres_string
+
+    class Resources(dict):
+        __getattr__ = dict.__getitem__
+
+    values = Resources({k: int(v) if v.isdigit() else v for k, v in resources.items()})
+    job = type("Job", (), {"resources": values, "threads": 1, "name": "distill", "wildcards": {}})()
+    params = {"run_uuid": "tesla", "slurm_logfile": "/dev/null", "comment_str": "distill", "account": "", "partition": "",
+              "workdir": "."}
+    return get_submit_command(job, params) + set_gres_string(job)
 
 
 def test_the_number_of_gpus_is_not_a_rerun_trigger(executed):  # noqa: F811
