@@ -176,6 +176,18 @@ def test_a_killed_rank_ends_the_job_with_an_error_and_the_rerun_completes(toy, t
     assert SyntheticSet.load(s.out).iteration == saved + 2
 
 
+def test_a_job_whose_output_is_locked_by_another_run_stops_on_every_rank(toy, tmp_path):
+    from tesla.locks import acquire
+
+    s = case_settings(toy, tmp_path, "exact", "none")
+    with acquire(f"{s.out}.lock", stage="test", protects="the output"):
+        done = subprocess.run(torchrun("-m", "tesla", "distill", *_flags(s)), env={**job_env(), "TESLA_DIST_TIMEOUT": "60"},
+                              capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "process 1 of 2: process 0 could not start the run" in done.stderr, done.stderr[-3000:]
+    assert "lock" in done.stderr and not Path(s.out).exists()
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
