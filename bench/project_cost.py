@@ -4,6 +4,15 @@
     python bench/project_cost.py --rates R.yaml --dataset cifar10 --ipc 10 --train-images 50000 --test-images 10000
     python bench/project_cost.py rates --engine DIR/engine_in1k_ipc50.md --training DIR/convnet_d4_float32.md \\
         DIR/models_64px.md --base bench/rates_h100_today.yaml --machine "H200, 2026-12-01" --out bench/rates_h200.yaml
+    python bench/project_cost.py --rates bench/rates_h100_today.yaml --gpus 1 2 4 8   # the distillation over G GPUs
+
+With ``--gpus``, the table is the distillation's wall time over G GPUs (:func:`scale_distill`):
+each rank runs 1/G of every student step (the single-GPU rate), and every iteration all-reduces
+what :mod:`tesla.distributed` sums (N parameter vectors in the forward sweep, N more in the reverse
+sweep of ``exact``, the touched rows of the image gradient, the soft labels), by a ring over
+NVLink within a node and over InfiniBand across nodes, at the bandwidths and latencies of
+:data:`LINKS` (stated assumptions, named in the table), plus the work every rank repeats (the
+SGD step on the replicated images, at HBM bandwidth).
 
 The work of each stage comes from the dataset's entry of ``config/config.yaml`` (read as the
 workflow reads it): experts count x the epochs they actually train (``keep_snapshots: auto``: the
@@ -189,6 +198,94 @@ def project(entry: dict, dataset: str, ipc: int, rates: Rates, train_images: int
     return stages
 
 
+#: interconnects (stated, not measured here): NCCL all-reduce bus bandwidth and per-hop latency
+LINKS = {
+    "nvlink": {"bytes_per_s": 300e9, "hop_s": 5e-6,
+               "what": "NVLink 4 within a node (H100 SXM: 450 GB/s per direction; 300 GB/s NCCL bus bandwidth assumed)"},
+    "infiniband": {"bytes_per_s": 40e9, "hop_s": 10e-6,
+                   "what": "InfiniBand NDR across nodes (400 Gb/s = 50 GB/s, one adapter per GPU; 40 GB/s assumed)"},
+}
+#: HBM bandwidth for the work every rank repeats (the images' SGD step); H100 SXM: 3.35 TB/s, 2.5 assumed
+HBM_BYTES_PER_S = 2.5e12
+GPUS_PER_NODE = 8
+
+
+@dataclass
+class Scaling:
+    """The distillation's wall time over G GPUs, split into its parts (seconds per iteration)."""
+
+    gpus: int
+    nodes: int
+    compute: float
+    network: float
+    repeated: float
+    hours: float
+
+
+def distill_traffic(row: dict, ipc: int, classes: int, params: int, image_floats: int) -> tuple[int, int]:
+    """(all-reduces, floats all-reduced) of one iteration of one engine, as tesla.distributed sums:
+    N parameter vectors in the forward sweep (and N in the reverse sweep of exact), then the image
+    gradient's touched rows (+ K label columns with learned labels) and dL/dalpha in one, and the
+    n x K soft labels of the labelling pass with TESLA's labels."""
+    n, steps = ipc * classes, int(row["syn_steps"])
+    batch = row.get("batch_syn") or n
+    engines = row.get("engine", ["exact"])
+    exact = "exact" in ([engines] if isinstance(engines, str) else engines)
+    kind = soft_label_kind(row.get("soft_labels", "none"))
+    touched = min(n, steps * batch)
+    calls = steps * (2 if exact else 1) + 1 + (kind == "tesla")
+    floats = steps * params * (2 if exact else 1) + touched * (image_floats + (classes if kind == "learned" else 0)) + 1
+    return calls, floats + (n * classes if kind == "tesla" else 0)
+
+
+def scale_distill(entry: dict, ipc: int, rates: Rates, classes: int, gpus: list[int], params: int) -> list[Scaling]:
+    """Wall hours of the row's distillation (per engine, as :func:`project` counts it) over G GPUs."""
+    single = next(s for s in project(entry, "", ipc, rates, 1, 1, classes) if s.name == "distill")
+    row = entry["distill"][ipc]
+    engines = row.get("engine", ["exact"])
+    runs = len([engines] if isinstance(engines, str) else engines)
+    iterations = int(row.get("iterations", 10000)) * runs
+    per_iteration = single.hours * 3600 / iterations
+    image_floats = 3 * int(entry.get("resolution", 32)) ** 2
+    calls, floats = distill_traffic(row, ipc, classes, params, image_floats)
+    n = ipc * classes
+    repeated = 5 * 4 * n * image_floats / HBM_BYTES_PER_S  # read X, dL/dX, momentum; write X, momentum
+    out = []
+    for g in gpus:
+        nodes = -(-g // GPUS_PER_NODE)
+        link = LINKS["nvlink" if nodes == 1 else "infiniband"]
+        network = 0.0 if g == 1 else calls * 2 * (g - 1) * link["hop_s"] + 2 * (g - 1) / g * 4 * floats / link["bytes_per_s"]
+        seconds = per_iteration / g + network + repeated
+        out.append(Scaling(g, nodes, per_iteration / g, network, repeated, seconds * iterations / 3600))
+    return out
+
+
+def render_scaling(rows: list[Scaling], rates: Rates, target: str, traffic: tuple[int, int], params: int) -> str:
+    """Markdown table of :func:`scale_distill`, with its assumptions."""
+    base = rows[0].hours if rows[0].gpus == 1 else None
+    lines = [f"Distillation of `{target}` over G GPUs, from `{rates.path.name}` ({rates.machine})", "",
+             "| GPUs | nodes | compute s/it | network s/it | repeated s/it | wall hours | speed-up |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        speed = f"{base / r.hours:.2f}x" if base else "-"
+        lines.append(f"| {r.gpus} | {r.nodes} | {r.compute:.3f} | {r.network:.4f} | {r.repeated:.4f} | {r.hours:.2f} | {speed} |")
+    calls, floats = traffic
+    lines += ["", f"Per iteration: {calls} all-reduces of {floats * 4 / 1e6:,.0f} MB in all (P = {params:,} parameters); "
+              "a ring all-reduce sends 2 (G - 1) / G of it per rank and takes 2 (G - 1) hops.", "", "Assumptions: "
+              + "; ".join(v["what"] + f", {v['hop_s'] * 1e6:g} us per hop" for v in LINKS.values())
+              + f"; {GPUS_PER_NODE} GPUs per node (more than that: every hop at InfiniBand's rate); the single-GPU rate "
+              "holds at batch_syn / G images per GPU (not measured: bench/gpu_distributed.sh measures it); no overlap of "
+              f"communication and compute; every rank repeats the images' SGD step at {HBM_BYTES_PER_S / 1e12:g} TB/s HBM."]
+    return "\n".join(lines) + "\n"
+
+
+def model_parameters(entry: dict, classes: int) -> int:
+    """P of the entry's network at its resolution (builds it: imports torch)."""
+    from tesla.models import build_model
+
+    model = build_model(entry["model"], channels=3, num_classes=classes, resolution=int(entry.get("resolution", 32)))
+    return sum(p.numel() for p in model.parameters())
+
+
 def render(stages: list[Stage], rates: Rates, target: str, budget_hours: float | None) -> str:
     """Markdown table of the projection; assumed rates flagged per stage."""
     gpu = sum(s.hours for s in stages if s.unit == "GPU-hours")
@@ -282,12 +379,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--classes", type=int, default=1000)
     p.add_argument("--budget-hours", type=float, default=12.0, help="target to compare with (issue 13: 12 H100-hours)")
     p.add_argument("--out", type=Path, help="also write the table here")
+    p.add_argument("--gpus", type=int, nargs="+", help="instead: the distillation's wall time over each number of GPUs")
     a = p.parse_args(argv)
     try:
         entry = yaml.safe_load(a.config.read_text())["datasets"][a.dataset]
         rates = Rates(a.rates)
-        table = render(project(entry, a.dataset, a.ipc, rates, a.train_images, a.test_images, a.classes), rates,
-                       f"results/{a.dataset}_ipc{a.ipc}/acc.csv", a.budget_hours)
+        if a.gpus:
+            params = model_parameters(entry, a.classes)
+            rows = scale_distill(entry, a.ipc, rates, a.classes, sorted(set(a.gpus)), params)
+            traffic = distill_traffic(entry["distill"][a.ipc], a.ipc, a.classes, params, 3 * int(entry.get("resolution", 32)) ** 2)
+            table = render_scaling(rows, rates, f"results/{a.dataset}_ipc{a.ipc}", traffic, params)
+        else:
+            table = render(project(entry, a.dataset, a.ipc, rates, a.train_images, a.test_images, a.classes), rates,
+                           f"results/{a.dataset}_ipc{a.ipc}/acc.csv", a.budget_hours)
     except TeslaError as exc:
         print(f"project_cost.py: {exc}", file=sys.stderr)
         return 2

@@ -38,11 +38,17 @@ per-iteration metrics CSV, PNG grids of the images at checkpoints and at the end
 checkpoint from which a killed run resumes (on the CPU, bitwise identical to an
 uninterrupted run with the same seed). One run at a time per output: the run holds
 exclusive locks (:mod:`tesla.locks`) on ``OUT.lock`` and ``CHECKPOINT.lock`` from start to end.
+
+Started by torchrun or srun, a run is one job of several processes (:mod:`tesla.distributed`):
+each student step's minibatch is split over them and the sums over it all-reduced, so the result
+is the one-process result up to float round-off; rank 0 writes every file and holds the locks,
+and a checkpoint resumes with any number of processes.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import hashlib
 import json
@@ -58,11 +64,12 @@ import numpy as np
 import torch
 
 from tesla.arguments import finite_float
-from tesla import __version__, guard
+from tesla import __version__, distributed, guard
+from tesla.distributed import SINGLE, Ranks
 from tesla.errors import TeslaError
 from tesla.files import atomic_output
 from tesla.locks import acquire
-from tesla.matching import ENGINES, MatchResult, matching_gradients
+from tesla.matching import ENGINES, MatchResult, check_shardable, matching_gradients
 from tesla.student_steps import COMPILE_MODES, StepCompiler, resolve_compile_mode
 from tesla.tracking import TrackerOptions, Tracking, add_tracking_arguments, open_tracking
 from tesla.tracking import disabled as tracking_disabled
@@ -261,6 +268,7 @@ class DistillSetup:
     loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = field(repr=False, default=None)
     input_space: Any = None  # tesla.input_space.InputSpace of the experts
     compiler: StepCompiler | None = field(repr=False, default=None)  # None: eager student steps
+    ranks: Ranks = SINGLE  # the processes of the job (tesla.distributed); one by default
 
 
 def _positive(value: float, option: str, integer: bool = False) -> None:
@@ -477,8 +485,20 @@ def _input_space(s: DistillSettings, experts: list, split, zca):
     return space
 
 
-def build_setup(s: DistillSettings) -> DistillSetup:
-    """Open and cross-check the inputs; raise TeslaError with the fix for anything wrong."""
+def _check_per_sample(model: torch.nn.Module, spec: dict, ranks: Ranks) -> None:
+    """Refuse a batch-statistics network over several processes: each rank would normalise its
+    shard of a minibatch by the shard's own statistics, which is not the one-process network."""
+    if ranks.distributed and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        raise TeslaError(
+            f"the experts' network {spec.get('name')} uses batch norm, whose statistics span the minibatch: over "
+            f"{ranks.world_size} processes each would normalise its own share; run it in one process, or use experts "
+            "with instance norm (the default)"
+        )
+
+
+def build_setup(s: DistillSettings, ranks: Ranks = SINGLE) -> DistillSetup:
+    """Open and cross-check the inputs; raise TeslaError with the fix for anything wrong.
+    ``ranks``: the processes of a distributed job (:mod:`tesla.distributed`)."""
     from tesla.augment import DSA
     from tesla.data import ImageSplit
     from tesla.models import build_from_spec
@@ -506,11 +526,13 @@ def build_setup(s: DistillSettings) -> DistillSetup:
     input_space = _input_space(s, experts, split, zca)
     strategy = s.dsa if s.dsa is not None else (experts[0].dsa or "none")
     dsa = DSA(strategy)
-    device = pick_device(s.device)
+    device = distributed.local_device(pick_device(s.device), ranks)
     compile_mode = resolve_compile_mode(s.compile, device)
     spec = dict(experts[0].model_spec)
     model = build_from_spec(spec).to(device)
     layout = param_layout(model)
+    _check_per_sample(model, spec, ranks)
+    check_shardable(s.engine, batch_syn, num_images, ranks)
     if layout.total != experts[0].num_params:
         raise TeslaError(
             f"{s.experts[0]}: snapshots have {experts[0].num_params} parameters, the network "
@@ -537,6 +559,7 @@ def build_setup(s: DistillSettings) -> DistillSetup:
         loss_fn=loss_fn,
         input_space=input_space,
         compiler=None if compile_mode == "off" else StepCompiler(compile_mode, announce=s.progress, fallback=s.compile == "auto"),
+        ranks=ranks,
     )
 
 
@@ -834,7 +857,9 @@ def distill_iteration(setup: DistillSetup, state: DistillState) -> tuple[MatchRe
     if s.soft_labels == "tesla":
         from tesla.soft_labels import assign_soft_labels
 
-        state.soft_labels = assign_soft_labels(setup.model, theta_target, images, s.label_chunk)
+        state.soft_labels = setup.ranks.assemble_rows(  # the labelling pass, shared by the processes
+            len(images), lambda rows: assign_soft_labels(setup.model, theta_target, images[rows], s.label_chunk)
+        )
         targets = state.soft_labels
     elif s.learned_labels:
         from tesla.soft_labels import learned_soft_labels
@@ -856,6 +881,7 @@ def distill_iteration(setup: DistillSetup, state: DistillState) -> tuple[MatchRe
         g,
         compiler=setup.compiler,
         learn_labels=s.learned_labels,
+        ranks=setup.ranks,
     )
     return result, {"expert": Path(s.experts[e]).name, "start_epoch": t, "window_min": lower, "window_max": upper}
 
@@ -893,7 +919,7 @@ def synthetic_set(setup: DistillSetup, state: DistillState):
         zca_artifact=setup.zca_bytes,
         settings={
             **asdict(s), "batch_syn": setup.batch_syn, "min_lr": s.alpha_floor, "lr_img_effective": s.image_lr,
-            "tesla_version": __version__,
+            "tesla_version": __version__, "world_size": setup.ranks.world_size,
         },
         iteration=state.iteration,
     )
@@ -958,15 +984,30 @@ def distill(settings: DistillSettings, tracking: TrackerOptions | None = None):
     same output or checkpoint is refused with the first one's pid and host. With
     ``--checkpoint-dir`` the checkpoint is ``DIR/checkpoint-<result_key>.pt``, removed (with
     any other ``checkpoint-*.pt`` left there by runs of other settings) once the output is
-    written. ``tracking``: the live curves (:func:`open_tracker`; none by default)."""
-    setup = build_setup(settings)
-    s = settings
-    if s.checkpoint_dir is not None:
-        s.checkpoint = str(Path(s.checkpoint_dir) / f"checkpoint-{result_key(setup)}.pt")
+    written. ``tracking``: the live curves (:func:`open_tracker`; none by default), kept by
+    rank 0 alone over several processes."""
+    ranks = distributed.join(settings.device)
+    try:
+        setup = build_setup(settings, ranks)
+        s = settings
+        if s.checkpoint_dir is not None:
+            s.checkpoint = str(Path(s.checkpoint_dir) / f"checkpoint-{result_key(setup)}.pt")
+        if ranks.distributed and ranks.writes:
+            print(f"tesla distill: one run over {ranks.describe()}", file=sys.stderr)
+        with distributed.held_by_rank_zero(ranks, lambda: _output_locks(s)):
+            return _distill_locked(setup, tracking or TrackerOptions())
+    finally:
+        distributed.leave(ranks)
+
+
+@contextlib.contextmanager
+def _output_locks(s: DistillSettings):
+    """The exclusive locks of a run on ``OUT.lock`` and ``CHECKPOINT.lock`` (held by rank 0 for
+    the whole job when it runs over several processes)."""
     with acquire(f"{s.out}.lock", stage="tesla distill", protects=f"--out {s.out}"), acquire(
         f"{s.checkpoint_path}.lock", stage="tesla distill", protects=f"the checkpoint {s.checkpoint_path}"
     ):
-        return _distill_locked(setup, tracking or TrackerOptions())
+        yield
 
 
 def _restart(s: DistillSettings) -> None:
@@ -983,17 +1024,19 @@ def _restart(s: DistillSettings) -> None:
 def _distill_locked(setup: DistillSetup, tracking: TrackerOptions):
     s = setup.settings
     ckpt = s.checkpoint_path
-    if s.restart:
+    writes = setup.ranks.writes  # over several processes rank 0 writes every file
+    if s.restart and writes:
         _restart(s)
+    setup.ranks.barrier()  # every rank reads the checkpoint (or none) as rank 0 left it
     state = load_checkpoint(ckpt, setup) if ckpt.exists() else fresh_state(setup)
-    tracker = open_tracker(setup, state, tracking)
-    if state.iteration > 0:
+    tracker = open_tracker(setup, state, tracking if writes else TrackerOptions())
+    if state.iteration > 0 and writes:
         print(f"tesla distill: resuming from {ckpt} at iteration {state.iteration}", file=sys.stderr)
-    metrics_partial = Path(f"{s.metrics}.partial") if s.metrics else None
+    metrics_partial = Path(f"{s.metrics}.partial") if s.metrics and writes else None
     if metrics_partial is not None:  # the rows so far (those of the checkpoint when resuming)
         _write_metrics(metrics_partial, state.log)
     bar = None
-    if s.progress:
+    if s.progress and writes:
         from tqdm import tqdm
 
         bar = tqdm(total=s.iterations, initial=min(state.iteration, s.iterations), desc="distill", unit="it", file=sys.stderr)
@@ -1003,10 +1046,11 @@ def _distill_locked(setup: DistillSetup, tracking: TrackerOptions):
 
     def checkpoint(generator_state: torch.Tensor) -> None:
         nonlocal last_saved, due
-        save_checkpoint(ckpt, setup, state, generator_state)
+        if writes:
+            save_checkpoint(ckpt, setup, state, generator_state)
+            _save_grid(setup, state, f"iteration_{state.iteration:06d}.png")
+            tracker.log_image(state.iteration, "synthetic images", lambda: _grid(setup, state))
         last_saved, due = state.iteration, False
-        _save_grid(setup, state, f"iteration_{state.iteration:06d}.png")
-        tracker.log_image(state.iteration, "synthetic images", lambda: _grid(setup, state))
 
     try:
         while state.iteration < s.iterations:
@@ -1077,16 +1121,25 @@ def _distill_locked(setup: DistillSetup, tracking: TrackerOptions):
             bar.close()
         tracker.close()
     final = synthetic_set(setup, state)
+    if writes:
+        _write_outputs(setup, state, final, metrics_partial)
+        print(f"tesla distill: {_headroom(state, limits)}", file=sys.stderr)
+    setup.ranks.barrier()  # the job ends once the output is written
+    return final
+
+
+def _write_outputs(setup: DistillSetup, state: DistillState, final, metrics_partial: Path | None) -> None:
+    """The run's files at its end: metrics, the final grid, the synthetic set; then the
+    checkpoints under --checkpoint-dir go (the output holds the result now)."""
+    s = setup.settings
     if s.metrics:
         _write_metrics(Path(s.metrics), state.log)
         metrics_partial.unlink(missing_ok=True)
     _save_grid(setup, state, "final.png")
     final.save(s.out)
-    if s.checkpoint_dir is not None:  # the output holds the result now
+    if s.checkpoint_dir is not None:
         for old in Path(s.checkpoint_dir).glob("checkpoint-*.pt"):
             old.unlink(missing_ok=True)
-    print(f"tesla distill: {_headroom(state, limits)}", file=sys.stderr)
-    return final
 
 
 def open_tracker(setup: DistillSetup, state: DistillState, options: TrackerOptions) -> Tracking:

@@ -52,11 +52,13 @@ transfer at the end fills :class:`MatchResult`. A matching call runs in IEEE flo
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Protocol, Sequence
 
 import torch
 
+from tesla.distributed import SINGLE, Ranks
 from tesla.errors import TeslaError
 from tesla.student_steps import (
     EagerSteps,
@@ -68,6 +70,7 @@ from tesla.student_steps import (
     adjoint_step,
     augmentations_on,
     ieee_float32,
+    step_kinds,
     student_gradient,
     student_update,
 )
@@ -160,19 +163,64 @@ def plan_student_steps(
     return steps
 
 
+def augmentation_rows(params: Any, rows: slice) -> Any:
+    """The sample of the images ``rows`` of a minibatch (``tesla.augment.AugParams``: every
+    parameter is per image, so a shard applies its rows of the minibatch's sample)."""
+    n = len(range(*rows.indices(params.shape[0])))
+    values = {fam: {k: v[rows] for k, v in d.items()} for fam, d in params.values.items()}
+    return dataclasses.replace(params, shape=(n, *params.shape[1:]), values=values)
+
+
+def shard_plan(plan: list[StudentStep], ranks: Ranks) -> tuple[list[StudentStep], tuple[float, ...]]:
+    """This rank's part of every step (:mod:`tesla.distributed`): the rows ``ranks.shard(B)``
+    of minibatch b_i with their rows of the augmentation sample A_i, and the shard's weight
+    |shard| / B (its loss is the shard's sum over the full batch size B)."""
+    steps, weights = [], []
+    for step in plan:
+        rows = ranks.shard(len(step.indices))
+        params = step.augmentation
+        steps.append(StudentStep(step.indices[rows], None if params is None else augmentation_rows(params, rows)))
+        weights.append(len(steps[-1].indices) / len(step.indices))
+    return steps, tuple(weights)
+
+
 def _step_inputs(
     images: torch.Tensor, labels: torch.Tensor, alpha: float | torch.Tensor, plan: list[StudentStep],
-    learn_labels: bool = False,
+    learn_labels: bool = False, ranks: Ranks = SINGLE,
 ) -> StepInputs:
     """The plan for the steps: all minibatch indices moved to the images' device in one copy
-    before the sweeps (so no step copies from the host), the augmentation samples as drawn."""
+    before the sweeps (so no step copies from the host), the augmentation samples as drawn.
+    Over several processes, this rank's shards of the steps (:func:`shard_plan`)."""
     device = images.device
+    weights = reduce = touched = None
+    if ranks.distributed:
+        touched = torch.unique(torch.cat([step.indices for step in plan])).to(device)
+        plan, weights = shard_plan(plan, ranks)
+        reduce = ranks.sum
     sizes = [len(step.indices) for step in plan]
     indices = list(torch.cat([step.indices for step in plan]).to(device).split(sizes))
     a = torch.as_tensor(alpha, dtype=images.dtype).to(device).detach()
     return StepInputs(
-        images.detach(), labels.detach().to(device), a, indices, [step.augmentation for step in plan], learn_labels
+        images.detach(), labels.detach().to(device), a, indices, [step.augmentation for step in plan], learn_labels,
+        weights, reduce, touched,
     )
+
+
+def _sum_over_ranks(
+    inputs: StepInputs, grad_images: torch.Tensor, grad_alpha: torch.Tensor, grad_labels: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """dL/dX, dL/dalpha (and dL/dY) summed over the ranks' shards: one all-reduce of the rows
+    some step touched (``inputs.touched``; every other row is zero on every rank) and of dL/dalpha."""
+    rows = inputs.touched
+    parts = [grad_images.index_select(0, rows), grad_alpha.reshape(1)]
+    if grad_labels is not None:
+        parts.append(grad_labels.index_select(0, rows))
+    flat = inputs.reduce(torch.cat([p.reshape(-1) for p in parts]))
+    summed = [piece.view_as(p) for piece, p in zip(flat.split([p.numel() for p in parts]), parts)]
+    grad_images = grad_images.index_copy(0, rows, summed[0])
+    if grad_labels is not None:
+        grad_labels = grad_labels.index_copy(0, rows, summed[2])
+    return grad_images, summed[1].reshape(()), grad_labels
 
 
 def trajectory_storage(compute: torch.device) -> torch.device:
@@ -275,10 +323,11 @@ def _student_steps(
     inputs: StepInputs,
     augment: Augmentation | None,
     compiler: StepCompiler | None,
-    adjoint_kind: str,
+    exact: bool,
 ) -> StudentSteps:
-    """The compiler's graphs (update + ``adjoint_kind``) built for this call, else eager steps."""
-    steps = None if compiler is None else compiler.steps(loss_fn, theta_start, inputs, augment, ("update", adjoint_kind))
+    """The compiler's graphs (:func:`tesla.student_steps.step_kinds`) built for this call, else eager steps."""
+    kinds = step_kinds(exact, inputs.label_gradient, inputs.reduce is not None)
+    steps = None if compiler is None else compiler.steps(loss_fn, theta_start, inputs, augment, kinds)
     return EagerSteps(loss_fn, inputs, augment) if steps is None else steps
 
 
@@ -294,7 +343,7 @@ def _constant_memory_gradients(
     """Pass 1 (the student trajectory without a graph), then the reverse sweep of ``exact``
     (propagating v_i = (I - alpha H_i) v_{i+1}) or of ``tesla`` (v held constant)."""
     exact = engine == "exact"
-    steps = _student_steps(loss_fn, theta_start, inputs, augment, compiler, adjoint_kind(exact, inputs.label_gradient))
+    steps = _student_steps(loss_fn, theta_start, inputs, augment, compiler, exact)
     d = _distance_normaliser(theta_start, theta_target)
     trajectory = _forward_sweep(steps, theta_start, len(inputs.indices))
     residual = steps.theta - theta_target.detach().reshape(-1)
@@ -302,6 +351,8 @@ def _constant_memory_gradients(
     v = (2.0 / d) * residual  # dL/dtheta_N
     grad_alpha_first_order = None if exact else -torch.dot(v, steps.total)
     grad_images, grad_alpha, grad_labels = _reverse_sweep(steps, trajectory, v, inputs, propagate_hessian=exact)
+    if inputs.reduce is not None:
+        grad_images, grad_alpha, grad_labels = _sum_over_ranks(inputs, grad_images, grad_alpha, grad_labels)
     if not exact:
         grad_alpha = grad_alpha_first_order
     return _result(engine, d, final, grad_images, grad_alpha, len(inputs.indices), steps.mode, grad_labels)
@@ -375,6 +426,22 @@ def unroll_gradients(
     return _result("unroll", d, final.detach(), grads[0], grads[1], len(inputs.indices), "off", grad_labels)
 
 
+def check_shardable(engine: str, batch_syn: int, num_images: int, ranks: Ranks) -> None:
+    """Refuse what a run over several processes cannot do: ``unroll`` (one graph of all steps)
+    and a minibatch smaller than the number of processes (an empty shard)."""
+    if not ranks.distributed:
+        return
+    where = f"a run over {ranks.world_size} processes"
+    if engine == "unroll":
+        raise TeslaError(f"{where}: engine unroll runs in one process; use --engine exact or tesla")
+    sizes = {batch_syn, num_images % batch_syn or batch_syn}
+    if min(sizes) < ranks.world_size:
+        raise TeslaError(
+            f"{where}: every minibatch is split over the processes, but minibatches of {min(sizes)} images (--batch-syn "
+            f"{batch_syn}, {num_images} images) are fewer than the processes; raise --batch-syn or use fewer processes"
+        )
+
+
 _ENGINE_FUNCTIONS = {"exact": exact_gradients, "tesla": tesla_gradients, "unroll": unroll_gradients}
 
 
@@ -392,6 +459,7 @@ def matching_gradients(
     generator: torch.Generator,
     compiler: StepCompiler | None = None,
     learn_labels: bool = False,
+    ranks: Ranks = SINGLE,
 ) -> MatchResult:
     """Matching loss L and (dL/dX, dL/dalpha) by ``engine`` (``exact``, ``tesla`` or ``unroll``).
 
@@ -404,12 +472,16 @@ def matching_gradients(
     eagerly. The call runs in IEEE float32 whatever the global TF32 settings. With
     ``learn_labels`` (``labels`` must then be N x K soft targets) the result also holds
     dL/dY (``grad_labels``), from the same reverse sweep (exact, first-order or autograd).
+    With ``ranks`` of several processes (:mod:`tesla.distributed`; every rank passes the same
+    arguments) each rank computes its shards of the minibatches and every rank returns the
+    whole result (``exact`` and ``tesla``, eager or compiled steps).
     """
     if engine not in _ENGINE_FUNCTIONS:
         raise TeslaError(f"unknown gradient engine {engine!r}; choose one of {', '.join(ENGINES)}")
     if learn_labels and not (labels.is_floating_point() and labels.ndim == 2):
         raise TeslaError(f"learned labels need N x K soft targets, got labels of shape {tuple(labels.shape)} ({labels.dtype})")
+    check_shardable(engine, batch_syn, len(images), ranks)
     plan = plan_student_steps(len(images), syn_steps, batch_syn, tuple(images.shape[1:]), augment, generator)
     with ieee_float32():
-        inputs = _step_inputs(images, labels, alpha, plan, learn_labels)
+        inputs = _step_inputs(images, labels, alpha, plan, learn_labels, ranks)
         return _ENGINE_FUNCTIONS[engine](loss_fn, theta_start, theta_target, inputs, augment, compiler)

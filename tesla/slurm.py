@@ -229,10 +229,23 @@ def expert_group_rule(dataset: str, space: str, first: int) -> str:
     return re.sub(r"[^A-Za-z0-9_]", "_", f"{EXPERT_GROUP_RULE}{dataset}_{space}_{first}")
 
 
+#: the name of every rule the workflow generates for a distillation over several processes starts so
+DISTILL_PROCESSES_RULE = "distill_gpus_"
+
+
+def distill_processes_rule(dataset: str, ipc: int) -> str:
+    """The name of the workflow's rule for the distillations of one row with ``gpus`` > 1
+    (one torch.distributed job of several processes), a valid identifier."""
+    return re.sub(r"[^A-Za-z0-9_]", "_", f"{DISTILL_PROCESSES_RULE}{dataset}_ipc{ipc}")
+
+
 def profile_rule(rule: str) -> str:
     """The profile's `set-resources` key of a rule: the rules of expert groups
-    (:func:`expert_group_rule`) all take the resources of `expert`."""
-    return "expert" if rule.startswith(EXPERT_GROUP_RULE) else rule
+    (:func:`expert_group_rule`) all take the resources of `expert`, those of distillations
+    over several processes (:func:`distill_processes_rule`) those of `distill`."""
+    if rule.startswith(EXPERT_GROUP_RULE):
+        return "expert"
+    return "distill" if rule.startswith(DISTILL_PROCESSES_RULE) else rule
 
 
 def why_never(job: QueuedJob) -> str:

@@ -41,6 +41,12 @@ gradient. So one graph serves every family: a run builds one ``update`` graph an
 :func:`tesla.matching.plan_student_steps`), i.e. 2 graphs when ``batch_syn`` divides the number
 of synthetic images and 4 otherwise, whatever the DSA strategy; the cost is computing the other
 families' (cheap, elementwise and resampling) transforms too.
+
+Over several processes (:mod:`tesla.distributed`) a step's rows are a shard of the minibatch and
+its sums over the minibatch are summed over the ranks between the graphs: the graphs
+``gradient-shard`` (the shard's share of g_i) and the adjoint kinds' ``-shard`` graphs (its share
+of H_i w, with dX_b, dY_b, s) replace ``update`` and the adjoint graphs (:func:`step_kinds`); the
+eager steps pass the sum to :func:`student_update` and :func:`adjoint_step` as ``reduce``.
 """
 
 from __future__ import annotations
@@ -60,6 +66,8 @@ from tesla.errors import TeslaError
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 #: x -> A(x): a step's augmentation, differentiable in x.
 AugmentFn = Callable[[torch.Tensor], torch.Tensor]
+#: a sum over the processes of a distributed run (in place), see tesla.distributed.Ranks.sum
+Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 COMPILE_MODES: tuple[str, ...] = ("auto", "off", "inductor", "cudagraph", "inductor-cudagraph")
 #: the traced graph run as it is (no compiler, no capture): tests and benchmarks of the tracing
@@ -100,11 +108,16 @@ def student_update(
     y: torch.Tensor,
     alpha: torch.Tensor,
     augment: AugmentFn,
+    reduce: Reduce | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """theta_{i+1} = theta_i - alpha g_i and G_{i+1} = G_i + g_i, with g_i at (theta_i, A_i(x))."""
+    """theta_{i+1} = theta_i - alpha g_i and G_{i+1} = G_i + g_i, with g_i at (theta_i, A_i(x)).
+
+    Over several processes ``reduce`` sums the ranks' shares of g_i (:mod:`tesla.distributed`)."""
     with torch.enable_grad():
         t = theta.detach().requires_grad_(True)
         g = student_gradient(loss_fn, t, augment(x.detach()), y)
+    if reduce is not None:
+        g = reduce(g)
     return theta - alpha * g, total + g
 
 
@@ -118,6 +131,7 @@ def adjoint_step(
     augment: AugmentFn,
     propagate_hessian: bool,
     label_gradient: bool = False,
+    reduce: Reduce | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """One reverse-sweep step: s = g . w, dX_b = -alpha J^T w, dY_b = -alpha K^T w (with
     ``label_gradient``; K = d g / d Y_b, the soft targets being the third differentiated
@@ -125,7 +139,8 @@ def adjoint_step(
     procedure).
 
     One vector-Jacobian product of s w.r.t. [X_b, theta, Y_b] gives J^T w, H w and K^T w.
-    Returns (w', dX_b, dY_b or None, s).
+    Over several processes (x, y a shard of the minibatch) ``reduce`` sums the ranks' H w;
+    dX_b, dY_b and s stay this shard's. Returns (w', dX_b, dY_b or None, s).
     """
     if label_gradient and not y.is_floating_point():
         raise TeslaError("a label gradient needs soft (floating-point) labels, not class indices")
@@ -142,7 +157,10 @@ def adjoint_step(
     w_next = w
     if propagate_hessian:
         h_w = grads.pop(0)
-        w_next = w - alpha * (torch.zeros_like(w) if h_w is None else h_w)
+        h_w = torch.zeros_like(w) if h_w is None else h_w
+        if reduce is not None:
+            h_w = reduce(h_w)
+        w_next = w - alpha * h_w
     dy = None
     if label_gradient:
         kt_w = grads.pop(0)
@@ -292,12 +310,57 @@ class StepInputs:
     indices: list[torch.Tensor]
     augmentations: list[Any]
     label_gradient: bool = False  # the reverse sweep also gives dL/dY (soft labels learned with the images)
+    #: over several processes: step i's rows are this rank's shard of b_i and weighs |shard| / |b_i|
+    #: (its loss is the shard's sum over the FULL batch size), and ``reduce`` sums over the ranks
+    weights: tuple[float, ...] | None = None
+    reduce: Reduce | None = None
+    touched: torch.Tensor | None = None  # over several processes: the rows some rank's step reads
 
 
 def adjoint_kind(propagate_hessian: bool, label_gradient: bool) -> str:
     """The name of a reverse-sweep step graph: ``adjoint`` (exact) or ``adjoint-first-order``
     (tesla), with ``-labels`` when it also gives the label gradient dY_b."""
     return ("adjoint" if propagate_hessian else "adjoint-first-order") + ("-labels" if label_gradient else "")
+
+
+#: the suffix of the graphs of a shard of the minibatch (a run over several processes): they
+#: return the shard's share of the sums over the minibatch, summed over the ranks outside the graph
+SHARD = "-shard"
+
+
+def step_kinds(propagate_hessian: bool, label_gradient: bool, sharded: bool) -> tuple[str, str]:
+    """The graphs of a matching call: ``update`` and its adjoint kind, or over several processes
+    ``gradient-shard`` (g_i's share) and the adjoint kind's ``-shard`` graph (H_i w's share)."""
+    adjoint = adjoint_kind(propagate_hessian, label_gradient)
+    return ("gradient" + SHARD, adjoint + SHARD) if sharded else ("update", adjoint)
+
+
+def _shard_step(ws: "_Workspace", bb: "_BatchBuffers", kind: str, loss_fn: LossFn, augment: Callable) -> tuple:
+    """(step, args, outputs) of a shard graph: the loss is the shard's share, weight x its mean
+    (``ws.weight``, a graph input); ``gradient-shard`` returns g's share (into ``ws.g``), the
+    adjoint ``-shard`` graphs return H w's share (exact, into ``ws.hw``), dX_b, dY_b and s."""
+    def share(weight: torch.Tensor) -> LossFn:
+        return lambda theta, x, y: loss_fn(theta, x, y) * weight
+
+    base = kind[: -len(SHARD)]
+    if base == "gradient":
+        def step(theta, x, y, weight, family, packed):
+            with torch.enable_grad():
+                t = theta.detach().requires_grad_(True)
+                return (student_gradient(share(weight), t, augment(family, packed)(x.detach()), y),)
+
+        return step, (ws.theta, bb.x, bb.y, ws.weight, bb.family, bb.packed), (ws.g,)
+    exact = not base.startswith("adjoint-first-order")
+    labels = base.endswith("-labels")
+
+    def step(theta, w, x, y, alpha, weight, family, packed):
+        kept = []  # H w's share, as adjoint_step hands it to its sum over the ranks
+        _, dx, dy, s = adjoint_step(share(weight), theta, w, x, y, alpha, augment(family, packed), exact, labels,
+                                    lambda h: kept.append(h) or h)
+        return tuple(kept) + (dx,) + (dy,) * labels + (s,)
+
+    args = (ws.theta, ws.w, bb.x, bb.y, ws.alpha, ws.weight, bb.family, bb.packed)
+    return step, args, (ws.hw,) * exact + (bb.dx,) + (bb.dy,) * labels + (ws.s,)
 
 
 class StudentSteps(Protocol):
@@ -352,10 +415,17 @@ class EagerSteps:
         self.theta = theta_start.detach().reshape(-1).clone()
         self.total = torch.zeros_like(self.theta)
 
+    def _loss(self, i: int) -> LossFn:
+        """Step i's loss: l itself, or over several processes this shard's share of it."""
+        weights = self.inputs.weights
+        if weights is None:
+            return self.loss_fn
+        return lambda theta, x, y: self.loss_fn(theta, x, y) * weights[i]
+
     def update(self, i: int) -> None:
         x, y = self._batch(i)
         self.theta, self.total = student_update(
-            self.loss_fn, self.theta, self.total, x, y, self.inputs.alpha, self._augment(i)
+            self._loss(i), self.theta, self.total, x, y, self.inputs.alpha, self._augment(i), self.inputs.reduce
         )
 
     def begin_adjoint(self, v: torch.Tensor) -> None:
@@ -367,8 +437,8 @@ class EagerSteps:
         x, y = self._batch(i)
         theta = theta_i.to(self.w.device, non_blocking=True)
         self.w, dx, dy, s = adjoint_step(
-            self.loss_fn, theta, self.w, x, y, self.inputs.alpha, self._augment(i), propagate_hessian,
-            self.inputs.label_gradient,
+            self._loss(i), theta, self.w, x, y, self.inputs.alpha, self._augment(i), propagate_hessian,
+            self.inputs.label_gradient, self.inputs.reduce,
         )
         return dx, dy, s
 
@@ -405,6 +475,9 @@ class _Workspace:
     w: torch.Tensor
     alpha: torch.Tensor
     s: torch.Tensor
+    g: torch.Tensor  # shard graphs: g's share (gradient-shard) and H w's share (exact adjoint)
+    hw: torch.Tensor
+    weight: torch.Tensor  # shard graphs: the step's weight |shard| / |b_i|
     batches: dict[int, _BatchBuffers] = field(default_factory=dict)
     runs: dict[tuple[str, int], Callable[[], None]] = field(default_factory=dict)
 
@@ -450,6 +523,9 @@ class StepCompiler:
                 w=torch.zeros(theta.numel(), dtype=theta.dtype, device=images.device),
                 alpha=torch.zeros((), dtype=theta.dtype, device=images.device),
                 s=torch.zeros((), dtype=theta.dtype, device=images.device),
+                g=torch.zeros(theta.numel(), dtype=theta.dtype, device=images.device),
+                hw=torch.zeros(theta.numel(), dtype=theta.dtype, device=images.device),
+                weight=torch.ones((), dtype=theta.dtype, device=images.device),
             )
             self._workspace, self._loss_fn = ws, loss_fn  # the loss function the graphs were traced from
             self._pool = None  # a new memory pool for the new graphs (the old ones go with the old workspace)
@@ -480,7 +556,9 @@ class StepCompiler:
         def augment(family: torch.Tensor, packed: torch.Tensor) -> AugmentFn:
             return (lambda x: x) if dsa is None else (lambda x: apply_packed(x, family, packed, dsa))
 
-        if kind == "update":
+        if kind.endswith(SHARD):
+            step, args, outputs = _shard_step(ws, bb, kind, loss_fn, augment)
+        elif kind == "update":
             def step(theta, total, x, y, alpha, family, packed):
                 return student_update(loss_fn, theta, total, x, y, alpha, augment(family, packed))
 
@@ -641,6 +719,8 @@ class GraphSteps:
         family, packed = self.staged[i]
         bb.family.copy_(family)
         bb.packed.copy_(packed)
+        if self.inputs.weights is not None:
+            self.ws.weight.fill_(self.inputs.weights[i])
         return bb
 
     def begin(self, theta_start: torch.Tensor) -> None:
@@ -649,7 +729,13 @@ class GraphSteps:
 
     def update(self, i: int) -> None:
         self.load(i)
-        self.ws.runs[("update", len(self.inputs.indices[i]))]()
+        if self.inputs.reduce is None:
+            self.ws.runs[("update", len(self.inputs.indices[i]))]()
+            return
+        self.ws.runs[("gradient" + SHARD, len(self.inputs.indices[i]))]()  # over several processes
+        g = self.inputs.reduce(self.ws.g)
+        self.ws.theta.sub_(self.ws.alpha * g)
+        self.ws.total.add_(g)
 
     def begin_adjoint(self, v: torch.Tensor) -> None:
         self.ws.w.copy_(v)
@@ -659,6 +745,8 @@ class GraphSteps:
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         self.ws.theta.copy_(theta_i, non_blocking=True)
         bb = self.load(i)
-        kind = adjoint_kind(propagate_hessian, self.inputs.label_gradient)
+        kind = step_kinds(propagate_hessian, self.inputs.label_gradient, self.inputs.reduce is not None)[1]
         self.ws.runs[(kind, len(self.inputs.indices[i]))]()
+        if self.inputs.reduce is not None and propagate_hessian:  # over several processes: w' = w - alpha sum_r (H w)_r
+            self.ws.w.sub_(self.ws.alpha * self.inputs.reduce(self.ws.hw))
         return bb.dx, bb.dy if self.inputs.label_gradient else None, self.ws.s

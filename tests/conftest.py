@@ -65,7 +65,7 @@ def sample(tmp_path_factory, datasets_dir):
 #: reruns, real data): collected first, so that with `-n 2` (pyproject's addopts) one worker
 #: starts on them while the other works through the many short modules
 LONG_MODULES = ("test_slurm.py", "test_workflow_demo.py", "test_rerun_after_kill.py", "test_workflow_report.py",
-                "test_workflow_tiny_imagenet.py")
+                "test_workflow_tiny_imagenet.py", "test_distributed.py", "test_workflow_distributed.py")
 
 
 def pytest_collection_modifyitems(config, items):

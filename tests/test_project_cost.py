@@ -4,6 +4,7 @@ tiny config, the refusal of a missing rate, and the conversion of the GPU parts'
 from __future__ import annotations
 
 import importlib.util
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -176,3 +177,29 @@ def test_the_training_parts_64px_table_gives_the_cross_architecture_rates():
     assert rates["train_images_per_second.vgg11"]["value"] == pytest.approx(2 * 1280 / 0.1)
     assert rates["train_images_per_second.alexnet"]["value"] == pytest.approx(1280 / 0.1)
     assert all(not r["assumed"] and "64 px, 1000 classes" in r["source"] for r in rates.values())
+
+
+def test_distillation_over_gpus_equals_a_hand_computation(tmp_path):
+    """--gpus: row 1 (exact + tesla, TESLA labels, 10 images, N = 4) with P = 100 parameters, 32 px."""
+    rates = project_cost.Rates(write_rates(tmp_path / "r.yaml", RATES))
+    calls, floats = project_cost.distill_traffic(ENTRY["distill"][1], 1, 10, 100, 3 * 32 * 32)
+    # N (forward) + N (reverse of exact) parameter vectors; 10 touched rows x 3072 + dL/dalpha; 10 x 10 soft labels
+    assert (calls, floats) == (4 + 4 + 1 + 1, 4 * 100 * 2 + 10 * 3072 + 1 + 10 * 10)
+    rows = project_cost.scale_distill(ENTRY, 1, rates, 10, [1, 2, 16], params=100)
+    per_iteration = 4 * 10 * 0.001 + 10 / 4000  # the one-GPU iteration of test_projection_equals_a_hand_computation
+    repeated = 5 * 4 * 10 * 3072 / 2.5e12
+    nvlink = 10 * 2 * 1 * 5e-6 + (2 * 1 / 2) * 4 * floats / 300e9
+    infiniband = 10 * 2 * 15 * 10e-6 + (2 * 15 / 16) * 4 * floats / 40e9
+    assert [r.nodes for r in rows] == [1, 1, 2]
+    for row, network, g in zip(rows, (0.0, nvlink, infiniband), (1, 2, 16)):
+        assert row.network == pytest.approx(network)
+        assert row.hours * 3600 == pytest.approx(2 * 5 * (per_iteration / g + network + repeated))
+    text = project_cost.render_scaling(rows, rates, "results/tiny_ipc1", (calls, floats), 100)
+    assert "| 16 | 2 |" in text and "NVLink" in text and "InfiniBand" in text and "batch_syn / G" in text
+
+
+def test_the_in1k_row_projects_at_least_six_times_faster_on_eight_gpus(capsys):
+    assert project_cost.main(["--rates", str(ROOT / "bench" / "rates_h100_today.yaml"), "--gpus", "1", "8"]) == 0
+    table = capsys.readouterr().out
+    speed = float(re.search(r"^\| 8 \| 1 \| .* \| ([\d.]+)x \|$", table, re.M).group(1))
+    assert speed >= 6
