@@ -57,6 +57,8 @@ import pandas as pd
 import pytest
 import yaml
 
+from tesla.synthetic import SyntheticSet
+
 from workflow_support import ROOT, SNAKEMAKE, make_workdir, snakemake
 
 SETUP_SCRIPT = ROOT / ".ci" / "setup_slurm.sh"
@@ -539,6 +541,31 @@ def test_a_stopped_evaluation_is_retried_and_resumes(prepared_workdir):
                         stage_log)
     assert resumed and int(resumed.group(1)) > 0, stage_log[-3000:]
     assert (workdir / target).exists() and not (workdir / f"{target}.ckpt").exists()
+
+
+def test_a_distillation_over_two_processes_is_one_job_whose_tasks_srun_starts(prepared_workdir):
+    """`distill.gpus: 2`: one SLURM job asking for 2 tasks, in which srun starts the two ranks
+    (a job step of 2 tasks); they form one run (gloo on this node without GPUs) and the set
+    records it."""
+    workdir = prepared_workdir
+    profile = write_profile(workdir / "profile-local", local_profile(shipped_profile()))
+    two = copy.deepcopy(SMALL_DEMO)
+    two["datasets"]["demo"]["distill"][3].update(gpus=2, iterations=6)
+    (workdir / "two_processes.yaml").write_text(yaml.safe_dump(two, sort_keys=False))
+    target = "results/demo_ipc3/exact/synthetic.h5"
+    result = run_slurm(workdir, profile, "--configfile", "two_processes.yaml", target)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-6000:]
+    jobs = [j for j, rule in submissions(log).items() if rule == "distill_gpus_demo_ipc3"]
+    assert len(jobs) == 1, submissions(log)
+    assert sacct_when_final(jobs)[jobs[0]]["State"] == "COMPLETED"
+    steps = subprocess.run(["sacct", "-j", jobs[0], "-n", "--parsable2", "-o", "JobIDRaw,NTasks,State"],
+                           capture_output=True, text=True, check=True).stdout.split()
+    assert any(step.split("|")[1] == "2" and step.split("|")[2] == "COMPLETED" for step in steps), steps
+    stage_log = (workdir / "results" / "logs" / "distill" / "demo_ipc3_exact.log").read_text()
+    assert "one run over 2 processes (gloo" in stage_log, stage_log[-3000:]
+    syn = SyntheticSet.load(workdir / target)
+    assert syn.iteration == 6 and syn.settings["world_size"] == 2
 
 
 # --------------------------------------------------------------------------------------
