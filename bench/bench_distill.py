@@ -271,7 +271,7 @@ def label_memory_table(args, key: str) -> list[str]:
 
 # ---------------------------------------------------------------------------------------
 # exact vs tesla on real data at the same budget (the choice of the default engine), and the
-# label/window/initialisation variants of issue 17
+# label/window/initialisation variants (learned labels, moving window, real-correct initialisation)
 # ---------------------------------------------------------------------------------------
 VARIANTS = ("hard", "tesla-labels", "learned", "learned-window-correct")
 
@@ -296,7 +296,7 @@ def compare_engines(argv: list[str]) -> int:
         python bench/bench_distill.py compare --work /tmp/cmp --train data/cifar10/train.h5 \
             --test data/cifar10/test.h5 --device cuda --ipc 10 --syn-steps 30 --iterations 400
 
-    With ``--variants`` it compares label/window/initialisation options (issue 17) instead of
+    With ``--variants`` it compares label/window/initialisation options instead of
     engines, all with ``--engine`` (default exact) on the same experts:
     ``tesla-labels`` (a: TESLA's labels), ``learned`` (b: learned labels), ``learned-window-correct``
     (c: learned labels + moving window + real-correct initialisation), ``hard`` (class labels).
@@ -416,7 +416,7 @@ def compare_engines(argv: list[str]) -> int:
 # ---------------------------------------------------------------------------------------
 # the student step: eager (before / after this change) vs each compile mode vs the floor
 # ---------------------------------------------------------------------------------------
-#: the issue's settings (random data: time does not depend on the values)
+#: the settings timed (CIFAR-10 IPC 10, ImageNet-1K IPC 10 and 50; random data: time does not depend on the values)
 ENGINE_SETTINGS = {
     "cifar10-ipc10": dict(model="convnet", width=128, resolution=32, classes=10, ipc=10, batch_syn=100, syn_steps=30),
     "in1k-ipc10": dict(model="convnet_d4", width=128, resolution=64, classes=1000, ipc=10, batch_syn=500, syn_steps=20),
@@ -500,7 +500,7 @@ def engine_benchmark(argv: list[str]) -> int:
     now (--compile off) and each compile mode, side by side in one process, and the floor (the
     same N plain forward+backward steps on the same minibatches and DSA samples).
 
-        python bench/bench_distill.py engine --device cuda                 # the issue's three settings
+        python bench/bench_distill.py engine --device cuda                 # the three ENGINE_SETTINGS
         python bench/bench_distill.py engine --device cpu --toy --modes off trace
     """
     from tesla.augment import DSA

@@ -17,7 +17,7 @@
 #
 # Time: each command stops in time on its own: the script under `timeout $LIMIT` (default 585 s),
 # the driver's --budget (default 555 s) ends the distillation early enough for what follows. Where
-# one command cannot hold it all (the lent machine: 10 minutes per command), run it twice on the
+# one command cannot hold it all (e.g. where each command may run 10 minutes), run it twice on the
 # same machine; the second goes on from the first's work folder (.work/reproduce-ROW) and its
 # distillation checkpoint:
 #   bash bench/gpu_reproduce.sh --out DIR --until distill   # prepare, ZCA, experts, distillation

@@ -1,11 +1,11 @@
 """How far the divergence guard's limits are from what the demo config's distillations reach,
-and where the guard stops the runs of issue 16 (PAPER.md section 9: exploding learning rate,
+and where the guard stops runs that diverge (PAPER.md section 9: exploding learning rate,
 NaN losses).
 
 Everything runs through the ``tesla`` command line with the settings of
 ``config/config.yaml`` (dataset ``demo``): prepare, the experts, then, for every configured
 IPC, the distillation as configured (with ``--variants``, also with lr_img or lr_lr ten
-times larger); then the three settings of the issue (``--lr-lr 1e6``, ``--lr-teacher 100``,
+times larger); then three settings that diverge (``--lr-lr 1e6``, ``--lr-teacher 100``,
 ``--lr-img 1e9``) at the first IPC. From each run's metrics CSV it reports the peaks of the guarded quantities
 against their limits: the matching loss (limit ``max_loss``), alpha / lr_teacher (limit
 ``max_lr`` = 100 x lr_teacher) and the largest image RMS over its initial value (limit

@@ -1,4 +1,4 @@
-"""What one workflow target costs, stage by stage, from measured rates (issue 13's projection).
+"""What one workflow target costs, stage by stage, from measured rates.
 
     python bench/project_cost.py --rates bench/rates_h100_today.yaml                 # results/in1k_ipc50/acc.csv
     python bench/project_cost.py --rates R.yaml --dataset cifar10 --ipc 10 --train-images 50000 --test-images 10000
@@ -377,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-images", type=int, default=IN1K_TRAIN, help="training split size (default: ImageNet-1K's)")
     p.add_argument("--test-images", type=int, default=IN1K_TEST, help="test split size (default: ImageNet-1K's validation)")
     p.add_argument("--classes", type=int, default=1000)
-    p.add_argument("--budget-hours", type=float, default=12.0, help="target to compare with (issue 13: 12 H100-hours)")
+    p.add_argument("--budget-hours", type=float, default=12.0, help="target to compare with, in GPU-hours (default: 12 H100-hours)")
     p.add_argument("--out", type=Path, help="also write the table here")
     p.add_argument("--gpus", type=int, nargs="+", help="instead: the distillation's wall time over each number of GPUs")
     a = p.parse_args(argv)
