@@ -66,7 +66,7 @@ __all__ = [
 #: how a group of networks with the same settings trains in one process (:func:`train_group`)
 GROUP_MODES: tuple[str, ...] = ("sequential", "streams", "vmap")
 #: what ``--group-mode auto`` means per device type. CPU: measured (docs/benchmarks.md,
-#: "Several networks per process": vmap is slower there). CUDA: chosen by argument before any
+#: "Running several runs together (torch.func.vmap)?": vmap is 2.6x slower at IPC 10 there). CUDA: chosen by argument before any
 #: GPU measurement, to be confirmed by bench/gpu_training.sh: streams run the same kernels as
 #: alone, so they cannot lose much, and they let the GPU work on other networks while one
 #: network's step waits for the host (each DSA call copies its parameters from pageable host
