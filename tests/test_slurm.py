@@ -459,14 +459,20 @@ def test_after_scancel_the_same_command_resumes_and_redoes_nothing_else(killed):
     assert sacct_when_final([killed["job"]])[killed["job"]]["State"].startswith("CANCELLED")
 
 
-@pytest.fixture(scope="module")
-def prepared_workdir(cluster, tmp_path_factory):
-    """A workdir whose data is prepared (locally): the expert jobs come first."""
-    workdir = make_workdir(tmp_path_factory.mktemp("wf-slurm-prepared"))
+def _prepared(folder: Path) -> Path:
+    """A workdir with the small demo config whose data is prepared locally."""
+    workdir = make_workdir(folder)
     (workdir / "small.yaml").write_text(yaml.safe_dump(SMALL_DEMO, sort_keys=False))
     prepared = snakemake(workdir, "resources/demo/train.h5", "--workflow-profile", "none", "--cores", "1",
                          "--configfile", "small.yaml")
     assert prepared.returncode == 0, prepared.stderr[-3000:]
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def prepared_workdir(cluster, tmp_path_factory):
+    """A workdir whose data is prepared (locally): the expert jobs come first."""
+    workdir = _prepared(tmp_path_factory.mktemp("wf-slurm-prepared"))
     yield workdir
     cancel_jobs_in(workdir)
 
@@ -543,17 +549,26 @@ def test_a_stopped_evaluation_is_retried_and_resumes(prepared_workdir):
     assert (workdir / target).exists() and not (workdir / f"{target}.ckpt").exists()
 
 
-def test_a_distillation_over_two_processes_is_one_job_whose_tasks_srun_starts(prepared_workdir):
+@pytest.fixture(scope="module")
+def second_prepared_workdir(cluster, tmp_path_factory):
+    """Another workdir whose data is prepared (its experts are its own: the tests of the other
+    one need theirs still to be made)."""
+    workdir = _prepared(tmp_path_factory.mktemp("wf-slurm-two-processes"))
+    yield workdir
+    cancel_jobs_in(workdir)
+
+
+def test_a_distillation_over_two_processes_is_one_job_whose_tasks_srun_starts(second_prepared_workdir):
     """`distill.gpus: 2`: one SLURM job asking for 2 tasks, in which srun starts the two ranks
     (a job step of 2 tasks); they form one run (gloo on this node without GPUs) and the set
     records it."""
-    workdir = prepared_workdir
+    workdir = second_prepared_workdir
     profile = write_profile(workdir / "profile-local", local_profile(shipped_profile()))
     two = copy.deepcopy(SMALL_DEMO)
     two["datasets"]["demo"]["distill"][3].update(gpus=2, iterations=6)
     (workdir / "two_processes.yaml").write_text(yaml.safe_dump(two, sort_keys=False))
     target = "results/demo_ipc3/exact/synthetic.h5"
-    result = run_slurm(workdir, profile, "--configfile", "two_processes.yaml", target)
+    result = run_slurm(workdir, profile, target, "--configfile", "two_processes.yaml")
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-6000:]
     jobs = [j for j, rule in submissions(log).items() if rule == "distill_gpus_demo_ipc3"]

@@ -4,7 +4,7 @@ G tasks); `snakemake -n -p` shows the command; G is not a rerun trigger; and the
 distillation runs over two CPU processes end to end.
 
 The SLURM command is checked here as a dry run (the command line, the request, and the sbatch
-call the executor plugin builds from it); the test cluster (tests/test_slurm.py) does not run it.
+call the executor plugin builds from it); tests/test_slurm.py runs it on the test cluster.
 """
 
 from __future__ import annotations
