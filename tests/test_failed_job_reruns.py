@@ -24,13 +24,12 @@ Time budget: about 70 s on 2 cores (about 3 s per Snakemake call).
 from __future__ import annotations
 
 import shutil
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 
-from workflow_support import SNAKEMAKE, install_fake_tesla, load_config, make_workdir, planned_jobs, snakemake, write_config
+from workflow_support import SNAKEMAKE, install_wrapping_tesla, load_config, make_workdir, planned_jobs, snakemake, write_config
 
 pytestmark = pytest.mark.skipif(SNAKEMAKE is None, reason="snakemake is not installed in this environment")
 
@@ -61,11 +60,7 @@ def finished(tmp_path_factory) -> tuple[Path, Path]:
     """The demo's IPC 1 results made once with the stand-in tesla; the failing tesla's folder."""
     base = tmp_path_factory.mktemp("wf-failed")
     workdir = make_workdir(base / "work")
-    fake = install_fake_tesla(base / "fake") / "tesla"
-    failing = base / "failing"
-    failing.mkdir()
-    (failing / "tesla").write_text(FAILING_TESLA.format(python=sys.executable, fake=str(fake)))
-    (failing / "tesla").chmod(0o755)
+    failing = install_wrapping_tesla(base / "failing", FAILING_TESLA, base / "fake")
     result = snakemake(workdir, TARGET, "--cores", "2", path_prefix=failing)
     assert result.returncode == 0, result.stdout + result.stderr
     return workdir, failing

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from workflow_support import SNAKEMAKE, install_fake_tesla, make_workdir, snakemake
+from workflow_support import SNAKEMAKE, install_wrapping_tesla, make_workdir, snakemake
 
 pytestmark = pytest.mark.skipif(SNAKEMAKE is None, reason="snakemake is not installed in this environment")
 
@@ -60,11 +60,7 @@ def _start_until_distill(tmp_path: Path) -> tuple[Path, Path, subprocess.Popen, 
     terminal, up to the point where its distillation runs (and hangs): (workdir, the folder
     of the hanging tesla, the Snakemake process, the distillation's pid)."""
     workdir = make_workdir(tmp_path / "wf")
-    fake = install_fake_tesla(tmp_path / "fake") / "tesla"
-    hanging = tmp_path / "hanging"
-    hanging.mkdir()
-    (hanging / "tesla").write_text(HANGING_TESLA.format(python=sys.executable, fake=str(fake)))
-    (hanging / "tesla").chmod(0o755)
+    hanging = install_wrapping_tesla(tmp_path / "hanging", HANGING_TESLA, tmp_path / "fake")
     pidfile = tmp_path / "distill.pid"
     env = dict(os.environ, HANG_PIDFILE=str(pidfile))
     env["PATH"] = os.pathsep.join([str(hanging), str(Path(sys.executable).parent), env.get("PATH", "")])

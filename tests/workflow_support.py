@@ -76,6 +76,16 @@ def install_fake_tesla(folder: Path) -> Path:
     return folder
 
 
+def install_wrapping_tesla(folder: Path, template: str, stand_in: Path) -> Path:
+    """A folder whose `tesla` wraps the stand-in of :func:`install_fake_tesla` (a failure or a
+    hang in front of it): `template` is a Python script with {python} and {fake} to fill."""
+    folder.mkdir(parents=True, exist_ok=True)
+    script = folder / "tesla"
+    script.write_text(template.format(python=sys.executable, fake=str(install_fake_tesla(stand_in) / "tesla")))
+    script.chmod(script.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return folder
+
+
 def snakemake(workdir: Path, *args: str, path_prefix: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env["PATH"] = os.pathsep.join(
