@@ -105,3 +105,32 @@ def test_mapping_file_errors(tmp_path, capsys):
     (tmp_path / "in/val_data.npz").unlink()
     assert prepare("imagenet-downsampled", "--input", tmp_path / "in", "--out-dir", tmp_path / "o") == 2
     assert "no val_data or val_data.npz; give the validation batch with --test-input" in capsys.readouterr().err
+
+
+def test_the_devkit_as_distributed_maps_the_classes_as_its_meta_mat(tmp_path, capsys):
+    """--synsets takes ILSVRC2012_devkit_t12.tar.gz, its folder or its data/ folder: the same
+    split as its meta.mat; a folder or tar without a devkit is refused, naming what is accepted."""
+    from prepare_support import write_devkit
+
+    rng = np.random.default_rng(4)
+    labels = np.repeat(np.arange(1, 11), 3)
+    data = rng.integers(0, 256, (len(labels), 3 * 8 * 8), dtype=np.uint8)
+    write_pickle(tmp_path / "in/train_data_batch_1", data, labels)
+    np.savez(tmp_path / "in/val_data.npz", data=data[:10], labels=labels[:10])
+    leaves = {f"n{9 - k:08d}": k + 1 for k in range(10)}  # devkit id order is not the WordNet id order
+    kit = write_devkit(tmp_path / "kit", leaves, truth=[1, 2, 3])
+    outs = {}
+    for name, mapping in [("mat", kit["data"] / "meta.mat"), *kit.items()]:
+        assert prepare("imagenet-downsampled", "--input", tmp_path / "in", "--synsets", mapping, "--workers", 1,
+                       "--out-dir", tmp_path / name) == 0, capsys.readouterr().err
+        outs[name] = ImageSplit.open(tmp_path / name / "train.h5")
+    assert outs["mat"].class_ids == sorted(leaves)
+    for name, split in outs.items():
+        assert split.class_ids == outs["mat"].class_ids and split.fingerprint == outs["mat"].fingerprint, name
+    assert np.array_equal(outs["tar"].class_images(0), data.reshape(-1, 3, 8, 8).transpose(0, 2, 3, 1)[labels == 10])
+    (tmp_path / "empty").mkdir()
+    assert prepare("imagenet-downsampled", "--input", tmp_path / "in", "--synsets", tmp_path / "empty",
+                   "--out-dir", tmp_path / "bad") == 2
+    err = capsys.readouterr().err
+    assert "empty: no devkit here" in err and "give ILSVRC2012_devkit_t12.tar.gz, its extracted folder" in err
+    assert not (tmp_path / "bad").exists() or list((tmp_path / "bad").iterdir()) == []

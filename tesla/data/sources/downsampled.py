@@ -29,6 +29,7 @@ from __future__ import annotations
 import glob
 import math
 import re
+import tarfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +40,7 @@ import numpy as np
 from tesla.data.imaging import LabelledBlock, resize_block
 from tesla.data.safe_pickle import load_official
 from tesla.data.sources.base import DatasetPlan, SourceOptions, StreamedSplit
-from tesla.data.sources.devkit import NUM_DEVKIT_IDS, class_mapping
+from tesla.data.sources.devkit import NUM_DEVKIT_IDS, class_mapping, read_devkit
 from tesla.data.sources.options import INPUT, SYNSETS, TEST_INPUT
 from tesla.data.sources.registry import DataSource
 from tesla.errors import TeslaError
@@ -191,11 +192,23 @@ def unmapped_classes() -> DevkitClasses:
 
 
 def devkit_classes(path: Path) -> DevkitClasses:
-    """Classes in sorted-WordNet-id order from ``meta.mat`` or a 'wnid id name' file."""
+    """Classes in sorted-WordNet-id order from the devkit (``ILSVRC2012_devkit_t12.tar.gz`` as
+    distributed, its folder or data/), its ``meta.mat``, or a 'wnid id name' file."""
     path = Path(path)
-    if not path.is_file():
-        raise TeslaError(f"{path}: class mapping not found (given as --synsets); give the devkit's meta.mat or map_clsloc.txt")
-    rows = sorted(class_mapping(path).values())
+    if path.is_dir() or (path.is_file() and tarfile.is_tarfile(path)):
+        kit = read_devkit(path)
+        if kit is None:
+            raise TeslaError(
+                f"{path}: no devkit here (data/meta.mat beside data/ILSVRC2012_validation_ground_truth.txt), given as "
+                "--synsets; give ILSVRC2012_devkit_t12.tar.gz, its extracted folder, its meta.mat or map_clsloc.txt"
+            )
+        by_id = kit.synsets
+    elif path.is_file():
+        by_id = class_mapping(path)
+    else:
+        raise TeslaError(f"{path}: class mapping not found (given as --synsets); give the devkit (its tar.gz or folder), "
+                         "its meta.mat or map_clsloc.txt")
+    rows = sorted(by_id.values())
     lookup = np.full(NUM_DEVKIT_IDS + 1, -1, dtype=np.int64)
     for c, row in enumerate(rows):
         lookup[row.ident] = c
@@ -337,7 +350,8 @@ SOURCES = (
             "input": "a folder holding train_data_batch_1..10 (python pickles) or train_data_batch_N.npz (also one "
             "level down, e.g. Imagenet64_train/), one batch file, or a glob",
             "test_input": "val_data or val_data.npz (else found beside the train batches)",
-            "synsets": "the devkit's meta.mat or lines 'wnid id name' (map_clsloc.txt) to turn the batches' devkit ids "
+            "synsets": "the devkit (ILSVRC2012_devkit_t12.tar.gz as distributed, or its folder), its meta.mat or lines "
+            "'wnid id name' (map_clsloc.txt) to turn the batches' devkit ids "
             "1..1000 into sorted WordNet ids with names (without it the devkit order is kept and recorded)",
             "resolution": "the files' own size",
         },

@@ -91,7 +91,7 @@ SYNSETS = Option(
     "class names",
     Path,
     config_help="class list naming the classes (ImageNet LOC_synset_mapping.txt); for Downsampled ImageNet the "
-    "devkit's meta.mat or map_clsloc.txt (devkit ids -> sorted wnids)",
+    "devkit (ILSVRC2012_devkit_t12.tar.gz or its folder), its meta.mat or map_clsloc.txt (devkit ids -> sorted wnids)",
 )
 OUT_DIR = Option(
     "out_dir", "output folder for train.h5, test.h5 and prepare_report.txt", Path, common=True, config=False, required=True
