@@ -43,62 +43,50 @@ Started by torchrun or srun, a run is one job of several processes (:mod:`tesla.
 each student step's minibatch is split over them and the sums over it all-reduced, so the result
 is the one-process result up to float round-off; rank 0 writes every file and holds the locks,
 and a checkpoint resumes with any number of processes.
+
+This module holds the settings, the command and the loop; the pieces the loop works on have
+modules of their own: the opened inputs (:mod:`tesla.distill_setup`), the learned state and its
+start (:mod:`tesla.distill_state`), the checkpoint (:mod:`tesla.distill_checkpoint`) and the
+other outputs: metrics, grids, the synthetic set, the tracker (:mod:`tesla.distill_outputs`).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
-import hashlib
-import json
 import math
-import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-import numpy as np
 import torch
+from tqdm import tqdm
 
 from tesla.arguments import finite_float
-from tesla import __version__, distributed, guard
+from tesla import distributed, guard
+from tesla.distill_checkpoint import load_checkpoint, save_checkpoint
+from tesla.distill_outputs import (
+    append_metrics_row, grid_image, open_tracker, save_grid, synthetic_set, tracked_values, write_metrics, write_outputs,
+)
+from tesla.distill_setup import DistillSetup, open_setup, result_key
+from tesla.distill_state import DistillState, check_labels, fresh_state
 from tesla.distributed import SINGLE, Ranks
 from tesla.errors import TeslaError
-from tesla.files import atomic_output
 from tesla.locks import acquire
-from tesla.matching import ENGINES, MatchResult, check_shardable, matching_gradients
-from tesla.student_steps import COMPILE_MODES, StepCompiler, resolve_compile_mode
-from tesla.tracking import TrackerOptions, Tracking, add_tracking_arguments, open_tracking
-from tesla.tracking import disabled as tracking_disabled
+from tesla.matching import ENGINES, MatchResult, matching_gradients
+from tesla.soft_labels import assign_soft_labels, label_logit_gradient, learned_soft_labels
+from tesla.student_steps import COMPILE_MODES
+from tesla.synthetic import SyntheticSet
+from tesla.tracking import TrackerOptions, Tracking, add_tracking_arguments
 from tesla.tracking import options_from_args as tracking_options
 
-CHECKPOINT_FORMAT = "tesla-distill-checkpoint"
-#: 2: adds ``guard_start`` and ``settings``; 3: adds ``label_logits`` and ``opt_labels``
-#: (learned labels) and the window settings; versions 1 and 2 are still read (see load_checkpoint)
-CHECKPOINT_VERSION = 3
-METRICS_FORMAT = "tesla-distill-metrics"
-#: 2: adds the ``max_image_rms`` column; 3: adds the matching window (``window_min``,
-#: ``window_max``: t was drawn from window_min .. window_max - 1) and ``grad_norm_labels``
-METRICS_VERSION = 3
-METRICS_COLUMNS = (
-    "iteration",
-    "expert",
-    "start_epoch",
-    "window_min",
-    "window_max",
-    "loss",
-    "alpha",
-    "grad_norm_images",
-    "grad_norm_alpha",
-    "grad_norm_labels",
-    "max_image_rms",
-    "seconds",
-    "peak_memory_mb",
-)
-MOMENTUM = 0.5
+try:
+    import resource  # the process's peak resident set size (Linux, macOS)
+except ImportError:  # pragma: no cover - not on Linux/macOS
+    resource = None
+
 SOFT_LABELS: tuple[str, ...] = ("none", "tesla", "learned")
 SOFT_LABELS_OF_BOOL = {True: "tesla", False: "none"}
 INITS: tuple[str, ...] = ("real", "real-correct", "noise")
@@ -123,8 +111,6 @@ RESULT_NEUTRAL = frozenset(
         "config_key_prefix",
     }
 )
-#: step sizes and limits whose change a resumed run reports
-RESUME_REPORTED = ("lr_img", "lr_img_convention", "lr_lr", "lr_label", "syn_steps", "batch_syn", "engine", "min_lr", "max_lr", "max_image_growth", "max_loss")
 
 
 @dataclass
@@ -246,31 +232,6 @@ class DistillSettings:
         return f"run the same command with --restart (it discards {self.checkpoint_path})"
 
 
-# ---------------------------------------------------------------------------------------
-# setup: everything is checked before any work starts
-# ---------------------------------------------------------------------------------------
-@dataclass
-class DistillSetup:
-    """What a run needs, opened and checked: the split, the experts, the network, ZCA, DSA."""
-
-    settings: DistillSettings
-    split: Any
-    experts: list[Any]
-    model: torch.nn.Module
-    model_spec: dict
-    zca: Any | None
-    zca_bytes: bytes | None
-    dsa: Any | None
-    dsa_strategy: str
-    device: torch.device
-    num_images: int
-    batch_syn: int
-    loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = field(repr=False, default=None)
-    input_space: Any = None  # tesla.input_space.InputSpace of the experts
-    compiler: StepCompiler | None = field(repr=False, default=None)  # None: eager student steps
-    ranks: Ranks = SINGLE  # the processes of the job (tesla.distributed); one by default
-
-
 def _positive(value: float, option: str, integer: bool = False) -> None:
     ok = value is not None and (value >= 1 if integer else (math.isfinite(value) and value > 0))
     if not ok:
@@ -384,419 +345,17 @@ def check_settings(s: DistillSettings) -> None:
         raise TeslaError("--experts: give at least one expert trajectory file (written by 'tesla experts')")
 
 
-def _open_experts(s: DistillSettings, split) -> list:
-    """Open the expert files and refuse any of another network, dataset or ZCA setting, or
-    one that stores fewer snapshots than max_start_epoch + expert_epochs + 1."""
-    from tesla.trajectories import Trajectory
-
-    experts = [Trajectory.open(p) for p in s.experts]
-    first = experts[0]
-    spec = first.model_spec
-    for key, value in (("channels", split.channels), ("resolution", split.resolution), ("num_classes", split.num_classes)):
-        if int(spec.get(key, -1)) != int(value):
-            raise TeslaError(
-                f"{s.experts[0]}: expert network has {key}={spec.get(key)}, {s.train} has {value}; "
-                "give experts trained on this split"
-            )
-    need = s.largest_max_start_epoch + s.expert_epochs + 1
-    if s.uses_init_snapshot:
-        if s.init_expert >= len(experts):
-            raise TeslaError(
-                f"--init-expert {s.init_expert}: there are only {len(experts)} --experts (indices 0..{len(experts) - 1}); "
-                "give the index of the expert whose snapshot initialises the images/labels"
-            )
-        init_traj = experts[s.init_expert]
-        if s.init_snapshot_epoch >= init_traj.num_snapshots:
-            raise TeslaError(
-                f"{init_traj.path}: --init-epoch {s.init_snapshot_epoch} (default: --max-start-epoch) needs snapshot "
-                f"theta*_{s.init_snapshot_epoch}, but the file stores theta*_0 .. theta*_{init_traj.num_snapshots - 1}; "
-                f"give --init-epoch at most {init_traj.num_snapshots - 1}"
-            )
-    bound = "--max-start-epoch" if s.max_start_epoch_final is None else "--max-start-epoch-final"
-    window = f"{bound} {s.largest_max_start_epoch}"
-    if s.max_start_epoch_final is not None:
-        window = f"the window's largest upper bound ({bound}) {s.largest_max_start_epoch}"
-    for traj in experts:
-        traj.check_compatible(
-            model_spec=spec,
-            dataset_fingerprint=split.fingerprint,
-            zca_fingerprint=first.zca_fingerprint,
-            needed_snapshots=None,
-        )
-        if traj.num_snapshots < need:
-            raise TeslaError(
-                f"{traj.path}: stores snapshots theta*_0 .. theta*_{traj.num_snapshots - 1}, but {window} "
-                f"+ --expert-epochs {s.expert_epochs} needs theta*_{need - 1}; lower {bound} to at most "
-                f"{max(0, traj.num_snapshots - 1 - s.expert_epochs)} or train experts keeping more snapshots"
-            )
-    return experts
-
-
-def _open_zca(s: DistillSettings, experts: list, split):
-    """The ZCA transform and its file's bytes (to embed), when the experts used ZCA."""
-    fingerprint = experts[0].zca_fingerprint or ""
-    if not s.zca:
-        if fingerprint:
-            raise TeslaError(
-                f"{s.experts[0]}: the experts were trained on ZCA-whitened images; give the same file with --zca"
-            )
-        return None, None
-    from tesla.zca import ZCA, zca_fingerprint
-
-    if not fingerprint:
-        raise TeslaError(f"--zca {s.zca}: the experts were trained without ZCA; drop --zca (or retrain the experts with it)")
-    zca = ZCA.load(s.zca)
-    if zca_fingerprint(zca) != fingerprint:
-        raise TeslaError(f"--zca {s.zca}: not the ZCA file the experts were trained with; give that file")
-    if tuple(zca.image_shape) != (split.channels, split.resolution, int(split.attrs["width"])):
-        raise TeslaError(f"--zca {s.zca}: fitted on images of shape {tuple(zca.image_shape)}, not those of {s.train}")
-    return zca, Path(s.zca).read_bytes()
-
-
-def _input_space(s: DistillSettings, experts: list, split, zca):
-    """The experts' input space (normalisation name and constants, and their ZCA): every
-    expert must record the same one, and it must be what that normalisation means for
-    ``split``. The synthetic images live in it."""
-    from tesla.input_space import resolve_normalization, space_of_record
-
-    first = experts[0]
-    record = (first.input_normalization, first.input_mean, first.input_std)
-    for traj in experts[1:]:
-        other = (traj.input_normalization, traj.input_mean, traj.input_std)
-        if other != record:
-            raise TeslaError(
-                f"{traj.path}: expert trained on inputs of normalisation {other[0]} (mean {other[1]}, std {other[2]}), "
-                f"but {first.path} on normalisation {record[0]} (mean {record[1]}, std {record[2]}); give experts of one "
-                "input space (trained with the same --normalize/--zca)"
-            )
-    expected = resolve_normalization(first.input_normalization, split, f"{first.path}: normalisation")
-    mean, std = (record[1], record[2]) if record[1] else (expected.mean, expected.std)  # files that recorded none
-    space = space_of_record(first.input_normalization, mean, std, zca, first.path)
-    if not expected.has_constants(space.mean, space.std):
-        raise TeslaError(
-            f"{first.path}: expert inputs normalised with mean {space.mean}, std {space.std}, but normalisation "
-            f"{space.name} of {s.train} is mean {list(expected.mean)}, std {list(expected.std)}; give experts trained on this split"
-        )
-    if zca is not None and zca.normalization != space.name:
-        raise TeslaError(
-            f"--zca {s.zca}: fitted in normalisation {zca.normalization}, but the experts record {space.name}; "
-            "give the ZCA file the experts were trained with"
-        )
-    return space
-
-
-def _check_per_sample(model: torch.nn.Module, spec: dict, ranks: Ranks) -> None:
-    """Refuse a batch-statistics network over several processes: each rank would normalise its
-    shard of a minibatch by the shard's own statistics, which is not the one-process network."""
-    if ranks.distributed and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-        raise TeslaError(
-            f"the experts' network {spec.get('name')} uses batch norm, whose statistics span the minibatch: over "
-            f"{ranks.world_size} processes each would normalise its own share; run it in one process, or use experts "
-            "with instance norm (the default)"
-        )
-
-
 def build_setup(s: DistillSettings, ranks: Ranks = SINGLE) -> DistillSetup:
-    """Open and cross-check the inputs; raise TeslaError with the fix for anything wrong.
-    ``ranks``: the processes of a distributed job (:mod:`tesla.distributed`)."""
-    from tesla.augment import DSA
-    from tesla.data import ImageSplit
-    from tesla.models import build_from_spec
-    from tesla.parameters import functional_forward, param_layout
-    from tesla.training import pick_device, training_loss
-
+    """Refuse settings that cannot work, then open and cross-check the inputs
+    (:func:`tesla.distill_setup.open_setup`); raise TeslaError with the fix for anything
+    wrong. ``ranks``: the processes of a distributed job (:mod:`tesla.distributed`)."""
     check_settings(s)
-    split = ImageSplit.open(s.train)
-    smallest = int(np.diff(split.class_offsets).min())
-    if s.ipc > smallest:
-        c = int(np.argmin(np.diff(split.class_offsets)))
-        raise TeslaError(
-            f"--ipc {s.ipc}: class {split.class_ids[c]} of {s.train} has only {smallest} images; "
-            f"lower --ipc to at most {smallest}"
-        )
-    num_images = s.ipc * split.num_classes
-    batch_syn = num_images if s.batch_syn is None else s.batch_syn
-    if batch_syn > num_images:
-        raise TeslaError(
-            f"--batch-syn {batch_syn} is larger than the synthetic set ({s.ipc} x {split.num_classes} classes = "
-            f"{num_images} images); lower --batch-syn to at most {num_images} (or omit it: all images)"
-        )
-    experts = _open_experts(s, split)
-    zca, zca_bytes = _open_zca(s, experts, split)
-    input_space = _input_space(s, experts, split, zca)
-    strategy = s.dsa if s.dsa is not None else (experts[0].dsa or "none")
-    dsa = DSA(strategy)
-    device = distributed.local_device(pick_device(s.device), ranks)
-    compile_mode = resolve_compile_mode(s.compile, device)
-    spec = dict(experts[0].model_spec)
-    model = build_from_spec(spec).to(device)
-    layout = param_layout(model)
-    _check_per_sample(model, spec, ranks)
-    check_shardable(s.engine, batch_syn, num_images, ranks)
-    if layout.total != experts[0].num_params:
-        raise TeslaError(
-            f"{s.experts[0]}: snapshots have {experts[0].num_params} parameters, the network "
-            f"{spec.get('name')} has {layout.total}; the file does not match its own model spec"
-        )
-
-    def loss_fn(theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """l(f_theta(x), y): cross-entropy (hard labels) or soft-target cross-entropy."""
-        return training_loss(functional_forward(model, theta, x, layout=layout), y)
-
-    return DistillSetup(
-        settings=s,
-        split=split,
-        experts=experts,
-        model=model,
-        model_spec=spec,
-        zca=zca,
-        zca_bytes=zca_bytes,
-        dsa=None if not dsa.families else dsa,
-        dsa_strategy=dsa.strategy,
-        device=device,
-        num_images=num_images,
-        batch_syn=batch_syn,
-        loss_fn=loss_fn,
-        input_space=input_space,
-        compiler=None if compile_mode == "off" else StepCompiler(compile_mode, announce=s.progress, fallback=s.compile == "auto"),
-        ranks=ranks,
-    )
+    return open_setup(s, ranks)
 
 
 # ---------------------------------------------------------------------------------------
-# state: what a checkpoint holds
+# the divergence guard's stop
 # ---------------------------------------------------------------------------------------
-@dataclass
-class DistillState:
-    """The learned quantities, their optimisers, the random stream and the history."""
-
-    iteration: int
-    images: torch.Tensor  # X, leaf tensor (network input space)
-    classes: torch.Tensor  # the class each image was initialised from (class-major)
-    log: list[dict] = field(default_factory=list)
-    alpha: torch.Tensor = None  # scalar leaf tensor
-    soft_labels: torch.Tensor | None = None
-    opt_images: torch.optim.Optimizer = None
-    opt_alpha: torch.optim.Optimizer = None
-    generator: torch.Generator = None
-    start: guard.Start = None  # alpha_0 and the initial largest image RMS (the guard's references)
-    label_logits: torch.Tensor | None = None  # Z, leaf tensor (learned labels only)
-    opt_labels: torch.optim.Optimizer | None = None
-
-
-def init_snapshot(setup: DistillSetup) -> torch.Tensor:
-    """theta* of the initialising snapshot (``init_expert`` at ``init_epoch``) on the device."""
-    s = setup.settings
-    return setup.experts[s.init_expert].snapshot(s.init_snapshot_epoch).to(setup.device, torch.float32)
-
-
-def initial_images(setup: DistillSetup, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """X_0 and its classes: ``ipc`` random real images of every class (class-major), in
-    the experts' input space x = T((u/255 - mean)/std); with ``init='real-correct'`` only
-    among those the initialising snapshot classifies correctly; with ``init='noise'``,
-    standard normal images."""
-    s, split = setup.settings, setup.split
-    classes = torch.arange(split.num_classes).repeat_interleave(s.ipc)
-    if s.init == "noise":
-        shape = (setup.num_images, split.channels, split.resolution, int(split.attrs["width"]))
-        return torch.randn(shape, generator=generator), classes
-    if s.init == "real-correct":
-        from tesla.initialisation import correct_indices_per_class
-
-        where = f"--init real-correct (snapshot theta*_{s.init_snapshot_epoch} of {s.experts[s.init_expert]})"
-        index = correct_indices_per_class(
-            split, s.ipc, setup.model, init_snapshot(setup), setup.input_space, generator, s.label_chunk, where
-        )
-        pixels, labels = split.images_uint8(index), split.labels[index]
-    else:
-        pixels, labels = split.sample_per_class(s.ipc, generator)
-    x = setup.input_space.to_input(pixels)
-    assert torch.equal(torch.as_tensor(labels, dtype=torch.int64), classes)
-    return x, classes
-
-
-def initial_label_logits(setup: DistillSetup, images: torch.Tensor) -> torch.Tensor:
-    """Z_0 = f_{theta*}(X_0): the initialising snapshot's logits on the initial images."""
-    from tesla.soft_labels import expert_logits
-
-    return expert_logits(setup.model, init_snapshot(setup), images, setup.settings.label_chunk)
-
-
-def _optimisers(images: torch.Tensor, alpha: torch.Tensor, s: DistillSettings):
-    return (
-        torch.optim.SGD([images], lr=s.image_lr, momentum=MOMENTUM),
-        torch.optim.SGD([alpha], lr=s.lr_lr, momentum=MOMENTUM),
-    )
-
-
-def _label_optimiser(logits: torch.Tensor | None, s: DistillSettings) -> torch.optim.Optimizer | None:
-    """SGD(lr_label, momentum 0.5) on the label logits, as for the images (None without them)."""
-    return None if logits is None else torch.optim.SGD([logits], lr=s.lr_label, momentum=MOMENTUM)
-
-
-def fresh_state(setup: DistillSetup) -> DistillState:
-    s = setup.settings
-    generator = torch.Generator().manual_seed(s.seed)
-    x, classes = initial_images(setup, generator)
-    images = x.to(setup.device).requires_grad_(True)
-    alpha = torch.tensor(s.lr_teacher, dtype=torch.float32, device=setup.device, requires_grad=True)
-    opt_images, opt_alpha = _optimisers(images, alpha, s)
-    logits = initial_label_logits(setup, images.detach()).requires_grad_(True) if s.learned_labels else None
-    return DistillState(
-        0, images, classes, [], alpha, None, opt_images, opt_alpha, generator, guard.Start.of(s.lr_teacher, x),
-        logits, _label_optimiser(logits, s),
-    )
-
-
-def save_checkpoint(path: Path, setup: DistillSetup, state: DistillState, generator_state: torch.Tensor) -> None:
-    """Write the state atomically (temporary file, then rename)."""
-    payload = {
-        "format": CHECKPOINT_FORMAT,
-        "format_version": CHECKPOINT_VERSION,
-        "tesla_version": __version__,
-        "identity": setup.settings.identity(),
-        "dataset_fingerprint": setup.split.fingerprint,
-        "iteration": state.iteration,
-        "images": state.images.detach().cpu(),
-        "classes": state.classes,
-        "alpha": state.alpha.detach().cpu(),
-        "soft_labels": None if state.soft_labels is None else state.soft_labels.cpu(),
-        "opt_images": state.opt_images.state_dict(),
-        "opt_alpha": state.opt_alpha.state_dict(),
-        "generator": generator_state,
-        "log": state.log,
-        "guard_start": asdict(state.start),
-        "settings": asdict(setup.settings),
-        "label_logits": None if state.label_logits is None else state.label_logits.detach().cpu(),
-        "opt_labels": None if state.opt_labels is None else state.opt_labels.state_dict(),
-    }
-    with atomic_output(path) as tmp:
-        torch.save(payload, tmp)
-
-
-#: identity settings added by checkpoint version 3, with the value every earlier run had
-_ADDED_IN_VERSION_3 = ("label_temperature", "init_expert", "init_epoch", "min_start_epoch", "max_start_epoch_final", "window_iterations")
-
-
-def _identity_of_version(identity: dict[str, Any], version: int) -> dict[str, Any]:
-    """A checkpoint's identity in today's terms: before version 3, ``soft_labels`` was a
-    boolean and the label/window/init-snapshot settings did not exist (their defaults are what
-    those runs did)."""
-    if version >= 3:
-        return identity
-    defaults = DistillSettings(train="", experts=[], out="", ipc=1)
-    upgraded = {**identity, **{k: getattr(defaults, k) for k in _ADDED_IN_VERSION_3}}
-    if isinstance(identity.get("soft_labels"), bool):
-        upgraded["soft_labels"] = SOFT_LABELS_OF_BOOL[identity["soft_labels"]]
-    return upgraded
-
-
-def load_checkpoint(path: Path, setup: DistillSetup) -> DistillState:
-    """Restore a state saved by :func:`save_checkpoint`, refusing one of a different run or
-    one whose state fails the guard's state rules (an old version-1 checkpoint may hold a
-    state saved without them). Version 1 (no ``guard_start``) is read: rho_0 is recomputed
-    from the seed's initial images. Versions 1 and 2 (no learned labels, no window schedule)
-    are read as runs with today's defaults for those settings."""
-    s = setup.settings
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a torn or foreign file
-        raise TeslaError(f"{path}: cannot read this checkpoint ({exc}); to start over, {s.start_over()}") from None
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise TeslaError(f"{path}: not a tesla distill checkpoint; give another --checkpoint path or delete it")
-    version = int(payload.get("format_version", -1))
-    if version not in (1, 2, CHECKPOINT_VERSION):
-        raise TeslaError(
-            f"{path}: checkpoint format version {payload.get('format_version')} (this tesla reads 1 to "
-            f"{CHECKPOINT_VERSION}); to start over, {s.start_over()}"
-        )
-    if payload["dataset_fingerprint"] != setup.split.fingerprint:
-        raise TeslaError(f"{path}: checkpoint of a run on another dataset; give another --checkpoint or, to start over, {s.start_over()}")
-    theirs, ours = _identity_of_version(payload["identity"], version), s.identity()
-    diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
-    if diff:
-        listed = ", ".join(f"{k}: checkpoint {theirs.get(k)!r} vs now {ours.get(k)!r}" for k in diff)
-        why = ""
-        if "lr_teacher" in diff:
-            why = (
-                f" (lr_teacher is alpha's initial value: the checkpoint's alpha has moved on from it to "
-                f"{float(payload['alpha']):.4g}, so a new lr_teacher only acts from iteration 0)"
-            )
-        raise TeslaError(
-            f"{path}: checkpoint (iteration {payload['iteration']}) of a run with other settings ({listed}){why}; "
-            f"on resume only {', '.join(RESUME_REPORTED)}, the iterations, the device and the paths may change. "
-            f"Use the checkpoint's settings to resume it, give another --checkpoint, or, to start over with these "
-            f"settings, {s.start_over()}"
-        )
-    images = payload["images"].to(setup.device).requires_grad_(True)
-    alpha = payload["alpha"].to(setup.device).requires_grad_(True)
-    opt_images, opt_alpha = _optimisers(images, alpha, s)
-    opt_images.load_state_dict(payload["opt_images"])
-    opt_alpha.load_state_dict(payload["opt_alpha"])
-    for opt, lr in ((opt_images, s.image_lr), (opt_alpha, s.lr_lr)):  # tunable on resume
-        for group in opt.param_groups:
-            group["lr"] = lr
-    generator = torch.Generator()
-    generator.set_state(payload["generator"])
-    soft = payload["soft_labels"]
-    if version == 1:
-        x0, _ = initial_images(setup, torch.Generator().manual_seed(s.seed))
-        start = guard.Start.of(s.lr_teacher, x0)
-    else:
-        start = guard.Start(**payload["guard_start"])
-    logits = payload.get("label_logits")
-    logits = None if logits is None else logits.to(setup.device).requires_grad_(True)
-    opt_labels = _label_optimiser(logits, s)
-    if opt_labels is not None:
-        opt_labels.load_state_dict(payload["opt_labels"])
-        for group in opt_labels.param_groups:
-            group["lr"] = s.lr_label  # tunable on resume
-    state = DistillState(
-        int(payload["iteration"]),
-        images,
-        payload["classes"],
-        list(payload["log"]),
-        alpha,
-        None if soft is None else soft.to(setup.device),
-        opt_images,
-        opt_alpha,
-        generator,
-        start,
-        logits,
-        opt_labels,
-    )
-    breach = guard.check_state(float(alpha.detach()), images, start, s.guard_limits()) or _check_labels(state)
-    if breach is not None:
-        old = " (written by a tesla before version-2 checkpoints, which saved states without these checks)" if version == 1 else ""
-        limit = f"; if the value is intended, raise {s.wording.name(breach.limit)}" if breach.limit else ""
-        raise TeslaError(
-            f"{path}: the checkpoint (iteration {state.iteration}) holds a state that fails the divergence guard"
-            f"{old}: {breach.what}. Resuming it would continue from a diverged state; to start over, {s.start_over()}"
-            f"{limit}"
-        )
-    changed = {k: v for k, v in payload.get("settings", {}).items() if k in RESUME_REPORTED and v != getattr(s, k)}
-    if changed:
-        listed = ", ".join(f"{k} {guard.format_value(v)} -> {guard.format_value(getattr(s, k))}" for k, v in changed.items())
-        print(f"tesla distill: resuming {path} with changed settings: {listed}", file=sys.stderr)
-    return state
-
-
-# ---------------------------------------------------------------------------------------
-# the loop
-# ---------------------------------------------------------------------------------------
-def _peak_memory_mb(device: torch.device) -> float:
-    """CUDA: torch.cuda.max_memory_allocated since the iteration began; CPU: the process's
-    peak resident set size so far (ru_maxrss)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
-    except (ImportError, AttributeError):  # pragma: no cover - not on Linux/macOS
-        return float("nan")
-
-
 class Diverged(TeslaError):
     """A state that failed the divergence guard (:mod:`tesla.guard`): the run stops with the
     setting that most likely caused it and what a rerun will do."""
@@ -833,16 +392,22 @@ def _stop(s: DistillSettings, iteration: int, breach: guard.Breach, last_saved: 
     return Diverged(f"{guard.explain(breach, iteration, s.effective(), s.wording)} {_rerun_note(s, last_saved, breach)}")
 
 
-def _check_labels(state: DistillState, grad_logits: torch.Tensor | None = None) -> guard.Breach | None:
-    """The divergence guard's rule for learned labels: the logits Z (and, when given, dL/dZ)
-    finite. (The labels' probabilities softmax(Z / T) are then finite and sum to 1.)"""
-    if grad_logits is not None and not bool(torch.isfinite(grad_logits).all()):
-        return guard.Breach("finite", "the gradient of the learned labels is not finite", ("lr_label",))
-    if state.label_logits is not None and not bool(torch.isfinite(state.label_logits.detach()).all()):
-        return guard.Breach("finite", "the learned label logits are not finite", ("lr_label",))
-    return None
+def _headroom(state: DistillState, limits: guard.Limits) -> str:
+    """The run's peaks against the guard's limits (how close it came to a stop)."""
+    rows = state.log
+    loss = max((float(r["loss"]) for r in rows), default=math.nan)
+    alpha = max((float(r["alpha"]) for r in rows), default=math.nan)
+    rms = max((float(r["max_image_rms"]) for r in rows if r.get("max_image_rms") not in (None, "")), default=math.nan)
+    return (
+        f"guard peaks over {len(rows)} iterations: loss {loss:.4g} (limit {limits.max_loss:g}), alpha {alpha:.4g} "
+        f"(ceiling {limits.max_lr:g}), largest image RMS {rms / state.start.largest_image_rms:.3g} x its initial value "
+        f"(limit {limits.max_image_growth:g} x)"
+    )
 
 
+# ---------------------------------------------------------------------------------------
+# one iteration
+# ---------------------------------------------------------------------------------------
 def distill_iteration(setup: DistillSetup, state: DistillState) -> tuple[MatchResult, dict]:
     """One iteration: choose (expert, t in the window), read theta*_t and theta*_{t+M}, label
     (soft: assigned or learned), match."""
@@ -855,15 +420,11 @@ def distill_iteration(setup: DistillSetup, state: DistillState) -> tuple[MatchRe
     theta_target = expert.snapshot(t + s.expert_epochs).to(setup.device, torch.float32)
     images = state.images.detach()
     if s.soft_labels == "tesla":
-        from tesla.soft_labels import assign_soft_labels
-
         state.soft_labels = setup.ranks.assemble_rows(  # the labelling pass, shared by the processes
             len(images), lambda rows: assign_soft_labels(setup.model, theta_target, images[rows], s.label_chunk)
         )
         targets = state.soft_labels
     elif s.learned_labels:
-        from tesla.soft_labels import learned_soft_labels
-
         targets = learned_soft_labels(state.label_logits, s.label_temperature)
     else:
         targets = state.classes.to(setup.device)
@@ -886,97 +447,123 @@ def distill_iteration(setup: DistillSetup, state: DistillState) -> tuple[MatchRe
     return result, {"expert": Path(s.experts[e]).name, "start_epoch": t, "window_min": lower, "window_max": upper}
 
 
-def synthetic_set(setup: DistillSetup, state: DistillState):
-    """The synthetic set file's content for the current state."""
-    from tesla.synthetic import SyntheticSet
-
-    s, split, space = setup.settings, setup.split, setup.input_space
-    soft, logits = state.soft_labels, None
-    if state.label_logits is not None:
-        from tesla.soft_labels import learned_soft_labels
-
-        logits = state.label_logits.detach().cpu().float()
-        soft = learned_soft_labels(logits, s.label_temperature)
-    return SyntheticSet(
-        images=state.images.detach().cpu(),
-        labels=state.classes.clone(),
-        soft_labels=None if soft is None else soft.detach().cpu().float(),
-        label_logits=logits,
-        label_temperature=s.label_temperature if logits is not None else None,
-        lr=float(state.alpha.detach()),
-        dataset=split.dataset,
-        dataset_fingerprint=split.fingerprint,
-        num_classes=split.num_classes,
-        class_ids=list(split.class_ids),
-        class_names=list(split.class_names),
-        mean=space.mean,
-        std=space.std,
-        normalization=space.name,
-        dsa_strategy=setup.dsa_strategy,
-        model_spec=setup.model_spec,
-        ipc=s.ipc,
-        engine=s.engine,
-        zca_artifact=setup.zca_bytes,
-        settings={
-            **asdict(s), "batch_syn": setup.batch_syn, "min_lr": s.alpha_floor, "lr_img_effective": s.image_lr,
-            "tesla_version": __version__, "world_size": setup.ranks.world_size,
-        },
-        iteration=state.iteration,
-    )
+def update(state: DistillState, s: DistillSettings, result: MatchResult, grad_logits: torch.Tensor | None) -> None:
+    """The iteration's update: X <- SGD(c lr_img) on dL/dX, alpha <- SGD(lr_lr) on dL/dalpha,
+    learned labels Z <- SGD(lr_label) on dL/dZ (all momentum 0.5), then alpha <- max(alpha,
+    min_lr): projected SGD, alpha can never become zero or negative."""
+    state.images.grad = result.grad_images.to(state.images.dtype)
+    state.alpha.grad = torch.tensor(result.grad_alpha, dtype=state.alpha.dtype, device=state.alpha.device)
+    state.opt_images.step()
+    state.opt_alpha.step()
+    if state.opt_labels is not None:
+        state.label_logits.grad = grad_logits.to(state.label_logits.dtype)
+        state.opt_labels.step()
+    with torch.no_grad():
+        state.alpha.clamp_(min=s.alpha_floor)  # projected SGD: alpha >= min_lr > 0
 
 
-def _write_metrics(path: Path, rows: list[dict]) -> None:
-    """The metrics CSV: a ``# format: ...`` line, the header, one row per iteration (atomic)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with open(tmp, "w", newline="") as f:
-            f.write(f"# format: {METRICS_FORMAT}, format_version: {METRICS_VERSION}, tesla_version: {__version__}\n")
-            w = csv.DictWriter(f, fieldnames=METRICS_COLUMNS)
-            w.writeheader()
-            w.writerows(rows)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+def _peak_memory_mb(device: torch.device) -> float:
+    """CUDA: torch.cuda.max_memory_allocated since the iteration began; CPU: the process's
+    peak resident set size so far (ru_maxrss)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    if resource is None:  # pragma: no cover - not on Linux/macOS
+        return float("nan")
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
-def _save_grid(setup: DistillSetup, state: DistillState, name: str) -> None:
-    from tesla.grids import save_class_grid
-
-    s = setup.settings
-    if not s.grid_dir:
-        return
-    save_class_grid(
-        state.images.detach(),
-        state.classes,
-        setup.split.num_classes,
-        Path(s.grid_dir) / name,
-        setup.input_space.mean,
-        setup.input_space.std,
-        setup.zca,
-    )
-
-
-def result_key(setup: DistillSetup) -> str:
-    """A digest of everything the synthetic set depends on: the result settings
-    (:meth:`DistillSettings.result_settings`) and the fingerprints of the inputs (the training
-    split, each expert trajectory's content, the ZCA transform). Names the checkpoint under
-    ``--checkpoint-dir``: a rerun of the same job on the same inputs resumes it, a rerun with
-    anything changed starts afresh (with another name) instead of resuming a foreign state."""
-    from tesla.zca import zca_fingerprint
-
-    s = setup.settings
-    key = {
-        "settings": s.result_settings(),
-        "train": setup.split.fingerprint,
-        "experts": [e.content_fingerprint() for e in setup.experts],
-        "zca": zca_fingerprint(setup.zca),
+def metrics_row(
+    state: DistillState, info: dict, result: MatchResult, grad_logits: torch.Tensor | None, t0: float,
+    device: torch.device,
+) -> dict:
+    """The metrics CSV's row of the iteration just done (``tesla.distill_outputs.METRICS_COLUMNS``);
+    ``t0``: the iteration's start on :func:`time.perf_counter`."""
+    return {
+        "iteration": state.iteration,
+        "expert": info["expert"],
+        "start_epoch": info["start_epoch"],
+        "window_min": info["window_min"],
+        "window_max": info["window_max"],
+        "loss": result.loss,
+        "alpha": float(state.alpha.detach()),
+        "grad_norm_images": float(torch.linalg.vector_norm(result.grad_images)),
+        "grad_norm_alpha": abs(result.grad_alpha),
+        "grad_norm_labels": "" if grad_logits is None else float(torch.linalg.vector_norm(grad_logits)),
+        "max_image_rms": guard.largest_image_rms(state.images),
+        "seconds": time.perf_counter() - t0,
+        "peak_memory_mb": _peak_memory_mb(device),
     }
-    return hashlib.sha256(json.dumps(key, sort_keys=True, default=repr).encode()).hexdigest()[:16]
 
 
-def distill(settings: DistillSettings, tracking: TrackerOptions | None = None):
+@dataclass
+class CheckpointCadence:
+    """When the state is saved. A state is due every ``checkpoint_every`` iterations, but it
+    is saved only once its own matching loss has passed the guard: in the next iteration,
+    after that check and before the update (so a checkpoint never holds a state whose loss
+    explodes). The last iteration's state is saved at once (its output is written with it).
+    Over several processes rank 0 writes the file, its grid and the tracker's image."""
+
+    setup: DistillSetup
+    state: DistillState
+    tracker: Tracking
+    last_saved: int | None = None  # the iteration of the state in the checkpoint file
+    due: bool = False
+
+    def save(self, generator_state: torch.Tensor) -> None:
+        setup, state = self.setup, self.state
+        if setup.ranks.writes:
+            save_checkpoint(setup.settings.checkpoint_path, setup, state, generator_state)
+            save_grid(setup, state, f"iteration_{state.iteration:06d}.png")
+            self.tracker.log_image(state.iteration, "synthetic images", lambda: grid_image(setup, state))
+        self.last_saved, self.due = state.iteration, False
+
+    def save_if_due(self, generator_state: torch.Tensor) -> None:
+        """In an iteration whose loss passed the guard: save the state it started from, if due."""
+        if self.due:
+            self.save(generator_state)
+
+    def iteration_done(self) -> None:
+        it, s = self.state.iteration, self.setup.settings
+        if it == s.iterations:  # no next loss to wait for: saved with the output
+            self.save(self.state.generator.get_state())
+        elif it % s.checkpoint_every == 0:
+            self.due = True
+
+
+def _iterate(setup: DistillSetup, state: DistillState, checkpoints: CheckpointCadence, limits: guard.Limits) -> dict:
+    """Iteration i = state.iteration + 1: match; the guard checks the loss and the gradients
+    (and only then may the state of i - 1 be saved); update; the guard checks the new state.
+    Returns the iteration's metrics row."""
+    s, it = setup.settings, state.iteration + 1
+    generator_state = state.generator.get_state()
+    if setup.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(setup.device)
+    t0 = time.perf_counter()
+    result, info = distill_iteration(setup, state)
+    grad_logits = None
+    if result.grad_labels is not None:
+        grad_logits = label_logit_gradient(state.label_logits, s.label_temperature, result.grad_labels)
+    alpha = float(state.alpha.detach())
+    breach = guard.check_match(
+        result.loss, result.grad_images, result.grad_alpha, alpha, state.images, state.start, limits, state.log
+    )
+    breach = breach or check_labels(state, grad_logits)
+    if breach is not None:
+        raise _stop(s, it, breach, checkpoints.last_saved)
+    checkpoints.save_if_due(generator_state)  # the state of iteration it - 1 passed its loss check
+    update(state, s, result, grad_logits)
+    breach = guard.check_state(float(state.alpha.detach()), state.images, state.start, limits)
+    breach = breach or check_labels(state)
+    if breach is not None:
+        raise _stop(s, it, breach, checkpoints.last_saved)
+    state.iteration = it
+    return metrics_row(state, info, result, grad_logits, t0, setup.device)
+
+
+# ---------------------------------------------------------------------------------------
+# the run
+# ---------------------------------------------------------------------------------------
+def distill(settings: DistillSettings, tracking: TrackerOptions | None = None) -> SyntheticSet:
     """Run (or resume) a distillation; returns the final :class:`tesla.synthetic.SyntheticSet`.
 
     The inputs are checked first; then the run holds exclusive locks on ``OUT.lock`` and
@@ -1021,179 +608,61 @@ def _restart(s: DistillSettings) -> None:
             old.unlink()
 
 
-def _distill_locked(setup: DistillSetup, tracking: TrackerOptions):
+def _resume_or_start(setup: DistillSetup) -> DistillState:
+    """The state to go on from: the checkpoint's (none after --restart), else iteration 0."""
     s = setup.settings
-    ckpt = s.checkpoint_path
-    writes = setup.ranks.writes  # over several processes rank 0 writes every file
-    if s.restart and writes:
+    if s.restart and setup.ranks.writes:
         _restart(s)
     setup.ranks.barrier()  # every rank reads the checkpoint (or none) as rank 0 left it
-    state = load_checkpoint(ckpt, setup) if ckpt.exists() else fresh_state(setup)
+    return load_checkpoint(s.checkpoint_path, setup) if s.checkpoint_path.exists() else fresh_state(setup)
+
+
+def _progress_bar(s: DistillSettings, state: DistillState, writes: bool) -> tqdm | None:
+    """The progress bar on stderr (rank 0; none with --no-progress)."""
+    if not (s.progress and writes):
+        return None
+    return tqdm(total=s.iterations, initial=min(state.iteration, s.iterations), desc="distill", unit="it", file=sys.stderr)
+
+
+def _show_progress(bar: tqdm | None, row: dict) -> None:
+    if bar is not None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{row['loss']:.4f}", alpha=f"{row['alpha']:.3g}")
+
+
+def _distill_locked(setup: DistillSetup, tracking: TrackerOptions) -> SyntheticSet:
+    """The run under its locks: resume or start, iterate up to ``iterations`` (recording each
+    iteration's metrics row and saving checkpoints), then write the outputs."""
+    s, writes = setup.settings, setup.ranks.writes  # over several processes rank 0 writes every file
+    state = _resume_or_start(setup)
     tracker = open_tracker(setup, state, tracking if writes else TrackerOptions())
     if state.iteration > 0 and writes:
-        print(f"tesla distill: resuming from {ckpt} at iteration {state.iteration}", file=sys.stderr)
+        print(f"tesla distill: resuming from {s.checkpoint_path} at iteration {state.iteration}", file=sys.stderr)
     metrics_partial = Path(f"{s.metrics}.partial") if s.metrics and writes else None
     if metrics_partial is not None:  # the rows so far (those of the checkpoint when resuming)
-        _write_metrics(metrics_partial, state.log)
-    bar = None
-    if s.progress and writes:
-        from tqdm import tqdm
-
-        bar = tqdm(total=s.iterations, initial=min(state.iteration, s.iterations), desc="distill", unit="it", file=sys.stderr)
+        write_metrics(metrics_partial, state.log)
+    bar = _progress_bar(s, state, writes)
     limits = s.guard_limits()
-    last_saved = state.iteration if ckpt.exists() else None
-    due = False  # the state is due for a checkpoint once its own loss has passed the guard
-
-    def checkpoint(generator_state: torch.Tensor) -> None:
-        nonlocal last_saved, due
-        if writes:
-            save_checkpoint(ckpt, setup, state, generator_state)
-            _save_grid(setup, state, f"iteration_{state.iteration:06d}.png")
-            tracker.log_image(state.iteration, "synthetic images", lambda: _grid(setup, state))
-        last_saved, due = state.iteration, False
-
+    checkpoints = CheckpointCadence(setup, state, tracker, state.iteration if s.checkpoint_path.exists() else None)
     try:
         while state.iteration < s.iterations:
-            it = state.iteration + 1
-            generator_state = state.generator.get_state()
-            if setup.device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(setup.device)
-            t0 = time.perf_counter()
-            result, info = distill_iteration(setup, state)
-            grad_images, grad_alpha = result.grad_images, result.grad_alpha
-            grad_logits = None
-            if result.grad_labels is not None:
-                from tesla.soft_labels import label_logit_gradient
-
-                grad_logits = label_logit_gradient(state.label_logits, s.label_temperature, result.grad_labels)
-            alpha = float(state.alpha.detach())
-            breach = guard.check_match(
-                result.loss, grad_images, grad_alpha, alpha, state.images, state.start, limits, state.log
-            )
-            breach = breach or _check_labels(state, grad_logits)
-            if breach is not None:
-                raise _stop(s, it, breach, last_saved)
-            if due:  # the state of iteration it - 1 passed its loss check: now it may be saved
-                checkpoint(generator_state)
-            state.images.grad = grad_images.to(state.images.dtype)
-            state.alpha.grad = torch.tensor(grad_alpha, dtype=state.alpha.dtype, device=state.alpha.device)
-            state.opt_images.step()
-            state.opt_alpha.step()
-            if state.opt_labels is not None:
-                state.label_logits.grad = grad_logits.to(state.label_logits.dtype)
-                state.opt_labels.step()
-            with torch.no_grad():
-                state.alpha.clamp_(min=s.alpha_floor)  # projected SGD: alpha >= min_lr > 0
-            breach = guard.check_state(float(state.alpha.detach()), state.images, state.start, limits)
-            breach = breach or _check_labels(state)
-            if breach is not None:
-                raise _stop(s, it, breach, last_saved)
-            state.iteration = it
-            row = {
-                "iteration": it,
-                "expert": info["expert"],
-                "start_epoch": info["start_epoch"],
-                "window_min": info["window_min"],
-                "window_max": info["window_max"],
-                "loss": result.loss,
-                "alpha": float(state.alpha.detach()),
-                "grad_norm_images": float(torch.linalg.vector_norm(grad_images)),
-                "grad_norm_alpha": abs(grad_alpha),
-                "grad_norm_labels": "" if grad_logits is None else float(torch.linalg.vector_norm(grad_logits)),
-                "max_image_rms": guard.largest_image_rms(state.images),
-                "seconds": time.perf_counter() - t0,
-                "peak_memory_mb": _peak_memory_mb(setup.device),
-            }
+            row = _iterate(setup, state, checkpoints, limits)
             state.log.append(row)
-            tracker.log_scalars(it, lambda: tracked_values(setup, state, row))
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{result.loss:.4f}", alpha=f"{row['alpha']:.3g}")
+            tracker.log_scalars(row["iteration"], lambda: tracked_values(setup, state, row))
+            _show_progress(bar, row)
             if metrics_partial is not None:
-                with open(metrics_partial, "a", newline="") as f:
-                    csv.DictWriter(f, fieldnames=METRICS_COLUMNS).writerow(row)
-            if it == s.iterations:  # no next loss to wait for: saved with the output
-                checkpoint(state.generator.get_state())
-            elif it % s.checkpoint_every == 0:
-                due = True
+                append_metrics_row(metrics_partial, row)
+            checkpoints.iteration_done()
     finally:
         if bar is not None:
             bar.close()
         tracker.close()
     final = synthetic_set(setup, state)
     if writes:
-        _write_outputs(setup, state, final, metrics_partial)
+        write_outputs(setup, state, final, metrics_partial)
         print(f"tesla distill: {_headroom(state, limits)}", file=sys.stderr)
     setup.ranks.barrier()  # the job ends once the output is written
     return final
-
-
-def _write_outputs(setup: DistillSetup, state: DistillState, final, metrics_partial: Path | None) -> None:
-    """The run's files at its end: metrics, the final grid, the synthetic set; then the
-    checkpoints under --checkpoint-dir go (the output holds the result now)."""
-    s = setup.settings
-    if s.metrics:
-        _write_metrics(Path(s.metrics), state.log)
-        metrics_partial.unlink(missing_ok=True)
-    _save_grid(setup, state, "final.png")
-    final.save(s.out)
-    if s.checkpoint_dir is not None:
-        for old in Path(s.checkpoint_dir).glob("checkpoint-*.pt"):
-            old.unlink(missing_ok=True)
-
-
-def open_tracker(setup: DistillSetup, state: DistillState, options: TrackerOptions) -> Tracking:
-    """The run's live curves (``--tracker``, :mod:`tesla.tracking`): one tracker run per
-    output and result (a resumed run continues it from its checkpoint's iteration), its
-    configuration every setting and the inputs' fingerprints; TensorBoard's events by
-    default in a folder ``tensorboard`` beside the output."""
-    if options.kind is None:
-        return tracking_disabled()
-    from tesla.zca import zca_fingerprint
-
-    s, key = setup.settings, result_key(setup)
-    inputs = {"train": setup.split.fingerprint, "experts": [e.content_fingerprint() for e in setup.experts],
-              "zca": zca_fingerprint(setup.zca)}
-    config = {"settings": s.effective(), "batch_syn": setup.batch_syn, "inputs": inputs, "result_key": key,
-              "tesla_version": __version__}
-    return open_tracking(options, stage="distill", identity={"out": str(Path(s.out).resolve()), "result": key},
-                         default_dir=Path(s.out).parent / "tensorboard", step_name="iteration",
-                         name=f"distill {s.out}", config=config, start=state.iteration)
-
-
-def tracked_values(setup: DistillSetup, state: DistillState, row: dict) -> dict[str, float]:
-    """What the tracker gets of an iteration: the metrics row's numbers (the expert as its
-    index among --experts), the guard's state (image growth: the largest image RMS over its
-    initial value) and, with learned labels, the labels' mean entropy."""
-    names = [Path(e).name for e in setup.settings.experts]
-    values = {**row, "expert": names.index(row["expert"]) if row["expert"] in names else ""}
-    values["image_growth"] = float(row["max_image_rms"]) / state.start.largest_image_rms
-    if state.label_logits is not None:
-        from tesla.soft_labels import learned_soft_labels, mean_entropy
-
-        probs = learned_soft_labels(state.label_logits.detach(), setup.settings.label_temperature)
-        values["label_entropy"] = mean_entropy(probs)
-    return values
-
-
-def _grid(setup: DistillSetup, state: DistillState):
-    from tesla.grids import class_grid
-
-    return class_grid(state.images.detach(), state.classes, setup.split.num_classes, setup.input_space.mean,
-                      setup.input_space.std, setup.zca)
-
-
-def _headroom(state: DistillState, limits: guard.Limits) -> str:
-    """The run's peaks against the guard's limits (how close it came to a stop)."""
-    rows = state.log
-    loss = max((float(r["loss"]) for r in rows), default=math.nan)
-    alpha = max((float(r["alpha"]) for r in rows), default=math.nan)
-    rms = max((float(r["max_image_rms"]) for r in rows if r.get("max_image_rms") not in (None, "")), default=math.nan)
-    return (
-        f"guard peaks over {len(rows)} iterations: loss {loss:.4g} (limit {limits.max_loss:g}), alpha {alpha:.4g} "
-        f"(ceiling {limits.max_lr:g}), largest image RMS {rms / state.start.largest_image_rms:.3g} x its initial value "
-        f"(limit {limits.max_image_growth:g} x)"
-    )
 
 
 # ---------------------------------------------------------------------------------------

@@ -20,9 +20,12 @@ import torch
 from PIL import Image
 
 import tesla.distill as distill_mod
+import tesla.distill_checkpoint as checkpoint_mod
+import tesla.distill_setup as setup_mod
 from tesla.cli import main
 from tesla.data import ImageSplit, SplitWriter
 from tesla.distill import DistillSettings, distill
+from tesla.distill_outputs import METRICS_COLUMNS
 from tesla.errors import TeslaError
 from tesla.input_space import resolve_normalization
 from tesla.export import embedded_zca, export_png, export_torch
@@ -124,7 +127,7 @@ def test_cli_writes_synthetic_set_metrics_grids_and_checkpoint(toy, tmp_path):
     assert syn.dataset_fingerprint == split.fingerprint and syn.settings["batch_syn"] == 4
     rows = read_metrics(tmp_path / "m.csv")
     assert [int(r["iteration"]) for r in rows] == [1, 2, 3, 4]
-    assert set(rows[0]) == set(distill_mod.METRICS_COLUMNS)
+    assert set(rows[0]) == set(METRICS_COLUMNS)
     largest = float(syn.images.double().flatten(1).pow(2).mean(1).sqrt().max())
     assert float(rows[-1]["max_image_rms"]) == pytest.approx(largest, rel=1e-6)
     for r in rows:
@@ -847,7 +850,7 @@ def test_a_run_resumes_under_another_compile_mode(toy, tmp_path, monkeypatch):
     whole = distill(settings(toy, tmp_path / "a", compile="off", **kw))
     half = settings(toy, tmp_path / "b", compile="off", **dict(kw, iterations=2))
     distill(half)
-    monkeypatch.setattr(distill_mod, "resolve_compile_mode", lambda mode, device: "trace")
+    monkeypatch.setattr(setup_mod, "resolve_compile_mode", lambda mode, device: "trace")
     real, modes = distill_mod.matching_gradients, []
 
     def spy(*args, **kwargs):
@@ -1026,7 +1029,7 @@ def test_version_2_checkpoints_of_boolean_soft_labels_resume(toy, tmp_path):
     payload = torch.load(s.checkpoint_path, weights_only=False)
     payload["format_version"] = 2  # as version 2 wrote it
     payload["identity"]["soft_labels"] = True
-    for key in distill_mod._ADDED_IN_VERSION_3:
+    for key in checkpoint_mod._ADDED_IN_VERSION_3:
         del payload["identity"][key]
     del payload["label_logits"], payload["opt_labels"]
     torch.save(payload, s.checkpoint_path)

@@ -287,7 +287,7 @@ def test_what_two_processes_cannot_do_is_refused_before_any_work(toy, tmp_path):
         build_setup(settings(toy, tmp_path, batch_syn=1), two)
     with pytest.raises(TeslaError, match="minibatches of 1 images"):  # 6 images in minibatches of 5: 5 and 1
         check_shardable("exact", 5, 6, two)
-    from tesla.distill import _check_per_sample
+    from tesla.distill_setup import _check_per_sample
     from tesla.models import build_model
 
     bn = build_model("convnet_d1", channels=3, num_classes=3, resolution=8, width=4, norm="batchnorm")

@@ -22,6 +22,7 @@ import tesla.distill as distill_mod
 import tesla.tracking as tracking_mod
 from tesla.cli import main
 from tesla.distill import distill
+from tesla.distill_outputs import METRICS_COLUMNS
 from tesla.experts import ExpertConfig, train_experts
 from tesla.synthetic import SyntheticSet
 from tesla.tracking import TrackerOptions
@@ -39,7 +40,7 @@ needs_wandb = pytest.mark.skipif(
     importlib.util.find_spec("wandb") is None, reason="the W&B tracker's package is not installed: pip install -e '.[wandb]'"
 )
 #: the metrics columns the tracker gets as numbers (the expert as its index; the rest as written)
-NUMBER_COLUMNS = [c for c in distill_mod.METRICS_COLUMNS if c != "expert"]
+NUMBER_COLUMNS = [c for c in METRICS_COLUMNS if c != "expert"]
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,164 @@
+"""What a distillation writes and shows besides its checkpoint: the per-iteration metrics
+CSV (``tesla-distill-metrics``, docs/formats.md), PNG grids of the synthetic images, the
+synthetic set file (``tesla-synthetic``, :mod:`tesla.synthetic`) and the live curves of an
+optional tracker (:mod:`tesla.tracking`).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from tesla import __version__
+from tesla.distill_setup import DistillSetup, input_fingerprints, result_key
+from tesla.distill_state import DistillState
+from tesla.grids import class_grid, save_class_grid
+from tesla.soft_labels import learned_soft_labels, mean_entropy
+from tesla.synthetic import SyntheticSet
+from tesla.tracking import TrackerOptions, Tracking, open_tracking
+from tesla.tracking import disabled as tracking_disabled
+
+METRICS_FORMAT = "tesla-distill-metrics"
+#: 2: adds the ``max_image_rms`` column; 3: adds the matching window (``window_min``,
+#: ``window_max``: t was drawn from window_min .. window_max - 1) and ``grad_norm_labels``
+METRICS_VERSION = 3
+METRICS_COLUMNS = (
+    "iteration",
+    "expert",
+    "start_epoch",
+    "window_min",
+    "window_max",
+    "loss",
+    "alpha",
+    "grad_norm_images",
+    "grad_norm_alpha",
+    "grad_norm_labels",
+    "max_image_rms",
+    "seconds",
+    "peak_memory_mb",
+)
+
+
+def write_metrics(path: Path, rows: list[dict]) -> None:
+    """The metrics CSV: a ``# format: ...`` line, the header, one row per iteration (atomic)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(tmp, "w", newline="") as f:
+            f.write(f"# format: {METRICS_FORMAT}, format_version: {METRICS_VERSION}, tesla_version: {__version__}\n")
+            w = csv.DictWriter(f, fieldnames=METRICS_COLUMNS)
+            w.writeheader()
+            w.writerows(rows)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def append_metrics_row(path: Path, row: dict) -> None:
+    """One more row at the end of a metrics CSV (the ``.partial`` file of a running job)."""
+    with open(path, "a", newline="") as f:
+        csv.DictWriter(f, fieldnames=METRICS_COLUMNS).writerow(row)
+
+
+def save_grid(setup: DistillSetup, state: DistillState, name: str) -> None:
+    """The images as a PNG grid, one row per class, ``GRID_DIR/name`` (none without --grid-dir)."""
+    s = setup.settings
+    if not s.grid_dir:
+        return
+    save_class_grid(
+        state.images.detach(),
+        state.classes,
+        setup.split.num_classes,
+        Path(s.grid_dir) / name,
+        setup.input_space.mean,
+        setup.input_space.std,
+        setup.zca,
+    )
+
+
+def grid_image(setup: DistillSetup, state: DistillState) -> np.ndarray:
+    """The images' grid as an array (for the tracker)."""
+    return class_grid(state.images.detach(), state.classes, setup.split.num_classes, setup.input_space.mean,
+                      setup.input_space.std, setup.zca)
+
+
+def synthetic_set(setup: DistillSetup, state: DistillState) -> SyntheticSet:
+    """The synthetic set file's content for the current state."""
+    s, split, space = setup.settings, setup.split, setup.input_space
+    soft, logits = state.soft_labels, None
+    if state.label_logits is not None:
+        logits = state.label_logits.detach().cpu().float()
+        soft = learned_soft_labels(logits, s.label_temperature)
+    return SyntheticSet(
+        images=state.images.detach().cpu(),
+        labels=state.classes.clone(),
+        soft_labels=None if soft is None else soft.detach().cpu().float(),
+        label_logits=logits,
+        label_temperature=s.label_temperature if logits is not None else None,
+        lr=float(state.alpha.detach()),
+        dataset=split.dataset,
+        dataset_fingerprint=split.fingerprint,
+        num_classes=split.num_classes,
+        class_ids=list(split.class_ids),
+        class_names=list(split.class_names),
+        mean=space.mean,
+        std=space.std,
+        normalization=space.name,
+        dsa_strategy=setup.dsa_strategy,
+        model_spec=setup.model_spec,
+        ipc=s.ipc,
+        engine=s.engine,
+        zca_artifact=setup.zca_bytes,
+        settings={
+            **asdict(s), "batch_syn": setup.batch_syn, "min_lr": s.alpha_floor, "lr_img_effective": s.image_lr,
+            "tesla_version": __version__, "world_size": setup.ranks.world_size,
+        },
+        iteration=state.iteration,
+    )
+
+
+def write_outputs(setup: DistillSetup, state: DistillState, final: SyntheticSet, metrics_partial: Path | None) -> None:
+    """The run's files at its end: metrics, the final grid, the synthetic set; then the
+    checkpoints under --checkpoint-dir go (the output holds the result now)."""
+    s = setup.settings
+    if s.metrics:
+        write_metrics(Path(s.metrics), state.log)
+        metrics_partial.unlink(missing_ok=True)
+    save_grid(setup, state, "final.png")
+    final.save(s.out)
+    if s.checkpoint_dir is not None:
+        for old in Path(s.checkpoint_dir).glob("checkpoint-*.pt"):
+            old.unlink(missing_ok=True)
+
+
+def open_tracker(setup: DistillSetup, state: DistillState, options: TrackerOptions) -> Tracking:
+    """The run's live curves (``--tracker``, :mod:`tesla.tracking`): one tracker run per
+    output and result (a resumed run continues it from its checkpoint's iteration), its
+    configuration every setting and the inputs' fingerprints; TensorBoard's events by
+    default in a folder ``tensorboard`` beside the output."""
+    if options.kind is None:
+        return tracking_disabled()
+    s, key = setup.settings, result_key(setup)
+    config = {"settings": s.effective(), "batch_syn": setup.batch_syn, "inputs": input_fingerprints(setup),
+              "result_key": key, "tesla_version": __version__}
+    return open_tracking(options, stage="distill", identity={"out": str(Path(s.out).resolve()), "result": key},
+                         default_dir=Path(s.out).parent / "tensorboard", step_name="iteration",
+                         name=f"distill {s.out}", config=config, start=state.iteration)
+
+
+def tracked_values(setup: DistillSetup, state: DistillState, row: dict) -> dict[str, float]:
+    """What the tracker gets of an iteration: the metrics row's numbers (the expert as its
+    index among --experts), the guard's state (image growth: the largest image RMS over its
+    initial value) and, with learned labels, the labels' mean entropy."""
+    names = [Path(e).name for e in setup.settings.experts]
+    values = {**row, "expert": names.index(row["expert"]) if row["expert"] in names else ""}
+    values["image_growth"] = float(row["max_image_rms"]) / state.start.largest_image_rms
+    if state.label_logits is not None:
+        probs = learned_soft_labels(state.label_logits.detach(), setup.settings.label_temperature)
+        values["label_entropy"] = mean_entropy(probs)
+    return values

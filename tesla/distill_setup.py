@@ -1,0 +1,262 @@
+"""The inputs of one distillation, opened and cross-checked before any work starts.
+
+A :class:`DistillSetup` holds what every iteration reads: the training split, the expert
+trajectories (all of one network, dataset, input space and ZCA, each storing the snapshots
+the matching window reaches), their network and its loss l(f_theta(x), y), the ZCA transform,
+the DSA strategy, the device, the synthetic set's size and minibatch size, the student-step
+compiler and the processes of the job. Anything that does not fit raises
+:class:`tesla.errors.TeslaError` naming the file or setting and the fix.
+
+:func:`result_key` names a run by what its synthetic set depends on (its result settings and
+its inputs' fingerprints).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+import torch
+
+from tesla import distributed
+from tesla.augment import DSA
+from tesla.data import ImageSplit
+from tesla.distributed import SINGLE, Ranks
+from tesla.errors import TeslaError
+from tesla.input_space import InputSpace, resolve_normalization, space_of_record
+from tesla.matching import check_shardable
+from tesla.models import build_from_spec
+from tesla.parameters import functional_forward, param_layout
+from tesla.student_steps import StepCompiler, resolve_compile_mode
+from tesla.training import pick_device, training_loss
+from tesla.trajectories import Trajectory
+from tesla.zca import ZCA, zca_fingerprint
+
+if TYPE_CHECKING:  # the settings' home (for annotations only: this module imports no stage)
+    from tesla.distill import DistillSettings
+
+
+@dataclass
+class DistillSetup:
+    """What a run needs, opened and checked: the split, the experts, the network, ZCA, DSA."""
+
+    settings: DistillSettings
+    split: Any
+    experts: list[Any]
+    model: torch.nn.Module
+    model_spec: dict
+    zca: Any | None
+    zca_bytes: bytes | None
+    dsa: Any | None
+    dsa_strategy: str
+    device: torch.device
+    num_images: int
+    batch_syn: int
+    loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = field(repr=False, default=None)
+    input_space: Any = None  # tesla.input_space.InputSpace of the experts
+    compiler: StepCompiler | None = field(repr=False, default=None)  # None: eager student steps
+    ranks: Ranks = SINGLE  # the processes of the job (tesla.distributed); one by default
+
+
+def _open_experts(s: DistillSettings, split: ImageSplit) -> list[Trajectory]:
+    """Open the expert files and refuse any of another network, dataset or ZCA setting, or
+    one that stores fewer snapshots than max_start_epoch + expert_epochs + 1."""
+    experts = [Trajectory.open(p) for p in s.experts]
+    first = experts[0]
+    spec = first.model_spec
+    for key, value in (("channels", split.channels), ("resolution", split.resolution), ("num_classes", split.num_classes)):
+        if int(spec.get(key, -1)) != int(value):
+            raise TeslaError(
+                f"{s.experts[0]}: expert network has {key}={spec.get(key)}, {s.train} has {value}; "
+                "give experts trained on this split"
+            )
+    if s.uses_init_snapshot:
+        _check_init_snapshot(s, experts)
+    need = s.largest_max_start_epoch + s.expert_epochs + 1
+    bound = "--max-start-epoch" if s.max_start_epoch_final is None else "--max-start-epoch-final"
+    window = f"{bound} {s.largest_max_start_epoch}"
+    if s.max_start_epoch_final is not None:
+        window = f"the window's largest upper bound ({bound}) {s.largest_max_start_epoch}"
+    for traj in experts:
+        traj.check_compatible(
+            model_spec=spec,
+            dataset_fingerprint=split.fingerprint,
+            zca_fingerprint=first.zca_fingerprint,
+            needed_snapshots=None,
+        )
+        if traj.num_snapshots < need:
+            raise TeslaError(
+                f"{traj.path}: stores snapshots theta*_0 .. theta*_{traj.num_snapshots - 1}, but {window} "
+                f"+ --expert-epochs {s.expert_epochs} needs theta*_{need - 1}; lower {bound} to at most "
+                f"{max(0, traj.num_snapshots - 1 - s.expert_epochs)} or train experts keeping more snapshots"
+            )
+    return experts
+
+
+def _check_init_snapshot(s: DistillSettings, experts: list[Trajectory]) -> None:
+    """The initialising snapshot (``init_expert`` at ``init_epoch``) is among the experts' files."""
+    if s.init_expert >= len(experts):
+        raise TeslaError(
+            f"--init-expert {s.init_expert}: there are only {len(experts)} --experts (indices 0..{len(experts) - 1}); "
+            "give the index of the expert whose snapshot initialises the images/labels"
+        )
+    init_traj = experts[s.init_expert]
+    if s.init_snapshot_epoch >= init_traj.num_snapshots:
+        raise TeslaError(
+            f"{init_traj.path}: --init-epoch {s.init_snapshot_epoch} (default: --max-start-epoch) needs snapshot "
+            f"theta*_{s.init_snapshot_epoch}, but the file stores theta*_0 .. theta*_{init_traj.num_snapshots - 1}; "
+            f"give --init-epoch at most {init_traj.num_snapshots - 1}"
+        )
+
+
+def _open_zca(s: DistillSettings, experts: list[Trajectory], split: ImageSplit) -> tuple[ZCA | None, bytes | None]:
+    """The ZCA transform and its file's bytes (to embed), when the experts used ZCA."""
+    fingerprint = experts[0].zca_fingerprint or ""
+    if not s.zca:
+        if fingerprint:
+            raise TeslaError(
+                f"{s.experts[0]}: the experts were trained on ZCA-whitened images; give the same file with --zca"
+            )
+        return None, None
+    if not fingerprint:
+        raise TeslaError(f"--zca {s.zca}: the experts were trained without ZCA; drop --zca (or retrain the experts with it)")
+    zca = ZCA.load(s.zca)
+    if zca_fingerprint(zca) != fingerprint:
+        raise TeslaError(f"--zca {s.zca}: not the ZCA file the experts were trained with; give that file")
+    if tuple(zca.image_shape) != (split.channels, split.resolution, int(split.attrs["width"])):
+        raise TeslaError(f"--zca {s.zca}: fitted on images of shape {tuple(zca.image_shape)}, not those of {s.train}")
+    return zca, Path(s.zca).read_bytes()
+
+
+def _input_space(s: DistillSettings, experts: list[Trajectory], split: ImageSplit, zca: ZCA | None) -> InputSpace:
+    """The experts' input space (normalisation name and constants, and their ZCA): every
+    expert must record the same one, and it must be what that normalisation means for
+    ``split``. The synthetic images live in it."""
+    first = experts[0]
+    record = (first.input_normalization, first.input_mean, first.input_std)
+    for traj in experts[1:]:
+        other = (traj.input_normalization, traj.input_mean, traj.input_std)
+        if other != record:
+            raise TeslaError(
+                f"{traj.path}: expert trained on inputs of normalisation {other[0]} (mean {other[1]}, std {other[2]}), "
+                f"but {first.path} on normalisation {record[0]} (mean {record[1]}, std {record[2]}); give experts of one "
+                "input space (trained with the same --normalize/--zca)"
+            )
+    expected = resolve_normalization(first.input_normalization, split, f"{first.path}: normalisation")
+    mean, std = (record[1], record[2]) if record[1] else (expected.mean, expected.std)  # files that recorded none
+    space = space_of_record(first.input_normalization, mean, std, zca, first.path)
+    if not expected.has_constants(space.mean, space.std):
+        raise TeslaError(
+            f"{first.path}: expert inputs normalised with mean {space.mean}, std {space.std}, but normalisation "
+            f"{space.name} of {s.train} is mean {list(expected.mean)}, std {list(expected.std)}; give experts trained on this split"
+        )
+    if zca is not None and zca.normalization != space.name:
+        raise TeslaError(
+            f"--zca {s.zca}: fitted in normalisation {zca.normalization}, but the experts record {space.name}; "
+            "give the ZCA file the experts were trained with"
+        )
+    return space
+
+
+def _check_per_sample(model: torch.nn.Module, spec: dict, ranks: Ranks) -> None:
+    """Refuse a batch-statistics network over several processes: each rank would normalise its
+    shard of a minibatch by the shard's own statistics, which is not the one-process network."""
+    if ranks.distributed and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        raise TeslaError(
+            f"the experts' network {spec.get('name')} uses batch norm, whose statistics span the minibatch: over "
+            f"{ranks.world_size} processes each would normalise its own share; run it in one process, or use experts "
+            "with instance norm (the default)"
+        )
+
+
+def _synthetic_size(s: DistillSettings, split: ImageSplit) -> tuple[int, int]:
+    """(n, B): the synthetic set's size ipc x classes and the student's minibatch size
+    (``batch_syn``, by default all n images); refused when a class has fewer than ipc images
+    or B > n."""
+    smallest = int(np.diff(split.class_offsets).min())
+    if s.ipc > smallest:
+        c = int(np.argmin(np.diff(split.class_offsets)))
+        raise TeslaError(
+            f"--ipc {s.ipc}: class {split.class_ids[c]} of {s.train} has only {smallest} images; "
+            f"lower --ipc to at most {smallest}"
+        )
+    num_images = s.ipc * split.num_classes
+    batch_syn = num_images if s.batch_syn is None else s.batch_syn
+    if batch_syn > num_images:
+        raise TeslaError(
+            f"--batch-syn {batch_syn} is larger than the synthetic set ({s.ipc} x {split.num_classes} classes = "
+            f"{num_images} images); lower --batch-syn to at most {num_images} (or omit it: all images)"
+        )
+    return num_images, batch_syn
+
+
+def open_setup(s: DistillSettings, ranks: Ranks = SINGLE) -> DistillSetup:
+    """Open and cross-check the inputs of settings that passed their own checks; raise
+    TeslaError with the fix for anything wrong. ``ranks``: the processes of a distributed job
+    (:mod:`tesla.distributed`)."""
+    split = ImageSplit.open(s.train)
+    num_images, batch_syn = _synthetic_size(s, split)
+    experts = _open_experts(s, split)
+    zca, zca_bytes = _open_zca(s, experts, split)
+    input_space = _input_space(s, experts, split, zca)
+    strategy = s.dsa if s.dsa is not None else (experts[0].dsa or "none")
+    dsa = DSA(strategy)
+    device = distributed.local_device(pick_device(s.device), ranks)
+    compile_mode = resolve_compile_mode(s.compile, device)
+    spec = dict(experts[0].model_spec)
+    model = build_from_spec(spec).to(device)
+    layout = param_layout(model)
+    _check_per_sample(model, spec, ranks)
+    check_shardable(s.engine, batch_syn, num_images, ranks)
+    if layout.total != experts[0].num_params:
+        raise TeslaError(
+            f"{s.experts[0]}: snapshots have {experts[0].num_params} parameters, the network "
+            f"{spec.get('name')} has {layout.total}; the file does not match its own model spec"
+        )
+
+    def loss_fn(theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """l(f_theta(x), y): cross-entropy (hard labels) or soft-target cross-entropy."""
+        return training_loss(functional_forward(model, theta, x, layout=layout), y)
+
+    return DistillSetup(
+        settings=s,
+        split=split,
+        experts=experts,
+        model=model,
+        model_spec=spec,
+        zca=zca,
+        zca_bytes=zca_bytes,
+        dsa=None if not dsa.families else dsa,
+        dsa_strategy=dsa.strategy,
+        device=device,
+        num_images=num_images,
+        batch_syn=batch_syn,
+        loss_fn=loss_fn,
+        input_space=input_space,
+        compiler=None if compile_mode == "off" else StepCompiler(compile_mode, announce=s.progress, fallback=s.compile == "auto"),
+        ranks=ranks,
+    )
+
+
+def input_fingerprints(setup: DistillSetup) -> dict[str, Any]:
+    """The fingerprints of a run's inputs: the training split, each expert trajectory's
+    content, the ZCA transform."""
+    return {
+        "train": setup.split.fingerprint,
+        "experts": [e.content_fingerprint() for e in setup.experts],
+        "zca": zca_fingerprint(setup.zca),
+    }
+
+
+def result_key(setup: DistillSetup) -> str:
+    """A digest of everything the synthetic set depends on: the result settings
+    (:meth:`DistillSettings.result_settings`) and the fingerprints of the inputs
+    (:func:`input_fingerprints`). Names the checkpoint under ``--checkpoint-dir``: a rerun of
+    the same job on the same inputs resumes it, a rerun with anything changed starts afresh
+    (with another name) instead of resuming a foreign state."""
+    key = {"settings": setup.settings.result_settings(), **input_fingerprints(setup)}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=repr).encode()).hexdigest()[:16]
