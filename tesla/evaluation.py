@@ -305,21 +305,8 @@ def random_subject(
         images, labels = split.sample_per_class(ipc, generator)
         return space.map_images(images, device), torch.as_tensor(labels, dtype=torch.int64, device=device)
 
-    return Subject(
-        method="random",
-        engine="",
-        ipc=ipc,
-        lr=float(lr),
-        dsa_strategy=dsa_strategy,
-        space=space,
-        draw=draw,
-        soft_labels=False,
-        num_images=ipc * split.num_classes,
-        source=str(train_path),
-        model_spec=None,
-        describe=f"training split {train_path}",
-        fingerprint=data_fingerprint(split.fingerprint, space_fingerprint(space)),
-    )
+    return _real_images_subject("random", train_path, split, space, draw, ipc=ipc, num_images=ipc * split.num_classes,
+                                lr=lr, dsa_strategy=dsa_strategy)
 
 
 def full_subject(
@@ -346,16 +333,25 @@ def full_subject(
             cache.append(space.load_split(train_path, device))
         return cache[0]
 
+    return _real_images_subject("full", train_path, split, space, draw, ipc=0, num_images=split.num_images,
+                                lr=lr, dsa_strategy=dsa_strategy)
+
+
+def _real_images_subject(method: str, train_path: str | os.PathLike, split: ImageSplit, space: NetworkSpace,
+                         draw: Callable[[torch.Generator], tuple[torch.Tensor, torch.Tensor]], *, ipc: int,
+                         num_images: int, lr: float, dsa_strategy: str) -> Subject:
+    """A subject of real training images with hard labels (the ``random`` and ``full``
+    baselines), identified by the split's and the input space's fingerprints."""
     return Subject(
-        method="full",
+        method=method,
         engine="",
-        ipc=0,
+        ipc=ipc,
         lr=float(lr),
         dsa_strategy=dsa_strategy,
         space=space,
         draw=draw,
         soft_labels=False,
-        num_images=split.num_images,
+        num_images=num_images,
         source=str(train_path),
         model_spec=None,
         describe=f"training split {train_path}",

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Sequence
 
+import numpy as np
 import pytest
 import torch
 
@@ -38,6 +40,31 @@ def require_dataset(datasets_dir: Path, relative: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} not found in {DATASETS_ENV}={datasets_dir}")
     return path
+
+
+def write_prepared_split(path: Path, classes: Sequence[np.ndarray], *, split: str = "train", dataset: str = "toy",
+                         class_ids: Sequence[str] | None = None, source: str = "test", source_path: str = "") -> Path:
+    """A prepared split (a ``tesla-images`` HDF5 file, written by ``SplitWriter`` as
+    ``tesla prepare`` writes one): ``classes[c]`` are the uint8 N_c x H x W x C images of class c;
+    the class ids are c0, c1, ... unless given."""
+    from tesla.data import SplitWriter
+
+    height, width, channels = np.asarray(classes[0]).shape[1:]
+    ids = list(class_ids) if class_ids is not None else [f"c{i}" for i in range(len(classes))]
+    with SplitWriter(path, dataset=dataset, split=split, class_ids=ids, height=height, width=width, channels=channels,
+                     source=source, source_path=source_path) as writer:
+        for c, images in enumerate(classes):
+            writer.append(np.asarray(images), np.full(len(images), c, dtype=np.int64))
+    return Path(path)
+
+
+def blob_classes(rng: np.random.Generator, classes: int, per_class: int, size: int, channels: int,
+                 noise: tuple[int, int] = (-40, 40)) -> list[np.ndarray]:
+    """Per class, one random picture plus integer noise drawn from [noise[0], noise[1]) for each
+    of its images, clipped to uint8 (the picture, then the noise, drawn class by class)."""
+    return [np.clip(rng.integers(0, 256, size=(1, size, size, channels))
+                    + rng.integers(noise[0], noise[1], size=(per_class, size, size, channels)), 0, 255).astype(np.uint8)
+            for _ in range(classes)]
 
 
 @pytest.fixture(scope="module")

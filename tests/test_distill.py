@@ -23,7 +23,7 @@ import tesla.distill as distill_mod
 import tesla.distill_checkpoint as checkpoint_mod
 import tesla.distill_setup as setup_mod
 from tesla.cli import main
-from tesla.data import ImageSplit, SplitWriter
+from tesla.data import ImageSplit
 from tesla.distill import DistillSettings, distill
 from tesla.distill_outputs import METRICS_COLUMNS
 from tesla.errors import TeslaError
@@ -36,6 +36,8 @@ from tesla.synthetic import SyntheticSet
 from tesla.trajectories import Trajectory, TrajectoryMeta, TrajectoryWriter
 from tesla.training import train
 
+from conftest import blob_classes, write_prepared_split
+
 CLASSES, PER_CLASS, RES, CH = 3, 6, 8, 3
 EPOCHS = 4
 
@@ -45,16 +47,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_split(path: Path, seed: int = 0, per_class: int = PER_CLASS) -> ImageSplit:
-    rng = np.random.default_rng(seed)
-    with SplitWriter(
-        path, dataset="toy", split="train", class_ids=[f"c{i}" for i in range(CLASSES)],
-        height=RES, width=RES, channels=CH, source="test",
-    ) as w:
-        for c in range(CLASSES):
-            base = rng.integers(0, 256, size=(1, RES, RES, CH))
-            noise = rng.integers(-40, 40, size=(per_class, RES, RES, CH))
-            w.append(np.clip(base + noise, 0, 255).astype(np.uint8), [c] * per_class)
-    return ImageSplit.open(path)
+    return ImageSplit.open(write_prepared_split(path, blob_classes(np.random.default_rng(seed), CLASSES, per_class, RES, CH)))
 
 
 def make_expert(

@@ -17,7 +17,7 @@ import torch
 
 import tesla.training
 from tesla import cli
-from tesla.data import ImageSplit, SplitWriter
+from tesla.data import ImageSplit
 from tesla.evaluation import (
     PAPER_DSA_STRATEGY,
     Protocol,
@@ -32,7 +32,7 @@ from tesla.parameters import flatten_params
 from tesla.synthetic import FORMAT_VERSION, SyntheticSet
 from tesla.tables import RUN_COLUMNS, RUNS_FORMAT
 
-from conftest import require_dataset
+from conftest import require_dataset, write_prepared_split
 
 K, R, C = 3, 8, 1  # tiny dataset: classes, resolution, channels
 
@@ -42,16 +42,12 @@ def write_split(path: Path, split: str, per_class: int, seed: int, *, k: int = K
                 dataset: str = "demo") -> Path:
     """Class c: noise around a class-specific brightness pattern, so a network can learn it."""
     g = np.random.default_rng(seed)
-    images, labels = [], []
+    images = []
     for label in range(k):
         pattern = np.zeros((r, r, c))
         pattern[:, label * r // k : (label + 1) * r // k, :] = 160
         images.append(np.clip(pattern + 40 + g.normal(0, 25, (per_class, r, r, c)), 0, 255).astype(np.uint8))
-        labels.append(np.full(per_class, label))
-    with SplitWriter(path, dataset=dataset, split=split, class_ids=[f"c{i}" for i in range(k)], height=r, width=r,
-                     channels=c, source="test") as w:
-        w.append(np.concatenate(images), np.concatenate(labels))
-    return path
+    return write_prepared_split(path, images, split=split, dataset=dataset)
 
 
 @pytest.fixture(scope="module")
@@ -259,10 +255,9 @@ def mnist(tmp_path_factory, datasets_dir):
         order = np.argsort(labels, kind="stable")
         if per_class is not None:
             order = np.concatenate([order[labels[order] == c][:per_class] for c in range(10)])
-        with SplitWriter(path, dataset="mnist", split=split, class_ids=[str(c) for c in range(10)],
-                         height=28, width=28, channels=1, source="idx") as w:
-            w.append(images[order][..., None], labels[order].astype(np.int64))
-        return path
+        classes = [images[order][labels[order] == c][..., None] for c in range(10)]
+        return write_prepared_split(path, classes, split=split, dataset="mnist", class_ids=[str(c) for c in range(10)],
+                                    source="idx")
 
     train_x, train_y = idx("train-images-idx3-ubyte.gz"), idx("train-labels-idx1-ubyte.gz")
     test_x, test_y = idx("t10k-images-idx3-ubyte.gz"), idx("t10k-labels-idx1-ubyte.gz")

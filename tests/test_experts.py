@@ -18,29 +18,25 @@ import pytest
 import torch
 
 from tesla.cli import main
-from tesla.data import ImageSplit, SplitWriter
+from tesla.data import ImageSplit
 from tesla.errors import TeslaError
 from tesla.experts import ExpertConfig, derive_seed, partial_dir, train_expert, train_experts
 from tesla.parameters import flatten_params
 from tesla.trajectories import Trajectory
 
-from conftest import require_dataset
+from conftest import require_dataset, write_prepared_split
 
 
 def write_split(path: Path, n_per_class: int, *, classes: int = 4, res: int = 8, channels: int = 1, seed: int = 0,
                 split: str = "train", dataset: str = "toy") -> Path:
     """A learnable toy split: class c has a bright horizontal band at rows c*R/K .. (c+1)*R/K."""
     rng = np.random.default_rng(seed)
-    images, labels = [], []
+    images = []
     for c in range(classes):
         base = np.zeros((res, res, channels))
         base[c * res // classes : (c + 1) * res // classes] = 200
         images.append(np.clip(base + rng.normal(0, 40, (n_per_class, res, res, channels)), 0, 255).astype(np.uint8))
-        labels += [c] * n_per_class
-    with SplitWriter(path, dataset=dataset, split=split, class_ids=[str(c) for c in range(classes)],
-                     height=res, width=res, channels=channels, source="test") as w:
-        w.append(np.concatenate(images), np.array(labels))
-    return path
+    return write_prepared_split(path, images, split=split, dataset=dataset, class_ids=[str(c) for c in range(classes)])
 
 
 @pytest.fixture(scope="module")
@@ -293,10 +289,9 @@ def mnist_split(folder: Path, prefix: str, out: Path, split: str, per_class: int
     order = np.argsort(labels, kind="stable")
     if per_class is not None:
         order = np.concatenate([order[labels[order] == c][:per_class] for c in range(10)])
-    with SplitWriter(out, dataset="mnist", split=split, class_ids=[str(c) for c in range(10)], height=28, width=28,
-                     channels=1, source="mnist-idx", source_path=str(folder)) as w:
-        w.append(images[order][..., None], labels[order])
-    return out
+    classes = [images[order][labels[order] == c][..., None] for c in range(10)]
+    return write_prepared_split(out, classes, split=split, dataset="mnist", class_ids=[str(c) for c in range(10)],
+                                source="mnist-idx", source_path=str(folder))
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from tesla.data import ImageSplit, SplitWriter
+from tesla.data import ImageSplit
 from tesla.errors import TeslaError
 from tesla.input_space import (
     NORMALIZATIONS,
@@ -19,16 +19,15 @@ from tesla.input_space import (
 )
 from tesla.zca import fit_zca_split
 
+from conftest import write_prepared_split
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_split(path, channels: int = 3, size: int = 4, per_class: int = 20, seed: int = 0) -> ImageSplit:
     rng = np.random.default_rng(seed)
-    with SplitWriter(path, dataset="toy", split="train", class_ids=["a", "b"], height=size, width=size,
-                     channels=channels, source="test") as w:
-        for c in range(2):
-            w.append(rng.integers(0, 256, size=(per_class, size, size, channels), dtype=np.uint8), [c] * per_class)
-    return ImageSplit.open(path)
+    images = [rng.integers(0, 256, size=(per_class, size, size, channels), dtype=np.uint8) for _ in range(2)]
+    return ImageSplit.open(write_prepared_split(path, images, class_ids=["a", "b"]))
 
 
 @pytest.fixture(scope="module")

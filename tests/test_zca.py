@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from tesla.cli import main
-from tesla.data import ImageSplit, SplitWriter, normalize
+from tesla.data import ImageSplit, normalize
 from tesla.errors import TeslaError
 from tesla.zca import ZCA, CovarianceAccumulator, fit_zca, fit_zca_split
+
+from conftest import blob_classes, write_prepared_split
 
 
 def correlated_images(n: int = 600, shape=(2, 4, 4), seed: int = 0) -> torch.Tensor:
@@ -104,14 +106,8 @@ def test_bad_files(tmp_path):
 
 
 def write_split(path, n_per_class=40, classes=3, size=6, channels=3, seed=0):
-    rng = np.random.default_rng(seed)
-    with SplitWriter(path, dataset="tiny", split="train", class_ids=[f"c{i}" for i in range(classes)],
-                     height=size, width=size, channels=channels, source="test") as w:
-        for c in range(classes):
-            base = rng.integers(0, 256, size=(1, size, size, channels))
-            noise = rng.integers(-40, 41, size=(n_per_class, size, size, channels))
-            w.append(np.clip(base + noise, 0, 255).astype(np.uint8), np.full(n_per_class, c))
-    return path
+    images = blob_classes(np.random.default_rng(seed), classes, n_per_class, size, channels, noise=(-40, 41))
+    return write_prepared_split(path, images, dataset="tiny")
 
 
 def test_cli_fits_on_split_in_network_space(tmp_path, capsys):

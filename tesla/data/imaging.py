@@ -25,7 +25,8 @@ import io
 import os
 import re
 from dataclasses import dataclass
-from typing import Sequence
+from functools import partial
+from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -207,15 +208,23 @@ class BlockResult:
 
 def decode_block(refs: Sequence[ImageRef], size: int, rule: str, mode: str, reduced: bool = True) -> BlockResult:
     """Read, decode and resize a block of images (the unit of work of a pool worker)."""
+    return decode_images([(ref.name, partial(read_bytes, ref)) for ref in refs], size, rule, mode, reduced)
+
+
+def decode_images(inputs: Sequence[tuple[str, Callable[[], bytes]]], size: int, rule: str, mode: str,
+                  reduced: bool = True) -> BlockResult:
+    """Decode and resize each input, given as (its file name, a function reading its bytes) by
+    :func:`load_image`; an input whose bytes cannot be read or decoded (:class:`UndecodableImage`,
+    :class:`OSError`) is skipped with its reason, by position among ``inputs``."""
     channels = 1 if mode == "L" else 3
-    out = np.empty((len(refs), size, size, channels), dtype=np.uint8)
+    out = np.empty((len(inputs), size, size, channels), dtype=np.uint8)
     kept: list[int] = []
     converted: list[tuple[int, str]] = []
     skipped: list[tuple[int, str]] = []
-    for i, ref in enumerate(refs):
+    for i, (name, read) in enumerate(inputs):
         try:
-            data = read_bytes(ref)
-            pixels, note = load_image(data, ref.name, size, rule, mode, reduced)
+            data = read()
+            pixels, note = load_image(data, name, size, rule, mode, reduced)
         except UndecodableImage as exc:
             skipped.append((i, str(exc)))
             continue

@@ -121,16 +121,18 @@ class ArraySplit:
         return np.bincount(self.labels, minlength=num_classes).tolist()
 
 
+@dataclass
 class StreamedSplit(ABC):
     """A split whose images arrive in any class order, block by block (:meth:`blocks`), and
     are sorted into class order by ``tesla prepare`` through a temporary file. Subclasses are
-    dataclasses with the fields below."""
+    dataclasses that add their own fields after ``split`` and ``source_path``; ``notes``,
+    ``attrs`` and ``ignored`` are given by keyword."""
 
     split: str
     source_path: str
-    notes: list[str]
-    attrs: dict
-    ignored: list[str]
+    notes: list[str] = field(default_factory=list, kw_only=True)
+    attrs: dict = field(default_factory=dict, kw_only=True)
+    ignored: list[str] = field(default_factory=list, kw_only=True)
     #: the blocks are decoded from encoded images (the resize filter and JPEG decoding are recorded)
     encoded: ClassVar[bool] = True
 

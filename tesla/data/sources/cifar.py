@@ -22,6 +22,7 @@ import numpy as np
 
 from tesla.data.safe_pickle import load_official
 from tesla.data.sources.base import ArraySplit, DatasetPlan, SourceOptions
+from tesla.data.sources.download import official_input, official_plan
 from tesla.data.sources.options import DOWNLOAD, INPUT
 from tesla.data.sources.registry import DataSource
 from tesla.errors import TeslaError
@@ -142,34 +143,18 @@ def _read_batches(files: _Files, names: list[str], layout: dict, split: str) -> 
 
 def plan_cifar(opts: SourceOptions, name: str | None = None, *, source: str) -> DatasetPlan:
     """CIFAR-10 / CIFAR-100: 32 x 32 x 3, class index = the official label."""
-    if opts.input is None:
-        raise TeslaError(f"{source}: give --input (the {LAYOUT[source]['folder']} folder, its parent, or the .tar.gz)")
-    path = Path(opts.input)
-    if opts.download:
-        from tesla.data.sources.download import download
-
-        download(source, path)
-    if not path.exists():
-        raise TeslaError(f"{path}: no such file or folder (given as --input); give the {LAYOUT[source]['folder']} folder or the .tar.gz")
     layout = LAYOUT[source]
+    path = official_input(opts, source, give=f" (the {layout['folder']} folder, its parent, or the .tar.gz)",
+                          absent=f"give the {layout['folder']} folder or the .tar.gz", folder_only=False)
     files = _Files(path, layout, source)
     raw, found = files.read(layout["meta"])
     meta, where = _unpickle(raw, found), _named(found)
     names = [n.decode() if isinstance(n, bytes) else str(n) for n in meta.get(layout["names_key"], [])]
     if len(names) != layout["num_classes"]:
         raise TeslaError(f"{where}: expected {layout['num_classes']} names under '{layout['names_key']}', found {len(names)}")
-    return DatasetPlan(
-        source=source,
-        name=name or source,
-        class_ids=list(names),
-        class_names=list(names),
-        channels=3,
-        default_resolution=32,
-        train=_read_batches(files, layout["train"], layout, "train"),
-        test=_read_batches(files, layout["test"], layout, "test"),
-        attrs={"input": str(path)},
-        class_order="official label order",
-    )
+    return official_plan(source, name, path, names, names, channels=3, resolution=32,
+                         train=_read_batches(files, layout["train"], layout, "train"),
+                         test=_read_batches(files, layout["test"], layout, "test"))
 
 
 def _cifar(source: str, title: str) -> DataSource:

@@ -10,6 +10,10 @@ constructors would read the files with their own loaders (``pickle.load`` for CI
 Files already in place are kept (CIFAR: when every batch has its official MD5 sum). Every
 network wait is bounded by :data:`DOWNLOAD_TIMEOUT_S`; without a network the run stops with a
 message saying how to place the files by hand.
+
+The ``mnist`` and ``cifar`` sources share the rest of their planning too: ``--input`` (fetched
+first with ``--download``) by :func:`official_input`, the plan of an official release (class
+index = the official label) by :func:`official_plan`.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import socket
 import urllib.error
 from pathlib import Path
 
+from tesla.data.sources.base import ArraySplit, DatasetPlan, SourceOptions
 from tesla.errors import TeslaError
 
 DOWNLOAD_TIMEOUT_S = 30.0
@@ -90,3 +95,36 @@ def download(source: str, folder: Path, timeout_s: float = DOWNLOAD_TIMEOUT_S) -
         ) from None
     finally:
         socket.setdefaulttimeout(previous)
+
+
+def official_input(opts: SourceOptions, source: str, *, give: str, absent: str, folder_only: bool) -> Path:
+    """``--input`` of an official release: required (else ``{source}: give --input{give}``),
+    fetched into first with ``--download``, and then a folder (``folder_only``) or any existing
+    path (else an error ending with ``absent``, what to give)."""
+    if opts.input is None:
+        raise TeslaError(f"{source}: give --input{give}")
+    path = Path(opts.input)
+    if opts.download:
+        download(source, path)
+    if not (path.is_dir() if folder_only else path.exists()):
+        what = "folder" if folder_only else "file or folder"
+        raise TeslaError(f"{path}: no such {what} (given as --input); {absent}")
+    return path
+
+
+def official_plan(source: str, name: str | None, path: Path, class_ids: list[str], class_names: list[str], *,
+                  channels: int, resolution: int, train: ArraySplit, test: ArraySplit) -> DatasetPlan:
+    """The plan of an official release read from ``path``: its two decoded splits, class
+    index = the official label."""
+    return DatasetPlan(
+        source=source,
+        name=name or source,
+        class_ids=list(class_ids),
+        class_names=list(class_names),
+        channels=channels,
+        default_resolution=resolution,
+        train=train,
+        test=test,
+        attrs={"input": str(path)},
+        class_order="official label order",
+    )

@@ -222,13 +222,8 @@ def devkit_classes(path: Path) -> DevkitClasses:
 class DownsampledSplit(StreamedSplit):
     """One split as a list of batch files, streamed in :meth:`blocks` (see the module doc)."""
 
-    split: str
     files: list[Path]
     classes: DevkitClasses
-    source_path: str
-    notes: list[str] = field(default_factory=list)
-    attrs: dict = field(default_factory=dict)
-    ignored: list[str] = field(default_factory=list)
     #: S and the file it was read from, shared by the train and test splits of one plan
     side: dict = field(default_factory=lambda: {"side": 0, "file": None})
     encoded = False  # decoded pixels: resized only away from their native size
@@ -322,9 +317,9 @@ def plan_downsampled(opts: SourceOptions, name: str | None = None) -> DatasetPla
     if opts.synsets is not None:
         attrs["synsets_file"] = str(opts.synsets)
     side: dict = {"side": 0, "file": None, "probe": test_file}  # val_data: the smallest file to read S from
-    train = DownsampledSplit("train", train_files, classes, str(path), notes=notes,
+    train = DownsampledSplit("train", str(path), train_files, classes, notes=notes,
                              attrs={"batches": ",".join(p.name for p in train_files)}, side=side)
-    test = DownsampledSplit("test", [test_file], classes, str(test_file), attrs={"batches": test_file.name}, side=side)
+    test = DownsampledSplit("test", str(test_file), [test_file], classes, attrs={"batches": test_file.name}, side=side)
     return DatasetPlan(
         source="imagenet-downsampled",
         name=name or "imagenet-downsampled",

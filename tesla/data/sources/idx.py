@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from tesla.data.sources.base import ArraySplit, DatasetPlan, SourceOptions
+from tesla.data.sources.download import official_input, official_plan
 from tesla.data.sources.options import DOWNLOAD, INPUT
 from tesla.data.sources.registry import DataSource
 from tesla.errors import TeslaError
@@ -102,28 +103,10 @@ def read_split(folder: Path, split: str, source: str) -> ArraySplit:
 
 def plan_idx(opts: SourceOptions, name: str | None = None, *, source: str) -> DatasetPlan:
     """MNIST / Fashion-MNIST: 28 x 28 x 1, class index = the official digit / item label."""
-    if opts.input is None:
-        raise TeslaError(f"{source}: give --input, the folder holding the four idx files (add --download to fetch them)")
-    folder = Path(opts.input)
-    if opts.download:
-        from tesla.data.sources.download import download
-
-        download(source, folder)
-    if not folder.is_dir():
-        raise TeslaError(f"{folder}: no such folder (given as --input); give the folder holding the {source} idx files")
-    names = CLASS_NAMES[source]
-    return DatasetPlan(
-        source=source,
-        name=name or source,
-        class_ids=[str(i) for i in range(10)],
-        class_names=list(names),
-        channels=1,
-        default_resolution=28,
-        train=read_split(folder, "train", source),
-        test=read_split(folder, "test", source),
-        attrs={"input": str(folder)},
-        class_order="official label order",
-    )
+    folder = official_input(opts, source, give=", the folder holding the four idx files (add --download to fetch them)",
+                            absent=f"give the folder holding the {source} idx files", folder_only=True)
+    return official_plan(source, name, folder, [str(i) for i in range(10)], CLASS_NAMES[source], channels=1, resolution=28,
+                         train=read_split(folder, "train", source), test=read_split(folder, "test", source))
 
 
 _IDX_NOTES = {

@@ -27,13 +27,14 @@ import glob
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
-from tesla.data.imaging import LabelledBlock, UndecodableImage, load_image
+from tesla.data.imaging import LabelledBlock, UndecodableImage, decode_images
 from tesla.data.sources.base import DatasetPlan, SourceOptions, StreamedSplit, empty_split_error
 from tesla.data.sources.options import CHANNELS, IMAGE_COLUMN, INPUT, LABEL_COLUMN, TEST_FRACTION, TEST_FRACTION_SEED, TEST_INPUT
 from tesla.data.sources.registry import DataSource
@@ -171,13 +172,8 @@ class RowGroupUnit:
 class ParquetSplit(StreamedSplit):
     """A split as row groups of parquet files, decoded in the pool in :meth:`blocks`."""
 
-    split: str
     units: list[RowGroupUnit]
     image_column: str
-    source_path: str
-    notes: list[str] = field(default_factory=list)
-    attrs: dict = field(default_factory=dict)
-    ignored: list[str] = field(default_factory=list)
 
     def estimated_total(self) -> int:
         return int(sum(len(u.labels) for u in self.units))
@@ -225,28 +221,19 @@ def decode_row_group(path: str, row_group: int, first_row: int, rows: np.ndarray
     else:
         data, paths = col, [None] * len(col)
     select = range(len(col)) if rows is None else rows.tolist()
-    channels = 1 if mode == "L" else 3
-    out = np.empty((len(select), size, size, channels), dtype=np.uint8)
-    kept: list[int] = []
-    converted: list[tuple[str, str]] = []
-    skipped: list[tuple[str, str]] = []
-    for k, i in enumerate(select):
-        stored = paths[i] or ""
-        name = f"{path}:row {first_row + i}" + (f" ({stored})" if stored else "")
-        value = data[i].as_py() if data[i].is_valid else None
-        if not value:
-            skipped.append((name, "no image bytes"))
-            continue
-        try:
-            pixels, note = load_image(value, stored, size, rule, mode, reduced)
-        except UndecodableImage as exc:
-            skipped.append((name, str(exc)))
-            continue
-        out[len(kept)] = pixels
-        kept.append(k)
-        if note:
-            converted.append((name, note))
-    return out[: len(kept)], np.asarray(kept, dtype=np.int64), converted, skipped
+    names = [f"{path}:row {first_row + i}" + (f" ({paths[i]})" if paths[i] else "") for i in select]
+    block = decode_images([(paths[i] or "", partial(_row_bytes, data, i)) for i in select], size, rule, mode, reduced)
+    converted = [(names[k], note) for k, note in block.converted]
+    skipped = [(names[k], reason) for k, reason in block.skipped]
+    return block.images, np.asarray(block.kept, dtype=np.int64), converted, skipped
+
+
+def _row_bytes(data, i: int) -> bytes:
+    """The encoded bytes of row ``i`` of an image column (a pyarrow binary array)."""
+    value = data[i].as_py() if data[i].is_valid else None
+    if not value:
+        raise UndecodableImage("no image bytes")
+    return value
 
 
 def _units(shards: list[ShardInfo], keep: list[list[np.ndarray]] | None = None) -> list[RowGroupUnit]:
@@ -310,62 +297,102 @@ def plan_parquet(opts: SourceOptions, name: str | None = None, default_resolutio
     """Parquet shards; class index = the label column's integer, names from the schema metadata."""
     if opts.input is None:
         raise TeslaError("parquet: give --input (a .parquet file, a folder of them, or a glob such as 'data/train-*.parquet')")
-    image_column = opts.image_column
-    label_column = opts.label_column
     for flag, value in (("test-labels", opts.test_labels), ("synsets", opts.synsets)):
         if value is not None:
             raise TeslaError(f"--{flag}: not used by parquet shards (labels and class names are in the files); drop it")
-    files = parquet_files(opts.input)
-    if not files:
-        raise TeslaError(f"{opts.input}: no .parquet files found (given as --input); give a .parquet file, a folder of them or a glob")
-    by_split: dict[str | None, list[Path]] = {}
-    for f in files:
-        by_split.setdefault(_split_of(f), []).append(f)
-    notes: list[str] = []
-    if set(by_split) == {None}:
-        train_files = files
-        inner_test: list[Path] = []
-    else:
-        if None in by_split:
-            raise TeslaError(
-                f"{by_split[None][0]}: not named after a split (train-*, validation-*, test-*) while other files are; "
-                "rename or move it, or give the train files as a glob"
-            )
-        train_files = by_split.get("train", [])
-        if not train_files:
-            raise TeslaError(f"{opts.input}: no train-*.parquet files among {len(files)} shards; give the train shards as --input")
-        inner_test = by_split.get("validation") or by_split.get("test", [])
-        if by_split.get("validation") and by_split.get("test"):
-            notes.append(f"{len(by_split['test'])} test-* shard(s) not used: the validation shards are the test split")
-    if opts.test_input is not None:
-        if opts.test_fraction is not None:
-            raise TeslaError("--test-fraction: a test split is given with --test-input; drop --test-fraction")
-        test_files = parquet_files(opts.test_input)
-        if not test_files:
-            raise TeslaError(f"{opts.test_input}: no .parquet files found (given as --test-input); give a file, folder or glob")
-    elif inner_test and opts.test_fraction is None:
-        test_files = inner_test
-    elif opts.test_fraction is not None:
-        if inner_test:
-            raise TeslaError(f"--test-fraction: the input already has test shards ({inner_test[0].name}); drop --test-fraction")
-        test_files = []
-    else:
-        raise TeslaError(
-            f"{opts.input}: no test split; give --test-input (parquet shards), put validation-*.parquet beside the "
-            "train shards, or hold out part of train with --test-fraction 0.1"
-        )
-    train = [read_shard(f, image_column, label_column) for f in train_files]
-    test = [read_shard(f, image_column, label_column) for f in test_files]
-    names = next((s.names for s in train if s.names), None)
-    for s in train + test:
-        if s.names is not None and names is not None and s.names != names:
-            raise TeslaError(f"{s.path}: its class names differ from those of {train[0].path}; give shards of one dataset")
+    train_files, inner_test, notes = _split_shards(opts.input)
+    test_files = _test_shards(opts, inner_test)
+    train = [read_shard(f, opts.image_column, opts.label_column) for f in train_files]
+    test = [read_shard(f, opts.image_column, opts.label_column) for f in test_files]
+    names = _shared_class_names(train, test)
     all_train = np.concatenate([a for s in train for a in s.labels]) if train else np.zeros(0, np.int64)
     if not len(all_train):
         raise empty_split_error("train", str(opts.input), "the train shards hold no rows")
     num_classes = len(names) if names else int(all_train.max()) + 1
     _check_labels(train + test, num_classes, names is not None)
     class_names = names or [str(c) for c in range(num_classes)]
+    attrs = {"input": str(opts.input), "image_column": opts.image_column, "label_column": opts.label_column}
+    if opts.test_input is not None:
+        attrs["test_input"] = str(opts.test_input)
+    train_split, test_split = _parquet_splits(opts, (train, train_files, notes), (test, test_files))
+    return DatasetPlan(
+        source="parquet",
+        name=name or "parquet",
+        class_ids=list(class_names),
+        class_names=list(class_names),
+        channels=opts.channels or 3,
+        default_resolution=default_resolution,
+        train=train_split,
+        test=test_split,
+        attrs=attrs,
+        class_order="label column order" + (" (names from the schema metadata)" if names else ""),
+    )
+
+
+def _split_shards(given: Path) -> tuple[list[Path], list[Path], list[str]]:
+    """The files of ``--input`` by split, from their names: (train files, the validation files,
+    else the test files, among them; notes). Files all without a split name are all train."""
+    files = parquet_files(given)
+    if not files:
+        raise TeslaError(f"{given}: no .parquet files found (given as --input); give a .parquet file, a folder of them or a glob")
+    by_split: dict[str | None, list[Path]] = {}
+    for f in files:
+        by_split.setdefault(_split_of(f), []).append(f)
+    if set(by_split) == {None}:
+        return files, [], []
+    if None in by_split:
+        raise TeslaError(
+            f"{by_split[None][0]}: not named after a split (train-*, validation-*, test-*) while other files are; "
+            "rename or move it, or give the train files as a glob"
+        )
+    train_files = by_split.get("train", [])
+    if not train_files:
+        raise TeslaError(f"{given}: no train-*.parquet files among {len(files)} shards; give the train shards as --input")
+    notes = []
+    if by_split.get("validation") and by_split.get("test"):
+        notes.append(f"{len(by_split['test'])} test-* shard(s) not used: the validation shards are the test split")
+    return train_files, by_split.get("validation") or by_split.get("test", []), notes
+
+
+def _test_shards(opts: SourceOptions, inner_test: list[Path]) -> list[Path]:
+    """The test split's files: ``--test-input``, else the input's own test shards; none when
+    ``--test-fraction`` holds out part of train (the other combinations are refused)."""
+    if opts.test_input is not None:
+        if opts.test_fraction is not None:
+            raise TeslaError("--test-fraction: a test split is given with --test-input; drop --test-fraction")
+        test_files = parquet_files(opts.test_input)
+        if not test_files:
+            raise TeslaError(f"{opts.test_input}: no .parquet files found (given as --test-input); give a file, folder or glob")
+        return test_files
+    if inner_test and opts.test_fraction is None:
+        return inner_test
+    if opts.test_fraction is not None:
+        if inner_test:
+            raise TeslaError(f"--test-fraction: the input already has test shards ({inner_test[0].name}); drop --test-fraction")
+        return []
+    raise TeslaError(
+        f"{opts.input}: no test split; give --test-input (parquet shards), put validation-*.parquet beside the "
+        "train shards, or hold out part of train with --test-fraction 0.1"
+    )
+
+
+def _shared_class_names(train: list[ShardInfo], test: list[ShardInfo]) -> list[str] | None:
+    """The class names of the shards' metadata (the first train shard that has them), which
+    every shard that has names must share; None when no train shard has them."""
+    names = next((s.names for s in train if s.names), None)
+    for s in train + test:
+        if s.names is not None and names is not None and s.names != names:
+            raise TeslaError(f"{s.path}: its class names differ from those of {train[0].path}; give shards of one dataset")
+    return names
+
+
+def _parquet_splits(opts: SourceOptions, train_shards: tuple[list[ShardInfo], list[Path], list[str]],
+                    test_shards: tuple[list[ShardInfo], list[Path]]) -> tuple[ParquetSplit, ParquetSplit]:
+    """The train and test splits (from (shards, files, notes) of train and (shards, files) of
+    test): the test shards' row groups, or the rows ``--test-fraction`` holds out of every
+    train row group (the train split keeps the others)."""
+    (train, train_files, notes), (test, test_files) = train_shards, test_shards
+    image_column = opts.image_column
     if opts.test_fraction is not None:
         keep_train, keep_test = _hold_out(train, opts.test_fraction, opts.test_fraction_seed)
         train_units, test_units = _units(train, keep_train), _units(train, keep_test)
@@ -376,23 +403,11 @@ def plan_parquet(opts: SourceOptions, name: str | None = None, default_resolutio
         train_units, test_units = _units(train), _units(test)
         test_notes, test_attrs = [], {"files": ",".join(p.name for p in test_files)}
         test_path = str(opts.test_input or (test_files[0].parent if test_files else opts.input))
-    attrs = {"input": str(opts.input), "image_column": image_column, "label_column": label_column}
-    if opts.test_input is not None:
-        attrs["test_input"] = str(opts.test_input)
-    return DatasetPlan(
-        source="parquet",
-        name=name or "parquet",
-        class_ids=list(class_names),
-        class_names=list(class_names),
-        channels=opts.channels or 3,
-        default_resolution=default_resolution,
-        train=ParquetSplit("train", train_units, image_column, str(opts.input), notes=notes,
-                           attrs={"files": ",".join(p.name for p in train_files)}),
-        test=ParquetSplit("test", test_units, image_column, test_path, notes=test_notes, attrs=test_attrs),
-        attrs=attrs,
-        class_order="label column order" + (" (names from the schema metadata)" if names else ""),
+    return (
+        ParquetSplit("train", str(opts.input), train_units, image_column, notes=notes,
+                     attrs={"files": ",".join(p.name for p in train_files)}),
+        ParquetSplit("test", test_path, test_units, image_column, notes=test_notes, attrs=test_attrs),
     )
-
 
 SOURCES = (
     DataSource(

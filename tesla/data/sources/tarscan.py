@@ -358,100 +358,134 @@ def _scan_tar(path: Path, base: int, total: int, label: str) -> list[TarMember]:
 
 def _scan_headers(fd: int, checks: _ChecksumBatch, base: int, total: int, label: str) -> list[TarMember]:
     """The members of the archive, walking its headers (see the notes above :class:`_LeaveToTarfile`)."""
-    members: list[TarMember] = []
-    links: list[tuple[int, str, str]] = []
-    buf, start = b"", 0  # bytes of the archive read at ``start``
-    pos = 0
-    long_name: bytes | None = None  # from a GNU 'L' header, for the next member
-    long_link: bytes | None = None  # from a GNU 'K' header: the next member's link target
-    pax: dict[str, bytes] | None = None  # from a pax 'x' header, for the next member
-    while True:
-        if pos > total:
+    return _HeaderWalk(fd, checks, base, total, label).members()
+
+
+class _HeaderWalk:
+    """One walk through an archive's headers: each header (one read per header, or per few
+    consecutive headers), the extended headers that describe the next member, and the members."""
+
+    def __init__(self, fd: int, checks: _ChecksumBatch, base: int, total: int, label: str) -> None:
+        self.fd, self.checks, self.base, self.total, self.label = fd, checks, base, total, label
+        self.buf, self.start = b"", 0  # bytes of the archive read at ``start``
+        self.listed: list[TarMember] = []
+        self.links: list[tuple[int, str, str]] = []
+        self.long_name: bytes | None = None  # from a GNU 'L' header, for the next member
+        self.long_link: bytes | None = None  # from a GNU 'K' header: the next member's link target
+        self.pax: dict[str, bytes] | None = None  # from a pax 'x' header, for the next member
+
+    @property
+    def pending(self) -> bool:
+        """Whether an extended header waits for its member."""
+        return self.long_name is not None or self.pax is not None
+
+    def members(self) -> list[TarMember]:
+        """Every member, hard links resolved, once every header's checksum is verified."""
+        pos = 0
+        while (header := self._header(pos)) is not None:
+            self.checks.add(header, pos)
+            try:
+                size = _tar_number(header[124:136])
+            except ValueError:
+                raise _TarDamage("invalid header", pos) from None
+            kind = header[156]
+            if kind in b"xLKg":  # extended headers: their data describes the next member(s)
+                self._extended(kind, pos + _BLOCK, size)
+                pos += _BLOCK + _padded(size)
+            else:
+                pos = self._member(header, kind, pos + _BLOCK, size)
+        self.checks.verify()
+        return _resolve_hard_links(self.listed, self.links)
+
+    def _read(self, pos: int, n: int) -> bytes:
+        """``n`` bytes at ``pos`` (fewer at the end of the archive), from the bytes read last when they hold them."""
+        off = pos - self.start
+        if off < 0 or off + n > len(self.buf):
+            self.buf, self.start, off = _read_at(self.fd, self.base, self.total, pos, n), pos, 0
+        return self.buf[off : off + n]
+
+    def _header(self, pos: int) -> bytes | None:
+        """The header at ``pos``, or None at the end of the archive (a zero block, or the end of
+        the data after a member)."""
+        if pos > self.total:
             raise _TarDamage("unexpected end of data", pos)
-        off = pos - start
-        if off < 0 or off + _BLOCK > len(buf):
-            buf, start, off = _read_at(fd, base, total, pos, _BLOCK), pos, 0
-        header = buf[off : off + _BLOCK]
-        pending = long_name is not None or pax is not None
-        if not header and pos > 0 and not pending:
-            break  # no end-of-archive block: tarfile stops here too
+        header = self._read(pos, _BLOCK)
+        if not header and pos > 0 and not self.pending:
+            return None  # no end-of-archive block: tarfile stops here too
         if len(header) < _BLOCK:
             raise _TarDamage("empty file" if pos == 0 and not header else "truncated header", pos)
         if header == _ZERO_BLOCK:
-            if pending:
+            if self.pending:
                 raise _TarDamage("end of archive after an extended header", pos)
-            break
+            return None
         if pos == 0 and not _checksum_ok(header):
             raise _TarDamage("bad checksum", pos)
-        checks.add(header, pos)
-        try:
-            size = _tar_number(header[124:136])
-        except ValueError:
-            raise _TarDamage("invalid header", pos) from None
-        kind = header[156]
-        data_at = pos + _BLOCK
-        if kind in b"xLKg":  # extended headers: their data describes the next member(s)
-            if data_at + size > total:
-                raise _TarDamage("unexpected end of data", pos)
-            if size > 1 << 20:
-                checks.verify()
+        return header
+
+    def _extended(self, kind: int, data_at: int, size: int) -> None:
+        """Keep what an extended header ('x', 'L', 'K', 'g') says of the next member."""
+        if data_at + size > self.total:
+            raise _TarDamage("unexpected end of data", data_at - _BLOCK)
+        if size > 1 << 20:
+            self.checks.verify()
+            raise _LeaveToTarfile
+        data = self._read(data_at, size)
+        if kind in b"xL" and self.pending:
+            raise _LeaveToTarfile
+        if kind == 0x78:  # 'x' (tarfile's own archives have one per member, for the mtime)
+            self.pax = _pax_records(data) if _mentions_used_keys(data) else {}
+            if any(k.startswith("GNU.sparse.") for k in self.pax):
                 raise _LeaveToTarfile
-            off = data_at - start
-            if off + size > len(buf):
-                buf, start, off = _read_at(fd, base, total, data_at, size), data_at, 0
-            data = buf[off : off + size]
-            if kind in b"xL" and pending:
+        elif kind == 0x4C:  # 'L'
+            self.long_name = data.split(b"\0", 1)[0]
+        elif kind == 0x4B:  # 'K'
+            self.long_link = data.split(b"\0", 1)[0]
+        elif kind == 0x67 and _mentions_used_keys(data):  # 'g' (global): skipped unless it changes what is listed
+            if any(k in _PAX_KEYS_USED or k.startswith("GNU.sparse.") for k in _pax_records(data)):
                 raise _LeaveToTarfile
-            if kind == 0x78:  # 'x' (tarfile's own archives have one per member, for the mtime)
-                pax = _pax_records(data) if _mentions_used_keys(data) else {}
-                if any(k.startswith("GNU.sparse.") for k in pax):
-                    raise _LeaveToTarfile
-            elif kind == 0x4C:  # 'L'
-                long_name = data.split(b"\0", 1)[0]
-            elif kind == 0x4B:  # 'K'
-                long_link = data.split(b"\0", 1)[0]
-            elif kind == 0x67 and _mentions_used_keys(data):  # 'g' (global): skipped unless it changes what is listed
-                if any(k in _PAX_KEYS_USED or k.startswith("GNU.sparse.") for k in _pax_records(data)):
-                    raise _LeaveToTarfile
-            pos = data_at + _padded(size)
-            continue
+
+    def _member(self, header: bytes, kind: int, data_at: int, size: int) -> int:
+        """List the member of ``header`` (with what the extended headers before it said) when it
+        is a folder, a regular file or a link; the position of the next header."""
         if kind in b"SX":
             raise _LeaveToTarfile
         name_field = header[:100].split(b"\0", 1)[0]
         is_dir = kind == 0x35 or (kind == 0 and name_field.endswith(b"/"))  # '5', or a v7 folder
-        if long_name is not None:
-            name = long_name
-        elif pax is not None and "path" in pax:
-            name = pax["path"]
-        elif header[345]:  # ustar prefix
-            name = header[345:500].split(b"\0", 1)[0] + b"/" + name_field
-        else:
-            name = name_field
-        if pax is not None and "size" in pax:
+        name = self._name(header, name_field)
+        if self.pax is not None and "size" in self.pax:
             try:
-                size = int(pax["size"])
+                size = int(self.pax["size"])
             except ValueError:
                 raise _LeaveToTarfile from None
         if kind in b"12":  # a link: its target (GNU 'K' header, pax linkpath, or the header's linkname field)
-            link = long_link or (pax or {}).get("linkpath") or header[157:257].split(b"\0", 1)[0]
-        long_name = long_link = pax = None
+            link = self.long_link or (self.pax or {}).get("linkpath") or header[157:257].split(b"\0", 1)[0]
+        self.long_name = self.long_link = self.pax = None
         # data follows regular files and members of unknown types; folders, links and devices have none
-        pos = data_at if is_dir or kind in _NO_DATA_TYPES else data_at + _padded(size)
+        after = data_at if is_dir or kind in _NO_DATA_TYPES else data_at + _padded(size)
         rel, problem = member_path(name.decode("utf-8", "surrogateescape"))
         if rel is None:
-            continue
+            return after
         if is_dir:
-            members.append(_member((rel, base + data_at, 0, True, problem)))
+            self.listed.append(_member((rel, self.base + data_at, 0, True, problem)))
         elif kind in _REGULAR_TYPES:
-            if data_at + size > total:
-                checks.verify()
-                raise TeslaError(f"{label}: member {rel} runs past the end of the archive (truncated download?)")
-            members.append(_member((rel, base + data_at, size, False, problem)))
+            if data_at + size > self.total:
+                self.checks.verify()
+                raise TeslaError(f"{self.label}: member {rel} runs past the end of the archive (truncated download?)")
+            self.listed.append(_member((rel, self.base + data_at, size, False, problem)))
         elif kind in b"12":  # hard link, symbolic link
-            links.append(_link(members, rel, problem, link.decode("utf-8", "surrogateescape"), kind == 0x31, base + data_at))
-    checks.verify()
-    return _resolve_hard_links(members, links)
+            target = link.decode("utf-8", "surrogateescape")
+            self.links.append(_link(self.listed, rel, problem, target, kind == 0x31, self.base + data_at))
+        return after
 
+    def _name(self, header: bytes, name_field: bytes) -> bytes:
+        """The member's stored path: a GNU long name, a pax path, or the header's prefix/name."""
+        if self.long_name is not None:
+            return self.long_name
+        if self.pax is not None and "path" in self.pax:
+            return self.pax["path"]
+        if header[345]:  # ustar prefix
+            return header[345:500].split(b"\0", 1)[0] + b"/" + name_field
+        return name_field
 
 def _padded(size: int) -> int:
     """Bytes a member's data occupies: ``size`` rounded up to whole 512-byte blocks."""
