@@ -309,3 +309,58 @@ def test_time_figures_are_the_projection_and_the_profiles_limits():
     assert limits["evaluate_random"]["runtime"] == limits["evaluate_synthetic"]["runtime"]
     retries = profile["retries"]
     assert f"up to {retries + 1}" in text and f"{limits['evaluate_synthetic']['runtime'] * (retries + 1) // 60} hours" in text
+
+
+def test_the_ipc50_settings_the_readme_states_are_the_configs():
+    text, entry = main_job(), _in1k()
+    row, experts, evaluate = entry["distill"][50], entry["experts"], entry["evaluate"]
+    stated = re.search(r"\*\*IPC 50 on\s+ImageNet-1K is not\*\*: its row \((.*?)\)", text, re.DOTALL).group(1)
+    values = dict(re.findall(r"(\w+) ([0-9.e-]+)", stated.replace("\n", " ")))
+    for key in ("syn_steps", "expert_epochs", "max_start_epoch", "lr_img", "lr_lr", "lr_teacher", "batch_syn"):
+        assert float(values[key]) == float(row[key]), (key, values[key], row[key])
+    engines = row.get("engine", "exact")  # the schema's default when the row names none
+    engines = [engines] if isinstance(engines, str) else engines
+    assert f"{row['iterations']:,} iterations" in stated and " ".join(f"`{e}`" for e in engines) in stated
+    assert f"{experts['count']} ConvNetD4 experts (SGD, lr {experts['lr']}, batch {experts['batch_size']})" in text
+    assert entry["model"] == "convnet_d4" and row["soft_labels"] == "tesla"
+    assert (f"({evaluate['epochs']} epochs, lr x0.1 from epoch {evaluate['lr_decay_epoch']}, {evaluate['runs']} networks)"
+            in text)
+    names = {"convnet_d4": "ConvNetD4", "resnet18": "ResNet-18", "vgg11": "VGG-11", "alexnet": "AlexNet"}
+    stated_archs = ", ".join(names[a] for a in evaluate["architectures"][:-1]) + f"\nand {names[evaluate['architectures'][-1]]}"
+    assert stated_archs in text or stated_archs.replace("\n", " ") in text, stated_archs
+
+
+def test_the_published_cifar10_numbers_are_those_the_reproduction_compares_with():
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from reproduce_published import PAPER
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    row = next(line for line in README.read_text().splitlines() if line.startswith("| CIFAR-10 (ConvNet-3) |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    ipcs = [int(i) for i in cells[1].split(" / ")]
+    for column, method in ((2, "TESLA"), (3, "MTT")):
+        assert cells[column].split(" / ") == [PAPER[i][method] for i in ipcs], (method, cells[column])
+
+
+def _slug(heading: str) -> str:
+    """A heading's anchor as GitHub makes it: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_links_between_the_readme_and_the_docs_resolve():
+    pages = [README, ROOT / "config" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    broken = []
+    for page in pages:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if re.match(r"\w+://", target):
+                continue
+            path, _, anchor = target.partition("#")
+            file = (page.parent / path).resolve() if path else page
+            if not file.exists():
+                broken.append(f"{page.relative_to(ROOT)}: {target} (no such file)")
+            elif anchor and file.suffix == ".md":
+                headings = re.findall(r"^#+ (.*)$", file.read_text(), re.MULTILINE)
+                if anchor not in {_slug(h) for h in headings}:
+                    broken.append(f"{page.relative_to(ROOT)}: {target} (no such heading)")
+    assert not broken, "\n".join(broken)
