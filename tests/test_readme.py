@@ -301,6 +301,8 @@ def test_time_figures_are_the_projection_and_the_profiles_limits():
         assert re.search(rf"^\| {stage} \|[^|]*\| {re.escape(hours[stage])} GPU-hours", text, re.MULTILINE), stage
     assert f"{hours['evaluate']} GPU-hours in all" in text
     assert f"**{total} GPU-hours**" in text
+    words = ["no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
+    assert f"about {words[round(float(total) / 24)]} days of wall time" in text  # on one GPU
     assert f"the longest: ResNet-18, {longest.group(2)} h" in text and longest.group(1) == "resnet18"
     profile = yaml.safe_load((ROOT / "profiles" / "slurm" / "config.yaml").read_text())
     limits = profile["set-resources"]
