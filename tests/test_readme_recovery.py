@@ -1,4 +1,5 @@
-"""The README's recovery steps after a killed Snakemake list this run's own processes only:
+"""The recovery steps after a killed Snakemake (docs/reruns.md on one machine, docs/slurm.md on a
+cluster) list this run's own processes only:
 the user's snakemake/tesla processes working in the current folder, not every user's runs
 nor the same user's runs in other folders (a shared login node has many)."""
 
@@ -9,18 +10,21 @@ import subprocess
 import time
 from pathlib import Path
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+#: the pages with recovery steps: on one machine, and on a SLURM cluster
+PAGES = [DOCS / "reruns.md", DOCS / "slurm.md"]
 FINDER = re.compile(r"^for p in \$\(pgrep .*$", re.MULTILINE)
 
 
 def finder_lines() -> list[str]:
-    return FINDER.findall(README.read_text())
+    return [line for page in PAGES for line in FINDER.findall(page.read_text())]
 
 
 def test_every_recovery_section_uses_the_same_finder_and_no_bare_pgrep():
-    text = README.read_text()
-    assert len(finder_lines()) >= 2 and len(set(finder_lines())) == 1
-    assert not re.search(r"^pgrep -af", text, re.MULTILINE)
+    for page in PAGES:
+        assert FINDER.search(page.read_text()), f"{page.name} has no recovery steps"
+        assert not re.search(r"^pgrep -af", page.read_text(), re.MULTILINE), page.name
+    assert len(set(finder_lines())) == 1
 
 
 def _fake_job(cwd: Path, name: str) -> subprocess.Popen:

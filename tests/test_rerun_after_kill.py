@@ -1,5 +1,5 @@
 """A local run (the default profile) whose Snakemake is killed with SIGKILL, as by a power
-cut or `kill -9`: what README ("Rerun only what changed") tells the user to do, step by step;
+cut or `kill -9`: what docs/reruns.md ("After a kill") tells the user to do, step by step;
 and one stopped with Ctrl-C, which needs none of it.
 
 The stages are stood in for by the fake ``tesla`` of tests/test_workflow.py, except that
@@ -106,14 +106,14 @@ def test_killed_local_run_needs_unlock_then_the_same_command_resumes(tmp_path):
     try:
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=30)
-        assert _alive(orphan), "the distillation died with Snakemake (README says to look for it)"
+        assert _alive(orphan), "the distillation died with Snakemake (docs/reruns.md says to look for it)"
 
         # the same command: Snakemake's lock
         again = snakemake(workdir, TARGET, path_prefix=hanging)
         assert again.returncode != 0
         assert "Directory cannot be locked" in again.stderr and "--unlock" in again.stderr, again.stderr[-2000:]
 
-        # README's steps: end what is left of the old run, unlock, the same command
+        # docs/reruns.md's steps: end what is left of the old run, unlock, the same command
         os.kill(orphan, signal.SIGTERM)
         assert _wait_gone(orphan)
         unlocked = snakemake(workdir, TARGET, "--unlock", path_prefix=hanging)

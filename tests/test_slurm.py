@@ -14,9 +14,9 @@ output: every job of a run is a SLURM job of that run, on the local partition an
 completed; a distillation cancelled with `scancel` mid-run is reported as failed and a
 rerun completes it from its checkpoint; acc.csv is what a local `tesla results` writes.
 
-Snakemake itself killed with SIGKILL mid-run (README, "After Snakemake itself was
+Snakemake itself killed with SIGKILL mid-run (docs/slurm.md, "After Snakemake itself was
 killed"): the same command stops at Snakemake's lock; the old run's job is still in the
-queue (`squeue`, as README shows it); after `--unlock` the same command refuses to start
+queue (`squeue`, as docs/slurm.md shows it); after `--unlock` the same command refuses to start
 while that job is there; after `scancel` it resumes the distillation from its checkpoint
 and redoes nothing else.
 
@@ -35,7 +35,7 @@ that pends for a reason that never clears is cancelled and reported as failed.
 Needs root on Debian/Ubuntu (the script installs the slurm packages with apt-get when
 missing, about 30 s); skips otherwise. Time budget: measured 567 s with the cluster already
 installed, on 2 cores shared with other work (load average 5 to 6): the demo runs 331 s,
-Snakemake killed and README's steps 119 s, Ctrl-C 21 s, the bad-input and pending-job
+Snakemake killed and docs/slurm.md's steps 119 s, Ctrl-C 21 s, the bad-input and pending-job
 tests 67 s (175 s for the demo runs alone on a quieter machine); the stopped evaluation
 178 s more (load average about 8: two submissions, each starting Snakemake and tesla in
 the job).
@@ -206,13 +206,13 @@ def distill_job_with_checkpoint(proc: subprocess.Popen, log: Path, folder: Path,
     return None
 
 
-#: README's command to see the jobs of a run whose Snakemake was killed: id, state, time
+#: docs/slurm.md's command to see the jobs of a run whose Snakemake was killed: id, state, time
 #: used, working directory, rule and wildcards (the comment)
 SQUEUE_MINE = "squeue --me -o '%.10i %.10T %.10M %Z %k'"
 
 
 def jobs_in(workdir: Path) -> dict[str, str]:
-    """Queued or running jobs (id -> state) working in `workdir`, from README's squeue command."""
+    """Queued or running jobs (id -> state) working in `workdir`, from docs/slurm.md's squeue command."""
     out = subprocess.run(shlex.split(SQUEUE_MINE), capture_output=True, text=True, check=True, timeout=60).stdout
     rows = [line.split(maxsplit=4) for line in out.splitlines()[1:]]
     return {r[0]: r[1] for r in rows if len(r) >= 4 and Path(r[3]) == workdir.resolve()}
@@ -382,14 +382,14 @@ def test_acc_csv_is_what_a_local_run_writes(demo):
 
 
 # --------------------------------------------------------------------------------------
-# Snakemake itself killed (SIGKILL) while its jobs run: README's steps, one by one
+# Snakemake itself killed (SIGKILL) while its jobs run: docs/slurm.md's steps, one by one
 # --------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def killed(demo):
     """Run K (after the demo runs, on their data and experts): the distillation of IPC 3,
     whose Snakemake is killed with SIGKILL once the job has written a checkpoint. Then
-    README's steps, each recorded: the same command (the lock), what is left (`pgrep`,
-    README's `squeue`), `--unlock`, the same command with the old job still queued,
+    docs/slurm.md's steps, each recorded: the same command (the lock), what is left (`pgrep`,
+    docs/slurm.md's `squeue`), `--unlock`, the same command with the old job still queued,
     `scancel`, the same command."""
     workdir = demo["workdir"]
     profile = workdir / "profile-local"
@@ -422,7 +422,7 @@ def killed(demo):
         steps["rerun"] = run_slurm(workdir, profile, *command)
     finally:
         cancel_jobs_in(workdir)
-    print(f"slurm kill: README's steps and the rerun {time.monotonic() - start:.0f} s")
+    print(f"slurm kill: docs/slurm.md's steps and the rerun {time.monotonic() - start:.0f} s")
     return steps
 
 

@@ -3,13 +3,16 @@
 Runs the real pipeline (prepare -> experts -> distill at two IPCs -> evaluate on two
 architectures -> acc.csv -> report plots) on a copy of the workflow and its shipped
 config, then checks acc.csv's schema, that the distilled set beats random real images at
-every IPC, that the report plots exist, and that a second run has nothing to do.
+every IPC, that the report plots exist, and that a second run has nothing to do; and that the
+README's demo table and the experts' accuracy are the numbers of this run's acc.csv (on a machine
+without a GPU, where every training job runs on one thread, as Snakemake sets it).
 
 Time budget: about 3 minutes on 2 cores (the demo config is sized for it).
 """
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -17,7 +20,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from workflow_support import SNAKEMAKE, make_workdir, planned_jobs, snakemake
+from tesla.devices import nvidia_gpu_visible
+from workflow_support import ROOT, SNAKEMAKE, make_workdir, planned_jobs, snakemake
 
 pytestmark = [
     pytest.mark.slow,
@@ -95,3 +99,31 @@ def test_snakemake_report_collects_tables_and_plots(demo_run):
     assert len(html) > 10_000
     for needle in ("acc.csv", "curves.png", "grid.png"):
         assert needle in html
+
+
+#: a row of the README's demo table: | IPC | arch | distilled | random |
+README_ROW = re.compile(r"^\| (\d+) \| (\w+) \| ([0-9.]+) \+- ([0-9.]+) \| ([0-9.]+) \+- ([0-9.]+) \|$", re.MULTILINE)
+README_EXPERTS = re.compile(r"stopped after epoch (\d+) of (\d+)[^)]*?reach ([0-9.]+) \+- ([0-9.]+)", re.DOTALL)
+
+
+def _one_decimal(mean: float, std: float) -> tuple[str, str]:
+    return f"{mean:.1f}", f"{std:.1f}"
+
+
+@pytest.mark.skipif(nvidia_gpu_visible(), reason="the README's demo numbers are those of a machine without a GPU")
+def test_readme_demo_numbers_are_this_runs(demo_run):
+    """The README states the demo's accuracies: they must be what the workflow writes."""
+    workdir, _ = demo_run
+    readme = (ROOT / "README.md").read_text()
+    rows = README_ROW.findall(readme)
+    demo = _demo_config(workdir)
+    assert len(rows) == len(demo["distill"]) * len(demo["evaluate"]["architectures"]), rows
+    for ipc, arch, mean, std, random_mean, random_std in rows:
+        table = pd.read_csv(workdir / "results" / f"demo_ipc{ipc}" / "acc.csv", comment="#")
+        by = table.set_index(["method", "arch"])
+        assert (mean, std) == _one_decimal(*by.loc[("tesla", arch), ["acc_mean", "acc_std"]]), (ipc, arch)
+        assert (random_mean, random_std) == _one_decimal(*by.loc[("random", arch), ["acc_mean", "acc_std"]]), (ipc, arch)
+    epoch, epochs, mean, std = README_EXPERTS.search(readme).groups()
+    full = table[table["method"] == "full"].iloc[0]
+    assert (int(epoch), int(epochs)) == (full["test_epoch"], demo["experts"]["epochs"])
+    assert (mean, std) == _one_decimal(full["acc_mean"], full["acc_std"])
