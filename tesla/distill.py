@@ -70,7 +70,7 @@ from tesla.errors import TeslaError
 from tesla.files import atomic_output
 from tesla.locks import acquire
 from tesla.matching import ENGINES, MatchResult, check_shardable, matching_gradients
-from tesla.student_steps import COMPILE_MODES, StepCompiler, resolve_compile_mode
+from tesla.step_compiler import COMPILE_MODES, StepCompiler, resolve_compile_mode
 from tesla.tracking import TrackerOptions, Tracking, add_tracking_arguments, open_tracking
 from tesla.tracking import disabled as tracking_disabled
 from tesla.tracking import options_from_args as tracking_options
@@ -457,7 +457,8 @@ def _input_space(s: DistillSettings, experts: list, split, zca):
     """The experts' input space (normalisation name and constants, and their ZCA): every
     expert must record the same one, and it must be what that normalisation means for
     ``split``. The synthetic images live in it."""
-    from tesla.input_space import resolve_normalization, space_of_record
+    from tesla.input_space import space_of_record
+    from tesla.normalizations import resolve_normalization
 
     first = experts[0]
     record = (first.input_normalization, first.input_mean, first.input_std)
@@ -503,7 +504,8 @@ def build_setup(s: DistillSettings, ranks: Ranks = SINGLE) -> DistillSetup:
     from tesla.data import ImageSplit
     from tesla.models import build_from_spec
     from tesla.parameters import functional_forward, param_layout
-    from tesla.training import pick_device, training_loss
+    from tesla.devices import pick_device
+    from tesla.losses import training_loss
 
     check_settings(s)
     split = ImageSplit.open(s.train)
