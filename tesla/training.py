@@ -44,6 +44,7 @@ from tesla.losses import hard_labels, training_loss
 from tesla.precision import Numerics
 
 __all__ = [
+    "FINITE_CHECK_EVERY",
     "Augmentation",
     "EndTraining",
     "EpochStats",
@@ -51,10 +52,17 @@ __all__ = [
     "GroupMember",
     "Recipe",
     "accuracy",
+    "begin_epoch",
+    "check_finite",
+    "check_member",
+    "close_epoch",
+    "epoch_cohorts",
     "epoch_lr",
+    "gather_minibatch",
     "make_optimizer",
     "make_recipe",
     "minibatches",
+    "progress_bar",
     "restart_momentum",
     "train",
     "train_interleaved",

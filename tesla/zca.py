@@ -1,7 +1,7 @@
 """The ZCA whitening transform: fitted on images, applied, inverted, fingerprinted, and kept in
 a ``tesla-zca`` v2 file (``tesla zca``, :mod:`tesla.zca_fit`, fits it on a training split).
 
-The images are taken in the space of a named normalisation (``tesla.input_space``),
+The images are taken in the space of a named normalisation (``tesla.normalizations``),
 z = (u/255 - mean_c)/std_c, flattened to D = C*H*W: ``--normalize split`` (default) uses
 the training split's own mean/std; ``--normalize none`` takes the pixels in [0, 1] as they
 are, which is how the published MTT/TESLA code fits it (kornia's ZCAWhitening(eps=0.1) on

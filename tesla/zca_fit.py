@@ -1,5 +1,7 @@
-"""``tesla zca``: fit the ZCA whitening transform (:mod:`tesla.zca`) on a training split, chunk
-by chunk, in the space of a named normalisation, and save it as a ``tesla-zca`` file.
+"""ZCA whitening fitted once on a training split (``tesla zca``), saved as ``tesla-zca`` v2.
+
+The stage: the transform of :mod:`tesla.zca` (its math there) fitted chunk by chunk on the
+images of a training split in the space of a named normalisation (:mod:`tesla.normalizations`).
 
 Command line::
 
