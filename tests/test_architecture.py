@@ -42,7 +42,12 @@ def _package_modules() -> list[str]:
 
 
 def _stage_imports(name: str) -> set[str]:
+    """The stage modules ``name`` imports when it runs (anywhere in its body; imports for type
+    annotations only, under ``if TYPE_CHECKING:``, do not load the stage and are left out)."""
     tree = ast.parse(module_path(name).read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and ast.unparse(node.test).endswith("TYPE_CHECKING"):
+            node.body = [ast.Pass()]
     return {m for m in _imports(tree, name) if m in STAGES} - {name}
 
 
