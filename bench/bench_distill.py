@@ -44,8 +44,8 @@ ENGINES = ("exact", "tesla", "unroll")
 def build_problem(args, device):
     from tesla.augment import DSA
     from tesla.models import build_model
+    from tesla.losses import training_loss
     from tesla.parameters import flatten_params, functional_forward, param_layout
-    from tesla.training import training_loss
 
     torch.manual_seed(0)
     model = build_model(
@@ -507,8 +507,9 @@ def engine_benchmark(argv: list[str]) -> int:
     from tesla.matching import matching_gradients, plan_student_steps
     from tesla.models import build_model
     from tesla.parameters import flatten_params, functional_forward, param_layout
-    from tesla.student_steps import StepCompiler, student_update
-    from tesla.training import training_loss
+    from tesla.losses import training_loss
+    from tesla.step_compiler import StepCompiler
+    from tesla.student_steps import student_update
 
     p = argparse.ArgumentParser(prog="bench_distill.py engine")
     p.add_argument("--device", default="cpu")
@@ -680,8 +681,8 @@ def precision_benchmark(argv: list[str]) -> int:
     from tesla.matching import matching_gradients
     from tesla.models import build_model
     from tesla.parameters import flatten_params, functional_forward, param_layout
-    from tesla.student_steps import StepCompiler
-    from tesla.training import training_loss
+    from tesla.losses import training_loss
+    from tesla.step_compiler import StepCompiler
 
     p = argparse.ArgumentParser(prog="bench_distill.py precision")
     p.add_argument("--model", default="convnet")

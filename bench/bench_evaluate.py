@@ -27,9 +27,10 @@ import time
 
 import torch
 
+from tesla.devices import pick_device
 from tesla.evaluation import PAPER_DSA_STRATEGY, Protocol, train_fresh_network
 from tesla.models import build_from_spec, model_spec
-from tesla.training import accuracy, pick_device
+from tesla.training import accuracy
 
 
 def sync(device: torch.device) -> None:

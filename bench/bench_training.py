@@ -57,9 +57,11 @@ import torch.nn.functional as F
 
 from tesla.augment import DSA
 from tesla.data import ImageSplit
+from tesla.devices import pick_device
 from tesla.models import build_model
-from tesla.input_space import InputSpace, Normalization
-from tesla.training import pick_device, train
+from tesla.input_space import InputSpace
+from tesla.normalizations import Normalization
+from tesla.training import train
 
 
 def network_input(mean, std, device):
@@ -258,7 +260,8 @@ def run_matrix_config(config: dict, model_name: str, resolution: int, classes: i
                       default_tf32) -> tuple[float, float]:
     """(wall, CPU) seconds for one epoch of K networks on (x, y), as tesla experts trains them."""
     from tesla.precision import Numerics
-    from tesla.training import GroupMember, train_group
+    from tesla.group_training import train_group
+    from tesla.training import GroupMember
 
     to_input = network_input([0.5] * 3, [0.25] * 3, device)
     dsa = DSA()

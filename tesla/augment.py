@@ -22,6 +22,7 @@ scale      sample the input at (sx u, sy v) (u, v the normalised output coordina
 rotate     sample the input at R(a) (u, v), a ~ U[-15, 15] degrees, bilinear, zero padding
 =========  ==============================================================================
 
+A *strategy* names the families ``_``-joined (:mod:`tesla.dsa_strategy`).
 ``DSA(strategy, single_family=True)``: with ``single_family`` every call picks ONE family
 of the strategy uniformly (as MTT and TESLA do); otherwise all families are applied in the
 order written.  ``strategy='none'`` is the identity.
@@ -36,12 +37,10 @@ from typing import Mapping
 import torch
 import torch.nn.functional as F
 
+from tesla.dsa_strategy import DEFAULT_STRATEGY, parse_strategy
 from tesla.errors import TeslaError
 
-__all__ = ["AugParams", "DSA", "FAMILIES", "DEFAULT_STRATEGY", "crop_shift", "cutout_side"]
-
-FAMILIES: tuple[str, ...] = ("color", "crop", "cutout", "flip", "scale", "rotate")
-DEFAULT_STRATEGY = "color_crop_cutout_flip_scale_rotate"
+__all__ = ["AugParams", "DSA", "crop_shift", "cutout_side"]
 
 #: the ranges of PAPER.md section 4
 BRIGHTNESS_RANGE = (-0.5, 0.5)
@@ -225,25 +224,6 @@ _APPLY = {
     "scale": apply_scale,
     "rotate": apply_rotate,
 }
-
-
-def parse_strategy(strategy: str) -> tuple[str, ...]:
-    """'color_crop_...' -> ('color', 'crop', ...); 'none' or '' -> ()."""
-    if not isinstance(strategy, str):
-        raise TeslaError(f"DSA strategy must be a string such as {DEFAULT_STRATEGY!r}, got {strategy!r}")
-    text = strategy.strip().lower()
-    if text in ("", "none"):
-        return ()
-    families = tuple(text.split("_"))
-    unknown = [f for f in families if f not in FAMILIES]
-    if unknown:
-        raise TeslaError(
-            f"DSA strategy {strategy!r}: unknown famil{'y' if len(unknown) == 1 else 'ies'} "
-            f"{', '.join(map(repr, unknown))}; use '_'-joined names from {', '.join(FAMILIES)} or 'none'"
-        )
-    if len(set(families)) != len(families):
-        raise TeslaError(f"DSA strategy {strategy!r} names a family twice")
-    return families
 
 
 class DSA:

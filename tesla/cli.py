@@ -23,7 +23,7 @@ from tesla.errors import TeslaError
 #: subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("tesla.prepare", "convert a raw dataset into class-sorted uint8 HDF5 splits"),
-    "zca": ("tesla.zca", "fit ZCA whitening on a prepared training split"),
+    "zca": ("tesla.zca_fit", "fit ZCA whitening on a prepared training split"),
     "experts": ("tesla.experts", "train one expert network and save its trajectory"),
     "distill": ("tesla.distill", "learn a synthetic set by matching expert trajectories"),
     "evaluate": ("tesla.evaluation", "train fresh networks on a synthetic or random set and test them"),

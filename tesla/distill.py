@@ -77,7 +77,7 @@ from tesla.errors import TeslaError
 from tesla.locks import acquire
 from tesla.matching import ENGINES, MatchResult, matching_gradients
 from tesla.soft_labels import assign_soft_labels, label_logit_gradient, learned_soft_labels
-from tesla.student_steps import COMPILE_MODES
+from tesla.step_compiler import COMPILE_MODES
 from tesla.synthetic import SyntheticSet
 from tesla.tracking import TrackerOptions, Tracking, add_tracking_arguments
 from tesla.tracking import options_from_args as tracking_options

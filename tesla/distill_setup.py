@@ -27,12 +27,14 @@ from tesla.augment import DSA
 from tesla.data import ImageSplit
 from tesla.distributed import SINGLE, Ranks
 from tesla.errors import TeslaError
-from tesla.input_space import InputSpace, resolve_normalization, space_of_record
+from tesla.input_space import InputSpace, space_of_record
+from tesla.normalizations import resolve_normalization
 from tesla.matching import check_shardable
 from tesla.models import build_from_spec
 from tesla.parameters import functional_forward, param_layout
-from tesla.student_steps import StepCompiler, resolve_compile_mode
-from tesla.training import pick_device, training_loss
+from tesla.step_compiler import StepCompiler, resolve_compile_mode
+from tesla.devices import pick_device
+from tesla.losses import training_loss
 from tesla.trajectories import Trajectory
 from tesla.zca import ZCA, zca_fingerprint
 

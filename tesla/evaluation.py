@@ -29,7 +29,7 @@ Evaluation runs in two visibly separate phases (:func:`evaluate`):
 
 Run r of a job with ``--seed s`` uses seed s + r for theta_0, the random draw, the
 minibatch order and the augmentation parameters. The runs of a job train in one process as
-a group (``--group-mode``, ``tesla.training.train_group``): one after the other
+a group (``--group-mode``, ``tesla.group_training.train_group``): one after the other
 (``sequential``, each bitwise what it is alone), interleaved on CUDA streams (``streams``)
 or stacked into one vmapped step (``vmap``, equal to alone within float32 round-off);
 ``auto`` chooses per device from measurement. How each step is computed (TF32,
@@ -76,7 +76,7 @@ import numpy as np
 import torch
 
 from tesla.arguments import finite_float
-from tesla.augment import DEFAULT_STRATEGY
+from tesla.dsa_strategy import DEFAULT_STRATEGY
 from tesla.data import ImageSplit
 from tesla.data.header import check_test_split, read_split_header
 from tesla.errors import TeslaError
@@ -544,7 +544,7 @@ def train_runs(
     checkpoint: GroupCheckpoint | None = None,
 ) -> list[TrainedNetwork]:
     """Phase 1: train one fresh network per run, the runs as one group
-    (``training.train_group``; ``group_mode`` as ``--group-mode``). Run r draws its data
+    (``group_training.train_group``; ``group_mode`` as ``--group-mode``). Run r draws its data
     with its own generator (seed s + r) before training. The test split plays no part here.
     With a ``checkpoint`` (``tesla.group_checkpoint``) the runs continue from its saved
     state when it is theirs, and save theirs as they go.
@@ -552,7 +552,9 @@ def train_runs(
     Each run's ``seconds`` is its draw plus its training epochs (for runs trained together,
     the group's epochs; those of a resumed run include the epochs before it was stopped).
     """
-    from tesla.training import GroupMember, make_optimizer, resolve_group_mode, train_group
+    from tesla.group_modes import resolve_group_mode
+    from tesla.group_training import train_group
+    from tesla.training import GroupMember, make_optimizer
 
     numerics = numerics or Numerics()
     mode = resolve_group_mode(group_mode, device, runs, numerics)
@@ -634,7 +636,7 @@ def evaluate(
     ``checkpoint_every`` seconds have passed since the last save (``tesla.group_checkpoint``).
     The caller holds its lock and removes it once the result is written (:func:`run`)."""
     from tesla.group_checkpoint import GroupCheckpoint
-    from tesla.training import resolve_group_mode
+    from tesla.group_modes import resolve_group_mode
 
     if runs < 1:
         raise TeslaError(f"--runs {runs}: need at least one run")
@@ -708,7 +710,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                            "from the experts' recorded accuracy instead)")
     parser.add_argument("--train", type=Path, help="training split (with --random or --full)")
     parser.add_argument("--ipc", type=int, help="images per class (with --random)")
-    from tesla.input_space import NORMALIZATIONS
+    from tesla.normalizations import NORMALIZATIONS
 
     parser.add_argument("--normalize", default=None, choices=NORMALIZATIONS,
                         help="input normalisation of --random/--full (default: the --zca file's, else 'split' = the "
@@ -736,8 +738,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="restart the SGD momentum buffer when the lr decays, as the published code does by creating "
                              "a new optimizer there (default: keep it); recorded per run")
     parser.add_argument("--seed", type=int, default=0, help="run r uses seed + r")
-    from tesla.precision import add_numerics_arguments
-    from tesla.training import add_group_mode_argument
+    from tesla.numerics_options import add_numerics_arguments
+    from tesla.group_modes import add_group_mode_argument
 
     add_group_mode_argument(parser, "runs")
     add_numerics_arguments(parser)
@@ -834,7 +836,7 @@ def track_results(args: argparse.Namespace, subject: Subject, results: Sequence[
 
 def run(args: argparse.Namespace) -> int:
     from tesla.group_checkpoint import remove_checkpoint
-    from tesla.training import pick_device
+    from tesla.devices import pick_device
     from tesla.tracking import options_from_args
 
     options_from_args(args)  # a tracker whose package is missing is refused before any work

@@ -18,11 +18,11 @@ The file records the epochs trained and the epoch after which its test accuracy 
 experts with the same settings in one process: the data are loaded once, and each expert
 keeps its own initialisation, data order and augmentation draws (its seed), its own
 resumable state ``fi.partial/`` with its own lock, and its own output file, written as soon
-as that expert is complete. ``--group-mode`` (``tesla.training.train_group``):
+as that expert is complete. ``--group-mode`` (``tesla.group_training.train_group``):
 ``sequential`` (one after the other: each bitwise equal to training it alone),
 ``streams`` (steps interleaved on separate CUDA streams) or ``vmap`` (stacked parameters,
 one vmapped step: equal to alone within float32 round-off); ``auto`` picks per device
-(``tesla.training.AUTO_GROUP_MODE``). An expert whose output already exists (with the same
+(``tesla.group_modes.AUTO_GROUP_MODE``). An expert whose output already exists (with the same
 settings) is skipped. While others of its group still train, a finished expert's partial
 folder keeps a hard link to its file, so a job killed later (whose outputs a workflow
 manager may delete) restores it instead of training it again.
@@ -168,7 +168,7 @@ def _validate(cfg: ExpertConfig) -> None:
         )
     if cfg.dtype not in STORAGE_DTYPES:
         raise TeslaError(f"--dtype {cfg.dtype!r} is not one of {', '.join(STORAGE_DTYPES)}")
-    from tesla.precision import PRECISIONS
+    from tesla.numerics_options import PRECISIONS
 
     if cfg.precision not in PRECISIONS:
         raise TeslaError(f"--precision {cfg.precision!r} is not one of {', '.join(PRECISIONS)}")
@@ -237,7 +237,7 @@ class _Shared:
         from tesla.input_space import open_input_space
         from tesla.models import model_spec
         from tesla.precision import Numerics
-        from tesla.training import pick_device
+        from tesla.devices import pick_device
 
         self.cfg = cfg
         self.train_split = ImageSplit.open(cfg.train)
@@ -593,7 +593,8 @@ def train_experts(
     expert's output path (None where not complete). ``tracking``: the live curves of the
     group (:func:`open_tracker`; none by default).
     """
-    from tesla.training import resolve_group_mode, train_group
+    from tesla.group_modes import resolve_group_mode
+    from tesla.group_training import train_group
 
     cfgs = list(cfgs)
     _validate_group(cfgs)
@@ -690,11 +691,11 @@ def train_expert(
 # command line
 # --------------------------------------------------------------------------------------
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    from tesla.augment import DEFAULT_STRATEGY
-    from tesla.input_space import NORMALIZATIONS
+    from tesla.dsa_strategy import DEFAULT_STRATEGY
+    from tesla.normalizations import NORMALIZATIONS
     from tesla.models import available_models
-    from tesla.precision import add_numerics_arguments
-    from tesla.training import add_group_mode_argument
+    from tesla.numerics_options import add_numerics_arguments
+    from tesla.group_modes import add_group_mode_argument
 
     parser.add_argument("--train", required=True, type=Path, help="training split (tesla-images HDF5 from 'tesla prepare')")
     parser.add_argument("--test", required=True, type=Path, help="test split of the same dataset (for the final test accuracy)")

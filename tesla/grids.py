@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 
 from tesla.files import atomic_output
-from tesla.input_space import InputSpace, Normalization
+from tesla.input_space import InputSpace
+from tesla.normalizations import Normalization
 
 __all__ = ["class_grid", "grid_rows", "save_class_grid", "save_png", "to_pixels", "to_uint8_hwc"]
 

@@ -1,7 +1,7 @@
 """The resumable state of a group of networks in training (the runs of one ``tesla evaluate``).
 
 A checkpoint (``tesla-group-checkpoint`` version 1, docs/formats.md) holds, for every network
-k of a group that :func:`tesla.training.train_group` trains, the state from which its
+k of a group that :func:`tesla.group_training.train_group` trains, the state from which its
 training continues exactly: its parameters and buffers, its optimizer's state (the SGD
 momentum buffers), its generator (minibatch order and augmentation draws), the number E_k
 of epochs it has completed and their statistics; and the process's global torch generators

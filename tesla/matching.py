@@ -43,11 +43,11 @@ report the same loss value.
 
 Execution. The steps of ``exact`` and ``tesla`` run through :mod:`tesla.student_steps`: eagerly
 (compile mode ``off``), or as fixed-shape graphs traced once and compiled and/or captured in
-CUDA graphs (a :class:`tesla.student_steps.StepCompiler` passed as ``compiler``). ``unroll``
+CUDA graphs (a :class:`tesla.step_compiler.StepCompiler` passed as ``compiler``). ``unroll``
 always runs eagerly. Inside the N-step loops nothing waits for the device: D, the loss,
 dL/dalpha and the finiteness check stay device tensors until the engine returns, and one
 transfer at the end fills :class:`MatchResult`. A matching call runs in IEEE float32
-(:func:`tesla.student_steps.ieee_float32`): a global TF32 setting does not reach it.
+(:func:`tesla.precision.ieee_float32`): a global TF32 setting does not reach it.
 """
 
 from __future__ import annotations
@@ -59,18 +59,17 @@ from typing import Any, Protocol, Sequence
 import torch
 
 from tesla.distributed import SINGLE, Ranks
+from tesla.engines import ENGINES
 from tesla.errors import TeslaError
+from tesla.precision import ieee_float32
+from tesla.step_compiler import StepCompiler, adjoint_kind, step_kinds
 from tesla.student_steps import (
     EagerSteps,
     LossFn,
-    StepCompiler,
     StepInputs,
     StudentSteps,
-    adjoint_kind,
     adjoint_step,
     augmentations_on,
-    ieee_float32,
-    step_kinds,
     student_gradient,
     student_update,
 )
@@ -91,9 +90,6 @@ __all__ = [
     "trajectory_storage",
     "unroll_gradients",
 ]
-
-ENGINES: tuple[str, ...] = ("exact", "tesla", "unroll")
-
 
 class Augmentation(Protocol):
     """What the engines need from an augmentation (``tesla.augment.DSA`` provides it)."""
@@ -124,7 +120,7 @@ class MatchResult:
     engine: str
     syn_steps: int
     finite: bool = True  # L, dL/dalpha and every element of dL/dX are finite
-    compile: str = "off"  # how the student steps ran (tesla.student_steps compile mode)
+    compile: str = "off"  # how the student steps ran (tesla.step_compiler compile mode)
     grad_labels: torch.Tensor | None = None  # dL/dY (N x K), computed only when asked for (learn_labels)
 
 
@@ -325,7 +321,7 @@ def _student_steps(
     compiler: StepCompiler | None,
     exact: bool,
 ) -> StudentSteps:
-    """The compiler's graphs (:func:`tesla.student_steps.step_kinds`) built for this call, else eager steps."""
+    """The compiler's graphs (:func:`tesla.step_compiler.step_kinds`) built for this call, else eager steps."""
     kinds = step_kinds(exact, inputs.label_gradient, inputs.reduce is not None)
     steps = None if compiler is None else compiler.steps(loss_fn, theta_start, inputs, augment, kinds)
     return EagerSteps(loss_fn, inputs, augment) if steps is None else steps
@@ -467,7 +463,7 @@ def matching_gradients(
     vectors; ``labels`` are class indices or soft targets, as ``loss_fn`` expects; ``alpha``
     a float or a 0-d tensor. Minibatches and augmentation samples are drawn from
     ``generator`` first (:func:`plan_student_steps`), so every engine sees the same student
-    trajectory. ``compiler`` (a :class:`tesla.student_steps.StepCompiler`, kept for the whole
+    trajectory. ``compiler`` (a :class:`tesla.step_compiler.StepCompiler`, kept for the whole
     run) runs the steps of ``exact`` and ``tesla`` as compiled graphs; ``None`` runs them
     eagerly. The call runs in IEEE float32 whatever the global TF32 settings. With
     ``learn_labels`` (``labels`` must then be N x K soft targets) the result also holds

@@ -28,31 +28,19 @@ from __future__ import annotations
 import argparse
 import contextlib
 from dataclasses import dataclass
-from typing import ContextManager
+from typing import Any, ContextManager, Iterator
 
 import torch
 import torch.nn as nn
 
 from tesla.errors import TeslaError
+from tesla.numerics_options import CHANNELS_LAST_DEFAULT, PRECISIONS
 
 __all__ = [
-    "CHANNELS_LAST_DEFAULT",
-    "MEMORY_FORMATS",
-    "PRECISIONS",
     "Numerics",
-    "add_numerics_arguments",
     "has_tf32",
+    "ieee_float32",
 ]
-
-#: ``--precision``: the forward pass in float32, or under a bfloat16 autocast
-PRECISIONS: tuple[str, ...] = ("float32", "bf16")
-#: recorded memory formats of 4-D inputs and weights
-MEMORY_FORMATS: tuple[str, ...] = ("contiguous", "channels_last")
-#: channels-last when not asked either way, per device type. CPU: off (PyTorch's default layout;
-#: no measurement shows channels-last faster on a CPU); CUDA: off until bench/gpu_training.sh
-#: has measured it.
-CHANNELS_LAST_DEFAULT: dict[str, bool] = {"cpu": False, "cuda": False}
-
 
 def has_tf32(device: torch.device | str) -> bool:
     """Whether ``device`` is a CUDA GPU with TF32 tensor cores (compute capability >= 8.0)."""
@@ -111,7 +99,7 @@ class Numerics:
 
     @classmethod
     def from_arguments(cls, args: argparse.Namespace, device: torch.device | str) -> "Numerics":
-        """The settings of :func:`add_numerics_arguments`'s options, resolved for ``device``."""
+        """The settings of :func:`tesla.numerics_options.add_numerics_arguments`'s options, resolved for ``device``."""
         return cls.resolve(device, args.precision, args.tf32, args.channels_last)
 
     # -- applying ------------------------------------------------------------------------
@@ -147,14 +135,47 @@ class Numerics:
         return f"{self.precision}{', TF32' if self.tf32 else ''}, {self.memory_format.replace('_', '-')}"
 
 
-def add_numerics_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--precision``, ``--tf32/--no-tf32``, ``--channels-last/--no-channels-last`` (read back
-    with :meth:`Numerics.from_arguments`)."""
-    parser.add_argument("--precision", default="float32", choices=list(PRECISIONS),
-                        help="forward pass in float32, or under a bfloat16 autocast (bf16); recorded in the output")
-    parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=None,
-                        help="TF32 tensor cores for float32 convolutions and matrix products (default: on where the GPU "
-                             "has them; --no-tf32 turns them off); recorded in the output")
-    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                        help="channels-last memory format (default per device, from measurement: docs/benchmarks.md); "
-                             "recorded in the output")
+# -- float32 exactly, immune to a global TF32 setting (the matching engines) -------------------
+def _precision_switches() -> list[Any]:
+    """The backends whose ``fp32_precision`` (torch >= 2.9) lets float32 products use TF32 or
+    bf16: cuBLAS, cuDNN convolutions and oneDNN (CPU) products and convolutions."""
+    b = torch.backends
+    objects = [b.cuda.matmul, getattr(b.cudnn, "conv", None), getattr(b.mkldnn, "matmul", None), getattr(b.mkldnn, "conv", None)]
+    return [o for o in objects if o is not None and hasattr(o, "fp32_precision")]
+
+
+def _legacy_precision() -> tuple[str, bool] | None:
+    """(float32 matmul precision, cudnn.allow_tf32) through the legacy API, or None when torch
+    refuses to read it (the caller set precisions through the new per-backend API only)."""
+    try:
+        return torch.get_float32_matmul_precision(), bool(torch.backends.cudnn.allow_tf32)
+    except RuntimeError:
+        return None
+
+
+@contextlib.contextmanager
+def ieee_float32() -> Iterator[None]:
+    """Run float32 matrix products and convolutions in IEEE float32 (no TF32, no bf16),
+    restoring the caller's settings afterwards.
+
+    PyTorch's own default lets cuDNN convolutions use TF32 (``cudnn.allow_tf32 = True``), and a
+    workflow may enable TF32 for experts and evaluation; the matching engines inherit neither
+    (docs/benchmarks.md: the gradient's error in lower precisions). Both APIs are set, legacy
+    first (it updates the new one too), so that code reading either inside (TorchInductor reads
+    the legacy flags when it compiles) sees IEEE float32 and no mix of the two."""
+    switches = _precision_switches()
+    saved = [o.fp32_precision for o in switches]
+    legacy = _legacy_precision()
+    try:
+        if legacy is not None:
+            torch.set_float32_matmul_precision("highest")
+            torch.backends.cudnn.allow_tf32 = False
+        for o in switches:
+            o.fp32_precision = "ieee"
+        yield
+    finally:
+        if legacy is not None:
+            torch.set_float32_matmul_precision(legacy[0])
+            torch.backends.cudnn.allow_tf32 = legacy[1]
+        for o, value in zip(switches, saved):
+            o.fp32_precision = value

@@ -2,11 +2,11 @@
 the method version of every stage.
 
 Each name has one home: networks in :mod:`tesla.models`, augmentation families in
-:mod:`tesla.augment`, gradient engines in :mod:`tesla.matching`, normalisations in
-:mod:`tesla.input_space`, step-size conventions in :mod:`tesla.distill`, group modes in
-:mod:`tesla.training`, arithmetic in :mod:`tesla.precision`, data sources in
+:mod:`tesla.dsa_strategy`, gradient engines in :mod:`tesla.engines`, normalisations in
+:mod:`tesla.normalizations`, step-size conventions in :mod:`tesla.distill`, group modes in
+:mod:`tesla.group_modes`, arithmetic in :mod:`tesla.numerics_options`, data sources in
 :mod:`tesla.data.sources`. The workflow calls :func:`config_problems` while it builds the job
-graph, so a misspelt name stops ``snakemake -n`` at once, naming the config key and the valid
+graph (the homes are declaration modules that do not import torch), so a misspelt name stops ``snakemake -n`` at once, naming the config key and the valid
 names, instead of failing in a job hours later.
 
 ``METHOD_VERSIONS``: a stage's number goes up whenever the results of the same command line
@@ -22,14 +22,14 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
-from tesla.augment import FAMILIES, parse_strategy
 from tesla.distill import INITS, LR_IMG_CONVENTIONS, SOFT_LABELS, SOFT_LABELS_OF_BOOL
+from tesla.dsa_strategy import FAMILIES, parse_strategy
+from tesla.engines import ENGINES
 from tesla.errors import TeslaError
-from tesla.input_space import NORMALIZATIONS, input_space_key
-from tesla.matching import ENGINES
+from tesla.group_modes import GROUP_MODES
 from tesla.models import available_models, model_version, supports_resolution
-from tesla.precision import PRECISIONS
-from tesla.training import GROUP_MODES
+from tesla.normalizations import NORMALIZATIONS, input_space_key
+from tesla.numerics_options import PRECISIONS
 
 __all__ = [
     "ENGINES",

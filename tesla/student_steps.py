@@ -1,4 +1,4 @@
-"""One student step of trajectory matching: its math, and how it is executed.
+"""One student step of trajectory matching: its math, and its eager execution.
 
 Step i of the student (PAPER.md sections 1-2), with g_i = grad_theta l(f_theta_i(A_i(X_b)), Y_b),
 J_i = d g_i / d X_b and H_i = d g_i / d theta_i, has two forms:
@@ -13,54 +13,34 @@ J_i = d g_i / d X_b and H_i = d g_i / d theta_i, has two forms:
 
 one vector-Jacobian product of (theta, X_b) -> g_i against w gives (H_i w, J_i^T w).
 
-How a step is executed is the *compile mode*:
-
-``off``
-    eager autograd, step by step, each step applying its own DSA family
-    (``tesla.augment.DSA.apply``): the engine as it was before compiled steps, and the reference.
-``inductor``
-    the step traced once into a pure graph of ATen operations (``make_fx`` runs the same
-    autograd code, double backward included, and records the kernels it calls), then compiled
-    by TorchInductor (``torch.compile``): fused kernels.
-``cudagraph``
-    the traced step captured in a CUDA graph (the eager kernels, no compile time): one launch
-    per step instead of one per kernel (about 1,600 per ConvNet-3 step, counted on an H100).
-``inductor-cudagraph``
-    the compiled kernels captured in a CUDA graph.
-``auto``
-    ``off`` on the CPU, ``inductor-cudagraph`` on CUDA (chosen without a GPU measurement; see
-    docs/benchmarks.md and ``bench/gpu_engine.sh``).
-
-A traced graph has fixed shapes, so it takes the augmentation as *data*: the step's family
-index k (a 0-d tensor, -1 for none) and every family's parameters packed in one B x K float64
-matrix (:func:`pack_augmentation`), and applies A(x) = A_k(x) by selection among the families
-of the strategy (:func:`apply_packed`). The selected value is the one ``DSA.apply`` computes
-(same operations on the same parameters); the branches not taken contribute exact zeros to the
-gradient. So one graph serves every family: a run builds one ``update`` graph and one
-``adjoint`` graph per minibatch size (two sizes at most: see
-:func:`tesla.matching.plan_student_steps`), i.e. 2 graphs when ``batch_syn`` divides the number
-of synthetic images and 4 otherwise, whatever the DSA strategy; the cost is computing the other
-families' (cheap, elementwise and resampling) transforms too.
-
-Over several processes (:mod:`tesla.distributed`) a step's rows are a shard of the minibatch and
-its sums over the minibatch are summed over the ranks between the graphs: the graphs
-``gradient-shard`` (the shard's share of g_i) and the adjoint kinds' ``-shard`` graphs (its share
-of H_i w, with dX_b, dY_b, s) replace ``update`` and the adjoint graphs (:func:`step_kinds`); the
-eager steps pass the sum to :func:`student_update` and :func:`adjoint_step` as ``reduce``.
+The steps of one matching call run eagerly here (:class:`EagerSteps`: autograd per step, the
+reference) or as traced and compiled graphs (:mod:`tesla.step_compiler`); both drive the
+:class:`StudentSteps` interface that the sweeps of :mod:`tesla.matching` use. Over several
+processes (:mod:`tesla.distributed`) a step's rows are a shard of the minibatch, and the eager
+steps pass the sum over the ranks to :func:`student_update` and :func:`adjoint_step` as ``reduce``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import sys
-import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Protocol, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
-from tesla.augment import DSA, AugParams
 from tesla.errors import TeslaError
+
+__all__ = [
+    "AugmentFn",
+    "EagerSteps",
+    "LossFn",
+    "Reduce",
+    "StepInputs",
+    "StudentSteps",
+    "adjoint_step",
+    "augmentations_on",
+    "student_gradient",
+    "student_update",
+]
 
 #: l(theta, x, y): the mean training loss of the student with flat parameters theta on a batch.
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -69,29 +49,7 @@ AugmentFn = Callable[[torch.Tensor], torch.Tensor]
 #: a sum over the processes of a distributed run (in place), see tesla.distributed.Ranks.sum
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 
-COMPILE_MODES: tuple[str, ...] = ("auto", "off", "inductor", "cudagraph", "inductor-cudagraph")
-#: the traced graph run as it is (no compiler, no capture): tests and benchmarks of the tracing
-TRACE_ONLY = "trace"
 
-
-def resolve_compile_mode(mode: str, device: torch.device) -> str:
-    """The mode a run uses on ``device``: ``auto`` becomes ``off`` on the CPU and
-    ``inductor-cudagraph`` on CUDA; CUDA-graph modes are refused off CUDA."""
-    if mode == "auto":
-        return "inductor-cudagraph" if device.type == "cuda" else "off"
-    if mode not in COMPILE_MODES and mode != TRACE_ONLY:
-        raise TeslaError(f"--compile {mode!r} is not a compile mode; choose one of {', '.join(COMPILE_MODES)}")
-    if mode.endswith("cudagraph") and device.type != "cuda":
-        raise TeslaError(
-            f"--compile {mode} captures CUDA graphs and needs a CUDA device (the run is on {device}); "
-            "use --compile inductor or off"
-        )
-    return mode
-
-
-# ---------------------------------------------------------------------------------------
-# the math of one step (used eagerly, and traced)
-# ---------------------------------------------------------------------------------------
 def student_gradient(
     loss_fn: LossFn, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, create_graph: bool = False
 ) -> torch.Tensor:
@@ -168,135 +126,7 @@ def adjoint_step(
     return w_next, -alpha * jt_w, dy, s.detach()
 
 
-# ---------------------------------------------------------------------------------------
-# the augmentation as data: one packed parameter matrix for every family
-# ---------------------------------------------------------------------------------------
-#: each family's parameters, in packed column order, with a finite placeholder for the steps
-#: that drew another family (its value never reaches the output: the family is not selected)
-PACKED_FIELDS: dict[str, tuple[tuple[str, float], ...]] = {
-    "color": (("brightness", 0.0), ("saturation", 1.0), ("contrast", 1.0)),
-    "crop": (("dy", 0.0), ("dx", 0.0)),
-    "cutout": (("cy", -1.0), ("cx", -1.0)),
-    "flip": (("flip", 0.0),),
-    "scale": (("sx", 1.0), ("sy", 1.0)),
-    "rotate": (("degrees", 0.0),),
-}
-_INTEGER_FIELDS = frozenset({"dy", "dx", "cy", "cx"})
-_BOOLEAN_FIELDS = frozenset({"flip"})
 
-
-def _columns(families: Sequence[str]) -> dict[str, slice]:
-    """Where each family's fields sit in a packed row."""
-    out, start = {}, 0
-    for name in families:
-        width = len(PACKED_FIELDS[name])
-        out[name] = slice(start, start + width)
-        start += width
-    return out
-
-
-def packed_width(families: Sequence[str]) -> int:
-    return sum(len(PACKED_FIELDS[name]) for name in families)
-
-
-def pack_augmentation(params: Any | None, families: Sequence[str], batch: int) -> tuple[int, torch.Tensor]:
-    """(k, P): the index k in ``families`` of the family a step drew (-1: no augmentation) and
-    the B x K float64 matrix holding its sampled parameters (placeholders for the others).
-
-    Integer and boolean parameters are exact in float64 (|value| < 2^53)."""
-    packed = torch.empty(batch, packed_width(families), dtype=torch.float64)
-    columns = _columns(families)
-    for name, cols in columns.items():
-        for j, (_, placeholder) in zip(range(cols.start, cols.stop), PACKED_FIELDS[name]):
-            packed[:, j] = placeholder
-    chosen = tuple(getattr(params, "families", ()) or ()) if params is not None else ()
-    if not chosen:
-        return -1, packed
-    if len(chosen) != 1 or chosen[0] not in columns:
-        raise TeslaError(
-            f"a compiled student step applies one DSA family of {tuple(families)} per step; this step's "
-            f"augmentation applies {chosen} (use DSA(single_family=True), or compile mode 'off')"
-        )
-    name = chosen[0]
-    for j, (key, _) in zip(range(columns[name].start, columns[name].stop), PACKED_FIELDS[name]):
-        packed[:, j] = params.values[name][key].to(torch.float64)
-    return families.index(name), packed
-
-
-def _unpack(packed: torch.Tensor, name: str, cols: slice) -> dict[str, torch.Tensor]:
-    values = {}
-    for j, (key, _) in zip(range(cols.start, cols.stop), PACKED_FIELDS[name]):
-        column = packed[:, j]
-        if key in _INTEGER_FIELDS:
-            column = column.to(torch.int64)
-        elif key in _BOOLEAN_FIELDS:
-            column = column > 0.5
-        values[key] = column
-    return values
-
-
-def apply_packed(x: torch.Tensor, family: torch.Tensor, packed: torch.Tensor, dsa: DSA) -> torch.Tensor:
-    """A(x) = A_k(x) for k = ``family`` (a 0-d integer tensor), x itself for k = -1:
-    where(k == 0, A_0(x), where(k == 1, A_1(x), ... x)) with A_j = family j of the strategy,
-    applied by ``dsa.apply`` with its columns of ``packed``."""
-    out = x
-    for k, (name, cols) in enumerate(_columns(dsa.families).items()):
-        params = AugParams(tuple(x.shape), (name,), {name: _unpack(packed, name, cols)})
-        out = torch.where(family == k, dsa.apply(x, params), out)
-    return out
-
-
-# ---------------------------------------------------------------------------------------
-# float32 exactly: immune to a global TF32 setting
-# ---------------------------------------------------------------------------------------
-def _precision_switches() -> list[Any]:
-    """The backends whose ``fp32_precision`` (torch >= 2.9) lets float32 products use TF32 or
-    bf16: cuBLAS, cuDNN convolutions and oneDNN (CPU) products and convolutions."""
-    b = torch.backends
-    objects = [b.cuda.matmul, getattr(b.cudnn, "conv", None), getattr(b.mkldnn, "matmul", None), getattr(b.mkldnn, "conv", None)]
-    return [o for o in objects if o is not None and hasattr(o, "fp32_precision")]
-
-
-def _legacy_precision() -> tuple[str, bool] | None:
-    """(float32 matmul precision, cudnn.allow_tf32) through the legacy API, or None when torch
-    refuses to read it (the caller set precisions through the new per-backend API only)."""
-    try:
-        return torch.get_float32_matmul_precision(), bool(torch.backends.cudnn.allow_tf32)
-    except RuntimeError:
-        return None
-
-
-@contextlib.contextmanager
-def ieee_float32() -> Iterator[None]:
-    """Run float32 matrix products and convolutions in IEEE float32 (no TF32, no bf16),
-    restoring the caller's settings afterwards.
-
-    PyTorch's own default lets cuDNN convolutions use TF32 (``cudnn.allow_tf32 = True``), and a
-    workflow may enable TF32 for experts and evaluation; the matching engines inherit neither
-    (docs/benchmarks.md: the gradient's error in lower precisions). Both APIs are set, legacy
-    first (it updates the new one too), so that code reading either inside (TorchInductor reads
-    the legacy flags when it compiles) sees IEEE float32 and no mix of the two."""
-    switches = _precision_switches()
-    saved = [o.fp32_precision for o in switches]
-    legacy = _legacy_precision()
-    try:
-        if legacy is not None:
-            torch.set_float32_matmul_precision("highest")
-            torch.backends.cudnn.allow_tf32 = False
-        for o in switches:
-            o.fp32_precision = "ieee"
-        yield
-    finally:
-        if legacy is not None:
-            torch.set_float32_matmul_precision(legacy[0])
-            torch.backends.cudnn.allow_tf32 = legacy[1]
-        for o, value in zip(switches, saved):
-            o.fp32_precision = value
-
-
-# ---------------------------------------------------------------------------------------
-# executing the steps of one matching call
-# ---------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class StepInputs:
     """What every step of one matching call reads: the synthetic set, its labels, the learned
@@ -317,56 +147,11 @@ class StepInputs:
     touched: torch.Tensor | None = None  # over several processes: the rows some rank's step reads
 
 
-def adjoint_kind(propagate_hessian: bool, label_gradient: bool) -> str:
-    """The name of a reverse-sweep step graph: ``adjoint`` (exact) or ``adjoint-first-order``
-    (tesla), with ``-labels`` when it also gives the label gradient dY_b."""
-    return ("adjoint" if propagate_hessian else "adjoint-first-order") + ("-labels" if label_gradient else "")
-
-
-#: the suffix of the graphs of a shard of the minibatch (a run over several processes): they
-#: return the shard's share of the sums over the minibatch, summed over the ranks outside the graph
-SHARD = "-shard"
-
-
-def step_kinds(propagate_hessian: bool, label_gradient: bool, sharded: bool) -> tuple[str, str]:
-    """The graphs of a matching call: ``update`` and its adjoint kind, or over several processes
-    ``gradient-shard`` (g_i's share) and the adjoint kind's ``-shard`` graph (H_i w's share)."""
-    adjoint = adjoint_kind(propagate_hessian, label_gradient)
-    return ("gradient" + SHARD, adjoint + SHARD) if sharded else ("update", adjoint)
-
-
-def _shard_step(ws: "_Workspace", bb: "_BatchBuffers", kind: str, loss_fn: LossFn, augment: Callable) -> tuple:
-    """(step, args, outputs) of a shard graph: the loss is the shard's share, weight x its mean
-    (``ws.weight``, a graph input); ``gradient-shard`` returns g's share (into ``ws.g``), the
-    adjoint ``-shard`` graphs return H w's share (exact, into ``ws.hw``), dX_b, dY_b and s."""
-    def share(weight: torch.Tensor) -> LossFn:
-        return lambda theta, x, y: loss_fn(theta, x, y) * weight
-
-    base = kind[: -len(SHARD)]
-    if base == "gradient":
-        def step(theta, x, y, weight, family, packed):
-            with torch.enable_grad():
-                t = theta.detach().requires_grad_(True)
-                return (student_gradient(share(weight), t, augment(family, packed)(x.detach()), y),)
-
-        return step, (ws.theta, bb.x, bb.y, ws.weight, bb.family, bb.packed), (ws.g,)
-    exact = not base.startswith("adjoint-first-order")
-    labels = base.endswith("-labels")
-
-    def step(theta, w, x, y, alpha, weight, family, packed):
-        kept = []  # H w's share, as adjoint_step hands it to its sum over the ranks
-        _, dx, dy, s = adjoint_step(share(weight), theta, w, x, y, alpha, augment(family, packed), exact, labels,
-                                    lambda h: kept.append(h) or h)
-        return tuple(kept) + (dx,) + (dy,) * labels + (s,)
-
-    args = (ws.theta, ws.w, bb.x, bb.y, ws.alpha, ws.weight, bb.family, bb.packed)
-    return step, args, (ws.hw,) * exact + (bb.dx,) + (bb.dy,) * labels + (ws.s,)
-
 
 class StudentSteps(Protocol):
     """What the sweeps of :mod:`tesla.matching` drive: the state (theta = theta_i, total = G,
     w = the adjoint vector) and the two kinds of step. :class:`EagerSteps` and
-    :class:`GraphSteps` provide it."""
+    :class:`tesla.step_compiler.GraphSteps` provide it."""
 
     mode: str
     theta: torch.Tensor
@@ -441,312 +226,3 @@ class EagerSteps:
             self.inputs.label_gradient, self.inputs.reduce,
         )
         return dx, dy, s
-
-
-@dataclass
-class BuiltGraph:
-    """One traced (and compiled and/or captured) step graph of a run."""
-
-    kind: str  # "update", "adjoint" (exact) or "adjoint-first-order" (tesla), "-labels" with dY (adjoint_kind)
-    batch: int
-    mode: str
-    seconds: float  # tracing + compiling + capturing, including the warm-up runs
-
-
-@dataclass
-class _BatchBuffers:
-    """Static inputs and outputs of the graphs of one minibatch size."""
-
-    x: torch.Tensor
-    y: torch.Tensor
-    family: torch.Tensor
-    packed: torch.Tensor
-    dx: torch.Tensor
-    dy: torch.Tensor
-
-
-@dataclass
-class _Workspace:
-    """Fixed tensors every graph reads and writes (a captured graph replays on these addresses)."""
-
-    key: tuple
-    theta: torch.Tensor
-    total: torch.Tensor
-    w: torch.Tensor
-    alpha: torch.Tensor
-    s: torch.Tensor
-    g: torch.Tensor  # shard graphs: g's share (gradient-shard) and H w's share (exact adjoint)
-    hw: torch.Tensor
-    weight: torch.Tensor  # shard graphs: the step's weight |shard| / |b_i|
-    batches: dict[int, _BatchBuffers] = field(default_factory=dict)
-    runs: dict[tuple[str, int], Callable[[], None]] = field(default_factory=dict)
-
-
-class StepCompiler:
-    """The traced / compiled / captured student steps of one run, kept across iterations.
-
-    Create one per distillation (``StepCompiler(mode)``, mode as resolved by
-    :func:`resolve_compile_mode`, not ``off``) and pass it to every
-    :func:`tesla.matching.matching_gradients` call: graphs are built on first use of a
-    (kind, minibatch size) and reused; ``built`` lists them. A different loss function, device,
-    dtype, parameter count, image or label shape, or DSA strategy starts over.
-
-    ``announce``: one line on stderr per graph built (compiling takes minutes). When building a
-    graph fails (a compiler or capture error), a TeslaError names the mode and the way out; with
-    ``fallback`` (``--compile auto``) the failure is said on stderr instead and this and every
-    later call run eagerly.
-    """
-
-    def __init__(self, mode: str, announce: bool = False, fallback: bool = False) -> None:
-        if mode not in ("inductor", "cudagraph", "inductor-cudagraph", TRACE_ONLY):
-            raise TeslaError(f"StepCompiler needs a compile mode other than 'off'/'auto', got {mode!r}")
-        self.mode = mode
-        self.announce = announce
-        self.fallback = fallback
-        self.failure: str | None = None  # why the graphs could not be built (fallback: eager from then on)
-        self.built: list[BuiltGraph] = []
-        self._workspace: _Workspace | None = None
-        self._loss_fn: LossFn | None = None  # kept alive: the workspace key holds its id
-        self._pool = None
-
-    # -- the workspace ---------------------------------------------------------------
-    def _workspace_for(self, loss_fn: LossFn, theta: torch.Tensor, inputs: StepInputs, families: tuple[str, ...]) -> _Workspace:
-        images, labels = inputs.images, inputs.labels
-        key = (id(loss_fn), images.device, images.dtype, theta.numel(), tuple(images.shape[1:]),
-               labels.dtype, tuple(labels.shape[1:]), families)
-        ws = self._workspace
-        if ws is None or ws.key != key:
-            ws = _Workspace(
-                key=key,
-                theta=torch.zeros(theta.numel(), dtype=theta.dtype, device=images.device),
-                total=torch.zeros(theta.numel(), dtype=theta.dtype, device=images.device),
-                w=torch.zeros(theta.numel(), dtype=theta.dtype, device=images.device),
-                alpha=torch.zeros((), dtype=theta.dtype, device=images.device),
-                s=torch.zeros((), dtype=theta.dtype, device=images.device),
-                g=torch.zeros(theta.numel(), dtype=theta.dtype, device=images.device),
-                hw=torch.zeros(theta.numel(), dtype=theta.dtype, device=images.device),
-                weight=torch.ones((), dtype=theta.dtype, device=images.device),
-            )
-            self._workspace, self._loss_fn = ws, loss_fn  # the loss function the graphs were traced from
-            self._pool = None  # a new memory pool for the new graphs (the old ones go with the old workspace)
-        return ws
-
-    def _batch_buffers(self, ws: _Workspace, inputs: StepInputs, batch: int, width: int) -> _BatchBuffers:
-        if batch not in ws.batches:
-            images, labels = inputs.images, inputs.labels
-            ws.batches[batch] = _BatchBuffers(
-                x=torch.zeros((batch, *images.shape[1:]), dtype=images.dtype, device=images.device),
-                y=torch.zeros((batch, *labels.shape[1:]), dtype=labels.dtype, device=images.device),
-                family=torch.full((), -1, dtype=torch.int64, device=images.device),
-                packed=torch.zeros((batch, width), dtype=torch.float64, device=images.device),
-                dx=torch.zeros((batch, *images.shape[1:]), dtype=images.dtype, device=images.device),
-                dy=torch.zeros((batch, *labels.shape[1:]), dtype=labels.dtype, device=images.device),
-            )
-        return ws.batches[batch]
-
-    # -- building a graph -------------------------------------------------------------
-    def _build(self, ws: _Workspace, kind: str, batch: int, loss_fn: LossFn, dsa: DSA | None) -> Callable[[], None]:
-        from torch.fx.experimental.proxy_tensor import make_fx
-
-        bb = ws.batches[batch]
-        t0 = time.perf_counter()
-        if self.announce:
-            print(f"tesla: building the {kind} step graph for minibatches of {batch} ({self.mode})...", file=sys.stderr, flush=True)
-
-        def augment(family: torch.Tensor, packed: torch.Tensor) -> AugmentFn:
-            return (lambda x: x) if dsa is None else (lambda x: apply_packed(x, family, packed, dsa))
-
-        if kind.endswith(SHARD):
-            step, args, outputs = _shard_step(ws, bb, kind, loss_fn, augment)
-        elif kind == "update":
-            def step(theta, total, x, y, alpha, family, packed):
-                return student_update(loss_fn, theta, total, x, y, alpha, augment(family, packed))
-
-            args = (ws.theta, ws.total, bb.x, bb.y, ws.alpha, bb.family, bb.packed)
-            outputs: tuple[torch.Tensor, ...] = (ws.theta, ws.total)
-        else:
-            exact = not kind.startswith("adjoint-first-order")
-            labels = kind.endswith("-labels")
-
-            def step(theta, w, x, y, alpha, family, packed):
-                w_next, dx, dy, s = adjoint_step(loss_fn, theta, w, x, y, alpha, augment(family, packed), exact, labels)
-                return (w_next,) * exact + (dx,) + (dy,) * labels + (s,)
-
-            args = (ws.theta, ws.w, bb.x, bb.y, ws.alpha, bb.family, bb.packed)
-            outputs = (ws.w,) * exact + (bb.dx,) + (bb.dy,) * labels + (ws.s,)
-
-        graph = make_fx(step)(*args)  # runs the step once, recording its ATen operations
-        call: Callable[..., Any] = graph
-        if self.mode.startswith("inductor"):
-            call = torch.compile(graph, backend="inductor", fullgraph=True, dynamic=False)
-
-        def run() -> None:
-            for out, value in zip(outputs, call(*args)):
-                out.copy_(value)
-
-        if self.mode.endswith("cudagraph"):
-            run = self._capture(call, args, run)
-        else:
-            call(*args)  # compile now (inductor), not inside the sweeps
-        self.built.append(BuiltGraph(kind, batch, self.mode, time.perf_counter() - t0))
-        if self.announce:
-            print(f"tesla: ... built in {self.built[-1].seconds:.1f} s", file=sys.stderr, flush=True)
-        return run
-
-    def _capture(self, call: Callable[..., Any], args: tuple, run: Callable[[], None]) -> Callable[[], None]:
-        """Capture ``run`` (the step and the copies of its results into the workspace) in a
-        CUDA graph; all graphs of the run share one memory pool, which is safe because no
-        tensor of the pool outlives a replay (results are copied into the workspace inside the
-        graph). Warm-up runs the pure step only, so the workspace state is not advanced."""
-        device = args[0].device
-        with torch.cuda.device(device):
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    call(*args)
-            torch.cuda.current_stream(device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                run()
-
-        def replay() -> None:
-            with torch.cuda.device(device):  # a graph replays on its device's current stream
-                graph.replay()
-
-        return replay
-
-    # -- binding one matching call ----------------------------------------------------
-    def steps(
-        self,
-        loss_fn: LossFn,
-        theta_start: torch.Tensor,
-        inputs: StepInputs,
-        augment: Any | None,
-        kinds: Sequence[str],
-    ) -> "GraphSteps | None":
-        """The executor of one matching call, every graph it needs built before it returns
-        (``None`` once a build failed with ``fallback`` on: run the steps eagerly)."""
-        if self.failure is not None:
-            return None
-        if augment is not None and not isinstance(augment, DSA):
-            raise TeslaError("compiled student steps need a tesla.augment.DSA augmentation (or none); use compile mode 'off'")
-        families = augment.families if augment is not None else ()
-        try:
-            ws = self._workspace_for(loss_fn, theta_start, inputs, families)
-            staged = _stage_augmentations(inputs, families)
-            ws.alpha.copy_(inputs.alpha)
-            ws.theta.copy_(theta_start.detach().reshape(-1))
-            steps = GraphSteps(ws, inputs, staged, self.mode)
-            first_of_size: dict[int, int] = {}
-            for i, idx in enumerate(inputs.indices):
-                first_of_size.setdefault(len(idx), i)
-            for batch, i in first_of_size.items():
-                self._batch_buffers(ws, inputs, batch, packed_width(families))
-                steps.load(i)  # real data in the buffers for tracing and warm-up
-                for kind in kinds:
-                    if (kind, batch) not in ws.runs:
-                        ws.runs[(kind, batch)] = self._build(ws, kind, batch, loss_fn, augment)
-            return steps
-        except TeslaError:
-            raise
-        except Exception as exc:
-            if not self.fallback:
-                raise TeslaError(
-                    f"--compile {self.mode}: could not build the student step graph ({type(exc).__name__}: "
-                    f"{str(exc).splitlines()[0][:300] if str(exc) else ''}); use --compile off (eager) or auto "
-                    "(falls back to eager)"
-                ) from exc
-            self.failure = f"{type(exc).__name__}: {exc}"
-            self._workspace = None
-            print(
-                f"tesla: could not build the {self.mode} student step ({self.failure.splitlines()[0][:300]}); "
-                "running the steps eagerly (--compile off) from now on",
-                file=sys.stderr, flush=True,
-            )
-            return None
-
-
-def _stage_augmentations(inputs: StepInputs, families: tuple[str, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Every step's (family index, packed parameters), packed on the CPU from the samples as
-    drawn and moved to the device in one copy per minibatch size before the sweeps (so the
-    sweeps never copy from the host)."""
-    device = inputs.images.device
-    rows = [pack_augmentation(p, families, len(idx)) for p, idx in zip(inputs.augmentations, inputs.indices)]
-    families_on_device = torch.tensor([k for k, _ in rows], dtype=torch.int64).to(device)
-    staged: list[Any] = [None] * len(rows)
-    by_size: dict[int, list[int]] = {}
-    for i, idx in enumerate(inputs.indices):
-        by_size.setdefault(len(idx), []).append(i)
-    for steps in by_size.values():
-        stacked = torch.stack([rows[i][1] for i in steps]).to(device)
-        for j, i in enumerate(steps):
-            staged[i] = (families_on_device[i], stacked[j])
-    return staged
-
-
-class GraphSteps:
-    """Steps run as the graphs of a :class:`StepCompiler` (same interface as :class:`EagerSteps`).
-
-    Per step: the minibatch, labels and augmentation sample are copied into the fixed input
-    tensors (device-to-device), the graph runs (a replay when captured) and leaves its results
-    in the fixed output tensors: theta and total (update); w, dX_b and s (adjoint).
-    """
-
-    def __init__(self, ws: _Workspace, inputs: StepInputs, staged: list[tuple[torch.Tensor, torch.Tensor]], mode: str) -> None:
-        self.ws, self.inputs, self.staged, self.mode = ws, inputs, staged, mode
-
-    @property
-    def theta(self) -> torch.Tensor:
-        return self.ws.theta
-
-    @property
-    def total(self) -> torch.Tensor:
-        return self.ws.total
-
-    @property
-    def w(self) -> torch.Tensor:
-        return self.ws.w
-
-    def load(self, i: int) -> _BatchBuffers:
-        """Copy step i's minibatch X_b, labels Y_b and augmentation sample into the buffers."""
-        idx = self.inputs.indices[i]
-        bb = self.ws.batches[len(idx)]
-        torch.index_select(self.inputs.images.detach(), 0, idx, out=bb.x)
-        torch.index_select(self.inputs.labels, 0, idx, out=bb.y)
-        family, packed = self.staged[i]
-        bb.family.copy_(family)
-        bb.packed.copy_(packed)
-        if self.inputs.weights is not None:
-            self.ws.weight.fill_(self.inputs.weights[i])
-        return bb
-
-    def begin(self, theta_start: torch.Tensor) -> None:
-        self.ws.theta.copy_(theta_start.detach().reshape(-1))
-        self.ws.total.zero_()
-
-    def update(self, i: int) -> None:
-        self.load(i)
-        if self.inputs.reduce is None:
-            self.ws.runs[("update", len(self.inputs.indices[i]))]()
-            return
-        self.ws.runs[("gradient" + SHARD, len(self.inputs.indices[i]))]()  # over several processes
-        g = self.inputs.reduce(self.ws.g)
-        self.ws.theta.sub_(self.ws.alpha * g)
-        self.ws.total.add_(g)
-
-    def begin_adjoint(self, v: torch.Tensor) -> None:
-        self.ws.w.copy_(v)
-
-    def adjoint(
-        self, i: int, theta_i: torch.Tensor, propagate_hessian: bool
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        self.ws.theta.copy_(theta_i, non_blocking=True)
-        bb = self.load(i)
-        kind = step_kinds(propagate_hessian, self.inputs.label_gradient, self.inputs.reduce is not None)[1]
-        self.ws.runs[(kind, len(self.inputs.indices[i]))]()
-        if self.inputs.reduce is not None and propagate_hessian:  # over several processes: w' = w - alpha sum_r (H w)_r
-            self.ws.w.sub_(self.ws.alpha * self.inputs.reduce(self.ws.hw))
-        return bb.dx, bb.dy if self.inputs.label_gradient else None, self.ws.s

@@ -27,6 +27,8 @@ import torch
 from tesla import __version__
 from tesla.files import atomic_output
 from tesla.hdf5 import open_checked
+from tesla.input_space import space_of_record
+from tesla.zca import ZCA
 
 FORMAT_NAME = "tesla-synthetic"
 FORMAT_VERSION = 2
@@ -103,14 +105,10 @@ class SyntheticSet:
         """The embedded ZCA transform (``tesla.zca.ZCA``), or None."""
         if self.zca_artifact is None:
             return None
-        from tesla.zca import ZCA
-
         return ZCA.load(io.BytesIO(self.zca_artifact))
 
     def input_space(self, where: str | os.PathLike = "synthetic set"):
         """The set's input space (``tesla.input_space.InputSpace``): normalisation and ZCA."""
-        from tesla.input_space import space_of_record
-
         return space_of_record(self.normalization, self.mean, self.std, self.zca(), where)
 
     # -- I/O -----------------------------------------------------------------------

@@ -1,6 +1,7 @@
-"""ZCA whitening fitted once on a training split (``tesla zca``), saved as ``tesla-zca`` v2.
+"""The ZCA whitening transform: fitted on images, applied, inverted, fingerprinted, and kept in
+a ``tesla-zca`` v2 file (``tesla zca``, :mod:`tesla.zca_fit`, fits it on a training split).
 
-The images are taken in the space of a named normalisation (``tesla.input_space``),
+The images are taken in the space of a named normalisation (``tesla.normalizations``),
 z = (u/255 - mean_c)/std_c, flattened to D = C*H*W: ``--normalize split`` (default) uses
 the training split's own mean/std; ``--normalize none`` takes the pixels in [0, 1] as they
 are, which is how the published MTT/TESLA code fits it (kornia's ZCAWhitening(eps=0.1) on
@@ -21,18 +22,12 @@ normalisation.
 The covariance is accumulated chunk by chunk in float64 (sums of z - c and of
 (z - c)(z - c)^T around a shift c, the first chunk's mean, to avoid cancellation), so the
 split never needs to be in memory as float64 at once: memory is O(D^2), not O(N D).
-
-Command line::
-
-    tesla zca --train DIR/train.h5 --out DIR/zca.h5 [--normalize split|none|cifar10|...] [--eps 0.1]
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
-import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,25 +38,17 @@ import numpy as np
 import torch
 
 from tesla import __version__
-from tesla.arguments import finite_float
 from tesla.errors import TeslaError
 from tesla.files import atomic_output
 from tesla.hdf5 import open_checked
-from tesla.input_space import (
-    DEFAULT_NORMALIZATION,
-    NORMALIZATIONS,
-    InputSpace,
-    check_normalization_name,
-    resolve_normalization,
-)
+from tesla.normalizations import DEFAULT_NORMALIZATION, check_normalization_name
 
 __all__ = [
+    "DEFAULT_EPS",
     "ZCA",
     "CovarianceAccumulator",
-    "configure_parser",
+    "decompose",
     "fit_zca",
-    "fit_zca_split",
-    "run",
     "zca_fingerprint",
 ]
 
@@ -150,12 +137,15 @@ class ZCA:
             )
         return self._cache[key]
 
+    def check_shape(self, shape: Sequence[int], where: str, what: str, fix: str) -> None:
+        """TeslaError unless ``shape`` (C x H x W) is that of the images the transform was fitted
+        on: '<where>: fitted on images of shape (C, H, W) (C x H x W), but <what>; <fix>'."""
+        if tuple(int(v) for v in shape) != tuple(self.image_shape):
+            raise TeslaError(f"{where}: fitted on images of shape {tuple(self.image_shape)} (C x H x W), but {what}; {fix}")
+
     def _check(self, x: torch.Tensor) -> None:
-        if x.ndim != 4 or tuple(x.shape[1:]) != tuple(self.image_shape):
-            raise TeslaError(
-                f"ZCA was fitted on images of shape {tuple(self.image_shape)} (C x H x W), "
-                f"got a batch of shape {tuple(x.shape)}; use the zca.h5 of this dataset"
-            )
+        shape = tuple(x.shape[1:]) if x.ndim == 4 else ()  # () matches no image shape: N x C x H x W only
+        self.check_shape(shape, "ZCA", f"got a batch of shape {tuple(x.shape)}", "use the zca.h5 of this dataset")
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """zca(x) = W (x - mu) per image (N x C x H x W in, same out), on x's device."""
@@ -237,9 +227,11 @@ def zca_fingerprint(zca: ZCA | None) -> str:
     return "" if zca is None else zca.fingerprint()
 
 
-def _decompose(
+def decompose(
     acc: CovarianceAccumulator, eps: float, image_shape: Sequence[int], normalization: str, meta: dict
 ) -> ZCA:
+    """The transform of the accumulated covariance: Sigma = U diag(s) U^T (eigenvalues clamped
+    at 0), with ``meta`` and the number of images recorded."""
     if not eps > 0:
         raise TeslaError(f"--eps must be positive (got {eps}); the paper uses 0.1")
     cov = acc.covariance()
@@ -269,102 +261,4 @@ def fit_zca(
     acc = CovarianceAccumulator(x[0].numel(), device=x.device)
     for s in range(0, len(x), chunk):
         acc.update(x[s : s + chunk])
-    return _decompose(acc, eps, x.shape[1:], normalization, {})
-
-
-def fit_zca_split(
-    path: str | os.PathLike,
-    eps: float = DEFAULT_EPS,
-    chunk: int = 4096,
-    device: torch.device | str = "cpu",
-    progress: bool = True,
-    normalization: str = DEFAULT_NORMALIZATION,
-) -> ZCA:
-    """Fit ZCA on a ``tesla-images`` training split in the space of ``normalization``
-    (``split``: its own mean/std; ``none``: pixels in [0, 1], the published way), chunk by chunk."""
-    from tqdm import tqdm
-
-    from tesla.data import ImageSplit
-
-    split = ImageSplit.open(path)
-    space = InputSpace(resolve_normalization(normalization, split))
-    c, h, w = split.channels, split.resolution, int(split.attrs["width"])
-    dim = c * h * w
-    if dim > 20000:
-        print(
-            f"tesla zca: {path}: D = {dim} features, the covariance alone takes {dim * dim * 8 / 2**30:.1f} GiB "
-            "and its eigen-decomposition is slow; ZCA is meant for CIFAR-size images",
-            file=sys.stderr,
-        )
-    acc = CovarianceAccumulator(dim, device=device)
-    n = split.num_images
-    with h5py.File(split.path, "r") as f, tqdm(
-        total=n, desc="zca covariance", unit="img", disable=not progress, file=sys.stderr
-    ) as bar:
-        images = f["images"]
-        for s in range(0, n, chunk):
-            block = images[s : s + chunk]
-            acc.update(space.to_input(block, device))
-            bar.update(len(block))
-    if progress:
-        print(f"tesla zca: eigen-decomposition of the {dim} x {dim} covariance ...", file=sys.stderr)
-    meta = {
-        "dataset": split.dataset,
-        "train_fingerprint": split.fingerprint,
-        "train_path": str(split.path),
-        "normalization_mean": np.asarray(space.mean, dtype=np.float64),
-        "normalization_std": np.asarray(space.std, dtype=np.float64),
-    }
-    return _decompose(acc, eps, (c, h, w), normalization, meta)
-
-
-# --------------------------------------------------------------------------------------
-# command line
-# --------------------------------------------------------------------------------------
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--train", required=True, type=Path, help="training split (tesla-images HDF5)")
-    parser.add_argument("--out", required=True, type=Path, help="output ZCA file (tesla-zca HDF5)")
-    parser.add_argument(
-        "--normalize", default=DEFAULT_NORMALIZATION, choices=NORMALIZATIONS,
-        help="the space ZCA is fitted in (and later applied after): 'split' = the split's own mean/std; 'none' = "
-        "pixels in [0, 1], as the published code; or fixed published constants",
-    )
-    parser.add_argument("--eps", type=finite_float, default=DEFAULT_EPS, help="eigenvalue regulariser eps")
-    parser.add_argument("--chunk", type=int, default=4096, help="images per covariance update")
-    parser.add_argument("--device", default="cpu", help="device for the covariance: cpu, cuda, auto")
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise TeslaError(f"--device {name!r} is not a device; use cpu, cuda, cuda:N or auto") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TeslaError(f"--device {name}: CUDA is not available here; use --device cpu or auto")
-    return device
-
-
-def run(args: argparse.Namespace) -> int:
-    if not args.eps > 0:
-        raise TeslaError(f"--eps must be positive (got {args.eps}); the paper uses 0.1")
-    if args.chunk < 1:
-        raise TeslaError(f"--chunk must be at least 1 (got {args.chunk})")
-    if args.out.is_dir():
-        raise TeslaError(f"--out {args.out} is a directory; give a file name such as {args.out / 'zca.h5'}")
-    if args.out.exists() and args.out.resolve() == Path(args.train).resolve():
-        raise TeslaError(f"--out {args.out} is the training split itself; choose another file name")
-    zca = fit_zca_split(
-        args.train, eps=args.eps, chunk=args.chunk, device=_device(args.device), normalization=args.normalize
-    )
-    zca.save(args.out)
-    s = zca.eigenvalues
-    print(
-        f"tesla zca: wrote {args.out}: D = {zca.dim}, {zca.meta['num_images']} images, normalisation "
-        f"{zca.normalization}, eps {zca.eps}, "
-        f"eigenvalues {float(s.max()):.4g} .. {float(s.min()):.4g}, "
-        f"{int((s > zca.eps).sum())} above eps",
-        file=sys.stderr,
-    )
-    return 0
+    return decompose(acc, eps, x.shape[1:], normalization, {})

@@ -20,7 +20,7 @@ from tesla.distill import DistillSettings, distill
 from tesla.augment import DSA
 from tesla.distributed import SINGLE, Ranks, join, leave
 from tesla.matching import matching_gradients
-from tesla.student_steps import StepCompiler
+from tesla.step_compiler import StepCompiler
 from test_matching import BATCH_SYN, STRATEGY, make_problem
 
 #: (engine, labels) cases, each in float64 and float32, with DSA

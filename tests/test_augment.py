@@ -8,9 +8,7 @@ import pytest
 import torch
 
 from tesla.augment import (
-    DEFAULT_STRATEGY,
     DSA,
-    FAMILIES,
     AugParams,
     apply_color,
     apply_crop,
@@ -21,6 +19,7 @@ from tesla.augment import (
     crop_shift,
     cutout_side,
 )
+from tesla.dsa_strategy import DEFAULT_STRATEGY, FAMILIES
 from tesla.errors import TeslaError
 
 

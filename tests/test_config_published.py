@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tesla.input_space import PUBLISHED_CONSTANTS
+from tesla.normalizations import PUBLISHED_CONSTANTS
 from tesla.models import model_spec
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -153,7 +153,8 @@ def test_soft_labels_are_used(tiny, monkeypatch):
 def test_test_split_is_mapped_to_the_sets_network_space(tiny, tmp_path, monkeypatch):
     """Test images get the set's mean/std and the set's embedded ZCA; --zca whitens a random draw."""
     from tesla.data import normalize
-    from tesla.zca import ZCA, fit_zca_split
+    from tesla.zca import ZCA
+    from tesla.zca_fit import fit_zca_split
 
     train = ImageSplit.open(tiny["train"])
     test = ImageSplit.open(tiny["test"])

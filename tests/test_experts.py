@@ -155,7 +155,7 @@ def test_keep_snapshots_and_16_bit_storage(toy, tmp_path):
 
 
 def test_zca_is_applied_and_recorded(toy, tmp_path):
-    from tesla.zca import fit_zca_split
+    from tesla.zca_fit import fit_zca_split
 
     zca_path = fit_zca_split(toy[0], progress=False).save(tmp_path / "zca.h5")
     out = tmp_path / "e.h5"
@@ -208,7 +208,8 @@ def test_normalisation_is_applied_and_recorded(toy, tmp_path, monkeypatch):
 
 
 def test_zca_fixes_the_normalisation(toy, tmp_path, monkeypatch, capsys):
-    from tesla.zca import ZCA, fit_zca_split
+    from tesla.zca import ZCA
+    from tesla.zca_fit import fit_zca_split
 
     zca_path = fit_zca_split(toy[0], progress=False, normalization="none").save(tmp_path / "zca.h5")
     spy = InputSpy(monkeypatch)

@@ -9,15 +9,9 @@ import torch
 
 from tesla.data import ImageSplit
 from tesla.errors import TeslaError
-from tesla.input_space import (
-    NORMALIZATIONS,
-    PUBLISHED_CONSTANTS,
-    InputSpace,
-    input_space_key,
-    open_input_space,
-    resolve_normalization,
-)
-from tesla.zca import fit_zca_split
+from tesla.input_space import InputSpace, open_input_space
+from tesla.normalizations import NORMALIZATIONS, PUBLISHED_CONSTANTS, input_space_key, resolve_normalization
+from tesla.zca_fit import fit_zca_split
 
 from conftest import write_prepared_split
 

@@ -16,20 +16,16 @@ import torch
 import torch.nn.functional as F
 
 import tesla.matching as matching
-import tesla.student_steps as student_steps
-from tesla.augment import DSA, FAMILIES
+from tesla.augment import DSA
+from tesla.augment_packing import apply_packed, pack_augmentation
+from tesla.dsa_strategy import FAMILIES
 from tesla.errors import TeslaError
+from tesla.losses import soft_cross_entropy
 from tesla.matching import ENGINES, matching_gradients, plan_student_steps, trajectory_storage
 from tesla.models import build_model
 from tesla.parameters import flatten_params, functional_forward, param_layout
-from tesla.student_steps import (
-    StepCompiler,
-    apply_packed,
-    ieee_float32,
-    pack_augmentation,
-    resolve_compile_mode,
-)
-from tesla.training import soft_cross_entropy
+from tesla.precision import ieee_float32
+from tesla.step_compiler import StepCompiler, resolve_compile_mode
 
 NUM_IMAGES, BATCH_SYN, CLASSES, RES = 12, 5, 3, 8
 STRATEGY = "color_crop_cutout_flip_scale_rotate"
@@ -321,7 +317,7 @@ def test_gpu_engines_with_host_trajectory_equal_the_cpu(problem, engine):
 
 
 # ---------------------------------------------------------------------------------------
-# the compiled student step (tesla.student_steps)
+# the compiled student step (tesla.step_compiler)
 # ---------------------------------------------------------------------------------------
 #: float32 round-off over a few steps of a tiny network: eager and graph differ in summation
 #: order only (inductor: fused kernels); a wrong step (say, the wrong family or sample replayed)

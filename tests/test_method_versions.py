@@ -21,6 +21,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -31,7 +32,7 @@ RECORD = Path(__file__).with_name("method_versions.json")
 #: the module of each stage's command (what `tesla <stage>` runs)
 STAGE_MODULES = {
     "prepare": "tesla.prepare",  # + the sources, which tesla.data.sources.registry imports by name
-    "zca": "tesla.zca",
+    "zca": "tesla.zca_fit",
     "experts": "tesla.experts",
     "distill": "tesla.distill",
     "evaluate": "tesla.evaluation",
@@ -51,8 +52,13 @@ def module_path(name: str) -> Path | None:
     return None
 
 
+#: a function named by its module's path, ``tesla.networks:build_convnet``
+_MODULE_FUNCTION = re.compile(r"tesla(\.\w+)+:\w+")
+
+
 def _imports(tree: ast.AST, name: str) -> set[str]:
-    """The modules a module imports anywhere in its body (functions included: lazy imports)."""
+    """The modules a module imports anywhere in its body (functions included: lazy imports), and
+    those it names as ``module:function`` (looked up when used)."""
     package = name if module_path(name) and module_path(name).name == "__init__.py" else name.rpartition(".")[0]
     found = set()
     for node in ast.walk(tree):
@@ -66,6 +72,8 @@ def _imports(tree: ast.AST, name: str) -> set[str]:
                 base = node.module or ""
             found.add(base)
             found.update(f"{base}.{alias.name}" for alias in node.names)  # `from tesla import x` (a module)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and _MODULE_FUNCTION.fullmatch(node.value):
+            found.add(node.value.partition(":")[0])  # a `module:function` path, imported when used (tesla.models' builders)
     return found
 
 

@@ -45,6 +45,17 @@ def test_registry_lists_every_family():
         assert name in ALL
 
 
+def test_every_name_declares_a_builder_of_tesla_networks():
+    """The registry (tesla.models, no torch at import) names each network's builder as a
+    `module:function` path; every path leads to a function of tesla.networks."""
+    import tesla.networks
+    from tesla.models import _REGISTRY
+
+    for name, entry in _REGISTRY.items():
+        module, _, function = entry.builder.partition(":")
+        assert module == "tesla.networks" and callable(getattr(tesla.networks, function, None)), (name, entry.builder)
+
+
 def test_paper_parameter_counts():
     assert count_params(build_model("convnet", channels=3, num_classes=10, resolution=32)) == 320_010
     with torch.device("meta"):

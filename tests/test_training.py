@@ -13,16 +13,15 @@ import torch.nn.functional as F
 from tesla.errors import TeslaError
 from tesla.models import build_model
 from tesla.parameters import flatten_params
+from tesla.devices import pick_device
+from tesla.losses import soft_cross_entropy, training_loss
 from tesla.training import (
     EpochStats,
     accuracy,
     epoch_lr,
     make_optimizer,
     minibatches,
-    pick_device,
-    soft_cross_entropy,
     train,
-    training_loss,
 )
 
 
@@ -226,7 +225,9 @@ def test_uint8_images_normalised_per_batch_train_like_float_images():
 from tesla.augment import DSA  # noqa: E402
 from tesla.parameters import flatten_buffers  # noqa: E402
 from tesla.precision import Numerics  # noqa: E402
-from tesla.training import AUTO_GROUP_MODE, EndTraining, GroupMember, resolve_group_mode, train_group  # noqa: E402
+from tesla.group_modes import AUTO_GROUP_MODE, resolve_group_mode  # noqa: E402
+from tesla.group_training import train_group  # noqa: E402
+from tesla.training import EndTraining, GroupMember  # noqa: E402
 
 
 def reference_loop(model, x, y, *, epochs, lr, momentum, weight_decay, batch_size, dsa, generator, decay_epoch):

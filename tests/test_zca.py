@@ -1,4 +1,4 @@
-"""ZCA whitening (tesla.zca) and the ``tesla zca`` command."""
+"""ZCA whitening (tesla.zca) and the ``tesla zca`` command (tesla.zca_fit)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import torch
 from tesla.cli import main
 from tesla.data import ImageSplit, normalize
 from tesla.errors import TeslaError
-from tesla.zca import ZCA, CovarianceAccumulator, fit_zca, fit_zca_split
+from tesla.zca import ZCA, CovarianceAccumulator, fit_zca
+from tesla.zca_fit import fit_zca_split
 
 from conftest import blob_classes, write_prepared_split
 

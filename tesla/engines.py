@@ -1,0 +1,16 @@
+"""The gradient engines of the matching loss, by name (no torch at import: the workflow checks a
+config's engines while it builds the job graph). The engines themselves are in
+:mod:`tesla.matching`:
+
+* ``exact``: the exact gradient, a forward sweep then a reverse sweep with Hessian-vector
+  products (constant memory in the number of student steps);
+* ``tesla``: TESLA's first-order reverse sweep (no Hessian term);
+* ``unroll``: autograd through the unrolled student trajectory (memory grows with the steps).
+"""
+
+from __future__ import annotations
+
+__all__ = ["ENGINES"]
+
+#: every gradient engine
+ENGINES: tuple[str, ...] = ("exact", "tesla", "unroll")
