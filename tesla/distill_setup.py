@@ -129,8 +129,8 @@ def _open_zca(s: DistillSettings, experts: list[Trajectory], split: ImageSplit) 
     zca = ZCA.load(s.zca)
     if zca_fingerprint(zca) != fingerprint:
         raise TeslaError(f"--zca {s.zca}: not the ZCA file the experts were trained with; give that file")
-    if tuple(zca.image_shape) != (split.channels, split.resolution, int(split.attrs["width"])):
-        raise TeslaError(f"--zca {s.zca}: fitted on images of shape {tuple(zca.image_shape)}, not those of {s.train}")
+    shape = (split.channels, split.resolution, int(split.attrs["width"]))
+    zca.check_shape(shape, f"--zca {s.zca}", f"the images of {s.train} have shape {shape}", "give the ZCA file of this dataset")
     return zca, Path(s.zca).read_bytes()
 
 
