@@ -106,7 +106,7 @@ def check_available(kind: str | None) -> None:
 
 def add_tracking_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``--tracker*`` options (the same for every stage that trains)."""
-    g = parser.add_argument_group("live curves (optional; never changes a result; README, Live curves)")
+    g = parser.add_argument_group("live curves (optional; never changes a result; docs/tracking.md)")
     g.add_argument("--tracker", choices=tuple(TRACKERS), default=None,
                    help="also log the curves to TensorBoard or Weights & Biases (needs the pip extra of that name)")
     g.add_argument("--tracker-dir", default=None, metavar="DIR",
