@@ -15,9 +15,10 @@ command whatever the number of jobs:
 * :func:`earlier_jobs`: are jobs of an earlier run still queued or running in this
   directory (their Snakemake was killed)? They would write the files a new run writes.
 
-Nothing here knows Snakemake: jobs are told apart by the job name the plugin gives every
-job of a run (``<prefix>_<run uuid>``), their comment (``rule_<rule>_wildcards_<...>``) and
-their working directory. The workflow calls it through tesla/slurm_run.py (the glue with the running Snakemake).
+Nothing here knows Snakemake or the workflow's rules: jobs are told apart by the job name
+the plugin gives every job of a run (``<prefix>_<run uuid>``), their comment
+(``rule_<rule>_wildcards_<...>``) and their working directory. The workflow calls it through
+workflow/lib/slurm_glue.py, its glue with the running Snakemake.
 """
 
 from __future__ import annotations
@@ -167,7 +168,7 @@ class QueuedJob:
 
     @property
     def rule(self) -> str:
-        """The Snakemake rule, from the comment the executor gives every job."""
+        """The rule the job runs, as the comment the executor plugin gives every job names it."""
         return self.comment.removeprefix("rule_").split("_wildcards_", 1)[0]
 
     @property
@@ -219,40 +220,17 @@ def may_never_clear(reason: str) -> bool:
     return code in MAY_NEVER_CLEAR or reason.strip() in MAY_NEVER_CLEAR
 
 
-#: the name of every rule the workflow generates for a group of experts starts so
-EXPERT_GROUP_RULE = "expert_group_"
+def same_rule(rule: str) -> str:
+    """The profile key of a rule that takes its resources under its own name."""
+    return rule
 
 
-def expert_group_rule(dataset: str, space: str, first: int) -> str:
-    """The name of the workflow's rule for the group of experts ``first``.. of one input space
-    (experts.per_job > 1), a valid identifier."""
-    return re.sub(r"[^A-Za-z0-9_]", "_", f"{EXPERT_GROUP_RULE}{dataset}_{space}_{first}")
-
-
-#: the name of every rule the workflow generates for a distillation over several processes starts so
-DISTILL_PROCESSES_RULE = "distill_gpus_"
-
-
-def distill_processes_rule(dataset: str, ipc: int) -> str:
-    """The name of the workflow's rule for the distillations of one row with ``gpus`` > 1
-    (one torch.distributed job of several processes), a valid identifier."""
-    return re.sub(r"[^A-Za-z0-9_]", "_", f"{DISTILL_PROCESSES_RULE}{dataset}_ipc{ipc}")
-
-
-def profile_rule(rule: str) -> str:
-    """The profile's `set-resources` key of a rule: the rules of expert groups
-    (:func:`expert_group_rule`) all take the resources of `expert`, those of distillations
-    over several processes (:func:`distill_processes_rule`) those of `distill`."""
-    if rule.startswith(EXPERT_GROUP_RULE):
-        return "expert"
-    return "distill" if rule.startswith(DISTILL_PROCESSES_RULE) else rule
-
-
-def why_never(job: QueuedJob) -> str:
-    """What the reason of a job that never starts means and what to change."""
+def why_never(job: QueuedJob, profile_key: Callable[[str], str] = same_rule) -> str:
+    """What the reason of a job that never starts means and what to change; ``profile_key``
+    names the `set-resources` key that holds the request of the job's rule."""
     code = job.reason_code
     hint = _HINTS.get(code) or (_PER_JOB_HINT if _PER_JOB_LIMIT.match(code) else "its request must change")
-    return hint.format(partition=job.partition, rule=profile_rule(job.rule))
+    return hint.format(partition=job.partition, rule=profile_key(job.rule))
 
 
 def run_job_name(prefix: str | None) -> re.Pattern:
@@ -281,6 +259,8 @@ class PendingWatch(threading.Thread):
     failed). Jobs newly seen pending for a reason that may never clear
     (:func:`may_never_clear`) are left alone and listed once, in one message per round, to
     ``on_doubtful``. A round that fails (the controller does not answer) is skipped.
+    ``profile_key`` maps a job's rule to the `set-resources` key the messages name (the rule
+    itself unless the caller knows better).
     """
 
     def __init__(
@@ -289,12 +269,14 @@ class PendingWatch(threading.Thread):
         period: float,
         on_cancelled: Callable[[str], None],
         on_doubtful: Callable[[str], None],
+        profile_key: Callable[[str], str] = same_rule,
     ):
         super().__init__(name=f"slurm-pending-watch-{run_name}", daemon=True)
         self.run_name = run_name
         self.period = period
         self.on_cancelled = on_cancelled
         self.on_doubtful = on_doubtful
+        self.profile_key = profile_key
         self._stop_event = threading.Event()
         self._reported: set[tuple[str, str]] = set()
 
@@ -306,7 +288,7 @@ class PendingWatch(threading.Thread):
         for job in hopeless:
             self.on_cancelled(
                 f"{job.describe()} was pending with reason {job.reason_code}, which never clears by itself: "
-                f"{why_never(job)}. The job was cancelled so that the run does not wait for it forever."
+                f"{why_never(job, self.profile_key)}. The job was cancelled so that the run does not wait for it forever."
             )
         doubtful = [
             j for j in pending if may_never_clear(j.reason) and (j.job_id, j.reason_code) not in self._reported

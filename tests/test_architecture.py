@@ -1,6 +1,6 @@
 """The package's shape (docs/architecture.md): no stage module imports another, no other module
 imports a stage module, and the names the workflow checks while it builds the job graph load
-without torch. Shared pieces live in modules of their own (tesla.tables, tesla.grids,
+without torch. The package works without Snakemake: only the workflow's own modules (workflow/lib) read it. Shared pieces live in modules of their own (tesla.tables, tesla.grids,
 tesla.input_space, tesla.zca, ...); a stage module (the `tesla <command>` of each stage) is
 imported by the command line only.
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import os
 import pkgutil
 import re
 import subprocess
@@ -117,6 +118,15 @@ def test_tesla_registries_loads_no_torch():
     assert _first_to_import_torch(["tesla.registries"]) is None
 
 
+def _all_modules() -> list[str]:
+    """Every module of the package but ``tesla.__main__`` (which runs the command line)."""
+    import pkgutil
+
+    import tesla
+
+    return ["tesla"] + sorted(m.name for m in pkgutil.walk_packages(tesla.__path__, "tesla.") if m.name != "tesla.__main__")
+
+
 def _modules_with_all() -> list[str]:
     return [n for n in _package_modules() if "__all__" in module_path(n).read_text()]
 
@@ -127,3 +137,42 @@ def test_every_name_a_module_exports_is_there(name):
     module = importlib.import_module(name)
     missing = [n for n in module.__all__ if not hasattr(module, n)]
     assert not missing, f"{name}.__all__ lists names it does not have: {missing}"
+
+
+#: what the package must never import: Snakemake and its plugins belong to the workflow
+#: (workflow/lib), which the `workflow` extra of pyproject.toml installs
+WORKFLOW_ONLY = ("snakemake",)
+
+
+@pytest.mark.parametrize("name", _all_modules())
+def test_no_module_imports_snakemake_even_lazily(name):
+    """No import statement of the package names Snakemake or a plugin of it, in a function or not."""
+    found = sorted(m for m in _imports(ast.parse(module_path(name).read_text()), name) if m.startswith(WORKFLOW_ONLY))
+    assert not found, f"{name} imports {found}: the package must work without Snakemake (workflow/lib is its glue)"
+
+
+def test_every_module_imports_with_snakemake_unimportable():
+    """Every module of the package imports in a Python where Snakemake and its plugins cannot
+    be imported (as after `pip install -e .` without the `workflow` extra)."""
+    modules = _all_modules()
+    script = f"""
+import importlib, importlib.abc, sys
+
+class NoSnakemake(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.startswith({WORKFLOW_ONLY!r}):
+            raise ModuleNotFoundError(f"No module named {{name!r}} (blocked by the test)", name=name)
+        return None
+
+sys.meta_path.insert(0, NoSnakemake())
+for name in {modules!r}:
+    importlib.import_module(name)
+loaded = sorted(m for m in sys.modules if m.startswith({WORKFLOW_ONLY!r}))
+assert not loaded, loaded
+print("imported", len({modules!r}), "modules")
+"""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    run = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert f"imported {len(modules)} modules" in run.stdout

@@ -1,5 +1,7 @@
 """The conda environment (workflow/envs/tesla.yaml) installs what pyproject.toml declares, with
-the same lower bounds, and its pip part installs this checkout from where conda runs it."""
+the same lower bounds, and its pip part installs this checkout from where conda runs it. The
+package needs no Snakemake: the workflow's packages are the extra `workflow`, which the
+README's commands (and .ci/run, the README's test command) install."""
 
 from __future__ import annotations
 
@@ -71,3 +73,31 @@ def test_the_pip_part_installs_this_checkout(where, tmp_path):
         requirements.unlink()
     assert run.returncode == 0, run.stderr[-2000:]
     assert "Would install tesla-" in run.stdout
+
+
+def _readme_commands() -> list[str]:
+    """The README's command lines that create the environment."""
+    text = (ROOT / "README.md").read_text()
+    return [line for line in text.splitlines() if line.startswith("python3 -m venv .venv") and "pip install" in line]
+
+
+def _installed_extras(command: str) -> set[str]:
+    found = re.search(r"pip install -e (?:'\.\[([^\]]*)\]'|\.(?:\s|$))", command)
+    assert found, f"no `pip install -e .` in {command!r}"
+    return set(filter(None, (found.group(1) or "").split(",")))
+
+
+def test_the_workflows_packages_are_an_extra_that_the_readme_commands_install():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    needed = {"snakemake", "snakemake-executor-plugin-slurm"}
+    assert not needed & set(_bounds(project["dependencies"])), "the package itself must not need Snakemake"
+    extras = project["optional-dependencies"]
+    assert needed <= set(_bounds(extras["workflow"]))
+    assert "tesla[workflow]" in extras["test"], "the tests run the workflow: the extra `test` includes `workflow`"
+    commands = _readme_commands()
+    assert len(commands) == 2, commands  # the demo, the tests
+    for command in commands:
+        extras_installed = _installed_extras(command)
+        assert extras_installed & {"workflow", "test"}, f"{command!r} runs Snakemake without installing it"
+    ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
+    assert ci in commands, f".ci/run's command {ci!r} is not the README's"

@@ -1,6 +1,8 @@
 """tesla.slurm against stand-in scheduler commands (no cluster needed): which pending
 reasons count as never clearing, what the watcher cancels and reports, which queued jobs
-belong to an earlier run, how `sbatch --test-only` answers are read.
+belong to an earlier run, how `sbatch --test-only` answers are read. And the workflow's side
+of it (workflow/lib): the names of the generated rules, the profile keys the messages name,
+what is read of the running Snakemake's profile.
 
 The stand-ins (`squeue`, `scancel`, `sbatch`, `sinfo` first on PATH) print what a test
 put in a file and record every call, so each test checks the commands issued as well as
@@ -15,10 +17,13 @@ import os
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
 from tesla import slurm
+
+LIB = Path(__file__).resolve().parents[1] / "workflow" / "lib"
 
 #: one script for the four commands: prints $FAKE_DIR/<command>.out (and .err), exits with
 #: $FAKE_DIR/<command>.rc, appends its argv to $FAKE_DIR/calls.jsonl
@@ -183,9 +188,64 @@ def test_largest_node_is_the_maximum_over_the_partitions_nodes(scheduler):
     assert slurm.largest_node("nope") is None
 
 
-def test_the_rules_of_expert_groups_take_the_expert_resources_of_the_profile():
-    from tesla.slurm import expert_group_rule, profile_rule
+@pytest.fixture
+def workflow_lib(monkeypatch):
+    """workflow/lib on sys.path, as rules/common.smk puts it."""
+    monkeypatch.syspath_prepend(str(LIB))
+
+
+def test_the_rules_of_expert_groups_take_the_expert_resources_of_the_profile(workflow_lib):
+    from rule_names import distill_processes_rule, expert_group_rule, profile_rule
 
     name = expert_group_rule("cifar10", "none+zca-eps0.1", 4)
     assert name == "expert_group_cifar10_none_zca_eps0_1_4" and name.isidentifier()
     assert profile_rule(name) == "expert" and profile_rule("distill") == "distill"
+    assert profile_rule(distill_processes_rule("in1k", 50)) == "distill"
+
+
+def test_watch_names_the_profile_key_the_workflow_maps_a_rule_to(scheduler, workflow_lib):
+    from rule_names import expert_group_rule, profile_rule
+
+    group = expert_group_rule("demo", "split", 0)
+    scheduler.answer("squeue", out=squeue_line("41", RUN, "PENDING", "PartitionConfig", f"rule_{group}"))
+    plain, mapped = [], []
+    slurm.PendingWatch(RUN, period=60, on_cancelled=plain.append, on_doubtful=plain.append).check()
+    slurm.PendingWatch(RUN, period=60, on_cancelled=mapped.append, on_doubtful=mapped.append,
+                       profile_key=profile_rule).check()
+    assert f"`set-resources: {group}:`" in plain[0]  # the package alone knows no rule of the workflow
+    assert "`set-resources: expert:`" in mapped[0] and f"rule {group}" in mapped[0]
+
+
+def test_profile_settings_read_what_snakemake_parsed_from_a_profile(workflow_lib):
+    """The one read of Snakemake's resource settings, on the objects its command line makes of
+    a profile (`set-resources: expert: {slurm_partition: gpu}` becomes
+    `--set-resources expert:slurm_partition=gpu`): the values as the profile writes them."""
+    from types import SimpleNamespace
+
+    from profile_settings import profile_settings
+    from snakemake.resources import Resource, Resources
+    from snakemake.settings.types import ResourceSettings
+
+    # as snakemake.cli's parse_set_resources and parse_set_threads make them (importing
+    # snakemake.cli takes seconds)
+    settings = ResourceSettings(
+        overwrite_resources={"expert": Resources.parse(["mem_mb=8000", "slurm_partition=gpu"], allow_expressions=True)},
+        overwrite_threads={"distill": Resource("_cores", 4)},
+        default_resources=Resources.parse(["slurm_account='ci'"], defaults="full", allow_expressions=True),
+    )
+    profile = profile_settings(SimpleNamespace(resource_settings=settings))
+    assert profile.resources("expert") == {"mem_mb": 8000, "slurm_partition": "gpu"}
+    assert profile.resources("distill") == {}
+    assert profile.threads("distill", 1) == 4 and profile.threads("expert", 2) == 2
+    assert "slurm_account" in profile.default_keys and "mem_mb" in profile.default_keys
+
+
+def test_messages_say_which_profile_key_set_a_request(workflow_lib):
+    from profile_settings import ProfileSettings
+    from rule_names import expert_group_rule
+    from slurm_glue import _where_set
+
+    profile = ProfileSettings(set_resources={"expert": {"mem_mb": 8000}}, default_keys=frozenset({"slurm_account"}))
+    where = _where_set(profile, expert_group_rule("demo", "split", 0), ["mem_mb", "slurm_account", "runtime"])
+    assert where == ("set-resources: expert: mem_mb; default-resources: slurm_account; the resources of rule "
+                     "expert (workflow/rules/*.smk; override under `set-resources: expert:`): runtime")

@@ -40,14 +40,27 @@ try:
     # Every name the config may use (data sources and their options, networks,
     # augmentation families, gradient engines, normalisations, step-size conventions) and
     # every stage's method version are declared once, in the package: the workflow asks it.
-    from tesla import registries, slurm, slurm_run
+    from tesla import registries
     from tesla.devices import nvidia_gpu_visible
     from tesla.data.sources import workflow as data_sources
 except ImportError as exc:
     raise WorkflowError(
         f"the tesla package is not importable by this Snakemake ({exc}); install it in the same "
-        "environment (pip install -e . from the project root, or conda env create -f workflow/envs/tesla.yaml)"
+        "environment (pip install -e '.[workflow]' from the project root, or conda env create -f "
+        "workflow/envs/tesla.yaml)"
     ) from None
+
+# The workflow's own Python (workflow/lib): the names of the rules it generates, what the
+# profile sets, and the SLURM glue of the Snakefile's event handlers. The package knows none
+# of it: only these modules read Snakemake's objects.
+if str(Path(workflow.basedir) / "lib") not in sys.path:
+    sys.path.insert(0, str(Path(workflow.basedir) / "lib"))
+import rule_names
+import slurm_glue
+from profile_settings import profile_settings
+
+#: what the profile sets (set-resources, set-threads), read once
+PROFILE = profile_settings(workflow)
 
 
 # --------------------------------------------------------------------------------------
@@ -448,11 +461,7 @@ def single_expert_datasets() -> list[str]:
 def group_resources(per_job: int) -> dict:
     """The resources of a job of `per_job` experts: those of the `expert` rule (its
     set-resources in the profile: partition, GPU, memory), its runtime x per_job."""
-    def plain(value):  # a profile's value may come as snakemake.resources.Resource
-        return value.raw if getattr(value, "raw", None) is not None else value
-
-    overrides = {k: plain(v) for k, v in workflow.resource_settings.overwrite_resources.get("expert", {}).items()}
-    merged = {**EXPERT_RESOURCES, "gpu": TRAIN_GPU, **overrides}
+    merged = {**EXPERT_RESOURCES, "gpu": TRAIN_GPU, **PROFILE.resources("expert")}
     runtime = merged["runtime"]
     return {**merged, "runtime": runtime * per_job if isinstance(runtime, int) else runtime}
 

@@ -67,7 +67,7 @@ for _dataset, _ipc, _processes in distill_process_rows():
     rule:
         """Learn one row's synthetic sets over G processes (distill.gpus: G)."""
         name:
-            slurm.distill_processes_rule(_dataset, _ipc)
+            rule_names.distill_processes_rule(_dataset, _ipc)
         wildcard_constraints:
             dataset=re.escape(_dataset),
             ipc=str(_ipc),

@@ -43,19 +43,11 @@ def distill_launch(wildcards, resources) -> str:
     return f"torchrun --standalone --nproc-per-node={processes} -m tesla distill"
 
 
-def _profile_resources(rule: str) -> dict:
-    """The profile's set-resources of ``rule``, as plain values."""
-    def plain(value):  # a profile's value may come as snakemake.resources.Resource
-        return value.raw if getattr(value, "raw", None) is not None else value
-
-    return {k: plain(v) for k, v in workflow.resource_settings.overwrite_resources.get(rule, {}).items()}
-
-
 def distill_resources(processes: int) -> dict:
     """A G-process distillation's request: the profile's `distill` resources (or the rule's),
     with G x its GPUs and G tasks, started by srun (`mpi`: the SLURM job step runs the command
     as it is, and srun in it starts the tasks)."""
-    merged = {**DISTILL_RESOURCES, "gpu": TRAIN_GPU, **_profile_resources("distill")}
+    merged = {**DISTILL_RESOURCES, "gpu": TRAIN_GPU, **PROFILE.resources("distill")}
     per_process = int(merged["gpu"] or 0)
     request = {**merged, "gpu": per_process * processes, "tasks": processes, "mpi": "srun"}
     if per_process:
@@ -65,6 +57,5 @@ def distill_resources(processes: int) -> dict:
 
 def distill_threads(processes: int) -> int:
     """Threads of a G-process job: per process under SLURM (cpus_per_task), all G locally."""
-    per_process = workflow.resource_settings.overwrite_threads.get("distill", TRAIN_THREADS)
-    per_process = per_process.raw if getattr(per_process, "raw", None) is not None else per_process
-    return per_process if on_slurm(_profile_resources("distill")) else per_process * processes
+    per_process = PROFILE.threads("distill", TRAIN_THREADS)
+    return per_process if on_slurm(PROFILE.resources("distill")) else per_process * processes

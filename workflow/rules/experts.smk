@@ -46,7 +46,7 @@ for _dataset, _space, _ks in expert_groups():
     rule:
         """Train experts k1..kP of one input space in one process (experts.per_job)."""
         name:
-            slurm.expert_group_rule(_dataset, _space, _ks[0])
+            rule_names.expert_group_rule(_dataset, _space, _ks[0])
         input:
             train=split_file(_dataset, "train"),
             test=split_file(_dataset, "test"),
@@ -64,7 +64,7 @@ for _dataset, _space, _ks in expert_groups():
             f"results/logs/experts/{_dataset}/{_space}/experts_{_ks[0]}-{_ks[-1]}.log",
         benchmark:
             f"results/benchmarks/experts/{_dataset}/{_space}/experts_{_ks[0]}-{_ks[-1]}.tsv"
-        threads: workflow.resource_settings.overwrite_threads.get("expert", TRAIN_THREADS)
+        threads: PROFILE.threads("expert", TRAIN_THREADS)
         resources:
             **group_resources(len(_ks)),
         conda:

@@ -1,8 +1,23 @@
 """The SLURM checks of a Snakemake run: the glue between the running workflow (its jobs, the
 executor plugin's own sbatch builder, the profile's resources) and :mod:`tesla.slurm`, which
-asks the scheduler. The Snakefile's event handlers call it with Snakemake's ``workflow``
-object; nothing happens unless the run's executor is slurm (``--workflow-profile
-profiles/slurm``).
+asks the scheduler and knows neither Snakemake nor the workflow's rules. The Snakefile's
+event handlers call it with Snakemake's ``workflow`` object; nothing happens unless the
+run's executor is slurm (``--workflow-profile profiles/slurm``).
+
+What it reads of the running Snakemake, and through what:
+
+* the executor plugin, the working directory and the status-check period:
+  ``workflow.executor_plugin``, ``.workdir_init``, ``.remote_execution_settings`` (the
+  workflow interface of snakemake-interface-executor-plugins); each job's ``name``,
+  ``is_local``, ``resources``, ``threads``, ``output`` (its job interface);
+* Snakemake's own objects where no documented interface answers: the jobs the run will
+  submit (``workflow.dag.needrun_jobs()``, each job's ``group``) and the executor that
+  will submit them (``workflow.scheduler.get_executor``, its ``run_uuid``);
+* the exact sbatch call the plugin will make: the plugin's own builder
+  (``snakemake_executor_plugin_slurm.submit_string``, its account and partition checks,
+  ``workflow.executor_settings``), so that ``sbatch --test-only`` tests what will be
+  submitted; a plugin whose builder differs skips this check with a warning;
+* the profile, for the messages: :func:`profile_settings.profile_settings`.
 
 Before the first submission (:func:`guard_run`, onstart), the run stops with the reason when
 
@@ -27,8 +42,12 @@ from __future__ import annotations
 import os
 import shlex
 
+from profile_settings import ProfileSettings, profile_settings
+from rule_names import profile_rule
 from snakemake.exceptions import WorkflowError
 from snakemake.logging import logger as _logger
+
+from tesla.slurm import PendingWatch, earlier_jobs, largest_node, refusal
 
 #: the pending-job watchers started by onstart (one per run)
 _WATCHES = []
@@ -92,18 +111,15 @@ def _shown_request(call) -> str:
     return " ".join(shown)
 
 
-def _where_set(workflow, rule: str, keys) -> str:
+def _where_set(profile: ProfileSettings, rule: str, keys) -> str:
     """Where each resource comes from: 'set-resources: expert: cpus_per_task, mem_mb;
     default-resources: slurm_account'."""
-    from tesla.slurm import profile_rule
-
     rule = profile_rule(rule)
-    settings = workflow.resource_settings
     groups = {}
     for key in keys:
-        if key in (settings.overwrite_resources.get(rule) or {}):
+        if key in profile.resources(rule):
             where = f"set-resources: {rule}:"
-        elif key in (settings.default_resources or {}):
+        elif key in profile.default_keys:
             where = "default-resources:"
         else:
             where = f"the resources of rule {rule} (workflow/rules/*.smk; override under `set-resources: {rule}:`):"
@@ -111,11 +127,9 @@ def _where_set(workflow, rule: str, keys) -> str:
     return "; ".join(f"{where} {', '.join(found)}" for where, found in groups.items())
 
 
-def _beyond_largest_node(workflow, job, call) -> list[str]:
+def _beyond_largest_node(profile: ProfileSettings, job, call) -> list[str]:
     """The CPU and memory requests of `job` above the largest node of the partition its
     sbatch `call` names (of the cluster when it names none)."""
-    from tesla.slurm import largest_node
-
     partition = call[call.index("-p") + 1] if "-p" in call else None
     node = largest_node(partition)
     if node is None:
@@ -125,18 +139,16 @@ def _beyond_largest_node(workflow, job, call) -> list[str]:
     cpus = job.resources.get("cpus_per_task") or job.threads
     found = []
     if isinstance(cpus, int) and cpus > node[0]:
-        found.append(f"{key}={cpus} ({_where_set(workflow, job.rule.name, [key])}): the largest node of {where} has {node[0]} CPUs")
+        found.append(f"{key}={cpus} ({_where_set(profile, job.name, [key])}): the largest node of {where} has {node[0]} CPUs")
     mem = job.resources.get("mem_mb")
     if isinstance(mem, int) and mem > node[1]:
-        found.append(f"mem_mb={mem} ({_where_set(workflow, job.rule.name, ['mem_mb'])}): the largest node of {where} has {node[1]} MB")
+        found.append(f"mem_mb={mem} ({_where_set(profile, job.name, ['mem_mb'])}): the largest node of {where} has {node[1]} MB")
     return found
 
 
-def _refusals(workflow, executor, jobs) -> list[str]:
+def _refusals(workflow, executor, jobs, profile: ProfileSettings) -> list[str]:
     """What the scheduler refuses among the requests of `jobs`, one paragraph per refused
     request. One `sbatch --test-only` per distinct request, whatever the number of jobs."""
-    from tesla.slurm import refusal
-
     accounts, requests = {}, {}
     for job in jobs:
         try:
@@ -151,16 +163,16 @@ def _refusals(workflow, executor, jobs) -> list[str]:
         message = call if isinstance(call, str) else refusal(call)
         if message is None:
             continue
-        rules = list(dict.fromkeys(job.rule.name for job in same))
+        rules = list(dict.fromkeys(job.name for job in same))
         outputs = [str(job.output[0]) for job in same[:3] if job.output] + (["..."] if len(same) > 3 else [])
         lines = [f"rule {', '.join(rules)} ({len(same)} job{'s' if len(same) > 1 else ''}: {', '.join(outputs)}): {message}"]
         if isinstance(call, tuple):
             lines.append(f"    request: {_shown_request(call)}")
-            lines += [f"    {line}" for line in _beyond_largest_node(workflow, same[0], call)]
+            lines += [f"    {line}" for line in _beyond_largest_node(profile, same[0], call)]
         for rule in rules:
-            job = next(j for j in same if j.rule.name == rule)
+            job = next(j for j in same if j.name == rule)
             keys = ["slurm_account"] if isinstance(call, str) else [k for k in _REQUEST_KEYS if k in job.resources.keys()]
-            lines.append(f"    {'rule ' + rule + ': ' if len(rules) > 1 else ''}set by {_where_set(workflow, rule, keys)}")
+            lines.append(f"    {'rule ' + rule + ': ' if len(rules) > 1 else ''}set by {_where_set(profile, rule, keys)}")
         problems.append("\n".join(lines))
     return problems
 
@@ -171,8 +183,6 @@ def guard_run(workflow) -> None:
     executor, jobs = _slurm_jobs(workflow)
     if executor is None:
         return
-    from tesla.slurm import PendingWatch, earlier_jobs
-
     try:
         left = earlier_jobs(workflow.workdir_init, workflow.executor_settings.jobname_prefix, executor.run_uuid)
     except RuntimeError as exc:  # squeue failed: the scheduler is not answering
@@ -188,7 +198,7 @@ def guard_run(workflow) -> None:
         )
     if os.environ.get("TESLA_SLURM_TEST_ONLY", "1") != "0":
         try:
-            problems = _refusals(workflow, executor, jobs)
+            problems = _refusals(workflow, executor, jobs, profile_settings(workflow))
         except (ImportError, AttributeError, TypeError) as exc:  # another plugin version
             _logger.warning(f"sbatch --test-only check skipped: this executor plugin differs from 2.8 ({exc!r})")
             problems = []
@@ -203,6 +213,7 @@ def guard_run(workflow) -> None:
         period=workflow.remote_execution_settings.seconds_between_status_checks,
         on_cancelled=_logger.error,
         on_doubtful=_logger.warning,
+        profile_key=profile_rule,
     )
     watch.start()
     _WATCHES.append(watch)
