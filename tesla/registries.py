@@ -3,7 +3,8 @@ the method version of every stage.
 
 Each name has one home: networks in :mod:`tesla.models`, augmentation families in
 :mod:`tesla.augment`, gradient engines in :mod:`tesla.matching`, normalisations in
-:mod:`tesla.input_space`, step-size conventions in :mod:`tesla.distill`, group modes in
+:mod:`tesla.input_space`, step-size conventions, label kinds and initialisations in
+:mod:`tesla.distill_settings`, group modes in
 :mod:`tesla.training`, arithmetic in :mod:`tesla.precision`, data sources in
 :mod:`tesla.data.sources`. The workflow calls :func:`config_problems` while it builds the job
 graph, so a misspelt name stops ``snakemake -n`` at once, naming the config key and the valid
@@ -23,7 +24,7 @@ import math
 from typing import Any, Mapping
 
 from tesla.augment import FAMILIES, parse_strategy
-from tesla.distill import INITS, LR_IMG_CONVENTIONS, SOFT_LABELS, SOFT_LABELS_OF_BOOL
+from tesla.distill_settings import INITS, LR_IMG_CONVENTIONS, SOFT_LABELS, last_window_snapshot, soft_label_kind
 from tesla.errors import TeslaError
 from tesla.input_space import NORMALIZATIONS, input_space_key
 from tesla.matching import ENGINES
@@ -113,19 +114,12 @@ def _choice_problems(value: Any, key: str, kind: str, names) -> list[str]:
     return [] if value in names else [f"config key {key}: unknown {kind} {value!r} ({_known(kind + 's', names)})"]
 
 
-def soft_label_kind(value: str | bool) -> str:
-    """A config's ``soft_labels``: a kind (none, tesla, learned), or a boolean of older
-    configs (true = tesla, false = none)."""
-    return SOFT_LABELS_OF_BOOL[value] if isinstance(value, bool) else value
-
-
 def last_snapshot_needed(row: Mapping[str, Any]) -> int:
     """The last expert snapshot a distill row of the config reads (what ``tesla distill``
     checks): the window's largest upper bound (``max_start_epoch``, or
     ``max_start_epoch_final`` when larger) + ``expert_epochs``, and the initialising snapshot
     ``init_epoch``. Absent keys take their defaults (a fixed window, no init_epoch)."""
-    largest = max(int(row["max_start_epoch"]), int(row.get("max_start_epoch_final") or 0))
-    return max(largest + int(row["expert_epochs"]), int(row.get("init_epoch") or 0))
+    return max(last_window_snapshot(row), int(row.get("init_epoch") or 0))
 
 
 def _snapshot_terms(row: Mapping[str, Any]) -> tuple[str, list[str]]:
