@@ -68,17 +68,12 @@ from tesla.distributed import SINGLE, Ranks
 from tesla.errors import TeslaError
 from tesla.files import atomic_output
 from tesla.locks import acquire
-from tesla.distill_settings import (  # noqa: F401 (the settings' names, for those who import them from here)
-    INITS,
-    LR_IMG_CONVENTIONS,
-    RESULT_NEUTRAL,
+from tesla.distill_settings import (
     RESUME_REPORTED,
     RESUME_TUNABLE,
-    SOFT_LABELS,
     SOFT_LABELS_OF_BOOL,
     DistillSettings,
     check_settings,
-    check_window,
     start_window,
 )
 from tesla.matching import MatchResult, check_shardable, matching_gradients
