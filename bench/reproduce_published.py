@@ -1,9 +1,9 @@
 """Reproduce published rows of a dataset (CIFAR-10 by default) at the published settings, with the
 distillation iterations that fit the time given; resumable across commands.
 
-The settings of every row come from ``config/config.yaml`` (the ``--dataset`` entry: per-row
-syn_steps, expert_epochs, max_start_epoch, lr_img and its convention, lr_lr, lr_teacher,
-batch_syn, normalisation and ZCA, engines, iterations, evaluation runs; the entry's evaluation
+The settings of every row come from ``config/config.yaml`` (the ``--dataset`` entry: every
+distill setting of a row, written as the workflow writes it from tesla.distill_settings;
+normalisation and ZCA, engines, iterations, evaluation runs; the entry's evaluation
 schedule: 1001 epochs, lr x0.1 from epoch 502, momentum restarted there). What may be reduced
 is the budget, given on the command line and printed with the results: the training images
 (whatever the data tar holds), the number of experts (trained only to the last snapshot the
@@ -52,7 +52,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tesla.input_space import input_space_key  # noqa: E402
-from tesla.registries import last_snapshot_needed, soft_label_kind  # noqa: E402
+from tesla.distill_settings import workflow_options  # noqa: E402
+from tesla.registries import last_snapshot_needed  # noqa: E402
 
 # PAPER.md section 8 (accuracy %, ConvNet-3, mean +- std): the numbers to compare with.
 PAPER = {
@@ -251,6 +252,7 @@ class Run:
     def __init__(self, a: argparse.Namespace) -> None:
         self.a, self.t0 = a, time.monotonic()
         self.entry, self.rows = config_rows(a.config, a.dataset, a.ipc, a.max_start_epoch, a.syn_steps)
+        self.seed = int(yaml.safe_load(a.config.read_text()).get("seed", 0))  # the workflow's seed of every job
         ev = self.entry["evaluate"]
         self.ev, self.epochs, self.decay = ev, int(ev["epochs"]), int(ev["lr_decay_epoch"])
         if a.eval_epochs is not None:
@@ -316,23 +318,18 @@ class Run:
         self.stage("experts", jobs, max(5.0, self.left() - reserve))
 
     def distill_args(self, row: Row, engine: str, iterations: int) -> list[str]:
-        s, out = row.settings, row.synthetic[engine]
+        """The command of one distillation: every setting of the row as the workflow writes it
+        (tesla.distill_settings), with this command's iterations, checkpoint interval and guard's
+        loss limit; the paths, device and compile mode of this run."""
+        out = row.synthetic[engine]
+        options = workflow_options(row.settings, result=True, ipc=row.ipc, engine=engine, seed=self.seed,
+                                   iterations=iterations)
+        run = dict(checkpoint_every=self.a.checkpoint_every, **({} if self.a.max_loss is None else {"max_loss": self.a.max_loss}))
         args = ["distill", "--train", str(self.train), "--experts", *map(str, self.expert_files[row.space]), "--out", str(out),
-                "--ipc", str(row.ipc), "--syn-steps", str(s["syn_steps"]), "--expert-epochs", str(s["expert_epochs"]),
-                "--max-start-epoch", str(s["max_start_epoch"]), "--lr-img", str(s["lr_img"]),
-                "--lr-img-convention", s.get("lr_img_convention", "gradient"), "--lr-lr", str(s["lr_lr"]),
-                "--lr-teacher", str(s["lr_teacher"]), "--iterations", str(iterations), "--engine", engine,
-                "--compile", self.a.compile, "--metrics", str(out.with_name("metrics.csv")),
-                "--checkpoint-every", str(self.a.checkpoint_every), "--no-progress", *self.dev]
-        if s.get("batch_syn"):
-            args += ["--batch-syn", str(s["batch_syn"])]
-        labels = soft_label_kind(s.get("soft_labels", "none"))
-        if labels != "none":
-            args += ["--soft-labels", labels]
+                *options.split(), *workflow_options(row.settings, result=False, **run).split(),
+                "--compile", self.a.compile, "--metrics", str(out.with_name("metrics.csv")), "--no-progress", *self.dev]
         if row.zca:
             args += ["--zca", str(self.zca_files[row.space])]
-        if self.a.max_loss is not None:
-            args += ["--max-loss", str(self.a.max_loss)]
         return args
 
     def distill(self) -> None:

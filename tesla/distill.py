@@ -44,7 +44,8 @@ each student step's minibatch is split over them and the sums over it all-reduce
 is the one-process result up to float round-off; rank 0 writes every file and holds the locks,
 and a checkpoint resumes with any number of processes.
 
-This module holds the settings, the command and the loop; the pieces the loop works on have
+This module holds the command and the loop (the settings are declared in
+:mod:`tesla.distill_settings`); the pieces the loop works on have
 modules of their own: the opened inputs (:mod:`tesla.distill_setup`), the learned state and its
 start (:mod:`tesla.distill_state`), the checkpoint (:mod:`tesla.distill_checkpoint`) and the
 other outputs: metrics, grids, the synthetic set, the tracker (:mod:`tesla.distill_outputs`).
@@ -57,14 +58,12 @@ import contextlib
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from tesla.arguments import finite_float
 from tesla import distributed, guard
 from tesla.distill_checkpoint import load_checkpoint, save_checkpoint
 from tesla.distill_outputs import (
@@ -75,9 +74,10 @@ from tesla.distill_state import DistillState, check_labels, fresh_state
 from tesla.distributed import SINGLE, Ranks
 from tesla.errors import TeslaError
 from tesla.locks import acquire
-from tesla.matching import ENGINES, MatchResult, matching_gradients
+from tesla.distill_settings import RESUME_TUNABLE, DistillSettings, check_settings, start_window
+from tesla.settings import add_arguments, from_args
+from tesla.matching import MatchResult, matching_gradients
 from tesla.soft_labels import assign_soft_labels, label_logit_gradient, learned_soft_labels
-from tesla.step_compiler import COMPILE_MODES
 from tesla.synthetic import SyntheticSet
 from tesla.tracking import TrackerOptions, Tracking, add_tracking_arguments
 from tesla.tracking import options_from_args as tracking_options
@@ -87,262 +87,6 @@ try:
 except ImportError:  # pragma: no cover - not on Linux/macOS
     resource = None
 
-SOFT_LABELS: tuple[str, ...] = ("none", "tesla", "learned")
-SOFT_LABELS_OF_BOOL = {True: "tesla", False: "none"}
-INITS: tuple[str, ...] = ("real", "real-correct", "noise")
-#: lr_img conventions: c in X <- X - c lr_img b, b the momentum buffer of dL/dX. 'gradient':
-#: lr_img multiplies the gradient the engine computes; 'tesla-published': the published TESLA
-#: code's image step, which is 0.5 x lr_img x the first-order gradient (it drops the 2 of
-#: d||r||^2), so a published lr_img is copied verbatim (MTT's published values are 'gradient')
-LR_IMG_CONVENTIONS: dict[str, float] = {"gradient": 1.0, "tesla-published": 0.5}
-#: settings that may change when a run resumes from its checkpoint (all others must match)
-RESUME_TUNABLE = frozenset(
-    {
-        "out", "metrics", "grid_dir", "checkpoint", "checkpoint_dir", "checkpoint_every", "iterations", "device",
-        "progress", "lr_img", "lr_img_convention", "lr_lr", "lr_label", "syn_steps", "batch_syn", "engine", "label_chunk",
-        "min_lr", "experts", "train", "zca", "max_lr", "max_image_growth", "max_loss", "restart", "config_key_prefix", "compile",
-    }
-)
-#: settings that do not change the synthetic set a run computes (see DistillSettings.result_settings)
-RESULT_NEUTRAL = frozenset(
-    {
-        "train", "experts", "zca", "out", "metrics", "grid_dir", "checkpoint", "checkpoint_dir", "checkpoint_every",
-        "device", "progress", "label_chunk", "compile", "max_lr", "max_image_growth", "max_loss", "restart",
-        "config_key_prefix",
-    }
-)
-
-
-@dataclass
-class DistillSettings:
-    """Every setting of one distillation run (the CLI options of ``tesla distill``)."""
-
-    train: str
-    experts: list[str]
-    out: str
-    ipc: int
-    syn_steps: int = 20
-    expert_epochs: int = 2
-    max_start_epoch: int = 20
-    lr_img: float = 1000.0
-    lr_img_convention: str = "gradient"
-    lr_lr: float = 1e-5
-    lr_teacher: float = 0.01
-    min_lr: float | None = None
-    batch_syn: int | None = None
-    iterations: int = 10000
-    soft_labels: str = "none"
-    label_temperature: float = 1.0
-    lr_label: float = 10.0
-    engine: str = "exact"
-    compile: str = "auto"
-    dsa: str | None = None
-    zca: str | None = None
-    seed: int = 0
-    init: str = "real"
-    init_expert: int = 0
-    init_epoch: int | None = None
-    min_start_epoch: int = 0
-    max_start_epoch_final: int | None = None
-    window_iterations: int | None = None
-    metrics: str | None = None
-    grid_dir: str | None = None
-    checkpoint: str | None = None
-    checkpoint_dir: str | None = None
-    checkpoint_every: int = 100
-    device: str = "auto"
-    label_chunk: int = 256
-    progress: bool = True
-    max_lr: float | None = None
-    max_image_growth: float = guard.DEFAULT_MAX_IMAGE_GROWTH
-    max_loss: float = guard.DEFAULT_MAX_LOSS
-    restart: bool = False
-    config_key_prefix: str | None = None
-
-    def __post_init__(self) -> None:
-        # the boolean form of earlier versions (and of config files): True = TESLA's labels
-        if isinstance(self.soft_labels, bool) or self.soft_labels in ("true", "false"):
-            self.soft_labels = SOFT_LABELS_OF_BOOL[str(self.soft_labels).lower() == "true"]
-
-    @property
-    def learned_labels(self) -> bool:
-        return self.soft_labels == "learned"
-
-    @property
-    def init_snapshot_epoch(self) -> int:
-        """The epoch of the snapshot that decides real-correct images and initialises learned
-        labels: ``init_epoch``, by default ``max_start_epoch`` (the end of the first window)."""
-        return self.max_start_epoch if self.init_epoch is None else self.init_epoch
-
-    @property
-    def uses_init_snapshot(self) -> bool:
-        return self.init == "real-correct" or self.learned_labels
-
-    @property
-    def largest_max_start_epoch(self) -> int:
-        """The largest upper bound the window reaches (the experts must cover it + expert_epochs)."""
-        return max(self.max_start_epoch, self.max_start_epoch_final or 0)
-
-    @property
-    def alpha_floor(self) -> float:
-        """min_lr: the smallest value alpha may take (default lr_teacher / 1000)."""
-        return self.lr_teacher * 1e-3 if self.min_lr is None else self.min_lr
-
-    @property
-    def alpha_ceiling(self) -> float:
-        """max_lr: the largest value alpha may reach before the guard stops the run
-        (default lr_teacher x guard.MAX_LR_FACTOR)."""
-        return self.lr_teacher * guard.MAX_LR_FACTOR if self.max_lr is None else self.max_lr
-
-    def guard_limits(self) -> guard.Limits:
-        return guard.Limits(self.alpha_ceiling, self.max_image_growth, self.max_loss)
-
-    @property
-    def wording(self) -> guard.Wording:
-        """How messages name settings: flags, or config keys under --config-key-prefix."""
-        return guard.Wording(self.config_key_prefix)
-
-    @property
-    def image_lr(self) -> float:
-        """The SGD step size applied to dL/dX: c lr_img, c of ``lr_img_convention``."""
-        return LR_IMG_CONVENTIONS[self.lr_img_convention] * self.lr_img
-
-    @property
-    def checkpoint_path(self) -> Path:
-        return Path(self.checkpoint) if self.checkpoint else Path(f"{self.out}.ckpt")
-
-    def result_settings(self) -> dict[str, Any]:
-        """The settings the synthetic set depends on: all but paths, the device, progress,
-        checkpoint interval, the guard's limits and wording (they decide where and whether a
-        run goes on, not what it computes)."""
-        return {k: v for k, v in asdict(self).items() if k not in RESULT_NEUTRAL}
-
-    def identity(self) -> dict[str, Any]:
-        """The settings a checkpoint must share with the run that resumes it."""
-        return {k: v for k, v in asdict(self).items() if k not in RESUME_TUNABLE}
-
-    def effective(self) -> dict[str, Any]:
-        """Every setting, with the defaults of min_lr and max_lr filled in (what messages show)."""
-        return {**asdict(self), "min_lr": self.alpha_floor, "max_lr": self.alpha_ceiling}
-
-    def start_over(self) -> str:
-        """How to discard this run's checkpoint and start from iteration 0."""
-        if self.wording.in_workflow:
-            return f"delete {self.checkpoint_path} and run snakemake again"
-        return f"run the same command with --restart (it discards {self.checkpoint_path})"
-
-
-def _positive(value: float, option: str, integer: bool = False) -> None:
-    ok = value is not None and (value >= 1 if integer else (math.isfinite(value) and value > 0))
-    if not ok:
-        what = "a positive integer" if integer else "a positive finite number"
-        raise TeslaError(f"{option} must be {what}, got {value!r}")
-
-
-def check_window(s: DistillSettings) -> None:
-    """The matching window's settings: 0 <= min_start_epoch < max_start_epoch, and a schedule
-    either absent or complete (max_start_epoch_final >= max_start_epoch, window_iterations >= 1)."""
-    if not 0 <= s.min_start_epoch < s.max_start_epoch:
-        raise TeslaError(
-            f"--min-start-epoch {s.min_start_epoch} must be >= 0 and below --max-start-epoch {s.max_start_epoch} "
-            "(start epochs are drawn from min .. max - 1)"
-        )
-    final, k = s.max_start_epoch_final, s.window_iterations
-    if (final is None) != (k is None):
-        raise TeslaError(
-            "--max-start-epoch-final and --window-iterations go together (the window's upper bound grows from "
-            "--max-start-epoch to --max-start-epoch-final by iteration --window-iterations); give both or neither"
-        )
-    if final is not None:
-        if final < s.max_start_epoch:
-            raise TeslaError(
-                f"--max-start-epoch-final {final} is below --max-start-epoch {s.max_start_epoch}: the window only "
-                "grows; give a final value >= the start value"
-            )
-        _positive(k, "--window-iterations", integer=True)
-
-
-def start_window(s: DistillSettings, iteration: int) -> tuple[int, int]:
-    """(T-, T+(i)): iteration i (1-based) draws its start epoch t ~ U{T- .. T+(i) - 1}.
-
-    T- = ``min_start_epoch``. Without a schedule T+(i) = ``max_start_epoch``; with one it grows
-    linearly, rounded down, from T+_0 = ``max_start_epoch`` to T+_K = ``max_start_epoch_final``
-    at iteration K = ``window_iterations`` and stays there::
-
-        T+(i) = T+_0 + floor((T+_K - T+_0) min(i, K) / K)
-
-    A function of the iteration only: a resumed run continues the schedule exactly."""
-    upper = s.max_start_epoch
-    if s.max_start_epoch_final is not None:
-        k = s.window_iterations
-        upper += (s.max_start_epoch_final - s.max_start_epoch) * min(iteration, k) // k
-    return s.min_start_epoch, upper
-
-
-def check_settings(s: DistillSettings) -> None:
-    """Refuse settings that cannot work, before opening any file."""
-    _positive(s.ipc, "--ipc", integer=True)
-    _positive(s.syn_steps, "--syn-steps", integer=True)
-    _positive(s.expert_epochs, "--expert-epochs", integer=True)
-    _positive(s.max_start_epoch, "--max-start-epoch", integer=True)
-    _positive(s.iterations, "--iterations", integer=True)
-    _positive(s.checkpoint_every, "--checkpoint-every", integer=True)
-    _positive(s.label_chunk, "--label-chunk", integer=True)
-    _positive(s.lr_img, "--lr-img")
-    if s.lr_img_convention not in LR_IMG_CONVENTIONS:
-        raise TeslaError(
-            f"--lr-img-convention {s.lr_img_convention!r}: choose one of {', '.join(LR_IMG_CONVENTIONS)} "
-            "('gradient': lr_img multiplies dL/dX; 'tesla-published': the published TESLA code's half step)"
-        )
-    _positive(s.lr_teacher, "--lr-teacher")
-    if not (math.isfinite(s.lr_lr) and s.lr_lr >= 0):
-        raise TeslaError(f"--lr-lr must be a finite number >= 0 (0 keeps alpha fixed), got {s.lr_lr!r}")
-    _positive(s.alpha_floor, "--min-lr")
-    if s.alpha_floor > s.lr_teacher:
-        raise TeslaError(f"--min-lr ({s.alpha_floor:g}) is above --lr-teacher ({s.lr_teacher:g}); lower --min-lr")
-    name = s.wording.name  # the guard's limits may come from config keys
-    if not s.alpha_ceiling > s.lr_teacher:
-        raise TeslaError(
-            f"{name('max_lr')} ({s.alpha_ceiling:g}) must be above {name('lr_teacher')} ({s.lr_teacher:g}); raise {name('max_lr')}"
-        )
-    for value, key in ((s.max_image_growth, "max_image_growth"), (s.max_loss, "max_loss")):
-        if not (math.isfinite(value) and value > 1):
-            raise TeslaError(f"{name(key)} must be a finite number above 1 (the value at the start), got {value!r}")
-    if s.checkpoint is not None and s.checkpoint_dir is not None:
-        raise TeslaError(
-            f"--checkpoint {s.checkpoint} and --checkpoint-dir {s.checkpoint_dir}: give one (a file, or a folder in "
-            "which the run names its checkpoint by its settings and inputs)"
-        )
-    if s.checkpoint_dir is not None and Path(s.checkpoint_dir).exists() and not Path(s.checkpoint_dir).is_dir():
-        raise TeslaError(f"--checkpoint-dir {s.checkpoint_dir} is a file; give a folder (it is made if missing)")
-    if Path(s.checkpoint_path).resolve() == Path(s.out).resolve():
-        raise TeslaError(f"--checkpoint {s.checkpoint_path} is the --out file; give another --checkpoint path")
-    if s.batch_syn is not None:
-        _positive(s.batch_syn, "--batch-syn", integer=True)
-    if s.engine not in ENGINES:
-        raise TeslaError(f"--engine {s.engine!r} is not an engine; choose one of {', '.join(ENGINES)}")
-    if s.compile not in COMPILE_MODES:
-        raise TeslaError(f"--compile {s.compile!r} is not a compile mode; choose one of {', '.join(COMPILE_MODES)}")
-    if s.init not in INITS:
-        raise TeslaError(
-            f"--init {s.init!r}: choose 'real' (random real images of each class), 'real-correct' (only those the "
-            "--init-expert/--init-epoch snapshot classifies correctly) or 'noise'"
-        )
-    if s.soft_labels not in SOFT_LABELS:
-        raise TeslaError(
-            f"--soft-labels {s.soft_labels!r}: choose 'none' (class labels), 'tesla' (the target expert's softmax) "
-            "or 'learned' (logits learned with the images)"
-        )
-    _positive(s.label_temperature, "--label-temperature")
-    if not (math.isfinite(s.lr_label) and s.lr_label >= 0):
-        raise TeslaError(f"--lr-label must be a finite number >= 0 (0 keeps the labels fixed), got {s.lr_label!r}")
-    check_window(s)
-    if s.init_expert < 0:
-        raise TeslaError(f"--init-expert must be >= 0 (an index into --experts), got {s.init_expert}")
-    if s.init_epoch is not None and s.init_epoch < 0:
-        raise TeslaError(f"--init-epoch must be >= 0 (a snapshot epoch), got {s.init_epoch}")
-    if not s.experts:
-        raise TeslaError("--experts: give at least one expert trajectory file (written by 'tesla experts')")
 
 
 def build_setup(s: DistillSettings, ranks: Ranks = SINGLE) -> DistillSetup:
@@ -669,76 +413,14 @@ def _distill_locked(setup: DistillSetup, tracking: TrackerOptions) -> SyntheticS
 # command line
 # ---------------------------------------------------------------------------------------
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    d = DistillSettings(train="", experts=[], out="", ipc=1)
-    a = parser.add_argument
-    a("--train", required=True, help="training split (tesla-images file from 'tesla prepare')")
-    a("--experts", required=True, nargs="+", help="expert trajectory files (from 'tesla experts')")
-    a("--out", required=True, help="synthetic set file to write (tesla-synthetic)")
-    a("--ipc", required=True, type=int, help="synthetic images per class")
-    a("--syn-steps", type=int, default=d.syn_steps, help="N: student steps per iteration")
-    a("--expert-epochs", type=int, default=d.expert_epochs, help="M: the target is M epochs after the start")
-    a("--max-start-epoch", type=int, default=d.max_start_epoch,
-      help="start epoch t ~ U{min .. max-1} (the window's upper bound; with a schedule, its start value)")
-    a("--min-start-epoch", type=int, default=d.min_start_epoch, help="the window's lower bound: t >= this")
-    a("--max-start-epoch-final", type=int, default=None,
-      help="moving window: the upper bound grows linearly (rounded down) to this value by --window-iterations")
-    a("--window-iterations", type=int, default=None, help="moving window: the iteration at which the upper bound is final")
-    a("--lr-img", type=finite_float, default=d.lr_img, help="learning rate of the images (SGD, momentum 0.5)")
-    a("--lr-img-convention", choices=tuple(LR_IMG_CONVENTIONS), default=d.lr_img_convention,
-      help="what --lr-img means: 'gradient' = the step on dL/dX as computed; 'tesla-published' = the published TESLA "
-           "code's step, half of that (so its published values are copied verbatim)")
-    a("--lr-lr", type=finite_float, default=d.lr_lr, help="learning rate of alpha (SGD, momentum 0.5; 0 keeps alpha fixed)")
-    a("--lr-teacher", type=finite_float, default=d.lr_teacher, help="initial alpha (the student's learning rate)")
-    a("--min-lr", type=finite_float, default=None, help="alpha is kept >= this value (default: lr_teacher / 1000)")
-    a("--batch-syn", type=int, default=None, help="synthetic minibatch size per student step (default: all images)")
-    a("--iterations", type=int, default=d.iterations, help="distillation iterations")
-    a("--soft-labels", nargs="?", const="tesla", default=d.soft_labels, choices=SOFT_LABELS,
-      help="labels the student trains on: none (class labels, the default), tesla (the target expert's softmax, "
-           "recomputed every iteration; the bare flag means this), learned (logits learned with the images, "
-           "initialised from the --init-expert/--init-epoch snapshot; README, Beyond TESLA)")
-    a("--label-temperature", type=finite_float, default=d.label_temperature,
-      help="learned labels: T in y = softmax(z / T), z initialised to the snapshot's logits")
-    a("--lr-label", type=finite_float, default=d.lr_label,
-      help="learned labels: learning rate of the label logits (SGD, momentum 0.5; 0 keeps them fixed)")
-    a("--engine", choices=ENGINES, default=d.engine, help="gradient engine (see docs/benchmarks for the choice)")
-    a("--compile", choices=COMPILE_MODES, default=d.compile,
-      help="how the student steps of exact/tesla run: off (eager), inductor, cudagraph, inductor-cudagraph; "
-           "auto: off on the CPU, inductor-cudagraph on CUDA (README, Gradient engines)")
-    a("--dsa", default=None, help="augmentation strategy, or 'none' (default: the experts' strategy)")
-    a("--zca", default=None, help="ZCA file (required iff the experts were trained with ZCA)")
-    a("--seed", type=int, default=d.seed, help="random seed (images, expert/start choice, minibatches, DSA)")
-    a("--init", choices=INITS, default=d.init,
-      help="initial images: random real images of each class, real-correct (only among those the --init-expert/"
-           "--init-epoch snapshot classifies correctly), or noise")
-    a("--init-expert", type=int, default=d.init_expert,
-      help="which of --experts (index, default 0) gives the snapshot for real-correct and learned labels")
-    a("--init-epoch", type=int, default=None,
-      help="that snapshot's epoch (default: --max-start-epoch, the end of the first window)")
-    a("--metrics", default=None, help="per-iteration metrics CSV (written as METRICS.partial while running)")
-    a("--grid-dir", default=None, help="directory for PNG grids of the images (checkpoints and final.png)")
-    a("--checkpoint", default=None, help="checkpoint file (default: OUT.ckpt); an existing one is resumed")
-    a("--checkpoint-dir", default=None,
-      help="instead of --checkpoint: a folder in which the checkpoint is named by a digest of the settings and the "
-           "inputs' fingerprints (resumed only by the same job on the same inputs) and removed when the run ends")
-    a("--checkpoint-every", type=int, default=d.checkpoint_every, help="iterations between checkpoints")
-    a("--restart", action="store_true", help="discard an existing checkpoint (and its grids) and start from iteration 0")
-    a("--label-chunk", type=int, default=d.label_chunk, help="images per forward pass when assigning soft labels")
-    a("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
-    a("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    """The options of ``tesla distill``: every declared setting (:mod:`tesla.distill_settings`)
+    and the tracking options."""
+    add_arguments(parser, DistillSettings)
     add_tracking_arguments(parser)
-    g = parser.add_argument_group("divergence guard (stops the run before a bad state is saved; see tesla.guard)")
-    g.add_argument("--max-lr", type=finite_float, default=None, help=f"alpha may not exceed this (default: {guard.MAX_LR_FACTOR:g} x lr_teacher)")
-    g.add_argument("--max-image-growth", type=finite_float, default=d.max_image_growth, help="the largest image RMS may not exceed this many times its initial value")
-    g.add_argument("--max-loss", type=finite_float, default=d.max_loss, help="the matching loss (about 1 at the start) may not exceed this")
-    g.add_argument(
-        "--config-key-prefix", default=None, metavar="KEY",
-        help="name settings in messages as config keys under KEY (set by the workflow, e.g. datasets.demo.distill.1)",
-    )
 
 
 def settings_from_args(args: argparse.Namespace) -> DistillSettings:
-    fields = DistillSettings.__dataclass_fields__
-    return DistillSettings(**{k: getattr(args, k) for k in fields if hasattr(args, k)})
+    return from_args(DistillSettings, args)
 
 
 def run(args: argparse.Namespace) -> int:

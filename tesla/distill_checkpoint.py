@@ -16,25 +16,22 @@ from __future__ import annotations
 import sys
 from dataclasses import asdict, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from tesla import __version__, guard
+from tesla.distill_settings import RESUME_REPORTED, DistillSettings
 from tesla.distill_setup import DistillSetup
 from tesla.distill_state import DistillState, check_labels, initial_images, label_optimiser, optimisers
 from tesla.errors import TeslaError
 from tesla.files import atomic_output
 
-if TYPE_CHECKING:  # the settings' home (for annotations only: this module imports no stage)
-    from tesla.distill import DistillSettings
 
 CHECKPOINT_FORMAT = "tesla-distill-checkpoint"
 #: 2: adds ``guard_start`` and ``settings``; 3: adds ``label_logits`` and ``opt_labels``
 #: (learned labels) and the window settings; versions 1 and 2 are still read (see load_checkpoint)
 CHECKPOINT_VERSION = 3
-#: step sizes and limits whose change a resumed run reports
-RESUME_REPORTED = ("lr_img", "lr_img_convention", "lr_lr", "lr_label", "syn_steps", "batch_syn", "engine", "min_lr", "max_lr", "max_image_growth", "max_loss")
 #: identity settings added by checkpoint version 3, with the value every earlier run had
 _ADDED_IN_VERSION_3 = ("label_temperature", "init_expert", "init_epoch", "min_start_epoch", "max_start_epoch_final", "window_iterations")
 

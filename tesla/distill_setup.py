@@ -17,7 +17,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -26,6 +26,7 @@ from tesla import distributed
 from tesla.augment import DSA
 from tesla.data import ImageSplit
 from tesla.distributed import SINGLE, Ranks
+from tesla.distill_settings import DistillSettings
 from tesla.errors import TeslaError
 from tesla.input_space import InputSpace, space_of_record
 from tesla.normalizations import resolve_normalization
@@ -38,8 +39,6 @@ from tesla.losses import training_loss
 from tesla.trajectories import Trajectory
 from tesla.zca import ZCA, zca_fingerprint
 
-if TYPE_CHECKING:  # the settings' home (for annotations only: this module imports no stage)
-    from tesla.distill import DistillSettings
 
 
 @dataclass
@@ -78,7 +77,7 @@ def _open_experts(s: DistillSettings, split: ImageSplit) -> list[Trajectory]:
             )
     if s.uses_init_snapshot:
         _check_init_snapshot(s, experts)
-    need = s.largest_max_start_epoch + s.expert_epochs + 1
+    need = s.last_window_snapshot + 1
     bound = "--max-start-epoch" if s.max_start_epoch_final is None else "--max-start-epoch-final"
     window = f"{bound} {s.largest_max_start_epoch}"
     if s.max_start_epoch_final is not None:

@@ -15,17 +15,15 @@ noise; alpha_0 = ``lr_teacher``; learned labels Z_0 = f_{theta*}(X_0) of the sam
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 
 from tesla import guard
+from tesla.distill_settings import DistillSettings
 from tesla.distill_setup import DistillSetup
 from tesla.initialisation import correct_indices_per_class
 from tesla.soft_labels import expert_logits
 
-if TYPE_CHECKING:  # the settings' home (for annotations only: this module imports no stage)
-    from tesla.distill import DistillSettings
 
 #: the momentum of the SGD optimisers of X, alpha and Z
 MOMENTUM = 0.5

@@ -62,13 +62,13 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from tesla.settings import Wording
+from tesla.settings import message_value as format_value
+
 __all__ = [
-    "DEFAULT_MAX_IMAGE_GROWTH",
-    "DEFAULT_MAX_LOSS",
     "DRIFT",
     "HEALTHY_LOSS",
     "LEVEL_ITERATIONS",
-    "MAX_LR_FACTOR",
     "Breach",
     "Healthy",
     "Limits",
@@ -85,12 +85,8 @@ __all__ = [
     "suspects",
 ]
 
-#: default ceiling of alpha, in units of its start lr_teacher
-MAX_LR_FACTOR = 100.0
-#: default bound of the largest image RMS, in units of its initial value
-DEFAULT_MAX_IMAGE_GROWTH = 100.0
-#: default bound of the matching loss (about 1 at the start)
-DEFAULT_MAX_LOSS = 10.0
+# the limits' defaults are those of the settings max_lr, max_image_growth and max_loss
+# (declared in tesla.distill_settings)
 #: a quantity that has grown by this factor since the last healthy state is a suspect of a loss breach
 DRIFT = 2.0
 #: a state whose matching loss is at most this (or the run's median loss, if larger) is healthy:
@@ -264,33 +260,6 @@ def check_state(alpha: float, images: torch.Tensor, start: Start, limits: Limits
             "max_image_growth",
         )
     return None
-
-
-@dataclass(frozen=True)
-class Wording:
-    """How a message names a setting: by the command-line flag that set it (``--lr-lr``) or,
-    when the workflow runs the command, by its config key (``datasets.demo.distill.1.lr_lr``,
-    with ``config_key_prefix`` = ``datasets.demo.distill.1``)."""
-
-    config_key_prefix: str | None = None
-
-    @property
-    def in_workflow(self) -> bool:
-        return bool(self.config_key_prefix)
-
-    def name(self, setting: str) -> str:
-        if self.in_workflow:
-            return f"{self.config_key_prefix}.{setting}"
-        return "--" + setting.replace("_", "-")
-
-    def names(self, settings: tuple[str, ...] | list[str], values: Mapping[str, Any], joiner: str = " or ") -> str:
-        """'--lr-teacher (now 100) or --syn-steps (now 10)'."""
-        return joiner.join(f"{self.name(k)} (now {format_value(values[k])})" for k in settings)
-
-
-def format_value(value: Any) -> str:
-    """1e+06 for floats (%g), str() for the rest."""
-    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def explain(breach: Breach, iteration: int, values: Mapping[str, Any], wording: Wording) -> str:

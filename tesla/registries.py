@@ -3,7 +3,8 @@ the method version of every stage.
 
 Each name has one home: networks in :mod:`tesla.models`, augmentation families in
 :mod:`tesla.dsa_strategy`, gradient engines in :mod:`tesla.engines`, normalisations in
-:mod:`tesla.normalizations`, step-size conventions in :mod:`tesla.distill`, group modes in
+:mod:`tesla.normalizations`, step-size conventions, label kinds and initialisations in
+:mod:`tesla.distill_settings`, group modes in
 :mod:`tesla.group_modes`, arithmetic in :mod:`tesla.numerics_options`, data sources in
 :mod:`tesla.data.sources`. The workflow calls :func:`config_problems` while it builds the job
 graph (the homes are declaration modules that do not import torch), so a misspelt name stops ``snakemake -n`` at once, naming the config key and the valid
@@ -22,7 +23,7 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
-from tesla.distill import INITS, LR_IMG_CONVENTIONS, SOFT_LABELS, SOFT_LABELS_OF_BOOL
+from tesla.distill_settings import INITS, LR_IMG_CONVENTIONS, SOFT_LABELS, last_window_snapshot, soft_label_kind
 from tesla.dsa_strategy import FAMILIES, parse_strategy
 from tesla.engines import ENGINES
 from tesla.errors import TeslaError
@@ -113,19 +114,12 @@ def _choice_problems(value: Any, key: str, kind: str, names) -> list[str]:
     return [] if value in names else [f"config key {key}: unknown {kind} {value!r} ({_known(kind + 's', names)})"]
 
 
-def soft_label_kind(value: str | bool) -> str:
-    """A config's ``soft_labels``: a kind (none, tesla, learned), or a boolean of older
-    configs (true = tesla, false = none)."""
-    return SOFT_LABELS_OF_BOOL[value] if isinstance(value, bool) else value
-
-
 def last_snapshot_needed(row: Mapping[str, Any]) -> int:
     """The last expert snapshot a distill row of the config reads (what ``tesla distill``
     checks): the window's largest upper bound (``max_start_epoch``, or
     ``max_start_epoch_final`` when larger) + ``expert_epochs``, and the initialising snapshot
     ``init_epoch``. Absent keys take their defaults (a fixed window, no init_epoch)."""
-    largest = max(int(row["max_start_epoch"]), int(row.get("max_start_epoch_final") or 0))
-    return max(largest + int(row["expert_epochs"]), int(row.get("init_epoch") or 0))
+    return max(last_window_snapshot(row), int(row.get("init_epoch") or 0))
 
 
 def _snapshot_terms(row: Mapping[str, Any]) -> tuple[str, list[str]]:

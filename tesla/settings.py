@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import MISSING, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
@@ -42,6 +43,12 @@ __all__ = [
     "result_neutral",
     "markdown_table",
     "SchemaBlock",
+    "Wording",
+    "bound_problems",
+    "message_value",
+    "config_value",
+    "resume_tunable",
+    "schema_yaml",
 ]
 
 #: the config key of a setting that the workflow sets itself (no config key)
@@ -84,22 +91,46 @@ class Setting:
     always: bool | Callable[[Mapping[str, Any]], bool] = False
     #: left off the workflow's command line in every case: a callable returning True skips it
     skip: Callable[[Mapping[str, Any]], bool] | None = None
+    #: exclusive lower bound of a number (a value must be above it)
+    above: float | None = None
+    #: the default as the config schema writes it, where earlier schemas spelt it otherwise
+    #: (``1000`` for a float 1000.0): the workflow fills in, and writes, the same value as before
+    config_default: Any = _UNSET
+    #: how a config value becomes the setting's value (an older config's spelling), or None
+    from_config: Callable[[Any], Any] | None = None
+    #: may change when a run resumes from its checkpoint (all other settings must match it)
+    resume_tunable: bool = False
 
     def value_type(self) -> Callable[[str], Any]:
         """The command line's type of a value: a float is finite, a bounded number is checked."""
         base: Callable[[str], Any] = finite_float if self.kind is float else self.kind
-        if self.minimum is None and self.maximum is None:
+        if self.minimum is None and self.maximum is None and self.above is None:
             return base
-        low, high = self.minimum, self.maximum
+        setting = self
 
         def bounded(text: str) -> Any:
             value = base(text)
-            if (low is not None and value < low) or (high is not None and value > high):
-                raise argparse.ArgumentTypeError(f"{value} is outside the allowed range {_range(low, high)}")
+            if not setting.within_bounds(value):
+                raise argparse.ArgumentTypeError(f"{value} is outside the allowed range {setting.bounds()}")
             return value
 
-        bounded.__name__ = f"{self.kind.__name__} {_range(low, high)}"
+        bounded.__name__ = f"{self.kind.__name__} {self.bounds()}"
         return bounded
+
+    def within_bounds(self, value: float) -> bool:
+        low, high, above = self.minimum, self.maximum, self.above
+        return not ((low is not None and value < low) or (high is not None and value > high) or (above is not None and value <= above))
+
+    def bounds(self) -> str:
+        """'>= 1', '0-1', 'above 0': the allowed range, as messages write it."""
+        if self.above is not None:
+            return f"above {self.above:g}" + ("" if self.maximum is None else f" and <= {self.maximum:g}")
+        return _range(self.minimum, self.maximum)
+
+    def resolved_choices(self) -> tuple | None:
+        """The choices; a callable is asked (a registry that lives in a module the declaration
+        must not import when it loads, e.g. one that needs torch)."""
+        return self.choices() if callable(self.choices) else self.choices
 
 
 def _range(low: float | None, high: float | None) -> str:
@@ -136,6 +167,11 @@ class Declared:
     def has_default(self) -> bool:
         return self.default is not MISSING
 
+    @property
+    def config_default(self) -> Any:
+        """The default of the config key (the field's, unless declared otherwise)."""
+        return self.default if self.setting.config_default is _UNSET else self.setting.config_default
+
 
 def declared(cls: type) -> list[Declared]:
     """The declared settings of a settings dataclass, in declaration order."""
@@ -171,9 +207,11 @@ def _argument(d: Declared) -> tuple[list[str], dict[str, Any]]:
         kw["required"] = True
     else:
         kw["default"] = d.default
-    for key in ("choices", "nargs", "metavar"):
+    for key in ("nargs", "metavar"):
         if getattr(s, key) is not None:
             kw[key] = getattr(s, key)
+    if s.choices is not None:
+        kw["choices"] = s.resolved_choices()
     if s.nargs == "?":
         kw["const"] = s.const
     return [d.flag], kw
@@ -214,11 +252,12 @@ def _value_schema(d: Declared) -> dict[str, Any]:
     if s.kind is Path:
         value: dict[str, Any] = {"$ref": "#/$defs/path"}
     elif s.choices is not None:
-        return {"enum": [*s.choices, *([None] if d.default is None else [])]}
+        return {"enum": [*s.resolved_choices(), *([None] if d.default is None else [])]}
     else:
         kind = {bool: "boolean", int: "integer", float: "number", str: "string"}[s.kind]
         value = {"type": kind, **({"minLength": 1} if s.kind is str else {})}
-        value.update({k: v for k, v in (("minimum", s.minimum), ("maximum", s.maximum)) if v is not None})
+        bounds = (("minimum", s.minimum), ("exclusiveMinimum", s.above), ("maximum", s.maximum))
+        value.update({k: v for k, v in bounds if v is not None})
     return value if d.default is not None else {"anyOf": [value, {"type": "null"}]}
 
 
@@ -228,7 +267,7 @@ def schema_properties(cls: type) -> dict[str, dict[str, Any]]:
     for d in config_settings(cls):
         entry: dict[str, Any] = {"description": d.setting.config_help or d.setting.help, **_value_schema(d)}
         if d.has_default:
-            entry["default"] = d.default
+            entry["default"] = d.config_default
         properties[d.config_key] = entry
     return properties
 
@@ -240,27 +279,52 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
-def command_options(cls: type, entry: Mapping[str, Any], result: bool, order: tuple[str, ...] = ()) -> list[str]:
+def command_options(
+    cls: type,
+    entry: Mapping[str, Any],
+    result: bool,
+    order: tuple[str, ...] = (),
+    given: Mapping[str, Any] | None = None,
+) -> list[str]:
     """The options of a config entry (keys: config keys) for the settings of ``cls`` that change
     the result (``result=True``: the rule's params) or do not (run options). A value equal to
     the default is left out unless the setting is declared ``always``; a missing key takes
-    the default; names in ``order`` come first, in that order, then the rest as declared."""
+    the default; names in ``order`` come first, in that order, then the rest as declared.
+    ``given``: values the workflow sets itself, by field name (a setting that is no config key,
+    such as the IPC, or one whose config value the workflow resolves, such as one engine of a
+    list); they are written whether or not the entry has a key of that name."""
+    given = given or {}
     rank = {name: i for i, name in enumerate(order)}
-    chosen = sorted((d for d in config_settings(cls) if d.setting.result == result), key=lambda d: rank.get(d.name, len(rank)))
+    chosen = [d for d in declared(cls) if (d.config_key is not None or d.name in given) and d.setting.result == result]
     opts = []
-    for d in chosen:
-        s = d.setting
-        value = entry.get(d.config_key, d.default if d.has_default else None)
-        always = s.always(entry) if callable(s.always) else s.always
-        if (s.skip is not None and s.skip(entry)) or value is None or (value == d.default and not always):
-            continue
-        if s.kind is bool:
-            opts.append(d.flag if value else "--no-" + d.flag[2:])
-        elif s.nargs == "?" and value == s.const:
-            opts.append(d.flag)  # the bare flag
-        else:
-            opts.append(f"{d.flag} {format_value(value)}")
+    for d in sorted(chosen, key=lambda d: rank.get(d.name, len(rank))):
+        value = given[d.name] if d.name in given else config_value(d, entry)
+        option = _option(d, value, entry)
+        if option is not None:
+            opts.append(option)
     return opts
+
+
+def config_value(d: Declared, entry: Mapping[str, Any]) -> Any:
+    """The setting's value in a config entry: its key's (read by ``from_config``), else its
+    config default."""
+    if d.config_key not in entry:
+        return d.config_default if d.has_default else None
+    value = entry[d.config_key]
+    return d.setting.from_config(value) if d.setting.from_config else value
+
+
+def _option(d: Declared, value: Any, entry: Mapping[str, Any]) -> str | None:
+    """One option of the workflow's command line, or None when it is left off."""
+    s = d.setting
+    always = s.always(entry) if callable(s.always) else s.always
+    if (s.skip is not None and s.skip(entry)) or value is None or (value == d.default and not always):
+        return None
+    if s.kind is bool:
+        return d.flag if value else "--no-" + d.flag[2:]
+    if s.nargs == "?" and value == s.const:
+        return d.flag  # the bare flag
+    return f"{d.flag} {format_value(value)}"
 
 
 def result_neutral(cls: type) -> frozenset[str]:
@@ -272,7 +336,7 @@ def markdown_table(cls: type, prefix: str = "") -> str:
     """The config keys of ``cls`` as a markdown table: key, default, rerun trigger, meaning."""
     rows = ["| key | default | changes the result | meaning |", "|---|---|---|---|"]
     for d in config_settings(cls):
-        default = "(required)" if not d.has_default else ("null" if d.default is None else f"`{format_value(d.default)}`")
+        default = "(required)" if not d.has_default else ("null" if d.default is None else f"`{format_value(d.config_default)}`")
         meaning = (d.setting.config_help or d.setting.help).replace("|", "\\|").replace("\n", " ")
         rows.append(f"| `{prefix}{d.config_key}` | {default} | {'yes' if d.setting.result else 'no'} | {meaning} |")
     return "\n".join(rows) + "\n"
@@ -328,3 +392,89 @@ class SchemaBlock:
     def check(self, path: Path) -> bool:
         """Whether the file's block is what the declarations generate now."""
         return self.generated(path) == Path(path).read_text(encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------
+# checks and names of settings objects; the YAML of a schema block
+# ---------------------------------------------------------------------------------------
+def resume_tunable(cls: type) -> frozenset[str]:
+    """The fields of ``cls`` that may change when a run resumes from its checkpoint."""
+    return frozenset(d.name for d in declared(cls) if d.setting.resume_tunable)
+
+
+def bound_problems(obj: Any, name: Callable[[str], str]) -> list[str]:
+    """'<name> must be ..., got <value>' for every declared number of the settings object
+    ``obj`` outside its bounds (or, a float, not finite); None passes (an unset setting).
+    ``name`` names a setting in the message (its flag, or its config key)."""
+    problems = []
+    for d in declared(type(obj)):
+        s, value = d.setting, getattr(obj, d.name)
+        if s.kind not in (int, float) or value is None or isinstance(value, bool):
+            continue
+        bounded = s.minimum is not None or s.maximum is not None or s.above is not None
+        if (s.kind is float and not math.isfinite(value)) or (bounded and not s.within_bounds(value)):
+            what = "an integer" if s.kind is int else "a finite number"
+            problems.append(f"{name(d.name)} must be {what}{' ' + s.bounds() if bounded else ''}, got {value!r}")
+    return problems
+
+
+@dataclass(frozen=True)
+class Wording:
+    """How a message names a setting: by the command-line flag that set it (``--lr-lr``) or,
+    when the workflow runs the command, by its config key (``datasets.demo.distill.1.lr_lr``,
+    with ``config_key_prefix`` = ``datasets.demo.distill.1``)."""
+
+    config_key_prefix: str | None = None
+
+    @property
+    def in_workflow(self) -> bool:
+        return bool(self.config_key_prefix)
+
+    def name(self, setting: str) -> str:
+        if self.in_workflow:
+            return f"{self.config_key_prefix}.{setting}"
+        return "--" + setting.replace("_", "-")
+
+    def names(self, settings: tuple[str, ...] | list[str], values: Mapping[str, Any], joiner: str = " or ") -> str:
+        """'--lr-teacher (now 100) or --syn-steps (now 10)'."""
+        return joiner.join(f"{self.name(k)} (now {message_value(values[k])})" for k in settings)
+
+
+def message_value(value: Any) -> str:
+    """1e+06 for floats (%g), str() for the rest."""
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def schema_yaml(cls: type) -> Callable[[int], str]:
+    """The ``make`` of a :class:`SchemaBlock` that writes :func:`schema_properties` of ``cls``
+    as YAML lines, indented as the markers are: one mapping per key, its description folded,
+    a list one item a line, the other values in flow style."""
+
+    def make(indent: int) -> str:
+        lines = []
+        for key, entry in schema_properties(cls).items():
+            lines.append(f"{key}:")
+            for name, value in entry.items():
+                lines += _yaml_item(name, value)
+        return "".join(" " * indent + line + "\n" for line in lines)
+
+    return make
+
+
+def _yaml_item(name: str, value: Any, width: int = 100) -> list[str]:
+    """The lines of one key of a schema entry, indented by two."""
+    import textwrap
+
+    if name == "description" and len(value) > width - 20:
+        return ["  description: >-", *textwrap.wrap(value, width, initial_indent="    ", subsequent_indent="    ")]
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        return [f"  {name}:", *(f"    - {_yaml_flow(v)}" for v in value)]
+    return [f"  {name}: {_yaml_flow(value)}"]
+
+
+def _yaml_flow(value: Any) -> str:
+    """A value in YAML's flow style, on one line."""
+    import yaml  # only where a block is written or checked
+
+    text = yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=10**6)
+    return text.removesuffix("\n...\n").strip()

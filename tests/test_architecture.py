@@ -32,10 +32,7 @@ COMMAND_LINE = {"tesla.cli", "tesla.__main__"}
 #: known imports of a stage module by another module, to be removed: each is reported by
 #: test_no_other_module_imports_a_stage_module as an expected failure (strict: once the import
 #: is gone the test fails until its entry here is deleted). Keep this empty.
-KNOWN_STAGE_IMPORTS: dict[str, str] = {
-    "tesla.registries": "imports tesla.distill for its setting names (INITS, LR_IMG_CONVENTIONS, SOFT_LABELS): "
-                        "tesla.distill names not yet torch-free",
-}
+KNOWN_STAGE_IMPORTS: dict[str, str] = {}
 
 
 def _package_modules() -> list[str]:
@@ -113,7 +110,6 @@ def test_what_the_workflow_imports_at_parse_time_loads_no_torch():
     assert culprit is None, f"importing {culprit} imports torch; give the names the workflow needs a torch-free home"
 
 
-@pytest.mark.xfail(strict=True, reason="tesla.distill names not yet torch-free (tesla.registries imports tesla.distill)")
 def test_tesla_registries_loads_no_torch():
     assert _first_to_import_torch(["tesla.registries"]) is None
 

@@ -95,3 +95,60 @@ def test_a_run_spans_two_commands_and_reports_the_iterations_and_seconds_of_both
     row = [line for line in second.splitlines() if line.startswith("| 1 | exact")][0]
     assert row.split("|")[5].strip().endswith("(1)")  # our accuracy, 1 run
     assert sorted(p.name for p in (tmp_path / "out2").iterdir()) == ["acc_ipc1.csv", "logs.tar.gz", "reproduce.md"]
+
+
+#: a row's keys that are not settings of `tesla distill`: read by the other stages of the run
+NOT_DISTILL_KEYS = {"normalize", "zca", "eval_runs", "gpus", "iterations_max"}
+
+
+def _reached(tmp_path, config: Path, dataset: str, ipcs: list[int]) -> int:
+    """Check that every key of every row reaches its distillation's command; the keys checked."""
+    from tesla.cli import build_parser
+    from tesla.distill import settings_from_args
+    from tesla.distill_settings import DistillSettings
+    from tesla.settings import declared
+
+    a = rp.parse(["--data", str(tmp_path / "data.tar"), "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"),
+                  "--config", str(config), "--dataset", dataset, "--ipc", *map(str, ipcs)])
+    run = rp.Run(a)
+    keys = {d.config_key: d for d in declared(DistillSettings) if d.config_key}
+    checked = 0
+    for row in run.rows:
+        for engine in row.engines:
+            args = run.distill_args(row, engine, 7)
+            s = settings_from_args(build_parser(only="distill").parse_args(args))
+            assert (s.ipc, s.engine, s.iterations, s.zca is not None) == (row.ipc, engine, 7, row.zca)
+            for key, value in row.settings.items():
+                if key in ("engine", "iterations"):
+                    continue  # one engine per command; this run's iterations (above)
+                assert key in keys or key in NOT_DISTILL_KEYS, f"{dataset}.distill.{row.ipc}.{key} reaches no command"
+                if key in keys:
+                    d = keys[key]
+                    if d.setting.skip is not None and d.setting.skip(row.settings):
+                        continue  # a setting this row does not use (the labels' or the init snapshot's)
+                    expected = d.setting.from_config(value) if d.setting.from_config else value
+                    if key == "checkpoint_every":
+                        expected = a.checkpoint_every  # this run's interval
+                    assert getattr(s, d.name) == expected, f"{dataset}.distill.{row.ipc}.{key}"
+                    checked += 1
+    return checked
+
+
+@pytest.mark.parametrize("dataset, ipcs", [("cifar10", [1, 10, 50]), ("cifar100", [1, 10, 50]), ("in1k", [1, 2, 10, 50])])
+def test_every_key_of_a_published_row_reaches_the_distill_command(tmp_path, dataset, ipcs):
+    assert _reached(tmp_path, ROOT / "config" / "config.yaml", dataset, ipcs) > 0
+
+
+def test_every_distill_setting_of_a_row_reaches_the_distill_command(tmp_path):
+    """Rows that set what the published rows leave at their defaults: learned and TESLA labels
+    (true/false too), the moving window, real-correct images, dsa, batch_syn, the guard."""
+    import json
+
+    import yaml
+
+    config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    rows = json.loads((ROOT / "tests" / "distill_params.json").read_text())["hand_made"]["distill"]
+    entry = config["datasets"]["cifar10"]
+    entry["distill"] = {int(ipc): {**entry["distill"][1], **row} for ipc, row in rows.items()}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    assert _reached(tmp_path, tmp_path / "config.yaml", "cifar10", sorted(entry["distill"])) > 100

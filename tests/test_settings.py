@@ -10,13 +10,17 @@ import pytest
 
 from tesla.settings import (
     SchemaBlock,
+    Wording,
     add_arguments,
+    bound_problems,
     command_options,
     declared,
     from_args,
     markdown_table,
     result_neutral,
+    resume_tunable,
     schema_properties,
+    schema_yaml,
     setting,
 )
 
@@ -92,3 +96,64 @@ def test_a_generated_block_is_rewritten_between_its_markers(tmp_path):
     (tmp_path / "bare.yaml").write_text("top: 1\n")
     with pytest.raises(ValueError, match="marker lines"):
         block.check(tmp_path / "bare.yaml")
+
+
+# ---------------------------------------------------------------------------------------
+# what the distill settings needed: exclusive bounds, a config default spelt as before, an
+# older config's spelling, values the workflow sets, resume, bound checks, lazy choices
+# ---------------------------------------------------------------------------------------
+def _names() -> tuple[str, ...]:
+    return ("exact", "tesla")
+
+
+@dataclasses.dataclass
+class Run:
+    out: str = setting(help="output", required=True, config=None, result=False, resume_tunable=True)
+    ipc: int = setting(help="images per class", kind=int, required=True, minimum=1, config=None)
+    lr: float = setting(1000.0, help="step", kind=float, above=0, always=True, config_default=1000, resume_tunable=True)
+    kind: str = setting("none", help="labels", choices=("none", "tesla"), from_config=lambda v: "tesla" if v is True else v)
+    engine: str = setting("exact", help="engine", choices=_names, always=True)
+    growth: float = setting(100.0, help="limit", kind=float, above=1, maximum=1000, result=False)
+
+
+def test_exclusive_bounds_reach_the_parser_the_schema_and_the_checks():
+    parser = _parser(Run)
+    with pytest.raises((SystemExit, argparse.ArgumentError)):
+        parser.parse_args(["--out", "o", "--ipc", "1", "--lr", "0"])
+    assert from_args(Run, parser.parse_args(["--out", "o", "--ipc", "1", "--engine", "tesla"])).engine == "tesla"
+    with pytest.raises((SystemExit, argparse.ArgumentError)):
+        parser.parse_args(["--out", "o", "--ipc", "1", "--engine", "unroll"])  # the callable's choices
+    props = schema_properties(Run)
+    assert props["lr"] == {"description": "step", "type": "number", "exclusiveMinimum": 0, "default": 1000}
+    assert props["growth"]["exclusiveMinimum"] == 1 and props["growth"]["maximum"] == 1000
+    assert props["engine"]["enum"] == ["exact", "tesla"]
+    bad = Run(out="o", ipc=0, lr=float("nan"), growth=1.0)
+    assert bound_problems(bad, lambda name: "--" + name) == [
+        "--ipc must be an integer >= 1, got 0",
+        "--lr must be a finite number above 0, got nan",
+        "--growth must be a finite number above 1 and <= 1000, got 1.0",
+    ]
+    assert bound_problems(Run(out="o", ipc=1), str) == []
+
+
+def test_the_workflow_writes_a_config_default_as_spelt_reads_old_spellings_and_takes_given_values():
+    assert command_options(Run, {}, result=True, given={"ipc": 3, "engine": "tesla"}) == ["--ipc 3", "--lr 1000", "--engine tesla"]
+    assert command_options(Run, {"lr": 10.0, "kind": True}, result=True, given={"ipc": 1}) == [
+        "--ipc 1", "--lr 10.0", "--kind tesla", "--engine exact"]
+    assert command_options(Run, {"growth": 50}, result=False, given={"out": "x.h5"}) == ["--out x.h5", "--growth 50"]
+    assert "| `lr` | `1000` | yes | step |" in markdown_table(Run)
+    assert resume_tunable(Run) == {"out", "lr"}
+
+
+def test_wording_names_a_setting_by_its_flag_or_its_config_key():
+    assert Wording().name("lr_lr") == "--lr-lr" and not Wording().in_workflow
+    assert Wording("datasets.demo.distill.1").name("lr_lr") == "datasets.demo.distill.1.lr_lr"
+    assert Wording().names(("lr", "ipc"), {"lr": 1e6, "ipc": 3}) == "--lr (now 1e+06) or --ipc (now 3)"
+
+
+def test_the_schema_yaml_of_a_declaration_reads_back_as_its_properties():
+    import yaml
+
+    text = schema_yaml(Run)(4)
+    assert all(line.startswith("    ") for line in text.splitlines())
+    assert yaml.safe_load(text) == schema_properties(Run)

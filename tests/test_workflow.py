@@ -676,7 +676,7 @@ def test_learned_labels_a_moving_window_and_real_correct_reach_the_command(plain
     (dict(init="correct"), "datasets.demo.distill.1.init: unknown initialisation 'correct'"),
     (dict(max_start_epoch_final=9), "a moving window needs both max_start_epoch_final and window_iterations"),
     (dict(init_expert=99), "datasets.demo.distill.1.init_expert: 99 is not an expert of the pool"),
-    (dict(min_start_epoch=4), "datasets.demo.distill.1.min_start_epoch: 4 must be below max_start_epoch"),
+    (dict(min_start_epoch=4), "datasets.demo.distill.1: min_start_epoch 4 must be >= 0 and below max_start_epoch 4"),
 ])
 def test_bad_beyond_tesla_settings_are_refused_naming_the_key(plain_workdir, change, message):
     cfg = load_config(plain_workdir)

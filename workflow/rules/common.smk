@@ -41,6 +41,7 @@ try:
     # augmentation families, gradient engines, normalisations, step-size conventions) and
     # every stage's method version are declared once, in the package: the workflow asks it.
     from tesla import registries
+    from tesla import distill_settings as distill_declared  # (distill_settings below is a fingerprint)
     from tesla.devices import nvidia_gpu_visible
     from tesla.data.sources import workflow as data_sources
 except ImportError as exc:
@@ -155,15 +156,7 @@ def _cross_checks(cfg) -> list[str]:
             if classes and row["batch_syn"] is not None and row["batch_syn"] > images:
                 problems.append(f"config key {key}.batch_syn: {row['batch_syn']} is more than the synthetic set ({ipc} x "
                                 f"{classes} classes = {images} images); lower it to at most {images}, or null (all images)")
-            if (row["max_start_epoch_final"] is None) != (row["window_iterations"] is None):
-                problems.append(f"config key {key}: a moving window needs both max_start_epoch_final and "
-                                "window_iterations (or neither)")
-            if row["max_start_epoch_final"] is not None and row["max_start_epoch_final"] < row["max_start_epoch"]:
-                problems.append(f"config key {key}.max_start_epoch_final: {row['max_start_epoch_final']} must be at "
-                                f"least max_start_epoch ({row['max_start_epoch']}): the window only grows")
-            if row["min_start_epoch"] >= row["max_start_epoch"]:
-                problems.append(f"config key {key}.min_start_epoch: {row['min_start_epoch']} must be below "
-                                f"max_start_epoch ({row['max_start_epoch']})")
+            problems += [f"config key {key}: {p}" for p in distill_declared.window_problems(row, str)]
             if row["init_expert"] >= ex["count"]:
                 problems.append(f"config key {key}.init_expert: {row['init_expert']} is not an expert of the pool "
                                 f"(experts 0..{ex['count'] - 1}, {where}.experts.count)")
@@ -467,44 +460,12 @@ def group_resources(per_job: int) -> dict:
 
 
 def distill_options(wildcards) -> str:
-    """The settings of one (dataset, IPC, engine) distillation and nothing else."""
-    d = distill_cfg(wildcards.dataset, wildcards.ipc)
-    opts = [
-        _opt("ipc", int(wildcards.ipc)),
-        _opt("syn-steps", d["syn_steps"]),
-        _opt("expert-epochs", d["expert_epochs"]),
-        _opt("max-start-epoch", d["max_start_epoch"]),
-        _opt("lr-img", d["lr_img"]),
-        _opt("lr-lr", d["lr_lr"]),
-        _opt("lr-teacher", d["lr_teacher"]),
-        _opt("iterations", d["iterations"]),
-        _opt("engine", wildcards.engine),
-        _opt("seed", config["seed"]),
-    ]
-    if d["lr_img_convention"] != "gradient":
-        opts.append(_opt("lr-img-convention", d["lr_img_convention"]))
-    if d["dsa"] is not None:
-        opts.append(_opt("dsa", d["dsa"]))
-    if d["batch_syn"] is not None:
-        opts.append(_opt("batch-syn", d["batch_syn"]))
-    labels = registries.soft_label_kind(d["soft_labels"])
-    if labels == "tesla":
-        opts.append("--soft-labels")  # the bare flag: TESLA's labels
-    elif labels == "learned":
-        opts += ["--soft-labels learned", _opt("label-temperature", d["label_temperature"]),
-                 _opt("lr-label", d["lr_label"])]
-    if d["min_start_epoch"] != 0:
-        opts.append(_opt("min-start-epoch", d["min_start_epoch"]))
-    if d["max_start_epoch_final"] is not None:
-        opts += [_opt("max-start-epoch-final", d["max_start_epoch_final"]),
-                 _opt("window-iterations", d["window_iterations"])]
-    if d["init"] != "real":
-        opts.append(_opt("init", d["init"]))
-    if d["init"] == "real-correct" or labels == "learned":
-        opts.append(_opt("init-expert", d["init_expert"]))
-        if d["init_epoch"] is not None:
-            opts.append(_opt("init-epoch", d["init_epoch"]))
-    return " ".join(opts)
+    """The settings of one (dataset, IPC, engine) distillation that change its result, and
+    nothing else: the row's, as tesla.distill_settings declares them (which are written at
+    their default, which only in some cases), with the IPC, the engine and the seed."""
+    row = distill_cfg(wildcards.dataset, wildcards.ipc)
+    given = dict(ipc=int(wildcards.ipc), engine=wildcards.engine, seed=config["seed"])
+    return distill_declared.workflow_options(row, result=True, **given)
 
 
 def job_device(wildcards, resources) -> str:
@@ -522,16 +483,10 @@ def distill_run_options(wildcards, output) -> str:
     the checkpoint when it succeeds), how often to write it, the divergence guard's limits
     (left out when null: tesla's defaults) and the wording of its advice (config keys
     under datasets.<dataset>.distill.<ipc>). After a stop, raising a limit resumes."""
-    d = distill_cfg(wildcards.dataset, wildcards.ipc)
-    opts = [
-        _opt("checkpoint-dir", Path(output.synthetic).parent),
-        _opt("checkpoint-every", d["checkpoint_every"]),
-        _opt("config-key-prefix", f"datasets.{wildcards.dataset}.distill.{int(wildcards.ipc)}"),
-    ]
-    for key in ("max_lr", "max_image_growth", "max_loss"):
-        if d.get(key) is not None:
-            opts.append(_opt(key.replace("_", "-"), d[key]))
-    return " ".join(opts + tracking_options("distill", output))
+    row = distill_cfg(wildcards.dataset, wildcards.ipc)
+    given = dict(checkpoint_dir=Path(output.synthetic).parent,
+                 config_key_prefix=f"datasets.{wildcards.dataset}.distill.{int(wildcards.ipc)}")
+    return " ".join([distill_declared.workflow_options(row, result=False, **given), *tracking_options("distill", output)])
 
 
 def evaluate_options(wildcards) -> str:

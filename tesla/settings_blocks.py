@@ -1,0 +1,72 @@
+"""Every block of the project's files that is generated from declarations, rewritten in one go::
+
+    python -m tesla.settings_blocks --write     # from the project's root
+    python -m tesla.settings_blocks --check     # exit 1 when a block is out of date
+
+The blocks: the config schema's keys of a distill row and the distill settings table of
+config/README.md (from :mod:`tesla.distill_settings`), and the data sources' keys of a
+dataset entry (:mod:`tesla.data.sources.workflow`, which has its own markers). A test
+(tests/test_settings_blocks.py) fails while a committed file differs from what the
+declarations generate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from tesla.distill_settings import DistillSettings
+from tesla.settings import SchemaBlock, markdown_table, schema_yaml
+
+REGENERATE = "python -m tesla.settings_blocks --write"
+SCHEMA = Path("workflow/schemas/config.schema.yaml")
+CONFIG_README = Path("config/README.md")
+
+#: (file, block), paths from the project's root
+BLOCKS: tuple[tuple[Path, SchemaBlock], ...] = (
+    (SCHEMA, SchemaBlock("tesla.distill_settings", REGENERATE, schema_yaml(DistillSettings))),
+    (CONFIG_README, SchemaBlock("tesla.distill_settings", REGENERATE, lambda indent: markdown_table(DistillSettings),
+                                comment=("<!--", "-->"))),
+)
+
+
+def stale(root: Path) -> list[Path]:
+    """The files under ``root`` whose generated blocks are out of date."""
+    from tesla.data.sources.workflow import generated_schema
+
+    out = [root / path for path, block in BLOCKS if not block.check(root / path)]
+    if generated_schema(root / SCHEMA) != (root / SCHEMA).read_text(encoding="utf-8"):
+        out.append(root / SCHEMA)
+    return sorted(set(out))
+
+
+def write(root: Path) -> list[Path]:
+    """Rewrite every generated block under ``root``; the files that changed."""
+    from tesla.data.sources.workflow import write_schema
+
+    changed = [root / path for path, block in BLOCKS if block.write(root / path)]
+    if write_schema(root / SCHEMA):
+        changed.append(root / SCHEMA)
+    return sorted(set(changed))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="the blocks of the project's files generated from declarations")
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--write", action="store_true", help="rewrite every generated block")
+    group.add_argument("--check", action="store_true", help="exit 1 when a generated block is out of date")
+    parser.add_argument("--root", type=Path, default=Path("."), help="the project's root (default: here)")
+    args = parser.parse_args(argv)
+    if args.write:
+        changed = write(args.root)
+        print("updated: " + ", ".join(map(str, changed)) if changed else "every generated block is up to date")
+        return 0
+    out_of_date = stale(args.root)
+    for path in out_of_date:
+        print(f"{path}: a generated block is out of date; run {REGENERATE}", file=sys.stderr)
+    return 1 if out_of_date else 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

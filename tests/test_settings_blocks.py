@@ -1,0 +1,32 @@
+"""The committed generated blocks (the config schema's distill keys, the distill settings
+table of config/README.md, the data sources' keys) are what the declarations generate:
+after changing a declaration, run `python -m tesla.settings_blocks --write`.
+
+Time budget: under a second."""
+
+from __future__ import annotations
+
+from tesla.settings_blocks import BLOCKS, REGENERATE, main, stale
+from workflow_options import ROOT
+
+
+def test_every_generated_block_is_up_to_date():
+    assert stale(ROOT) == [], f"run {REGENERATE}"
+
+
+def test_every_block_names_its_source_and_the_command_that_rewrites_it():
+    for path, block in BLOCKS:
+        text = (ROOT / path).read_text(encoding="utf-8")
+        assert block.begin in text and REGENERATE in block.begin and block.name in block.begin
+
+
+def test_check_fails_on_a_stale_block_and_write_repairs_it(tmp_path, capsys):
+    for path, _ in BLOCKS:
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text((ROOT / path).read_text())
+    schema = tmp_path / "workflow/schemas/config.schema.yaml"
+    schema.write_text(schema.read_text().replace("default: 10000", "default: 9999", 1))
+    assert main(["--check", "--root", str(tmp_path)]) == 1
+    assert main(["--write", "--root", str(tmp_path)]) == 0
+    assert main(["--check", "--root", str(tmp_path)]) == 0
+    assert schema.read_text() == (ROOT / "workflow/schemas/config.schema.yaml").read_text()
