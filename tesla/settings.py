@@ -38,6 +38,7 @@ __all__ = [
     "from_args",
     "defaults",
     "schema_properties",
+    "schema_yaml",
     "command_options",
     "result_neutral",
     "markdown_table",
@@ -75,6 +76,9 @@ class Setting:
     config: str | None = ""
     #: the config schema's description when it differs from ``help``
     config_help: str = ""
+    #: the config key's default when it differs from the command line's (whose default, e.g.
+    #: None for "not given", lets the stage tell a value given from one left out)
+    config_default: Any = _UNSET
     #: the value's JSON schema when kind, bounds and choices say too little
     schema: Mapping[str, Any] | None = None
     #: changes what the stage computes (False: where, how often, how loudly, within which limits)
@@ -135,6 +139,12 @@ class Declared:
     @property
     def has_default(self) -> bool:
         return self.default is not MISSING
+
+    @property
+    def config_value(self) -> Any:
+        """The config key's default (MISSING: none)."""
+        given = self.setting.config_default
+        return self.default if given is _UNSET else given
 
 
 def declared(cls: type) -> list[Declared]:
@@ -214,12 +224,12 @@ def _value_schema(d: Declared) -> dict[str, Any]:
     if s.kind is Path:
         value: dict[str, Any] = {"$ref": "#/$defs/path"}
     elif s.choices is not None:
-        return {"enum": [*s.choices, *([None] if d.default is None else [])]}
+        return {"enum": [*s.choices, *([None] if d.config_value is None else [])]}
     else:
         kind = {bool: "boolean", int: "integer", float: "number", str: "string"}[s.kind]
         value = {"type": kind, **({"minLength": 1} if s.kind is str else {})}
         value.update({k: v for k, v in (("minimum", s.minimum), ("maximum", s.maximum)) if v is not None})
-    return value if d.default is not None else {"anyOf": [value, {"type": "null"}]}
+    return value if d.config_value is not None else {"anyOf": [value, {"type": "null"}]}
 
 
 def schema_properties(cls: type) -> dict[str, dict[str, Any]]:
@@ -227,10 +237,33 @@ def schema_properties(cls: type) -> dict[str, dict[str, Any]]:
     properties = {}
     for d in config_settings(cls):
         entry: dict[str, Any] = {"description": d.setting.config_help or d.setting.help, **_value_schema(d)}
-        if d.has_default:
-            entry["default"] = d.default
+        if d.config_value is not MISSING:
+            entry["default"] = d.config_value
         properties[d.config_key] = entry
     return properties
+
+
+def _plain(value: Any) -> Any:
+    """A schema value as JSON has it (tuples as lists)."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def schema_yaml(cls: type, indent: int = 0) -> str:
+    """:func:`schema_properties` as the lines of a YAML schema file, indented by ``indent``:
+    mappings in block style, lists in flow style."""
+    import yaml
+
+    class Dumper(yaml.SafeDumper):
+        pass
+
+    Dumper.add_representer(list, lambda d, v: d.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=True))
+    body = yaml.dump(_plain(schema_properties(cls)), Dumper=Dumper, sort_keys=False, default_flow_style=False,
+                     width=110, allow_unicode=True)
+    return "".join(f"{' ' * indent}{line}\n" for line in body.splitlines())
 
 
 def format_value(value: Any) -> str:
@@ -240,17 +273,28 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
-def command_options(cls: type, entry: Mapping[str, Any], result: bool, order: tuple[str, ...] = ()) -> list[str]:
+def command_options(
+    cls: type,
+    entry: Mapping[str, Any],
+    result: bool,
+    order: tuple[str, ...] = (),
+    given: Mapping[str, Any] | None = None,
+) -> list[str]:
     """The options of a config entry (keys: config keys) for the settings of ``cls`` that change
     the result (``result=True``: the rule's params) or do not (run options). A value equal to
     the default is left out unless the setting is declared ``always``; a missing key takes
-    the default; names in ``order`` come first, in that order, then the rest as declared."""
+    the config's default; names in ``order`` come first, in that order, then the rest as
+    declared. ``given`` (by field name) holds the values the workflow sets itself, for settings
+    that are not config keys or whose option it derives from the entry (they win over it)."""
+    given = dict(given or {})
     rank = {name: i for i, name in enumerate(order)}
-    chosen = sorted((d for d in config_settings(cls) if d.setting.result == result), key=lambda d: rank.get(d.name, len(rank)))
+    options = (d for d in declared(cls) if d.config_key is not None or d.name in given)
+    chosen = sorted((d for d in options if d.setting.result == result), key=lambda d: rank.get(d.name, len(rank)))
     opts = []
     for d in chosen:
         s = d.setting
-        value = entry.get(d.config_key, d.default if d.has_default else None)
+        default = None if d.config_value is MISSING else d.config_value
+        value = given[d.name] if d.name in given else entry.get(d.config_key, default)
         always = s.always(entry) if callable(s.always) else s.always
         if (s.skip is not None and s.skip(entry)) or value is None or (value == d.default and not always):
             continue
@@ -268,11 +312,21 @@ def result_neutral(cls: type) -> frozenset[str]:
     return frozenset(d.name for d in declared(cls) if not d.setting.result)
 
 
+def _yaml_value(value: Any) -> str:
+    """A config value as YAML spells it (true, [a, b])."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_yaml_value(v) for v in value) + "]"
+    return str(value)
+
+
 def markdown_table(cls: type, prefix: str = "") -> str:
     """The config keys of ``cls`` as a markdown table: key, default, rerun trigger, meaning."""
     rows = ["| key | default | changes the result | meaning |", "|---|---|---|---|"]
     for d in config_settings(cls):
-        default = "(required)" if not d.has_default else ("null" if d.default is None else f"`{format_value(d.default)}`")
+        value = d.config_value
+        default = "(required)" if value is MISSING else ("null" if value is None else f"`{_yaml_value(value)}`")
         meaning = (d.setting.config_help or d.setting.help).replace("|", "\\|").replace("\n", " ")
         rows.append(f"| `{prefix}{d.config_key}` | {default} | {'yes' if d.setting.result else 'no'} | {meaning} |")
     return "\n".join(rows) + "\n"
