@@ -40,7 +40,6 @@ __all__ = [
     "MEMORY_FORMATS",
     "PRECISIONS",
     "Numerics",
-    "add_numerics_arguments",
     "has_tf32",
 ]
 
@@ -111,7 +110,8 @@ class Numerics:
 
     @classmethod
     def from_arguments(cls, args: argparse.Namespace, device: torch.device | str) -> "Numerics":
-        """The settings of :func:`add_numerics_arguments`'s options, resolved for ``device``."""
+        """The settings of the options ``--precision``, ``--tf32``, ``--channels-last``
+        (:mod:`tesla.training_settings`), resolved for ``device``."""
         return cls.resolve(device, args.precision, args.tf32, args.channels_last)
 
     # -- applying ------------------------------------------------------------------------
@@ -145,16 +145,3 @@ class Numerics:
 
     def describe(self) -> str:
         return f"{self.precision}{', TF32' if self.tf32 else ''}, {self.memory_format.replace('_', '-')}"
-
-
-def add_numerics_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--precision``, ``--tf32/--no-tf32``, ``--channels-last/--no-channels-last`` (read back
-    with :meth:`Numerics.from_arguments`)."""
-    parser.add_argument("--precision", default="float32", choices=list(PRECISIONS),
-                        help="forward pass in float32, or under a bfloat16 autocast (bf16); recorded in the output")
-    parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=None,
-                        help="TF32 tensor cores for float32 convolutions and matrix products (default: on where the GPU "
-                             "has them; --no-tf32 turns them off); recorded in the output")
-    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                        help="channels-last memory format (default per device, from measurement: docs/benchmarks.md); "
-                             "recorded in the output")
