@@ -75,75 +75,31 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 import torch
 
-from tesla.arguments import finite_float
-from tesla.dsa_strategy import DEFAULT_STRATEGY
 from tesla.data import ImageSplit
 from tesla.data.header import check_test_split, read_split_header
 from tesla.errors import TeslaError
 from tesla.input_space import InputSpace, open_input_space, space_of_record
 from tesla.locks import acquire
 from tesla.precision import Numerics
+from tesla.settings import add_arguments, from_args
 from tesla.tables import RUN_COLUMNS, RUNS_FORMAT, RUNS_FORMAT_VERSION, format_line, write_csv_atomic
+from tesla.training_settings import (
+    DEFAULT_CHECKPOINT_SECONDS,
+    LR_RANDOM,
+    PAPER_DSA_STRATEGY,
+    BaselineSubject,
+    EvaluateCommand,
+    Protocol,
+)
 
 if TYPE_CHECKING:
     from tesla.group_checkpoint import GroupCheckpoint
 
-#: the paper's augmentation strategy, used by the baselines unless --dsa says otherwise
-PAPER_DSA_STRATEGY = DEFAULT_STRATEGY
 #: ``--arch`` alias for the network the set was distilled with (its stored model spec)
 DISTILL_ALIAS = "distill"
 
 
-# -- protocol and network input space ------------------------------------------------------
-#: the learning rate of the random-real-images baseline (``--lr-random``; a synthetic set carries its own)
-LR_RANDOM = 0.01
-#: seconds between two checkpoints of the runs' training, at least (``--checkpoint-every``)
-DEFAULT_CHECKPOINT_SECONDS = 300.0
-
-
-@dataclass(frozen=True)
-class Protocol:
-    """The training recipe of PAPER.md section 6 (everything but the data and the network)."""
-
-    epochs: int = 1000
-    lr: float = 0.01
-    batch_size: int = 256
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    dsa_strategy: str = PAPER_DSA_STRATEGY
-    lr_decay_epoch: int | None = None  # K; None: E // 2
-    reset_momentum_at_decay: bool = False  # the published code's new optimizer at K: v <- 0
-
-    @property
-    def decay_epoch(self) -> int:
-        """K, the first (0-based) epoch at 0.1 alpha: ``lr_decay_epoch``, default E // 2
-        (0: no decay, which only the default gives, for E = 1)."""
-        return self.epochs // 2 if self.lr_decay_epoch is None else int(self.lr_decay_epoch)
-
-    @property
-    def lr_decay_epochs(self) -> tuple[int, ...]:
-        """One x0.1 decay: eta = alpha for epochs e < K, 0.1 alpha for e >= K."""
-        k = self.decay_epoch
-        return (k,) if k > 0 else ()
-
-    def check(self) -> None:
-        if self.epochs < 1:
-            raise TeslaError(f"--epochs {self.epochs}: need at least 1 epoch")
-        if self.lr_decay_epoch is not None and not (1 <= self.lr_decay_epoch < self.epochs):
-            raise TeslaError(
-                f"--lr-decay-epoch {self.lr_decay_epoch}: the learning rate drops x0.1 at the start of that 0-based "
-                f"epoch, so it must be in 1..{self.epochs - 1} for --epochs {self.epochs} (the published protocol: "
-                "--epochs 1001 --lr-decay-epoch 502)"
-            )
-        if self.batch_size < 1:
-            raise TeslaError(f"--batch-size {self.batch_size}: need at least 1 image per batch")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise TeslaError(f"learning rate {self.lr}: must be positive and finite (check --lr-random or the set's lr)")
-        if not (0 <= self.momentum < 1) or not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            raise TeslaError("--momentum must be in [0, 1) and --weight-decay non-negative")
-        make_dsa(self.dsa_strategy)  # an unknown augmentation family fails here
-
-
+# -- network input space ---------------------------------------------------------------------
 @dataclass
 class NetworkSpace:
     """What the networks of one evaluation see: the dataset's classes and image shape, and
@@ -286,7 +242,7 @@ def random_subject(
     train_path: str | os.PathLike,
     ipc: int,
     device: torch.device | str,
-    lr: float = 0.01,
+    lr: float = LR_RANDOM,
     dsa_strategy: str = PAPER_DSA_STRATEGY,
     zca_path: str | os.PathLike | None = None,
     normalize: str | None = None,
@@ -312,7 +268,7 @@ def random_subject(
 def full_subject(
     train_path: str | os.PathLike,
     device: torch.device | str,
-    lr: float = 0.01,
+    lr: float = LR_RANDOM,
     dsa_strategy: str = PAPER_DSA_STRATEGY,
     zca_path: str | os.PathLike | None = None,
     normalize: str | None = None,
@@ -626,7 +582,7 @@ def evaluate(
     group_mode: str = "auto",
     numerics: Numerics | None = None,
     checkpoint: str | os.PathLike | None = None,
-    checkpoint_every: float = 300.0,
+    checkpoint_every: float = DEFAULT_CHECKPOINT_SECONDS,
     log: Callable[[str], None] | None = None,
 ) -> list[RunResult]:
     """Check everything, train ``runs`` fresh networks (phase 1), then test them (phase 2).
@@ -702,56 +658,17 @@ def write_runs(path: str | os.PathLike, results: Sequence[RunResult]) -> Path:
 
 # -- command line --------------------------------------------------------------------------
 def configure_parser(parser: argparse.ArgumentParser) -> None:
+    """What is evaluated (a synthetic set or a baseline), the options of
+    :class:`tesla.training_settings.BaselineSubject` and :class:`~tesla.training_settings.EvaluateCommand`,
+    and the live curves'."""
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--synthetic", type=Path, help="synthetic set file (tesla-synthetic) to evaluate")
     what.add_argument("--random", action="store_true", help="baseline: IPC random real images per class of --train")
     what.add_argument("--full", action="store_true",
                       help="baseline: the whole --train split (must fit on the device; the 'full' row usually comes "
                            "from the experts' recorded accuracy instead)")
-    parser.add_argument("--train", type=Path, help="training split (with --random or --full)")
-    parser.add_argument("--ipc", type=int, help="images per class (with --random)")
-    from tesla.normalizations import NORMALIZATIONS
-
-    parser.add_argument("--normalize", default=None, choices=NORMALIZATIONS,
-                        help="input normalisation of --random/--full (default: the --zca file's, else 'split' = the "
-                             "training split's own mean/std); a synthetic set carries its own")
-    parser.add_argument("--zca", type=Path, help="ZCA file (with --random/--full; a synthetic set carries its own)")
-    parser.add_argument("--dsa", default=None, help=f"augmentation strategy for --random/--full (default {PAPER_DSA_STRATEGY}; 'none' for none); "
-                        "a synthetic set uses the strategy stored in its file")
-    parser.add_argument("--test", type=Path, required=True, help="real test split (tesla-images)")
-    from tesla.models import available_models
-
-    parser.add_argument("--arch", required=True,
-                        help=f"{DISTILL_ALIAS!r}: the network the set was distilled with (its stored model spec), or a "
-                             f"registered architecture: {', '.join(available_models())}")
-    parser.add_argument("--runs", type=int, default=5, help="random initialisations (and random draws) to average over")
-    parser.add_argument("--epochs", type=int, default=1000, help="training epochs")
-    parser.add_argument("--lr-decay-epoch", type=int, default=None, metavar="K",
-                        help="the lr drops x0.1 at the start of 0-based epoch K (default: epochs // 2; the published "
-                             "protocol: --epochs 1001 --lr-decay-epoch 502)")
-    parser.add_argument("--batch-size", type=int, default=256, help="minibatch size")
-    parser.add_argument("--momentum", type=finite_float, default=0.9, help="SGD momentum")
-    parser.add_argument("--weight-decay", type=finite_float, default=5e-4, help="SGD weight decay")
-    parser.add_argument("--lr-random", type=finite_float, default=None,
-                        help="learning rate of the random and full baselines (default 0.01; a synthetic set uses its learned lr)")
-    parser.add_argument("--reset-momentum-at-decay", action="store_true",
-                        help="restart the SGD momentum buffer when the lr decays, as the published code does by creating "
-                             "a new optimizer there (default: keep it); recorded per run")
-    parser.add_argument("--seed", type=int, default=0, help="run r uses seed + r")
-    from tesla.numerics_options import add_numerics_arguments
-    from tesla.group_modes import add_group_mode_argument
-
-    add_group_mode_argument(parser, "runs")
-    add_numerics_arguments(parser)
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--out", type=Path, required=True, help="per-run CSV to write (tesla-eval-runs)")
-    parser.add_argument("--checkpoint", type=Path, default=None,
-                        help="file holding the state of the runs' training (default: OUT.ckpt): a killed evaluation run "
-                             "again resumes from it when its settings and training data are the same (else it starts "
-                             "afresh, saying why); removed once OUT is written")
-    parser.add_argument("--checkpoint-every", type=finite_float, default=DEFAULT_CHECKPOINT_SECONDS, metavar="SECONDS",
-                        help="save the checkpoint after an epoch once this many seconds have passed since the last save "
-                             "(every epoch or every SECONDS, whichever is rarer; 0: every epoch)")
+    add_arguments(parser, BaselineSubject)
+    add_arguments(parser, EvaluateCommand)
     from tesla.tracking import add_tracking_arguments
 
     add_tracking_arguments(parser)
@@ -842,16 +759,7 @@ def run(args: argparse.Namespace) -> int:
     options_from_args(args)  # a tracker whose package is missing is refused before any work
     device = pick_device(args.device)
     subject = subject_from_args(args, device)
-    protocol = Protocol(
-        epochs=args.epochs,
-        lr=subject.lr,
-        batch_size=args.batch_size,
-        momentum=args.momentum,
-        weight_decay=args.weight_decay,
-        dsa_strategy=subject.dsa_strategy,
-        lr_decay_epoch=args.lr_decay_epoch,
-        reset_momentum_at_decay=args.reset_momentum_at_decay,
-    )
+    protocol = from_args(Protocol, args, lr=subject.lr, dsa_strategy=subject.dsa_strategy)
     numerics = Numerics.from_arguments(args, device)
     numerics.apply(device)
     checkpoint = checkpoint_path(args)

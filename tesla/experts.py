@@ -53,20 +53,21 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
-from tesla.arguments import finite_float
 from tesla.errors import TeslaError
 from tesla.files import atomic_output
 from tesla.locks import acquire
+from tesla.settings import add_arguments, from_args
 from tesla.trajectories import STORAGE_DTYPES, Trajectory, TrajectoryMeta, TrajectoryWriter
 from tesla.tracking import TrackerOptions, Tracking, add_tracking_arguments, open_tracking
 from tesla.tracking import disabled as tracking_disabled
 from tesla.tracking import options_from_args as tracking_options
+from tesla.training_settings import ExpertConfig, ExpertsCommand
 
 __all__ = [
     "ExpertConfig",
@@ -84,40 +85,6 @@ PARTIAL_VERSION = 1
 FINISHED_LINK = "trajectory.h5"
 #: the fields in which the experts of one group differ
 PER_EXPERT_FIELDS = ("seed", "out")
-
-
-@dataclass
-class ExpertConfig:
-    """Everything that defines one expert run (the command line's options)."""
-
-    train: Path
-    test: Path
-    out: Path
-    seed: int
-    model: str = "convnet"
-    epochs: int = 50
-    lr: float = 0.01
-    batch_size: int = 256
-    dsa: str = "color_crop_cutout_flip_scale_rotate"
-    zca: Path | None = None
-    normalize: str | None = None  # None: the ZCA file's normalisation, else 'split'
-    keep_snapshots: int | None = None
-    train_to_end: bool = False
-    dtype: str = "float32"
-    device: str = "auto"
-    precision: str = "float32"
-    tf32: bool | None = None  # None: on where the GPU has it
-    channels_last: bool | None = None  # None: tesla.precision.CHANNELS_LAST_DEFAULT
-
-    @property
-    def last_snapshot(self) -> int:
-        """K: snapshots theta*_0 .. theta*_K are stored."""
-        return self.epochs if self.keep_snapshots is None else self.keep_snapshots
-
-    @property
-    def stop_epoch(self) -> int:
-        """The epochs trained: K (the last stored snapshot), or all --epochs with --train-to-end."""
-        return self.epochs if self.train_to_end else self.last_snapshot
 
 
 def derive_seed(seed: int, purpose: str) -> int:
@@ -691,47 +658,9 @@ def train_expert(
 # command line
 # --------------------------------------------------------------------------------------
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    from tesla.dsa_strategy import DEFAULT_STRATEGY
-    from tesla.normalizations import NORMALIZATIONS
-    from tesla.models import available_models
-    from tesla.numerics_options import add_numerics_arguments
-    from tesla.group_modes import add_group_mode_argument
-
-    parser.add_argument("--train", required=True, type=Path, help="training split (tesla-images HDF5 from 'tesla prepare')")
-    parser.add_argument("--test", required=True, type=Path, help="test split of the same dataset (for the final test accuracy)")
-    parser.add_argument("--out", required=True, type=Path, nargs="+",
-                        help="output trajectory file(s) (tesla-trajectory HDF5), e.g. expert_K.h5; one per --seed")
-    parser.add_argument("--seed", required=True, type=int, nargs="+",
-                        help="expert number(s) k: seeds the initialisation and the data order; several seeds train a group "
-                             "of experts in one process (one --out each, in the same order)")
-    parser.add_argument("--model", default="convnet", help=f"network: {', '.join(available_models())}")
-    parser.add_argument("--epochs", type=int, default=50, help="training epochs E (snapshots 0..E)")
-    parser.add_argument("--lr", type=finite_float, default=0.01, help="SGD learning rate (no momentum, no weight decay)")
-    parser.add_argument("--batch-size", type=int, default=256, help="minibatch size")
-    parser.add_argument("--dsa", default=DEFAULT_STRATEGY, help="DSA strategy ('_'-joined families, one picked per batch) or 'none'")
-    parser.add_argument(
-        "--normalize", default=None, choices=NORMALIZATIONS,
-        help="input normalisation (default: the --zca file's, else 'split' = the training split's own mean/std; "
-        "'none' = pixels in [0, 1]; or the published constants)",
-    )
-    parser.add_argument("--zca", type=Path, default=None, help="ZCA whitening file from 'tesla zca' (applied to train and test)")
-    parser.add_argument(
-        "--keep-snapshots", type=int, default=None, metavar="K",
-        help="keep snapshots 0..K only and stop training after epoch K (K = max_start_epoch + expert_epochs of the "
-        "distillation; default: all, K = E)",
-    )
-    parser.add_argument("--train-to-end", action="store_true",
-                        help="with --keep-snapshots: train all --epochs anyway (for the final test accuracy of fully "
-                             "trained experts, e.g. the 'full' row of acc.csv)")
-    parser.add_argument(
-        "--dtype", choices=list(STORAGE_DTYPES), default="float32",
-        help="snapshot storage type; 16-bit halves the file, see docs/formats.md for its effect on the matching loss",
-    )
-    add_group_mode_argument(parser, "experts of several --seed")
-    add_numerics_arguments(parser)
+    """The options of :class:`tesla.training_settings.ExpertsCommand`, and the live curves'."""
+    add_arguments(parser, ExpertsCommand)
     add_tracking_arguments(parser)
-    parser.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
-    parser.add_argument("--stop-after-epochs", type=int, default=None, help=argparse.SUPPRESS)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -741,15 +670,7 @@ def run(args: argparse.Namespace) -> int:
                          "in the same order")
     if args.stop_after_epochs is not None and args.stop_after_epochs < 1:
         raise TeslaError("--stop-after-epochs must be at least 1")
-    cfgs = [
-        ExpertConfig(
-            train=args.train, test=args.test, out=out, seed=seed, model=args.model, epochs=args.epochs, lr=args.lr,
-            batch_size=args.batch_size, dsa=args.dsa, zca=args.zca, normalize=args.normalize,
-            keep_snapshots=args.keep_snapshots, train_to_end=args.train_to_end, dtype=args.dtype, device=args.device,
-            precision=args.precision, tf32=args.tf32, channels_last=args.channels_last,
-        )
-        for seed, out in zip(seeds, outs)
-    ]
+    cfgs = [from_args(ExpertConfig, args, seed=seed, out=out) for seed, out in zip(seeds, outs)]
     train_experts(cfgs, group_mode=args.group_mode, stop_after_epochs=args.stop_after_epochs, progress=None,
                   tracking=tracking_options(args))
     return 0

@@ -8,7 +8,6 @@ in :mod:`tesla.training` (one network, and networks interleaved on CUDA streams)
 
 from __future__ import annotations
 
-import argparse
 from typing import TYPE_CHECKING
 
 from tesla.errors import TeslaError
@@ -18,7 +17,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from tesla.precision import Numerics
 
-__all__ = ["AUTO_GROUP_MODE", "GROUP_MODES", "add_group_mode_argument", "resolve_group_mode"]
+__all__ = ["AUTO_GROUP_MODE", "GROUP_MODES", "resolve_group_mode"]
 
 #: how a group of networks with the same settings trains in one process (:func:`tesla.group_training.train_group`)
 GROUP_MODES: tuple[str, ...] = ("sequential", "streams", "vmap")
@@ -54,16 +53,3 @@ def resolve_group_mode(mode: str, device: "torch.device | str", networks: int, n
     if networks <= 1 or channels_last:
         return "sequential"
     return AUTO_GROUP_MODE.get(_device_type(device), "sequential")
-
-
-def add_group_mode_argument(parser: argparse.ArgumentParser, what: str) -> None:
-    """``--group-mode auto|sequential|streams|vmap`` for a command that trains several ``what``."""
-    parser.add_argument(
-        "--group-mode", default="auto", choices=["auto", *GROUP_MODES],
-        help=f"how the {what} train together in this process: sequential (one after the other, each bitwise as "
-             "alone), streams (steps interleaved on CUDA streams), vmap (stacked into one step, equal to alone within "
-             "float32 round-off); auto: chosen per device from measurement (docs/benchmarks.md)",
-    )
-
-
-# -- the loops -----------------------------------------------------------------------------

@@ -99,7 +99,8 @@ class Numerics:
 
     @classmethod
     def from_arguments(cls, args: argparse.Namespace, device: torch.device | str) -> "Numerics":
-        """The settings of :func:`tesla.numerics_options.add_numerics_arguments`'s options, resolved for ``device``."""
+        """The settings of the options ``--precision``, ``--tf32``, ``--channels-last``
+        (:mod:`tesla.training_settings`), resolved for ``device``."""
         return cls.resolve(device, args.precision, args.tf32, args.channels_last)
 
     # -- applying ------------------------------------------------------------------------

@@ -39,6 +39,7 @@ __all__ = [
     "from_args",
     "defaults",
     "schema_properties",
+    "schema_yaml",
     "command_options",
     "result_neutral",
     "markdown_table",
@@ -82,6 +83,9 @@ class Setting:
     config: str | None = ""
     #: the config schema's description when it differs from ``help``
     config_help: str = ""
+    #: the config key's default when it differs from the command line's (whose default, e.g.
+    #: None for "not given", lets the stage tell a value given from one left out)
+    config_default: Any = _UNSET
     #: the value's JSON schema when kind, bounds and choices say too little
     schema: Mapping[str, Any] | None = None
     #: changes what the stage computes (False: where, how often, how loudly, within which limits)
@@ -252,13 +256,13 @@ def _value_schema(d: Declared) -> dict[str, Any]:
     if s.kind is Path:
         value: dict[str, Any] = {"$ref": "#/$defs/path"}
     elif s.choices is not None:
-        return {"enum": [*s.resolved_choices(), *([None] if d.default is None else [])]}
+        return {"enum": [*s.resolved_choices(), *([None] if d.config_default is None else [])]}
     else:
         kind = {bool: "boolean", int: "integer", float: "number", str: "string"}[s.kind]
         value = {"type": kind, **({"minLength": 1} if s.kind is str else {})}
         bounds = (("minimum", s.minimum), ("exclusiveMinimum", s.above), ("maximum", s.maximum))
         value.update({k: v for k, v in bounds if v is not None})
-    return value if d.default is not None else {"anyOf": [value, {"type": "null"}]}
+    return value if d.config_default is not None else {"anyOf": [value, {"type": "null"}]}
 
 
 def schema_properties(cls: type) -> dict[str, dict[str, Any]]:
@@ -270,6 +274,15 @@ def schema_properties(cls: type) -> dict[str, dict[str, Any]]:
             entry["default"] = d.config_default
         properties[d.config_key] = entry
     return properties
+
+
+def _plain(value: Any) -> Any:
+    """A schema value as JSON has it (tuples as lists)."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def format_value(value: Any) -> str:
@@ -332,11 +345,20 @@ def result_neutral(cls: type) -> frozenset[str]:
     return frozenset(d.name for d in declared(cls) if not d.setting.result)
 
 
+def _yaml_value(value: Any) -> str:
+    """A config value as YAML spells it (true, [a, b])."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_yaml_value(v) for v in value) + "]"
+    return str(value)
+
+
 def markdown_table(cls: type, prefix: str = "") -> str:
     """The config keys of ``cls`` as a markdown table: key, default, rerun trigger, meaning."""
     rows = ["| key | default | changes the result | meaning |", "|---|---|---|---|"]
     for d in config_settings(cls):
-        default = "(required)" if not d.has_default else ("null" if d.default is None else f"`{format_value(d.config_default)}`")
+        default = "(required)" if not d.has_default else ("null" if d.config_default is None else f"`{_yaml_value(d.config_default)}`")
         meaning = (d.setting.config_help or d.setting.help).replace("|", "\\|").replace("\n", " ")
         rows.append(f"| `{prefix}{d.config_key}` | {default} | {'yes' if d.setting.result else 'no'} | {meaning} |")
     return "\n".join(rows) + "\n"

@@ -4,7 +4,8 @@
     python -m tesla.settings_blocks --check     # exit 1 when a block is out of date
 
 The blocks: the config schema's keys of a distill row and the distill settings table of
-config/README.md (from :mod:`tesla.distill_settings`), and the data sources' keys of a
+config/README.md (from :mod:`tesla.distill_settings`), the keys and tables of the experts'
+and the evaluation's settings (:mod:`tesla.training_settings`), and the data sources' keys of a
 dataset entry (:mod:`tesla.data.sources.workflow`, which has its own markers). A test
 (tests/test_settings_blocks.py) fails while a committed file differs from what the
 declarations generate.
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from tesla.distill_settings import DistillSettings
 from tesla.settings import SchemaBlock, markdown_table, schema_yaml
+from tesla.training_settings import BLOCK_FILES
 
 REGENERATE = "python -m tesla.settings_blocks --write"
 SCHEMA = Path("workflow/schemas/config.schema.yaml")
@@ -28,6 +30,7 @@ BLOCKS: tuple[tuple[Path, SchemaBlock], ...] = (
     (SCHEMA, SchemaBlock("tesla.distill_settings", REGENERATE, schema_yaml(DistillSettings))),
     (CONFIG_README, SchemaBlock("tesla.distill_settings", REGENERATE, lambda indent: markdown_table(DistillSettings),
                                 comment=("<!--", "-->"))),
+    *((Path(name), block) for name, blocks in BLOCK_FILES.items() for block in blocks.values()),
 )
 
 

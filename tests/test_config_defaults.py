@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import math
 from pathlib import Path
 
@@ -28,29 +27,10 @@ from tesla.experts import ExpertConfig, _validate
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = yaml.safe_load((ROOT / "workflow" / "schemas" / "config.schema.yaml").read_text())
 
-#: (schema section, key) -> (tesla subcommand, argparse dest): the keys passed as options
+#: (schema section, key) -> (tesla subcommand, argparse dest): the keys passed as options that
+#: are written by hand in the schema (the experts: and evaluate: keys are generated from the
+#: options' declarations, tesla.training_settings: one default, nothing to compare)
 MAPPED = {
-    ("experts", "epochs"): ("experts", "epochs"),
-    ("experts", "lr"): ("experts", "lr"),
-    ("experts", "batch_size"): ("experts", "batch_size"),
-    ("experts", "dsa"): ("experts", "dsa"),
-    ("experts", "dtype"): ("experts", "dtype"),
-    ("experts", "group_mode"): ("experts", "group_mode"),
-    ("experts", "precision"): ("experts", "precision"),
-    ("experts", "tf32"): ("experts", "tf32"),
-    ("experts", "channels_last"): ("experts", "channels_last"),
-    ("experts", "train_to_end"): ("experts", "train_to_end"),
-    ("evaluate", "runs"): ("evaluate", "runs"),
-    ("evaluate", "epochs"): ("evaluate", "epochs"),
-    ("evaluate", "lr_decay_epoch"): ("evaluate", "lr_decay_epoch"),
-    ("evaluate", "batch_size"): ("evaluate", "batch_size"),
-    ("evaluate", "lr_random"): ("evaluate", "lr_random"),
-    ("evaluate", "reset_momentum_at_decay"): ("evaluate", "reset_momentum_at_decay"),
-    ("evaluate", "group_mode"): ("evaluate", "group_mode"),
-    ("evaluate", "precision"): ("evaluate", "precision"),
-    ("evaluate", "tf32"): ("evaluate", "tf32"),
-    ("evaluate", "channels_last"): ("evaluate", "channels_last"),
-    ("evaluate", "checkpoint_every"): ("evaluate", "checkpoint_every"),
     ("dataset", "zca_eps"): ("zca", "eps"),
 }
 
@@ -70,19 +50,7 @@ def schema_node(section: str, key: str) -> dict:
     return _resolve(dataset[section]["properties"][key])
 
 
-#: options whose command-line default is "not given" (None), with the value the stage then uses
-UNSET_MEANS = {("evaluate", "lr_random"): "tesla.evaluation.LR_RANDOM"}
-
-
 def cli_default(command: str, dest: str):
-    if (command, dest) in UNSET_MEANS:
-        module, name = UNSET_MEANS[(command, dest)].rsplit(".", 1)
-        assert _parser_default(command, dest) is None
-        return getattr(importlib.import_module(module), name)
-    return _parser_default(command, dest)
-
-
-def _parser_default(command: str, dest: str):
     parser = build_parser(only=command)
     sub = next(a for a in parser._actions if a.dest == "command").choices[command]
     assert any(a.dest == dest for a in sub._actions), f"tesla {command} has no option for {dest}"

@@ -70,6 +70,7 @@ def test_schema_and_table_come_from_the_declaration():
     assert props["labels"]["enum"] == ["none", "tesla"]
     table = markdown_table(Toy, prefix="x.")
     assert "| `x.every` | `100` | no | checkpoint interval |" in table
+    assert "| `x.tf32` | null | yes | TF32 |" in table
     assert result_neutral(Toy) == {"progress", "every"}
 
 
@@ -157,3 +158,41 @@ def test_the_schema_yaml_of_a_declaration_reads_back_as_its_properties():
     text = schema_yaml(Run)(4)
     assert all(line.startswith("    ") for line in text.splitlines())
     assert yaml.safe_load(text) == schema_properties(Run)
+
+
+def test_a_config_default_and_the_values_the_workflow_sets():
+    @dataclasses.dataclass
+    class Baseline(Toy):
+        # the command line's None means "not given" (so the stage can refuse it where it does not apply)
+        lr_random: float | None = setting(None, help="baseline lr", kind=float, config_default=0.01, always=True)
+        ipc: int | None = setting(None, help="images per class", kind=int, config=None)
+
+    props = schema_properties(Baseline)
+    assert props["lr_random"]["default"] == 0.01 and props["lr_random"]["type"] == "number"  # not nullable
+    assert "ipc" not in props
+    assert from_args(Baseline, _parser(Baseline).parse_args(["--train", "t"])).lr_random is None
+    assert "| `lr_random` | `0.01` | yes | baseline lr |" in markdown_table(Baseline)
+    assert "| `labels` | `none` |" in markdown_table(Baseline)
+    assert "--lr-random 0.01" in command_options(Baseline, {}, result=True)  # a missing key takes the config's default
+    opts = command_options(Baseline, {"steps": 3}, result=True, order=("ipc",), given={"ipc": 2, "steps": 4})
+    assert opts[:2] == ["--ipc 2", "--steps 4"]  # a setting that is no config key, and a given value winning
+    assert command_options(Baseline, {}, result=True, given={"ipc": None}) == ["--lr 0.01", "--lr-random 0.01"]
+
+
+def test_the_schema_keys_as_yaml_lines():
+    import yaml
+
+    text = schema_yaml(Toy)(4)
+    assert all(line.startswith("    ") for line in text.splitlines())
+    assert yaml.safe_load(text) == schema_properties(Toy)
+    assert "    labels:\n" in text
+
+
+def test_the_table_spells_defaults_as_the_config_does():
+    @dataclasses.dataclass
+    class Flags:
+        on: bool = setting(True, help="on", kind=bool)
+        names: tuple = setting(("a", "b"), help="names", schema={"type": "array"})
+
+    table = markdown_table(Flags)
+    assert "| `on` | `true` |" in table and "| `names` | `[a, b]` |" in table

@@ -42,6 +42,8 @@ try:
     # every stage's method version are declared once, in the package: the workflow asks it.
     from tesla import registries
     from tesla import distill_settings as distill_declared  # (distill_settings below is a fingerprint)
+    from tesla import training_settings as training
+    from tesla.settings import command_options
     from tesla.devices import nvidia_gpu_visible
     from tesla.data.sources import workflow as data_sources
 except ImportError as exc:
@@ -377,58 +379,45 @@ def zca_options(wildcards) -> str:
     return " ".join([_opt("normalize", wildcards.normalize), _opt("eps", dataset_cfg(wildcards.dataset)["zca_eps"])])
 
 
-def numerics_options(stage_cfg: dict) -> list[str]:
-    """--precision/--tf32/--channels-last of a training stage (experts, evaluate): they change
-    the numbers, so they are rule parameters; a default (float32, null) adds nothing, so that
-    jobs run before these keys existed are not rerun."""
-    opts = [] if stage_cfg["precision"] == "float32" else [_opt("precision", stage_cfg["precision"])]
-    for key, flag in (("tf32", "tf32"), ("channels_last", "channels-last")):
-        if stage_cfg[key] is not None:
-            opts.append(f"--{flag}" if stage_cfg[key] else f"--no-{flag}")
-    return opts
+#: the order of the options earlier workflows wrote (generated strings equal theirs: no job reruns)
+EXPERT_ORDER = ("model", "epochs", "lr", "batch_size", "dsa", "dtype", "precision", "tf32", "channels_last",
+                "normalize", "keep_snapshots", "train_to_end")
+EVALUATE_ORDER = ("arch", "runs", "epochs", "batch_size", "seed")
+EVALUATE_RUN_ORDER = ("group_mode", "checkpoint", "checkpoint_every")
+RANDOM_BASELINE_ORDER = ("ipc", "lr_random", "dsa", "normalize")
 
 
 def expert_options(wildcards) -> str:
     """Everything that shapes the expert trajectories of one input space, the same for every
-    expert (the seed and the grouping are run options: regrouping finished experts with
-    experts.per_job reruns none of them)."""
+    expert, from the `experts:` block (tesla.training_settings.ExpertsCommand: the numerics
+    only when not their defaults, so that jobs run before these keys existed are not rerun);
+    the seed and the grouping are run options: regrouping finished experts with
+    experts.per_job reruns none of them."""
     ds = dataset_cfg(wildcards.dataset)
     ex = ds["experts"]
     row = space_of_key(wildcards.dataset, wildcards.space)
-    opts = [
-        _opt("model", ds["model"]),
-        _opt("epochs", ex["epochs"]),
-        _opt("lr", ex["lr"]),
-        _opt("batch-size", ex["batch_size"]),
-        _opt("dsa", ex["dsa"]),
-        _opt("dtype", ex["dtype"]),
-        *numerics_options(ex),
-    ]
-    if not row["zca"] and row["normalize"] != "split":  # with ZCA, the ZCA file fixes it
-        opts.append(_opt("normalize", row["normalize"]))
     kept = snapshots_kept(ds, wildcards.space)
-    if kept != ex["epochs"]:
-        opts.append(_opt("keep-snapshots", kept))
-        if ex["train_to_end"]:
-            opts.append("--train-to-end")
-    return " ".join(opts)
-
-
-def group_mode_option(stage_cfg: dict) -> list[str]:
-    """--group-mode unless auto: how the networks of one job train together (equal to alone
-    within float32 round-off), so a run option, not a rule parameter."""
-    return [] if stage_cfg["group_mode"] == "auto" else [_opt("group-mode", stage_cfg["group_mode"])]
+    given = {
+        "model": ds["model"],
+        # with ZCA the ZCA file fixes the normalisation; without, 'split' is the command's own
+        "normalize": None if row["zca"] or row["normalize"] == "split" else row["normalize"],
+        "keep_snapshots": kept if kept != ex["epochs"] else None,
+        "train_to_end": kept != ex["epochs"] and ex["train_to_end"],
+    }
+    return " ".join(command_options(training.ExpertsCommand, ex, result=True, order=EXPERT_ORDER, given=given))
 
 
 def expert_run_options(wildcards, output) -> str:
     """The seeds of the job's experts (config seed + k of each results/<dataset>/experts/
-    <space>/expert_k.h5) and the group mode: functions of `output` (read from the paths, so
-    the generated group rules, which have no wildcards, use it as it is), so that regrouping
-    experts reruns nothing."""
+    <space>/expert_k.h5) and the group mode unless auto (how the experts of one job train
+    together, equal to alone within float32 round-off): functions of `output` (read from the
+    paths, so the generated group rules, which have no wildcards, use it as it is), so that
+    regrouping experts reruns nothing."""
     ks = [int(re.fullmatch(r"expert_([0-9]+)\.h5", Path(f).name).group(1)) for f in output]
     dataset = Path(output[0]).parts[1]
     opts = ["--seed " + " ".join(str(config["seed"] + k) for k in ks)]
-    return " ".join(opts + group_mode_option(dataset_cfg(dataset)["experts"]) + tracking_options("experts", output))
+    opts += command_options(training.ExpertsCommand, dataset_cfg(dataset)["experts"], result=False)
+    return " ".join(opts + tracking_options("experts", output))
 
 
 def expert_groups() -> list[tuple[str, str, list[int]]]:
@@ -490,52 +479,43 @@ def distill_run_options(wildcards, output) -> str:
 
 
 def evaluate_options(wildcards) -> str:
-    """The evaluation protocol of one architecture (a distilled set carries its own
-    learning rate, augmentation and input space)."""
+    """The evaluation protocol of one architecture, from the `evaluate:` block
+    (tesla.training_settings.EvaluateCommand; a distilled set carries its own learning rate,
+    augmentation and input space)."""
     ev = dataset_cfg(wildcards.dataset)["evaluate"]
     runs = distill_cfg(wildcards.dataset, wildcards.ipc)["eval_runs"] or ev["runs"]
-    opts = [
-        _opt("arch", wildcards.arch),
-        _opt("runs", runs),
-        _opt("epochs", ev["epochs"]),
-        _opt("batch-size", ev["batch_size"]),
-        _opt("seed", config["seed"]),
-    ]
-    if ev["lr_decay_epoch"] is not None:
-        opts.append(_opt("lr-decay-epoch", ev["lr_decay_epoch"]))
-    if ev["reset_momentum_at_decay"]:
-        opts.append("--reset-momentum-at-decay")
-    opts += numerics_options(ev)
-    return " ".join(opts)
+    given = {"arch": wildcards.arch, "runs": runs, "seed": config["seed"]}
+    return " ".join(command_options(training.EvaluateCommand, ev, result=True, order=EVALUATE_ORDER, given=given))
 
 
 def evaluate_run_options(wildcards, output) -> str:
     """What does not change an evaluation's result (functions of `output`, so not a rerun
-    trigger): how the job's runs train together (equal to alone within float32 round-off),
-    and where (`<output>.ckpt`) and how often (config `evaluate.checkpoint_every`, seconds) it
-    saves the state of their training. The checkpoint is not
-    an output: Snakemake deletes the outputs of a failed job, but the checkpoint must survive
-    a kill or a time limit so that the rerun resumes from it. `tesla evaluate` resumes it
-    only when it was saved by the same settings on the same inputs (it starts afresh
+    trigger): how the job's runs train together (the group mode unless auto: equal to alone
+    within float32 round-off), and where (`<output>.ckpt`) and how often (config
+    `evaluate.checkpoint_every`, seconds) it saves the state of their training. The checkpoint
+    is not an output: Snakemake deletes the outputs of a failed job, but the checkpoint must
+    survive a kill or a time limit so that the rerun resumes from it. `tesla evaluate` resumes
+    it only when it was saved by the same settings on the same inputs (it starts afresh
     otherwise) and removes it once the output is written."""
     ev = dataset_cfg(wildcards.dataset)["evaluate"]
-    opts = [*group_mode_option(ev), _opt("checkpoint", f"{output[0]}.ckpt"), _opt("checkpoint-every", ev["checkpoint_every"])]
+    opts = command_options(training.EvaluateCommand, ev, result=False, order=EVALUATE_RUN_ORDER,
+                           given={"checkpoint": f"{output[0]}.ckpt"})
     return " ".join(opts + tracking_options("evaluate", output))
 
 
 def random_baseline_options(wildcards) -> str:
-    """The random-real-images baseline: IPC, its learning rate, the augmentation of the
-    experts and their input space (the same protocol on the inputs the experts saw)."""
+    """The random-real-images baseline (tesla.training_settings.BaselineSubject): IPC, its
+    learning rate (`evaluate.lr_random`), the augmentation of the experts and their input
+    space (the same protocol on the inputs the experts saw)."""
     ds = dataset_cfg(wildcards.dataset)
     row = distill_cfg(wildcards.dataset, wildcards.ipc)
-    opts = [
-        _opt("ipc", int(wildcards.ipc)),
-        _opt("lr-random", ds["evaluate"]["lr_random"]),
-        _opt("dsa", ds["experts"]["dsa"]),
-    ]
-    if row["normalize"] != "split" or row["zca"]:
-        opts.append(_opt("normalize", row["normalize"]))
-    return " ".join(opts)
+    given = {
+        "ipc": int(wildcards.ipc),
+        "dsa": ds["experts"]["dsa"],
+        "normalize": row["normalize"] if row["normalize"] != "split" or row["zca"] else None,
+    }
+    return " ".join(command_options(training.BaselineSubject, ds["evaluate"], result=True,
+                                    order=RANDOM_BASELINE_ORDER, given=given))
 
 
 def evaluation_files(wildcards) -> list[str]:
