@@ -63,13 +63,14 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from tesla.arguments import finite_float
+from tesla.arguments import finite_float, int_in_range
 from tesla import __version__, distributed, guard
 from tesla.distributed import SINGLE, Ranks
 from tesla.errors import TeslaError
 from tesla.files import atomic_output
 from tesla.locks import acquire
 from tesla.matching import ENGINES, MatchResult, check_shardable, matching_gradients
+from tesla.kept_sets import Keeper
 from tesla.student_steps import COMPILE_MODES, StepCompiler, resolve_compile_mode
 from tesla.tracking import TrackerOptions, Tracking, add_tracking_arguments, open_tracking
 from tesla.tracking import disabled as tracking_disabled
@@ -113,6 +114,7 @@ RESUME_TUNABLE = frozenset(
         "out", "metrics", "grid_dir", "checkpoint", "checkpoint_dir", "checkpoint_every", "iterations", "device",
         "progress", "lr_img", "lr_img_convention", "lr_lr", "lr_label", "syn_steps", "batch_syn", "engine", "label_chunk",
         "min_lr", "experts", "train", "zca", "max_lr", "max_image_growth", "max_loss", "restart", "config_key_prefix", "compile",
+        "keep_every",
     }
 )
 #: settings that do not change the synthetic set a run computes (see DistillSettings.result_settings)
@@ -120,7 +122,7 @@ RESULT_NEUTRAL = frozenset(
     {
         "train", "experts", "zca", "out", "metrics", "grid_dir", "checkpoint", "checkpoint_dir", "checkpoint_every",
         "device", "progress", "label_chunk", "compile", "max_lr", "max_image_growth", "max_loss", "restart",
-        "config_key_prefix",
+        "config_key_prefix", "keep_every",
     }
 )
 #: step sizes and limits whose change a resumed run reports
@@ -164,6 +166,7 @@ class DistillSettings:
     checkpoint: str | None = None
     checkpoint_dir: str | None = None
     checkpoint_every: int = 100
+    keep_every: int = 0
     device: str = "auto"
     label_chunk: int = 256
     progress: bool = True
@@ -1030,6 +1033,7 @@ def _distill_locked(setup: DistillSetup, tracking: TrackerOptions):
     setup.ranks.barrier()  # every rank reads the checkpoint (or none) as rank 0 left it
     state = load_checkpoint(ckpt, setup) if ckpt.exists() else fresh_state(setup)
     tracker = open_tracker(setup, state, tracking if writes else TrackerOptions())
+    keeper = Keeper(s.out, s.keep_every, state.iteration, writes)
     if state.iteration > 0 and writes:
         print(f"tesla distill: resuming from {ckpt} at iteration {state.iteration}", file=sys.stderr)
     metrics_partial = Path(f"{s.metrics}.partial") if s.metrics and writes else None
@@ -1112,6 +1116,7 @@ def _distill_locked(setup: DistillSetup, tracking: TrackerOptions):
             if metrics_partial is not None:
                 with open(metrics_partial, "a", newline="") as f:
                     csv.DictWriter(f, fieldnames=METRICS_COLUMNS).writerow(row)
+            keeper.after_iteration(it, lambda: synthetic_set(setup, state))
             if it == s.iterations:  # no next loss to wait for: saved with the output
                 checkpoint(state.generator.get_state())
             elif it % s.checkpoint_every == 0:
@@ -1122,6 +1127,7 @@ def _distill_locked(setup: DistillSetup, tracking: TrackerOptions):
         tracker.close()
     final = synthetic_set(setup, state)
     if writes:
+        keeper.finish(final)
         _write_outputs(setup, state, final, metrics_partial)
         print(f"tesla distill: {_headroom(state, limits)}", file=sys.stderr)
     setup.ranks.barrier()  # the job ends once the output is written
@@ -1252,6 +1258,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
       help="instead of --checkpoint: a folder in which the checkpoint is named by a digest of the settings and the "
            "inputs' fingerprints (resumed only by the same job on the same inputs) and removed when the run ends")
     a("--checkpoint-every", type=int, default=d.checkpoint_every, help="iterations between checkpoints")
+    a("--keep-every", type=int_in_range(0, 10**9), default=d.keep_every, metavar="K",
+      help="also keep the set every K iterations and the final one in OUT.kept/ (for selection: docs/selection.md)")
     a("--restart", action="store_true", help="discard an existing checkpoint (and its grids) and start from iteration 0")
     a("--label-chunk", type=int, default=d.label_chunk, help="images per forward pass when assigning soft labels")
     a("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
