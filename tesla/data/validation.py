@@ -51,10 +51,10 @@ def check_class_sizes(split: ImageSplit, per_class: int) -> None:
         )
 
 
-def _writer(split: ImageSplit, path: Path, name: str, per_class: int, seed: int) -> SplitWriter:
+def _writer(split: ImageSplit, path: Path, name: str, per_class: int, seed: int, **extra) -> SplitWriter:
     a = split.attrs
     attrs = {k: v for k, v in a.items() if k not in _COMPUTED}
-    attrs.update(validation_per_class=int(per_class), validation_seed=int(seed))
+    attrs.update(validation_per_class=int(per_class), validation_seed=int(seed), **extra)
     return SplitWriter(
         path, dataset=str(a["dataset"]), split=name, class_ids=split.class_ids, class_names=split.class_names,
         height=int(a["height"]), width=int(a["width"]), channels=int(a["channels"]), source=str(a["source"]),
@@ -70,14 +70,15 @@ def hold_out_validation(full: Path, train_out: Path, val_out: Path, per_class: i
     positions = validation_positions(np.diff(split.class_offsets), per_class, seed)
     with h5py.File(full, "r") as f:
         skipped = [s.decode() if isinstance(s, bytes) else str(s) for s in f["skipped"][()]]
-    with _writer(split, train_out, "train", per_class, seed) as train, _writer(split, val_out, "val", per_class, seed) as val:
+    with _writer(split, train_out, "train", per_class, seed) as train:
         for c, held in enumerate(positions):
             images = split.class_images(c)
-            chosen = np.zeros(len(images), dtype=bool)
-            chosen[held] = True
-            train.append(images[~chosen], np.full(int((~chosen).sum()), c, dtype=np.int64))
-            val.append(images[chosen], np.full(int(chosen.sum()), c, dtype=np.int64))
+            train.append(np.delete(images, held, axis=0), np.full(len(images) - len(held), c, dtype=np.int64))
         for line in skipped:
             item, _, reason = line.partition("\t")
             train.note_skipped(item, reason)
         train.num_converted = int(split.attrs.get("num_converted", 0))
+    held_out_of = ImageSplit.open(train_out).fingerprint  # recorded: evaluation checks the set was distilled on it
+    with _writer(split, val_out, "val", per_class, seed, train_fingerprint=held_out_of) as val:
+        for c, held in enumerate(positions):
+            val.append(split.images_uint8(int(split.class_offsets[c]) + held), np.full(len(held), c, dtype=np.int64))
