@@ -1036,6 +1036,7 @@ def run_kept_sets(args: argparse.Namespace, device: torch.device) -> int:
     """``--kept-sets``: every kept set evaluated; --out the runs of the selected one, the per-set table beside it."""
     from tesla.group_checkpoint import remove_checkpoint
     from tesla.selection import set_rows, summary_lines, write_sets
+    from tesla.tracking import options_from_args
 
     refuse_baseline_options(args)
     numerics = Numerics.from_arguments(args, device)
@@ -1054,6 +1055,8 @@ def run_kept_sets(args: argparse.Namespace, device: torch.device) -> int:
         write_runs(args.out, per_set[chosen])
         remove_checkpoint(checkpoint)
         Path(f"{checkpoint}.sets.json").unlink(missing_ok=True)
+    if options_from_args(args).kind is not None:  # the live curves of the selected set's runs
+        track_results(args, synthetic_subject(first.source, device), per_set[chosen])
     print(f"{len(scores)} kept sets of {first.dataset} ipc {first.ipc} on {first.arch} (test accuracy %):")
     for line in summary_lines(scores):
         print(line)

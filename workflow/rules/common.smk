@@ -641,7 +641,7 @@ def distill_settings(dataset: str, ipc, engine: str) -> str:
     w = Namespace(dataset=dataset, ipc=ipc, engine=engine)
     row = distill_cfg(dataset, ipc)
     experts = experts_settings(dataset, row_space(dataset_cfg(dataset), row))
-    kept = [keep_options(w) + " " + select_options(w)] if row["select"] == "validation" else []
+    kept = [f"{keep_options(w)} {select_options(w)}"] if row["select"] == "validation" else []
     return _fingerprint(distill_options(w), method("distill"), experts, *space_settings(dataset, row), *kept)
 
 
