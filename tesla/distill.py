@@ -73,6 +73,7 @@ from tesla.distill_setup import DistillSetup, open_setup, result_key
 from tesla.distill_state import DistillState, check_labels, fresh_state
 from tesla.distributed import SINGLE, Ranks
 from tesla.errors import TeslaError
+from tesla.kept_sets import Keeper
 from tesla.locks import acquire
 from tesla.distill_settings import RESUME_TUNABLE, DistillSettings, check_settings, start_window
 from tesla.settings import add_arguments, from_args
@@ -388,6 +389,7 @@ def _distill_locked(setup: DistillSetup, tracking: TrackerOptions) -> SyntheticS
     bar = _progress_bar(s, state, writes)
     limits = s.guard_limits()
     checkpoints = CheckpointCadence(setup, state, tracker, state.iteration if s.checkpoint_path.exists() else None)
+    keeper = Keeper(s.out, s.keep_every, state.iteration, writes)  # --keep-every: the set every K iterations
     try:
         while state.iteration < s.iterations:
             row = _iterate(setup, state, checkpoints, limits)
@@ -396,6 +398,7 @@ def _distill_locked(setup: DistillSetup, tracking: TrackerOptions) -> SyntheticS
             _show_progress(bar, row)
             if metrics_partial is not None:
                 append_metrics_row(metrics_partial, row)
+            keeper.after_iteration(row["iteration"], lambda: synthetic_set(setup, state))
             checkpoints.iteration_done()
     finally:
         if bar is not None:
@@ -403,6 +406,7 @@ def _distill_locked(setup: DistillSetup, tracking: TrackerOptions) -> SyntheticS
         tracker.close()
     final = synthetic_set(setup, state)
     if writes:
+        keeper.finish(final)
         write_outputs(setup, state, final, metrics_partial)
         print(f"tesla distill: {_headroom(state, limits)}", file=sys.stderr)
     setup.ranks.barrier()  # the job ends once the output is written

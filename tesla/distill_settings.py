@@ -235,6 +235,10 @@ class DistillSettings:
     config_key_prefix: str | None = setting(
         None, metavar="KEY", group=GUARD, config=None, result=False, resume_tunable=True,
         help="name settings in messages as config keys under KEY (set by the workflow, e.g. datasets.demo.distill.1)")
+    keep_every: int = setting(
+        0, kind=int, minimum=0, maximum=10**9, metavar="K", config=None, result=False, resume_tunable=True,
+        help="also keep the set every K iterations and the final one in OUT.kept/ (0: none; for selection by "
+             "validation accuracy, docs/selection.md; the workflow sets it for rows with select: validation)")
 
     def __post_init__(self) -> None:
         # the boolean form of earlier versions (and of config files): True = TESLA's labels

@@ -80,6 +80,7 @@ from tesla.data.header import check_test_split, read_split_header
 from tesla.errors import TeslaError
 from tesla.input_space import InputSpace, open_input_space, space_of_record
 from tesla.locks import acquire
+from tesla.selection import SELECT_RULES
 from tesla.precision import Numerics
 from tesla.settings import add_arguments, from_args
 from tesla.tables import RUN_COLUMNS, RUNS_FORMAT, RUNS_FORMAT_VERSION, format_line, write_csv_atomic
@@ -155,6 +156,9 @@ class Subject:
     describe: str = ""
     #: SHA-256 of the training data as the runs see them (``data_fingerprint``): what a checkpoint is keyed to
     fingerprint: str = ""
+    #: a synthetic set: the distillation iteration it was saved at, and its training split's fingerprint
+    iteration: int | None = None
+    train_fingerprint: str = ""
 
 
 def data_fingerprint(*parts) -> str:
@@ -220,6 +224,8 @@ def synthetic_subject(path: str | os.PathLike, device: torch.device | str) -> Su
         model_spec=dict(syn.model_spec),
         describe=f"synthetic set {path}",
         fingerprint=data_fingerprint(syn.images, syn.targets, float(syn.lr), syn.dsa_strategy, space_fingerprint(space)),
+        iteration=int(syn.iteration),
+        train_fingerprint=syn.dataset_fingerprint,
     )
 
 
@@ -416,6 +422,11 @@ class RunResult:
     tf32: bool = False
     memory_format: str = "contiguous"
     group_mode: str = "sequential"
+    #: a synthetic set's distillation iteration ('' for the baselines) and the rule that chose it among kept sets
+    iteration: int | str = ""
+    selection: str = ""
+    #: accuracy on the validation split (percent; not a column of the runs table: tesla.selection's table has it)
+    val_acc: float | None = None
 
     def row(self) -> dict:
         """The CSV row; ``ipc`` is empty for the ``full`` baseline (all images, no IPC)."""
@@ -584,13 +595,15 @@ def evaluate(
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: float = DEFAULT_CHECKPOINT_SECONDS,
     log: Callable[[str], None] | None = None,
+    validation: str | os.PathLike | None = None,
 ) -> list[RunResult]:
     """Check everything, train ``runs`` fresh networks (phase 1), then test them (phase 2).
 
     ``checkpoint``: a file from which phase 1 resumes when it holds the state of these runs
     (same settings and training data), and to which it saves their state after an epoch once
     ``checkpoint_every`` seconds have passed since the last save (``tesla.group_checkpoint``).
-    The caller holds its lock and removes it once the result is written (:func:`run`)."""
+    The caller holds its lock and removes it once the result is written (:func:`run`).
+    ``validation``: a validation split each network is also measured on (``RunResult.val_acc``)."""
     from tesla.group_checkpoint import GroupCheckpoint
     from tesla.group_modes import resolve_group_mode
 
@@ -601,6 +614,8 @@ def evaluate(
     mode = resolve_group_mode(group_mode, device, runs, numerics)
     label, spec = resolve_architecture(arch, subject)
     check_test_split(read_split_header(test_path), subject.space, subject.describe)
+    if validation is not None:
+        check_validation_split(validation, subject)
 
     saved = None
     if checkpoint is not None:
@@ -609,6 +624,7 @@ def evaluate(
     trained = train_runs(subject, spec, protocol, runs, seed, device, progress=progress, group_mode=mode,
                          numerics=numerics, checkpoint=saved)  # phase 1
     accs = measure_test_accuracy(trained, test_path, subject.space, device)  # phase 2
+    vals = [None] * len(trained) if validation is None else measure_test_accuracy(trained, validation, subject.space, device)
 
     return [
         RunResult(
@@ -637,9 +653,117 @@ def evaluate(
             tf32=numerics.tf32,
             memory_format=numerics.memory_format,
             group_mode=mode,
+            iteration="" if subject.iteration is None else subject.iteration,
+            val_acc=val,
         )
-        for t, acc in zip(trained, accs)
+        for t, acc, val in zip(trained, accs, vals)
     ]
+
+
+def check_validation_split(path: str | os.PathLike, subject: Subject) -> None:
+    """A validation split must match the set (classes, shape) and have been held out of the
+    very training split the set was distilled from (so no image of it shaped the set)."""
+    header = read_split_header(path)
+    check_test_split(header, subject.space, subject.describe, expected="val")
+    import h5py
+
+    with h5py.File(header.path, "r") as f:
+        held_out_of = str(f.attrs.get("train_fingerprint", ""))
+    if not held_out_of or (subject.train_fingerprint and held_out_of != subject.train_fingerprint):
+        raise TeslaError(
+            f"--validation {path}: not held out of the training split {subject.describe} was distilled from "
+            "(its train_fingerprint differs or is missing); give the val.h5 that 'tesla prepare "
+            "--validation-per-class' wrote beside that train.h5"
+        )
+
+
+# -- kept sets: which one is reported (tesla.selection) ---------------------------------------
+def evaluate_kept_sets(
+    folder: str | os.PathLike,
+    arch: str | dict,
+    test_path: str | os.PathLike,
+    protocol: Protocol,
+    validation: str | os.PathLike | None = None,
+    select: str = "final",
+    checkpoint: str | os.PathLike | None = None,
+    **options,
+) -> tuple[list[list[RunResult]], list, int]:
+    """Evaluate every kept set of a distillation (``tesla distill --keep-every``) with the
+    protocol (its lr and augmentation those of each set), measuring each network on the
+    validation split too; then pick the reported set by ``select`` (:mod:`tesla.selection`).
+
+    Returns the runs of every set (in iteration order), their :class:`tesla.selection.SetScore`
+    and the index of the selected set (its runs' ``selection`` says by which rule). With a
+    ``checkpoint``, the sets already evaluated are kept in ``CHECKPOINT.sets.json`` and a
+    killed evaluation resumes after them (the set in training resumes from the checkpoint)."""
+    from dataclasses import replace
+
+    from tesla.kept_sets import kept_files
+    from tesla.selection import SELECT_RULES, SetScore, selected_index
+
+    if select not in SELECT_RULES or (select == "validation" and validation is None):
+        raise TeslaError(f"--select {select}: choose final, or validation together with --validation VAL.h5 "
+                         "(written by tesla prepare --validation-per-class)")
+    files = kept_files(folder)
+    done = _DoneSets(checkpoint)
+    device = options.get("device", "cpu")
+    per_set = []
+    for iteration, path in files:
+        subject = synthetic_subject(path, device)
+        own = replace(protocol, lr=subject.lr, dsa_strategy=subject.dsa_strategy)
+        key = data_fingerprint(subject.fingerprint, repr(arch), asdict(own), str(test_path), str(validation),
+                               *(repr(options.get(k)) for k in sorted(options)))
+        results = done.get(key)
+        if results is None:
+            results = evaluate(subject, arch, test_path, own, checkpoint=checkpoint, validation=validation, **options)
+            done.put(key, results)
+        per_set.append(results)
+    scores = [
+        SetScore(iteration, str(path), [r.test_acc for r in rs], None if validation is None else [r.val_acc for r in rs])
+        for (iteration, path), rs in zip(files, per_set)
+    ]
+    chosen = selected_index(scores, select)
+    for r in per_set[chosen]:
+        r.selection = select
+    return per_set, scores, chosen
+
+
+class _DoneSets:
+    """The runs of the kept sets evaluated so far (``CHECKPOINT.sets.json``, format
+    ``tesla-eval-sets-progress`` v1): what a killed ``--kept-sets`` evaluation does not redo."""
+
+    FORMAT, VERSION = "tesla-eval-sets-progress", 1
+
+    def __init__(self, checkpoint: str | os.PathLike | None) -> None:
+        self.checkpoint = None if checkpoint is None else Path(checkpoint)
+        self.path = None if checkpoint is None else Path(f"{checkpoint}.sets.json")
+        self.sets: dict[str, list[dict]] = {}
+        if self.path is not None and self.path.exists():
+            import json
+
+            try:
+                payload = json.loads(self.path.read_text())
+                if payload.get("format") == self.FORMAT and payload.get("format_version") == self.VERSION:
+                    self.sets = dict(payload["sets"])
+            except (ValueError, KeyError, TypeError) as exc:
+                _log(f"{self.path}: unreadable ({exc}); the kept sets are evaluated afresh")
+
+    def get(self, key: str) -> list[RunResult] | None:
+        rows = self.sets.get(key)
+        return None if rows is None else [RunResult(**row) for row in rows]
+
+    def put(self, key: str, results: list[RunResult]) -> None:
+        if self.path is None:
+            return
+        import json
+
+        from tesla.files import atomic_output
+        from tesla.group_checkpoint import remove_checkpoint
+
+        self.sets[key] = [asdict(r) for r in results]
+        with atomic_output(self.path) as tmp:
+            Path(tmp).write_text(json.dumps({"format": self.FORMAT, "format_version": self.VERSION, "sets": self.sets}))
+        remove_checkpoint(self.checkpoint)  # the next set starts its own training
 
 
 def _log(message: str) -> None:
@@ -663,25 +787,41 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     and the live curves'."""
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--synthetic", type=Path, help="synthetic set file (tesla-synthetic) to evaluate")
+    what.add_argument("--kept-sets", type=Path, metavar="DIR",
+                      help="the kept sets of a distillation (OUT.kept/ of tesla distill --keep-every): every set is "
+                           "evaluated, --out gets the runs of the one --select picks (docs/selection.md)")
     what.add_argument("--random", action="store_true", help="baseline: IPC random real images per class of --train")
     what.add_argument("--full", action="store_true",
                       help="baseline: the whole --train split (must fit on the device; the 'full' row usually comes "
                            "from the experts' recorded accuracy instead)")
     add_arguments(parser, BaselineSubject)
     add_arguments(parser, EvaluateCommand)
+    parser.add_argument("--validation", type=Path, default=None, metavar="VAL.h5",
+                        help="with --kept-sets: the validation split held out of the training split (val.h5 of tesla "
+                             "prepare --validation-per-class); every network is measured on it too")
+    parser.add_argument("--select", choices=SELECT_RULES, default="final",
+                        help="with --kept-sets: the set whose runs go to --out: final (the last set) or validation (the "
+                             "best mean accuracy on --validation); the test split never selects")
+    parser.add_argument("--sets-out", type=Path, default=None,
+                        help="with --kept-sets: the per-set table (tesla-eval-sets; default OUT with suffix .sets.csv)")
     from tesla.tracking import add_tracking_arguments
 
     add_tracking_arguments(parser)
 
 
+def refuse_baseline_options(args: argparse.Namespace) -> None:
+    """A synthetic set (or kept sets) is evaluated as its file says: no baseline option."""
+    for option in ("train", "ipc", "zca", "normalize", "dsa", "lr_random"):
+        if getattr(args, option) is not None:
+            flag = "--" + option.replace("_", "-")
+            raise TeslaError(
+                f"{flag} applies to --random only: a synthetic set is evaluated exactly as its file says; drop {flag}"
+            )
+
+
 def subject_from_args(args: argparse.Namespace, device: torch.device | str) -> Subject:
     if args.synthetic is not None:
-        for option in ("train", "ipc", "zca", "normalize", "dsa", "lr_random"):
-            if getattr(args, option) is not None:
-                flag = "--" + option.replace("_", "-")
-                raise TeslaError(
-                    f"{flag} applies to --random only: a synthetic set is evaluated exactly as its file says; drop {flag}"
-                )
+        refuse_baseline_options(args)
         return synthetic_subject(args.synthetic, device)
     dsa = PAPER_DSA_STRATEGY if args.dsa is None else args.dsa
     lr = LR_RANDOM if args.lr_random is None else args.lr_random
@@ -709,7 +849,7 @@ def checkpoint_path(args: argparse.Namespace) -> Path:
     path = Path(args.checkpoint) if args.checkpoint is not None else Path(f"{args.out}.ckpt")
     if not (args.checkpoint_every >= 0 and math.isfinite(args.checkpoint_every)):
         raise TeslaError(f"--checkpoint-every {args.checkpoint_every}: give a number of seconds >= 0 (0: every epoch)")
-    for option in ("out", "synthetic", "train", "test", "zca"):
+    for option in ("out", "synthetic", "train", "test", "zca", "validation", "sets_out"):
         other = getattr(args, option, None)
         if other is not None and Path(other).resolve() == path.resolve():
             raise TeslaError(f"--checkpoint {path} is the --{option} file; give another --checkpoint path")
@@ -751,13 +891,40 @@ def track_results(args: argparse.Namespace, subject: Subject, results: Sequence[
     tracker.close()
 
 
+def _protocol(args: argparse.Namespace, lr: float, dsa_strategy: str) -> Protocol:
+    return Protocol(
+        epochs=args.epochs,
+        lr=lr,
+        batch_size=args.batch_size,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        dsa_strategy=dsa_strategy,
+        lr_decay_epoch=args.lr_decay_epoch,
+        reset_momentum_at_decay=args.reset_momentum_at_decay,
+    )
+
+
+def _selection_options(args: argparse.Namespace) -> None:
+    """--validation, --select and --sets-out belong to --kept-sets."""
+    if args.kept_sets is not None:
+        return
+    for option in ("validation", "sets_out"):
+        if getattr(args, option) is not None:
+            raise TeslaError(f"--{option.replace('_', '-')} applies to --kept-sets only; drop it")
+    if args.select != "final":
+        raise TeslaError("--select applies to --kept-sets only; drop it")
+
+
 def run(args: argparse.Namespace) -> int:
     from tesla.group_checkpoint import remove_checkpoint
     from tesla.devices import pick_device
     from tesla.tracking import options_from_args
 
     options_from_args(args)  # a tracker whose package is missing is refused before any work
+    _selection_options(args)
     device = pick_device(args.device)
+    if args.kept_sets is not None:
+        return run_kept_sets(args, device)
     subject = subject_from_args(args, device)
     protocol = from_args(Protocol, args, lr=subject.lr, dsa_strategy=subject.dsa_strategy)
     numerics = Numerics.from_arguments(args, device)
@@ -776,4 +943,36 @@ def run(args: argparse.Namespace) -> int:
         f"{subject.method} {results[0].arch} on {subject.space.dataset} {ipc}: "
         f"{accs.mean():.2f} +- {accs.std():.2f} % over {len(accs)} runs -> {args.out}"
     )
+    return 0
+
+
+def run_kept_sets(args: argparse.Namespace, device: torch.device) -> int:
+    """``--kept-sets``: every kept set evaluated; --out the runs of the selected one, the per-set table beside it."""
+    from tesla.group_checkpoint import remove_checkpoint
+    from tesla.selection import set_rows, summary_lines, write_sets
+    from tesla.tracking import options_from_args
+
+    refuse_baseline_options(args)
+    numerics = Numerics.from_arguments(args, device)
+    numerics.apply(device)
+    checkpoint = checkpoint_path(args)
+    protocol = _protocol(args, LR_RANDOM, "")  # each set's own lr and augmentation replace these
+    with acquire(f"{checkpoint}.lock", stage="tesla evaluate", protects=f"the checkpoint {checkpoint}"):
+        per_set, scores, chosen = evaluate_kept_sets(
+            args.kept_sets, args.arch, args.test, protocol, validation=args.validation, select=args.select,
+            checkpoint=checkpoint, runs=args.runs, seed=args.seed, device=device, group_mode=args.group_mode,
+            numerics=numerics, checkpoint_every=args.checkpoint_every,
+        )
+        first = per_set[chosen][0]
+        sets_out = args.sets_out or Path(args.out).with_suffix(".sets.csv")
+        write_sets(sets_out, set_rows(scores, first.dataset, first.ipc, first.engine, first.arch))
+        write_runs(args.out, per_set[chosen])
+        remove_checkpoint(checkpoint)
+        Path(f"{checkpoint}.sets.json").unlink(missing_ok=True)
+    if options_from_args(args).kind is not None:  # the live curves of the selected set's runs
+        track_results(args, synthetic_subject(first.source, device), per_set[chosen])
+    print(f"{len(scores)} kept sets of {first.dataset} ipc {first.ipc} on {first.arch} (test accuracy %):")
+    for line in summary_lines(scores):
+        print(line)
+    print(f"-> {args.out} (the {args.select} set, iteration {first.iteration}), {sets_out}")
     return 0

@@ -77,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
         strict=args.strict,
         reduced=not args.full_decode,
         progress=not args.quiet,
+        validation=Holdout(args.validation_per_class, args.validation_seed),
     )
     print(report.summary())
     return 0
@@ -135,7 +136,8 @@ class PrepareReport:
         lines = [f"{self.name}: {self.resolution}x{self.resolution}, resize rule {self.rule}"]
         lines += [f"  {s.line()}" for s in self.splits]
         lines += [f"  note: {n}" for s in self.splits for n in s.notes]
-        lines.append(f"  wrote {self.out_dir / 'train.h5'}, {self.out_dir / 'test.h5'}, {self.out_dir / REPORT_NAME}")
+        files = [s.path.name for s in self.splits] + [REPORT_NAME]
+        lines.append("  wrote " + ", ".join(str(self.out_dir / name) for name in files))
         return "\n".join(lines)
 
     def text(self) -> str:
@@ -180,6 +182,15 @@ def _remove_stale_staging(out_dir: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
+@dataclass(frozen=True)
+class Holdout:
+    """The validation split held out of the training split (``--validation-per-class``,
+    ``--validation-seed``; :mod:`tesla.data.validation`): ``per_class`` 0 writes none."""
+
+    per_class: int = 0
+    seed: int = 0
+
+
 def prepare_dataset(
     plan: DatasetPlan,
     out_dir: str | os.PathLike,
@@ -189,8 +200,10 @@ def prepare_dataset(
     strict: bool = False,
     reduced: bool = True,
     progress: bool = True,
+    validation: Holdout = Holdout(),
 ) -> PrepareReport:
-    """Write ``out_dir``/train.h5, test.h5 and prepare_report.txt from ``plan`` (see module doc)."""
+    """Write ``out_dir``/train.h5, test.h5 and prepare_report.txt from ``plan`` (see module doc),
+    and val.h5 when ``validation`` holds images out of train.h5."""
     try:
         _, filter_name = parse_resize_rule(rule)
     except ValueError as exc:
@@ -198,12 +211,12 @@ def prepare_dataset(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with acquire(out_dir / LOCK_NAME, stage="tesla prepare", protects=f"--out-dir {out_dir}"):
-        return _prepare_locked(plan, out_dir, resolution, rule, filter_name, workers, strict, reduced, progress)
+        return _prepare_locked(plan, out_dir, resolution, rule, filter_name, workers, strict, reduced, progress, validation)
 
 
 def _prepare_locked(
     plan: DatasetPlan, out_dir: Path, resolution: int, rule: str, filter_name: str, workers: int, strict: bool,
-    reduced: bool, progress: bool,
+    reduced: bool, progress: bool, validation: Holdout = Holdout(),
 ) -> PrepareReport:
     """:func:`prepare_dataset` while it holds the folder's lock: no other preparation writes there."""
     _remove_stale_staging(out_dir)
@@ -221,6 +234,8 @@ def _prepare_locked(
             for split in (plan.train, plan.test)
         ]
         pool.close(ok=True)
+        if validation.per_class:
+            reports = _hold_out(reports, validation)
         header = [
             f"source: {plan.source}",
             f"name: {plan.name}",
@@ -235,10 +250,13 @@ def _prepare_locked(
             ),
             f"channels: {plan.channels}",
             f"workers: {pool.workers}",
+            *([f"validation: {validation.per_class} images per class held out of train (seed {validation.seed})"]
+              if validation.per_class else []),
         ]
         report = PrepareReport(plan.source, plan.name, out_dir, resolution, rule, reduced, reports, header)
         (staging / REPORT_NAME).write_text(report.text(), encoding="utf-8")
-        final = ["test.h5", REPORT_NAME, "train.h5"]  # train.h5 last: its presence means all are complete
+        final = [*(r.path.name for r in reports[1:]), REPORT_NAME, "train.h5"]  # train.h5 last: all are complete
+        (out_dir / "val.h5").unlink(missing_ok=True)  # a validation split of an earlier preparation
         for name in final:
             (out_dir / name).unlink(missing_ok=True)
         for name in final:
@@ -251,6 +269,27 @@ def _prepare_locked(
         if pool is not None:
             pool.close(ok=ok)
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _hold_out(reports: list[SplitReport], validation: Holdout) -> list[SplitReport]:
+    """Divide the staged train.h5 into train.h5 and val.h5 (:mod:`tesla.data.validation`);
+    the reports of train, test and val."""
+    from tesla.data.validation import hold_out_validation
+
+    train = reports[0]
+    full = train.path.with_name("train.full.h5")
+    os.replace(train.path, full)
+    val_path = train.path.with_name("val.h5")
+    hold_out_validation(full, train.path, val_path, validation.per_class, validation.seed)
+    full.unlink()
+    note = f"{validation.per_class} images per class held out as val.h5 (seed {validation.seed})"
+    val = SplitReport(split="val", path=val_path, counts=np.zeros_like(train.counts), notes=[note])
+    for report in (train, val):
+        with h5py.File(report.path, "r") as f:
+            report.counts = np.diff(f["class_offsets"][()])
+            report.mean = [float(v) for v in np.atleast_1d(f.attrs["mean"])]
+            report.std = [float(v) for v in np.atleast_1d(f.attrs["std"])]
+    return [*reports, val]
 
 
 def _split_attrs(plan: DatasetPlan, split: Split, rule: str, reduced: bool, resolution: int) -> dict:

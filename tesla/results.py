@@ -46,12 +46,15 @@ GROUP_KEYS = ["dataset", "ipc", "method", "engine", "arch"]
 METHOD_ORDER = {"tesla": 0, "random": 1, "full": 2}
 #: runs-file versions read; v1 lacks lr_decay_epoch and input_space (filled in by _upgrade_v1),
 #: v1 and v2 lack the v3 columns (filled in by _upgrade_v2)
-READABLE_RUNS_VERSIONS = (1, 2, RUNS_FORMAT_VERSION)
+READABLE_RUNS_VERSIONS = (1, 2, 3, RUNS_FORMAT_VERSION)
 #: columns whose values must agree within one row of acc.csv (else the runs are refused)
-PROTOCOL_COLUMNS = ("epochs", "lr_decay_epoch", "reset_momentum_at_decay", "labels", "input_space", "precision")
+PROTOCOL_COLUMNS = ("epochs", "lr_decay_epoch", "reset_momentum_at_decay", "labels", "input_space", "precision",
+                    "selection", "iteration")
 #: what a v1 or v2 runs file means by the absence of the v3 columns (tf32 was not recorded)
 V3_DEFAULTS = {"reset_momentum_at_decay": False, "precision": "float32", "tf32": "", "memory_format": "contiguous",
                "group_mode": "sequential"}
+#: what a runs file before v4 means by the absence of the v4 columns (iteration not recorded, no selection)
+V4_DEFAULTS = {"iteration": "", "selection": ""}
 
 
 # -- reading -------------------------------------------------------------------------------
@@ -72,13 +75,16 @@ def read_runs(path: str | os.PathLike) -> pd.DataFrame:
             f"{', '.join(map(str, READABLE_RUNS_VERSIONS))}; re-run 'tesla evaluate' with this version"
         )
     df = pd.read_csv(
-        path, comment="#", dtype={"engine": str, "arch": str, "dataset": str, "input_space": str, "tf32": str},
+        path, comment="#",
+        dtype={"engine": str, "arch": str, "dataset": str, "input_space": str, "tf32": str, "iteration": str, "selection": str},
         keep_default_na=False,
     )
     if version == 1:
         df = _upgrade_v1(df)
     if version < 3:
         df = df.assign(**{k: v for k, v in V3_DEFAULTS.items() if k not in df.columns})
+    if version < 4:
+        df = df.assign(**{k: v for k, v in V4_DEFAULTS.items() if k not in df.columns})
     missing = [c for c in RUN_COLUMNS if c not in df.columns]
     if missing:
         raise TeslaError(f"{path}: columns {', '.join(missing)} missing; re-run 'tesla evaluate'")
@@ -147,10 +153,24 @@ def _note(group: pd.DataFrame) -> str:
     if lr:
         parts.append(lr)
     parts.append(f"DSA {group['dsa'].iloc[0]}")
+    selected = _selection_note(group)
+    if selected:
+        parts.append(selected)
     parts.append(f"inputs {group['input_space'].iloc[0]}")
     if group["precision"].iloc[0] != "float32":
         parts.append(f"precision {group['precision'].iloc[0]}")
     return "; ".join(parts)
+
+
+def _selection_note(group: pd.DataFrame) -> str:
+    """Which kept set the runs trained on, when ``tesla evaluate --kept-sets`` chose it."""
+    rule = str(group["selection"].iloc[0])
+    iteration = str(group["iteration"].iloc[0])
+    if rule == "validation":
+        return f"the kept set of iteration {iteration}, selected by its validation accuracy"
+    if rule == "final":
+        return f"the final set (iteration {iteration}) of the kept sets"
+    return ""
 
 
 def aggregate_runs(df: pd.DataFrame) -> pd.DataFrame:

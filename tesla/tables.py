@@ -17,8 +17,8 @@ __all__ = ["RUNS_FORMAT", "RUNS_FORMAT_VERSION", "RUN_COLUMNS", "format_line", "
 
 RUNS_FORMAT = "tesla-eval-runs"
 #: v2 added the columns lr_decay_epoch and input_space; v3 reset_momentum_at_decay, precision,
-#: tf32, memory_format and group_mode (``tesla results`` reads v1 and v2 too)
-RUNS_FORMAT_VERSION = 3
+#: tf32, memory_format and group_mode; v4 iteration and selection (``tesla results`` reads v1 to v3 too)
+RUNS_FORMAT_VERSION = 4
 
 #: columns of the per-run CSV, in order (docs/formats.md)
 RUN_COLUMNS: tuple[str, ...] = (
@@ -47,6 +47,8 @@ RUN_COLUMNS: tuple[str, ...] = (
     "memory_format",
     "group_mode",
     "source",
+    "iteration",
+    "selection",
 )
 
 

@@ -291,7 +291,7 @@ def test_mnist_random_baseline_is_sane_and_full_data_beats_it(mnist):
 def read_runs_csv(path: Path) -> list[dict]:
     with open(path) as f:
         first = f.readline()
-        assert first.startswith(f"# format: {RUNS_FORMAT}, format_version: 3")
+        assert first.startswith(f"# format: {RUNS_FORMAT}, format_version: 4")
         return list(csv.DictReader(f))
 
 
@@ -307,6 +307,8 @@ def test_cli_synthetic_and_random(tiny, tmp_path):
     assert {float(r["lr"]) for r in rows} == {0.02} and {r["epochs"] for r in rows} == {"2"}
     assert {r["dsa"] for r in rows} == {PAPER_DSA_STRATEGY} and {r["labels"] for r in rows} == {"hard"}
     assert all(0 <= float(r["test_acc"]) <= 100 for r in rows)
+    # v4: the distillation iteration of the set (make_set's), no selection among kept sets
+    assert {r["iteration"] for r in rows} == {str(SyntheticSet.load(syn).iteration)} and {r["selection"] for r in rows} == {""}
     out2 = tmp_path / "runs_random.csv"
     rc = cli.main(["evaluate", "--random", "--train", str(tiny["train"]), "--ipc", "3", "--test", str(tiny["test"]),
                    "--arch", "convnet_d1", "--runs", "1", "--epochs", "1", "--device", "cpu", "--out", str(out2)])

@@ -71,7 +71,7 @@ def test_a_run_spans_two_commands_and_reports_the_iterations_and_seconds_of_both
     common = ["--data", str(data), "--work", str(work), "--ipc", "1", "--engines", "exact", "--device", "cpu",
               "--experts", "1", "--iterations", "100000", "--max-start-epoch", "1", "--syn-steps", "2", "--eval-epochs", "2",
               "--eval-runs", "1", "--model", "convnet_d1", "--cross-archs", "--checkpoint-every", "1", "--max-loss", "1e9",
-              "--jobs", "2", "--budget", "900"]
+              "--jobs", "2", "--budget", "900", "--validation-per-class", "1", "--keep-every", "3"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
     def command(out: str, *extra: str) -> str:
@@ -94,6 +94,13 @@ def test_a_run_spans_two_commands_and_reports_the_iterations_and_seconds_of_both
     assert "| 1 | exact | cifar10 |" in second and "48.5 +- 0.8" in second and "the FINAL ones" in second
     row = [line for line in second.splitlines() if line.startswith("| 1 | exact")][0]
     assert row.split("|")[5].strip().endswith("(1)")  # our accuracy, 1 run
+    # the three numbers: final (above), best by validation and best by test among the kept sets
+    kept = len(list((work / "ipc1" / "exact" / "synthetic.kept").glob("iteration_*.h5")))
+    assert kept == reached // 3 + (reached % 3 > 0)
+    by_val, by_test = row.split("|")[6].strip(), row.split("|")[7].strip()
+    assert by_val.endswith(f" of {kept} kept)") and by_test.endswith(f" of {kept} kept)"), row
+    assert "best by test (published protocol: selected on the test set)" in second
+    assert (work / "data" / "val.h5").exists()
     assert sorted(p.name for p in (tmp_path / "out2").iterdir()) == ["acc_ipc1.csv", "logs.tar.gz", "reproduce.md"]
 
 

@@ -13,7 +13,7 @@ from tesla import cli
 from tesla.evaluation import RunResult, write_runs
 from tesla.models import build_model, model_spec
 from tesla.parameters import flatten_params, param_layout
-from tesla.results import ACC_COLUMNS, build_table, full_data_rows, read_all_runs, read_table, write_table
+from tesla.results import ACC_COLUMNS, build_table, full_data_rows, read_all_runs, read_runs, read_table, write_table
 from tesla.trajectories import TrajectoryMeta, TrajectoryWriter
 
 
@@ -123,8 +123,8 @@ def test_bad_inputs(runs_files, tmp_path, capsys):
     plain.write_text("dataset,ipc\ncifar10,10\n")
     refused(["--runs", str(plain)], "not a tesla evaluation runs file")
     newer = tmp_path / "newer.csv"
-    newer.write_text(paths[0].read_text().replace("format_version: 3", "format_version: 4", 1))
-    refused(["--runs", str(newer)], "format version 4, this tesla reads versions 1, 2, 3")
+    newer.write_text(paths[0].read_text().replace("format_version: 4", "format_version: 5", 1))
+    refused(["--runs", str(newer)], "format version 5, this tesla reads versions 1, 2, 3, 4")
     expert = write_expert(tmp_path / "mnist_expert.h5", 0.9, seed=0, dataset="mnist")
     refused(["--runs", str(paths[0]), "--experts", str(expert)], "experts were trained on mnist")
     refused(["--runs", str(tmp_path / "missing.csv")], "no such runs file")
@@ -230,3 +230,21 @@ def test_v2_runs_files_read_as_float32_without_momentum_restart(runs_files, tmp_
         other = write_runs(tmp_path / f"other_{next(iter(change))}.csv", rows)
         with pytest.raises(Exception, match=f"differ in {next(iter(change))}"):
             build_table(read_all_runs([tmp_path / "v2.csv", other]))
+
+
+def test_v3_runs_files_are_read_without_a_selection_and_a_selected_set_is_named(tmp_path):
+    """v3 lacks iteration and selection (a set evaluated as given); a v4 row of a set chosen
+    among kept sets says so in acc.csv's note."""
+    rows = run_rows("tesla", "convnet", [60.0, 62.0], engine="exact")
+    frame = pd.DataFrame([r.row() for r in rows]).drop(columns=["iteration", "selection"])
+    v3 = tmp_path / "v3.csv"
+    with open(v3, "w", newline="") as f:
+        f.write("# format: tesla-eval-runs, format_version: 3, tesla_version: 0.1.0\n")
+        frame.to_csv(f, index=False)
+    df = read_runs(v3)
+    assert set(df["iteration"]) == {""} and set(df["selection"]) == {""}
+    assert "selected" not in build_table(df)["note"].iloc[0]
+    for r in rows:
+        r.iteration, r.selection = 150, "validation"
+    table = build_table(read_runs(write_runs(tmp_path / "v4.csv", rows)))
+    assert "the kept set of iteration 150, selected by its validation accuracy" in table["note"].iloc[0]

@@ -47,7 +47,11 @@ FAKE_TESLA = textwrap.dedent(
         d = values("--out-dir")[0]
         for name in ("train.h5", "test.h5", "prepare_report.txt"):
             write(f"{{d}}/{{name}}")
-    for flag in ("--out", "--metrics", "--curves", "--grid"):
+        if values("--validation-per-class"):
+            write(f"{{d}}/val.h5")
+    if command == "distill" and values("--keep-every"):
+        write(str(Path(values("--out")[0]).with_suffix(".kept")) + "/iteration_000001.h5")
+    for flag in ("--out", "--metrics", "--curves", "--grid", "--sets-out"):
         for path in values(flag):
             write(path)
     for d in values("--grid-dir"):

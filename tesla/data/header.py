@@ -62,8 +62,9 @@ class InputSpace(Protocol):
     class_ids: Sequence[str]
 
 
-def check_test_split(header: SplitHeader, space: InputSpace, what: str) -> None:
-    """Refuse a test split that is not the real test split of the evaluated set's dataset."""
+def check_test_split(header: SplitHeader, space: InputSpace, what: str, expected: str = "test") -> None:
+    """Refuse a test split that is not the real test split of the evaluated set's dataset
+    (``expected``: the split it should be, ``test`` or ``val``, the validation split)."""
     problems = []
     if space.dataset and header.dataset and header.dataset != space.dataset:
         problems.append(f"dataset {header.dataset!r} but {what} is {space.dataset!r}")
@@ -77,8 +78,9 @@ def check_test_split(header: SplitHeader, space: InputSpace, what: str) -> None:
         problems.append(f"{header.height}x{header.width} images but {what} is {space.resolution}x{space.resolution}")
     if problems:
         raise TeslaError(
-            f"{header.path}: this test split does not match {what}: " + "; ".join(problems)
-            + "; give the test split prepared together with the training split of that dataset (--test)"
+            f"{header.path}: this {expected} split does not match {what}: " + "; ".join(problems)
+            + f"; give the {expected} split prepared together with the training split of that dataset "
+            + ("(--test)" if expected == "test" else "(--validation)")
         )
-    if header.split and header.split != "test":
-        print(f"tesla evaluate: warning: {header.path} is a {header.split!r} split, not 'test'", file=sys.stderr)
+    if header.split and header.split != expected:
+        print(f"tesla evaluate: warning: {header.path} is a {header.split!r} split, not {expected!r}", file=sys.stderr)

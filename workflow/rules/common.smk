@@ -44,6 +44,7 @@ try:
     from tesla import distill_settings as distill_declared  # (distill_settings below is a fingerprint)
     from tesla import training_settings as training
     from tesla.settings import command_options
+    from tesla import selection
     from tesla.devices import nvidia_gpu_visible
     from tesla.data.sources import workflow as data_sources
 except ImportError as exc:
@@ -141,6 +142,7 @@ def _cross_checks(cfg) -> list[str]:
     for name, ds in cfg["datasets"].items():
         where = f"datasets.{name}"
         problems += data_sources.unused_keys(ds, where)
+        problems += selection.config_problems(ds, where)
         named = registries.config_problems(ds, where, data_sources.resolution_of(ds))
         if named:  # the checks below need valid names
             problems += named
@@ -584,7 +586,8 @@ def distill_settings(dataset: str, ipc, engine: str) -> str:
     w = Namespace(dataset=dataset, ipc=ipc, engine=engine)
     row = distill_cfg(dataset, ipc)
     experts = experts_settings(dataset, row_space(dataset_cfg(dataset), row))
-    return _fingerprint(distill_options(w), method("distill"), experts, *space_settings(dataset, row))
+    kept = [f"{keep_options(w)} {select_options(w)}"] if row["select"] == "validation" else []
+    return _fingerprint(distill_options(w), method("distill"), experts, *space_settings(dataset, row), *kept)
 
 
 def evaluation_settings(dataset: str, ipc, method_name: str, arch: str) -> str:

@@ -25,10 +25,9 @@ def on_slurm(resources) -> bool:
 
 def one_process_datasets() -> str:
     """The `dataset` constraint of the one-process rule: the configured datasets, except in
-    the paths of rows with gpus > 1 (a look-ahead over the rest of the path)."""
+    the paths of rows with gpus > 1 or select: validation (a look-ahead over the rest of the path)."""
     taken = [re.escape(f"{d}_ipc{i}/") for d, i, _ in distill_process_rows()]
-    datasets = wildcard_patterns()["dataset"]
-    return f"(?!{'|'.join(taken)})(?:{datasets})" if taken else datasets
+    return datasets_except(taken + selection_row_paths())  # rows with select: validation: rules/selection.smk
 
 
 def distill_launch(wildcards, resources) -> str:

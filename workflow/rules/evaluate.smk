@@ -5,6 +5,8 @@
 
 rule evaluate_synthetic:
     """Train fresh <arch> networks on the <engine> set and test them on the real test split."""
+    wildcard_constraints:
+        dataset=datasets_except(selection_row_paths()),  # select: validation rows: evaluate_selected
     input:
         synthetic="results/{dataset}_ipc{ipc}/{engine}/synthetic.h5",
         test="resources/{dataset}/test.h5",

@@ -202,6 +202,29 @@ LABEL_COLUMN = Option(
     default="label",
     config_help="parquet shards: the integer class column",
 )
+VALIDATION_PER_CLASS = Option(
+    "validation_per_class",
+    "hold out this many images of every class of the training split as a validation split, written as val.h5 and "
+    "left out of train.h5 (0: none); chosen per class by a permutation from --validation-seed (docs/selection.md)",
+    int,
+    default=0,
+    common=True,
+    config_help="images of every training class held out as a validation split (resources/<name>/val.h5), never "
+    "seen by the experts or distillation; used to select a kept synthetic set (distill rows with select: "
+    "validation); 0 = none",
+    schema={"type": "integer", "minimum": 0},
+    parse=int_in_range(0, 1_000_000),
+)
+VALIDATION_SEED = Option(
+    "validation_seed",
+    "seed of the --validation-per-class hold-out",
+    int,
+    default=0,
+    common=True,
+    config_help="seed of the `validation_per_class` hold-out",
+    schema={"type": "integer", "minimum": 0},
+    parse=int_in_range(0, 2**31 - 1),
+)
 QUIET = Option("quiet", "no progress bars", bool, default=False, common=True, config=False)
 
 #: every option of the catalog, in the order of ``tesla prepare --help``
@@ -225,5 +248,7 @@ CATALOG: tuple[Option, ...] = (
     DOWNLOAD,
     IMAGE_COLUMN,
     LABEL_COLUMN,
+    VALIDATION_PER_CLASS,
+    VALIDATION_SEED,
     QUIET,
 )

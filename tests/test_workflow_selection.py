@@ -1,0 +1,68 @@
+"""The workflow with `select: validation`: which jobs a dry run plans, their commands, and the
+refusal of a row that asks for it without a validation split."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from workflow_support import SNAKEMAKE, load_config, make_workdir, planned_jobs, snakemake, write_config
+
+pytestmark = pytest.mark.skipif(SNAKEMAKE is None, reason="snakemake is not installed in this environment")
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return make_workdir(tmp_path_factory.mktemp("selection"))
+
+
+def _selecting(cfg: dict, per_class: int = 5) -> dict:
+    demo = cfg["datasets"]["demo"]
+    demo["validation_per_class"] = per_class
+    demo["distill"][1].update(select="validation", keep_every=50)
+    return cfg
+
+
+def _dry_run(workdir: Path, cfg: dict, *targets: str):
+    write_config(workdir, cfg, "edited.yaml")
+    return snakemake(workdir, *targets, "--dry-run", "--printshellcmds", "--cores", "1", "--configfile", "edited.yaml")
+
+
+def test_select_validation_holds_out_a_split_keeps_sets_and_selects_by_it(workdir):
+    result = _dry_run(workdir, _selecting(load_config(workdir)), "results/demo_ipc1/acc.csv", "results/demo_ipc3/acc.csv")
+    assert result.returncode == 0, result.stdout + result.stderr
+    text = result.stdout
+    jobs = planned_jobs(text)
+    assert "prepare" not in jobs and "resources/demo/val.h5" in jobs["prepare_validation"]
+    assert "--validation-per-class 5" in next(line for line in text.splitlines() if "tesla prepare " in line)
+    # the select: validation row keeps its sets; the other row distils and evaluates as before
+    assert "results/demo_ipc1/exact/synthetic.kept" in jobs["distill_kept"]
+    assert {f for f in jobs["distill"] if f.endswith("synthetic.h5")} == {"results/demo_ipc3/exact/synthetic.h5"}
+    archs = load_config(workdir)["datasets"]["demo"]["evaluate"]["architectures"]
+    assert jobs["evaluate_selected"] == {f"results/demo_ipc1/eval/exact_{a}{s}" for a in archs for s in (".csv", ".sets.csv")}
+    assert jobs["evaluate_synthetic"] == {f"results/demo_ipc3/eval/exact_{a}.csv" for a in archs}
+    lines = text.splitlines()
+    distill_1 = next(line for line in lines if "tesla distill " in line and "demo_ipc1/" in line)
+    distill_3 = next(line for line in lines if "tesla distill " in line and "demo_ipc3/" in line)
+    assert "--keep-every 50" in distill_1 and "--keep-every" not in distill_3
+    evaluate_1 = next(line for line in lines if "tesla evaluate --kept-sets" in line)
+    assert "--validation resources/demo/val.h5 --select validation --test resources/demo/test.h5" in evaluate_1
+    assert "--sets-out results/demo_ipc1/eval/exact_" in evaluate_1
+
+
+def test_select_final_plans_what_it_always_planned(workdir):
+    """The default: no validation split, no kept sets, the plain rules and commands."""
+    plain = _dry_run(workdir, load_config(workdir), "results/demo_ipc1/acc.csv")
+    assert plain.returncode == 0, plain.stderr
+    jobs = planned_jobs(plain.stdout)
+    assert {"prepare", "distill", "evaluate_synthetic"} <= set(jobs)
+    assert not {"prepare_validation", "distill_kept", "evaluate_selected"} & set(jobs)
+    assert "--keep-every" not in plain.stdout and "--validation" not in plain.stdout and "val.h5" not in plain.stdout
+
+
+def test_select_validation_without_a_validation_split_is_refused_naming_the_key(workdir):
+    result = _dry_run(workdir, _selecting(load_config(workdir), per_class=0), "results/demo_ipc1/acc.csv")
+    assert result.returncode != 0
+    assert ("config key datasets.demo.distill.1.select: validation needs a validation split, but "
+            "datasets.demo.validation_per_class is 0") in result.stderr + result.stdout
