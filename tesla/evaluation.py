@@ -70,31 +70,40 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
+from tesla import models
+from tesla.augment import DSA
 from tesla.data import ImageSplit
 from tesla.data.header import check_test_split, read_split_header
+from tesla.devices import pick_device
 from tesla.errors import TeslaError
+from tesla.files import atomic_output
+from tesla.group_checkpoint import GroupCheckpoint, remove_checkpoint
+from tesla.group_modes import resolve_group_mode
+from tesla.group_training import train_group
 from tesla.input_space import InputSpace, open_input_space, space_of_record
+from tesla.kept_sets import kept_files
 from tesla.locks import acquire
-from tesla.selection import SELECT_RULES
+from tesla.models import build_from_spec
 from tesla.precision import Numerics
+from tesla.selection import SELECT_RULES, SetScore, selected_index, set_rows, summary_lines, write_sets
 from tesla.settings import add_arguments, from_args
-from tesla.tables import RUN_COLUMNS, RUNS_FORMAT, RUNS_FORMAT_VERSION, format_line, write_csv_atomic
+from tesla.synthetic import SyntheticSet
+from tesla.tables import RUNS_FORMAT, RUNS_FORMAT_VERSION, RUN_COLUMNS, format_line, write_csv_atomic
+from tesla.tracking import add_tracking_arguments, file_digest, open_tracking, options_from_args
+from tesla.training import GroupMember, accuracy, make_optimizer, train
 from tesla.training_settings import (
+    BaselineSubject,
     DEFAULT_CHECKPOINT_SECONDS,
+    EvaluateCommand,
     LR_RANDOM,
     PAPER_DSA_STRATEGY,
-    BaselineSubject,
-    EvaluateCommand,
     Protocol,
 )
-
-if TYPE_CHECKING:
-    from tesla.group_checkpoint import GroupCheckpoint
 
 #: ``--arch`` alias for the network the set was distilled with (its stored model spec)
 DISTILL_ALIAS = "distill"
@@ -182,8 +191,6 @@ def space_fingerprint(space: NetworkSpace) -> tuple:
 
 def synthetic_subject(path: str | os.PathLike, device: torch.device | str) -> Subject:
     """The synthetic set as its file says: images, hard or soft targets, alpha, DSA, space."""
-    from tesla.synthetic import SyntheticSet
-
     syn = SyntheticSet.load(path)
     try:
         syn.validate()
@@ -345,8 +352,6 @@ def resolve_architecture(arch: str | dict, subject: Subject) -> tuple[str, dict]
     ``distill``: exactly the network the set was distilled with (its stored model spec);
     or (Python API) a model spec dict. Every problem is raised here, before any training.
     """
-    from tesla import models
-
     space = subject.space
     if isinstance(arch, dict):
         spec = dict(arch)
@@ -443,8 +448,6 @@ def run_seed(seed: int, run: int) -> int:
 
 def make_dsa(strategy: str):
     """The augmentation A of every minibatch, or None for strategy 'none'/''."""
-    from tesla.augment import DSA
-
     dsa = DSA(strategy or "none")
     return dsa if dsa.families else None
 
@@ -452,8 +455,6 @@ def make_dsa(strategy: str):
 def fresh_network(spec: dict, init_seed: int, device: torch.device | str) -> torch.nn.Module:
     """A network of ``spec`` with theta_0 drawn from ``init_seed`` (torch's global generator
     forked, so nothing else is disturbed), on ``device``."""
-    from tesla.models import build_from_spec
-
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(init_seed)
         model = build_from_spec(spec)
@@ -490,8 +491,6 @@ def train_fresh_network(
 
     Returns (trained model, mean training loss of the last epoch).
     """
-    from tesla.training import train
-
     model = fresh_network(spec, init_seed, device)
     history = train(model, x, y, generator=generator, numerics=numerics, progress=progress, desc=desc,
                     **protocol_settings(protocol))
@@ -519,10 +518,6 @@ def train_runs(
     Each run's ``seconds`` is its draw plus its training epochs (for runs trained together,
     the group's epochs; those of a resumed run include the epochs before it was stopped).
     """
-    from tesla.group_modes import resolve_group_mode
-    from tesla.group_training import train_group
-    from tesla.training import GroupMember, make_optimizer
-
     numerics = numerics or Numerics()
     mode = resolve_group_mode(group_mode, device, runs, numerics)
     members, draw_seconds = [], []
@@ -565,8 +560,6 @@ def measure_test_accuracy(
     trained: Sequence[TrainedNetwork], test_path: str | os.PathLike, space: NetworkSpace, device: torch.device | str
 ) -> list[float]:
     """Phase 2: load the real test split once, mapped to the set's space, and measure each network (percent)."""
-    from tesla.training import accuracy
-
     x_test, y_test = space.load_split(test_path, device)
     accs = []
     for t in trained:
@@ -604,9 +597,6 @@ def evaluate(
     ``checkpoint_every`` seconds have passed since the last save (``tesla.group_checkpoint``).
     The caller holds its lock and removes it once the result is written (:func:`run`).
     ``validation``: a validation split each network is also measured on (``RunResult.val_acc``)."""
-    from tesla.group_checkpoint import GroupCheckpoint
-    from tesla.group_modes import resolve_group_mode
-
     if runs < 1:
         raise TeslaError(f"--runs {runs}: need at least one run")
     protocol.check()
@@ -698,9 +688,6 @@ def evaluate_kept_sets(
     killed evaluation resumes after them (the set in training resumes from the checkpoint)."""
     from dataclasses import replace
 
-    from tesla.kept_sets import kept_files
-    from tesla.selection import SELECT_RULES, SetScore, selected_index
-
     if select not in SELECT_RULES or (select == "validation" and validation is None):
         raise TeslaError(f"--select {select}: choose final, or validation together with --validation VAL.h5 "
                          "(written by tesla prepare --validation-per-class)")
@@ -757,9 +744,6 @@ class _DoneSets:
             return
         import json
 
-        from tesla.files import atomic_output
-        from tesla.group_checkpoint import remove_checkpoint
-
         self.sets[key] = [asdict(r) for r in results]
         with atomic_output(self.path) as tmp:
             Path(tmp).write_text(json.dumps({"format": self.FORMAT, "format_version": self.VERSION, "sets": self.sets}))
@@ -804,7 +788,6 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                              "best mean accuracy on --validation); the test split never selects")
     parser.add_argument("--sets-out", type=Path, default=None,
                         help="with --kept-sets: the per-set table (tesla-eval-sets; default OUT with suffix .sets.csv)")
-    from tesla.tracking import add_tracking_arguments
 
     add_tracking_arguments(parser)
 
@@ -863,8 +846,6 @@ def track_results(args: argparse.Namespace, subject: Subject, results: Sequence[
     standard deviation (series ``summary``, at the number of runs), and the per-run table;
     the configuration every option, the subject and the inputs' fingerprints. TensorBoard's
     events by default in a folder ``tensorboard/<out name>`` beside the output."""
-    from tesla.tracking import file_digest, open_tracking, options_from_args
-
     options = options_from_args(args)
     if options.kind is None:
         return
@@ -916,10 +897,6 @@ def _selection_options(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tesla.group_checkpoint import remove_checkpoint
-    from tesla.devices import pick_device
-    from tesla.tracking import options_from_args
-
     options_from_args(args)  # a tracker whose package is missing is refused before any work
     _selection_options(args)
     device = pick_device(args.device)
@@ -948,10 +925,6 @@ def run(args: argparse.Namespace) -> int:
 
 def run_kept_sets(args: argparse.Namespace, device: torch.device) -> int:
     """``--kept-sets``: every kept set evaluated; --out the runs of the selected one, the per-set table beside it."""
-    from tesla.group_checkpoint import remove_checkpoint
-    from tesla.selection import set_rows, summary_lines, write_sets
-    from tesla.tracking import options_from_args
-
     refuse_baseline_options(args)
     numerics = Numerics.from_arguments(args, device)
     numerics.apply(device)

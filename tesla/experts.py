@@ -59,15 +59,32 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from tesla.augment import DSA
+from tesla.data import ImageSplit
+from tesla.devices import pick_device
 from tesla.errors import TeslaError
 from tesla.files import atomic_output
+from tesla.group_modes import resolve_group_mode
+from tesla.group_training import train_group
+from tesla.input_space import open_input_space
 from tesla.locks import acquire
+from tesla.models import build_from_spec, model_spec
+from tesla.numerics_options import PRECISIONS
+from tesla.parameters import buffer_layout, flatten_buffers, flatten_params, param_layout
+from tesla.precision import Numerics
 from tesla.settings import add_arguments, from_args
-from tesla.trajectories import STORAGE_DTYPES, Trajectory, TrajectoryMeta, TrajectoryWriter
-from tesla.tracking import TrackerOptions, Tracking, add_tracking_arguments, open_tracking
-from tesla.tracking import disabled as tracking_disabled
-from tesla.tracking import options_from_args as tracking_options
+from tesla.tracking import (
+    TrackerOptions,
+    Tracking,
+    add_tracking_arguments,
+    disabled as tracking_disabled,
+    open_tracking,
+    options_from_args as tracking_options,
+)
+from tesla.training import EndTraining, GroupMember, accuracy, make_optimizer
 from tesla.training_settings import ExpertConfig, ExpertsCommand
+from tesla.trajectories import STORAGE_DTYPES, Trajectory, TrajectoryMeta, TrajectoryWriter, same_model_spec
+from tesla.zca import zca_fingerprint as fingerprint
 
 __all__ = [
     "ExpertConfig",
@@ -94,8 +111,6 @@ def derive_seed(seed: int, purpose: str) -> int:
 
 def zca_fingerprint(zca) -> str:
     """SHA-256 of a fitted ZCA transform, '' for none (:func:`tesla.zca.zca_fingerprint`)."""
-    from tesla.zca import zca_fingerprint as fingerprint
-
     return fingerprint(zca)
 
 
@@ -135,7 +150,6 @@ def _validate(cfg: ExpertConfig) -> None:
         )
     if cfg.dtype not in STORAGE_DTYPES:
         raise TeslaError(f"--dtype {cfg.dtype!r} is not one of {', '.join(STORAGE_DTYPES)}")
-    from tesla.numerics_options import PRECISIONS
 
     if cfg.precision not in PRECISIONS:
         raise TeslaError(f"--precision {cfg.precision!r} is not one of {', '.join(PRECISIONS)}")
@@ -199,13 +213,6 @@ class _Shared:
     the data are loaded on the device once (:meth:`load`)."""
 
     def __init__(self, cfg: ExpertConfig) -> None:
-        from tesla.augment import DSA
-        from tesla.data import ImageSplit
-        from tesla.input_space import open_input_space
-        from tesla.models import model_spec
-        from tesla.precision import Numerics
-        from tesla.devices import pick_device
-
         self.cfg = cfg
         self.train_split = ImageSplit.open(cfg.train)
         self.test_split = ImageSplit.open(cfg.test)
@@ -276,8 +283,6 @@ class _Shared:
 
 def _differences(path: Path, expected: dict[str, Any]) -> list[str]:
     """The recorded settings of a trajectory file that differ from ``expected``."""
-    from tesla.trajectories import same_model_spec
-
     with Trajectory.open(path) as t:
         recorded = dict(
             seed=t.seed, model_spec=t.model_spec, dataset_fingerprint=t.dataset_fingerprint,
@@ -347,10 +352,6 @@ class _ExpertRun:
 
     def __init__(self, cfg: ExpertConfig, shared: _Shared, *, stop_after_epochs: int | None,
                  log: Callable[[str], None], tracker: Tracking) -> None:
-        from tesla.models import build_from_spec
-        from tesla.parameters import flatten_buffers, flatten_params
-        from tesla.training import make_optimizer
-
         self.cfg, self.shared, self.log, self.tracker = cfg, shared, log, tracker
         self.series = f"expert_{cfg.seed}"  # its curves in the job's tracker
         self.out = Path(cfg.out)
@@ -413,9 +414,6 @@ class _ExpertRun:
     def on_epoch_end(self, stats) -> None:
         """Snapshot (while stored), state and log; the file when complete; EndTraining when
         ``stop_after_epochs`` epochs have run in this call."""
-        from tesla.parameters import flatten_buffers, flatten_params
-        from tesla.training import EndTraining
-
         cfg = self.cfg
         if stats.epoch <= cfg.last_snapshot:
             _atomic_save({"theta": flatten_params(self.model, device="cpu"), "buffers": flatten_buffers(self.model, device="cpu")},
@@ -440,9 +438,6 @@ class _ExpertRun:
     def finish(self, *, keep_link: bool = True) -> Path:
         """Test accuracy (float32) and the trajectory file, written at once; the partial
         folder then keeps only a hard link to the file (removed when the group is done)."""
-        from tesla.parameters import buffer_layout, param_layout
-        from tesla.training import accuracy
-
         cfg, shared = self.cfg, self.shared
         epochs = int(self.start_epoch if not self.history else self.history[-1]["epoch"])
         test_acc = accuracy(self.model, shared.x_test, shared.y_test, input_transform=shared.to_input)
@@ -560,9 +555,6 @@ def train_experts(
     expert's output path (None where not complete). ``tracking``: the live curves of the
     group (:func:`open_tracker`; none by default).
     """
-    from tesla.group_modes import resolve_group_mode
-    from tesla.group_training import train_group
-
     cfgs = list(cfgs)
     _validate_group(cfgs)
     shared = _Shared(cfgs[0])
@@ -594,8 +586,6 @@ def train_experts(
                 run.finish()
         training = [run for run in runs if run.needs_training]
         if training:
-            from tesla.training import GroupMember
-
             t0 = time.perf_counter()
             members = [
                 GroupMember(run.model, shared.x, shared.y, run.generator, run.optimizer, run.start_epoch, run.on_epoch_end,
