@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from tesla.engines import ENGINES
+from tesla.engines import COMPILE_MODES, ENGINES
 from tesla.errors import TeslaError
 from tesla.settings import (
     Wording,
@@ -71,16 +71,6 @@ def soft_label_kind(value: str | bool) -> str:
     """A config's ``soft_labels``: a kind (none, tesla, learned), or a boolean of older
     configs (true = tesla, false = none)."""
     return SOFT_LABELS_OF_BOOL[value] if isinstance(value, bool) else value
-
-
-def _engines() -> tuple[str, ...]:
-    return ENGINES
-
-
-def _compile_modes() -> tuple[str, ...]:
-    from tesla.step_compiler import COMPILE_MODES  # torch: asked only where the parser is built
-
-    return COMPILE_MODES
 
 
 # when the workflow writes a setting: from the config row, as it always has
@@ -144,7 +134,7 @@ class DistillSettings:
         schema={"anyOf": [{"type": "string", "pattern": "^[a-z]+$"}, {"type": "boolean"}]},
         help="labels the student trains on: none (class labels, the default), tesla (the target expert's softmax, "
              "recomputed every iteration; the bare flag means this), learned (logits learned with the images, "
-             "initialised from the --init-expert/--init-epoch snapshot; README, Beyond TESLA)",
+             "initialised from the --init-expert/--init-epoch snapshot; docs/beyond-tesla.md)",
         config_help="labels the student trains on: none (class labels), tesla (the target expert's softmax, TESLA), "
                     "learned (logits learned with the images, initialised from the init_expert/init_epoch snapshot); "
                     "true/false are read as tesla/none (names checked against tesla.distill_settings.SOFT_LABELS)")
@@ -155,17 +145,17 @@ class DistillSettings:
         10.0, kind=float, minimum=0, always=_learned, skip=_not(_learned), resume_tunable=True,
         help="learned labels: learning rate of the label logits (SGD, momentum 0.5; 0 keeps them fixed)")
     engine: str = setting(
-        "exact", choices=_engines, always=True, resume_tunable=True, config_default=["exact"],
+        "exact", choices=ENGINES, always=True, resume_tunable=True, config_default=["exact"],
         schema={"anyOf": [{"type": "string", "pattern": "^[a-z]+$"},
                           {"type": "array", "minItems": 1, "items": {"type": "string", "pattern": "^[a-z]+$"}}]},
-        help="gradient engine (see docs/benchmarks for the choice)",
+        help="gradient engine (docs/engines.md: exact, tesla, unroll)",
         config_help="gradient engine, or a list of engines (one distillation each, on the same experts, all in "
                     "acc.csv): exact, tesla (the published first-order gradient), unroll (names checked against "
                     "tesla.matching)")
     compile: str = setting(
-        "auto", choices=_compile_modes, config=None, result=False, resume_tunable=True,
+        "auto", choices=COMPILE_MODES, config=None, result=False, resume_tunable=True,
         help="how the student steps of exact/tesla run: off (eager), inductor, cudagraph, inductor-cudagraph; "
-             "auto: off on the CPU, inductor-cudagraph on CUDA (README, Gradient engines)")
+             "auto: off on the CPU, inductor-cudagraph on CUDA (docs/engines.md)")
     dsa: str | None = setting(None, help="augmentation strategy, or 'none' (default: the experts' strategy)",
                               schema={"anyOf": [{"$ref": "#/$defs/dsa"}, {"type": "null"}]},
                               config_help="augmentation while distilling (null = the experts' strategy)")
@@ -413,7 +403,7 @@ def check_settings(s: DistillSettings) -> None:
             f"{name('max_lr')} ({s.alpha_ceiling:g}) must be above {name('lr_teacher')} ({s.lr_teacher:g}); raise {name('max_lr')}"
         )
     _check_paths(s)
-    engines, modes = _engines(), _compile_modes()
+    engines, modes = ENGINES, COMPILE_MODES
     if s.engine not in engines:
         raise TeslaError(f"--engine {s.engine!r} is not an engine; choose one of {', '.join(engines)}")
     if s.compile not in modes:

@@ -42,6 +42,7 @@ from torch.fx.experimental import proxy_tensor
 
 from tesla.augment import DSA
 from tesla.augment_packing import apply_packed, pack_augmentation, packed_width
+from tesla.engines import COMPILE_MODES
 from tesla.errors import TeslaError
 from tesla.student_steps import AugmentFn, LossFn, StepInputs, adjoint_step, student_gradient, student_update
 
@@ -57,7 +58,6 @@ __all__ = [
     "step_kinds",
 ]
 
-COMPILE_MODES: tuple[str, ...] = ("auto", "off", "inductor", "cudagraph", "inductor-cudagraph")
 #: the traced graph run as it is (no compiler, no capture): tests and benchmarks of the tracing
 TRACE_ONLY = "trace"
 

@@ -29,10 +29,6 @@ STAGES = ("tesla.prepare", "tesla.experts", "tesla.distill", "tesla.evaluation",
           "tesla.report", "tesla.export", "tesla.zca_fit")
 #: the command line, which imports each stage module (by name, when its command runs)
 COMMAND_LINE = {"tesla.cli", "tesla.__main__"}
-#: known imports of a stage module by another module, to be removed: each is reported by
-#: test_no_other_module_imports_a_stage_module as an expected failure (strict: once the import
-#: is gone the test fails until its entry here is deleted). Keep this empty.
-KNOWN_STAGE_IMPORTS: dict[str, str] = {}
 
 
 def _package_modules() -> list[str]:
@@ -56,9 +52,7 @@ def test_no_stage_module_imports_another(stage):
 
 
 def _non_stage_modules() -> list:
-    names = [n for n in _package_modules() if n not in STAGES and n not in COMMAND_LINE]
-    return [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=KNOWN_STAGE_IMPORTS[n]))
-            if n in KNOWN_STAGE_IMPORTS else n for n in names]
+    return [n for n in _package_modules() if n not in STAGES and n not in COMMAND_LINE]
 
 
 @pytest.mark.parametrize("name", _non_stage_modules())
@@ -101,17 +95,9 @@ def test_the_workflow_imports_tesla_modules_at_parse_time():
 
 def test_what_the_workflow_imports_at_parse_time_loads_no_torch():
     """The workflow imports these while it builds the job graph (every `snakemake` call, every
-    job's own start on a cluster): torch would add about a second to each. tesla.registries is
-    represented by the homes of its names (its own import: the test below)."""
-    modules = ["tesla", *(m for m in _workflow_modules() if m != "tesla.registries")]
-    tree = ast.parse(module_path("tesla.registries").read_text())
-    homes = sorted(m for m in _imports(tree, "tesla.registries") if module_path(m) and m not in STAGES)
-    culprit = _first_to_import_torch(modules + homes)
+    job's own start on a cluster): torch would add about a second to each."""
+    culprit = _first_to_import_torch(["tesla", *_workflow_modules()])
     assert culprit is None, f"importing {culprit} imports torch; give the names the workflow needs a torch-free home"
-
-
-def test_tesla_registries_loads_no_torch():
-    assert _first_to_import_torch(["tesla.registries"]) is None
 
 
 def _all_modules() -> list[str]:
