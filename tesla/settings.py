@@ -37,7 +37,6 @@ __all__ = [
     "declared",
     "add_arguments",
     "from_args",
-    "defaults",
     "schema_properties",
     "schema_yaml",
     "command_options",
@@ -188,11 +187,6 @@ def declared(cls: type) -> list[Declared]:
     return out
 
 
-def defaults(cls: type) -> dict[str, Any]:
-    """Every setting's default (the required ones left out)."""
-    return {d.name: d.default for d in declared(cls) if d.has_default}
-
-
 # ---------------------------------------------------------------------------------------
 # the command line
 # ---------------------------------------------------------------------------------------
@@ -276,15 +270,6 @@ def schema_properties(cls: type) -> dict[str, dict[str, Any]]:
     return properties
 
 
-def _plain(value: Any) -> Any:
-    """A schema value as JSON has it (tuples as lists)."""
-    if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
 def format_value(value: Any) -> str:
     """A value on the workflow's command line (lists space-separated)."""
     if isinstance(value, (list, tuple)):
@@ -345,20 +330,11 @@ def result_neutral(cls: type) -> frozenset[str]:
     return frozenset(d.name for d in declared(cls) if not d.setting.result)
 
 
-def _yaml_value(value: Any) -> str:
-    """A config value as YAML spells it (true, [a, b])."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_yaml_value(v) for v in value) + "]"
-    return str(value)
-
-
 def markdown_table(cls: type, prefix: str = "") -> str:
     """The config keys of ``cls`` as a markdown table: key, default, rerun trigger, meaning."""
     rows = ["| key | default | changes the result | meaning |", "|---|---|---|---|"]
     for d in config_settings(cls):
-        default = "(required)" if not d.has_default else ("null" if d.config_default is None else f"`{_yaml_value(d.config_default)}`")
+        default = "(required)" if not d.has_default else ("null" if d.config_default is None else f"`{_yaml_flow(d.config_default)}`")
         meaning = (d.setting.config_help or d.setting.help).replace("|", "\\|").replace("\n", " ")
         rows.append(f"| `{prefix}{d.config_key}` | {default} | {'yes' if d.setting.result else 'no'} | {meaning} |")
     return "\n".join(rows) + "\n"
@@ -498,5 +474,6 @@ def _yaml_flow(value: Any) -> str:
     """A value in YAML's flow style, on one line."""
     import yaml  # only where a block is written or checked
 
+    value = list(value) if isinstance(value, tuple) else value
     text = yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=10**6)
     return text.removesuffix("\n...\n").strip()
