@@ -27,7 +27,7 @@ shared CIFAR-10 tar (``--tar``; the first ``--images`` JPEGs, decoded with PIL).
 
 ``--matrix`` measures instead expert images/s (all networks of a process together) of
 today's path -- one expert per process, ``tesla.training.train`` with torch's default
-arithmetic -- against ``tesla.training.train_group`` for every combination of group mode x
+arithmetic -- against ``tesla.group_training.train_group`` for every combination of group mode x
 K networks x precision x memory format (x TF32 on a GPU), as ``tesla experts`` runs them:
 random uint8 images held on the device, normalised per minibatch, DSA (the expert default)
 on every batch, SGD lr 0.01, one epoch of ``--images`` images per network per measurement,

@@ -114,7 +114,7 @@ def group_mode_setting(what: str) -> Any:
              "alone), streams (steps interleaved on CUDA streams), vmap (stacked into one step, equal to alone within "
              "float32 round-off); auto: chosen per device from measurement (docs/benchmarks.md)",
         config_help="how the networks of one job train together: sequential, streams (CUDA streams), vmap (stacked), "
-                    "or auto (sequential on a CPU, streams on CUDA; names checked against tesla.training.GROUP_MODES)",
+                    "or auto (sequential on a CPU, streams on CUDA; names checked against tesla.group_modes.GROUP_MODES)",
         schema={"type": "string", "pattern": "^[a-z]+$"},
     )
 
