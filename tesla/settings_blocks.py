@@ -5,8 +5,9 @@
 
 The blocks: the config schema's keys of a distill row and the distill settings table of
 config/README.md (from :mod:`tesla.distill_settings`), the keys and tables of the experts'
-and the evaluation's settings (:mod:`tesla.training_settings`), and the data sources' keys of a
-dataset entry (:mod:`tesla.data.sources.workflow`, which has its own markers). A test
+and the evaluation's settings (:mod:`tesla.training_settings`), a dataset entry's ``zca_eps``
+and its table (:mod:`tesla.zca_settings`), and the data sources' keys of a dataset entry
+(:mod:`tesla.data.sources.workflow`, which has its own markers). A test
 (tests/test_settings_blocks.py) fails while a committed file differs from what the
 declarations generate.
 """
@@ -20,6 +21,7 @@ from pathlib import Path
 from tesla.distill_settings import DistillSettings
 from tesla.settings import SchemaBlock, markdown_table, schema_yaml
 from tesla.training_settings import BLOCK_FILES
+from tesla.zca_settings import ZcaSettings
 
 REGENERATE = "python -m tesla.settings_blocks --write"
 SCHEMA = Path("workflow/schemas/config.schema.yaml")
@@ -31,6 +33,9 @@ BLOCKS: tuple[tuple[Path, SchemaBlock], ...] = (
     (CONFIG_README, SchemaBlock("tesla.distill_settings", REGENERATE, lambda indent: markdown_table(DistillSettings),
                                 comment=("<!--", "-->"))),
     *((Path(name), block) for name, blocks in BLOCK_FILES.items() for block in blocks.values()),
+    (SCHEMA, SchemaBlock("tesla.zca_settings.ZcaSettings", REGENERATE, schema_yaml(ZcaSettings))),
+    (CONFIG_README, SchemaBlock("tesla.zca_settings.ZcaSettings", REGENERATE, lambda indent: markdown_table(ZcaSettings),
+                                comment=("<!--", "-->"))),
 )
 
 

@@ -42,6 +42,7 @@ from tesla.errors import TeslaError
 from tesla.files import atomic_output
 from tesla.hdf5 import open_checked
 from tesla.normalizations import DEFAULT_NORMALIZATION, check_normalization_name
+from tesla.zca_settings import DEFAULT_EPS  # declared with `tesla zca`'s settings (no torch there)
 
 __all__ = [
     "DEFAULT_EPS",
@@ -57,7 +58,6 @@ FORMAT_NAME = "tesla-zca"
 #: normalisation and are read as such
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
-DEFAULT_EPS = 0.1
 
 
 class CovarianceAccumulator:

@@ -3,7 +3,7 @@
 The stage: the transform of :mod:`tesla.zca` (its math there) fitted chunk by chunk on the
 images of a training split in the space of a named normalisation (:mod:`tesla.normalizations`).
 
-Command line::
+Command line (its options declared in :mod:`tesla.zca_settings`)::
 
     tesla zca --train DIR/train.h5 --out DIR/zca.h5 [--normalize split|none|cifar10|...] [--eps 0.1]
 """
@@ -20,21 +20,22 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from tesla.arguments import finite_float
 from tesla.data import ImageSplit
 from tesla.devices import pick_device
 from tesla.errors import TeslaError
 from tesla.input_space import InputSpace
-from tesla.normalizations import DEFAULT_NORMALIZATION, NORMALIZATIONS, resolve_normalization
-from tesla.zca import DEFAULT_EPS, ZCA, CovarianceAccumulator, decompose
+from tesla.normalizations import DEFAULT_NORMALIZATION, resolve_normalization
+from tesla.settings import add_arguments, from_args
+from tesla.zca import ZCA, CovarianceAccumulator, decompose
+from tesla.zca_settings import DEFAULT_CHUNK, DEFAULT_EPS, ZcaSettings
 
-__all__ = ["configure_parser", "fit_zca_split", "run"]
+__all__ = ["check_paths", "configure_parser", "fit_zca_split", "run"]
 
 
 def fit_zca_split(
     path: str | os.PathLike,
     eps: float = DEFAULT_EPS,
-    chunk: int = 4096,
+    chunk: int = DEFAULT_CHUNK,
     device: torch.device | str = "cpu",
     progress: bool = True,
     normalization: str = DEFAULT_NORMALIZATION,
@@ -77,37 +78,31 @@ def fit_zca_split(
 # command line
 # --------------------------------------------------------------------------------------
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--train", required=True, type=Path, help="training split (tesla-images HDF5)")
-    parser.add_argument("--out", required=True, type=Path, help="output ZCA file (tesla-zca HDF5)")
-    parser.add_argument(
-        "--normalize", default=DEFAULT_NORMALIZATION, choices=NORMALIZATIONS,
-        help="the space ZCA is fitted in (and later applied after): 'split' = the split's own mean/std; 'none' = "
-        "pixels in [0, 1], as the published code; or fixed published constants",
-    )
-    parser.add_argument("--eps", type=finite_float, default=DEFAULT_EPS, help="eigenvalue regulariser eps")
-    parser.add_argument("--chunk", type=int, default=4096, help="images per covariance update")
-    parser.add_argument("--device", default="cpu", help="device for the covariance: cpu, cuda, auto")
+    """The options of ``tesla zca``: every declared setting (:class:`tesla.zca_settings.ZcaSettings`),
+    their bounds checked as the arguments are parsed."""
+    add_arguments(parser, ZcaSettings)
+
+
+def check_paths(settings: ZcaSettings) -> None:
+    """Refuse an ``--out`` that would not be a new file beside the training split."""
+    out = settings.out
+    if out.is_dir():
+        raise TeslaError(f"--out {out} is a directory; give a file name such as {out / 'zca.h5'}")
+    if out.exists() and out.resolve() == Path(settings.train).resolve():
+        raise TeslaError(f"--out {out} is the training split itself; choose another file name")
 
 
 def run(args: argparse.Namespace) -> int:
-    if not args.eps > 0:
-        raise TeslaError(f"--eps must be positive (got {args.eps}); the paper uses 0.1")
-    if args.chunk < 1:
-        raise TeslaError(f"--chunk must be at least 1 (got {args.chunk})")
-    if args.out.is_dir():
-        raise TeslaError(f"--out {args.out} is a directory; give a file name such as {args.out / 'zca.h5'}")
-    if args.out.exists() and args.out.resolve() == Path(args.train).resolve():
-        raise TeslaError(f"--out {args.out} is the training split itself; choose another file name")
-    zca = fit_zca_split(
-        args.train, eps=args.eps, chunk=args.chunk, device=pick_device(args.device), normalization=args.normalize
-    )
-    zca.save(args.out)
-    s = zca.eigenvalues
+    s = from_args(ZcaSettings, args)
+    check_paths(s)
+    zca = fit_zca_split(s.train, eps=s.eps, chunk=s.chunk, device=pick_device(s.device), normalization=s.normalize)
+    zca.save(s.out)
+    values = zca.eigenvalues
     print(
-        f"tesla zca: wrote {args.out}: D = {zca.dim}, {zca.meta['num_images']} images, normalisation "
+        f"tesla zca: wrote {s.out}: D = {zca.dim}, {zca.meta['num_images']} images, normalisation "
         f"{zca.normalization}, eps {zca.eps}, "
-        f"eigenvalues {float(s.max()):.4g} .. {float(s.min()):.4g}, "
-        f"{int((s > zca.eps).sum())} above eps",
+        f"eigenvalues {float(values.max()):.4g} .. {float(values.min()):.4g}, "
+        f"{int((values > zca.eps).sum())} above eps",
         file=sys.stderr,
     )
     return 0

@@ -1,12 +1,12 @@
-"""One source of truth per setting: every config key that becomes a command-line option has
-the command line's default in workflow/schemas/config.schema.yaml, and the schema's bounds
-are the stage's own checks (a value the schema allows is accepted by the stage, the nearest
-value it refuses is refused by the stage too).
+"""One source of truth per setting: the config schema's bounds are the stage's own checks (a
+value the schema allows is accepted by the stage, the nearest value it refuses is refused by
+the stage too).
 
-Only the settings written in two places are compared here. The distill row's settings are
-declared once (tesla/distill_settings.py): the command line, the schema's keys and the
-stage's bound checks are generated from that declaration (tests/test_settings_blocks.py
-checks that the committed schema is what it generates), so they are not listed."""
+The settings passed as options are declared once (tesla/distill_settings.py,
+tesla/training_settings.py, tesla/zca_settings.py): the command line, the schema's keys and
+defaults and the command line's bounds are generated from the declarations
+(tests/test_settings_blocks.py checks that the committed schema is what they generate), so
+only the checks a stage makes beyond its parser are compared here."""
 
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tesla.cli import build_parser
 from tesla.data.sources.options import RESOLUTION_RANGE
 from tesla.errors import TeslaError
 from tesla.evaluation import Protocol, checkpoint_path
@@ -27,12 +26,6 @@ from tesla.experts import ExpertConfig, _validate
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = yaml.safe_load((ROOT / "workflow" / "schemas" / "config.schema.yaml").read_text())
 
-#: (schema section, key) -> (tesla subcommand, argparse dest): the keys passed as options that
-#: are written by hand in the schema (the experts: and evaluate: keys are generated from the
-#: options' declarations, tesla.training_settings: one default, nothing to compare)
-MAPPED = {
-    ("dataset", "zca_eps"): ("zca", "eps"),
-}
 
 def _resolve(node: dict) -> dict:
     """A schema node with its $ref merged in (the node's own keys win, as the schema's
@@ -48,27 +41,6 @@ def schema_node(section: str, key: str) -> dict:
     if section == "dataset":
         return _resolve(dataset[key])
     return _resolve(dataset[section]["properties"][key])
-
-
-def cli_default(command: str, dest: str):
-    parser = build_parser(only=command)
-    sub = next(a for a in parser._actions if a.dest == "command").choices[command]
-    assert any(a.dest == dest for a in sub._actions), f"tesla {command} has no option for {dest}"
-    return sub.get_default(dest)
-
-
-@pytest.mark.parametrize("section, key", sorted(MAPPED))
-def test_schema_default_is_the_command_lines(section, key):
-    command, dest = MAPPED[(section, key)]
-    node = schema_node(section, key)
-    assert "default" in node, f"config key {section}.{key} has no default in the schema"
-    expected = cli_default(command, dest)
-    default = node["default"]
-    if isinstance(default, list):  # an engine list; the command line takes one
-        default = default[0]
-    assert default == expected, (
-        f"config key {section}.{key}: schema default {default!r}, `tesla {command}` default {expected!r}"
-    )
 
 
 def _lower_bound(node: dict) -> tuple[float, bool] | None:

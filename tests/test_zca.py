@@ -129,8 +129,10 @@ def test_cli_errors(tmp_path, capsys):
     assert main(["zca", "--train", str(tmp_path / "nope.h5"), "--out", str(tmp_path / "z.h5")]) == 2
     assert "no such prepared split file" in capsys.readouterr().err
     train = write_split(tmp_path / "train.h5", n_per_class=2)
-    assert main(["zca", "--train", str(train), "--out", str(tmp_path / "z.h5"), "--eps", "-1"]) == 2
-    assert "--eps must be positive" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:  # as the arguments are parsed (tests/test_zca_settings.py)
+        main(["zca", "--train", str(train), "--out", str(tmp_path / "z.h5"), "--eps", "-1"])
+    assert refused.value.code == 2
+    assert "argument --eps: -1.0 is outside the allowed range above 0" in capsys.readouterr().err
     assert not (tmp_path / "z.h5").exists()
     assert main(["zca", "--train", str(train), "--out", str(tmp_path)]) == 2
     assert "is a directory" in capsys.readouterr().err

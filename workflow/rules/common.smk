@@ -43,6 +43,7 @@ try:
     from tesla import registries
     from tesla import distill_settings as distill_declared  # (distill_settings below is a fingerprint)
     from tesla import training_settings as training
+    from tesla.zca_settings import ZcaSettings
     from tesla.settings import command_options
     from tesla import selection
     from tesla.devices import nvidia_gpu_visible
@@ -378,7 +379,11 @@ def prepare_options(wildcards) -> str:
 
 
 def zca_options(wildcards) -> str:
-    return " ".join([_opt("normalize", wildcards.normalize), _opt("eps", dataset_cfg(wildcards.dataset)["zca_eps"])])
+    """`tesla zca` options of one ZCA file, generated from tesla.zca_settings.ZcaSettings: the
+    normalisation it is fitted after (the file's wildcard) and the dataset's `zca_eps`, both
+    written even at their defaults, as earlier workflows did (no ZCA fit reruns)."""
+    given = {"normalize": wildcards.normalize}
+    return " ".join(command_options(ZcaSettings, dataset_cfg(wildcards.dataset), result=True, given=given))
 
 
 #: the order of the options earlier workflows wrote (generated strings equal theirs: no job reruns)
