@@ -62,18 +62,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from tesla import distributed, guard
 from tesla.distill_checkpoint import load_checkpoint, save_checkpoint
-from tesla.distill_outputs import (
-    append_metrics_row, grid_image, open_tracker, save_grid, synthetic_set, tracked_values, write_metrics, write_outputs,
-)
+from tesla.distill_outputs import RunRecord, grid_image, save_grid, synthetic_set
 from tesla.distill_setup import DistillSetup, open_setup, result_key
 from tesla.distill_state import DistillState, check_labels, fresh_state
 from tesla.distributed import SINGLE, Ranks
 from tesla.errors import TeslaError
-from tesla.kept_sets import Keeper
 from tesla.locks import acquire
 from tesla.distill_settings import RESUME_TUNABLE, DistillSettings, check_settings, start_window
 from tesla.settings import add_arguments, from_args
@@ -362,52 +358,28 @@ def _resume_or_start(setup: DistillSetup) -> DistillState:
     return load_checkpoint(s.checkpoint_path, setup) if s.checkpoint_path.exists() else fresh_state(setup)
 
 
-def _progress_bar(s: DistillSettings, state: DistillState, writes: bool) -> tqdm | None:
-    """The progress bar on stderr (rank 0; none with --no-progress)."""
-    if not (s.progress and writes):
-        return None
-    return tqdm(total=s.iterations, initial=min(state.iteration, s.iterations), desc="distill", unit="it", file=sys.stderr)
-
-
-def _show_progress(bar: tqdm | None, row: dict) -> None:
-    if bar is not None:
-        bar.update(1)
-        bar.set_postfix(loss=f"{row['loss']:.4f}", alpha=f"{row['alpha']:.3g}")
-
-
 def _distill_locked(setup: DistillSetup, tracking: TrackerOptions) -> SyntheticSet:
     """The run under its locks: resume or start, iterate up to ``iterations`` (recording each
-    iteration's metrics row and saving checkpoints), then write the outputs."""
+    iteration, :class:`tesla.distill_outputs.RunRecord`, and saving checkpoints), then write
+    the outputs."""
     s, writes = setup.settings, setup.ranks.writes  # over several processes rank 0 writes every file
     state = _resume_or_start(setup)
-    tracker = open_tracker(setup, state, tracking if writes else TrackerOptions())
     if state.iteration > 0 and writes:
         print(f"tesla distill: resuming from {s.checkpoint_path} at iteration {state.iteration}", file=sys.stderr)
-    metrics_partial = Path(f"{s.metrics}.partial") if s.metrics and writes else None
-    if metrics_partial is not None:  # the rows so far (those of the checkpoint when resuming)
-        write_metrics(metrics_partial, state.log)
-    bar = _progress_bar(s, state, writes)
+    record = RunRecord(setup, state, tracking)
     limits = s.guard_limits()
-    checkpoints = CheckpointCadence(setup, state, tracker, state.iteration if s.checkpoint_path.exists() else None)
-    keeper = Keeper(s.out, s.keep_every, state.iteration, writes)  # --keep-every: the set every K iterations
+    checkpoints = CheckpointCadence(setup, state, record.tracker, state.iteration if s.checkpoint_path.exists() else None)
     try:
         while state.iteration < s.iterations:
             row = _iterate(setup, state, checkpoints, limits)
             state.log.append(row)
-            tracker.log_scalars(row["iteration"], lambda: tracked_values(setup, state, row))
-            _show_progress(bar, row)
-            if metrics_partial is not None:
-                append_metrics_row(metrics_partial, row)
-            keeper.after_iteration(row["iteration"], lambda: synthetic_set(setup, state))
+            record.iteration(row)
             checkpoints.iteration_done()
     finally:
-        if bar is not None:
-            bar.close()
-        tracker.close()
+        record.close()
     final = synthetic_set(setup, state)
     if writes:
-        keeper.finish(final)
-        write_outputs(setup, state, final, metrics_partial)
+        record.finish(final)
         print(f"tesla distill: {_headroom(state, limits)}", file=sys.stderr)
     setup.ranks.barrier()  # the job ends once the output is written
     return final

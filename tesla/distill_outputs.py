@@ -1,22 +1,27 @@
 """What a distillation writes and shows besides its checkpoint: the per-iteration metrics
 CSV (``tesla-distill-metrics``, docs/formats.md), PNG grids of the synthetic images, the
-synthetic set file (``tesla-synthetic``, :mod:`tesla.synthetic`) and the live curves of an
-optional tracker (:mod:`tesla.tracking`).
+synthetic set file (``tesla-synthetic``, :mod:`tesla.synthetic`), the sets kept every K
+iterations (:mod:`tesla.kept_sets`), the progress bar and the live curves of an optional
+tracker (:mod:`tesla.tracking`). A running distillation records each iteration through one
+:class:`RunRecord`.
 """
 
 from __future__ import annotations
 
 import csv
 import os
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from tesla import __version__
 from tesla.distill_setup import DistillSetup, input_fingerprints, result_key
 from tesla.distill_state import DistillState
 from tesla.grids import class_grid, save_class_grid
+from tesla.kept_sets import Keeper
 from tesla.soft_labels import learned_soft_labels, mean_entropy
 from tesla.synthetic import SyntheticSet
 from tesla.tracking import TrackerOptions, Tracking, open_tracking
@@ -162,3 +167,46 @@ def tracked_values(setup: DistillSetup, state: DistillState, row: dict) -> dict[
         probs = learned_soft_labels(state.label_logits.detach(), setup.settings.label_temperature)
         values["label_entropy"] = mean_entropy(probs)
     return values
+
+
+class RunRecord:
+    """What a running distillation records as it goes (rank 0 alone over several processes):
+    each iteration's metrics row (appended to ``METRICS.partial``, which starts with the rows
+    a resumed checkpoint holds), the progress bar (none with --no-progress), the tracker's
+    curves and, with --keep-every K, the set every K iterations; at the end the outputs."""
+
+    def __init__(self, setup: DistillSetup, state: DistillState, tracking: TrackerOptions) -> None:
+        s, writes = setup.settings, setup.ranks.writes
+        self.setup, self.state = setup, state
+        self.tracker = open_tracker(setup, state, tracking if writes else TrackerOptions())
+        self.metrics_partial = Path(f"{s.metrics}.partial") if s.metrics and writes else None
+        if self.metrics_partial is not None:
+            write_metrics(self.metrics_partial, state.log)
+        self.bar = None
+        if s.progress and writes:
+            self.bar = tqdm(total=s.iterations, initial=min(state.iteration, s.iterations), desc="distill", unit="it",
+                            file=sys.stderr)
+        self.keeper = Keeper(s.out, s.keep_every, state.iteration, writes)
+
+    def iteration(self, row: dict) -> None:
+        """Record the iteration just done (its metrics row, already in the state's log)."""
+        setup, state = self.setup, self.state
+        self.tracker.log_scalars(row["iteration"], lambda: tracked_values(setup, state, row))
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{row['loss']:.4f}", alpha=f"{row['alpha']:.3g}")
+        if self.metrics_partial is not None:
+            append_metrics_row(self.metrics_partial, row)
+        self.keeper.after_iteration(row["iteration"], lambda: synthetic_set(setup, state))
+
+    def close(self) -> None:
+        """Close the progress bar and the tracker (also when the run stops early)."""
+        if self.bar is not None:
+            self.bar.close()
+        self.tracker.close()
+
+    def finish(self, final: SyntheticSet) -> None:
+        """The outputs of a finished run: the last kept set, the metrics, the final grid, the
+        synthetic set (:func:`write_outputs`)."""
+        self.keeper.finish(final)
+        write_outputs(self.setup, self.state, final, self.metrics_partial)

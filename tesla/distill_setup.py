@@ -28,8 +28,7 @@ from tesla.data import ImageSplit
 from tesla.distributed import SINGLE, Ranks
 from tesla.distill_settings import DistillSettings
 from tesla.errors import TeslaError
-from tesla.input_space import InputSpace, space_of_record
-from tesla.normalizations import resolve_normalization
+from tesla.input_space import experts_input_space
 from tesla.matching import check_shardable
 from tesla.models import build_from_spec
 from tesla.parameters import functional_forward, param_layout
@@ -37,7 +36,7 @@ from tesla.step_compiler import StepCompiler, resolve_compile_mode
 from tesla.devices import pick_device
 from tesla.losses import training_loss
 from tesla.trajectories import Trajectory
-from tesla.zca import ZCA, zca_fingerprint
+from tesla.zca import zca_fingerprint
 
 
 
@@ -114,55 +113,6 @@ def _check_init_snapshot(s: DistillSettings, experts: list[Trajectory]) -> None:
         )
 
 
-def _open_zca(s: DistillSettings, experts: list[Trajectory], split: ImageSplit) -> tuple[ZCA | None, bytes | None]:
-    """The ZCA transform and its file's bytes (to embed), when the experts used ZCA."""
-    fingerprint = experts[0].zca_fingerprint or ""
-    if not s.zca:
-        if fingerprint:
-            raise TeslaError(
-                f"{s.experts[0]}: the experts were trained on ZCA-whitened images; give the same file with --zca"
-            )
-        return None, None
-    if not fingerprint:
-        raise TeslaError(f"--zca {s.zca}: the experts were trained without ZCA; drop --zca (or retrain the experts with it)")
-    zca = ZCA.load(s.zca)
-    if zca_fingerprint(zca) != fingerprint:
-        raise TeslaError(f"--zca {s.zca}: not the ZCA file the experts were trained with; give that file")
-    shape = (split.channels, split.resolution, int(split.attrs["width"]))
-    zca.check_shape(shape, f"--zca {s.zca}", f"the images of {s.train} have shape {shape}", "give the ZCA file of this dataset")
-    return zca, Path(s.zca).read_bytes()
-
-
-def _input_space(s: DistillSettings, experts: list[Trajectory], split: ImageSplit, zca: ZCA | None) -> InputSpace:
-    """The experts' input space (normalisation name and constants, and their ZCA): every
-    expert must record the same one, and it must be what that normalisation means for
-    ``split``. The synthetic images live in it."""
-    first = experts[0]
-    record = (first.input_normalization, first.input_mean, first.input_std)
-    for traj in experts[1:]:
-        other = (traj.input_normalization, traj.input_mean, traj.input_std)
-        if other != record:
-            raise TeslaError(
-                f"{traj.path}: expert trained on inputs of normalisation {other[0]} (mean {other[1]}, std {other[2]}), "
-                f"but {first.path} on normalisation {record[0]} (mean {record[1]}, std {record[2]}); give experts of one "
-                "input space (trained with the same --normalize/--zca)"
-            )
-    expected = resolve_normalization(first.input_normalization, split, f"{first.path}: normalisation")
-    mean, std = (record[1], record[2]) if record[1] else (expected.mean, expected.std)  # files that recorded none
-    space = space_of_record(first.input_normalization, mean, std, zca, first.path)
-    if not expected.has_constants(space.mean, space.std):
-        raise TeslaError(
-            f"{first.path}: expert inputs normalised with mean {space.mean}, std {space.std}, but normalisation "
-            f"{space.name} of {s.train} is mean {list(expected.mean)}, std {list(expected.std)}; give experts trained on this split"
-        )
-    if zca is not None and zca.normalization != space.name:
-        raise TeslaError(
-            f"--zca {s.zca}: fitted in normalisation {zca.normalization}, but the experts record {space.name}; "
-            "give the ZCA file the experts were trained with"
-        )
-    return space
-
-
 def _check_per_sample(model: torch.nn.Module, spec: dict, ranks: Ranks) -> None:
     """Refuse a batch-statistics network over several processes: each rank would normalise its
     shard of a minibatch by the shard's own statistics, which is not the one-process network."""
@@ -202,8 +152,8 @@ def open_setup(s: DistillSettings, ranks: Ranks = SINGLE) -> DistillSetup:
     split = ImageSplit.open(s.train)
     num_images, batch_syn = _synthetic_size(s, split)
     experts = _open_experts(s, split)
-    zca, zca_bytes = _open_zca(s, experts, split)
-    input_space = _input_space(s, experts, split, zca)
+    input_space = experts_input_space(experts, split, s.zca)
+    zca, zca_bytes = input_space.zca, (Path(s.zca).read_bytes() if input_space.zca is not None else None)
     strategy = s.dsa if s.dsa is not None else (experts[0].dsa or "none")
     dsa = DSA(strategy)
     device = distributed.local_device(pick_device(s.device), ranks)

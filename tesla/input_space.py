@@ -35,11 +35,12 @@ from tesla.normalizations import (
     recorded_normalization,
     resolve_normalization,
 )
-from tesla.zca import ZCA
+from tesla.zca import ZCA, zca_fingerprint
 
 __all__ = [
     "ZCA_CHUNK",
     "InputSpace",
+    "experts_input_space",
     "open_input_space",
     "space_of_record",
 ]
@@ -177,3 +178,57 @@ def space_of_record(name: str, mean: Sequence[float], std: Sequence[float], zca:
     normalisation name and constants, and its ZCA transform (or None)."""
     return InputSpace(recorded_normalization(name, mean, std, where), zca)
 
+
+
+def _experts_zca(experts: Sequence[Any], split: ImageSplit, zca_path: str | os.PathLike | None, option: str) -> ZCA | None:
+    """The experts' ZCA transform, when they were trained with one: ``zca_path`` must be that
+    file (its fingerprint) and fit ``split``'s image shape."""
+    fingerprint = experts[0].zca_fingerprint or ""
+    if not zca_path:
+        if fingerprint:
+            raise TeslaError(
+                f"{experts[0].path}: the experts were trained on ZCA-whitened images; give the same file with {option}"
+            )
+        return None
+    if not fingerprint:
+        raise TeslaError(f"{option} {zca_path}: the experts were trained without ZCA; drop {option} (or retrain the experts with it)")
+    zca = ZCA.load(zca_path)
+    if zca_fingerprint(zca) != fingerprint:
+        raise TeslaError(f"{option} {zca_path}: not the ZCA file the experts were trained with; give that file")
+    shape = (split.channels, split.resolution, int(split.attrs["width"]))
+    zca.check_shape(shape, f"{option} {zca_path}", f"the images of {split.path} have shape {shape}", "give the ZCA file of this dataset")
+    return zca
+
+
+def experts_input_space(
+    experts: Sequence[Any], split: ImageSplit, zca_path: str | os.PathLike | None, *, zca_option: str = "--zca"
+) -> InputSpace:
+    """The input space expert trajectories (:class:`tesla.trajectories.Trajectory`) were
+    trained in, on ``split``: every expert records the same normalisation (name and constants),
+    which must be what that normalisation means for ``split``; with ZCA, ``zca_path`` must be
+    the experts' file (:func:`_experts_zca`), fitted in that normalisation."""
+    zca = _experts_zca(experts, split, zca_path, zca_option)
+    first = experts[0]
+    record = (first.input_normalization, first.input_mean, first.input_std)
+    for traj in experts[1:]:
+        other = (traj.input_normalization, traj.input_mean, traj.input_std)
+        if other != record:
+            raise TeslaError(
+                f"{traj.path}: expert trained on inputs of normalisation {other[0]} (mean {other[1]}, std {other[2]}), "
+                f"but {first.path} on normalisation {record[0]} (mean {record[1]}, std {record[2]}); give experts of one "
+                "input space (trained with the same --normalize/--zca)"
+            )
+    expected = resolve_normalization(first.input_normalization, split, f"{first.path}: normalisation")
+    mean, std = (record[1], record[2]) if record[1] else (expected.mean, expected.std)  # files that recorded none
+    space = space_of_record(first.input_normalization, mean, std, zca, first.path)
+    if not expected.has_constants(space.mean, space.std):
+        raise TeslaError(
+            f"{first.path}: expert inputs normalised with mean {space.mean}, std {space.std}, but normalisation "
+            f"{space.name} of {split.path} is mean {list(expected.mean)}, std {list(expected.std)}; give experts trained on this split"
+        )
+    if zca is not None and zca.normalization != space.name:
+        raise TeslaError(
+            f"{zca_option} {zca_path}: fitted in normalisation {zca.normalization}, but the experts record {space.name}; "
+            "give the ZCA file the experts were trained with"
+        )
+    return space
