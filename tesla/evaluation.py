@@ -68,7 +68,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -81,28 +81,29 @@ from tesla.data import ImageSplit
 from tesla.data.header import check_test_split, read_split_header
 from tesla.devices import pick_device
 from tesla.errors import TeslaError
-from tesla.files import atomic_output
 from tesla.group_checkpoint import GroupCheckpoint, remove_checkpoint
 from tesla.group_modes import resolve_group_mode
 from tesla.group_training import train_group
 from tesla.input_space import InputSpace, open_input_space, space_of_record
-from tesla.kept_sets import kept_files
+from tesla.kept_evaluation import SetEvaluation, evaluate_kept_sets
 from tesla.locks import acquire
 from tesla.models import build_from_spec
 from tesla.precision import Numerics
-from tesla.selection import SELECT_RULES, SetScore, selected_index, set_rows, summary_lines, write_sets
+from tesla.selection import set_rows, summary_lines, write_sets
 from tesla.settings import add_arguments, from_args
 from tesla.synthetic import SyntheticSet
-from tesla.tables import RUNS_FORMAT, RUNS_FORMAT_VERSION, RUN_COLUMNS, format_line, write_csv_atomic
+from tesla.tables import RUNS_FORMAT, RUNS_FORMAT_VERSION, RUN_COLUMNS, RunResult, format_line, write_csv_atomic
 from tesla.tracking import add_tracking_arguments, file_digest, open_tracking, options_from_args
 from tesla.training import GroupMember, accuracy, make_optimizer, train
 from tesla.training_settings import (
     BaselineSubject,
     DEFAULT_CHECKPOINT_SECONDS,
     EvaluateCommand,
+    KeptSetSelection,
     LR_RANDOM,
     PAPER_DSA_STRATEGY,
     Protocol,
+    SubjectChoice,
 )
 
 #: ``--arch`` alias for the network the set was distilled with (its stored model spec)
@@ -398,49 +399,6 @@ class TrainedNetwork:
     seconds: float
 
 
-@dataclass
-class RunResult:
-    """One row of the per-run CSV."""
-
-    dataset: str
-    ipc: int
-    method: str
-    engine: str
-    arch: str
-    run: int
-    seed: int
-    epochs: int
-    lr_decay_epoch: int
-    lr: float
-    final_train_loss: float
-    test_acc: float
-    seconds: float
-    labels: str
-    dsa: str
-    zca: bool
-    input_space: str
-    num_images: int
-    device: str
-    source: str
-    reset_momentum_at_decay: bool = False
-    precision: str = "float32"
-    tf32: bool = False
-    memory_format: str = "contiguous"
-    group_mode: str = "sequential"
-    #: a synthetic set's distillation iteration ('' for the baselines) and the rule that chose it among kept sets
-    iteration: int | str = ""
-    selection: str = ""
-    #: accuracy on the validation split (percent; not a column of the runs table: tesla.selection's table has it)
-    val_acc: float | None = None
-
-    def row(self) -> dict:
-        """The CSV row; ``ipc`` is empty for the ``full`` baseline (all images, no IPC)."""
-        row = {c: getattr(self, c) for c in RUN_COLUMNS}
-        if self.method == "full":
-            row["ipc"] = ""
-        return row
-
-
 def run_seed(seed: int, run: int) -> int:
     """Run r of a job with ``--seed s`` uses seed s + r (initialisation, draw, batches, DSA)."""
     return int(seed) + int(run)
@@ -667,87 +625,29 @@ def check_validation_split(path: str | os.PathLike, subject: Subject) -> None:
         )
 
 
-# -- kept sets: which one is reported (tesla.selection) ---------------------------------------
-def evaluate_kept_sets(
-    folder: str | os.PathLike,
+# -- kept sets: each evaluated as a synthetic set (tesla.kept_evaluation selects among them) -----
+def kept_set_evaluation(
     arch: str | dict,
     test_path: str | os.PathLike,
     protocol: Protocol,
     validation: str | os.PathLike | None = None,
-    select: str = "final",
     checkpoint: str | os.PathLike | None = None,
     **options,
-) -> tuple[list[list[RunResult]], list, int]:
-    """Evaluate every kept set of a distillation (``tesla distill --keep-every``) with the
-    protocol (its lr and augmentation those of each set), measuring each network on the
-    validation split too; then pick the reported set by ``select`` (:mod:`tesla.selection`).
-
-    Returns the runs of every set (in iteration order), their :class:`tesla.selection.SetScore`
-    and the index of the selected set (its runs' ``selection`` says by which rule). With a
-    ``checkpoint``, the sets already evaluated are kept in ``CHECKPOINT.sets.json`` and a
-    killed evaluation resumes after them (the set in training resumes from the checkpoint)."""
-    from dataclasses import replace
-
-    if select not in SELECT_RULES or (select == "validation" and validation is None):
-        raise TeslaError(f"--select {select}: choose final, or validation together with --validation VAL.h5 "
-                         "(written by tesla prepare --validation-per-class)")
-    files = kept_files(folder)
-    done = _DoneSets(checkpoint)
+) -> SetEvaluation:
+    """How ``--kept-sets`` evaluates one kept set (:func:`tesla.kept_evaluation.evaluate_kept_sets`):
+    as a synthetic set with the protocol, its lr and augmentation those of the set, each network
+    measured on the ``validation`` split too (:func:`evaluate`, ``options`` its other arguments);
+    keyed by the set's training data and every setting its runs depend on."""
     device = options.get("device", "cpu")
-    per_set = []
-    for iteration, path in files:
+
+    def evaluate_set(path: Path) -> tuple[str, Callable[[], list[RunResult]]]:
         subject = synthetic_subject(path, device)
         own = replace(protocol, lr=subject.lr, dsa_strategy=subject.dsa_strategy)
         key = data_fingerprint(subject.fingerprint, repr(arch), asdict(own), str(test_path), str(validation),
                                *(repr(options.get(k)) for k in sorted(options)))
-        results = done.get(key)
-        if results is None:
-            results = evaluate(subject, arch, test_path, own, checkpoint=checkpoint, validation=validation, **options)
-            done.put(key, results)
-        per_set.append(results)
-    scores = [
-        SetScore(iteration, str(path), [r.test_acc for r in rs], None if validation is None else [r.val_acc for r in rs])
-        for (iteration, path), rs in zip(files, per_set)
-    ]
-    chosen = selected_index(scores, select)
-    for r in per_set[chosen]:
-        r.selection = select
-    return per_set, scores, chosen
+        return key, lambda: evaluate(subject, arch, test_path, own, checkpoint=checkpoint, validation=validation, **options)
 
-
-class _DoneSets:
-    """The runs of the kept sets evaluated so far (``CHECKPOINT.sets.json``, format
-    ``tesla-eval-sets-progress`` v1): what a killed ``--kept-sets`` evaluation does not redo."""
-
-    FORMAT, VERSION = "tesla-eval-sets-progress", 1
-
-    def __init__(self, checkpoint: str | os.PathLike | None) -> None:
-        self.checkpoint = None if checkpoint is None else Path(checkpoint)
-        self.path = None if checkpoint is None else Path(f"{checkpoint}.sets.json")
-        self.sets: dict[str, list[dict]] = {}
-        if self.path is not None and self.path.exists():
-            import json
-
-            try:
-                payload = json.loads(self.path.read_text())
-                if payload.get("format") == self.FORMAT and payload.get("format_version") == self.VERSION:
-                    self.sets = dict(payload["sets"])
-            except (ValueError, KeyError, TypeError) as exc:
-                _log(f"{self.path}: unreadable ({exc}); the kept sets are evaluated afresh")
-
-    def get(self, key: str) -> list[RunResult] | None:
-        rows = self.sets.get(key)
-        return None if rows is None else [RunResult(**row) for row in rows]
-
-    def put(self, key: str, results: list[RunResult]) -> None:
-        if self.path is None:
-            return
-        import json
-
-        self.sets[key] = [asdict(r) for r in results]
-        with atomic_output(self.path) as tmp:
-            Path(tmp).write_text(json.dumps({"format": self.FORMAT, "format_version": self.VERSION, "sets": self.sets}))
-        remove_checkpoint(self.checkpoint)  # the next set starts its own training
+    return evaluate_set
 
 
 def _log(message: str) -> None:
@@ -766,29 +666,14 @@ def write_runs(path: str | os.PathLike, results: Sequence[RunResult]) -> Path:
 
 # -- command line --------------------------------------------------------------------------
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    """What is evaluated (a synthetic set or a baseline), the options of
-    :class:`tesla.training_settings.BaselineSubject` and :class:`~tesla.training_settings.EvaluateCommand`,
-    and the live curves'."""
-    what = parser.add_mutually_exclusive_group(required=True)
-    what.add_argument("--synthetic", type=Path, help="synthetic set file (tesla-synthetic) to evaluate")
-    what.add_argument("--kept-sets", type=Path, metavar="DIR",
-                      help="the kept sets of a distillation (OUT.kept/ of tesla distill --keep-every): every set is "
-                           "evaluated, --out gets the runs of the one --select picks (docs/selection.md)")
-    what.add_argument("--random", action="store_true", help="baseline: IPC random real images per class of --train")
-    what.add_argument("--full", action="store_true",
-                      help="baseline: the whole --train split (must fit on the device; the 'full' row usually comes "
-                           "from the experts' recorded accuracy instead)")
+    """What is evaluated (:class:`tesla.training_settings.SubjectChoice`: a synthetic set, kept
+    sets or a baseline), the options of :class:`~tesla.training_settings.BaselineSubject`,
+    :class:`~tesla.training_settings.EvaluateCommand` and
+    :class:`~tesla.training_settings.KeptSetSelection`, and the live curves'."""
+    add_arguments(parser, SubjectChoice)
     add_arguments(parser, BaselineSubject)
     add_arguments(parser, EvaluateCommand)
-    parser.add_argument("--validation", type=Path, default=None, metavar="VAL.h5",
-                        help="with --kept-sets: the validation split held out of the training split (val.h5 of tesla "
-                             "prepare --validation-per-class); every network is measured on it too")
-    parser.add_argument("--select", choices=SELECT_RULES, default="final",
-                        help="with --kept-sets: the set whose runs go to --out: final (the last set) or validation (the "
-                             "best mean accuracy on --validation); the test split never selects")
-    parser.add_argument("--sets-out", type=Path, default=None,
-                        help="with --kept-sets: the per-set table (tesla-eval-sets; default OUT with suffix .sets.csv)")
-
+    add_arguments(parser, KeptSetSelection)
     add_tracking_arguments(parser)
 
 
@@ -885,23 +770,13 @@ def _protocol(args: argparse.Namespace, lr: float, dsa_strategy: str) -> Protoco
     )
 
 
-def _selection_options(args: argparse.Namespace) -> None:
-    """--validation, --select and --sets-out belong to --kept-sets."""
-    if args.kept_sets is not None:
-        return
-    for option in ("validation", "sets_out"):
-        if getattr(args, option) is not None:
-            raise TeslaError(f"--{option.replace('_', '-')} applies to --kept-sets only; drop it")
-    if args.select != "final":
-        raise TeslaError("--select applies to --kept-sets only; drop it")
-
-
 def run(args: argparse.Namespace) -> int:
     options_from_args(args)  # a tracker whose package is missing is refused before any work
-    _selection_options(args)
+    kept_sets, selection = from_args(SubjectChoice, args).kept_sets, from_args(KeptSetSelection, args)
+    selection.check(kept_sets)  # --validation, --select and --sets-out belong to --kept-sets
     device = pick_device(args.device)
-    if args.kept_sets is not None:
-        return run_kept_sets(args, device)
+    if kept_sets is not None:
+        return run_kept_sets(args, kept_sets, selection, device)
     subject = subject_from_args(args, device)
     protocol = from_args(Protocol, args, lr=subject.lr, dsa_strategy=subject.dsa_strategy)
     numerics = Numerics.from_arguments(args, device)
@@ -923,7 +798,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_kept_sets(args: argparse.Namespace, device: torch.device) -> int:
+def run_kept_sets(args: argparse.Namespace, kept_sets: Path, selection: KeptSetSelection, device: torch.device) -> int:
     """``--kept-sets``: every kept set evaluated; --out the runs of the selected one, the per-set table beside it."""
     refuse_baseline_options(args)
     numerics = Numerics.from_arguments(args, device)
@@ -931,13 +806,15 @@ def run_kept_sets(args: argparse.Namespace, device: torch.device) -> int:
     checkpoint = checkpoint_path(args)
     protocol = _protocol(args, LR_RANDOM, "")  # each set's own lr and augmentation replace these
     with acquire(f"{checkpoint}.lock", stage="tesla evaluate", protects=f"the checkpoint {checkpoint}"):
-        per_set, scores, chosen = evaluate_kept_sets(
-            args.kept_sets, args.arch, args.test, protocol, validation=args.validation, select=args.select,
-            checkpoint=checkpoint, runs=args.runs, seed=args.seed, device=device, group_mode=args.group_mode,
-            numerics=numerics, checkpoint_every=args.checkpoint_every,
+        evaluate_set = kept_set_evaluation(
+            args.arch, args.test, protocol, validation=selection.validation, checkpoint=checkpoint, runs=args.runs,
+            seed=args.seed, device=device, group_mode=args.group_mode, numerics=numerics,
+            checkpoint_every=args.checkpoint_every,
         )
+        per_set, scores, chosen = evaluate_kept_sets(kept_sets, evaluate_set, validation=selection.validation,
+                                                     select=selection.select, checkpoint=checkpoint)
         first = per_set[chosen][0]
-        sets_out = args.sets_out or Path(args.out).with_suffix(".sets.csv")
+        sets_out = selection.sets_out or Path(args.out).with_suffix(".sets.csv")
         write_sets(sets_out, set_rows(scores, first.dataset, first.ipc, first.engine, first.arch))
         write_runs(args.out, per_set[chosen])
         remove_checkpoint(checkpoint)
@@ -947,5 +824,5 @@ def run_kept_sets(args: argparse.Namespace, device: torch.device) -> int:
     print(f"{len(scores)} kept sets of {first.dataset} ipc {first.ipc} on {first.arch} (test accuracy %):")
     for line in summary_lines(scores):
         print(line)
-    print(f"-> {args.out} (the {args.select} set, iteration {first.iteration}), {sets_out}")
+    print(f"-> {args.out} (the {selection.select} set, iteration {first.iteration}), {sets_out}")
     return 0

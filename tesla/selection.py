@@ -82,6 +82,14 @@ def pick_sets(scores: Sequence[SetScore]) -> dict[str, int | None]:
     }
 
 
+def check_select(select: str, validation: object | None) -> None:
+    """``--select`` is a rule of :data:`SELECT_RULES`, and ``validation`` needs a validation
+    split (``validation``: its path, or None when none is given)."""
+    if select not in SELECT_RULES or (select == "validation" and validation is None):
+        raise TeslaError(f"--select {select}: choose final, or validation together with --validation VAL.h5 "
+                         "(written by tesla prepare --validation-per-class)")
+
+
 def selected_index(scores: Sequence[SetScore], select: str) -> int:
     """The set ``--select`` reports (``final`` or ``validation``)."""
     if select not in SELECT_RULES:

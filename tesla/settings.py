@@ -78,6 +78,9 @@ class Setting:
     metavar: str | None = None
     #: its argparse group's title ('' = the parser itself)
     group: str = ""
+    #: the name of a mutually exclusive group of options ('' = none): at most one of them is given,
+    #: exactly one where its members are declared ``required`` (all or none of them)
+    exclusive: str = ""
     #: its key in a config entry: '' = the field's name; None = not a config key (the workflow sets it)
     config: str | None = ""
     #: the config schema's description when it differs from ``help``
@@ -201,7 +204,7 @@ def _argument(d: Declared) -> tuple[list[str], dict[str, Any]]:
             return ["--no-" + d.flag[2:]], {**kw, "action": "store_false"}
         return [d.flag], {**kw, "action": "store_true"}
     kw["type"] = s.value_type()
-    if s.required or not d.has_default:
+    if (s.required or not d.has_default) and not s.exclusive:  # a required exclusive group: one of its members
         kw["required"] = True
     else:
         kw["default"] = d.default
@@ -216,16 +219,32 @@ def _argument(d: Declared) -> tuple[list[str], dict[str, Any]]:
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: frozenset[str] = frozenset()) -> None:
-    """The options of every declared setting of ``cls`` (but ``skip``), grouped as declared."""
+    """The options of every declared setting of ``cls`` (but ``skip``), grouped as declared
+    (argument groups by title; mutually exclusive groups by name, within their argument group)."""
     groups: dict[str, Any] = {"": parser}
+    exclusive: dict[str, Any] = {}
     for d in declared(cls):
         if d.name in skip:
             continue
         title = d.setting.group
         if title not in groups:
             groups[title] = parser.add_argument_group(title)
+        container = groups[title]
+        if d.setting.exclusive:
+            container = _exclusive_group(exclusive, container, d)
         flags, kw = _argument(d)
-        groups[title].add_argument(*flags, **kw)
+        container.add_argument(*flags, **kw)
+
+
+def _exclusive_group(groups: dict[str, Any], container: Any, d: Declared) -> Any:
+    """The mutually exclusive group ``d`` is declared in (made at its first member, in that
+    member's argument group); required when its members are."""
+    name = d.setting.exclusive
+    if name not in groups:
+        groups[name] = container.add_mutually_exclusive_group(required=d.setting.required)
+    elif groups[name].required != d.setting.required:
+        raise ValueError(f"{d.name}: the members of the exclusive group {name!r} must all be required or none")
+    return groups[name]
 
 
 def from_args(cls: type, args: argparse.Namespace, **extra: Any) -> Any:

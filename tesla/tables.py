@@ -1,6 +1,6 @@
 """The CSV tables we write: a first line naming the format and its version, then a header
-row (docs/formats.md), and the columns of the per-run evaluation table (``tesla-eval-runs``),
-which ``tesla evaluate`` writes and ``tesla results`` reads.
+row (docs/formats.md), and the columns and rows of the per-run evaluation table
+(``tesla-eval-runs``), which ``tesla evaluate`` writes and ``tesla results`` reads.
 """
 
 from __future__ import annotations
@@ -8,12 +8,15 @@ from __future__ import annotations
 import csv
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from tesla import __version__
 from tesla.files import atomic_output
 
-__all__ = ["RUNS_FORMAT", "RUNS_FORMAT_VERSION", "RUN_COLUMNS", "format_line", "read_format_line", "write_csv_atomic"]
+__all__ = [
+    "RUNS_FORMAT", "RUNS_FORMAT_VERSION", "RUN_COLUMNS", "RunResult", "format_line", "read_format_line", "write_csv_atomic",
+]
 
 RUNS_FORMAT = "tesla-eval-runs"
 #: v2 added the columns lr_decay_epoch and input_space; v3 reset_momentum_at_decay, precision,
@@ -50,6 +53,49 @@ RUN_COLUMNS: tuple[str, ...] = (
     "iteration",
     "selection",
 )
+
+
+@dataclass
+class RunResult:
+    """One row of the per-run CSV."""
+
+    dataset: str
+    ipc: int
+    method: str
+    engine: str
+    arch: str
+    run: int
+    seed: int
+    epochs: int
+    lr_decay_epoch: int
+    lr: float
+    final_train_loss: float
+    test_acc: float
+    seconds: float
+    labels: str
+    dsa: str
+    zca: bool
+    input_space: str
+    num_images: int
+    device: str
+    source: str
+    reset_momentum_at_decay: bool = False
+    precision: str = "float32"
+    tf32: bool = False
+    memory_format: str = "contiguous"
+    group_mode: str = "sequential"
+    #: a synthetic set's distillation iteration ('' for the baselines) and the rule that chose it among kept sets
+    iteration: int | str = ""
+    selection: str = ""
+    #: accuracy on the validation split (percent; not a column of the runs table: tesla.selection's table has it)
+    val_acc: float | None = None
+
+    def row(self) -> dict:
+        """The CSV row; ``ipc`` is empty for the ``full`` baseline (all images, no IPC)."""
+        row = {c: getattr(self, c) for c in RUN_COLUMNS}
+        if self.method == "full":
+            row["ipc"] = ""
+        return row
 
 
 def format_line(name: str, version: int) -> str:

@@ -7,8 +7,11 @@ these jobs and config/README.md's tables are generated from these declarations.
 * :class:`ExpertConfig`: one expert run (PAPER.md section 1: plain SGD on the real data);
   :class:`ExpertsCommand`: ``tesla experts``, a group of experts with one set of settings;
 * :class:`Protocol`: the evaluation's training recipe (PAPER.md section 6);
-  :class:`EvaluateCommand`: ``tesla evaluate`` beyond the subject; :class:`BaselineSubject`:
-  the random or full baseline's data (a synthetic set carries its own);
+  :class:`EvaluateCommand`: ``tesla evaluate`` beyond the subject; :class:`SubjectChoice`: what
+  it trains on (a synthetic set, the kept sets of a distillation, or a baseline: exactly one);
+  :class:`BaselineSubject`: the random or full baseline's data (a synthetic set carries its
+  own); :class:`KeptSetSelection`: with ``--kept-sets``, the validation split, the rule that
+  picks the reported set (:mod:`tesla.selection`) and the per-set table;
 * :class:`ExpertPool` and :class:`EvaluationTargets`: keys that only the workflow reads (how
   many experts, how many per job; which architectures and baselines), never an option;
 * :class:`ExpertsBlock` and :class:`EvaluateBlock`: a dataset entry's ``experts:`` and
@@ -33,6 +36,7 @@ from tesla.errors import TeslaError
 from tesla.normalizations import NORMALIZATIONS
 from tesla.models import available_models
 from tesla.numerics_options import PRECISIONS
+from tesla.selection import SELECT_RULES, check_select
 from tesla.settings import SchemaBlock, markdown_table, schema_yaml, setting
 from tesla.group_modes import GROUP_MODES
 
@@ -47,16 +51,17 @@ __all__ = [
     "ExpertPool",
     "ExpertsBlock",
     "ExpertsCommand",
+    "KeptSetSelection",
     "LR_RANDOM",
     "PAPER_DSA_STRATEGY",
     "Protocol",
     "README_BLOCKS",
     "SCHEMA_BLOCKS",
+    "SubjectChoice",
     "channels_last_setting",
     "group_mode_setting",
     "precision_setting",
     "tf32_setting",
-    
 ]
 
 #: the paper's augmentation strategy: the experts' and the baselines' unless --dsa says otherwise
@@ -349,6 +354,64 @@ class BaselineSubject:
         config_help="learning rate of the random baseline (distilled sets carry their learned one)",
         schema=_POSITIVE_NUMBER,
     )
+
+
+_SUBJECT = "subject"
+_KEPT_SETS = "kept sets (with --kept-sets; docs/selection.md)"
+
+
+@dataclass(frozen=True)
+class SubjectChoice:
+    """What ``tesla evaluate`` trains on: exactly one of a synthetic set, the kept sets of a
+    distillation, the random or the full baseline (one mutually exclusive group of options)."""
+
+    synthetic: Path | None = setting(None, help="synthetic set file (tesla-synthetic) to evaluate", kind=Path,
+                                     config=None, required=True, exclusive=_SUBJECT)
+    kept_sets: Path | None = setting(
+        None, kind=Path, metavar="DIR", config=None, required=True, exclusive=_SUBJECT,
+        help="the kept sets of a distillation (OUT.kept/ of tesla distill --keep-every): every set is evaluated, "
+             "--out gets the runs of the one --select picks (docs/selection.md)",
+    )
+    random: bool = setting(False, help="baseline: IPC random real images per class of --train", kind=bool,
+                           config=None, required=True, exclusive=_SUBJECT)
+    full: bool = setting(
+        False, kind=bool, config=None, required=True, exclusive=_SUBJECT,
+        help="baseline: the whole --train split (must fit on the device; the 'full' row usually comes from the "
+             "experts' recorded accuracy instead)",
+    )
+
+
+@dataclass(frozen=True)
+class KeptSetSelection:
+    """With ``--kept-sets``: the validation split every network is measured on too, the rule
+    that picks the set whose runs are reported (:mod:`tesla.selection`), and the per-set table."""
+
+    validation: Path | None = setting(
+        None, kind=Path, metavar="VAL.h5", config=None, group=_KEPT_SETS,
+        help="with --kept-sets: the validation split held out of the training split (val.h5 of tesla prepare "
+             "--validation-per-class); every network is measured on it too",
+    )
+    select: str = setting(
+        "final", choices=SELECT_RULES, config=None, group=_KEPT_SETS,
+        help="with --kept-sets: the set whose runs go to --out: final (the last set) or validation (the best mean "
+             "accuracy on --validation); the test split never selects",
+    )
+    sets_out: Path | None = setting(
+        None, kind=Path, config=None, result=False, group=_KEPT_SETS,
+        help="with --kept-sets: the per-set table (tesla-eval-sets; default OUT with suffix .sets.csv)",
+    )
+
+    def check(self, kept_sets: Path | None) -> None:
+        """These options belong to ``--kept-sets`` (None: not given), and ``--select validation``
+        needs ``--validation``."""
+        if kept_sets is not None:
+            check_select(self.select, self.validation)
+            return
+        for flag, value in (("--validation", self.validation), ("--sets-out", self.sets_out)):
+            if value is not None:
+                raise TeslaError(f"{flag} applies to --kept-sets only; drop it")
+        if self.select != "final":
+            raise TeslaError("--select applies to --kept-sets only; drop it")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -242,3 +242,43 @@ def test_a_killed_kept_sets_evaluation_resumes_after_the_sets_it_finished(tmp_pa
     assert trained == [10, 20, 20]  # the set of iteration 10 was not trained again
     assert read_sets(out.with_suffix(".sets.csv")) == read_sets(tmp_path / "whole.csv")
     assert not Path(f"{out}.ckpt.sets.json").exists() and not Path(f"{out}.ckpt").exists()
+
+
+def test_the_kept_sets_loop_takes_how_one_set_is_evaluated_and_resumes_after_the_sets_it_finished(tmp_path):
+    """tesla.kept_evaluation with a stand-in for the evaluate stage's evaluation of one set
+    (no training): every set once, in iteration order, the selected set's runs marked, the
+    finished sets kept beside the checkpoint and not evaluated again; a bad --select refused
+    before any set is evaluated."""
+    from tesla.errors import TeslaError
+    from tesla.kept_evaluation import evaluate_kept_sets
+    from tesla.tables import RunResult
+
+    folder = tmp_path / "syn.kept"
+    folder.mkdir()
+    for iteration in (10, 20, 30):
+        (folder / f"iteration_{iteration:06d}.h5").touch()
+    val = {10: 40.0, 20: 70.0, 30: 50.0}
+    trained = []
+
+    def evaluate_set(path: Path):
+        iteration = int(path.stem.split("_")[1])
+
+        def train_and_test() -> list[RunResult]:
+            trained.append(iteration)
+            return [RunResult("demo", 1, "tesla", "exact", "ConvNet", r, r, 1, 0, 0.01, 1.0, 30.0 + r, 0.1, "hard",
+                              "none", False, "split", 10, "cpu", str(path), iteration=iteration, val_acc=val[iteration])
+                    for r in range(2)]
+
+        return f"key {iteration}", train_and_test
+
+    checkpoint = tmp_path / "runs.csv.ckpt"
+    with pytest.raises(TeslaError, match="--select validation: choose final, or validation together with --validation"):
+        evaluate_kept_sets(folder, evaluate_set, select="validation", checkpoint=checkpoint)
+    assert trained == [] and not Path(f"{checkpoint}.sets.json").exists()
+    per_set, scores, chosen = evaluate_kept_sets(folder, evaluate_set, validation="val.h5", select="validation",
+                                                 checkpoint=checkpoint)
+    assert trained == [10, 20, 30] and [s.iteration for s in scores] == [10, 20, 30] and chosen == 1
+    assert [{r.selection for r in rs} for rs in per_set] == [{""}, {"validation"}, {""}]
+    again, _, final = evaluate_kept_sets(folder, evaluate_set, validation="val.h5", checkpoint=checkpoint)
+    assert trained == [10, 20, 30] and final == 2  # every set came from CHECKPOINT.sets.json
+    assert [r.test_acc for rs in again for r in rs] == [r.test_acc for rs in per_set for r in rs]

@@ -196,3 +196,49 @@ def test_the_table_spells_defaults_as_the_config_does():
 
     table = markdown_table(Flags)
     assert "| `on` | `true` |" in table and "| `names` | `[a, b]` |" in table
+
+
+# ---------------------------------------------------------------------------------------
+# a mutually exclusive group of options (what `tesla evaluate` trains on)
+# ---------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Either:
+    image: str | None = setting(None, help="an image", config=None, required=True, exclusive="what")
+    folder: str | None = setting(None, help="a folder", config=None, required=True, exclusive="what", metavar="DIR")
+    random: bool = setting(False, help="random images", kind=bool, config=None, required=True, exclusive="what")
+    size: int = setting(8, help="size", kind=int, minimum=1)
+    fast: bool = setting(False, help="fast", kind=bool, config=None, exclusive="how", group="speed")
+    slow: bool = setting(False, help="slow", kind=bool, config=None, exclusive="how", group="speed")
+
+
+def test_a_required_exclusive_group_takes_exactly_one_of_its_members():
+    parser = _parser(Either)
+    assert from_args(Either, parser.parse_args(["--folder", "d"])) == Either(folder="d")
+    assert from_args(Either, parser.parse_args(["--random", "--size", "3", "--slow"])) == Either(random=True, size=3,
+                                                                                                  slow=True)
+    assert "(--image IMAGE | --folder DIR | --random)" in parser.format_usage()
+    with pytest.raises(argparse.ArgumentError, match="not allowed with argument --image"):
+        parser.parse_args(["--image", "a", "--folder", "d"])
+    with pytest.raises(argparse.ArgumentError, match="not allowed with argument"):
+        parser.parse_args(["--image", "a", "--random"])
+    with pytest.raises(SystemExit):  # none of them: argparse names the group's options
+        parser.parse_args(["--size", "3"])
+
+
+def test_an_exclusive_group_not_required_takes_at_most_one_in_its_argument_group():
+    parser = _parser(Either)
+    assert from_args(Either, parser.parse_args(["--random"])) == Either(random=True)  # neither --fast nor --slow
+    with pytest.raises(argparse.ArgumentError, match="not allowed with argument --fast"):
+        parser.parse_args(["--random", "--fast", "--slow"])
+    speed = next(g for g in parser._action_groups if g.title == "speed")
+    assert {a.dest for a in speed._group_actions} == {"fast", "slow"}  # listed under their group in --help
+
+
+def test_an_exclusive_group_is_required_by_all_its_members_or_none():
+    @dataclasses.dataclass
+    class Mixed:
+        a: str | None = setting(None, help="a", config=None, required=True, exclusive="one")
+        b: str | None = setting(None, help="b", config=None, exclusive="one")
+
+    with pytest.raises(ValueError, match="b: the members of the exclusive group 'one' must all be required or none"):
+        _parser(Mixed)

@@ -7,6 +7,7 @@ Time budget: about a second (parsers and text only)."""
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 import pytest
@@ -35,9 +36,77 @@ def test_tesla_evaluate_parses_into_the_declared_protocol():
     assert (args.runs, args.seed, args.checkpoint_every, args.lr_random) == (5, 0, ts.DEFAULT_CHECKPOINT_SECONDS, None)
 
 
+def test_tesla_evaluate_parses_the_subject_and_the_kept_sets_options_as_declared():
+    args = _parse("evaluate", ["--kept-sets", "syn.kept", "--validation", "val.h5", "--select", "validation",
+                               "--test", "t.h5", "--arch", "distill", "--out", "o.csv"])
+    assert from_args(ts.SubjectChoice, args) == ts.SubjectChoice(kept_sets=Path("syn.kept"))
+    assert from_args(ts.KeptSetSelection, args) == ts.KeptSetSelection(validation=Path("val.h5"), select="validation")
+    plain = _parse("evaluate", ["--synthetic", "s.h5", "--test", "t.h5", "--arch", "distill", "--out", "o.csv"])
+    assert from_args(ts.KeptSetSelection, plain) == ts.KeptSetSelection()  # select: final
+
+
+def test_select_offers_the_rules_of_tesla_selection_and_the_help_lists_the_kept_sets_options(capsys):
+    from tesla.selection import SELECT_RULES
+
+    sub = next(a for a in build_parser(only="evaluate")._actions if a.dest == "command").choices["evaluate"]
+    select = next(a for a in sub._actions if a.dest == "select")
+    assert tuple(select.choices) == SELECT_RULES and select.default == "final"
+    with pytest.raises(SystemExit):
+        _parse("evaluate", ["--kept-sets", "k", "--select", "test", "--test", "t.h5", "--arch", "distill", "--out", "o"])
+    assert "argument --select: invalid choice: 'test'" in capsys.readouterr().err
+    text = sub.format_help()
+    assert "(--synthetic SYNTHETIC | --kept-sets DIR | --random | --full)" in text
+    group = text[text.index("kept sets (with --kept-sets"):]
+    assert all(flag in group for flag in ("--validation VAL.h5", "--select {final,validation}", "--sets-out"))
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "one of the arguments --synthetic --kept-sets --random --full is required"),
+    (["--synthetic", "s.h5", "--kept-sets", "k"], "argument --kept-sets: not allowed with argument --synthetic"),
+    (["--random", "--full"], "argument --full: not allowed with argument --random"),
+])
+def test_tesla_evaluate_takes_exactly_one_subject(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        _parse("evaluate", [*argv, "--test", "t.h5", "--arch", "convnet", "--out", "o.csv"])
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kept_sets, selection, message", [
+    (None, ts.KeptSetSelection(validation=Path("v.h5")), "--validation applies to --kept-sets only; drop it"),
+    (None, ts.KeptSetSelection(sets_out=Path("s.csv")), "--sets-out applies to --kept-sets only; drop it"),
+    (None, ts.KeptSetSelection(select="validation"), "--select applies to --kept-sets only; drop it"),
+    (Path("k"), ts.KeptSetSelection(select="validation"), "--select validation: choose final, or validation together "
+                                                          "with --validation VAL.h5"),
+])
+def test_the_kept_sets_options_are_checked_naming_the_option(kept_sets, selection, message):
+    from tesla.errors import TeslaError
+
+    with pytest.raises(TeslaError, match=re.escape(message)):
+        selection.check(kept_sets)
+    ts.KeptSetSelection(validation=Path("v.h5"), select="validation", sets_out=Path("s.csv")).check(Path("k"))
+
+
+def test_a_kept_sets_option_without_kept_sets_is_refused_before_any_file_is_read(tmp_path, capsys):
+    from tesla.cli import main
+
+    argv = ["evaluate", "--synthetic", str(tmp_path / "missing.h5"), "--test", str(tmp_path / "missing_test.h5"),
+            "--arch", "distill", "--out", str(tmp_path / "o.csv"), "--device", "cpu"]
+    assert main([*argv, "--sets-out", str(tmp_path / "s.csv")]) == 2
+    err = capsys.readouterr().err
+    assert "--sets-out applies to --kept-sets only; drop it" in err and "missing" not in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_the_workflow_writes_select_validation_from_the_declaration():
+    from tesla.settings import command_options
+
+    assert command_options(ts.KeptSetSelection, {}, result=True, given={"select": "validation"}) == ["--select validation"]
+    assert command_options(ts.KeptSetSelection, {}, result=True, given={"select": "final"}) == []
+
+
 @pytest.mark.parametrize("command, classes", [
     ("experts", (ts.ExpertsCommand,)),
-    ("evaluate", (ts.EvaluateCommand, ts.BaselineSubject)),
+    ("evaluate", (ts.EvaluateCommand, ts.BaselineSubject, ts.SubjectChoice, ts.KeptSetSelection)),
 ])
 def test_every_declared_setting_is_an_option_and_nothing_else_is_declared_twice(command, classes):
     parser = build_parser(only=command)

@@ -48,4 +48,5 @@ def keep_options(wildcards) -> str:
 
 
 def select_options(wildcards) -> str:
-    return "--select validation"
+    """--select validation (tesla.training_settings.KeptSetSelection; a rerun trigger)."""
+    return " ".join(command_options(training.KeptSetSelection, {}, result=True, given={"select": "validation"}))
