@@ -65,9 +65,9 @@ import torch
 
 from tesla import distributed, guard
 from tesla.distill_checkpoint import load_checkpoint, save_checkpoint
-from tesla.distill_outputs import RunRecord, grid_image, save_grid, synthetic_set
+from tesla.distill_outputs import RunRecord, grid_image, metrics_row, save_grid, synthetic_set
 from tesla.distill_setup import DistillSetup, open_setup, result_key
-from tesla.distill_state import DistillState, check_labels, fresh_state
+from tesla.distill_state import DistillState, fresh_state
 from tesla.distributed import SINGLE, Ranks
 from tesla.errors import TeslaError
 from tesla.locks import acquire
@@ -78,11 +78,6 @@ from tesla.soft_labels import assign_soft_labels, label_logit_gradient, learned_
 from tesla.synthetic import SyntheticSet
 from tesla.tracking import TrackerOptions, Tracking, add_tracking_arguments
 from tesla.tracking import options_from_args as tracking_options
-
-try:
-    import resource  # the process's peak resident set size (Linux, macOS)
-except ImportError:  # pragma: no cover - not on Linux/macOS
-    resource = None
 
 
 
@@ -203,39 +198,6 @@ def update(state: DistillState, s: DistillSettings, result: MatchResult, grad_lo
         state.alpha.clamp_(min=s.alpha_floor)  # projected SGD: alpha >= min_lr > 0
 
 
-def _peak_memory_mb(device: torch.device) -> float:
-    """CUDA: torch.cuda.max_memory_allocated since the iteration began; CPU: the process's
-    peak resident set size so far (ru_maxrss)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    if resource is None:  # pragma: no cover - not on Linux/macOS
-        return float("nan")
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
-
-
-def metrics_row(
-    state: DistillState, info: dict, result: MatchResult, grad_logits: torch.Tensor | None, t0: float,
-    device: torch.device,
-) -> dict:
-    """The metrics CSV's row of the iteration just done (``tesla.distill_outputs.METRICS_COLUMNS``);
-    ``t0``: the iteration's start on :func:`time.perf_counter`."""
-    return {
-        "iteration": state.iteration,
-        "expert": info["expert"],
-        "start_epoch": info["start_epoch"],
-        "window_min": info["window_min"],
-        "window_max": info["window_max"],
-        "loss": result.loss,
-        "alpha": float(state.alpha.detach()),
-        "grad_norm_images": float(torch.linalg.vector_norm(result.grad_images)),
-        "grad_norm_alpha": abs(result.grad_alpha),
-        "grad_norm_labels": "" if grad_logits is None else float(torch.linalg.vector_norm(grad_logits)),
-        "max_image_rms": guard.largest_image_rms(state.images),
-        "seconds": time.perf_counter() - t0,
-        "peak_memory_mb": _peak_memory_mb(device),
-    }
-
-
 @dataclass
 class CheckpointCadence:
     """When the state is saved. A state is due every ``checkpoint_every`` iterations, but it
@@ -288,13 +250,13 @@ def _iterate(setup: DistillSetup, state: DistillState, checkpoints: CheckpointCa
     breach = guard.check_match(
         result.loss, result.grad_images, result.grad_alpha, alpha, state.images, state.start, limits, state.log
     )
-    breach = breach or check_labels(state, grad_logits)
+    breach = breach or guard.check_labels(state.label_logits, grad_logits)
     if breach is not None:
         raise _stop(s, it, breach, checkpoints.last_saved)
     checkpoints.save_if_due(generator_state)  # the state of iteration it - 1 passed its loss check
     update(state, s, result, grad_logits)
     breach = guard.check_state(float(state.alpha.detach()), state.images, state.start, limits)
-    breach = breach or check_labels(state)
+    breach = breach or guard.check_labels(state.label_logits)
     if breach is not None:
         raise _stop(s, it, breach, checkpoints.last_saved)
     state.iteration = it
@@ -314,9 +276,10 @@ def distill(settings: DistillSettings, tracking: TrackerOptions | None = None) -
     any other ``checkpoint-*.pt`` left there by runs of other settings) once the output is
     written. ``tracking``: the live curves (:func:`open_tracker`; none by default), kept by
     rank 0 alone over several processes."""
+    check_settings(settings)  # before any process group is joined or file opened
     ranks = distributed.join(settings.device)
     try:
-        setup = build_setup(settings, ranks)
+        setup = open_setup(settings, ranks)
         s = settings
         if s.checkpoint_dir is not None:
             s.checkpoint = str(Path(s.checkpoint_dir) / f"checkpoint-{result_key(setup)}.pt")

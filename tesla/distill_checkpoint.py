@@ -23,7 +23,7 @@ import torch
 from tesla import __version__, guard
 from tesla.distill_settings import RESUME_REPORTED, DistillSettings
 from tesla.distill_setup import DistillSetup
-from tesla.distill_state import DistillState, check_labels, initial_images, label_optimiser, optimisers
+from tesla.distill_state import DistillState, initial_images, label_optimiser, optimisers
 from tesla.errors import TeslaError
 from tesla.files import atomic_output
 
@@ -195,7 +195,8 @@ def _guard_start(payload: dict[str, Any], setup: DistillSetup, version: int) -> 
 def _check_guard(path: Path, s: DistillSettings, state: DistillState, version: int) -> None:
     """Refuse a restored state that fails the guard's state rules (resuming it would continue
     from a diverged state)."""
-    breach = guard.check_state(float(state.alpha.detach()), state.images, state.start, s.guard_limits()) or check_labels(state)
+    alpha, limits = float(state.alpha.detach()), s.guard_limits()
+    breach = guard.check_state(alpha, state.images, state.start, limits) or guard.check_labels(state.label_logits)
     if breach is None:
         return
     old = " (written by a tesla before version-2 checkpoints, which saved states without these checks)" if version == 1 else ""

@@ -11,21 +11,29 @@ from __future__ import annotations
 import csv
 import os
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
-from tesla import __version__
+from tesla import __version__, guard
 from tesla.distill_setup import DistillSetup, input_fingerprints, result_key
 from tesla.distill_state import DistillState
+from tesla.matching import MatchResult
 from tesla.grids import class_grid, save_class_grid
 from tesla.kept_sets import Keeper
 from tesla.soft_labels import learned_soft_labels, mean_entropy
 from tesla.synthetic import SyntheticSet
 from tesla.tracking import TrackerOptions, Tracking, open_tracking
 from tesla.tracking import disabled as tracking_disabled
+
+try:
+    import resource  # the process's peak resident set size (Linux, macOS)
+except ImportError:  # pragma: no cover - not on Linux/macOS
+    resource = None
 
 METRICS_FORMAT = "tesla-distill-metrics"
 #: 2: adds the ``max_image_rms`` column; 3: adds the matching window (``window_min``,
@@ -46,6 +54,39 @@ METRICS_COLUMNS = (
     "seconds",
     "peak_memory_mb",
 )
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    """CUDA: torch.cuda.max_memory_allocated since the iteration began; CPU: the process's
+    peak resident set size so far (ru_maxrss)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    if resource is None:  # pragma: no cover - not on Linux/macOS
+        return float("nan")
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+def metrics_row(
+    state: DistillState, info: dict, result: MatchResult, grad_logits: torch.Tensor | None, t0: float,
+    device: torch.device,
+) -> dict:
+    """The metrics CSV's row of the iteration just done (:data:`METRICS_COLUMNS`);
+    ``t0``: the iteration's start on :func:`time.perf_counter`."""
+    return {
+        "iteration": state.iteration,
+        "expert": info["expert"],
+        "start_epoch": info["start_epoch"],
+        "window_min": info["window_min"],
+        "window_max": info["window_max"],
+        "loss": result.loss,
+        "alpha": float(state.alpha.detach()),
+        "grad_norm_images": float(torch.linalg.vector_norm(result.grad_images)),
+        "grad_norm_alpha": abs(result.grad_alpha),
+        "grad_norm_labels": "" if grad_logits is None else float(torch.linalg.vector_norm(grad_logits)),
+        "max_image_rms": guard.largest_image_rms(state.images),
+        "seconds": time.perf_counter() - t0,
+        "peak_memory_mb": _peak_memory_mb(device),
+    }
 
 
 def write_metrics(path: Path, rows: list[dict]) -> None:

@@ -151,6 +151,7 @@ def open_setup(s: DistillSettings, ranks: Ranks = SINGLE) -> DistillSetup:
     (:mod:`tesla.distributed`)."""
     split = ImageSplit.open(s.train)
     num_images, batch_syn = _synthetic_size(s, split)
+    check_shardable(s.engine, batch_syn, num_images, ranks)  # before the experts and the network are loaded
     experts = _open_experts(s, split)
     input_space = experts_input_space(experts, split, s.zca)
     zca, zca_bytes = input_space.zca, (Path(s.zca).read_bytes() if input_space.zca is not None else None)
@@ -162,7 +163,6 @@ def open_setup(s: DistillSettings, ranks: Ranks = SINGLE) -> DistillSetup:
     model = build_from_spec(spec).to(device)
     layout = param_layout(model)
     _check_per_sample(model, spec, ranks)
-    check_shardable(s.engine, batch_syn, num_images, ranks)
     if layout.total != experts[0].num_params:
         raise TeslaError(
             f"{s.experts[0]}: snapshots have {experts[0].num_params} parameters, the network "

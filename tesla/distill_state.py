@@ -108,13 +108,3 @@ def fresh_state(setup: DistillSetup) -> DistillState:
         0, images, classes, [], alpha, None, opt_images, opt_alpha, generator, guard.Start.of(s.lr_teacher, x),
         logits, label_optimiser(logits, s),
     )
-
-
-def check_labels(state: DistillState, grad_logits: torch.Tensor | None = None) -> guard.Breach | None:
-    """The divergence guard's rule for learned labels: the logits Z (and, when given, dL/dZ)
-    finite. (The labels' probabilities softmax(Z / T) are then finite and sum to 1.)"""
-    if grad_logits is not None and not bool(torch.isfinite(grad_logits).all()):
-        return guard.Breach("finite", "the gradient of the learned labels is not finite", ("lr_label",))
-    if state.label_logits is not None and not bool(torch.isfinite(state.label_logits.detach()).all()):
-        return guard.Breach("finite", "the learned label logits are not finite", ("lr_label",))
-    return None

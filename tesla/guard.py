@@ -27,6 +27,10 @@ Rules, in this order (the first breach stops the run):
        image blowing up is seen among thousands of sane ones (a global RMS would grow by only
        sqrt(1/N) of it).
 
+With learned labels the logits Z are part of the state: rule 1(a) also asks dL/dZ and Z to be
+finite, rule 2(a) Z (:func:`check_labels`; the labels' probabilities softmax(Z / T) are then
+finite and sum to 1); the setting named is ``lr_label``.
+
 Checkpoints: S_k is written only after iteration k+1 has checked its loss (before S_k is
 updated), so a state whose own loss explodes is never saved and a rerun never resumes from a
 poisoned state; the last iteration's state, which has no next loss, is written with the
@@ -259,6 +263,16 @@ def check_state(alpha: float, images: torch.Tensor, start: Start, limits: Limits
             ("lr_img",),
             "max_image_growth",
         )
+    return None
+
+
+def check_labels(logits: torch.Tensor | None, grad_logits: torch.Tensor | None = None) -> Breach | None:
+    """Rules 1(a) and 2(a) for learned labels: the logits Z (and, when given, dL/dZ) finite;
+    nothing to check without learned labels (``logits`` None)."""
+    if grad_logits is not None and not _finite(grad_logits):
+        return Breach("finite", "the gradient of the learned labels is not finite", ("lr_label",))
+    if logits is not None and not _finite(logits.detach()):
+        return Breach("finite", "the learned label logits are not finite", ("lr_label",))
     return None
 
 

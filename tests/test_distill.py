@@ -537,6 +537,13 @@ def test_guard_rules_against_an_independent_computation():
     assert guard.check_match(1.0, grad, 0.0, 0.01, x0, start, limits).rule == "finite"
     b = guard.check_match(1e12, grad, 0.0, 0.01, x0, start, limits)  # both: the gradient is what failed
     assert b.rule == "finite" and b.limit is None and "gradient of the matching loss is not finite (the loss is 1e+12)" in b.what
+    # learned labels: Z and dL/dZ finite, or lr_label is named; nothing to check without them
+    logits = torch.zeros(4, 3)
+    assert guard.check_labels(None) is None and guard.check_labels(logits, torch.ones(4, 3)) is None
+    b = guard.check_labels(logits, torch.full((4, 3), float("nan")))
+    assert b.rule == "finite" and b.suspects == ("lr_label",) and "gradient of the learned labels" in b.what
+    logits[1, 2] = float("inf")
+    assert "learned label logits are not finite" in guard.check_labels(logits).what
     # causes of a loss breach: what grew by DRIFT (2x) or more since the run's last healthy state
     # (loss <= 1), the larger growth first; no healthy state, or no growth: lr_teacher/syn_steps
     rho = 1.5
