@@ -23,7 +23,7 @@ import torch
 from tesla import __version__, guard
 from tesla.distill_settings import RESUME_REPORTED, DistillSettings
 from tesla.distill_setup import DistillSetup
-from tesla.distill_state import DistillState, initial_images, label_optimiser, optimisers
+from tesla.distill_state import DistillState, restored_state
 from tesla.errors import TeslaError
 from tesla.files import atomic_output
 
@@ -63,33 +63,14 @@ def save_checkpoint(path: Path, setup: DistillSetup, state: DistillState, genera
 
 
 def load_checkpoint(path: Path, setup: DistillSetup) -> DistillState:
-    """Restore a state saved by :func:`save_checkpoint`, refusing one of a different run or
-    one whose state fails the guard's state rules (an old version-1 checkpoint may hold a
-    state saved without them). Version 1 (no ``guard_start``) is read: rho_0 is recomputed
-    from the seed's initial images. Versions 1 and 2 (no learned labels, no window schedule)
-    are read as runs with today's defaults for those settings."""
+    """Restore a state saved by :func:`save_checkpoint`
+    (:func:`tesla.distill_state.restored_state`), refusing one of a different run or one whose
+    state fails the guard's state rules (an old version-1 checkpoint may hold a state saved
+    without them). Versions 1 and 2 (no learned labels, no window schedule) are read as runs
+    with today's defaults for those settings."""
     payload, version = _read_payload(path, setup)
     _check_identity(path, setup.settings, payload, version)
-    images, alpha, opt_images, opt_alpha = _restore_images_and_alpha(payload, setup)
-    generator = torch.Generator()
-    generator.set_state(payload["generator"])
-    soft = payload["soft_labels"]
-    start = _guard_start(payload, setup, version)
-    logits, opt_labels = _restore_label_logits(payload, setup)
-    state = DistillState(
-        int(payload["iteration"]),
-        images,
-        payload["classes"],
-        list(payload["log"]),
-        alpha,
-        None if soft is None else soft.to(setup.device),
-        opt_images,
-        opt_alpha,
-        generator,
-        start,
-        logits,
-        opt_labels,
-    )
+    state = restored_state(payload, setup)
     _check_guard(path, setup.settings, state, version)
     _report_changed_settings(path, setup.settings, payload)
     return state
@@ -150,46 +131,6 @@ def _check_identity(path: Path, s: DistillSettings, payload: dict[str, Any], ver
         f"Use the checkpoint's settings to resume it, give another --checkpoint, or, to start over with these "
         f"settings, {s.start_over()}"
     )
-
-
-def _set_lr(optimiser: torch.optim.Optimizer, lr: float) -> None:
-    """Today's step size on a restored optimiser (step sizes may change on resume)."""
-    for group in optimiser.param_groups:
-        group["lr"] = lr
-
-
-def _restore_images_and_alpha(payload: dict[str, Any], setup: DistillSetup):
-    """X and alpha on the device, with their optimisers' momentum and today's step sizes."""
-    s = setup.settings
-    images = payload["images"].to(setup.device).requires_grad_(True)
-    alpha = payload["alpha"].to(setup.device).requires_grad_(True)
-    opt_images, opt_alpha = optimisers(images, alpha, s)
-    opt_images.load_state_dict(payload["opt_images"])
-    opt_alpha.load_state_dict(payload["opt_alpha"])
-    _set_lr(opt_images, s.image_lr)
-    _set_lr(opt_alpha, s.lr_lr)
-    return images, alpha, opt_images, opt_alpha
-
-
-def _restore_label_logits(payload: dict[str, Any], setup: DistillSetup):
-    """Learned labels: Z on the device and its optimiser (momentum, today's lr_label);
-    (None, None) for other labels and for checkpoints before version 3."""
-    logits = payload.get("label_logits")
-    logits = None if logits is None else logits.to(setup.device).requires_grad_(True)
-    opt_labels = label_optimiser(logits, setup.settings)
-    if opt_labels is not None:
-        opt_labels.load_state_dict(payload["opt_labels"])
-        _set_lr(opt_labels, setup.settings.lr_label)
-    return logits, opt_labels
-
-
-def _guard_start(payload: dict[str, Any], setup: DistillSetup, version: int) -> guard.Start:
-    """The guard's references alpha_0 and rho_0 as saved; version 1 saved none: they are
-    recomputed from lr_teacher and the seed's initial images."""
-    if version == 1:
-        x0, _ = initial_images(setup, torch.Generator().manual_seed(setup.settings.seed))
-        return guard.Start.of(setup.settings.lr_teacher, x0)
-    return guard.Start(**payload["guard_start"])
 
 
 def _check_guard(path: Path, s: DistillSettings, state: DistillState, version: int) -> None:

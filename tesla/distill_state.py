@@ -6,7 +6,8 @@ with momentum 0.5 (PAPER.md section 1). Besides them the state holds the random 
 divergence guard's references (alpha_0 and the initial largest image RMS) and the metrics
 history: everything a checkpoint saves (:mod:`tesla.distill_checkpoint`).
 
-The initial state: X_0 random real images of each class (``init: real``), only those a chosen
+The state starts fresh (:func:`fresh_state`) or from a checkpoint's content
+(:func:`restored_state`). The initial state: X_0 random real images of each class (``init: real``), only those a chosen
 expert snapshot classifies correctly (``real-correct``, :mod:`tesla.initialisation`), or
 noise; alpha_0 = ``lr_teacher``; learned labels Z_0 = f_{theta*}(X_0) of the same snapshot
 (``init_expert`` at ``init_epoch``).
@@ -15,6 +16,7 @@ noise; alpha_0 = ``lr_teacher``; learned labels Z_0 = f_{theta*}(X_0) of the sam
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -107,4 +109,70 @@ def fresh_state(setup: DistillSetup) -> DistillState:
     return DistillState(
         0, images, classes, [], alpha, None, opt_images, opt_alpha, generator, guard.Start.of(s.lr_teacher, x),
         logits, label_optimiser(logits, s),
+    )
+
+
+def _set_lr(optimiser: torch.optim.Optimizer, lr: float) -> None:
+    """Today's step size on a restored optimiser (step sizes may change on resume)."""
+    for group in optimiser.param_groups:
+        group["lr"] = lr
+
+
+def _restore_images_and_alpha(payload: dict[str, Any], setup: DistillSetup):
+    """X and alpha on the device, with their optimisers' momentum and today's step sizes."""
+    s = setup.settings
+    images = payload["images"].to(setup.device).requires_grad_(True)
+    alpha = payload["alpha"].to(setup.device).requires_grad_(True)
+    opt_images, opt_alpha = optimisers(images, alpha, s)
+    opt_images.load_state_dict(payload["opt_images"])
+    opt_alpha.load_state_dict(payload["opt_alpha"])
+    _set_lr(opt_images, s.image_lr)
+    _set_lr(opt_alpha, s.lr_lr)
+    return images, alpha, opt_images, opt_alpha
+
+
+def _restore_label_logits(payload: dict[str, Any], setup: DistillSetup):
+    """Learned labels: Z on the device and its optimiser (momentum, today's lr_label);
+    (None, None) for other labels and for checkpoints before version 3."""
+    logits = payload.get("label_logits")
+    logits = None if logits is None else logits.to(setup.device).requires_grad_(True)
+    opt_labels = label_optimiser(logits, setup.settings)
+    if opt_labels is not None:
+        opt_labels.load_state_dict(payload["opt_labels"])
+        _set_lr(opt_labels, setup.settings.lr_label)
+    return logits, opt_labels
+
+
+def _guard_start(payload: dict[str, Any], setup: DistillSetup) -> guard.Start:
+    """The guard's references alpha_0 and rho_0 as saved; checkpoints of version 1 saved none:
+    they are recomputed from lr_teacher and the seed's initial images."""
+    if payload.get("guard_start") is None:
+        x0, _ = initial_images(setup, torch.Generator().manual_seed(setup.settings.seed))
+        return guard.Start.of(setup.settings.lr_teacher, x0)
+    return guard.Start(**payload["guard_start"])
+
+
+def restored_state(payload: dict[str, Any], setup: DistillSetup) -> DistillState:
+    """The state a checkpoint's content holds (:mod:`tesla.distill_checkpoint`, which reads
+    and checks the file), on the device, its optimisers with their momentum and today's step
+    sizes (which may change on resume)."""
+    images, alpha, opt_images, opt_alpha = _restore_images_and_alpha(payload, setup)
+    generator = torch.Generator()
+    generator.set_state(payload["generator"])
+    soft = payload["soft_labels"]
+    start = _guard_start(payload, setup)
+    logits, opt_labels = _restore_label_logits(payload, setup)
+    return DistillState(
+        int(payload["iteration"]),
+        images,
+        payload["classes"],
+        list(payload["log"]),
+        alpha,
+        None if soft is None else soft.to(setup.device),
+        opt_images,
+        opt_alpha,
+        generator,
+        start,
+        logits,
+        opt_labels,
     )
