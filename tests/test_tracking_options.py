@@ -26,6 +26,7 @@ Time budget: about a second (three stages' parsers, which import torch).
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -191,6 +192,14 @@ def test_the_options_parse_into_their_declaration():
                                               tracker_name="n")
     with pytest.raises(SystemExit):
         parser.parse_args([*base, "--tracker-mode", "later"])
+
+
+def test_the_declarations_load_no_torch_and_no_tracker_package():
+    """The workflow imports them while it builds the job graph; a tracker is imported when used."""
+    code = ("import sys, tesla.tracking, tesla.tracking_settings, tesla.settings_blocks\n"
+            "print(sorted(m for m in ('torch', 'tensorboard', 'wandb') if m in sys.modules))")
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == "[]"
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--record"]:
