@@ -76,8 +76,8 @@ from tesla.settings import add_arguments, from_args
 from tesla.matching import MatchResult, matching_gradients
 from tesla.soft_labels import assign_soft_labels, label_logit_gradient, learned_soft_labels
 from tesla.synthetic import SyntheticSet
-from tesla.tracking import TrackerOptions, Tracking, add_tracking_arguments
-from tesla.tracking import options_from_args as tracking_options
+from tesla.tracking import TrackerOptions, Tracking
+from tesla.tracking import from_args as tracking_options
 
 
 
@@ -355,7 +355,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     """The options of ``tesla distill``: every declared setting (:mod:`tesla.distill_settings`)
     and the tracking options."""
     add_arguments(parser, DistillSettings)
-    add_tracking_arguments(parser)
+    add_arguments(parser, TrackerOptions)
 
 
 def settings_from_args(args: argparse.Namespace) -> DistillSettings:

@@ -187,7 +187,7 @@ def open_tracker(setup: DistillSetup, state: DistillState, options: TrackerOptio
     output and result (a resumed run continues it from its checkpoint's iteration), its
     configuration every setting and the inputs' fingerprints; TensorBoard's events by
     default in a folder ``tensorboard`` beside the output."""
-    if options.kind is None:
+    if options.tracker is None:
         return tracking_disabled()
     s, key = setup.settings, result_key(setup)
     config = {"settings": s.effective(), "batch_syn": setup.batch_syn, "inputs": input_fingerprints(setup),

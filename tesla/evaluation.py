@@ -93,7 +93,8 @@ from tesla.selection import set_rows, summary_lines, write_sets
 from tesla.settings import add_arguments, from_args
 from tesla.synthetic import SyntheticSet
 from tesla.tables import RUNS_FORMAT, RUNS_FORMAT_VERSION, RUN_COLUMNS, RunResult, format_line, write_csv_atomic
-from tesla.tracking import add_tracking_arguments, file_digest, open_tracking, options_from_args
+from tesla.tracking import TrackerOptions, file_digest, open_tracking
+from tesla.tracking import from_args as tracking_options
 from tesla.training import GroupMember, accuracy, make_optimizer, train
 from tesla.training_settings import (
     BaselineSubject,
@@ -674,7 +675,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     add_arguments(parser, BaselineSubject)
     add_arguments(parser, EvaluateCommand)
     add_arguments(parser, KeptSetSelection)
-    add_tracking_arguments(parser)
+    add_arguments(parser, TrackerOptions)
 
 
 def refuse_baseline_options(args: argparse.Namespace) -> None:
@@ -731,8 +732,8 @@ def track_results(args: argparse.Namespace, subject: Subject, results: Sequence[
     standard deviation (series ``summary``, at the number of runs), and the per-run table;
     the configuration every option, the subject and the inputs' fingerprints. TensorBoard's
     events by default in a folder ``tensorboard/<out name>`` beside the output."""
-    options = options_from_args(args)
-    if options.kind is None:
+    options = tracking_options(args)
+    if options.tracker is None:
         return
     splits = {k: ImageSplit.open(getattr(args, k)).fingerprint for k in ("train", "test") if getattr(args, k, None)}
     files = {k: file_digest(getattr(args, k)) for k in ("synthetic", "zca") if getattr(args, k, None) is not None}
@@ -771,7 +772,7 @@ def _protocol(args: argparse.Namespace, lr: float, dsa_strategy: str) -> Protoco
 
 
 def run(args: argparse.Namespace) -> int:
-    options_from_args(args)  # a tracker whose package is missing is refused before any work
+    tracking_options(args)  # a tracker whose package is missing is refused before any work
     kept_sets, selection = from_args(SubjectChoice, args).kept_sets, from_args(KeptSetSelection, args)
     selection.check(kept_sets)  # --validation, --select and --sets-out belong to --kept-sets
     device = pick_device(args.device)
@@ -819,7 +820,7 @@ def run_kept_sets(args: argparse.Namespace, kept_sets: Path, selection: KeptSetS
         write_runs(args.out, per_set[chosen])
         remove_checkpoint(checkpoint)
         Path(f"{checkpoint}.sets.json").unlink(missing_ok=True)
-    if options_from_args(args).kind is not None:  # the live curves of the selected set's runs
+    if tracking_options(args).tracker is not None:  # the live curves of the selected set's runs
         track_results(args, synthetic_subject(first.source, device), per_set[chosen])
     print(f"{len(scores)} kept sets of {first.dataset} ipc {first.ipc} on {first.arch} (test accuracy %):")
     for line in summary_lines(scores):

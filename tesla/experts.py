@@ -76,10 +76,9 @@ from tesla.settings import add_arguments, from_args
 from tesla.tracking import (
     TrackerOptions,
     Tracking,
-    add_tracking_arguments,
     disabled as tracking_disabled,
+    from_args as tracking_options,
     open_tracking,
-    options_from_args as tracking_options,
 )
 from tesla.training import EndTraining, GroupMember, accuracy, make_optimizer
 from tesla.training_settings import ExpertConfig, ExpertsCommand
@@ -617,7 +616,7 @@ def open_tracker(cfgs: Sequence[ExpertConfig], shared: _Shared, options: Tracker
     learning rate and time per epoch, and the test accuracy with its last epoch), the
     configuration every setting and the inputs' fingerprints; TensorBoard's events by default
     in a folder ``tensorboard`` beside the outputs."""
-    if options.kind is None:
+    if options.tracker is None:
         return tracking_disabled()
     outs = [str(Path(c.out).resolve()) for c in cfgs]
     settings = {str(c.seed): shared.settings(c.seed) for c in cfgs}
@@ -650,7 +649,7 @@ def train_expert(
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """The options of :class:`tesla.training_settings.ExpertsCommand`, and the live curves'."""
     add_arguments(parser, ExpertsCommand)
-    add_tracking_arguments(parser)
+    add_arguments(parser, TrackerOptions)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -62,7 +62,8 @@ class Setting:
 
     help: str
     #: str, int, float, bool or Path; a bool with default False is a flag, with default True a
-    #: --no- flag, with default None a --x/--no-x pair
+    #: --no- flag, with default None a --x/--no-x pair. A settings dataclass: a block of config
+    #: keys (no option; an object in the schema, default {}, its keys' rows in the table)
     kind: type = str
     choices: tuple | None = None
     #: inclusive bounds of a number (checked by the command line and the schema)
@@ -174,9 +175,17 @@ class Declared:
         return self.default is not MISSING
 
     @property
+    def is_block(self) -> bool:
+        """A block of config keys (its kind is a settings dataclass)."""
+        return dataclasses.is_dataclass(self.setting.kind)
+
+    @property
     def config_default(self) -> Any:
-        """The default of the config key (the field's, unless declared otherwise)."""
-        return self.default if self.setting.config_default is _UNSET else self.setting.config_default
+        """The default of the config key (the field's, unless declared otherwise; a block's: {},
+        each of its keys at its own default)."""
+        if self.setting.config_default is not _UNSET:
+            return self.setting.config_default
+        return {} if self.is_block else self.default
 
 
 def declared(cls: type) -> list[Declared]:
@@ -266,6 +275,8 @@ def _value_schema(d: Declared) -> dict[str, Any]:
     s = d.setting
     if s.schema is not None:
         return dict(s.schema)
+    if d.is_block:
+        return {"type": "object"}
     if s.kind is Path:
         value: dict[str, Any] = {"$ref": "#/$defs/path"}
     elif s.choices is not None:
@@ -279,12 +290,16 @@ def _value_schema(d: Declared) -> dict[str, Any]:
 
 
 def schema_properties(cls: type) -> dict[str, dict[str, Any]]:
-    """The JSON-schema properties of the config keys of ``cls``'s settings."""
+    """The JSON-schema properties of the config keys of ``cls``'s settings (a block's keys nested
+    in its own; a setting without help has no description)."""
     properties = {}
     for d in config_settings(cls):
-        entry: dict[str, Any] = {"description": d.setting.config_help or d.setting.help, **_value_schema(d)}
+        text = d.setting.config_help or d.setting.help
+        entry: dict[str, Any] = {**({"description": text} if text else {}), **_value_schema(d)}
         if d.has_default:
             entry["default"] = d.config_default
+        if d.is_block:
+            entry.update(additionalProperties=False, properties=schema_properties(d.setting.kind))
         properties[d.config_key] = entry
     return properties
 
@@ -350,13 +365,20 @@ def result_neutral(cls: type) -> frozenset[str]:
 
 
 def markdown_table(cls: type, prefix: str = "") -> str:
-    """The config keys of ``cls`` as a markdown table: key, default, rerun trigger, meaning."""
-    rows = ["| key | default | changes the result | meaning |", "|---|---|---|---|"]
+    """The config keys of ``cls`` as a markdown table: key, default, rerun trigger, meaning (a
+    block's keys as rows of their own, ``<block>.<key>``)."""
+    rows = ["| key | default | changes the result | meaning |", "|---|---|---|---|", *_table_rows(cls, prefix)]
+    return "\n".join(rows) + "\n"
+
+
+def _table_rows(cls: type, prefix: str) -> Iterator[str]:
     for d in config_settings(cls):
+        if d.is_block:
+            yield from _table_rows(d.setting.kind, f"{prefix}{d.config_key}.")
+            continue
         default = "(required)" if not d.has_default else ("null" if d.config_default is None else f"`{_yaml_flow(d.config_default)}`")
         meaning = (d.setting.config_help or d.setting.help).replace("|", "\\|").replace("\n", " ")
-        rows.append(f"| `{prefix}{d.config_key}` | {default} | {'yes' if d.setting.result else 'no'} | {meaning} |")
-    return "\n".join(rows) + "\n"
+        yield f"| `{prefix}{d.config_key}` | {default} | {'yes' if d.setting.result else 'no'} | {meaning} |"
 
 
 @dataclass(frozen=True)
@@ -468,14 +490,22 @@ def schema_yaml(cls: type) -> Callable[[int], str]:
     a list one item a line, the other values in flow style."""
 
     def make(indent: int) -> str:
-        lines = []
-        for key, entry in schema_properties(cls).items():
-            lines.append(f"{key}:")
-            for name, value in entry.items():
-                lines += _yaml_item(name, value)
-        return "".join(" " * indent + line + "\n" for line in lines)
+        return "".join(" " * indent + line + "\n" for line in _properties_lines(schema_properties(cls)))
 
     return make
+
+
+def _properties_lines(properties: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """The YAML lines of schema properties; a block's own properties nested, indented by four."""
+    lines = []
+    for key, entry in properties.items():
+        lines.append(f"{key}:")
+        for name, value in entry.items():
+            if name == "properties" and isinstance(value, dict) and all(isinstance(v, dict) for v in value.values()):
+                lines += ["  properties:", *("    " + line for line in _properties_lines(value))]
+            else:
+                lines += _yaml_item(name, value)
+    return lines
 
 
 def _yaml_item(name: str, value: Any, width: int = 100) -> list[str]:

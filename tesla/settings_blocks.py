@@ -6,7 +6,8 @@
 The blocks: the config schema's keys of a distill row and the distill settings table of
 config/README.md (from :mod:`tesla.distill_settings`), the keys and tables of the experts'
 and the evaluation's settings (:mod:`tesla.training_settings`), a dataset entry's ``zca_eps``
-and its table (:mod:`tesla.zca_settings`), and the data sources' keys of a dataset entry
+and its table (:mod:`tesla.zca_settings`), the ``tracking:`` block's keys and table
+(:mod:`tesla.tracking_settings`), and the data sources' keys of a dataset entry
 (:mod:`tesla.data.sources.workflow`, which has its own markers). A test
 (tests/test_settings_blocks.py) fails while a committed file differs from what the
 declarations generate.
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from tesla.distill_settings import DistillSettings
 from tesla.settings import SchemaBlock, markdown_table, schema_yaml
+from tesla.tracking_settings import README_BLOCKS as TRACKING_README, SCHEMA_BLOCKS as TRACKING_SCHEMA
 from tesla.training_settings import BLOCK_FILES
 from tesla.zca_settings import ZcaSettings
 
@@ -36,6 +38,8 @@ BLOCKS: tuple[tuple[Path, SchemaBlock], ...] = (
     (SCHEMA, SchemaBlock("tesla.zca_settings.ZcaSettings", REGENERATE, schema_yaml(ZcaSettings))),
     (CONFIG_README, SchemaBlock("tesla.zca_settings.ZcaSettings", REGENERATE, lambda indent: markdown_table(ZcaSettings),
                                 comment=("<!--", "-->"))),
+    (SCHEMA, TRACKING_SCHEMA["tracking"]),
+    (CONFIG_README, TRACKING_README["tracking"]),
 )
 
 

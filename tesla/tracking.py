@@ -45,28 +45,11 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 import numpy as np
 
 from tesla.errors import TeslaError
+from tesla.settings import command_options, from_args as settings_from_args
+from tesla.tracking_settings import NO_TRACKER, TRACKERS, TrackerOptions, TrackingBlock, WandbBlock
 
-#: tracker name -> (the module it imports, the pip extra of pyproject.toml that installs it)
-TRACKERS: dict[str, tuple[str, str]] = {
-    "tensorboard": ("tensorboard", "tensorboard"),
-    "wandb": ("wandb", "wandb"),
-}
-WANDB_MODES: tuple[str, ...] = ("offline", "online")
 STATE_FORMAT = "tesla-tracker-state"
 STATE_VERSION = 1
-
-
-@dataclass(frozen=True)
-class TrackerOptions:
-    """The ``--tracker*`` options of a stage (``kind`` None: no tracking)."""
-
-    kind: str | None = None
-    dir: str | None = None
-    project: str = "tesla"
-    entity: str | None = None
-    group: str | None = None
-    mode: str = "offline"
-    name: str | None = None
 
 
 class Tracker(Protocol):
@@ -104,31 +87,11 @@ def check_available(kind: str | None) -> None:
             raise TeslaError(f"--tracker {kind}: {problem}; or drop --tracker")
 
 
-def add_tracking_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``--tracker*`` options (the same for every stage that trains)."""
-    g = parser.add_argument_group("live curves (optional; never changes a result; docs/tracking.md)")
-    g.add_argument("--tracker", choices=tuple(TRACKERS), default=None,
-                   help="also log the curves to TensorBoard or Weights & Biases (needs the pip extra of that name)")
-    g.add_argument("--tracker-dir", default=None, metavar="DIR",
-                   help="tensorboard: the event folder (default: a folder 'tensorboard' beside the output); wandb: "
-                        "where it writes its run folders (DIR/wandb; default: the current folder)")
-    g.add_argument("--tracker-project", default=TrackerOptions.project, help="wandb: project")
-    g.add_argument("--tracker-entity", default=None, help="wandb: entity (team or user)")
-    g.add_argument("--tracker-group", default=None, help="wandb: group of runs (e.g. one dataset and IPC)")
-    g.add_argument("--tracker-mode", choices=WANDB_MODES, default=TrackerOptions.mode,
-                   help="wandb: offline (files only; 'wandb sync' uploads them later) or online")
-    g.add_argument("--tracker-name", default=None, help="the run's display name (default: the job's output)")
-
-
-def options_from_args(args: argparse.Namespace) -> TrackerOptions:
-    """The tracker options of a parsed command line, checked (the package is installed)."""
-    options = TrackerOptions(
-        kind=getattr(args, "tracker", None), dir=getattr(args, "tracker_dir", None),
-        project=getattr(args, "tracker_project", TrackerOptions.project), entity=getattr(args, "tracker_entity", None),
-        group=getattr(args, "tracker_group", None), mode=getattr(args, "tracker_mode", TrackerOptions.mode),
-        name=getattr(args, "tracker_name", None),
-    )
-    check_available(options.kind)
+def from_args(args: argparse.Namespace) -> TrackerOptions:
+    """The tracker options of a parsed command line (its parser has the options of
+    :class:`TrackerOptions`), checked (the package is installed)."""
+    options = settings_from_args(TrackerOptions, args)
+    check_available(options.tracker)
     return options
 
 
@@ -271,7 +234,7 @@ def open_tracking(
     config: Mapping[str, Any] | None = None,
     start: int | None = None,
 ) -> Tracking:
-    """The job's tracking: none without ``options.kind``; otherwise the backend, opened behind
+    """The job's tracking: none without ``options.tracker``; otherwise the backend, opened behind
     the guard (a backend that fails to open warns once and the job goes on untracked).
 
     ``identity`` decides the W&B run id (:func:`run_id`); ``default_dir`` is TensorBoard's event
@@ -279,23 +242,23 @@ def open_tracking(
     ``epoch``, ``run``); ``name`` is the run's display name unless ``--tracker-name`` gives one;
     ``start``: the step the main series starts from (:meth:`Tracking.start`), if the job has one.
     """
-    if options.kind is None:
+    if options.tracker is None:
         return disabled()
-    check_available(options.kind)
+    check_available(options.tracker)
     rid = run_id(stage, identity)
-    tracking = Tracking(backend=None, label=f"tesla {stage}: {options.kind} tracker")
+    tracking = Tracking(backend=None, label=f"tesla {stage}: {options.tracker} tracker")
     try:
-        if options.kind == "tensorboard":
-            root = Path(options.dir) if options.dir else Path(default_dir)
+        if options.tracker == "tensorboard":
+            root = Path(options.tracker_dir) if options.tracker_dir else Path(default_dir)
         else:
-            root = Path(options.dir or ".") / "wandb"
+            root = Path(options.tracker_dir or ".") / "wandb"
         root.mkdir(parents=True, exist_ok=True)
         state_path = root / f"tesla-tracker-{rid}.json"
         tracking.last, backend_state = read_state(state_path)
-        if options.kind == "tensorboard":
+        if options.tracker == "tensorboard":
             backend: Tracker = TensorBoardTracker(root)
         else:
-            backend = WandbTracker(options, rid, stage, options.name or name, step_name, backend_state)
+            backend = WandbTracker(options, rid, stage, options.tracker_name or name, step_name, backend_state)
     except Exception as exc:
         tracking.warn(f"{tracking.label}: could not start ({type(exc).__name__}: {exc}); the job goes on without "
                       "tracking (its results do not depend on it)")
@@ -375,8 +338,9 @@ class WandbTracker:
         self.calls = int(state.get("calls", 0))
         self.defined: set[str] = set()
         self.run = wandb.init(
-            project=options.project, entity=options.entity, group=options.group, job_type=stage, name=name,
-            id=rid, resume="allow", mode=options.mode, dir=options.dir or ".",
+            project=options.tracker_project, entity=options.tracker_entity, group=options.tracker_group,
+            job_type=stage, name=name, id=rid, resume="allow", mode=options.tracker_mode,
+            dir=options.tracker_dir or ".",
             settings=wandb.Settings(console="off", silent=True, disable_git=True, save_code=False),
         )
 
@@ -428,41 +392,51 @@ def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
 # --------------------------------------------------------------------------------------
 # the workflow's `tracking:` block -> a job's options
 # --------------------------------------------------------------------------------------
+def _tracker(block: Mapping[str, Any]) -> str | None:
+    """The tracker of the config's ``tracking`` block (None: none)."""
+    kind = block.get("tracker", TrackingBlock.tracker)
+    return None if kind in (None, NO_TRACKER) else kind
+
+
 def config_problem(block: Mapping[str, Any]) -> str | None:
     """None when the config's ``tracking`` block can run here, else the problem (the key, the
     extra to install, the pip command)."""
-    kind = block.get("tracker", "none")
-    if kind in (None, "none"):
-        return None
-    problem = missing_package(kind)
-    return f"config key tracking.tracker: {kind}: {problem}; or set tracking.tracker: none" if problem else None
+    kind = _tracker(block)
+    problem = None if kind is None else missing_package(kind)
+    return f"config key tracking.tracker: {kind}: {problem}; or set tracking.tracker: {NO_TRACKER}" if problem else None
+
+
+#: the order in which the workflow writes the options (earlier workflows' order)
+_WORKFLOW_ORDER = ("tracker", "tracker_dir", "tracker_project", "tracker_group", "tracker_mode", "tracker_entity")
 
 
 def workflow_options(block: Mapping[str, Any], stage: str, out: str | os.PathLike) -> list[str]:
-    """The ``--tracker*`` options of a workflow job from the config's ``tracking`` block.
+    """The ``--tracker*`` options of a workflow job from the config's ``tracking`` block
+    (:class:`tesla.tracking_settings.TrackingBlock`), written from their declaration
+    (:class:`TrackerOptions`).
 
     ``out`` is the job's (first) output, ``results/<target>/...``: TensorBoard's events go
     beside it (the stage's default) or, with ``tensorboard.dir`` D, to D/<its folder under
     results/> (evaluation: D/<folder>/<file name>); the W&B group is ``wandb.group`` or the
     target folder (``<dataset>_ipc<N>``; experts: ``<dataset>_experts``), so all jobs of one
-    target show together."""
-    kind = block.get("tracker", "none")
-    if kind in (None, "none"):
+    target show together. An empty or null W&B key takes its default."""
+    kind = _tracker(block)
+    if kind is None:
         return []
     out = Path(out)
     parts = out.parts[1:] if out.parts and out.parts[0] == "results" else out.parts
-    opts = [f"--tracker {kind}"]
+    values: dict[str, Any] = {"tracker": kind}
     if kind == "tensorboard":
         tb_dir = (block.get("tensorboard") or {}).get("dir")
         if tb_dir:
             folder = Path(tb_dir).joinpath(*parts[:-1])
-            opts.append(f"--tracker-dir {folder / out.stem if stage == 'evaluate' else folder}")
-        return opts
-    wb = block.get("wandb") or {}
-    target = parts[0] if parts else "tesla"
-    group = wb.get("group") or (f"{target}_experts" if stage == "experts" else target)
-    opts += [f"--tracker-dir {wb.get('dir') or 'results'}", f"--tracker-project {wb.get('project') or 'tesla'}",
-             f"--tracker-group {group}", f"--tracker-mode {wb.get('mode') or 'offline'}"]
-    if wb.get("entity"):
-        opts.append(f"--tracker-entity {wb['entity']}")
-    return opts
+            values["tracker_dir"] = folder / out.stem if stage == "evaluate" else folder
+    else:
+        wb = block.get("wandb") or {}
+        target = parts[0] if parts else TrackerOptions.tracker_project  # no target folder: the project's name
+        values.update(
+            tracker_dir=wb.get("dir") or WandbBlock.dir, tracker_project=wb.get("project") or WandbBlock.project,
+            tracker_group=wb.get("group") or (f"{target}_experts" if stage == "experts" else target),
+            tracker_mode=wb.get("mode") or WandbBlock.mode, tracker_entity=wb.get("entity") or None,
+        )
+    return command_options(TrackerOptions, {}, result=False, order=_WORKFLOW_ORDER, given=values)

@@ -242,3 +242,29 @@ def test_an_exclusive_group_is_required_by_all_its_members_or_none():
 
     with pytest.raises(ValueError, match="b: the members of the exclusive group 'one' must all be required or none"):
         _parser(Mixed)
+
+
+def test_a_block_of_keys_nests_in_the_schema_and_the_table():
+    """A setting whose kind is a settings dataclass is a block of config keys: an object of its
+    keys (default {}, no others allowed) in the schema, each key its own row in the table."""
+    import yaml
+
+    @dataclasses.dataclass(frozen=True)
+    class Inner:
+        dir: str = setting("out", help="where")
+        mode: str = setting("a", help="how", choices=("a", "b"), result=False)
+
+    @dataclasses.dataclass(frozen=True)
+    class Outer:
+        kind: str = setting("none", help="which", choices=("none", "x"))
+        inner: Inner = setting(Inner(), kind=Inner, help="")  # no help: no description of its own
+
+    props = schema_properties(Outer)
+    assert props["inner"] == {"type": "object", "default": {}, "additionalProperties": False, "properties": {
+        "dir": {"description": "where", "type": "string", "minLength": 1, "default": "out"},
+        "mode": {"description": "how", "enum": ["a", "b"], "default": "a"}}}
+    text = schema_yaml(Outer)(2)
+    assert yaml.safe_load(text) == props and "      dir:\n" in text  # nested, as block YAML
+    table = markdown_table(Outer, "top.")
+    assert "| `top.inner.dir` | `out` | yes | where |" in table and "| `top.inner.mode` | `a` | no | how |" in table
+    assert "`top.inner` " not in table

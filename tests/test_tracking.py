@@ -133,7 +133,7 @@ def expert_index(toy, row: dict) -> int:
 @needs_tensorboard
 def test_tensorboard_scalars_equal_metrics_csv(toy, tmp_path):
     s = settings(toy, tmp_path, iterations=4, soft_labels="learned")
-    distill(s, TrackerOptions(kind="tensorboard"))
+    distill(s, TrackerOptions(tracker="tensorboard"))
     rows = read_metrics(s.metrics)
     scalars = tensorboard_scalars(tmp_path / "tensorboard")  # the default: beside the output
     for column in NUMBER_COLUMNS:
@@ -148,7 +148,8 @@ def test_tensorboard_scalars_equal_metrics_csv(toy, tmp_path):
 @needs_wandb
 def test_wandb_offline_run_folder_holds_the_same_history(toy, tmp_path):
     s = settings(toy, tmp_path, iterations=4)
-    distill(s, TrackerOptions(kind="wandb", dir=str(tmp_path), group="toy_ipc2", mode="offline"))
+    distill(s, TrackerOptions(tracker="wandb", tracker_dir=str(tmp_path), tracker_group="toy_ipc2",
+                              tracker_mode="offline"))
     rows = read_metrics(s.metrics)
     [run] = wandb_runs(tmp_path)
     history = [h for h in wandb_history(run) if "loss" in h]
@@ -169,7 +170,7 @@ def test_kill_and_resume_gives_one_run_without_duplicate_steps(toy, tmp_path, mo
     """Killed in iteration 6 (iterations 1..5 tracked, the checkpoint of 4 saved), then resumed:
     one curve 1..7, each step once, equal to the metrics of the finished run."""
     s = settings(toy, tmp_path, iterations=7, checkpoint_every=2)
-    options = TrackerOptions(kind=kind, dir=str(tmp_path / "tracker"))
+    options = TrackerOptions(tracker=kind, tracker_dir=str(tmp_path / "tracker"))
     real = _killed_in_iteration(monkeypatch, 6)
     with pytest.raises(KeyboardInterrupt):
         distill(s, options)
@@ -218,7 +219,7 @@ def test_a_tracker_failing_at_run_time_warns_once_and_changes_no_output(toy, tmp
     monkeypatch.setattr("torch.utils.tensorboard.SummaryWriter", FailingWriter)
     tracked = settings(toy, tmp_path / "tracked", iterations=4, soft_labels="learned")
     capsys.readouterr()
-    distill(tracked, TrackerOptions(kind="tensorboard"))
+    distill(tracked, TrackerOptions(tracker="tensorboard"))
     err = capsys.readouterr().err
     assert err.count("tracking is off") == 1 and "No space left on device" in err
     a, b = SyntheticSet.load(plain.out), SyntheticSet.load(tracked.out)
@@ -239,7 +240,7 @@ def test_a_tracker_that_cannot_start_warns_and_the_job_goes_on(toy, tmp_path, mo
 
     monkeypatch.setattr(wandb, "init", unreachable)
     s = settings(toy, tmp_path, iterations=2)
-    distill(s, TrackerOptions(kind="wandb", dir=str(tmp_path), mode="online"))
+    distill(s, TrackerOptions(tracker="wandb", tracker_dir=str(tmp_path), tracker_mode="online"))
     assert "could not start" in capsys.readouterr().err and Path(s.out).exists()
 
 
@@ -266,7 +267,7 @@ def test_experts_track_loss_and_accuracy_per_epoch_and_resume_without_duplicates
     test = write_split(tmp_path / "test.h5", 4, seed=1, split="test")
     cfgs = [ExpertConfig(train=train, test=test, out=tmp_path / f"expert_{k}.h5", seed=k, model="convnet_d1", epochs=3,
                          lr=0.05, batch_size=16) for k in (0, 1)]
-    options = TrackerOptions(kind="tensorboard")
+    options = TrackerOptions(tracker="tensorboard")
     train_experts(cfgs, stop_after_epochs=2, progress=False, log=lambda m: None, tracking=options)  # killed
     train_experts(cfgs, progress=False, log=lambda m: None, tracking=options)  # resumed
     from tesla.trajectories import Trajectory
