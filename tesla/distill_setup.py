@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable
 
@@ -60,6 +61,15 @@ class DistillSetup:
     input_space: Any = None  # tesla.input_space.InputSpace of the experts
     compiler: StepCompiler | None = field(repr=False, default=None)  # None: eager student steps
     ranks: Ranks = SINGLE  # the processes of the job (tesla.distributed); one by default
+
+    @cached_property
+    def fingerprints(self) -> dict[str, Any]:
+        """See :func:`input_fingerprints`."""
+        return {
+            "train": self.split.fingerprint,
+            "experts": [e.content_fingerprint() for e in self.experts],
+            "zca": zca_fingerprint(self.zca),
+        }
 
 
 def _open_experts(s: DistillSettings, split: ImageSplit) -> list[Trajectory]:
@@ -195,12 +205,9 @@ def open_setup(s: DistillSettings, ranks: Ranks = SINGLE) -> DistillSetup:
 
 def input_fingerprints(setup: DistillSetup) -> dict[str, Any]:
     """The fingerprints of a run's inputs: the training split, each expert trajectory's
-    content, the ZCA transform."""
-    return {
-        "train": setup.split.fingerprint,
-        "experts": [e.content_fingerprint() for e in setup.experts],
-        "zca": zca_fingerprint(setup.zca),
-    }
+    content, the ZCA transform (computed once per setup: they read two snapshots of every
+    expert and hash the ZCA matrix)."""
+    return setup.fingerprints
 
 
 def result_key(setup: DistillSetup) -> str:
