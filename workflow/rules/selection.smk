@@ -44,7 +44,7 @@ def only_where(paths: list[str]) -> str:
 
 def keep_options(wildcards) -> str:
     """--keep-every of a select: validation row (a rerun trigger: it decides which sets exist)."""
-    return _opt("keep-every", distill_cfg(wildcards.dataset, wildcards.ipc)["keep_every"])
+    return distill_declared.keep_option(distill_cfg(wildcards.dataset, wildcards.ipc))
 
 
 def select_options(wildcards) -> str:
