@@ -351,8 +351,8 @@ class DistillRow:
         help="processes of each distillation of the row, one per GPU (or CPU process with device cpu): G > 1 runs one "
              "torch.distributed job of G processes (torchrun locally, srun under SLURM with G x the profile's "
              "`distill` GPUs and G tasks) with the same result up to round-off, so not a rerun trigger; every "
-             "minibatch needs >= G images (batch_syn, and the last, partial one), the engines exact or tesla and "
-             "the network no batch norm (checked by a dry run)")
+             "minibatch needs >= G images (batch_syn, and the last, partial one), every engine must be exact or "
+             "tesla and the network free of batch norm (tesla.sharding; checked by a dry run)")
     select: str = setting(
         "final", choices=SELECT_RULES,
         help="which synthetic set acc.csv reports: final (the set the distillation ends with) or validation (the "

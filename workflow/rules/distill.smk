@@ -78,6 +78,7 @@ for _dataset, _ipc, _processes in distill_process_rows():
         output:
             **DISTILL_OUTPUTS,
         params:
+            launch=distill_launch,
             **DISTILL_PARAMS,
         log:
             DISTILL_LOG,
