@@ -3,7 +3,8 @@
 # (prepare, distill, evaluate_synthetic) with one more output or input; the plain rules leave
 # these rows out through their wildcard constraints, so every job of the other rows is as it
 # was. Logs and benchmarks follow the plain rules' patterns: the constraints give each path
-# one job.
+# one job. The profile's set-resources and set-threads name the plain rules; these rules take
+# them (stand_in_resources, stand_in_threads), so that under SLURM they run where those do.
 
 
 use rule prepare as prepare_validation with:
@@ -15,6 +16,9 @@ use rule prepare as prepare_validation with:
         test="resources/{dataset}/test.h5",
         val="resources/{dataset}/val.h5",
         report="resources/{dataset}/prepare_report.txt",
+    threads: stand_in_threads("prepare_validation", PREPARE_THREADS)
+    resources:
+        **stand_in_resources("prepare_validation", PREPARE_RESOURCES),
 
 
 # The two rules below share every setting of their plain rule but the command, which is
@@ -38,10 +42,9 @@ rule distill_kept:
         DISTILL_LOG,
     benchmark:
         DISTILL_BENCHMARK
-    threads: TRAIN_THREADS
+    threads: stand_in_threads("distill_kept", TRAIN_THREADS)
     resources:
-        **DISTILL_RESOURCES,
-        gpu=TRAIN_GPU,
+        **stand_in_resources("distill_kept", {**DISTILL_RESOURCES, "gpu": TRAIN_GPU}),
     conda:
         "../envs/tesla.yaml"
     shell:
@@ -69,10 +72,9 @@ rule evaluate_selected:
         EVALUATE_LOG,
     benchmark:
         EVALUATE_BENCHMARK
-    threads: TRAIN_THREADS
+    threads: stand_in_threads("evaluate_selected", TRAIN_THREADS)
     resources:
-        **EVALUATE_RESOURCES,
-        gpu=TRAIN_GPU,
+        **stand_in_resources("evaluate_selected", {**EVALUATE_RESOURCES, "gpu": TRAIN_GPU}),
     conda:
         "../envs/tesla.yaml"
     shell:

@@ -49,3 +49,15 @@ def keep_options(wildcards) -> str:
 
 def select_options(wildcards) -> str:
     return "--select validation"
+
+
+def stand_in_resources(rule: str, declared: dict) -> dict:
+    """The resources of a rule of select_sets.smk: those of the plain rule it stands in for
+    (``declared``), with what the profile sets for that rule (set-resources applies by rule
+    name only; rule_names.SELECTION_RULES)."""
+    return {**declared, **PROFILE.resources(rule_names.profile_rule(rule))}
+
+
+def stand_in_threads(rule: str, declared: int):
+    """The threads of a rule of select_sets.smk: the profile's set-threads of its plain rule, else ``declared``."""
+    return PROFILE.threads(rule_names.profile_rule(rule), declared)
