@@ -24,16 +24,19 @@ from typing import Any, Callable, Mapping
 
 from tesla.engines import COMPILE_MODES, ENGINES
 from tesla.errors import TeslaError
+from tesla.selection import SELECT_RULES
 from tesla.settings import (
     Wording,
     bound_problems,
     command_options,
+    declared_option,
     result_neutral,
     resume_tunable,
     setting,
 )
 
 __all__ = [
+    "DistillRow",
     "DistillSettings",
     "INITS",
     "LR_IMG_CONVENTIONS",
@@ -45,6 +48,7 @@ __all__ = [
     "SOFT_LABELS_OF_BOOL",
     "check_settings",
     "check_window",
+    "keep_option",
     "last_window_snapshot",
     "soft_label_kind",
     "start_window",
@@ -88,6 +92,13 @@ def _not(rule: Callable[[Mapping[str, Any]], bool]) -> Callable[[Mapping[str, An
 
 #: the schema of a name that a registry checks (the workflow's message names the key and the known names)
 NAME_SCHEMA = {"type": "string", "pattern": "^[a-z-]+$"}
+_POSITIVE_INT = {"$ref": "#/$defs/positive_int"}
+
+
+def _written_apart(row: Mapping[str, Any]) -> bool:
+    """keep_every: never among a job's generic options; the rows with select: validation get
+    it as a param of its own (:func:`keep_option`), every other row not at all."""
+    return True
 
 
 @dataclass
@@ -226,9 +237,13 @@ class DistillSettings:
         None, metavar="KEY", group=GUARD, config=None, result=False, resume_tunable=True,
         help="name settings in messages as config keys under KEY (set by the workflow, e.g. datasets.demo.distill.1)")
     keep_every: int = setting(
-        0, kind=int, minimum=0, maximum=10**9, metavar="K", config=None, result=False, resume_tunable=True,
+        0, kind=int, minimum=0, maximum=10**9, metavar="K", result=False, resume_tunable=True, skip=_written_apart,
+        config_default=100, schema=_POSITIVE_INT,
         help="also keep the set every K iterations and the final one in OUT.kept/ (0: none; for selection by "
-             "validation accuracy, docs/selection.md; the workflow sets it for rows with select: validation)")
+             "validation accuracy, docs/selection.md; the workflow sets it for rows with select: validation)",
+        config_help="with select: validation, iterations between two kept sets (the final set is always kept); the "
+                    "distilled set does not depend on it, which sets are evaluated does: a change reruns that row's "
+                    "distillation and evaluations")
 
     def __post_init__(self) -> None:
         # the boolean form of earlier versions (and of config files): True = TESLA's labels
@@ -315,6 +330,43 @@ class DistillSettings:
 RESULT_NEUTRAL = result_neutral(DistillSettings)
 #: settings that may change when a run resumes from its checkpoint (all others must match)
 RESUME_TUNABLE = resume_tunable(DistillSettings)
+
+
+@dataclass
+class DistillRow:
+    """A distill row's keys that are not settings of ``tesla distill`` (never an option of its
+    command): its input space, its evaluation, its processes and the set acc.csv reports. The
+    workflow reads them (their schema entries and config/README.md's table are generated)."""
+
+    normalize: str | None = setting(
+        None, schema={"anyOf": [{"$ref": "#/$defs/normalize"}, {"type": "null"}]},
+        help="this row's input-space normalisation (null = the dataset's `normalize`)")
+    zca: bool | None = setting(None, kind=bool, help="ZCA whitening for this row (null = the dataset's `zca`)")
+    eval_runs: int | None = setting(
+        None, schema={"anyOf": [_POSITIVE_INT, {"type": "null"}]},
+        help="networks per architecture in the evaluation of this IPC (null = the dataset's evaluate.runs; the "
+             "published TESLA commands used 3, MTT 5)")
+    gpus: int = setting(
+        1, schema=_POSITIVE_INT, result=False,
+        help="processes of each distillation of the row, one per GPU (or CPU process with device cpu): G > 1 runs one "
+             "torch.distributed job of G processes (torchrun locally, srun under SLURM with G x the profile's "
+             "`distill` GPUs and G tasks) with the same result up to round-off, so not a rerun trigger; every "
+             "minibatch needs >= G images (batch_syn, and the last, partial one), every engine must be exact or "
+             "tesla and the network free of batch norm (tesla.sharding; checked by a dry run)")
+    select: str = setting(
+        "final", choices=SELECT_RULES,
+        help="which synthetic set acc.csv reports: final (the set the distillation ends with) or validation (the "
+             "distillation keeps its set every keep_every iterations and the final one; each is evaluated, and the "
+             "one with the best accuracy on the dataset's validation split is reported, which needs "
+             "validation_per_class > 0); eval/<engine>_<arch>.sets.csv lists every kept set with the final, "
+             "best-by-validation and best-by-test (the published protocol's, selected on the test set) picks; "
+             "docs/selection.md")
+
+
+def keep_option(row: Mapping[str, Any]) -> str:
+    """``--keep-every`` of a row with select: validation: the workflow's ``keep`` param of its
+    distillation (a rerun trigger: it decides which sets exist and are evaluated)."""
+    return declared_option(DistillSettings, "keep_every", row["keep_every"])
 
 
 # ---------------------------------------------------------------------------------------

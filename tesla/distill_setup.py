@@ -33,6 +33,7 @@ from tesla.input_space import experts_input_space
 from tesla.matching import check_shardable
 from tesla.models import build_from_spec
 from tesla.parameters import functional_forward, param_layout
+from tesla.sharding import batch_norm_problem
 from tesla.step_compiler import StepCompiler, resolve_compile_mode
 from tesla.devices import pick_device
 from tesla.losses import training_loss
@@ -127,11 +128,7 @@ def _check_per_sample(model: torch.nn.Module, spec: dict, ranks: Ranks) -> None:
     """Refuse a batch-statistics network over several processes: each rank would normalise its
     shard of a minibatch by the shard's own statistics, which is not the one-process network."""
     if ranks.distributed and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-        raise TeslaError(
-            f"the experts' network {spec.get('name')} uses batch norm, whose statistics span the minibatch: over "
-            f"{ranks.world_size} processes each would normalise its own share; run it in one process, or use experts "
-            "with instance norm (the default)"
-        )
+        raise TeslaError(f"a run over {ranks.world_size} processes: {batch_norm_problem(str(spec.get('name')))}")
 
 
 def _synthetic_size(s: DistillSettings, split: ImageSplit) -> tuple[int, int]:

@@ -62,6 +62,8 @@ from tesla.distributed import SINGLE, Ranks
 from tesla.engines import ENGINES
 from tesla.errors import TeslaError
 from tesla.precision import ieee_float32
+from tesla.settings import Wording
+from tesla.sharding import shard_problems
 from tesla.step_compiler import StepCompiler, adjoint_kind, step_kinds
 from tesla.student_steps import (
     EagerSteps,
@@ -423,19 +425,13 @@ def unroll_gradients(
 
 
 def check_shardable(engine: str, batch_syn: int, num_images: int, ranks: Ranks) -> None:
-    """Refuse what a run over several processes cannot do: ``unroll`` (one graph of all steps)
-    and a minibatch smaller than the number of processes (an empty shard)."""
+    """Refuse what a run over several processes cannot do (:func:`tesla.sharding.shard_problems`:
+    ``unroll``, one graph of all steps, and a minibatch smaller than the number of processes)."""
     if not ranks.distributed:
         return
-    where = f"a run over {ranks.world_size} processes"
-    if engine == "unroll":
-        raise TeslaError(f"{where}: engine unroll runs in one process; use --engine exact or tesla")
-    sizes = {batch_syn, num_images % batch_syn or batch_syn}
-    if min(sizes) < ranks.world_size:
-        raise TeslaError(
-            f"{where}: every minibatch is split over the processes, but minibatches of {min(sizes)} images (--batch-syn "
-            f"{batch_syn}, {num_images} images) are fewer than the processes; raise --batch-syn or use fewer processes"
-        )
+    problems = shard_problems(engine, batch_syn, num_images, ranks.world_size, Wording().name)
+    if problems:
+        raise TeslaError(f"a run over {ranks.world_size} processes: {problems[0]}")
 
 
 _ENGINE_FUNCTIONS = {"exact": exact_gradients, "tesla": tesla_gradients, "unroll": unroll_gradients}

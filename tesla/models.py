@@ -55,6 +55,7 @@ __all__ = [
     "model_spec",
     "model_version",
     "supports_resolution",
+    "uses_batch_norm",
 ]
 
 SPEC_FORMAT = "tesla-model-spec"
@@ -217,6 +218,13 @@ _REGISTRY: dict[str, ModelEntry] = {
 def available_models() -> list[str]:
     """Registered model names, sorted."""
     return sorted(_REGISTRY)
+
+
+def uses_batch_norm(name: str, **options: Any) -> bool:
+    """Whether the network ``name`` (with ``options``) normalises by batch statistics (its
+    ``norm`` option is batchnorm): the output for one image depends on the rest of its minibatch."""
+    entry = _entry(name)
+    return _resolve_options(name, entry, options).get("norm") == "batchnorm"
 
 
 def model_version(name: str) -> int:

@@ -40,6 +40,7 @@ __all__ = [
     "schema_properties",
     "schema_yaml",
     "command_options",
+    "declared_option",
     "result_neutral",
     "markdown_table",
     "SchemaBlock",
@@ -337,6 +338,13 @@ def command_options(
     return opts
 
 
+def declared_option(cls: type, name: str, value: Any) -> str:
+    """The option of ``cls``'s setting ``name`` with ``value``, written whatever its default and
+    ``skip`` (for an option the workflow writes apart from :func:`command_options`)."""
+    [d] = [d for d in declared(cls) if d.name == name]
+    return f"{d.flag} {format_value(value)}"
+
+
 def config_value(d: Declared, entry: Mapping[str, Any]) -> Any:
     """The setting's value in a config entry: its key's (read by ``from_config``), else its
     config default."""
@@ -406,7 +414,8 @@ class SchemaBlock:
         return self._marker(f"<<< end of the block generated from {self.name}")
 
     def _span(self, text: str, path: Path) -> tuple[int, int, int]:
-        begin, end = text.find(self.begin), text.find(self.end)
+        begin = text.find(self.begin)
+        end = text.find(self.end, max(begin, 0))  # after its own begin: another block's end may start alike
         if begin < 0 or end < begin:
             raise ValueError(f"{path}: the marker lines of the generated block are missing ({self.begin!r} ... {self.end!r})")
         start = text.rfind("\n", 0, begin) + 1

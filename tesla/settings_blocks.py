@@ -4,7 +4,8 @@
     python -m tesla.settings_blocks --check     # exit 1 when a block is out of date
 
 The blocks: the config schema's keys of a distill row and the distill settings table of
-config/README.md (from :mod:`tesla.distill_settings`), the keys and tables of the experts'
+config/README.md (from :mod:`tesla.distill_settings`: the settings of ``tesla distill``, and
+the row's other keys, ``DistillRow``), the keys and tables of the experts'
 and the evaluation's settings (:mod:`tesla.training_settings`), a dataset entry's ``zca_eps``
 and its table (:mod:`tesla.zca_settings`), the ``tracking:`` block's keys and table
 (:mod:`tesla.tracking_settings`), and the data sources' keys of a dataset entry
@@ -19,7 +20,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from tesla.distill_settings import DistillSettings
+from tesla.distill_settings import DistillRow, DistillSettings
 from tesla.settings import SchemaBlock, markdown_table, schema_yaml
 from tesla.tracking_settings import README_BLOCKS as TRACKING_README, SCHEMA_BLOCKS as TRACKING_SCHEMA
 from tesla.training_settings import BLOCK_FILES
@@ -33,6 +34,9 @@ CONFIG_README = Path("config/README.md")
 BLOCKS: tuple[tuple[Path, SchemaBlock], ...] = (
     (SCHEMA, SchemaBlock("tesla.distill_settings", REGENERATE, schema_yaml(DistillSettings))),
     (CONFIG_README, SchemaBlock("tesla.distill_settings", REGENERATE, lambda indent: markdown_table(DistillSettings),
+                                comment=("<!--", "-->"))),
+    (SCHEMA, SchemaBlock("tesla.distill_settings.DistillRow", REGENERATE, schema_yaml(DistillRow))),
+    (CONFIG_README, SchemaBlock("tesla.distill_settings.DistillRow", REGENERATE, lambda indent: markdown_table(DistillRow),
                                 comment=("<!--", "-->"))),
     *((Path(name), block) for name, blocks in BLOCK_FILES.items() for block in blocks.values()),
     (SCHEMA, SchemaBlock("tesla.zca_settings.ZcaSettings", REGENERATE, schema_yaml(ZcaSettings))),

@@ -276,6 +276,37 @@ def test_shards_cover_the_minibatch_in_order():
     assert SINGLE.shard(5) == slice(0, 5) and not SINGLE.distributed and SINGLE.writes
 
 
+@pytest.mark.parametrize("engine, batch_syn, images", [("unroll", 4, 8), ("exact", 5, 6), ("tesla", 1, 10)])
+def test_the_shard_rules_are_one_function_for_the_command_line_and_the_config(engine, batch_syn, images):
+    """tesla.sharding decides what G processes cannot do: `tesla distill` raises its first
+    problem naming flags, the workflow's config check lists them naming config keys."""
+    from tesla.matching import check_shardable
+    from tesla.settings import Wording
+    from tesla.sharding import row_problems, shard_problems
+
+    [first, *_] = shard_problems(engine, batch_syn, images, 2, Wording().name)
+    with pytest.raises(TeslaError) as refused:
+        check_shardable(engine, batch_syn, images, Ranks(rank=0, world_size=2))
+    assert str(refused.value) == f"a run over 2 processes: {first}"
+    check_shardable(engine, batch_syn, images, SINGLE)  # one process: anything goes
+    row = {"gpus": 2, "engine": [engine], "batch_syn": batch_syn}
+    named = shard_problems(engine, batch_syn, images, 2, lambda key: f"datasets.d.distill.1.{key}")
+    assert row_problems(row, "datasets.d.distill.1", images, "convnet", "datasets.d.model") == [
+        f"config key datasets.d.distill.1.gpus: a run over 2 processes: {p}" for p in named]
+    assert row_problems({**row, "gpus": 1}, "datasets.d.distill.1", images, "resnet18_bn", "datasets.d.model") == []
+
+
+def test_the_model_registry_says_which_networks_use_batch_norm_without_building_them():
+    from tesla.models import available_models, build_model, uses_batch_norm
+
+    for name in ("convnet_d1", "resnet18", "resnet18_bn", "vgg11_bn", "alexnet"):
+        model = build_model(name, channels=3, num_classes=3, resolution=32)
+        built = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+        assert uses_batch_norm(name) == built, name
+    assert uses_batch_norm("convnet", norm="batchnorm") and not uses_batch_norm("convnet")
+    assert {n for n in available_models() if uses_batch_norm(n)} == {"resnet18_bn", "resnet18_bn_tv", "vgg11_bn"}
+
+
 def test_what_two_processes_cannot_do_is_refused_before_any_work(toy, tmp_path):
     from tesla.distill import build_setup
     from tesla.matching import check_shardable

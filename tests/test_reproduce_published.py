@@ -17,6 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tesla.distill_settings import DistillRow
+from tesla.settings import declared
+
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("reproduce_published", ROOT / "bench" / "reproduce_published.py")
 rp = sys.modules["reproduce_published"] = importlib.util.module_from_spec(spec)
@@ -104,8 +107,9 @@ def test_a_run_spans_two_commands_and_reports_the_iterations_and_seconds_of_both
     assert sorted(p.name for p in (tmp_path / "out2").iterdir()) == ["acc_ipc1.csv", "logs.tar.gz", "reproduce.md"]
 
 
-#: a row's keys that are not settings of `tesla distill`: read by the other stages of the run
-NOT_DISTILL_KEYS = {"normalize", "zca", "eval_runs", "gpus", "iterations_max"}
+#: a row's keys that are not settings of `tesla distill` (tesla.distill_settings.DistillRow, and the
+#: script's own iterations_max): read by the other stages of the run
+NOT_DISTILL_KEYS = {d.config_key for d in declared(DistillRow)} | {"iterations_max"}
 
 
 def _reached(tmp_path, config: Path, dataset: str, ipcs: list[int]) -> int:

@@ -201,6 +201,8 @@ def test_the_rules_of_expert_groups_take_the_expert_resources_of_the_profile(wor
     assert name == "expert_group_cifar10_none_zca_eps0_1_4" and name.isidentifier()
     assert profile_rule(name) == "expert" and profile_rule("distill") == "distill"
     assert profile_rule(distill_processes_rule("in1k", 50)) == "distill"
+    selection = {"prepare_validation": "prepare", "distill_kept": "distill", "evaluate_selected": "evaluate_synthetic"}
+    assert {rule: profile_rule(rule) for rule in selection} == selection
 
 
 def test_watch_names_the_profile_key_the_workflow_maps_a_rule_to(scheduler, workflow_lib):

@@ -84,6 +84,29 @@ def _sbatch(resources: dict[str, str]) -> str:
     return get_submit_command(job, params) + set_gres_string(job)
 
 
+def test_a_row_its_processes_cannot_run_is_refused_before_any_job_naming_the_key(tmp_path):
+    """What `tesla distill` refuses when a job of G processes starts (engine unroll, a minibatch
+    smaller than G, a batch-norm network) is refused by the dry run already, by the same rules."""
+    workdir = make_workdir(tmp_path / "wf")
+    cfg = load_config(workdir)
+    demo = cfg["datasets"]["demo"]
+    demo["model"] = "resnet18_bn"
+    demo["distill"][1].update(gpus=2, engine=["exact", "unroll"])
+    demo["distill"][3].update(gpus=4, batch_syn=7)  # 3 x 10 images: minibatches of 7, the last one of 2
+    write_config(workdir, cfg, "edited.yaml")
+    result = snakemake(workdir, "--dry-run", "--cores", "1", "--configfile", "edited.yaml")
+    text = result.stdout + result.stderr
+    assert result.returncode != 0 and "invalid configuration" in text, text
+    one, three = "config key datasets.demo.distill.1.gpus: a run over 2", "config key datasets.demo.distill.3.gpus: a run over 4"
+    assert f"{one} processes: engine unroll runs in one process; use datasets.demo.distill.1.engine exact or tesla" in text
+    assert (f"{three} processes: every minibatch is split over the processes, but minibatches of 2 images "
+            "(datasets.demo.distill.3.batch_syn 7, 30 images) are fewer than the processes") in text
+    for row in (one, three):
+        assert f"{row} processes: the experts' network resnet18_bn (datasets.demo.model) uses batch norm" in text
+    assert "engine exact runs" not in text and "distill.1.gpus: a run over 2 processes: every minibatch" not in text
+    assert not (workdir / "results").exists()
+
+
 def test_the_number_of_gpus_is_not_a_rerun_trigger(executed):  # noqa: F811
     workdir, _ = executed
     assert dry_run(workdir, _two_processes(load_config(workdir))) == {}

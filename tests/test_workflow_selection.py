@@ -3,11 +3,14 @@ refusal of a row that asks for it without a validation split."""
 
 from __future__ import annotations
 
+import re
+import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
-from workflow_support import SNAKEMAKE, load_config, make_workdir, planned_jobs, snakemake, write_config
+from workflow_support import ROOT, SNAKEMAKE, load_config, make_workdir, planned_jobs, snakemake, write_config
 
 pytestmark = pytest.mark.skipif(SNAKEMAKE is None, reason="snakemake is not installed in this environment")
 
@@ -66,3 +69,18 @@ def test_select_validation_without_a_validation_split_is_refused_naming_the_key(
     assert result.returncode != 0
     assert ("config key datasets.demo.distill.1.select: validation needs a validation split, but "
             "datasets.demo.validation_per_class is 0") in result.stderr + result.stdout
+
+
+def test_under_the_slurm_profile_the_selection_rules_ask_for_what_their_plain_rules_get(workdir):
+    """The profile's set-resources and set-threads name the plain rules (prepare, distill,
+    evaluate_synthetic); the rules standing in for them on select: validation rows get the same."""
+    shutil.copytree(ROOT / "profiles", workdir / "profiles", dirs_exist_ok=True)
+    profile = yaml.safe_load((workdir / "profiles" / "slurm" / "config.yaml").read_text())
+    result = _dry_run(workdir, _selecting(load_config(workdir)), "results/demo_ipc1/acc.csv",
+                      "--workflow-profile", "profiles/slurm")
+    assert result.returncode == 0, result.stdout + result.stderr
+    for rule, plain in (("prepare_validation", "prepare"), ("distill_kept", "distill"), ("evaluate_selected", "evaluate_synthetic")):
+        job = re.search(rf"^rule {rule}:\n((?:[ \t]+.*\n)+)", result.stdout, re.MULTILINE).group(1)
+        asked = dict(kv.split("=", 1) for kv in re.search(r"resources: (.*)", job).group(1).split(", "))
+        for key, value in profile["set-resources"][plain].items():
+            assert asked[key] == str(value), (rule, key)

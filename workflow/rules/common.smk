@@ -46,6 +46,7 @@ try:
     from tesla.zca_settings import ZcaSettings
     from tesla.settings import command_options
     from tesla import selection
+    from tesla import sharding
     from tesla.devices import nvidia_gpu_visible
     from tesla.data.sources import workflow as data_sources
 except ImportError as exc:
@@ -162,6 +163,7 @@ def _cross_checks(cfg) -> list[str]:
                 problems.append(f"config key {key}.batch_syn: {row['batch_syn']} is more than the synthetic set ({ipc} x "
                                 f"{classes} classes = {images} images); lower it to at most {images}, or null (all images)")
             problems += [f"config key {key}: {p}" for p in distill_declared.window_problems(row, str)]
+            problems += sharding.row_problems(row, key, images or None, ds["model"], f"{where}.model")
             if row["init_expert"] >= ex["count"]:
                 problems.append(f"config key {key}.init_expert: {row['init_expert']} is not an expert of the pool "
                                 f"(experts 0..{ex['count'] - 1}, {where}.experts.count)")

@@ -1,6 +1,9 @@
 # Raw data -> class-sorted uint8 HDF5 splits (tesla prepare), and ZCA whitening for the
 # input spaces that use it.
 
+PREPARE_RESOURCES = {"mem_mb": 8000, "runtime": 24 * 60}
+PREPARE_THREADS = 4
+
 
 rule prepare:
     """Convert a configured dataset into resources/<dataset>/train.h5 and test.h5."""
@@ -23,10 +26,9 @@ rule prepare:
         "results/logs/prepare/{dataset}.log",
     benchmark:
         "results/benchmarks/prepare/{dataset}.tsv"
-    threads: 4
+    threads: PREPARE_THREADS
     resources:
-        mem_mb=8000,
-        runtime=24 * 60,
+        **PREPARE_RESOURCES,
     conda:
         "../envs/tesla.yaml"
     shell:

@@ -15,8 +15,7 @@ DISTILL_OUTPUTS = dict(
     metrics="results/{dataset}_ipc{ipc}/{engine}/metrics.csv",
     grids=directory("results/{dataset}_ipc{ipc}/{engine}/grids"),
 )
-DISTILL_PARAMS = dict(
-    launch=distill_launch,
+DISTILL_PARAMS = dict(  # with launch=distill_launch in the rules whose command starts with it
     device=job_device,
     options=distill_options,
     zca=zca_option,
@@ -47,6 +46,7 @@ rule distill:
     output:
         **DISTILL_OUTPUTS,
     params:
+        launch=distill_launch,
         **DISTILL_PARAMS,
     log:
         DISTILL_LOG,
@@ -78,6 +78,7 @@ for _dataset, _ipc, _processes in distill_process_rows():
         output:
             **DISTILL_OUTPUTS,
         params:
+            launch=distill_launch,
             **DISTILL_PARAMS,
         log:
             DISTILL_LOG,

@@ -1,6 +1,19 @@
 # Evaluation: one job per (dataset, IPC, method, architecture), so adding an architecture
 # runs only its own jobs. The methods are the engines of the row (their distilled sets) and
 # 'random' (random real images at the same IPC, in the experts' input space: the baseline).
+#
+# The settings of an engine's evaluation, shared with evaluate_selected (rules/select_sets.smk):
+EVALUATE_RESOURCES = {"mem_mb": 16000, "runtime": 6 * 60}
+EVALUATE_OUTPUT = "results/{dataset}_ipc{ipc}/eval/{engine}_{arch}.csv"
+EVALUATE_PARAMS = dict(
+    device=job_device,
+    options=evaluate_options,
+    run=evaluate_run_options,
+    method=evaluate_method,
+    upstream=evaluate_synthetic_upstream,
+)
+EVALUATE_LOG = "results/logs/evaluate/{dataset}_ipc{ipc}/{engine}_{arch}.log"
+EVALUATE_BENCHMARK = "results/benchmarks/evaluate/{dataset}_ipc{ipc}/{engine}_{arch}.tsv"
 
 
 rule evaluate_synthetic:
@@ -11,21 +24,16 @@ rule evaluate_synthetic:
         synthetic="results/{dataset}_ipc{ipc}/{engine}/synthetic.h5",
         test="resources/{dataset}/test.h5",
     output:
-        "results/{dataset}_ipc{ipc}/eval/{engine}_{arch}.csv",
+        EVALUATE_OUTPUT,
     params:
-        device=job_device,
-        options=evaluate_options,
-        run=evaluate_run_options,
-        method=evaluate_method,
-        upstream=evaluate_synthetic_upstream,
+        **EVALUATE_PARAMS,
     log:
-        "results/logs/evaluate/{dataset}_ipc{ipc}/{engine}_{arch}.log",
+        EVALUATE_LOG,
     benchmark:
-        "results/benchmarks/evaluate/{dataset}_ipc{ipc}/{engine}_{arch}.tsv"
+        EVALUATE_BENCHMARK
     threads: TRAIN_THREADS
     resources:
-        mem_mb=16000,
-        runtime=6 * 60,
+        **EVALUATE_RESOURCES,
         gpu=TRAIN_GPU,
     conda:
         "../envs/tesla.yaml"
@@ -56,8 +64,7 @@ rule evaluate_random:
         "results/benchmarks/evaluate/{dataset}_ipc{ipc}/random_{arch}.tsv"
     threads: TRAIN_THREADS
     resources:
-        mem_mb=16000,
-        runtime=6 * 60,
+        **EVALUATE_RESOURCES,
         gpu=TRAIN_GPU,
     conda:
         "../envs/tesla.yaml"

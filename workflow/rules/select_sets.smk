@@ -1,35 +1,29 @@
 # The rules of the rows with `select: validation` and of the datasets with a validation split
-# (the helpers and the reasons: selection.smk; docs/selection.md).
+# (the helpers and the reasons: selection.smk; docs/selection.md). Each is its plain rule
+# (prepare, distill, evaluate_synthetic) with one more output or input; the plain rules leave
+# these rows out through their wildcard constraints, so every job of the other rows is as it
+# was. Logs and benchmarks follow the plain rules' patterns: the constraints give each path
+# one job. The profile's set-resources and set-threads name the plain rules; these rules take
+# them (stand_in_resources, stand_in_threads), so that under SLURM they run where those do.
 
 
-rule prepare_validation:
-    """Convert a dataset with validation_per_class > 0: train.h5 without the held-out images, val.h5 with them."""
+use rule prepare as prepare_validation with:
+    # train.h5 without the held-out images, val.h5 with them (validation_per_class > 0)
     wildcard_constraints:
         dataset=only_where([re.escape(f"{d}/") for d in validation_datasets()]),
-    input:
-        check_raw_data,
     output:
         train="resources/{dataset}/train.h5",
         test="resources/{dataset}/test.h5",
         val="resources/{dataset}/val.h5",
         report="resources/{dataset}/prepare_report.txt",
-    params:
-        options=prepare_options,
-        method=method("prepare"),
-    log:
-        "results/logs/prepare/{dataset}.log",
-    benchmark:
-        "results/benchmarks/prepare/{dataset}.tsv"
-    threads: 4
+    threads: stand_in_threads("prepare_validation", PREPARE_THREADS)
     resources:
-        mem_mb=8000,
-        runtime=24 * 60,
-    conda:
-        "../envs/tesla.yaml"
-    shell:
-        "tesla prepare {params.options} --out-dir resources/{wildcards.dataset} --workers {threads} > {log} 2>&1"
+        **stand_in_resources("prepare_validation", PREPARE_RESOURCES),
 
 
+# The two rules below share every setting of their plain rule but the command, which is
+# recorded with each output (a changed command reruns the job): a rule inherited with
+# `use rule` keeps its parent's command, so these name the shared pieces instead.
 rule distill_kept:
     """Learn synthetic.h5 of a select: validation row, keeping the set every keep_every iterations in synthetic.kept/."""
     wildcard_constraints:
@@ -39,30 +33,22 @@ rule distill_kept:
         experts=row_experts,
         zca=row_zca,
     output:
-        synthetic="results/{dataset}_ipc{ipc}/{engine}/synthetic.h5",
-        metrics="results/{dataset}_ipc{ipc}/{engine}/metrics.csv",
-        grids=directory("results/{dataset}_ipc{ipc}/{engine}/grids"),
+        **DISTILL_OUTPUTS,
         kept=directory("results/{dataset}_ipc{ipc}/{engine}/synthetic.kept"),
     params:
-        device=job_device,
-        options=distill_options,
+        **DISTILL_PARAMS,
         keep=keep_options,
-        zca=zca_option,
-        method=method("distill"),
-        upstream=distill_upstream,
-        run=distill_run_options,
     log:
-        "results/logs/distill/{dataset}_ipc{ipc}_{engine}.log",
+        DISTILL_LOG,
     benchmark:
-        "results/benchmarks/distill/{dataset}_ipc{ipc}_{engine}.tsv"
-    threads: TRAIN_THREADS
+        DISTILL_BENCHMARK
+    threads: stand_in_threads("distill_kept", TRAIN_THREADS)
     resources:
-        mem_mb=32000,
-        runtime=48 * 60,
-        gpu=TRAIN_GPU,
+        **stand_in_resources("distill_kept", {**DISTILL_RESOURCES, "gpu": TRAIN_GPU}),
     conda:
         "../envs/tesla.yaml"
     shell:
+        # one process (select: validation with gpus > 1 is refused), so `tesla distill` itself
         "tesla distill --train {input.train} --experts {input.experts} --out {output.synthetic} "
         "{params.options} {params.keep} {params.zca} --metrics {output.metrics} --grid-dir {output.grids} "
         "{params.run} --device {params.device} > {log} 2>&1"
@@ -77,24 +63,18 @@ rule evaluate_selected:
         validation="resources/{dataset}/val.h5",
         test="resources/{dataset}/test.h5",
     output:
-        runs="results/{dataset}_ipc{ipc}/eval/{engine}_{arch}.csv",
+        runs=EVALUATE_OUTPUT,
         sets="results/{dataset}_ipc{ipc}/eval/{engine}_{arch}.sets.csv",
     params:
-        device=job_device,
-        options=evaluate_options,
+        **EVALUATE_PARAMS,
         select=select_options,
-        run=evaluate_run_options,
-        method=evaluate_method,
-        upstream=evaluate_synthetic_upstream,
     log:
-        "results/logs/evaluate/{dataset}_ipc{ipc}/{engine}_{arch}.log",
+        EVALUATE_LOG,
     benchmark:
-        "results/benchmarks/evaluate/{dataset}_ipc{ipc}/{engine}_{arch}.tsv"
-    threads: TRAIN_THREADS
+        EVALUATE_BENCHMARK
+    threads: stand_in_threads("evaluate_selected", TRAIN_THREADS)
     resources:
-        mem_mb=16000,
-        runtime=6 * 60,
-        gpu=TRAIN_GPU,
+        **stand_in_resources("evaluate_selected", {**EVALUATE_RESOURCES, "gpu": TRAIN_GPU}),
     conda:
         "../envs/tesla.yaml"
     shell:
