@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,6 +21,7 @@ from PIL import Image
 from tesla.errors import TeslaError
 from tesla.files import atomic_output
 from tesla.grids import to_uint8_hwc
+from tesla.settings import add_arguments, from_args, setting
 from tesla.synthetic import SyntheticSet
 
 TORCH_EXPORT_FORMAT = "tesla-synthetic-torch"
@@ -98,20 +100,32 @@ def export_torch(synthetic: SyntheticSet, path: str | os.PathLike) -> Path:
     return path
 
 
+_TARGET = "target"
+
+
+@dataclass(frozen=True)
+class ExportCommand:
+    """Everything ``tesla export`` is told: the synthetic set and one target."""
+
+    synthetic: str = setting(help="synthetic set file written by 'tesla distill'", required=True, config=None)
+    png_dir: str | None = setting(None, exclusive=_TARGET, required=True, config=None,
+                                  help="write one PNG per image into class folders under this directory")
+    torch_file: str | None = setting(None, flag="--torch", exclusive=_TARGET, required=True, config=None,
+                                     help="write a plain torch.save file {images, labels, lr, ...}")
+
+
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--synthetic", required=True, help="synthetic set file written by 'tesla distill'")
-    target = parser.add_mutually_exclusive_group(required=True)
-    target.add_argument("--png-dir", help="write one PNG per image into class folders under this directory")
-    target.add_argument("--torch", dest="torch_file", help="write a plain torch.save file {images, labels, lr, ...}")
+    add_arguments(parser, ExportCommand)
 
 
 def run(args: argparse.Namespace) -> int:
-    synthetic = SyntheticSet.load(args.synthetic)
-    if args.png_dir:
-        out = Path(args.png_dir)
+    command = from_args(ExportCommand, args)
+    synthetic = SyntheticSet.load(command.synthetic)
+    if command.png_dir:
+        out = Path(command.png_dir)
         written = export_png(synthetic, out)
         print(f"wrote {len(written)} PNG files under {out}")
     else:
-        export_torch(synthetic, args.torch_file)
-        print(f"wrote {args.torch_file}")
+        export_torch(synthetic, command.torch_file)
+        print(f"wrote {command.torch_file}")
     return 0

@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from tesla.errors import TeslaError
 from tesla.files import atomic_output
+from tesla.settings import add_arguments, from_args, setting
 
 #: metrics columns the curves need (tesla.distill.METRICS_COLUMNS has more)
 CURVE_COLUMNS = ("iteration", "loss", "alpha")
@@ -147,26 +149,35 @@ def plot_grid(synthetic_path: str | os.PathLike, path: str | os.PathLike) -> Pat
     return path
 
 
+@dataclass(frozen=True)
+class ReportCommand:
+    """Everything ``tesla report`` is told: what to read and which pictures to write."""
+
+    metrics: Path | None = setting(None, kind=Path, config=None, help="metrics CSV written by 'tesla distill --metrics'")
+    synthetic: Path | None = setting(None, kind=Path, config=None, help="synthetic set written by 'tesla distill'")
+    curves: Path | None = setting(None, kind=Path, config=None,
+                                  help="PNG to write: loss and learned learning rate per iteration")
+    grid: Path | None = setting(None, kind=Path, config=None, help="PNG to write: the synthetic images, one row per class")
+    title: str | None = setting(None, config=None, help="title of the curves (default: the metrics file's folder)")
+
+
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--metrics", type=Path, help="metrics CSV written by 'tesla distill --metrics'")
-    parser.add_argument("--synthetic", type=Path, help="synthetic set written by 'tesla distill'")
-    parser.add_argument("--curves", type=Path, help="PNG to write: loss and learned learning rate per iteration")
-    parser.add_argument("--grid", type=Path, help="PNG to write: the synthetic images, one row per class")
-    parser.add_argument("--title", default=None, help="title of the curves (default: the metrics file's folder)")
+    add_arguments(parser, ReportCommand)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.curves is None and args.grid is None:
+    command = from_args(ReportCommand, args)
+    if command.curves is None and command.grid is None:
         raise TeslaError("nothing to do: give --curves (with --metrics) and/or --grid (with --synthetic)")
-    if args.curves is not None:
-        if args.metrics is None:
+    if command.curves is not None:
+        if command.metrics is None:
             raise TeslaError("--curves needs --metrics (the CSV written by 'tesla distill --metrics')")
-        title = args.title if args.title is not None else args.metrics.parent.name
-        plot_curves(read_metrics(args.metrics), args.curves, title=title)
-        print(f"wrote {args.curves}")
-    if args.grid is not None:
-        if args.synthetic is None:
+        title = command.title if command.title is not None else command.metrics.parent.name
+        plot_curves(read_metrics(command.metrics), command.curves, title=title)
+        print(f"wrote {command.curves}")
+    if command.grid is not None:
+        if command.synthetic is None:
             raise TeslaError("--grid needs --synthetic (the file written by 'tesla distill')")
-        plot_grid(args.synthetic, args.grid)
-        print(f"wrote {args.grid}")
+        plot_grid(command.synthetic, command.grid)
+        print(f"wrote {command.grid}")
     return 0

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -31,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from tesla.errors import TeslaError
+from tesla.settings import add_arguments, from_args, setting
 from tesla.tables import RUN_COLUMNS, RUNS_FORMAT, RUNS_FORMAT_VERSION, format_line, read_format_line, write_csv_atomic
 
 ACC_FORMAT = "tesla-acc"
@@ -338,19 +340,29 @@ def summary_lines(table: pd.DataFrame) -> list[str]:
 
 
 # -- command line --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ResultsCommand:
+    """Everything ``tesla results`` is told: the per-run tables, the experts, the result table."""
+
+    runs: tuple[Path, ...] = setting(help="per-run CSVs written by 'tesla evaluate'", kind=Path, nargs="+",
+                                     required=True, config=None)
+    experts: tuple[Path, ...] = setting((), kind=Path, nargs="*", config=None,
+                                        help="expert trajectory files: their recorded final test accuracy gives the "
+                                             "'full' row")
+    out: Path = setting(None, help="result table to write (acc.csv)", kind=Path, required=True, config=None)
+
+
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--runs", type=Path, nargs="+", required=True, help="per-run CSVs written by 'tesla evaluate'")
-    parser.add_argument("--experts", type=Path, nargs="*", default=[],
-                        help="expert trajectory files: their recorded final test accuracy gives the 'full' row")
-    parser.add_argument("--out", type=Path, required=True, help="result table to write (acc.csv)")
+    add_arguments(parser, ResultsCommand)
 
 
 def run(args: argparse.Namespace) -> int:
-    runs = read_all_runs(args.runs)
-    full = full_data_rows(args.experts) if args.experts else None
+    command = from_args(ResultsCommand, args)
+    runs = read_all_runs(command.runs)
+    full = full_data_rows(command.experts) if command.experts else None
     table = build_table(runs, full)
-    write_table(table, args.out)
+    write_table(table, command.out)
     for line in summary_lines(table):
         print(line)
-    print(f"-> {args.out}", file=sys.stderr)
+    print(f"-> {command.out}", file=sys.stderr)
     return 0

@@ -87,9 +87,6 @@ class Setting:
     config: str | None = ""
     #: the config schema's description when it differs from ``help``
     config_help: str = ""
-    #: the config key's default when it differs from the command line's (whose default, e.g.
-    #: None for "not given", lets the stage tell a value given from one left out)
-    config_default: Any = _UNSET
     #: the value's JSON schema when kind, bounds and choices say too little
     schema: Mapping[str, Any] | None = None
     #: changes what the stage computes (False: where, how often, how loudly, within which limits)
@@ -101,7 +98,9 @@ class Setting:
     skip: Callable[[Mapping[str, Any]], bool] | None = None
     #: exclusive lower bound of a number (a value must be above it)
     above: float | None = None
-    #: the default as the config schema writes it, where earlier schemas spelt it otherwise
+    #: the config key's default when it differs from the command line's (whose default, e.g.
+    #: None for "not given", lets the stage tell a value given from one left out), or the
+    #: default as the config schema writes it where earlier schemas spelt it otherwise
     #: (``1000`` for a float 1000.0): the workflow fills in, and writes, the same value as before
     config_default: Any = _UNSET
     #: how a config value becomes the setting's value (an older config's spelling), or None

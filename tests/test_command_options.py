@@ -1,0 +1,47 @@
+"""The options of ``tesla results``, ``tesla report`` and ``tesla export`` come from their
+declarations (tesla.settings): parsed into the command's settings object, required and
+exclusive options refused by argparse before any file is read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tesla.cli import build_parser
+from tesla.export import ExportCommand
+from tesla.report import ReportCommand
+from tesla.results import ResultsCommand
+from tesla.settings import from_args
+
+
+def parse(argv: list[str]):
+    return build_parser(only=argv[0]).parse_args(argv)
+
+
+def test_results_options_from_the_declaration():
+    args = parse(["results", "--runs", "a.csv", "b.csv", "--out", "acc.csv"])
+    assert from_args(ResultsCommand, args) == ResultsCommand(runs=[Path("a.csv"), Path("b.csv")], experts=(),
+                                                             out=Path("acc.csv"))
+    args = parse(["results", "--runs", "a.csv", "--experts", "e0.h5", "e1.h5", "--out", "acc.csv"])
+    assert from_args(ResultsCommand, args).experts == [Path("e0.h5"), Path("e1.h5")]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["results", "--out", "acc.csv"], "the following arguments are required: --runs"),
+    (["results", "--runs", "a.csv"], "the following arguments are required: --out"),
+    (["export", "--synthetic", "s.h5"], "one of the arguments --png-dir --torch is required"),
+    (["export", "--synthetic", "s.h5", "--png-dir", "d", "--torch", "t.pt"], "not allowed with argument"),
+    (["export", "--torch", "t.pt"], "the following arguments are required: --synthetic"),
+])
+def test_missing_or_conflicting_options_are_refused_while_parsing(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse(argv)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_export_and_report_options_from_the_declaration():
+    export = from_args(ExportCommand, parse(["export", "--synthetic", "s.h5", "--torch", "t.pt"]))
+    assert export == ExportCommand(synthetic="s.h5", png_dir=None, torch_file="t.pt")
+    report = from_args(ReportCommand, parse(["report", "--metrics", "m.csv", "--curves", "c.png"]))
+    assert report == ReportCommand(metrics=Path("m.csv"), synthetic=None, curves=Path("c.png"), grid=None, title=None)
