@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tesla.dsa_strategy import DEFAULT_STRATEGY
+from tesla.dsa_strategy import DEFAULT_STRATEGY, parse_strategy
 from tesla.errors import TeslaError
 from tesla.normalizations import NORMALIZATIONS
 from tesla.models import available_models
@@ -289,6 +289,11 @@ class Protocol:
             raise TeslaError(f"--batch-size {self.batch_size}: need at least 1 image per batch")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise TeslaError(f"learning rate {self.lr}: must be a positive finite number (--lr-random, or the set's learned lr)")
+        if not 0 <= self.momentum < 1:
+            raise TeslaError(f"--momentum {self.momentum:g}: must be in [0, 1) (SGD's momentum; the protocol's is 0.9)")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise TeslaError(f"--weight-decay {self.weight_decay:g}: must be a finite number >= 0 (the protocol's is 5e-4)")
+        parse_strategy(self.dsa_strategy or "none")  # an unknown augmentation family fails here, before any data
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -129,3 +129,23 @@ def test_the_generated_blocks_are_up_to_date(path, blocks):
         assert block.check(ROOT / path), (
             f"{path}: the {name} block is not what tesla.training_settings generates; run `{block.regenerate}`"
         )
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"momentum": 1.0}, "--momentum 1: must be in [0, 1)"),
+    ({"momentum": -0.5}, "--momentum -0.5: must be in [0, 1)"),
+    ({"weight_decay": -1e-4}, "--weight-decay -0.0001: must be a finite number >= 0"),
+    ({"weight_decay": float("nan")}, "--weight-decay nan: must be a finite number >= 0"),
+    ({"dsa_strategy": "color_spin"}, "unknown family 'spin'"),
+])
+def test_the_protocol_refuses_a_bad_optimizer_or_augmentation_before_any_training(changes, message):
+    """Protocol.check runs before any data is read (tesla.evaluation.evaluate): a momentum
+    outside [0, 1), a negative weight decay or an unknown augmentation family is refused there,
+    not later by the optimizer (torch's ValueError) or the training loop."""
+    from dataclasses import replace
+
+    from tesla.errors import TeslaError
+
+    with pytest.raises(TeslaError, match=re.escape(message)):
+        replace(ts.Protocol(), **changes).check()
+    ts.Protocol().check()  # the defaults pass
