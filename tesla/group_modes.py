@@ -1,6 +1,7 @@
 """How a group of networks with the same settings trains in one process: the names of the
-group modes, what ``auto`` means per device, and the ``--group-mode`` option of the commands
-that train several networks (``tesla experts``, ``tesla evaluate``). No torch at import: the
+group modes, what ``auto`` means per device, and the resolution of a ``--group-mode`` value
+(the option of ``tesla experts`` and ``tesla evaluate`` is declared in
+:mod:`tesla.training_settings`). No torch at import: the
 workflow checks a config's group modes while it builds the job graph. The loops themselves are
 in :mod:`tesla.training` (one network, and networks interleaved on CUDA streams) and
 :mod:`tesla.group_training` (the group, and the stacked vmap loop).

@@ -49,7 +49,6 @@ __all__ = [
     "message_value",
     "config_value",
     "resume_tunable",
-    "schema_yaml",
 ]
 
 #: the config key of a setting that the workflow sets itself (no config key)
