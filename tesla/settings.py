@@ -44,6 +44,8 @@ __all__ = [
     "result_neutral",
     "markdown_table",
     "SchemaBlock",
+    "REGENERATE",
+    "generated_blocks",
     "Wording",
     "bound_problems",
     "message_value",
@@ -438,6 +440,20 @@ class SchemaBlock:
     def check(self, path: Path) -> bool:
         """Whether the file's block is what the declarations generate now."""
         return self.generated(path) == Path(path).read_text(encoding="utf-8")
+
+
+#: the command that rewrites every generated block (:mod:`tesla.settings_blocks`)
+REGENERATE = "python -m tesla.settings_blocks --write"
+
+
+def generated_blocks(name: str, cls: type, prefix: str = "") -> tuple[SchemaBlock, SchemaBlock]:
+    """The two blocks generated from the declarations of ``cls``, named ``name`` in their marker
+    lines: its config keys in the schema (:func:`schema_yaml`) and its table in config/README.md
+    (:func:`markdown_table`, keys under ``prefix``)."""
+    return (
+        SchemaBlock(name, REGENERATE, schema_yaml(cls)),
+        SchemaBlock(name, REGENERATE, lambda indent: markdown_table(cls, prefix), comment=("<!--", "-->")),
+    )
 
 
 # ---------------------------------------------------------------------------------------

@@ -21,27 +21,28 @@ import sys
 from pathlib import Path
 
 from tesla.distill_settings import DistillRow, DistillSettings
-from tesla.settings import SchemaBlock, markdown_table, schema_yaml
+from tesla.settings import REGENERATE, SchemaBlock, generated_blocks
 from tesla.tracking_settings import README_BLOCKS as TRACKING_README, SCHEMA_BLOCKS as TRACKING_SCHEMA
 from tesla.training_settings import BLOCK_FILES
 from tesla.zca_settings import ZcaSettings
 
-REGENERATE = "python -m tesla.settings_blocks --write"
+__all__ = ["BLOCKS", "CONFIG_README", "REGENERATE", "SCHEMA", "main", "stale", "write"]
+
 SCHEMA = Path("workflow/schemas/config.schema.yaml")
 CONFIG_README = Path("config/README.md")
 
+
+def _in_files(name: str, cls: type) -> tuple[tuple[Path, SchemaBlock], ...]:
+    schema, table = generated_blocks(name, cls)
+    return (SCHEMA, schema), (CONFIG_README, table)
+
+
 #: (file, block), paths from the project's root
 BLOCKS: tuple[tuple[Path, SchemaBlock], ...] = (
-    (SCHEMA, SchemaBlock("tesla.distill_settings", REGENERATE, schema_yaml(DistillSettings))),
-    (CONFIG_README, SchemaBlock("tesla.distill_settings", REGENERATE, lambda indent: markdown_table(DistillSettings),
-                                comment=("<!--", "-->"))),
-    (SCHEMA, SchemaBlock("tesla.distill_settings.DistillRow", REGENERATE, schema_yaml(DistillRow))),
-    (CONFIG_README, SchemaBlock("tesla.distill_settings.DistillRow", REGENERATE, lambda indent: markdown_table(DistillRow),
-                                comment=("<!--", "-->"))),
+    *_in_files("tesla.distill_settings", DistillSettings),
+    *_in_files("tesla.distill_settings.DistillRow", DistillRow),
     *((Path(name), block) for name, blocks in BLOCK_FILES.items() for block in blocks.values()),
-    (SCHEMA, SchemaBlock("tesla.zca_settings.ZcaSettings", REGENERATE, schema_yaml(ZcaSettings))),
-    (CONFIG_README, SchemaBlock("tesla.zca_settings.ZcaSettings", REGENERATE, lambda indent: markdown_table(ZcaSettings),
-                                comment=("<!--", "-->"))),
+    *_in_files("tesla.zca_settings.ZcaSettings", ZcaSettings),
     (SCHEMA, TRACKING_SCHEMA["tracking"]),
     (CONFIG_README, TRACKING_README["tracking"]),
 )

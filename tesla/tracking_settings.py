@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from tesla.settings import SchemaBlock, markdown_table, schema_yaml, setting
+from tesla.settings import SchemaBlock, generated_blocks, setting
 
 __all__ = [
     "GROUP_TITLE",
@@ -129,13 +129,8 @@ class TrackingBlock:
 # ---------------------------------------------------------------------------------------
 # generated blocks
 # ---------------------------------------------------------------------------------------
-_NAME = "tesla.tracking_settings.TrackingBlock"
-_REGENERATE = "python -m tesla.settings_blocks --write"  # tesla.settings_blocks writes every block
-
+_SCHEMA, _TABLE = generated_blocks("tesla.tracking_settings.TrackingBlock", TrackingBlock, "tracking.")
 #: the schema's ``tracking:`` properties (workflow/schemas/config.schema.yaml)
-SCHEMA_BLOCKS: dict[str, SchemaBlock] = {"tracking": SchemaBlock(_NAME, _REGENERATE, schema_yaml(TrackingBlock))}
+SCHEMA_BLOCKS: dict[str, SchemaBlock] = {"tracking": _SCHEMA}
 #: their table in config/README.md
-README_BLOCKS: dict[str, SchemaBlock] = {
-    "tracking": SchemaBlock(_NAME, _REGENERATE, lambda indent: markdown_table(TrackingBlock, "tracking."),
-                            ("<!--", "-->")),
-}
+README_BLOCKS: dict[str, SchemaBlock] = {"tracking": _TABLE}

@@ -37,7 +37,7 @@ from tesla.normalizations import NORMALIZATIONS
 from tesla.models import available_models
 from tesla.numerics_options import PRECISIONS
 from tesla.selection import SELECT_RULES, check_select
-from tesla.settings import SchemaBlock, markdown_table, schema_yaml, setting
+from tesla.settings import SchemaBlock, generated_blocks, setting
 from tesla.group_modes import GROUP_MODES
 
 __all__ = [
@@ -443,22 +443,12 @@ class EvaluateBlock(EvaluateCommand, BaselineSubject, EvaluationTargets):
 # ---------------------------------------------------------------------------------------
 # generated blocks
 # ---------------------------------------------------------------------------------------
-_REGENERATE = "python -m tesla.settings_blocks --write"  # tesla.settings_blocks writes every block
-
+_EXPERTS = generated_blocks("tesla.training_settings.ExpertsBlock", ExpertsBlock, "experts.")
+_EVALUATE = generated_blocks("tesla.training_settings.EvaluateBlock", EvaluateBlock, "evaluate.")
 #: the schema's ``experts:`` and ``evaluate:`` properties (workflow/schemas/config.schema.yaml)
-SCHEMA_BLOCKS: dict[str, SchemaBlock] = {
-    "experts": SchemaBlock("tesla.training_settings.ExpertsBlock", _REGENERATE,
-                           schema_yaml(ExpertsBlock)),
-    "evaluate": SchemaBlock("tesla.training_settings.EvaluateBlock", _REGENERATE,
-                            schema_yaml(EvaluateBlock)),
-}
+SCHEMA_BLOCKS: dict[str, SchemaBlock] = {"experts": _EXPERTS[0], "evaluate": _EVALUATE[0]}
 #: their tables in config/README.md
-README_BLOCKS: dict[str, SchemaBlock] = {
-    "experts": SchemaBlock("tesla.training_settings.ExpertsBlock", _REGENERATE,
-                           lambda indent: markdown_table(ExpertsBlock, "experts."), ("<!--", "-->")),
-    "evaluate": SchemaBlock("tesla.training_settings.EvaluateBlock", _REGENERATE,
-                            lambda indent: markdown_table(EvaluateBlock, "evaluate."), ("<!--", "-->")),
-}
+README_BLOCKS: dict[str, SchemaBlock] = {"experts": _EXPERTS[1], "evaluate": _EVALUATE[1]}
 #: the files the blocks are in, relative to the project root
 BLOCK_FILES = {"workflow/schemas/config.schema.yaml": SCHEMA_BLOCKS, "config/README.md": README_BLOCKS}
 
