@@ -1,6 +1,6 @@
 """Collect evaluation runs into the result table ``acc.csv`` (``tesla results``).
 
-Input: the per-run CSVs of ``tesla evaluate`` (``tesla-eval-runs`` v3, v2 or v1, one per
+Input: the per-run CSVs of ``tesla evaluate`` (``tesla-eval-runs`` v4, or an earlier v3, v2 or v1, one per
 method and architecture) and, optionally, the expert trajectory files of the dataset. Output: one row
 per (dataset, ipc, method, engine, arch) with the mean and the standard deviation of the
 test accuracy over the runs (percent):
@@ -47,7 +47,7 @@ GROUP_KEYS = ["dataset", "ipc", "method", "engine", "arch"]
 #: row order of the table: the synthetic set first, then the baselines
 METHOD_ORDER = {"tesla": 0, "random": 1, "full": 2}
 #: runs-file versions read; v1 lacks lr_decay_epoch and input_space (filled in by _upgrade_v1),
-#: v1 and v2 lack the v3 columns (filled in by _upgrade_v2)
+#: v1 and v2 lack the v3 columns (V3_DEFAULTS), v1 to v3 the v4 columns (V4_DEFAULTS)
 READABLE_RUNS_VERSIONS = (1, 2, 3, RUNS_FORMAT_VERSION)
 #: columns whose values must agree within one row of acc.csv (else the runs are refused)
 PROTOCOL_COLUMNS = ("epochs", "lr_decay_epoch", "reset_momentum_at_decay", "labels", "input_space", "precision",
