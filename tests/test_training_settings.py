@@ -139,9 +139,10 @@ def test_the_generated_blocks_are_up_to_date(path, blocks):
     ({"dsa_strategy": "color_spin"}, "unknown family 'spin'"),
 ])
 def test_the_protocol_refuses_a_bad_optimizer_or_augmentation_before_any_training(changes, message):
-    """Protocol.check runs before any data is read (tesla.evaluation.evaluate): a momentum
-    outside [0, 1), a negative weight decay or an unknown augmentation family is refused there,
-    not later by the optimizer (torch's ValueError) or the training loop."""
+    """Protocol.check runs before any network is built (tesla.evaluation.evaluate calls it
+    before it reads the test split): a momentum outside [0, 1), a negative weight decay or an
+    unknown augmentation family is refused there, not later by the optimizer (torch's
+    ValueError) or the training loop."""
     from dataclasses import replace
 
     from tesla.errors import TeslaError
