@@ -162,7 +162,7 @@ class DistillSettings:
         help="gradient engine (docs/engines.md: exact, tesla, unroll)",
         config_help="gradient engine, or a list of engines (one distillation each, on the same experts, all in "
                     "acc.csv): exact, tesla (the published first-order gradient), unroll (names checked against "
-                    "tesla.matching)")
+                    "tesla.engines.ENGINES)")
     compile: str = setting(
         "auto", choices=COMPILE_MODES, config=None, result=False, resume_tunable=True,
         help="how the student steps of exact/tesla run: off (eager), inductor, cudagraph, inductor-cudagraph; "

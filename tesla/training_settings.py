@@ -85,7 +85,7 @@ def precision_setting() -> Any:
         "float32", choices=PRECISIONS, group=_ARITHMETIC,
         help="forward pass in float32, or under a bfloat16 autocast (bf16); recorded in the output",
         config_help="forward pass in float32, or under a bfloat16 autocast (bf16; names checked against "
-                    "tesla.precision.PRECISIONS); the test accuracy is measured in float32",
+                    "tesla.numerics_options.PRECISIONS); the test accuracy is measured in float32",
         schema={"type": "string", "pattern": "^[a-z0-9]+$"},  # a name the registry checks, naming the valid ones
     )
 
