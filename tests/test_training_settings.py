@@ -123,14 +123,6 @@ def test_the_workflow_only_keys_are_no_options():
         assert not {d.name for d in declared(cls)} & {a.dest for a in sub._actions}
 
 
-@pytest.mark.parametrize("path, blocks", sorted(ts.BLOCK_FILES.items()))
-def test_the_generated_blocks_are_up_to_date(path, blocks):
-    for name, block in blocks.items():
-        assert block.check(ROOT / path), (
-            f"{path}: the {name} block is not what tesla.training_settings generates; run `{block.regenerate}`"
-        )
-
-
 @pytest.mark.parametrize("changes, message", [
     ({"momentum": 1.0}, "--momentum 1: must be in [0, 1)"),
     ({"momentum": -0.5}, "--momentum -0.5: must be in [0, 1)"),
