@@ -16,7 +16,6 @@ from tesla import training_settings as ts
 from tesla.cli import build_parser
 from tesla.settings import declared, from_args
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _parse(command: str, argv: list[str]) -> argparse.Namespace:
