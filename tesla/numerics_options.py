@@ -1,5 +1,6 @@
 """The options of how a training step is computed (:class:`tesla.precision.Numerics`): their
-names, defaults and command-line arguments (``--precision``, ``--tf32``, ``--channels-last``).
+names and defaults (the options ``--precision``, ``--tf32``, ``--channels-last`` themselves are
+declared in :mod:`tesla.training_settings`).
 No torch at import: the workflow checks a config's precisions while it builds the job graph.
 """
 
