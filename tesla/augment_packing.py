@@ -52,27 +52,28 @@ def packed_width(families: Sequence[str]) -> int:
     return sum(len(PACKED_FIELDS[name]) for name in families)
 
 
+def _placeholders(families: Sequence[str]) -> torch.Tensor:
+    """The packed row of a step that drew no family: every field's placeholder."""
+    return torch.tensor([value for name in families for _, value in PACKED_FIELDS[name]], dtype=torch.float64)
+
+
 def pack_augmentation(params: Any | None, families: Sequence[str], batch: int) -> tuple[int, torch.Tensor]:
     """(k, P): the index k in ``families`` of the family a step drew (-1: no augmentation) and
     the B x K float64 matrix holding its sampled parameters (placeholders for the others).
 
     Integer and boolean parameters are exact in float64 (|value| < 2^53)."""
-    packed = torch.empty(batch, packed_width(families), dtype=torch.float64)
-    columns = _columns(families)
-    for name, cols in columns.items():
-        for j, (_, placeholder) in zip(range(cols.start, cols.stop), PACKED_FIELDS[name]):
-            packed[:, j] = placeholder
+    packed = _placeholders(families).expand(batch, -1).clone()
     chosen = tuple(getattr(params, "families", ()) or ()) if params is not None else ()
     if not chosen:
         return -1, packed
-    if len(chosen) != 1 or chosen[0] not in columns:
+    if len(chosen) != 1 or chosen[0] not in families:
         raise TeslaError(
             f"a compiled student step applies one DSA family of {tuple(families)} per step; this step's "
             f"augmentation applies {chosen} (use DSA(single_family=True), or compile mode 'off')"
         )
     name = chosen[0]
-    for j, (key, _) in zip(range(columns[name].start, columns[name].stop), PACKED_FIELDS[name]):
-        packed[:, j] = params.values[name][key].to(torch.float64)
+    values = [torch.broadcast_to(params.values[name][key].to(torch.float64), (batch,)) for key, _ in PACKED_FIELDS[name]]
+    packed[:, _columns(families)[name]] = torch.stack(values, dim=1)
     return families.index(name), packed
 
 

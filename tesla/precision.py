@@ -16,7 +16,8 @@ only the arithmetic and the layout it is computed with:
   update stay float32. Off by default (``float32``) until its effect on accuracy is measured.
 * **channels-last** (``--channels-last``): 4-D inputs and weights stored N x H x W x C
   (``torch.channels_last``) instead of N x C x H x W; the values are the same, the kernels
-  differ. Default per device from measurement (:data:`CHANNELS_LAST_DEFAULT`).
+  differ. Default per device type (:data:`CHANNELS_LAST_DEFAULT`): off on the CPU, and off on
+  CUDA until a measurement shows it faster there.
 
 With the defaults on the CPU (float32, no TF32, contiguous) a step is exactly what it was
 before these options existed. Every file that training writes records the three settings

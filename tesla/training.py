@@ -155,13 +155,13 @@ def check_finite(loss: float, epoch: int, lr: float, name: str = "train") -> Non
 
 class EndTraining(Exception):
     """Raised by an ``on_epoch_end`` callback to end *its* network's training after that
-    epoch: :func:`train` returns the history so far, and in :func:`train_group` the other
+    epoch: :func:`train` returns the history so far, and in :func:`tesla.group_training.train_group` the other
     networks of the group go on."""
 
 
 @dataclass
 class GroupMember:
-    """One network of a group trained together (:func:`train_group`): its model, its
+    """One network of a group trained together (:func:`tesla.group_training.train_group`): its model, its
     training data (in the stored form that ``input_transform`` maps), its own CPU
     ``generator`` (minibatch order and augmentation draws), its optimizer (default: SGD of
     the group's settings), the epoch it resumes at, and what runs after each of its epochs."""

@@ -65,8 +65,10 @@ def test_no_other_module_imports_a_stage_module(name):
 
 # -- the names the workflow checks at parse time load no torch -----------------------------------
 def _workflow_modules() -> list[str]:
-    """Every tesla module the Snakefile and its rule files import (they run at parse time)."""
-    files = [ROOT / "workflow" / "Snakefile", *sorted((ROOT / "workflow" / "rules").glob("*.smk"))]
+    """Every tesla module the Snakefile, its rule files and the workflow's own modules (workflow/lib,
+    which the rule files import) import: they all run at parse time."""
+    files = [ROOT / "workflow" / "Snakefile", *sorted((ROOT / "workflow" / "rules").glob("*.smk")),
+             *sorted((ROOT / "workflow" / "lib").glob("*.py"))]
     found = set()
     for line in "\n".join(p.read_text() for p in files).splitlines():
         if m := re.match(r"\s*from (tesla[\w.]*) import ([\w, ]+)", line):
@@ -90,7 +92,7 @@ def _first_to_import_torch(modules: list[str]) -> str | None:
 
 
 def test_the_workflow_imports_tesla_modules_at_parse_time():
-    assert {"tesla.registries", "tesla.devices"} <= set(_workflow_modules())
+    assert {"tesla.registries", "tesla.devices", "tesla.slurm"} <= set(_workflow_modules())  # tesla.slurm: from workflow/lib
 
 
 def test_what_the_workflow_imports_at_parse_time_loads_no_torch():
@@ -102,11 +104,7 @@ def test_what_the_workflow_imports_at_parse_time_loads_no_torch():
 
 def _all_modules() -> list[str]:
     """Every module of the package but ``tesla.__main__`` (which runs the command line)."""
-    import pkgutil
-
-    import tesla
-
-    return ["tesla"] + sorted(m.name for m in pkgutil.walk_packages(tesla.__path__, "tesla.") if m.name != "tesla.__main__")
+    return ["tesla"] + [n for n in _package_modules() if n != "tesla.__main__"]
 
 
 def _modules_with_all() -> list[str]:

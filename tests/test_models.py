@@ -56,6 +56,20 @@ def test_every_name_declares_a_builder_of_tesla_networks():
         assert module == "tesla.networks" and callable(getattr(tesla.networks, function, None)), (name, entry.builder)
 
 
+def test_the_registry_knows_which_networks_normalise_by_batch_statistics():
+    """uses_batch_norm (answered from the registry, without torch) agrees with the network
+    built, for every registered name and every norm it takes: a builder that adds batch norm
+    any other way than through its ``norm`` option fails here."""
+    from tesla.models import _REGISTRY, uses_batch_norm
+
+    for name, entry in _REGISTRY.items():
+        for options in [{}] + [{"norm": norm} for norm in entry.choices.get("norm", ())]:
+            with torch.device("meta"):  # the modules only, no initialisation
+                model = build_model(name, channels=3, num_classes=10, resolution=32, **options)
+            built = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+            assert uses_batch_norm(name, **options) == built, (name, options)
+
+
 def test_paper_parameter_counts():
     assert count_params(build_model("convnet", channels=3, num_classes=10, resolution=32)) == 320_010
     with torch.device("meta"):

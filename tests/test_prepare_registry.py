@@ -132,6 +132,27 @@ def test_schema_file_holds_the_generated_keys():
     assert properties["ignore_non_images"] == {**properties["ignore_non_images"], "type": "boolean", "default": False}
 
 
+def test_the_schema_refuses_every_integer_the_command_line_refuses():
+    """A config value that `tesla prepare` would refuse is refused by the config schema (when the
+    workflow loads the config), not by the prepare job later: the range of an option's ``parse``
+    is its schema's range."""
+    import argparse
+
+    import jsonschema
+
+    from tesla.data.sources.options import CATALOG
+
+    for option in CATALOG:
+        if option.parse is None or option.schema is None:
+            continue
+        for value in (-1, 0, 1, 2**31 - 1, 2**31, 1_000_001, 2**40):
+            try:
+                option.parse(str(value))
+            except argparse.ArgumentTypeError:
+                with pytest.raises(jsonschema.ValidationError):
+                    jsonschema.validate(value, dict(option.schema))
+
+
 def test_layouts_come_from_the_sources():
     problems = data_sources.raw_data_problems(with_defaults({"source": "parquet"}), "datasets.shards")
     assert problems[0] == "config key datasets.shards.input is not set"

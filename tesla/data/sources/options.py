@@ -202,6 +202,9 @@ LABEL_COLUMN = Option(
     default="label",
     config_help="parquet shards: the integer class column",
 )
+#: the values of --validation-per-class and --validation-seed (the config schema's ranges too)
+VALIDATION_PER_CLASS_RANGE = (0, 1_000_000)
+VALIDATION_SEED_RANGE = (0, 2**31 - 1)
 VALIDATION_PER_CLASS = Option(
     "validation_per_class",
     "hold out this many images of every class of the training split as a validation split, written as val.h5 and "
@@ -212,8 +215,8 @@ VALIDATION_PER_CLASS = Option(
     config_help="images of every training class held out as a validation split (resources/<name>/val.h5), never "
     "seen by the experts or distillation; used to select a kept synthetic set (distill rows with select: "
     "validation); 0 = none",
-    schema={"type": "integer", "minimum": 0},
-    parse=int_in_range(0, 1_000_000),
+    schema={"type": "integer", "minimum": VALIDATION_PER_CLASS_RANGE[0], "maximum": VALIDATION_PER_CLASS_RANGE[1]},
+    parse=int_in_range(*VALIDATION_PER_CLASS_RANGE),
 )
 VALIDATION_SEED = Option(
     "validation_seed",
@@ -222,8 +225,8 @@ VALIDATION_SEED = Option(
     default=0,
     common=True,
     config_help="seed of the `validation_per_class` hold-out",
-    schema={"type": "integer", "minimum": 0},
-    parse=int_in_range(0, 2**31 - 1),
+    schema={"type": "integer", "minimum": VALIDATION_SEED_RANGE[0], "maximum": VALIDATION_SEED_RANGE[1]},
+    parse=int_in_range(*VALIDATION_SEED_RANGE),
 )
 QUIET = Option("quiet", "no progress bars", bool, default=False, common=True, config=False)
 
