@@ -102,12 +102,14 @@ def tf32_setting() -> Any:
 
 
 def channels_last_setting() -> Any:
-    """``--channels-last/--no-channels-last`` (None: the device's measured default)."""
+    """``--channels-last/--no-channels-last`` (None: the device type's default,
+    :data:`tesla.precision.CHANNELS_LAST_DEFAULT`)."""
     return setting(
         None, kind=bool, group=_ARITHMETIC,
-        help="channels-last memory format (default per device, from measurement: docs/benchmarks.md); recorded in "
-             "the output",
-        config_help="channels-last memory format (null = the measured default of the device, tesla.precision)",
+        help="channels-last memory format (default: off; on the CPU it was not faster, docs/benchmarks.md; on CUDA "
+             "not yet measured); recorded in the output",
+        config_help="channels-last memory format (null = the device type's default, off until a measurement shows it "
+                    "faster; tesla.precision)",
     )
 
 
