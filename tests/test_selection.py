@@ -112,6 +112,19 @@ def test_kept_sets_survive_a_kill_and_leave_the_final_set_unchanged(toy, tmp_pat
     assert not partial.exists()
 
 
+def test_rerunning_a_finished_run_keeps_its_kept_sets(toy, tmp_path):  # noqa: F811
+    """The same command again resumes from the final checkpoint: OUT.kept/ keeps every set."""
+    s = settings(toy, tmp_path / "r", iterations=7, checkpoint_every=2, keep_every=3)
+    distill(s)
+    first = [(i, SyntheticSet.load(p)) for i, p in list_kept(kept_folder(s.out))]
+    assert s.checkpoint_path.exists() and [i for i, _ in first] == [3, 6, 7]
+    distill(settings(toy, tmp_path / "r", iterations=7, checkpoint_every=2, keep_every=3))
+    again = [(i, SyntheticSet.load(p)) for i, p in list_kept(kept_folder(s.out))]
+    assert [i for i, _ in again] == [3, 6, 7]
+    assert all(_same_set(x, y) for (_, x), (_, y) in zip(again, first))
+    assert not kept_folder(s.out).with_name("syn.kept.partial").exists()
+
+
 # -- selection -----------------------------------------------------------------------------
 def test_the_three_picks_by_hand():
     from tesla.selection import SetScore, pick_sets, selected_index
