@@ -9,7 +9,6 @@ tracker (:mod:`tesla.tracking`). A running distillation records each iteration t
 from __future__ import annotations
 
 import csv
-import os
 import sys
 import time
 from dataclasses import asdict
@@ -27,6 +26,7 @@ from tesla.grids import class_grid, save_class_grid
 from tesla.kept_sets import Keeper
 from tesla.soft_labels import learned_soft_labels, mean_entropy
 from tesla.synthetic import SyntheticSet
+from tesla.tables import format_line, write_csv_atomic
 from tesla.tracking import TrackerOptions, Tracking, open_tracking
 from tesla.tracking import disabled as tracking_disabled
 
@@ -91,18 +91,7 @@ def metrics_row(
 
 def write_metrics(path: Path, rows: list[dict]) -> None:
     """The metrics CSV: a ``# format: ...`` line, the header, one row per iteration (atomic)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with open(tmp, "w", newline="") as f:
-            f.write(f"# format: {METRICS_FORMAT}, format_version: {METRICS_VERSION}, tesla_version: {__version__}\n")
-            w = csv.DictWriter(f, fieldnames=METRICS_COLUMNS)
-            w.writeheader()
-            w.writerows(rows)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_csv_atomic(path, format_line(METRICS_FORMAT, METRICS_VERSION), METRICS_COLUMNS, rows)
 
 
 def append_metrics_row(path: Path, row: dict) -> None:
