@@ -627,6 +627,10 @@ def check_validation_split(path: str | os.PathLike, subject: Subject) -> None:
 
 
 # -- kept sets: each evaluated as a synthetic set (tesla.kept_evaluation selects among them) -----
+#: options of :func:`evaluate` that change no run: a set's evaluation is keyed without them
+_NOT_IN_RESULTS = frozenset({"checkpoint_every", "progress", "log"})
+
+
 def kept_set_evaluation(
     arch: str | dict,
     test_path: str | os.PathLike,
@@ -638,14 +642,15 @@ def kept_set_evaluation(
     """How ``--kept-sets`` evaluates one kept set (:func:`tesla.kept_evaluation.evaluate_kept_sets`):
     as a synthetic set with the protocol, its lr and augmentation those of the set, each network
     measured on the ``validation`` split too (:func:`evaluate`, ``options`` its other arguments);
-    keyed by the set's training data and every setting its runs depend on."""
+    keyed by the set's training data and every setting its runs depend on (not how often a
+    checkpoint is saved, :data:`_NOT_IN_RESULTS`)."""
     device = options.get("device", "cpu")
 
     def evaluate_set(path: Path) -> tuple[str, Callable[[], list[RunResult]]]:
         subject = synthetic_subject(path, device)
         own = replace(protocol, lr=subject.lr, dsa_strategy=subject.dsa_strategy)
         key = data_fingerprint(subject.fingerprint, repr(arch), asdict(own), str(test_path), str(validation),
-                               *(repr(options.get(k)) for k in sorted(options)))
+                               *(repr(options.get(k)) for k in sorted(options) if k not in _NOT_IN_RESULTS))
         return key, lambda: evaluate(subject, arch, test_path, own, checkpoint=checkpoint, validation=validation, **options)
 
     return evaluate_set
