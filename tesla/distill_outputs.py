@@ -208,15 +208,16 @@ class RunRecord:
     def __init__(self, setup: DistillSetup, state: DistillState, tracking: TrackerOptions) -> None:
         s, writes = setup.settings, setup.ranks.writes
         self.setup, self.state = setup, state
-        self.tracker = open_tracker(setup, state, tracking if writes else TrackerOptions())
         self.metrics_partial = Path(f"{s.metrics}.partial") if s.metrics and writes else None
         if self.metrics_partial is not None:
             write_metrics(self.metrics_partial, state.log)
+        self.keeper = Keeper(s.out, s.keep_every, state.iteration, writes)
+        # what needs closing (close()) is opened last, once nothing above can fail
+        self.tracker = open_tracker(setup, state, tracking if writes else TrackerOptions())
         self.bar = None
         if s.progress and writes:
             self.bar = tqdm(total=s.iterations, initial=min(state.iteration, s.iterations), desc="distill", unit="it",
                             file=sys.stderr)
-        self.keeper = Keeper(s.out, s.keep_every, state.iteration, writes)
 
     def iteration(self, row: dict) -> None:
         """Record the iteration just done (its metrics row, already in the state's log)."""

@@ -125,6 +125,21 @@ def test_rerunning_a_finished_run_keeps_its_kept_sets(toy, tmp_path):  # noqa: F
     assert not kept_folder(s.out).with_name("syn.kept.partial").exists()
 
 
+def test_a_run_whose_kept_folder_cannot_be_made_opens_no_tracker(toy, tmp_path, monkeypatch):  # noqa: F811
+    """RunRecord opens the tracker (which only close() closes) after the kept-set folder is made."""
+    import tesla.distill_outputs as outputs
+    from tesla.tracking import TrackerOptions
+
+    opened = []
+    monkeypatch.setattr(outputs, "open_tracker", lambda *a, **k: opened.append(a) or outputs.tracking_disabled())
+    s = settings(toy, tmp_path / "t", iterations=2, keep_every=1)
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "syn.kept.partial").write_text("a file where the folder goes")
+    with pytest.raises(OSError):
+        distill(s, TrackerOptions(tracker="tensorboard"))
+    assert opened == []
+
+
 # -- selection -----------------------------------------------------------------------------
 def test_the_three_picks_by_hand():
     from tesla.selection import SetScore, pick_sets, selected_index
