@@ -85,7 +85,7 @@ from tesla.group_checkpoint import GroupCheckpoint, remove_checkpoint
 from tesla.group_modes import resolve_group_mode
 from tesla.group_training import train_group
 from tesla.input_space import InputSpace, open_input_space, space_of_record
-from tesla.kept_evaluation import SetEvaluation, evaluate_kept_sets
+from tesla.kept_evaluation import SetEvaluation, evaluate_kept_sets, remove_progress
 from tesla.locks import acquire
 from tesla.models import build_from_spec
 from tesla.precision import Numerics
@@ -823,8 +823,7 @@ def run_kept_sets(args: argparse.Namespace, kept_sets: Path, selection: KeptSetS
         sets_out = selection.sets_out or Path(args.out).with_suffix(".sets.csv")
         write_sets(sets_out, set_rows(scores, first.dataset, first.ipc, first.engine, first.arch))
         write_runs(args.out, per_set[chosen])
-        remove_checkpoint(checkpoint)
-        Path(f"{checkpoint}.sets.json").unlink(missing_ok=True)
+        remove_progress(checkpoint)  # the checkpoint and the finished sets' runs
     if tracking_options(args).tracker is not None:  # the live curves of the selected set's runs
         track_results(args, synthetic_subject(first.source, device), per_set[chosen])
     print(f"{len(scores)} kept sets of {first.dataset} ipc {first.ipc} on {first.arch} (test accuracy %):")
