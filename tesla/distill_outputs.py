@@ -9,7 +9,6 @@ tracker (:mod:`tesla.tracking`). A running distillation records each iteration t
 from __future__ import annotations
 
 import csv
-import os
 import sys
 import time
 from dataclasses import asdict
@@ -27,6 +26,7 @@ from tesla.grids import class_grid, save_class_grid
 from tesla.kept_sets import Keeper
 from tesla.soft_labels import learned_soft_labels, mean_entropy
 from tesla.synthetic import SyntheticSet
+from tesla.tables import format_line, write_csv_atomic
 from tesla.tracking import TrackerOptions, Tracking, open_tracking
 from tesla.tracking import disabled as tracking_disabled
 
@@ -91,18 +91,7 @@ def metrics_row(
 
 def write_metrics(path: Path, rows: list[dict]) -> None:
     """The metrics CSV: a ``# format: ...`` line, the header, one row per iteration (atomic)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with open(tmp, "w", newline="") as f:
-            f.write(f"# format: {METRICS_FORMAT}, format_version: {METRICS_VERSION}, tesla_version: {__version__}\n")
-            w = csv.DictWriter(f, fieldnames=METRICS_COLUMNS)
-            w.writeheader()
-            w.writerows(rows)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_csv_atomic(path, format_line(METRICS_FORMAT, METRICS_VERSION), METRICS_COLUMNS, rows)
 
 
 def append_metrics_row(path: Path, row: dict) -> None:
@@ -219,15 +208,16 @@ class RunRecord:
     def __init__(self, setup: DistillSetup, state: DistillState, tracking: TrackerOptions) -> None:
         s, writes = setup.settings, setup.ranks.writes
         self.setup, self.state = setup, state
-        self.tracker = open_tracker(setup, state, tracking if writes else TrackerOptions())
         self.metrics_partial = Path(f"{s.metrics}.partial") if s.metrics and writes else None
         if self.metrics_partial is not None:
             write_metrics(self.metrics_partial, state.log)
+        self.keeper = Keeper(s.out, s.keep_every, state.iteration, writes)
+        # what needs closing (close()) is opened last, once nothing above can fail
+        self.tracker = open_tracker(setup, state, tracking if writes else TrackerOptions())
         self.bar = None
         if s.progress and writes:
             self.bar = tqdm(total=s.iterations, initial=min(state.iteration, s.iterations), desc="distill", unit="it",
                             file=sys.stderr)
-        self.keeper = Keeper(s.out, s.keep_every, state.iteration, writes)
 
     def iteration(self, row: dict) -> None:
         """Record the iteration just done (its metrics row, already in the state's log)."""

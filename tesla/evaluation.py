@@ -85,7 +85,7 @@ from tesla.group_checkpoint import GroupCheckpoint, remove_checkpoint
 from tesla.group_modes import resolve_group_mode
 from tesla.group_training import train_group
 from tesla.input_space import InputSpace, open_input_space, space_of_record
-from tesla.kept_evaluation import SetEvaluation, evaluate_kept_sets
+from tesla.kept_evaluation import SetEvaluation, evaluate_kept_sets, remove_progress
 from tesla.locks import acquire
 from tesla.models import build_from_spec
 from tesla.precision import Numerics
@@ -627,6 +627,10 @@ def check_validation_split(path: str | os.PathLike, subject: Subject) -> None:
 
 
 # -- kept sets: each evaluated as a synthetic set (tesla.kept_evaluation selects among them) -----
+#: options of :func:`evaluate` that change no run: a set's evaluation is keyed without them
+_NOT_IN_RESULTS = frozenset({"checkpoint_every", "progress", "log"})
+
+
 def kept_set_evaluation(
     arch: str | dict,
     test_path: str | os.PathLike,
@@ -638,14 +642,15 @@ def kept_set_evaluation(
     """How ``--kept-sets`` evaluates one kept set (:func:`tesla.kept_evaluation.evaluate_kept_sets`):
     as a synthetic set with the protocol, its lr and augmentation those of the set, each network
     measured on the ``validation`` split too (:func:`evaluate`, ``options`` its other arguments);
-    keyed by the set's training data and every setting its runs depend on."""
+    keyed by the set's training data and every setting its runs depend on (not how often a
+    checkpoint is saved, :data:`_NOT_IN_RESULTS`)."""
     device = options.get("device", "cpu")
 
     def evaluate_set(path: Path) -> tuple[str, Callable[[], list[RunResult]]]:
         subject = synthetic_subject(path, device)
         own = replace(protocol, lr=subject.lr, dsa_strategy=subject.dsa_strategy)
         key = data_fingerprint(subject.fingerprint, repr(arch), asdict(own), str(test_path), str(validation),
-                               *(repr(options.get(k)) for k in sorted(options)))
+                               *(repr(options.get(k)) for k in sorted(options) if k not in _NOT_IN_RESULTS))
         return key, lambda: evaluate(subject, arch, test_path, own, checkpoint=checkpoint, validation=validation, **options)
 
     return evaluate_set
@@ -818,8 +823,7 @@ def run_kept_sets(args: argparse.Namespace, kept_sets: Path, selection: KeptSetS
         sets_out = selection.sets_out or Path(args.out).with_suffix(".sets.csv")
         write_sets(sets_out, set_rows(scores, first.dataset, first.ipc, first.engine, first.arch))
         write_runs(args.out, per_set[chosen])
-        remove_checkpoint(checkpoint)
-        Path(f"{checkpoint}.sets.json").unlink(missing_ok=True)
+        remove_progress(checkpoint)  # the checkpoint and the finished sets' runs
     if tracking_options(args).tracker is not None:  # the live curves of the selected set's runs
         track_results(args, synthetic_subject(first.source, device), per_set[chosen])
     print(f"{len(scores)} kept sets of {first.dataset} ipc {first.ipc} on {first.arch} (test accuracy %):")

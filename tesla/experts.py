@@ -83,7 +83,7 @@ from tesla.tracking import (
 from tesla.training import EndTraining, GroupMember, accuracy, make_optimizer
 from tesla.training_settings import ExpertConfig, ExpertsCommand
 from tesla.trajectories import STORAGE_DTYPES, Trajectory, TrajectoryMeta, TrajectoryWriter, same_model_spec
-from tesla.zca import zca_fingerprint as fingerprint
+from tesla.zca import zca_fingerprint  # SHA-256 of a fitted ZCA transform, '' for none
 
 __all__ = [
     "ExpertConfig",
@@ -106,11 +106,6 @@ PER_EXPERT_FIELDS = ("seed", "out")
 def derive_seed(seed: int, purpose: str) -> int:
     """A 63-bit seed for one use of the run seed: SHA-256 of 'purpose:seed' (independent streams)."""
     return int.from_bytes(hashlib.sha256(f"{purpose}:{int(seed)}".encode()).digest()[:8], "little") >> 1
-
-
-def zca_fingerprint(zca) -> str:
-    """SHA-256 of a fitted ZCA transform, '' for none (:func:`tesla.zca.zca_fingerprint`)."""
-    return fingerprint(zca)
 
 
 def _log(message: str) -> None:

@@ -182,7 +182,7 @@ def space_of_record(name: str, mean: Sequence[float], std: Sequence[float], zca:
 
 def _experts_zca(experts: Sequence[Any], split: ImageSplit, zca_path: str | os.PathLike | None, option: str) -> ZCA | None:
     """The experts' ZCA transform, when they were trained with one: ``zca_path`` must be that
-    file (its fingerprint) and fit ``split``'s image shape."""
+    file (its fingerprint), fitted on ``split`` (:func:`_load_zca_for`)."""
     fingerprint = experts[0].zca_fingerprint or ""
     if not zca_path:
         if fingerprint:
@@ -192,11 +192,9 @@ def _experts_zca(experts: Sequence[Any], split: ImageSplit, zca_path: str | os.P
         return None
     if not fingerprint:
         raise TeslaError(f"{option} {zca_path}: the experts were trained without ZCA; drop {option} (or retrain the experts with it)")
-    zca = ZCA.load(zca_path)
+    zca = _load_zca_for(split, zca_path, option)
     if zca_fingerprint(zca) != fingerprint:
         raise TeslaError(f"{option} {zca_path}: not the ZCA file the experts were trained with; give that file")
-    shape = (split.channels, split.resolution, int(split.attrs["width"]))
-    zca.check_shape(shape, f"{option} {zca_path}", f"the images of {split.path} have shape {shape}", "give the ZCA file of this dataset")
     return zca
 
 

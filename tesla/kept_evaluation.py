@@ -29,7 +29,7 @@ from tesla.kept_sets import kept_files
 from tesla.selection import SetScore, check_select, selected_index
 from tesla.tables import RunResult
 
-__all__ = ["SetEvaluation", "evaluate_kept_sets"]
+__all__ = ["SetEvaluation", "evaluate_kept_sets", "remove_progress"]
 
 #: how one kept set is evaluated: its file -> (the key of its evaluation, what its runs depend on;
 #: a function that trains and tests its networks and returns their runs)
@@ -73,6 +73,17 @@ def evaluate_kept_sets(
     return per_set, scores, chosen
 
 
+def progress_path(checkpoint: str | os.PathLike) -> Path:
+    """``CHECKPOINT.sets.json``: the runs of the kept sets evaluated so far."""
+    return Path(f"{checkpoint}.sets.json")
+
+
+def remove_progress(checkpoint: str | os.PathLike) -> None:
+    """Remove the checkpoint and the finished sets' runs (once the outputs hold them)."""
+    remove_checkpoint(checkpoint)
+    progress_path(checkpoint).unlink(missing_ok=True)
+
+
 class _DoneSets:
     """The runs of the kept sets evaluated so far (``CHECKPOINT.sets.json``, format
     ``tesla-eval-sets-progress`` v1): what a killed ``--kept-sets`` evaluation does not redo."""
@@ -81,7 +92,7 @@ class _DoneSets:
 
     def __init__(self, checkpoint: str | os.PathLike | None) -> None:
         self.checkpoint = None if checkpoint is None else Path(checkpoint)
-        self.path = None if checkpoint is None else Path(f"{checkpoint}.sets.json")
+        self.path = None if checkpoint is None else progress_path(checkpoint)
         self.sets: dict[str, list[dict]] = {}
         if self.path is not None and self.path.exists():
             try:

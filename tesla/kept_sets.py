@@ -10,8 +10,10 @@ docs/selection.md); keeping them never changes the distillation.
 While the run goes on, the sets are written into ``OUT.kept.partial/`` (each file atomically);
 the folder is renamed to ``OUT.kept/`` when the run ends. A killed run resumes from its last
 checkpoint at iteration c: the sets it kept after c are removed (the resumed run writes them
-again, from the same state), those up to c stay, so none is lost or duplicated. A run that
-starts from iteration 0 starts with an empty folder.
+again, from the same state), those up to c stay, so none is lost or duplicated. A run resumed
+from the checkpoint of a finished run (the same command again, or more ``--iterations``) takes
+its ``OUT.kept/`` back as the partial folder first. A run that starts from iteration 0 starts
+with an empty folder.
 """
 
 from __future__ import annotations
@@ -72,6 +74,8 @@ class Keeper:
         """Keep the sets up to ``iteration`` (the state the run starts from), remove the rest."""
         if iteration == 0 and self.partial.exists():
             shutil.rmtree(self.partial)
+        if iteration > 0 and not self.partial.exists() and self.folder.is_dir():
+            self.folder.rename(self.partial)  # a finished run's sets, resumed from its last checkpoint
         self.partial.mkdir(parents=True, exist_ok=True)
         later = [path for i, path in list_kept(self.partial) if i > iteration]
         for path in later:

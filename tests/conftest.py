@@ -58,6 +58,17 @@ def write_prepared_split(path: Path, classes: Sequence[np.ndarray], *, split: st
     return Path(path)
 
 
+def patch_training(monkeypatch, stage, name: str, replacement) -> None:
+    """Replace a function of tesla.training where a stage finds it: in the stage's module
+    ``stage`` (which imports it by name) and in tesla.training (through which the group
+    loops call it)."""
+    import tesla.training
+
+    for module in (tesla.training, stage):
+        if hasattr(module, name):
+            monkeypatch.setattr(module, name, replacement)
+
+
 def blob_classes(rng: np.random.Generator, classes: int, per_class: int, size: int, channels: int,
                  noise: tuple[int, int] = (-40, 40)) -> list[np.ndarray]:
     """Per class, one random picture plus integer noise drawn from [noise[0], noise[1]) for each

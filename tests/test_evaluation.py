@@ -32,18 +32,7 @@ from tesla.parameters import flatten_params
 from tesla.synthetic import FORMAT_VERSION, SyntheticSet
 from tesla.tables import RUN_COLUMNS, RUNS_FORMAT
 
-from conftest import require_dataset, write_prepared_split
-
-
-def _patch(monkeypatch, name: str, replacement) -> None:
-    """Replace a function of tesla.training where the stage finds it: in its own module (which
-    imports it by name) and in tesla.training (through which the group loops call it)."""
-    import tesla.evaluation
-    import tesla.training
-
-    for module in (tesla.training, tesla.evaluation):
-        if hasattr(module, name):
-            monkeypatch.setattr(module, name, replacement)
+from conftest import patch_training, require_dataset, write_prepared_split
 
 K, R, C = 3, 8, 1  # tiny dataset: classes, resolution, channels
 
@@ -101,7 +90,7 @@ class TrainSpy:
             self.events.append("train-end")
             return out
 
-        _patch(monkeypatch, "train", spy)
+        patch_training(monkeypatch, tesla.evaluation, "train", spy)
 
 
 # -- the set's own settings are used ----------------------------------------------------------
@@ -177,7 +166,7 @@ def test_test_split_is_mapped_to_the_sets_network_space(tiny, tmp_path, monkeypa
         f.attrs["zca"] = True
     seen = []
     real_accuracy = tesla.training.accuracy
-    _patch(monkeypatch, "accuracy", lambda m, x, y, **kw: seen.append(x.clone()) or real_accuracy(m, x, y))
+    patch_training(monkeypatch, tesla.evaluation, "accuracy", lambda m, x, y, **kw: seen.append(x.clone()) or real_accuracy(m, x, y))
     subject = synthetic_subject(syn, "cpu")
     assert subject.space.zca is not None
     results = evaluate(subject, "distill", tiny["test"], Protocol(epochs=1, lr=subject.lr, dsa_strategy="none"),
@@ -411,7 +400,7 @@ def test_cli_lr_decay_epoch_and_input_space_are_applied_and_recorded(tiny, tmp_p
     spy = TrainSpy(monkeypatch)
     seen = []
     real_accuracy = tesla.training.accuracy
-    _patch(monkeypatch, "accuracy", lambda m, x, y, **kw: seen.append(x.clone()) or real_accuracy(m, x, y))
+    patch_training(monkeypatch, tesla.evaluation, "accuracy", lambda m, x, y, **kw: seen.append(x.clone()) or real_accuracy(m, x, y))
     out = tmp_path / "runs_random.csv"
     rc = cli.main(["evaluate", "--random", "--train", str(tiny["train"]), "--ipc", "2", "--test", str(tiny["test"]),
                    "--arch", "convnet_d1", "--runs", "1", "--epochs", "5", "--lr-decay-epoch", "3", "--dsa", "none",
@@ -440,7 +429,7 @@ def test_a_set_is_evaluated_in_its_recorded_normalisation(tiny, tmp_path, monkey
         f.attrs["normalization"], f.attrs["mean"], f.attrs["std"] = "mnist", [0.1307], [0.3081]
     seen = []
     real_accuracy = tesla.training.accuracy
-    _patch(monkeypatch, "accuracy", lambda m, x, y, **kw: seen.append(x.clone()) or real_accuracy(m, x, y))
+    patch_training(monkeypatch, tesla.evaluation, "accuracy", lambda m, x, y, **kw: seen.append(x.clone()) or real_accuracy(m, x, y))
     subject = synthetic_subject(path, "cpu")
     assert subject.space.input_space.key == "mnist"
     results = evaluate(subject, "distill", tiny["test"], Protocol(epochs=1, lr=subject.lr, dsa_strategy="none"),

@@ -24,18 +24,8 @@ from tesla.experts import ExpertConfig, derive_seed, partial_dir, train_expert, 
 from tesla.parameters import flatten_params
 from tesla.trajectories import Trajectory
 
-from conftest import require_dataset, write_prepared_split
+from conftest import patch_training, require_dataset, write_prepared_split
 
-
-def _patch(monkeypatch, name: str, replacement) -> None:
-    """Replace a function of tesla.training where the stage finds it: in its own module (which
-    imports it by name) and in tesla.training (through which the group loops call it)."""
-    import tesla.experts
-    import tesla.training
-
-    for module in (tesla.training, tesla.experts):
-        if hasattr(module, name):
-            monkeypatch.setattr(module, name, replacement)
 
 
 def write_split(path: Path, n_per_class: int, *, classes: int = 4, res: int = 8, channels: int = 1, seed: int = 0,
@@ -193,7 +183,7 @@ class InputSpy:
             self.calls.append({"x": x, "transform": kw.get("input_transform")})
             return real(model, x, y, **kw)
 
-        _patch(monkeypatch, "train", spy)
+        patch_training(monkeypatch, tesla.experts, "train", spy)
 
     def network_input(self, n: int) -> torch.Tensor:
         call = self.calls[-1]
@@ -448,7 +438,7 @@ class TrainSpy:
                 kw["on_epoch_end"] = killed
             return real(model, x, y, **kw)
 
-        _patch(monkeypatch, "train", spy)
+        patch_training(monkeypatch, tesla.experts, "train", spy)
 
 
 def toy_group(toy, tmp_path, seeds, epochs=2):

@@ -138,3 +138,21 @@ def test_cuda_input_equals_cpu_input(rgb, tmp_path):
         batch = space.minibatch_transform("cuda")(torch.from_numpy(u).cuda())
         torch.testing.assert_close(batch.cpu(), cpu, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(space.to_pixels(batch), space.to_pixels(cpu), rtol=1e-5, atol=1e-5)
+
+
+def test_the_experts_zca_is_refused_like_any_zca_of_another_split_or_shape(rgb, tmp_path):
+    """experts_input_space checks the experts' ZCA file as open_input_space does (one check)."""
+    from types import SimpleNamespace
+
+    from tesla.input_space import experts_input_space
+    from tesla.zca import ZCA, zca_fingerprint
+
+    other = write_split(tmp_path / "other.h5", seed=5)
+    foreign = fit_zca_split(other.path, progress=False).save(tmp_path / "zca.h5")
+    small = write_split(tmp_path / "small.h5", size=2)
+    tiny = fit_zca_split(small.path, progress=False).save(tmp_path / "small_zca.h5")
+    for path, message in ((foreign, "fitted on another training split"), (tiny, r"fitted on images of shape \(3, 2, 2\)")):
+        expert = SimpleNamespace(path="e.h5", zca_fingerprint=zca_fingerprint(ZCA.load(path)), input_normalization="split",
+                                 input_mean=None, input_std=None)
+        with pytest.raises(TeslaError, match=message):
+            experts_input_space([expert], rgb, path)

@@ -112,6 +112,34 @@ def test_kept_sets_survive_a_kill_and_leave_the_final_set_unchanged(toy, tmp_pat
     assert not partial.exists()
 
 
+def test_rerunning_a_finished_run_keeps_its_kept_sets(toy, tmp_path):  # noqa: F811
+    """The same command again resumes from the final checkpoint: OUT.kept/ keeps every set."""
+    s = settings(toy, tmp_path / "r", iterations=7, checkpoint_every=2, keep_every=3)
+    distill(s)
+    first = [(i, SyntheticSet.load(p)) for i, p in list_kept(kept_folder(s.out))]
+    assert s.checkpoint_path.exists() and [i for i, _ in first] == [3, 6, 7]
+    distill(settings(toy, tmp_path / "r", iterations=7, checkpoint_every=2, keep_every=3))
+    again = [(i, SyntheticSet.load(p)) for i, p in list_kept(kept_folder(s.out))]
+    assert [i for i, _ in again] == [3, 6, 7]
+    assert all(_same_set(x, y) for (_, x), (_, y) in zip(again, first))
+    assert not kept_folder(s.out).with_name("syn.kept.partial").exists()
+
+
+def test_a_run_whose_kept_folder_cannot_be_made_opens_no_tracker(toy, tmp_path, monkeypatch):  # noqa: F811
+    """RunRecord opens the tracker (which only close() closes) after the kept-set folder is made."""
+    import tesla.distill_outputs as outputs
+    from tesla.tracking import TrackerOptions
+
+    opened = []
+    monkeypatch.setattr(outputs, "open_tracker", lambda *a, **k: opened.append(a) or outputs.tracking_disabled())
+    s = settings(toy, tmp_path / "t", iterations=2, keep_every=1)
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "syn.kept.partial").write_text("a file where the folder goes")
+    with pytest.raises(OSError):
+        distill(s, TrackerOptions(tracker="tensorboard"))
+    assert opened == []
+
+
 # -- selection -----------------------------------------------------------------------------
 def test_the_three_picks_by_hand():
     from tesla.selection import SetScore, pick_sets, selected_index
@@ -238,7 +266,7 @@ def test_a_killed_kept_sets_evaluation_resumes_after_the_sets_it_finished(tmp_pa
     out.unlink()
     assert main(argv) != 0  # interrupted
     assert not out.exists() and Path(f"{out}.ckpt.sets.json").exists()
-    assert main(argv) == 0
+    assert main([*argv, "--checkpoint-every", "0"]) == 0  # how often a checkpoint is saved changes no run
     assert trained == [10, 20, 20]  # the set of iteration 10 was not trained again
     assert read_sets(out.with_suffix(".sets.csv")) == read_sets(tmp_path / "whole.csv")
     assert not Path(f"{out}.ckpt.sets.json").exists() and not Path(f"{out}.ckpt").exists()
