@@ -763,19 +763,6 @@ def track_results(args: argparse.Namespace, subject: Subject, results: Sequence[
     tracker.close()
 
 
-def _protocol(args: argparse.Namespace, lr: float, dsa_strategy: str) -> Protocol:
-    return Protocol(
-        epochs=args.epochs,
-        lr=lr,
-        batch_size=args.batch_size,
-        momentum=args.momentum,
-        weight_decay=args.weight_decay,
-        dsa_strategy=dsa_strategy,
-        lr_decay_epoch=args.lr_decay_epoch,
-        reset_momentum_at_decay=args.reset_momentum_at_decay,
-    )
-
-
 def run(args: argparse.Namespace) -> int:
     tracking_options(args)  # a tracker whose package is missing is refused before any work
     kept_sets, selection = from_args(SubjectChoice, args).kept_sets, from_args(KeptSetSelection, args)
@@ -810,7 +797,7 @@ def run_kept_sets(args: argparse.Namespace, kept_sets: Path, selection: KeptSetS
     numerics = Numerics.from_arguments(args, device)
     numerics.apply(device)
     checkpoint = checkpoint_path(args)
-    protocol = _protocol(args, LR_RANDOM, "")  # each set's own lr and augmentation replace these
+    protocol = from_args(Protocol, args, lr=LR_RANDOM, dsa_strategy="")  # each set's own lr and augmentation replace these
     with acquire(f"{checkpoint}.lock", stage="tesla evaluate", protects=f"the checkpoint {checkpoint}"):
         evaluate_set = kept_set_evaluation(
             args.arch, args.test, protocol, validation=selection.validation, checkpoint=checkpoint, runs=args.runs,
