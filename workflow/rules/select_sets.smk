@@ -4,7 +4,7 @@
 # these rows out through their wildcard constraints, so every job of the other rows is as it
 # was. Logs and benchmarks follow the plain rules' patterns: the constraints give each path
 # one job. The profile's set-resources and set-threads name the plain rules; these rules take
-# them (stand_in_resources, stand_in_threads), so that under SLURM they run where those do.
+# them (stand_in_resources, stand_in_threads of common.smk), so that under SLURM they run where those do.
 
 
 use rule prepare as prepare_validation with:

@@ -51,14 +51,3 @@ def select_options(wildcards) -> str:
     """--select validation (tesla.training_settings.KeptSetSelection; a rerun trigger)."""
     return " ".join(command_options(training.KeptSetSelection, {}, result=True, given={"select": "validation"}))
 
-
-def stand_in_resources(rule: str, declared: dict) -> dict:
-    """The resources of the select_sets.smk rules, each those of the plain rule it stands in for
-    (``declared``) with what the profile sets for that one (set-resources applies by name only;
-    rule_names.SELECTION_RULES)."""
-    return {**declared, **PROFILE.resources(rule_names.profile_rule(rule))}
-
-
-def stand_in_threads(rule: str, declared: int):
-    """The threads of the select_sets.smk rules, the profile's set-threads of the plain one, else ``declared``."""
-    return PROFILE.threads(rule_names.profile_rule(rule), declared)
