@@ -10,7 +10,7 @@
 use rule prepare as prepare_validation with:
     # train.h5 without the held-out images, val.h5 with them (validation_per_class > 0)
     wildcard_constraints:
-        dataset=only_where([re.escape(f"{d}/") for d in validation_datasets()]),
+        dataset=only_where(validation_dataset_paths()),
     output:
         train="resources/{dataset}/train.h5",
         test="resources/{dataset}/test.h5",

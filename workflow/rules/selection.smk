@@ -10,9 +10,10 @@
 # (`select: final`, the default, changes nothing).
 
 
-def validation_datasets() -> list[str]:
-    """The datasets whose preparation holds out a validation split."""
-    return [name for name, ds in config["datasets"].items() if ds.get("validation_per_class", 0) > 0]
+def validation_dataset_paths() -> list[str]:
+    """`<dataset>/` of the datasets whose preparation holds out a validation split (the
+    look-ahead of the prepare rules' constraints)."""
+    return [re.escape(f"{name}/") for name, ds in config["datasets"].items() if ds.get("validation_per_class", 0) > 0]
 
 
 def selection_rows() -> list[tuple[str, int]]:
