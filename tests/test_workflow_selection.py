@@ -27,9 +27,9 @@ def _selecting(cfg: dict, per_class: int = 5) -> dict:
     return cfg
 
 
-def _dry_run(workdir: Path, cfg: dict, *targets: str):
+def _dry_run(workdir: Path, cfg: dict, *targets: str, cores: int = 1):
     write_config(workdir, cfg, "edited.yaml")
-    return snakemake(workdir, *targets, "--dry-run", "--printshellcmds", "--cores", "1", "--configfile", "edited.yaml")
+    return snakemake(workdir, *targets, "--dry-run", "--printshellcmds", "--cores", str(cores), "--configfile", "edited.yaml")
 
 
 def test_select_validation_holds_out_a_split_keeps_sets_and_selects_by_it(workdir):
@@ -73,14 +73,16 @@ def test_select_validation_without_a_validation_split_is_refused_naming_the_key(
 
 def test_under_the_slurm_profile_the_selection_rules_ask_for_what_their_plain_rules_get(workdir):
     """The profile's set-resources and set-threads name the plain rules (prepare, distill,
-    evaluate_synthetic); the rules standing in for them on select: validation rows get the same."""
+    evaluate_synthetic); the rules standing in for them on select: validation rows get the same
+    (the threads are above what the rules declare on a CPU: 4 for prepare, 1 for the others)."""
     shutil.copytree(ROOT / "profiles", workdir / "profiles", dirs_exist_ok=True)
     profile = yaml.safe_load((workdir / "profiles" / "slurm" / "config.yaml").read_text())
     result = _dry_run(workdir, _selecting(load_config(workdir)), "results/demo_ipc1/acc.csv",
-                      "--workflow-profile", "profiles/slurm")
+                      "--workflow-profile", "profiles/slurm", cores=32)  # cores for the profile's threads
     assert result.returncode == 0, result.stdout + result.stderr
     for rule, plain in (("prepare_validation", "prepare"), ("distill_kept", "distill"), ("evaluate_selected", "evaluate_synthetic")):
         job = re.search(rf"^rule {rule}:\n((?:[ \t]+.*\n)+)", result.stdout, re.MULTILINE).group(1)
         asked = dict(kv.split("=", 1) for kv in re.search(r"resources: (.*)", job).group(1).split(", "))
         for key, value in profile["set-resources"][plain].items():
             assert asked[key] == str(value), (rule, key)
+        assert re.search(r"threads: (\d+)", job).group(1) == str(profile["set-threads"][plain]), rule

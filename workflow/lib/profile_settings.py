@@ -3,7 +3,8 @@
 
 Why the workflow reads it at all: the rules it generates (one per group of experts, one per
 distill row over several processes; rule_names.py) must take the resources the profile sets
-for `expert` and `distill`, since a profile names only the rules it was written for, and the
+for `expert` and `distill`, and the rules of select: validation rows those of the plain rules
+they stand in for, since a profile names only the rules it was written for, and the
 SLURM messages say which profile key a refused request came from. Snakemake offers no
 documented way to do either: `set-resources` applies by rule name only, a rule's resources
 may be functions of its wildcards, input, threads and attempt, never of another rule's, and

@@ -449,10 +449,23 @@ def single_expert_datasets() -> list[str]:
     return [name for name, ds in config["datasets"].items() if ds["experts"]["per_job"] == 1]
 
 
+def stand_in_resources(rule: str, declared: dict) -> dict:
+    """The resources of a rule that the profile does not name (generated rules, the rules of
+    select: validation rows): ``declared``, those written in the rule it stands in for, with
+    the profile's set-resources of that one (set-resources applies by name only;
+    rule_names.profile_rule says which)."""
+    return {**declared, **PROFILE.resources(rule_names.profile_rule(rule))}
+
+
+def stand_in_threads(rule: str, declared: int):
+    """The threads of such a rule: the profile's set-threads of the rule it stands in for, else ``declared``."""
+    return PROFILE.threads(rule_names.profile_rule(rule), declared)
+
+
 def group_resources(per_job: int) -> dict:
     """The resources of a job of `per_job` experts: those of the `expert` rule (its
     set-resources in the profile: partition, GPU, memory), its runtime x per_job."""
-    merged = {**EXPERT_RESOURCES, "gpu": TRAIN_GPU, **PROFILE.resources("expert")}
+    merged = stand_in_resources("expert", {**EXPERT_RESOURCES, "gpu": TRAIN_GPU})
     runtime = merged["runtime"]
     return {**merged, "runtime": runtime * per_job if isinstance(runtime, int) else runtime}
 

@@ -8,7 +8,7 @@ PREPARE_THREADS = 4
 rule prepare:
     """Convert a configured dataset into resources/<dataset>/train.h5 and test.h5."""
     wildcard_constraints:
-        dataset=datasets_except([re.escape(f"{d}/") for d in validation_datasets()]),  # those: prepare_validation
+        dataset=datasets_except(validation_dataset_paths()),  # those: prepare_validation
     input:
         # Not a file: checks the raw-data path of the requested dataset while the DAG is
         # built, so a missing ImageNet path fails before any job starts. The raw path is a

@@ -46,7 +46,7 @@ def distill_resources(processes: int) -> dict:
     """A G-process distillation's request: the profile's `distill` resources (or the rule's),
     with G x its GPUs and G tasks, started by srun (`mpi`: the SLURM job step runs the command
     as it is, and srun in it starts the tasks)."""
-    merged = {**DISTILL_RESOURCES, "gpu": TRAIN_GPU, **PROFILE.resources("distill")}
+    merged = stand_in_resources("distill", {**DISTILL_RESOURCES, "gpu": TRAIN_GPU})
     per_process = int(merged["gpu"] or 0)
     request = {**merged, "gpu": per_process * processes, "tasks": processes, "mpi": "srun"}
     if per_process:
@@ -56,5 +56,5 @@ def distill_resources(processes: int) -> dict:
 
 def distill_threads(processes: int) -> int:
     """Threads of a G-process job: per process under SLURM (cpus_per_task), all G locally."""
-    per_process = PROFILE.threads("distill", TRAIN_THREADS)
+    per_process = stand_in_threads("distill", TRAIN_THREADS)
     return per_process if on_slurm(PROFILE.resources("distill")) else per_process * processes

@@ -64,7 +64,7 @@ for _dataset, _space, _ks in expert_groups():
             f"results/logs/experts/{_dataset}/{_space}/experts_{_ks[0]}-{_ks[-1]}.log",
         benchmark:
             f"results/benchmarks/experts/{_dataset}/{_space}/experts_{_ks[0]}-{_ks[-1]}.tsv"
-        threads: PROFILE.threads("expert", TRAIN_THREADS)
+        threads: stand_in_threads("expert", TRAIN_THREADS)
         resources:
             **group_resources(len(_ks)),
         conda:

@@ -4,13 +4,13 @@
 # these rows out through their wildcard constraints, so every job of the other rows is as it
 # was. Logs and benchmarks follow the plain rules' patterns: the constraints give each path
 # one job. The profile's set-resources and set-threads name the plain rules; these rules take
-# them (stand_in_resources, stand_in_threads), so that under SLURM they run where those do.
+# them (stand_in_resources, stand_in_threads of common.smk), so that under SLURM they run where those do.
 
 
 use rule prepare as prepare_validation with:
     # train.h5 without the held-out images, val.h5 with them (validation_per_class > 0)
     wildcard_constraints:
-        dataset=only_where([re.escape(f"{d}/") for d in validation_datasets()]),
+        dataset=only_where(validation_dataset_paths()),
     output:
         train="resources/{dataset}/train.h5",
         test="resources/{dataset}/test.h5",

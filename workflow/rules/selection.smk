@@ -10,9 +10,10 @@
 # (`select: final`, the default, changes nothing).
 
 
-def validation_datasets() -> list[str]:
-    """The datasets whose preparation holds out a validation split."""
-    return [name for name, ds in config["datasets"].items() if ds.get("validation_per_class", 0) > 0]
+def validation_dataset_paths() -> list[str]:
+    """`<dataset>/` of the datasets whose preparation holds out a validation split (the
+    look-ahead of the prepare rules' constraints)."""
+    return [re.escape(f"{name}/") for name, ds in config["datasets"].items() if ds.get("validation_per_class", 0) > 0]
 
 
 def selection_rows() -> list[tuple[str, int]]:
@@ -51,14 +52,3 @@ def select_options(wildcards) -> str:
     """--select validation (tesla.training_settings.KeptSetSelection; a rerun trigger)."""
     return " ".join(command_options(training.KeptSetSelection, {}, result=True, given={"select": "validation"}))
 
-
-def stand_in_resources(rule: str, declared: dict) -> dict:
-    """The resources of the select_sets.smk rules, each those of the plain rule it stands in for
-    (``declared``) with what the profile sets for that one (set-resources applies by name only;
-    rule_names.SELECTION_RULES)."""
-    return {**declared, **PROFILE.resources(rule_names.profile_rule(rule))}
-
-
-def stand_in_threads(rule: str, declared: int):
-    """The threads of the select_sets.smk rules, the profile's set-threads of the plain one, else ``declared``."""
-    return PROFILE.threads(rule_names.profile_rule(rule), declared)
