@@ -180,7 +180,7 @@ class StepCompiler:
     """
 
     def __init__(self, mode: str, announce: bool = False, fallback: bool = False) -> None:
-        if mode not in ("inductor", "cudagraph", "inductor-cudagraph", TRACE_ONLY):
+        if mode not in (*(m for m in COMPILE_MODES if m not in ("auto", "off")), TRACE_ONLY):
             raise TeslaError(f"StepCompiler needs a compile mode other than 'off'/'auto', got {mode!r}")
         self.mode = mode
         self.announce = announce
