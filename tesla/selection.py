@@ -91,13 +91,10 @@ def check_select(select: str, validation: object | None) -> None:
 
 
 def selected_index(scores: Sequence[SetScore], select: str) -> int:
-    """The set ``--select`` reports (``final`` or ``validation``)."""
-    if select not in SELECT_RULES:
-        raise TeslaError(f"--select {select!r}: choose one of {', '.join(SELECT_RULES)} (the test split never selects)")
-    chosen = pick_sets(scores)[select]
-    if chosen is None:
-        raise TeslaError("--select validation needs --validation VAL.h5 (tesla prepare --validation-per-class)")
-    return chosen
+    """The set ``--select`` reports (``final`` or ``validation``), refused as
+    :func:`check_select` refuses (``validation`` needs scores on a validation split)."""
+    check_select(select, "scores" if any(s.val_accs for s in scores) else None)
+    return pick_sets(scores)[select]
 
 
 def _std(values: Sequence[float] | None) -> str:

@@ -142,6 +142,7 @@ def test_a_run_whose_kept_folder_cannot_be_made_opens_no_tracker(toy, tmp_path, 
 
 # -- selection -----------------------------------------------------------------------------
 def test_the_three_picks_by_hand():
+    from tesla.errors import TeslaError
     from tesla.selection import SetScore, pick_sets, selected_index
 
     scores = [
@@ -153,8 +154,12 @@ def test_the_three_picks_by_hand():
     scores[2].val_accs = [70.0, 70.0]
     assert pick_sets(scores) == {"final": 2, "validation": 0, "test": 1}
     assert selected_index(scores, "validation") == 0 and selected_index(scores, "final") == 2
-    with pytest.raises(Exception, match="the test split never selects"):
+    with pytest.raises(TeslaError, match="--select test: choose final, or validation"):
         selected_index(scores, "test")
+    for s in scores:
+        s.val_accs = None
+    with pytest.raises(TeslaError, match="--select validation: choose final, or validation together with --validation"):
+        selected_index(scores, "validation")
 
 
 def _write_split(path: Path, source: ImageSplit, shift: int) -> None:
