@@ -26,9 +26,11 @@ import dataclasses
 import math
 from dataclasses import MISSING, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from tesla.arguments import finite_float
+from tesla.errors import TeslaError
+from tesla.files import atomic_output
 
 __all__ = [
     "Setting",
@@ -394,7 +396,8 @@ class SchemaBlock:
     """A block of a text file generated from declarations, between two marker lines (a
     schema's keys in YAML, a settings table in markdown): :meth:`generated` is the file as the
     declarations make it, :meth:`write` rewrites the block, :meth:`check` says whether the file
-    is up to date. ``make(indent)`` gives the block's lines, indented as the marker lines are."""
+    is up to date (:func:`write_blocks` rewrites several at once). ``make(indent)`` gives the block's
+    lines, indented as the marker lines are."""
 
     name: str  # what the block is generated from, named in the marker lines
     regenerate: str  # the command that rewrites it
@@ -417,29 +420,48 @@ class SchemaBlock:
         begin = text.find(self.begin)
         end = text.find(self.end, max(begin, 0))  # after its own begin: another block's end may start alike
         if begin < 0 or end < begin:
-            raise ValueError(f"{path}: the marker lines of the generated block are missing ({self.begin!r} ... {self.end!r})")
+            raise TeslaError(
+                f"{path}: the marker lines of the block generated from {self.name} are missing or out of order; put "
+                f"back the two lines {self.begin!r} and {self.end!r} where the block belongs (git diff {path} shows "
+                f"what changed), then run {self.regenerate}"
+            )
         start = text.rfind("\n", 0, begin) + 1
         stop = text.find("\n", end) + 1 or len(text)
         return start, stop, begin - start
 
-    def generated(self, path: Path) -> str:
-        text = Path(path).read_text(encoding="utf-8")
+    def apply(self, text: str, path: Path) -> str:
+        """``text`` (the content of ``path``) with this block as the declarations make it now."""
         start, stop, indent = self._span(text, path)
         pad = " " * indent
         body = self.make(indent)
         return f"{text[:start]}{pad}{self.begin}\n{body}{'' if body.endswith(chr(10)) else chr(10)}{pad}{self.end}\n{text[stop:]}"
 
+    def generated(self, path: Path) -> str:
+        return self.apply(Path(path).read_text(encoding="utf-8"), path)
+
     def write(self, path: Path) -> bool:
-        """Rewrite the block; True when the file changed."""
-        new = self.generated(path)
-        changed = new != Path(path).read_text(encoding="utf-8")
-        if changed:
-            Path(path).write_text(new, encoding="utf-8")
-        return changed
+        """Rewrite the block, all or nothing (:func:`write_blocks`); True when the file changed."""
+        return bool(write_blocks([(path, self)]))
 
     def check(self, path: Path) -> bool:
         """Whether the file's block is what the declarations generate now."""
         return self.generated(path) == Path(path).read_text(encoding="utf-8")
+
+
+def write_blocks(blocks: Iterable[tuple[Path, SchemaBlock]]) -> list[Path]:
+    """Rewrite the generated blocks of their files, all or nothing: every file's new text is
+    made first (a file whose marker lines are missing is refused before anything is written),
+    then each changed file is replaced whole (:func:`tesla.files.atomic_output`). Returns the
+    files that changed."""
+    texts: dict[Path, str] = {}
+    for path, block in blocks:
+        path = Path(path)
+        texts[path] = block.apply(texts[path] if path in texts else path.read_text(encoding="utf-8"), path)
+    changed = [path for path, text in texts.items() if text != path.read_text(encoding="utf-8")]
+    for path in changed:
+        with atomic_output(path) as tmp:
+            tmp.write_text(texts[path], encoding="utf-8")
+    return sorted(changed)
 
 
 #: the command that rewrites every generated block (:mod:`tesla.settings_blocks`)
@@ -509,11 +531,17 @@ def message_value(value: Any) -> str:
 
 def schema_yaml(cls: type) -> Callable[[int], str]:
     """The ``make`` of a :class:`SchemaBlock` that writes :func:`schema_properties` of ``cls``
-    as YAML lines, indented as the markers are: one mapping per key, its description folded,
-    a list one item a line, the other values in flow style."""
+    (:func:`properties_yaml`)."""
+    return properties_yaml(lambda: schema_properties(cls))
+
+
+def properties_yaml(properties: Callable[[], Mapping[str, Mapping[str, Any]]]) -> Callable[[int], str]:
+    """The ``make`` of a :class:`SchemaBlock` that writes JSON-schema ``properties()`` as YAML
+    lines, indented as the markers are: one mapping per key, its description folded, a list
+    one item a line, the other values in flow style."""
 
     def make(indent: int) -> str:
-        return "".join(" " * indent + line + "\n" for line in _properties_lines(schema_properties(cls)))
+        return "".join(" " * indent + line + "\n" for line in _properties_lines(properties()))
 
     return make
 

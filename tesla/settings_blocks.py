@@ -9,7 +9,7 @@ the row's other keys, ``DistillRow``), the keys and tables of the experts'
 and the evaluation's settings (:mod:`tesla.training_settings`), a dataset entry's ``zca_eps``
 and its table (:mod:`tesla.zca_settings`), the ``tracking:`` block's keys and table
 (:mod:`tesla.tracking_settings`), and the data sources' keys of a dataset entry
-(:mod:`tesla.data.sources.workflow`, which has its own markers). A test
+(:mod:`tesla.data.sources.workflow`). A test
 (tests/test_settings_blocks.py) fails while a committed file differs from what the
 declarations generate.
 """
@@ -20,8 +20,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from tesla.data.sources.workflow import SCHEMA_BLOCK as DATA_SOURCES
 from tesla.distill_settings import DistillRow, DistillSettings
-from tesla.settings import REGENERATE, SchemaBlock, generated_blocks
+from tesla.errors import TeslaError
+from tesla.settings import REGENERATE, SchemaBlock, generated_blocks, write_blocks
 from tesla.tracking_settings import README_BLOCKS as TRACKING_README, SCHEMA_BLOCKS as TRACKING_SCHEMA
 from tesla.training_settings import BLOCK_FILES
 from tesla.zca_settings import ZcaSettings
@@ -45,27 +47,18 @@ BLOCKS: tuple[tuple[Path, SchemaBlock], ...] = (
     *_in_files("tesla.zca_settings.ZcaSettings", ZcaSettings),
     (SCHEMA, TRACKING_SCHEMA["tracking"]),
     (CONFIG_README, TRACKING_README["tracking"]),
+    (SCHEMA, DATA_SOURCES),
 )
 
 
 def stale(root: Path) -> list[Path]:
     """The files under ``root`` whose generated blocks are out of date."""
-    from tesla.data.sources.workflow import generated_schema
-
-    out = [root / path for path, block in BLOCKS if not block.check(root / path)]
-    if generated_schema(root / SCHEMA) != (root / SCHEMA).read_text(encoding="utf-8"):
-        out.append(root / SCHEMA)
-    return sorted(set(out))
+    return sorted({root / path for path, block in BLOCKS if not block.check(root / path)})
 
 
 def write(root: Path) -> list[Path]:
     """Rewrite every generated block under ``root``; the files that changed."""
-    from tesla.data.sources.workflow import write_schema
-
-    changed = [root / path for path, block in BLOCKS if block.write(root / path)]
-    if write_schema(root / SCHEMA):
-        changed.append(root / SCHEMA)
-    return sorted(set(changed))
+    return write_blocks((root / path, block) for path, block in BLOCKS)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,7 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", type=Path, default=Path("."), help="the project's root (default: here)")
     args = parser.parse_args(argv)
     if args.write:
-        changed = write(args.root)
+        try:
+            changed = write(args.root)
+        except TeslaError as e:
+            print(f"python -m tesla.settings_blocks: {e}", file=sys.stderr)
+            return 2
         print("updated: " + ", ".join(map(str, changed)) if changed else "every generated block is up to date")
         return 0
     out_of_date = stale(args.root)

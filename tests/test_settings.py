@@ -8,6 +8,7 @@ import dataclasses
 
 import pytest
 
+from tesla.errors import TeslaError
 from tesla.settings import (
     SchemaBlock,
     Wording,
@@ -95,7 +96,7 @@ def test_a_generated_block_is_rewritten_between_its_markers(tmp_path):
     assert path.read_text() == f"top:\n  {block.begin}\n  a: 1\n  {block.end}\nend: 1\n"
     assert block.check(path) and not block.write(path)
     (tmp_path / "bare.yaml").write_text("top: 1\n")
-    with pytest.raises(ValueError, match="marker lines"):
+    with pytest.raises(TeslaError, match="bare.yaml: the marker lines of the block generated from toy are missing"):
         block.check(tmp_path / "bare.yaml")
 
 

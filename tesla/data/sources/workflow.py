@@ -5,10 +5,11 @@ option with a config key (:attr:`Option.config`). From the registry
 (:mod:`tesla.data.sources.registry`) this module gives
 
 * the JSON-schema properties of those keys (:func:`config_properties`), written between two
-  marker lines into workflow/schemas/config.schema.yaml (``python -m
-  tesla.data.sources.workflow --write-schema workflow/schemas/config.schema.yaml``; a test
-  checks that the committed file equals what the registry generates). The schema stays one
-  static file, validated when the workflow starts and readable without the package;
+  marker lines into workflow/schemas/config.schema.yaml as a generated block
+  (:data:`SCHEMA_BLOCK`, rewritten with the project's other generated blocks by ``python -m
+  tesla.settings_blocks --write``; a test checks that the committed file equals what the
+  registry generates). The schema stays one static file, validated when the workflow starts
+  and readable without the package;
 * the options a dataset entry sets that its source does not take (:func:`unused_keys`,
   refused when the workflow starts);
 * the ``tesla prepare`` command line of an entry (:func:`prepare_command`), the params of
@@ -22,16 +23,13 @@ option with a config key (:attr:`Option.config`). From the registry
 
 from __future__ import annotations
 
-import argparse
 import glob
-import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-import yaml
-
 from tesla.data.sources.options import Option
 from tesla.data.sources.registry import all_options, get_source, source_names, source_options, takers
+from tesla.settings import REGENERATE, SchemaBlock, properties_yaml
 
 #: the order of the command line's options (as earlier workflows wrote them; an option
 #: not listed here comes after these, in the order of ``tesla prepare --help``)
@@ -40,16 +38,6 @@ COMMAND_ORDER = (
     "resize", "resize_filter", "channels", "image_column", "label_column", "strict",
 )  # fmt: skip
 SOURCE_DESCRIPTION = "which reader of `tesla prepare` turns the raw data into HDF5 splits"
-BEGIN_MARKER = "# >>> generated from tesla.data.sources (the options of tesla prepare); do not edit by hand:"
-END_MARKER = "# <<< end of the generated keys"
-REGENERATE = "python -m tesla.data.sources.workflow --write-schema workflow/schemas/config.schema.yaml"
-
-
-class _SchemaDumper(yaml.SafeDumper):
-    """Mappings in block style, lists (and what they hold) in flow style: the schema file's look."""
-
-
-_SchemaDumper.add_representer(list, lambda dumper, value: dumper.represent_sequence("tag:yaml.org,2002:seq", value, flow_style=True))
 
 
 def config_keys() -> list[Option]:
@@ -79,38 +67,8 @@ def config_properties() -> dict[str, dict[str, Any]]:
     return properties
 
 
-def schema_fragment(indent: int = 6) -> str:
-    """:func:`config_properties` as the YAML lines of the schema file, markers included."""
-    pad = " " * indent
-    body = yaml.dump(config_properties(), Dumper=_SchemaDumper, sort_keys=False, default_flow_style=False, width=110, allow_unicode=True)
-    lines = [BEGIN_MARKER, f"#     {REGENERATE}", *body.splitlines(), END_MARKER]
-    return "".join(f"{pad}{line}\n" for line in lines)
-
-
-def _fragment_span(text: str, path: Path) -> tuple[int, int, int]:
-    """(start, end, indent) of the generated block in a schema file's text."""
-    begin, end = text.find(BEGIN_MARKER), text.find(END_MARKER)
-    if begin < 0 or end < begin:
-        raise ValueError(f"{path}: the marker lines of the generated keys are missing ({BEGIN_MARKER!r} ... {END_MARKER!r})")
-    start = text.rfind("\n", 0, begin) + 1
-    stop = text.find("\n", end) + 1 or len(text)
-    return start, stop, begin - start
-
-
-def generated_schema(path: Path) -> str:
-    """The schema file's text with its generated block as the registry makes it now."""
-    text = Path(path).read_text(encoding="utf-8")
-    start, stop, indent = _fragment_span(text, path)
-    return text[:start] + schema_fragment(indent) + text[stop:]
-
-
-def write_schema(path: Path) -> bool:
-    """Rewrite the generated block of a schema file from the registry; True when it changed."""
-    new = generated_schema(path)
-    changed = new != Path(path).read_text(encoding="utf-8")
-    if changed:
-        Path(path).write_text(new, encoding="utf-8")
-    return changed
+#: the dataset keys of the config schema, generated from the registry
+SCHEMA_BLOCK = SchemaBlock("tesla.data.sources (the options of tesla prepare)", REGENERATE, properties_yaml(config_properties))
 
 
 def unused_keys(entry: Mapping[str, Any], where: str) -> list[str]:
@@ -191,22 +149,3 @@ def raw_data_problems(entry: Mapping[str, Any], where: str, resolve: Callable[[s
     if problems:
         problems.append(f"accepted layouts for source '{source.name}': {source.layouts() or 'see `tesla prepare --help`'}")
     return problems
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="the config-schema keys generated from the data sources")
-    group = parser.add_mutually_exclusive_group(required=True)
-    group.add_argument("--write-schema", type=Path, metavar="SCHEMA", help="rewrite the generated block of this schema file")
-    group.add_argument("--check-schema", type=Path, metavar="SCHEMA", help="exit 1 when the generated block is out of date")
-    args = parser.parse_args(argv)
-    if args.write_schema:
-        print(f"{args.write_schema}: {'updated' if write_schema(args.write_schema) else 'already up to date'}")
-        return 0
-    if generated_schema(args.check_schema) != args.check_schema.read_text(encoding="utf-8"):
-        print(f"{args.check_schema}: the generated keys are out of date; run {REGENERATE}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
