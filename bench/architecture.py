@@ -13,6 +13,10 @@ Read from the source files as syntax trees (nothing is imported or run), in the 
 (b) the ``tesla`` imports made inside functions (deferred imports), counted;
 (c) the functions (and methods) longer than 80 lines, from ``def`` to their last line;
 (d) the lines of each module, the 10 largest;
+(f) where a stage's settings object goes: the modules that name ``DistillSettings`` or
+    ``DistillSetup``, which carries it (import it, or define it), i.e. that take the whole
+    settings of ``tesla distill`` rather than the values they need (a module handed the object
+    without naming its type is not seen);
 (e) with ``--dry-run-time``: the seconds ``snakemake -n --cores 1`` takes to plan the demo (the
     README's ``snakemake --cores all``: the default target) in a temporary copy of the project.
 
@@ -239,6 +243,23 @@ def long_functions(modules: dict[str, Module], limit: int = LONG_FUNCTION) -> li
     return sorted(found, key=lambda f: (-f[1], f[0]))
 
 
+# -- (f) where the settings object goes ------------------------------------------------------
+
+#: the settings object of ``tesla distill`` (tesla.distill_settings) and what carries it (tesla.distill_setup)
+SETTINGS_OBJECTS = ("DistillSettings", "DistillSetup")
+
+
+def modules_naming(modules: dict[str, Module], names: tuple[str, ...]) -> list[str]:
+    """The modules that import one of ``names`` from a package module or define a class of that name, sorted."""
+    found = set()
+    for module in modules.values():
+        for node in ast.walk(module.tree):
+            imported = isinstance(node, ast.ImportFrom) and any(alias.name in names for alias in node.names)
+            if imported or (isinstance(node, ast.ClassDef) and node.name in names):
+                found.add(module.name)
+    return sorted(found)
+
+
 # -- (e) the dry run --------------------------------------------------------------------------
 
 
@@ -308,6 +329,9 @@ def measure(root: Path, dry_run: bool = False, repeats: int = 1, targets: tuple[
     out.add("lines of the package", str(sum(n for n, _ in sizes)))
     out.add(f"largest {LARGEST} modules (lines)", ", ".join(f"{name} ({n})" for n, name in sizes[:LARGEST]))
     out.add("stage modules (from tesla/cli.py)", ", ".join(stages))
+    takers = modules_naming(modules, SETTINGS_OBJECTS)
+    out.add(f"modules naming {' or '.join(SETTINGS_OBJECTS)}", str(len(takers)))
+    out.add(f"modules naming {' or '.join(SETTINGS_OBJECTS)} (names)", ", ".join(takers))
     if dry_run:
         times = dry_run_seconds(root, repeats, targets)
         what = f"median of {len(times)}: " + ", ".join(f"{t:.1f}" for t in times) if len(times) > 1 else "one run"

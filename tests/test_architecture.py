@@ -156,3 +156,18 @@ print("imported", len({modules!r}), "modules")
     run = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert f"imported {len(modules)} modules" in run.stdout
+
+
+def test_the_distill_settings_object_stays_in_the_distill_stage():
+    """Only the distill stage's own modules (and the generator of the settings' blocks) take the
+    whole settings object of `tesla distill`, or the setup that carries it; the library modules
+    the loop calls (matching, guard, soft labels, input space, kept sets, ...) are handed the
+    values they need, so they stay usable and testable without the stage."""
+    from test_bench_architecture import load_script
+
+    script = load_script()
+    takers = script.modules_naming(script.read_package(ROOT), script.SETTINGS_OBJECTS)
+    outside = [m for m in takers if not m.startswith("tesla.distill") and m != "tesla.settings_blocks"]
+    assert "tesla.distill_settings" in takers and not outside, (
+        f"{outside} take the distill settings (or DistillSetup); hand them the values they need instead"
+    )

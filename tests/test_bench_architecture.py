@@ -49,7 +49,8 @@ def test_the_table_of_this_tree_parses():
     assert result.returncode == 0, result.stderr
     rows = parse_table(result.stdout)
     for measure in ("import circles (module- and function-level imports)", "concept -> stage imports",
-                    "tesla imports inside functions", "functions over 80 lines", "modules", "lines of the package"):
+                    "tesla imports inside functions", "functions over 80 lines", "modules", "lines of the package",
+                    "modules naming DistillSettings or DistillSetup"):
         assert rows[measure].isdigit(), (measure, rows[measure])
     largest = rows["largest 10 modules (lines)"].split(", ")
     assert len(largest) == 10 and all(re.fullmatch(r"tesla(\.\w+)* \(\d+\)", m) for m in largest), largest
@@ -67,6 +68,8 @@ def test_a_circle_an_upward_arrow_and_a_long_function_are_found(tmp_path):
         "first.py": "from tesla import second\n\ndef one():\n    return second.two()\n",
         "second.py": "def two():\n    from tesla.first import one  # deferred: still an import\n    from . import stage\n    return one\n",
         "long.py": "def long():\n" + long_body,
+        "distill_settings.py": "class DistillSettings:\n    pass\n",
+        "loop.py": "from tesla.distill_settings import DistillSettings\n",
     })
     script = load_script()
     rows = parse_table(script.measure(root).markdown())
@@ -76,6 +79,7 @@ def test_a_circle_an_upward_arrow_and_a_long_function_are_found(tmp_path):
     assert rows["tesla imports inside functions"] == "2"
     assert rows["functions over 80 lines (lines)"] == "tesla.long.long (81)"
     assert rows["stage modules (from tesla/cli.py)"] == "tesla.stage"
+    assert rows["modules naming DistillSettings or DistillSetup (names)"] == "tesla.distill_settings, tesla.loop"
 
     (root / "tesla" / "second.py").write_text("def two():\n    return 2\n")  # the circle broken
     rows = parse_table(script.measure(root).markdown())
