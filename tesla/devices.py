@@ -16,7 +16,12 @@ from tesla.errors import TeslaError
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-__all__ = ["nvidia_gpu_visible", "pick_device"]
+__all__ = ["DEVICE_NAMES", "DEVICE_PATTERN", "nvidia_gpu_visible", "pick_device"]
+
+#: the device names every stage's ``--device`` (and the config's ``device``) takes
+DEVICE_NAMES = "auto (CUDA when present, else the CPU), cpu, cuda, cuda:N or mps"
+#: the same names as a regular expression (the config schema's)
+DEVICE_PATTERN = "^(auto|cpu|cuda(:[0-9]+)?|mps)$"
 
 #: where the NVIDIA driver puts its device nodes
 _DEVICE_NODES = Path(os.sep) / "dev"
@@ -43,7 +48,7 @@ def pick_device(name: str = "auto") -> torch.device:
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError):
-        raise TeslaError(f"--device {name!r} is not a device name; use auto, cpu, cuda or cuda:N") from None
+        raise TeslaError(f"--device {name!r} is not a device name; use {DEVICE_NAMES}") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise TeslaError(f"--device {name}: CUDA is not available on this machine; use --device cpu or auto")
@@ -56,5 +61,5 @@ def pick_device(name: str = "auto") -> torch.device:
         if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
             raise TeslaError(f"--device {name}: MPS is not available on this machine; use --device cpu or auto")
     elif device.type != "cpu":
-        raise TeslaError(f"--device {name}: unsupported device type {device.type!r}; use auto, cpu, cuda or cuda:N")
+        raise TeslaError(f"--device {name}: unsupported device type {device.type!r}; use {DEVICE_NAMES}")
     return device

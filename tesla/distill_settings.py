@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from tesla.devices import DEVICE_NAMES
 from tesla.engines import COMPILE_MODES, ENGINES
 from tesla.errors import TeslaError
 from tesla.selection import SELECT_RULES
@@ -212,7 +213,7 @@ class DistillSettings:
     checkpoint_every: int = setting(100, help="iterations between checkpoints", kind=int, minimum=1, result=False,
                                     always=True, resume_tunable=True,
                                     config_help="iterations between resumable checkpoints; not a rerun trigger")
-    device: str = setting("auto", help="auto, cpu, cuda or cuda:N", config=None, result=False, resume_tunable=True)
+    device: str = setting("auto", help=DEVICE_NAMES, config=None, result=False, resume_tunable=True)
     label_chunk: int = setting(256, help="images per forward pass when assigning soft labels", kind=int, minimum=1,
                                config=None, result=False, resume_tunable=True)
     progress: bool = setting(True, help="no progress bar", kind=bool, config=None, result=False, resume_tunable=True)

@@ -3,7 +3,8 @@
     python -m tesla.settings_blocks --write     # from the project's root
     python -m tesla.settings_blocks --check     # exit 1 when a block is out of date
 
-The blocks: the config schema's keys of a distill row and the distill settings table of
+The blocks: the config's top-level keys and their table (:mod:`tesla.config_settings`), the
+config schema's keys of a distill row and the distill settings table of
 config/README.md (from :mod:`tesla.distill_settings`: the settings of ``tesla distill``, and
 the row's other keys, ``DistillRow``), the keys and tables of the experts'
 and the evaluation's settings (:mod:`tesla.training_settings`), a dataset entry's ``zca_eps``
@@ -20,6 +21,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from tesla.config_settings import TopLevel
 from tesla.data.sources.workflow import SCHEMA_BLOCK as DATA_SOURCES
 from tesla.distill_settings import DistillRow, DistillSettings
 from tesla.errors import TeslaError
@@ -41,6 +43,7 @@ def _in_files(name: str, cls: type) -> tuple[tuple[Path, SchemaBlock], ...]:
 
 #: (file, block), paths from the project's root
 BLOCKS: tuple[tuple[Path, SchemaBlock], ...] = (
+    *_in_files("tesla.config_settings.TopLevel", TopLevel),
     *_in_files("tesla.distill_settings", DistillSettings),
     *_in_files("tesla.distill_settings.DistillRow", DistillRow),
     *((Path(name), block) for name, blocks in BLOCK_FILES.items() for block in blocks.values()),

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tesla.devices import DEVICE_NAMES
 from tesla.dsa_strategy import DEFAULT_STRATEGY, parse_strategy
 from tesla.errors import TeslaError
 from tesla.normalizations import NORMALIZATIONS
@@ -126,8 +127,8 @@ def group_mode_setting(what: str) -> Any:
     )
 
 
-def _device_setting(help: str) -> Any:
-    return setting("auto", help=help, config=None, result=False)
+def _device_setting() -> Any:
+    return setting("auto", help=DEVICE_NAMES, config=None, result=False)
 
 
 def _dsa_schema() -> dict[str, Any]:
@@ -193,7 +194,7 @@ class ExpertConfig:
     dtype: str = setting("float32", choices=_storage_dtypes, always=True,
                          help="snapshot storage type; 16-bit halves the file, see docs/formats.md for its effect on the "
                               "matching loss")
-    device: str = _device_setting("auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
+    device: str = _device_setting()
     precision: str = precision_setting()
     tf32: bool | None = tf32_setting()  # None: on where the GPU has it
     channels_last: bool | None = channels_last_setting()  # None: tesla.precision.CHANNELS_LAST_DEFAULT
@@ -315,7 +316,7 @@ class EvaluateCommand(Protocol):
     precision: str = precision_setting()
     tf32: bool | None = tf32_setting()
     channels_last: bool | None = channels_last_setting()
-    device: str = _device_setting("auto, cpu, cuda or cuda:N")
+    device: str = _device_setting()
     out: Path = setting(help="per-run CSV to write (tesla-eval-runs)", kind=Path, required=True, config=None)
     checkpoint: Path | None = setting(
         None, kind=Path, config=None, result=False,

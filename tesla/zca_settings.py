@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from tesla.devices import DEVICE_NAMES
 from tesla.normalizations import DEFAULT_NORMALIZATION, NORMALIZATIONS
 from tesla.settings import setting
 
@@ -47,4 +48,4 @@ class ZcaSettings:
     )
     #: not bitwise neutral: the covariance is summed chunk by chunk, shifted by the first chunk's mean
     chunk: int = setting(DEFAULT_CHUNK, kind=int, minimum=1, config=None, help="images per covariance update")
-    device: str = setting("cpu", config=None, result=False, help="device for the covariance: cpu, cuda, auto")
+    device: str = setting("cpu", config=None, result=False, help=f"device for the covariance: {DEVICE_NAMES}")

@@ -201,6 +201,26 @@ def test_pick_device():
             pick_device("cuda")
 
 
+def test_the_config_schema_takes_the_device_names_pick_device_knows():
+    """The config's ``device`` pattern and the names ``--device`` takes are one declaration:
+    every name it lets through is a device pick_device understands (available or not), and a
+    name it refuses, pick_device refuses too, listing the names."""
+    import re
+
+    from tesla.devices import DEVICE_NAMES, DEVICE_PATTERN
+
+    for name in ("auto", "cpu", "cuda", "cuda:0", "cuda:12", "mps"):
+        assert re.match(DEVICE_PATTERN, name), name
+        try:
+            pick_device(name)
+        except TeslaError as e:  # a device this machine lacks, not an unknown name
+            assert "not available" in str(e) or "CUDA device(s)" in str(e), (name, e)
+    for name in ("gpu", "cuda:", "cuda:x", "CPU", "xla"):
+        assert not re.match(DEVICE_PATTERN, name), name
+        with pytest.raises(TeslaError, match=re.escape(DEVICE_NAMES)):
+            pick_device(name)
+
+
 def test_uint8_images_normalised_per_batch_train_like_float_images():
     from tesla.data import normalize
     from tesla.input_space import InputSpace, Normalization
