@@ -1,6 +1,7 @@
 """Several networks with the same settings trained in one process (the experts of one job, the
 runs of one evaluation), in one of the group modes (:mod:`tesla.group_modes`): one after the
-other (``sequential``, each through :func:`tesla.training.train`, bitwise equal to alone),
+other (``sequential``, each through :func:`tesla.training.train_alone`, the one-network path of
+:func:`tesla.training.train`, under the group's :class:`~tesla.training.Recipe`: bitwise equal to alone),
 their minibatch steps interleaved on separate CUDA streams (``streams``, the interleaved loop
 of :mod:`tesla.training`), or stacked into one vmapped step (``vmap``, the loop of this module,
 equal to alone within float32 round-off). Each network keeps its own initialisation, generator
@@ -64,7 +65,8 @@ def train_group(
     computes what :func:`tesla.training.train` computes for it alone (its own initialisation, generator,
     data, optimizer, start epoch and callbacks).  ``mode`` (:data:`GROUP_MODES`):
 
-    * ``sequential``: one after the other, each through :func:`tesla.training.train`: bitwise equal to alone;
+    * ``sequential``: one after the other, each through :func:`tesla.training.train_alone` (the path
+      of :func:`tesla.training.train`) with the group's recipe: bitwise equal to alone;
     * ``streams``: their minibatch steps interleaved, each network's on its own CUDA stream
       so that the GPU can overlap their kernels; the same kernels as alone (on a device
       without streams: interleaved on one, bitwise equal to alone);
@@ -88,16 +90,7 @@ def train_group(
     for member in members:
         check_member(member, recipe)
     if mode == "sequential":
-        return [
-            training.train(
-                m.model, m.x, m.y, epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                batch_size=batch_size, dsa=dsa, generator=m.generator, lr_decay_epochs=lr_decay_epochs,
-                lr_decay=lr_decay, reset_momentum_at_decay=reset_momentum_at_decay, start_epoch=m.start_epoch,
-                optimizer=m.optimizer, on_epoch_end=m.on_epoch_end, input_transform=input_transform,
-                numerics=numerics, progress=progress, desc=m.name,
-            )
-            for m in members
-        ]
+        return [training.train_alone(m, recipe, dsa, input_transform, numerics, progress=progress) for m in members]
     if mode == "vmap":
         _check_stackable(members, numerics)
         return _train_stacked(list(members), recipe, dsa, input_transform, numerics, progress=progress, desc=desc)

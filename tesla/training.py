@@ -65,6 +65,7 @@ __all__ = [
     "progress_bar",
     "restart_momentum",
     "train",
+    "train_alone",
     "train_interleaved",
 ]
 
@@ -249,13 +250,30 @@ def train(
     """
     recipe = make_recipe(epochs, lr, momentum, weight_decay, batch_size, lr_decay_epochs, lr_decay, reset_momentum_at_decay)
     member = GroupMember(model, x, y, generator, optimizer, start_epoch, on_epoch_end, desc)
+    return train_alone(member, recipe, dsa, input_transform, numerics or Numerics(), progress=progress)
+
+
+def train_alone(
+    member: GroupMember,
+    recipe: Recipe,
+    dsa: Augmentation | None,
+    input_transform: Callable[[torch.Tensor], torch.Tensor] | None,
+    numerics: Numerics,
+    *,
+    progress: bool | None,
+) -> list[EpochStats]:
+    """One network trained alone under ``recipe``: what :func:`train` does once it has made
+    its recipe and member (and what the ``sequential`` group mode does for each network).
+    The member is checked (:func:`check_member`), then trained in the plain loop; its
+    progress bar is named after it.  Returns the statistics of the epochs run."""
     check_member(member, recipe)
-    return train_interleaved([member], recipe, dsa, input_transform, numerics or Numerics(), streams=False,
-                              progress=progress, desc=desc)[0]
+    return train_interleaved([member], recipe, dsa, input_transform, numerics, streams=False,
+                             progress=progress, desc=member.name)[0]
 
 
-
-def make_recipe(epochs, lr, momentum, weight_decay, batch_size, lr_decay_epochs, lr_decay, reset_momentum_at_decay) -> Recipe:
+def make_recipe(epochs: int, lr: float, momentum: float, weight_decay: float, batch_size: int,
+                lr_decay_epochs: Iterable[int], lr_decay: float, reset_momentum_at_decay: bool) -> Recipe:
+    """The settings as a :class:`Recipe`, checked (a TeslaError names the bad one)."""
     _check_settings(epochs, lr, momentum, weight_decay, batch_size, 0)
     return Recipe(epochs, float(lr), float(momentum), float(weight_decay), int(batch_size),
                    tuple(int(d) for d in lr_decay_epochs), float(lr_decay), bool(reset_momentum_at_decay))

@@ -7,6 +7,7 @@ on the shared development machine; the MNIST test is most of it).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import gzip
 from pathlib import Path
 
@@ -76,21 +77,23 @@ def make_set(tiny, path: Path, *, soft: torch.Tensor | None = None, lr: float = 
 
 
 class TrainSpy:
-    """Wraps training.train: records its keyword arguments and the order of events."""
+    """Wraps training.train_alone (one network's training, alone or in a sequential group):
+    records its data, recipe, augmentation and numerics, and the order of events."""
 
     def __init__(self, monkeypatch, events: list | None = None):
         self.calls: list[dict] = []
         self.events = events if events is not None else []
-        real = tesla.training.train
+        real = tesla.training.train_alone
 
-        def spy(model, x, y, **kw):
-            self.calls.append({"x": x, "y": y, **kw})
+        def spy(member, recipe, dsa, input_transform, numerics, **kw):
+            self.calls.append({"x": member.x, "y": member.y, **dataclasses.asdict(recipe), "dsa": dsa,
+                               "numerics": numerics})
             self.events.append("train-start")
-            out = real(model, x, y, **kw)
+            out = real(member, recipe, dsa, input_transform, numerics, **kw)
             self.events.append("train-end")
             return out
 
-        patch_training(monkeypatch, tesla.evaluation, "train", spy)
+        patch_training(monkeypatch, tesla.evaluation, "train_alone", spy)
 
 
 # -- the set's own settings are used ----------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import os
 import shutil
@@ -171,19 +172,20 @@ def test_zca_is_applied_and_recorded(toy, tmp_path):
 
 
 class InputSpy:
-    """Wraps training.train and records the inputs it gets: stored x and the minibatch map."""
+    """Wraps training.train_alone (one network's training, alone or in a sequential group) and
+    records the inputs it gets: stored x and the minibatch map."""
 
     def __init__(self, monkeypatch):
         import tesla.training
 
         self.calls: list[dict] = []
-        real = tesla.training.train
+        real = tesla.training.train_alone
 
-        def spy(model, x, y, **kw):
-            self.calls.append({"x": x, "transform": kw.get("input_transform")})
-            return real(model, x, y, **kw)
+        def spy(member, recipe, dsa, input_transform, numerics, **kw):
+            self.calls.append({"x": member.x, "transform": input_transform})
+            return real(member, recipe, dsa, input_transform, numerics, **kw)
 
-        patch_training(monkeypatch, tesla.experts, "train", spy)
+        patch_training(monkeypatch, tesla.experts, "train_alone", spy)
 
     def network_input(self, n: int) -> torch.Tensor:
         call = self.calls[-1]
@@ -418,27 +420,28 @@ def test_a_killed_group_resumes_bitwise(toy, tmp_path):
 
 
 class TrainSpy:
-    """Wraps training.train: records which expert trains, and can kill one after an epoch."""
+    """Wraps training.train_alone (one network's training, alone or in a sequential group):
+    records which expert trains, and can kill one after an epoch."""
 
     def __init__(self, monkeypatch, kill: str | None = None) -> None:
         import tesla.training
 
         self.trained: list[str] = []
-        real = tesla.training.train
+        real = tesla.training.train_alone
 
-        def spy(model, x, y, **kw):
-            self.trained.append(kw["desc"])
-            if kw["desc"] == kill:
-                callback = kw["on_epoch_end"]
+        def spy(member, *args, **kw):
+            self.trained.append(member.name)
+            if member.name == kill:
+                callback = member.on_epoch_end
 
                 def killed(stats):
                     callback(stats)
                     raise KeyboardInterrupt  # the job ends here, as if killed
 
-                kw["on_epoch_end"] = killed
-            return real(model, x, y, **kw)
+                member = dataclasses.replace(member, on_epoch_end=killed)
+            return real(member, *args, **kw)
 
-        patch_training(monkeypatch, tesla.experts, "train", spy)
+        patch_training(monkeypatch, tesla.experts, "train_alone", spy)
 
 
 def toy_group(toy, tmp_path, seeds, epochs=2):

@@ -332,6 +332,27 @@ def test_network_k_of_a_group_equals_network_k_trained_alone(mode, norm):
     assert not torch.allclose(snaps[0].thetas[-1], snaps[1].thetas[-1])  # distinct networks
 
 
+def test_the_sequential_mode_is_the_one_network_path_with_the_groups_recipe(monkeypatch):
+    """train and the sequential group mode train each network through one function,
+    training.train_alone, with the same Recipe: one protocol, spelt out once."""
+    import tesla.training
+
+    seen, real = [], tesla.training.train_alone
+
+    def spy(member, recipe, *args, **kw):
+        seen.append((member.name, recipe))
+        return real(member, recipe, *args, **kw)
+
+    monkeypatch.setattr(tesla.training, "train_alone", spy)
+    x, y = toy_data(n=16)
+    nets = group_nets(3)
+    train(nets[0], x, y, generator=torch.Generator().manual_seed(0), desc="alone", **GROUP_SETTINGS)
+    train_group([GroupMember(n, x, y, torch.Generator().manual_seed(k), name=f"net {k}") for k, n in enumerate(nets[1:])],
+                mode="sequential", **GROUP_SETTINGS)
+    assert [name for name, _ in seen] == ["alone", "net 0", "net 1"]
+    assert seen[0][1] == seen[1][1] == seen[2][1] == tesla.training.make_recipe(lr_decay=0.1, **GROUP_SETTINGS)
+
+
 @pytest.mark.parametrize("mode", ["streams", "vmap"])
 def test_a_network_resumed_later_joins_the_group_and_one_that_ends_leaves_it(mode):
     """Network 1 resumes at epoch 2 (state saved after two epochs alone); network 2 ends
