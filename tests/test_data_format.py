@@ -8,6 +8,8 @@ import torch
 from tesla.data import FORMAT_VERSION, ImageSplit, SplitDataset, SplitWriter, normalize
 from tesla.errors import TeslaError
 
+from conftest import assert_refuses_files_of_others
+
 
 def _write(path, counts=(3, 2, 4), hw=4, channels=3, seed=0):
     rng = np.random.default_rng(seed)
@@ -83,12 +85,7 @@ def test_unsorted_labels_rejected(tmp_path):
 
 
 def test_reader_errors(tmp_path):
-    with pytest.raises(TeslaError, match="no such"):
-        ImageSplit.open(tmp_path / "missing.h5")
-    junk = tmp_path / "junk.h5"
-    junk.write_bytes(b"not hdf5")
-    with pytest.raises(TeslaError, match="not an HDF5 file"):
-        ImageSplit.open(junk)
+    assert_refuses_files_of_others(ImageSplit.open, tmp_path, "prepared split file", other_format="tesla-synthetic")
     path = tmp_path / "train.h5"
     _write(path)
     with h5py.File(path, "a") as f:
