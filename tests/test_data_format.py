@@ -68,20 +68,17 @@ def test_failed_write_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_empty_class_is_an_error(tmp_path):
-    with pytest.raises(TeslaError, match="class b has no usable image"):
+@pytest.mark.parametrize("labels, error, message", [
+    ([[0]], TeslaError, "class b has no usable image"),
+    ([[1], [0]], ValueError, "non-decreasing"),
+], ids=["class b empty", "class a after class b"])
+def test_a_split_the_writer_cannot_store_is_refused_and_leaves_nothing(tmp_path, labels, error, message):
+    with pytest.raises(error, match=message):
         with SplitWriter(tmp_path / "t.h5", dataset="toy", split="train", class_ids=["a", "b"], height=2,
                          width=2, channels=1, source="test") as w:
-            w.append(np.zeros((1, 2, 2, 1), np.uint8), [0])
+            for batch in labels:
+                w.append(np.zeros((len(batch), 2, 2, 1), np.uint8), batch)
     assert list(tmp_path.iterdir()) == []
-
-
-def test_unsorted_labels_rejected(tmp_path):
-    with pytest.raises(ValueError, match="non-decreasing"):
-        with SplitWriter(tmp_path / "t.h5", dataset="toy", split="train", class_ids=["a", "b"], height=2,
-                         width=2, channels=1, source="test") as w:
-            w.append(np.zeros((1, 2, 2, 1), np.uint8), [1])
-            w.append(np.zeros((1, 2, 2, 1), np.uint8), [0])
 
 
 def test_reader_errors(tmp_path):
