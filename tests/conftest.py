@@ -8,8 +8,9 @@ unset or the folder lacks the file.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pytest
@@ -56,6 +57,29 @@ def write_prepared_split(path: Path, classes: Sequence[np.ndarray], *, split: st
         for c, images in enumerate(classes):
             writer.append(np.asarray(images), np.full(len(images), c, dtype=np.int64))
     return Path(path)
+
+
+def assert_refuses_files_of_others(load: Callable[[Path], object], folder: Path, kind: str, *,
+                                   other_format: str = "tesla-images") -> None:
+    """``load`` (the reader of one of tesla's HDF5 formats, through tesla.hdf5.open_checked)
+    refuses a missing file, a file that is not HDF5 and an HDF5 file of ``other_format``, each
+    with a TeslaError that names the file; the missing and the foreign one also name the
+    ``kind`` of file expected."""
+    import h5py
+
+    from tesla.errors import TeslaError
+
+    with pytest.raises(TeslaError, match=rf"missing\.h5: no such {re.escape(kind)}"):
+        load(folder / "missing.h5")
+    text = folder / "text.h5"
+    text.write_text("hello")
+    with pytest.raises(TeslaError, match=r"text\.h5: not an HDF5 file"):
+        load(text)
+    other = folder / "other.h5"
+    with h5py.File(other, "w") as f:
+        f.attrs["format"] = other_format
+    with pytest.raises(TeslaError, match=rf"other\.h5: not an? {re.escape(kind)} \(format attribute '{other_format}'"):
+        load(other)
 
 
 def patch_training(monkeypatch, stage, name: str, replacement) -> None:

@@ -1,6 +1,6 @@
 """The package's shape (docs/architecture.md): no stage module imports another, no other module
-imports a stage module, and the names the workflow checks while it builds the job graph load
-without torch. The package works without Snakemake: only the workflow's own modules (workflow/lib) read it. Shared pieces live in modules of their own (tesla.tables, tesla.grids,
+imports a stage module, and the names the workflow checks while it builds the job graph, and
+every settings declaration, load without torch. The package works without Snakemake: only the workflow's own modules (workflow/lib) read it. Shared pieces live in modules of their own (tesla.tables, tesla.grids,
 tesla.input_space, tesla.zca, ...); a stage module (the `tesla <command>` of each stage) is
 imported by the command line only.
 
@@ -91,14 +91,24 @@ def _first_to_import_torch(modules: list[str]) -> str | None:
     return out.stdout.strip() or None
 
 
+def _settings_modules() -> list[str]:
+    """The settings declarations (tesla.settings and every ``tesla.*_settings``) and the module
+    that writes the schema's and README's blocks from them (tesla.settings_blocks)."""
+    return [n for n in _package_modules() if re.fullmatch(r"tesla\.(\w+_)?settings(_blocks)?", n)]
+
+
 def test_the_workflow_imports_tesla_modules_at_parse_time():
     assert {"tesla.registries", "tesla.devices", "tesla.slurm"} <= set(_workflow_modules())  # tesla.slurm: from workflow/lib
+    assert {"tesla.settings", "tesla.distill_settings", "tesla.zca_settings", "tesla.tracking_settings",
+            "tesla.training_settings", "tesla.settings_blocks"} <= set(_settings_modules())
 
 
 def test_what_the_workflow_imports_at_parse_time_loads_no_torch():
     """The workflow imports these while it builds the job graph (every `snakemake` call, every
-    job's own start on a cluster): torch would add about a second to each."""
-    culprit = _first_to_import_torch(["tesla", *_workflow_modules()])
+    job's own start on a cluster): torch would add about a second to each. Every settings
+    declaration is held to it too, whether the workflow reads it today or not (and so is
+    regenerating the blocks made from them), so that one can move into the workflow freely."""
+    culprit = _first_to_import_torch(["tesla", *_workflow_modules(), *_settings_modules()])
     assert culprit is None, f"importing {culprit} imports torch; give the names the workflow needs a torch-free home"
 
 

@@ -8,6 +8,8 @@ import torch
 from tesla.data import FORMAT_VERSION, ImageSplit, SplitDataset, SplitWriter, normalize
 from tesla.errors import TeslaError
 
+from conftest import assert_refuses_files_of_others
+
 
 def _write(path, counts=(3, 2, 4), hw=4, channels=3, seed=0):
     rng = np.random.default_rng(seed)
@@ -66,29 +68,21 @@ def test_failed_write_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_empty_class_is_an_error(tmp_path):
-    with pytest.raises(TeslaError, match="class b has no usable image"):
+@pytest.mark.parametrize("labels, error, message", [
+    ([[0]], TeslaError, "class b has no usable image"),
+    ([[1], [0]], ValueError, "non-decreasing"),
+], ids=["class b empty", "class a after class b"])
+def test_a_split_the_writer_cannot_store_is_refused_and_leaves_nothing(tmp_path, labels, error, message):
+    with pytest.raises(error, match=message):
         with SplitWriter(tmp_path / "t.h5", dataset="toy", split="train", class_ids=["a", "b"], height=2,
                          width=2, channels=1, source="test") as w:
-            w.append(np.zeros((1, 2, 2, 1), np.uint8), [0])
+            for batch in labels:
+                w.append(np.zeros((len(batch), 2, 2, 1), np.uint8), batch)
     assert list(tmp_path.iterdir()) == []
 
 
-def test_unsorted_labels_rejected(tmp_path):
-    with pytest.raises(ValueError, match="non-decreasing"):
-        with SplitWriter(tmp_path / "t.h5", dataset="toy", split="train", class_ids=["a", "b"], height=2,
-                         width=2, channels=1, source="test") as w:
-            w.append(np.zeros((1, 2, 2, 1), np.uint8), [1])
-            w.append(np.zeros((1, 2, 2, 1), np.uint8), [0])
-
-
 def test_reader_errors(tmp_path):
-    with pytest.raises(TeslaError, match="no such"):
-        ImageSplit.open(tmp_path / "missing.h5")
-    junk = tmp_path / "junk.h5"
-    junk.write_bytes(b"not hdf5")
-    with pytest.raises(TeslaError, match="not an HDF5 file"):
-        ImageSplit.open(junk)
+    assert_refuses_files_of_others(ImageSplit.open, tmp_path, "prepared split file", other_format="tesla-synthetic")
     path = tmp_path / "train.h5"
     _write(path)
     with h5py.File(path, "a") as f:

@@ -1,17 +1,16 @@
 """tesla.distill_settings: the settings of `tesla distill`, declared once, reach the command
-line, the config schema, the workflow's command and the docs table; the module needs no torch;
-the window's rules are one function for the command line and the config alike; and a setting
-added to the declaration shows up in every generated place.
+line, the config schema, the workflow's command and the docs table (that the module needs no
+torch is held by tests/test_architecture.py, for every settings module); the window's rules are
+one function for the command line and the config alike; and a setting added to the declaration
+shows up in every generated place.
 
-Time budget: a few seconds (one subprocess for the import check)."""
+Time budget: a few seconds."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
-import subprocess
-import sys
 
 import jsonschema
 import pytest
@@ -37,12 +36,6 @@ def _parsed(cls: type, options: str) -> DistillSettings:
     """The settings a workflow command line gives (with the paths the rule adds)."""
     argv = ["--train", "t.h5", "--experts", "e.h5", "--out", "o.h5", *options.split()]
     return from_args(cls, _parser(cls).parse_args(argv))
-
-
-def test_the_module_imports_no_torch():
-    code = "import sys, tesla.distill_settings, tesla.settings_blocks; print('torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
-    assert out.stdout.strip() == "False", "tesla.distill_settings (read by the workflow) imports torch"
 
 
 def test_result_neutral_and_resume_tunable_come_from_the_declarations():

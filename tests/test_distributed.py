@@ -296,17 +296,6 @@ def test_the_shard_rules_are_one_function_for_the_command_line_and_the_config(en
     assert row_problems({**row, "gpus": 1}, "datasets.d.distill.1", images, "resnet18_bn", "datasets.d.model") == []
 
 
-def test_the_model_registry_says_which_networks_use_batch_norm_without_building_them():
-    from tesla.models import available_models, build_model, uses_batch_norm
-
-    for name in ("convnet_d1", "resnet18", "resnet18_bn", "vgg11_bn", "alexnet"):
-        model = build_model(name, channels=3, num_classes=3, resolution=32)
-        built = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
-        assert uses_batch_norm(name) == built, name
-    assert uses_batch_norm("convnet", norm="batchnorm") and not uses_batch_norm("convnet")
-    assert {n for n in available_models() if uses_batch_norm(n)} == {"resnet18_bn", "resnet18_bn_tv", "vgg11_bn"}
-
-
 def test_what_two_processes_cannot_do_is_refused_before_any_work(toy, tmp_path):
     from tesla.distill import build_setup
     from tesla.matching import check_shardable

@@ -59,7 +59,8 @@ def test_every_name_declares_a_builder_of_tesla_networks():
 def test_the_registry_knows_which_networks_normalise_by_batch_statistics():
     """uses_batch_norm (answered from the registry, without torch) agrees with the network
     built, for every registered name and every norm it takes: a builder that adds batch norm
-    any other way than through its ``norm`` option fails here."""
+    any other way than through its ``norm`` option fails here. Which networks those are is
+    pinned too: a run over several processes refuses them (tesla.sharding)."""
     from tesla.models import _REGISTRY, uses_batch_norm
 
     for name, entry in _REGISTRY.items():
@@ -68,6 +69,8 @@ def test_the_registry_knows_which_networks_normalise_by_batch_statistics():
                 model = build_model(name, channels=3, num_classes=10, resolution=32, **options)
             built = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
             assert uses_batch_norm(name, **options) == built, (name, options)
+    assert uses_batch_norm("convnet", norm="batchnorm") and not uses_batch_norm("convnet")
+    assert {n for n in ALL if uses_batch_norm(n)} == {"resnet18_bn", "resnet18_bn_tv", "vgg11_bn"}
 
 
 def test_paper_parameter_counts():

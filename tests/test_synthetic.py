@@ -7,6 +7,8 @@ import torch
 from tesla.errors import TeslaError
 from tesla.synthetic import FORMAT_VERSION, SyntheticSet
 
+from conftest import assert_refuses_files_of_others
+
 
 def _set(soft: bool = False) -> SyntheticSet:
     g = torch.Generator().manual_seed(0)
@@ -61,13 +63,7 @@ def test_wrong_version_and_foreign_file(tmp_path):
         f.attrs["format_version"] = FORMAT_VERSION + 1
     with pytest.raises(TeslaError, match="format version"):
         SyntheticSet.load(path)
-    other = tmp_path / "other.h5"
-    with h5py.File(other, "w") as f:
-        f.attrs["format"] = "something-else"
-    with pytest.raises(TeslaError, match="not a synthetic set file"):
-        SyntheticSet.load(other)
-    with pytest.raises(TeslaError, match="no such"):
-        SyntheticSet.load(tmp_path / "missing.h5")
+    assert_refuses_files_of_others(SyntheticSet.load, tmp_path, "synthetic set file")
 
 
 def test_invalid_set_is_not_written(tmp_path):

@@ -1,16 +1,17 @@
 """The workflow's command lines of the training stages are those earlier workflows wrote.
 
-The params of the experts, evaluate, random-baseline and ZCA jobs (and the run options of the
+The params of the experts, evaluate and random-baseline jobs (and the run options of the
 experts and evaluate jobs) are recorded in tests/training_options.json, as the workflow wrote
 them before they were generated from the stages' declarations (tesla.training_settings): for
 every dataset of every shipped config (config/*.yaml), and for hand-made variants of the
 demo that set the keys the shipped configs leave at their defaults (numerics, the decay
 epoch and momentum reset, kept snapshots, train_to_end, the input space, group mode,
 checkpoint interval). A job's params changing would rerun every existing job of that kind,
-so a generated string must equal the recorded one exactly.
+so a generated string must equal the recorded one exactly. (The ZCA jobs' params, for every
+dataset of every shipped config and every normalisation, are tests/test_zca_options.py's.)
 
 The functions are those of workflow/rules/common.smk, run here as plain Python on a config
-that Snakemake's validation (with the schema's defaults) has filled in. To record anew
+that Snakemake's validation (with the schema's defaults) has filled in (tests/workflow_options.py). To record anew
 (only where a change of the strings is decided on):
 
     python tests/test_training_options.py --record
@@ -20,10 +21,7 @@ Time budget: about a second.
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import copy
-import json
 import sys
 from argparse import Namespace
 from pathlib import Path
@@ -31,8 +29,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-RULES = ROOT / "workflow" / "rules"
+from workflow_options import ROOT, assert_as_recorded, recorded_cases, workflow_functions, write_record
+
 RECORD = Path(__file__).with_name("training_options.json")
 
 #: hand-made variants of the shipped config's demo entry: (name, {section: {key: value}})
@@ -55,26 +53,6 @@ VARIANTS: dict[str, dict] = {
 }
 
 
-class _Workflow:
-    """What common.smk reads of Snakemake's `workflow` at parse time (its folder); false, so
-    that snakemake.utils.validate reads the schema as a plain file."""
-
-    basedir = str(ROOT / "workflow")
-    resource_settings = SimpleNamespace(overwrite_resources={}, overwrite_threads={}, default_resources=None)
-
-    def __bool__(self) -> bool:
-        return False
-
-
-def load_common(config: dict) -> dict:
-    """The functions of rules/common.smk (and tracking.smk) for ``config``, validated and
-    filled with the schema's defaults as the workflow does at parse time."""
-    namespace: dict = {"config": config, "workflow": _Workflow(), "__name__": "common_smk"}
-    for name in ("common.smk", "tracking.smk"):
-        exec(compile((RULES / name).read_text(), str(RULES / name), "exec"), namespace)
-    return namespace
-
-
 def shipped_configs() -> dict[str, dict]:
     return {path.name: yaml.safe_load(path.read_text()) for path in sorted((ROOT / "config").glob("*.yaml"))}
 
@@ -92,7 +70,7 @@ def variant_config(changes: dict) -> dict:
 
 def option_strings(config: dict) -> dict[str, str]:
     """Every training-stage command line the workflow writes for ``config``, by a readable key."""
-    f = load_common(config)
+    f = workflow_functions(config)
     out: dict[str, str] = {}
     for name, ds in f["config"]["datasets"].items():
         for space in f["spaces_of"](ds):
@@ -100,8 +78,6 @@ def option_strings(config: dict) -> dict[str, str]:
             out[f"{name}/experts/{space}"] = f["expert_options"](w)
             outputs = [f"results/{name}/experts/{space}/expert_{k}.h5" for k in (0, 1)]
             out[f"{name}/experts/{space}/run"] = f["expert_run_options"](w, outputs)
-        for normalize in sorted({row["normalize"] for row in ds["distill"].values() if row["zca"]}):
-            out[f"{name}/zca/{normalize}"] = f["zca_options"](Namespace(dataset=name, normalize=normalize))
         for ipc in ds["distill"]:
             for arch in [*ds["evaluate"]["architectures"], "distill"]:
                 w = Namespace(dataset=name, ipc=ipc, arch=arch)
@@ -124,18 +100,13 @@ def generated() -> dict[str, dict[str, str]]:
 
 
 def test_the_record_covers_every_case(generated):
-    recorded = json.loads(RECORD.read_text())
-    assert sorted(recorded) == sorted(generated)
+    assert recorded_cases(RECORD) == sorted(generated)
 
 
-@pytest.mark.parametrize("case", sorted(json.loads(RECORD.read_text())) if RECORD.exists() else [])
+@pytest.mark.parametrize("case", recorded_cases(RECORD))
 def test_the_workflow_writes_the_recorded_command_lines(generated, case):
-    recorded = json.loads(RECORD.read_text())[case]
-    differ = {k: (recorded.get(k), generated[case].get(k)) for k in {*recorded, *generated[case]}
-              if recorded.get(k) != generated[case].get(k)}
-    assert not differ, f"{case}: (recorded, generated) differ: {differ}"
+    assert_as_recorded(RECORD, case, generated[case])
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--record"]:
-    RECORD.write_text(json.dumps(all_strings(), indent=1, sort_keys=True) + "\n")
-    print(f"recorded {RECORD}")
+    write_record(RECORD, all_strings())

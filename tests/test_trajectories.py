@@ -17,6 +17,8 @@ from tesla.trajectories import (
     round_to_storage,
 )
 
+from conftest import assert_refuses_files_of_others
+
 SPEC = model_spec("convnet_d1", channels=1, num_classes=3, resolution=8, width=4)
 
 
@@ -110,17 +112,7 @@ def test_writer_leaves_nothing_on_error(tmp_path):
 
 
 def test_open_rejects_files_that_are_not_ours(tmp_path):
-    with pytest.raises(TeslaError, match="no such expert trajectory"):
-        Trajectory.open(tmp_path / "missing.h5")
-    text = tmp_path / "notes.h5"
-    text.write_text("hello")
-    with pytest.raises(TeslaError, match="not an HDF5 file"):
-        Trajectory.open(text)
-    other = tmp_path / "other.h5"
-    with h5py.File(other, "w") as f:
-        f.attrs["format"] = "tesla-images"
-    with pytest.raises(TeslaError, match=r"other\.h5: not an expert trajectory"):
-        Trajectory.open(other)
+    assert_refuses_files_of_others(Trajectory.open, tmp_path, "expert trajectory file")
     path = write(tmp_path / "e.h5", snaps(n=1))
     with h5py.File(path, "r+") as f:
         f.attrs["format_version"] = 99

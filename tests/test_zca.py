@@ -13,7 +13,7 @@ from tesla.errors import TeslaError
 from tesla.zca import ZCA, CovarianceAccumulator, fit_zca
 from tesla.zca_fit import fit_zca_split
 
-from conftest import blob_classes, write_prepared_split
+from conftest import assert_refuses_files_of_others, blob_classes, write_prepared_split
 
 
 def correlated_images(n: int = 600, shape=(2, 4, 4), seed: int = 0) -> torch.Tensor:
@@ -83,17 +83,7 @@ def test_save_load_roundtrip(tmp_path):
 
 
 def test_bad_files(tmp_path):
-    with pytest.raises(TeslaError, match="no such ZCA file"):
-        ZCA.load(tmp_path / "missing.h5")
-    text = tmp_path / "text.h5"
-    text.write_text("hello")
-    with pytest.raises(TeslaError, match="not an HDF5 file"):
-        ZCA.load(text)
-    other = tmp_path / "other.h5"
-    with h5py.File(other, "w") as f:
-        f.attrs["format"] = "tesla-images"
-    with pytest.raises(TeslaError, match="not a ZCA file"):
-        ZCA.load(other)
+    assert_refuses_files_of_others(ZCA.load, tmp_path, "ZCA file")
     zca = fit_zca(correlated_images(50), eps=0.1)
     path = zca.save(tmp_path / "v3.h5")
     with h5py.File(path, "a") as f:

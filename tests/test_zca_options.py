@@ -18,7 +18,6 @@ Time budget: about a second.
 from __future__ import annotations
 
 import copy
-import json
 import sys
 from argparse import Namespace
 from pathlib import Path
@@ -27,7 +26,7 @@ import pytest
 import yaml
 
 from tesla.normalizations import NORMALIZATIONS
-from workflow_options import ROOT, workflow_functions
+from workflow_options import ROOT, assert_as_recorded, recorded_cases, workflow_functions, write_record
 
 RECORD = Path(__file__).with_name("zca_options.json")
 
@@ -68,17 +67,13 @@ def generated() -> dict[str, dict[str, str]]:
 
 
 def test_the_record_covers_every_case(generated):
-    recorded = json.loads(RECORD.read_text())
-    assert sorted(recorded) == sorted(generated)
-    assert {k for case in recorded.values() for k in case} == {k for case in generated.values() for k in case}
+    assert recorded_cases(RECORD) == sorted(generated)
 
 
-@pytest.mark.parametrize("case", sorted(json.loads(RECORD.read_text())) if RECORD.exists() else [])
+@pytest.mark.parametrize("case", recorded_cases(RECORD))
 def test_the_workflow_writes_the_recorded_zca_options(generated, case):
-    recorded = json.loads(RECORD.read_text())[case]
-    assert generated[case] == recorded
+    assert_as_recorded(RECORD, case, generated[case])
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--record"]:
-    RECORD.write_text(json.dumps(all_strings(), indent=1, sort_keys=True) + "\n")
-    print(f"recorded {RECORD}")
+    write_record(RECORD, all_strings())

@@ -1,15 +1,14 @@
 """``tesla zca``'s settings are declared once (tesla.zca_settings): the command's parser, its
 bounds (refused as the arguments are parsed, before any file is read or written), the
 config schema's ``zca_eps`` and its row of config/README.md, and the zca job's params
-(tests/test_zca_options.py) come from the declaration.
+(tests/test_zca_options.py) come from the declaration. (That the module needs no torch is held
+by tests/test_architecture.py, for every settings module.)
 
-Time budget: about two seconds (parsers, text, one short subprocess)."""
+Time budget: about two seconds (parsers, text)."""
 
 from __future__ import annotations
 
 import argparse
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -29,12 +28,6 @@ ROOT = Path(__file__).resolve().parents[1]
 def _sub_parser() -> argparse.ArgumentParser:
     parser = build_parser(only="zca")
     return next(a for a in parser._actions if a.dest == "command").choices["zca"]
-
-
-def test_the_module_imports_no_torch():
-    code = "import sys, tesla.zca_settings; print('torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
-    assert out.stdout.strip() == "False", "tesla.zca_settings (read by the workflow) imports torch"
 
 
 def test_tesla_zca_parses_into_the_declared_defaults():

@@ -1,12 +1,14 @@
 """The workflow's option strings of a config, computed by workflow/rules/common.smk's own
 functions outside Snakemake: common.smk (and tracking.smk) run in a namespace whose
 ``workflow`` is a stand-in that knows the workflow's folder, after the config has been
-validated and filled as Snakemake does. Used to check that the distill jobs' params stay
-what they were (tests/test_distill_params.py)."""
+validated and filled as Snakemake does. Used to check that the jobs' params stay what they
+were (tests/test_distill_params.py, test_training_options.py, test_zca_options.py), and the
+records those checks compare with: {case: {key: option string}} in a JSON file."""
 
 from __future__ import annotations
 
 import copy
+import json
 from argparse import Namespace
 from pathlib import Path
 from types import SimpleNamespace
@@ -41,6 +43,25 @@ def distill_strings(cfg: dict) -> dict[str, dict[str, str]]:
                     "run": ns["distill_run_options"](w, _Output(synthetic)),
                 }
     return out
+
+
+def recorded_cases(record: Path) -> list[str]:
+    """The cases of ``record`` (for parametrize; none while the file is missing)."""
+    return sorted(json.loads(record.read_text())) if record.exists() else []
+
+
+def assert_as_recorded(record: Path, case: str, generated: dict[str, str]) -> None:
+    """``generated`` (the strings of ``case`` the workflow writes now) equals the record's,
+    key by key; a difference names each key that differs with its (recorded, generated)."""
+    recorded = json.loads(record.read_text())[case]
+    differ = {k: (recorded.get(k), generated.get(k)) for k in {*recorded, *generated} if recorded.get(k) != generated.get(k)}
+    assert not differ, f"{case}: (recorded, generated) differ: {differ}"
+
+
+def write_record(record: Path, strings: dict[str, dict[str, str]]) -> None:
+    """Record ``strings`` anew (only where a change of the strings is decided on)."""
+    record.write_text(json.dumps(strings, indent=1, sort_keys=True) + "\n")
+    print(f"recorded {record}")
 
 
 class _Workflow(SimpleNamespace):
