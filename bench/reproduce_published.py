@@ -269,9 +269,13 @@ class Run:
         self.entry, self.rows = config_rows(a.config, a.dataset, a.ipc, a.max_start_epoch, a.syn_steps)
         self.seed = int(yaml.safe_load(a.config.read_text()).get("seed", 0))  # the workflow's seed of every job
         ev = self.entry["evaluate"]
-        self.ev, self.epochs, self.decay = ev, int(ev["epochs"]), int(ev["lr_decay_epoch"])
+        # an unset lr_decay_epoch is left to tesla evaluate, whose default (epochs // 2) is the workflow's
+        decay = ev.get("lr_decay_epoch")
+        self.ev, self.epochs, self.decay = ev, int(ev["epochs"]), None if decay is None else int(decay)
         if a.eval_epochs is not None:
-            self.epochs, self.decay = a.eval_epochs, max(1, round(a.eval_epochs * self.decay / int(ev["epochs"])))
+            self.epochs = a.eval_epochs
+            if decay is not None:
+                self.decay = max(1, round(a.eval_epochs * int(decay) / int(ev["epochs"])))
         self.model = a.model or self.entry["model"]
         for i, row in enumerate(self.rows):
             row.eval_runs = a.eval_runs or row.eval_runs
@@ -321,17 +325,25 @@ class Run:
 
     def experts(self) -> None:
         """One process per expert, trained up to the last snapshot its rows read."""
-        a, ex, jobs = self.a, self.entry["experts"], []
-        for space, rows in self.spaces.items():
+        jobs = []
+        for space in self.spaces:
             for k, out in enumerate(self.expert_files[space]):
                 if out.exists():
                     continue
-                jobs.append(Job(f"expert {space} {k}", [
-                    "experts", "--train", str(self.train), "--test", str(self.test), "--model", self.model, "--epochs", str(ex["epochs"]),
-                    "--lr", str(ex["lr"]), "--batch-size", str(ex["batch_size"]), "--keep-snapshots", str(self.keep[space]),
-                    *space_flags(rows[0], self.zca_files), *self.dev, "--seed", str(k), "--out", str(out)], self.logs / f"expert_{space}_{k}.log"))
+                jobs.append(Job(f"expert {space} {k}", self.expert_args(space, k, out), self.logs / f"expert_{space}_{k}.log"))
         reserve = self.a.evaluate_reserve if self.a.until == "results" else 10.0
         self.stage("experts", jobs, max(5.0, self.left() - reserve))
+
+    def expert_args(self, space: str, k: int, out: Path) -> list[str]:
+        """The command of expert ``k`` of an input space: the entry's experts block, trained up to the
+        last snapshot the space's rows read; keys the entry leaves unset (lr, batch_size) are left to
+        tesla experts, whose defaults are the workflow's."""
+        ex = self.entry["experts"]
+        given = [f for key, flag in (("lr", "--lr"), ("batch_size", "--batch-size")) if key in ex
+                            for f in (flag, str(ex[key]))]
+        return ["experts", "--train", str(self.train), "--test", str(self.test), "--model", self.model,
+                "--epochs", str(ex["epochs"]), *given, "--keep-snapshots", str(self.keep[space]),
+                *space_flags(self.spaces[space][0], self.zca_files), *self.dev, "--seed", str(k), "--out", str(out)]
 
     def distill_args(self, row: Row, engine: str, iterations: int) -> list[str]:
         """The command of one distillation: every setting of the row as the workflow writes it
@@ -368,7 +380,7 @@ class Run:
         self.runs_files[row.ipc].append(out)
         if out.exists():
             return None
-        schedule = ["--epochs", str(self.epochs), "--lr-decay-epoch", str(self.decay)]
+        schedule = ["--epochs", str(self.epochs)] + ([] if self.decay is None else ["--lr-decay-epoch", str(self.decay)])
         schedule += ["--reset-momentum-at-decay"] if self.ev.get("reset_momentum_at_decay") else []
         return Job(f"evaluate ipc{row.ipc} {what} {arch}", ["evaluate", *source, "--test", str(self.test), "--arch", arch,
                                                              "--runs", str(row.eval_runs), *schedule, *self.dev, "--out", str(out)],
@@ -497,7 +509,7 @@ def render(run: Run) -> str:
     lines = [f"# {a.dataset} at the published settings ({dev}, torch {torch.__version__})", "",
              f"Data: {data}; experts per input space: {a.experts} ({model}, trained to the last snapshot the rows read: "
              + ", ".join(f"{s} {k} epochs" for s, k in run.keep.items()) + "; published: 100 x 50 epochs); "
-             f"evaluation: {run.epochs} epochs, lr x0.1 from epoch {run.decay}, momentum restart {bool(run.ev.get('reset_momentum_at_decay'))}; "
+             f"evaluation: {run.epochs} epochs, lr x0.1 from epoch {run.epochs // 2 if run.decay is None else run.decay}, momentum restart {bool(run.ev.get('reset_momentum_at_decay'))}; "
              f"distillation --compile {a.compile}. Accuracy %, mean +- population std (runs).", "", DIFFERENCES, "",
              f"Selection: sets kept every {a.keep_every} iterations, validation split {a.validation_per_class} training images "
              "per class (held out of the experts' and the distillation's data); 'ours' is the final set.", "",

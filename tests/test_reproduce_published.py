@@ -109,6 +109,28 @@ def test_a_run_spans_two_commands_and_reports_the_iterations_and_seconds_of_both
 
 #: a row's keys that are not settings of `tesla distill` (tesla.distill_settings.DistillRow, and the
 #: script's own iterations_max): read by the other stages of the run
+def test_an_entry_that_leaves_expert_and_evaluation_keys_unset_gets_the_commands_defaults(tmp_path):
+    """The mnist entry sets no experts.lr, experts.batch_size or evaluate.lr_decay_epoch (the
+    workflow's defaults apply): the driver builds its expert and evaluation commands all the same,
+    leaving those options to the commands' own defaults, which are the workflow's."""
+    from tesla.cli import build_parser
+
+    a = rp.parse(["--data", str(tmp_path / "mnist.tar"), "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"),
+                  "--dataset", "mnist", "--channels", "1", "--ipc", "1", "10"])
+    run = rp.Run(a)
+    space = next(iter(run.spaces))
+    experts = build_parser(only="experts").parse_args(run.expert_args(space, 0, tmp_path / "expert_0.h5"))
+    assert (experts.epochs, experts.lr, experts.batch_size, experts.keep_snapshots) == (20, 0.01, 256, 12)
+    job = run.eval_job(run.rows[0], "exact", "convnet", ["--synthetic", str(tmp_path / "s.h5")])
+    evaluate = build_parser(only="evaluate").parse_args(job.args)
+    assert (evaluate.epochs, evaluate.lr_decay_epoch) == (1000, None)  # tesla evaluate: epochs // 2
+    toy = rp.Run(rp.parse([*map(str, ["--data", tmp_path / "m.tar", "--work", tmp_path / "w2", "--out", tmp_path / "o2"]),
+                           "--dataset", "mnist", "--ipc", "1", "--eval-epochs", "4"]))
+    toy_job = toy.eval_job(toy.rows[0], "exact", "convnet", ["--synthetic", str(tmp_path / "s.h5")])
+    toy_eval = build_parser(only="evaluate").parse_args(toy_job.args)
+    assert (toy_eval.epochs, toy_eval.lr_decay_epoch) == (4, None)
+
+
 NOT_DISTILL_KEYS = {d.config_key for d in declared(DistillRow)} | {"iterations_max"}
 
 
