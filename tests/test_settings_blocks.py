@@ -42,7 +42,8 @@ def test_a_file_without_its_markers_is_refused_naming_it_and_left_as_it_was(tmp_
         (tmp_path / path).write_text((ROOT / path).read_text())
     schema = tmp_path / "workflow/schemas/config.schema.yaml"
     readme = tmp_path / "config/README.md"
-    _, block = BLOCKS[0]
+    path, block = BLOCKS[-1]  # the last block written: every other file's new text is made before it fails
+    assert tmp_path / path == schema
     schema.write_text(schema.read_text().replace(block.end, "# (marker removed)"))
     readme.write_text(readme.read_text().replace("| `iterations` | `10000` |", "| `iterations` | `9999` |", 1))
     before = {p: p.read_text() for p in (schema, readme)}
