@@ -61,7 +61,7 @@ READABLE_VERSIONS = (1, 2)
 
 
 class CovarianceAccumulator:
-    """Streaming mean and covariance of row vectors in float64 (on a device that has it: not MPS).
+    """Streaming mean and covariance of row vectors in float64.
 
     With c the shift (first chunk's mean), a = sum (x - c), B = sum (x - c)(x - c)^T:
     mu = c + a/N,  Sigma = (B - a a^T / N) / (N - 1).
@@ -70,9 +70,6 @@ class CovarianceAccumulator:
     def __init__(self, dim: int, device: torch.device | str = "cpu") -> None:
         self.dim = int(dim)
         self.device = torch.device(device)
-        if self.device.type == "mps":
-            raise TeslaError("--device mps: the covariance is summed in float64, which MPS does not have; "
-                             "use --device cpu or cuda")
         self.n = 0
         self.shift: torch.Tensor | None = None
         self.sum = torch.zeros(self.dim, dtype=torch.float64, device=self.device)

@@ -48,4 +48,4 @@ class ZcaSettings:
     )
     #: not bitwise neutral: the covariance is summed chunk by chunk, shifted by the first chunk's mean
     chunk: int = setting(DEFAULT_CHUNK, kind=int, minimum=1, config=None, help="images per covariance update")
-    device: str = setting("cpu", config=None, result=False, help=f"device for the covariance: {DEVICE_NAMES} (mps is refused: it has no float64)")
+    device: str = setting("cpu", config=None, result=False, help=f"device for the covariance: {DEVICE_NAMES}")
