@@ -352,6 +352,8 @@ def test_the_sequential_mode_is_the_one_network_path_with_the_groups_recipe(monk
     x, y = toy_data(n=16)
     nets = group_nets(3)
     train(nets[0], x, y, generator=torch.Generator().manual_seed(0), desc="alone", **GROUP_SETTINGS)
+    # the group hands over its Recipe, not train's keyword arguments spelt out again
+    monkeypatch.setattr(tesla.training, "train", lambda *a, **k: pytest.fail("the sequential mode went through train"))
     train_group([GroupMember(n, x, y, torch.Generator().manual_seed(k), name=f"net {k}") for k, n in enumerate(nets[1:])],
                 mode="sequential", **GROUP_SETTINGS)
     assert [name for name, _ in seen] == ["alone", "net 0", "net 1"]
