@@ -18,10 +18,12 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["DEVICE_NAMES", "DEVICE_PATTERN", "nvidia_gpu_visible", "pick_device"]
 
-#: the device names every stage's ``--device`` (and the config's ``device``) takes
-DEVICE_NAMES = "auto (CUDA when present, else the CPU), cpu, cuda, cuda:N or mps"
+#: the device names every stage's ``--device`` (and the config's ``device``) takes; not MPS,
+#: which has no float64 (every stage keeps some on its device: the epoch tallies of the
+#: training loop, the matching's one transfer, the ZCA covariance)
+DEVICE_NAMES = "auto (CUDA when present, else the CPU), cpu, cuda or cuda:N"
 #: the same names as a regular expression (the config schema's)
-DEVICE_PATTERN = "^(auto|cpu|cuda(:[0-9]+)?|mps)$"
+DEVICE_PATTERN = "^(auto|cpu|cuda(:[0-9]+)?)$"
 
 #: where the NVIDIA driver puts its device nodes
 _DEVICE_NODES = Path(os.sep) / "dev"
@@ -58,8 +60,8 @@ def pick_device(name: str = "auto") -> torch.device:
                 f"cuda:{torch.cuda.device_count() - 1}"
             )
     elif device.type == "mps":
-        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-            raise TeslaError(f"--device {name}: MPS is not available on this machine; use --device cpu or auto")
+        raise TeslaError(f"--device {name}: MPS has no float64, which every stage keeps on its device (the training "
+                         "loop's epoch tallies, the matching's one transfer, the ZCA covariance); use --device cpu")
     elif device.type != "cpu":
         raise TeslaError(f"--device {name}: unsupported device type {device.type!r}; use {DEVICE_NAMES}")
     return device

@@ -3,6 +3,8 @@
     python -m tesla.settings_blocks --write     # from the project's root
     python -m tesla.settings_blocks --check     # exit 1 when a block is out of date
 
+(exit 2, with one line naming the file and the fix, when a file or a block's marker lines are missing)
+
 The blocks: the config's top-level keys and their table (:mod:`tesla.config_settings`), the
 config schema's keys of a distill row and the distill settings table of
 config/README.md (from :mod:`tesla.distill_settings`: the settings of ``tesla distill``, and
@@ -71,15 +73,23 @@ def main(argv: list[str] | None = None) -> int:
     group.add_argument("--check", action="store_true", help="exit 1 when a generated block is out of date")
     parser.add_argument("--root", type=Path, default=Path("."), help="the project's root (default: here)")
     args = parser.parse_args(argv)
-    if args.write:
-        try:
-            changed = write(args.root)
-        except TeslaError as e:
-            print(f"python -m tesla.settings_blocks: {e}", file=sys.stderr)
-            return 2
-        print("updated: " + ", ".join(map(str, changed)) if changed else "every generated block is up to date")
-        return 0
-    out_of_date = stale(args.root)
+    try:
+        return _write(args.root) if args.write else _check(args.root)
+    except FileNotFoundError as e:
+        print(f"python -m tesla.settings_blocks: {e.filename}: no such file; give --root the project's root", file=sys.stderr)
+    except TeslaError as e:  # a file whose marker lines are gone
+        print(f"python -m tesla.settings_blocks: {e}", file=sys.stderr)
+    return 2
+
+
+def _write(root: Path) -> int:
+    changed = write(root)
+    print("updated: " + ", ".join(map(str, changed)) if changed else "every generated block is up to date")
+    return 0
+
+
+def _check(root: Path) -> int:
+    out_of_date = stale(root)
     for path in out_of_date:
         print(f"{path}: a generated block is out of date; run {REGENERATE}", file=sys.stderr)
     return 1 if out_of_date else 0

@@ -6,7 +6,7 @@ Time budget: under a second."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import pytest
 
 from tesla.settings_blocks import BLOCKS, REGENERATE, main, stale
 from workflow_options import ROOT
@@ -36,19 +36,31 @@ def test_check_fails_on_a_stale_block_and_write_repairs_it(tmp_path, capsys):
 
 def test_a_file_without_its_markers_is_refused_naming_it_and_left_as_it_was(tmp_path, capsys):
     """A block whose marker lines were edited away: one line naming the file, the block and the
-    fix, exit 2, and no file is rewritten (not even the ones whose markers are there)."""
+    fix, exit 2 (from --write and --check alike), and no file is rewritten (not even the ones whose markers are there)."""
     for path, _ in BLOCKS:
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / path).write_text((ROOT / path).read_text())
     schema = tmp_path / "workflow/schemas/config.schema.yaml"
     readme = tmp_path / "config/README.md"
-    _, block = BLOCKS[0]
+    path, block = BLOCKS[-1]  # the last block written: every other file's new text is made before it fails
+    assert tmp_path / path == schema
     schema.write_text(schema.read_text().replace(block.end, "# (marker removed)"))
     readme.write_text(readme.read_text().replace("| `iterations` | `10000` |", "| `iterations` | `9999` |", 1))
     before = {p: p.read_text() for p in (schema, readme)}
-    assert main(["--write", "--root", str(tmp_path)]) == 2
-    err = capsys.readouterr().err
-    assert f"{schema}: the marker lines of the block generated from {block.name} are missing" in err
-    assert "Traceback" not in err and block.end in err
+    for command in ("--write", "--check"):
+        assert main([command, "--root", str(tmp_path)]) == 2, command
+        err = capsys.readouterr().err
+        assert f"{schema}: the marker lines of the block generated from {block.name} are missing" in err, command
+        assert "Traceback" not in err and block.end in err
     assert {p: p.read_text() for p in (schema, readme)} == before
     assert {p for p in tmp_path.rglob("*") if p.is_file()} == {tmp_path / p for p, _ in BLOCKS}  # no temporary file left
+
+
+@pytest.mark.parametrize("command", ["--write", "--check"])
+def test_a_root_without_the_files_is_refused_naming_the_file(tmp_path, capsys, command):
+    """--root given a folder that is not the project's: one line naming the missing file and
+    the fix, exit 2, nothing written."""
+    assert main([command, "--root", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / BLOCKS[0][0]}: no such file" in err and "--root" in err
+    assert list(tmp_path.iterdir()) == []
