@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import re
 from dataclasses import MISSING, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
@@ -417,17 +418,18 @@ class SchemaBlock:
         return self._marker(f"<<< end of the block generated from {self.name}")
 
     def _span(self, text: str, path: Path) -> tuple[int, int, int]:
-        begin = text.find(self.begin)
-        end = text.find(self.end, max(begin, 0))  # after its own begin: another block's end may start alike
-        if begin < 0 or end < begin:
+        """(start of the begin line, end of the end line, the markers' indent); each marker is a
+        whole line (one block's end marker may begin another's)."""
+        begin = _marker_line(self.begin).search(text)
+        end = _marker_line(self.end).search(text, begin.end()) if begin else None
+        if begin is None or end is None:
             raise TeslaError(
                 f"{path}: the marker lines of the block generated from {self.name} are missing or out of order; put "
                 f"back the two lines {self.begin!r} and {self.end!r} where the block belongs (git diff {path} shows "
                 f"what changed), then run {self.regenerate}"
             )
-        start = text.rfind("\n", 0, begin) + 1
-        stop = text.find("\n", end) + 1 or len(text)
-        return start, stop, begin - start
+        stop = min(end.end() + 1, len(text))
+        return begin.start(), stop, len(begin.group(0)) - len(begin.group(0).lstrip(" \t"))
 
     def apply(self, text: str, path: Path) -> str:
         """``text`` (the content of ``path``) with this block as the declarations make it now."""
@@ -448,11 +450,16 @@ class SchemaBlock:
         return self.generated(path) == Path(path).read_text(encoding="utf-8")
 
 
+def _marker_line(marker: str) -> re.Pattern[str]:
+    """A marker as a whole line of a file, indented or not."""
+    return re.compile(rf"^[ \t]*{re.escape(marker)}[ \t]*$", re.MULTILINE)
+
+
 def write_blocks(blocks: Iterable[tuple[Path, SchemaBlock]]) -> list[Path]:
-    """Rewrite the generated blocks of their files, all or nothing: every file's new text is
-    made first (a file whose marker lines are missing is refused before anything is written),
-    then each changed file is replaced whole (:func:`tesla.files.atomic_output`). Returns the
-    files that changed."""
+    """Rewrite the generated blocks of their files: every file's new text is made first (a file
+    whose marker lines are missing is refused before any file is written), then each changed
+    file is replaced whole (:func:`tesla.files.atomic_output`: a file is never left half
+    written). Returns the files that changed."""
     texts: dict[Path, str] = {}
     for path, block in blocks:
         path = Path(path)

@@ -269,3 +269,16 @@ def test_a_block_of_keys_nests_in_the_schema_and_the_table():
     table = markdown_table(Outer, "top.")
     assert "| `top.inner.dir` | `out` | yes | where |" in table and "| `top.inner.mode` | `a` | no | how |" in table
     assert "`top.inner` " not in table
+
+
+def test_a_marker_is_a_whole_line_so_one_blocks_end_does_not_end_another(tmp_path):
+    """The end marker of block ``toy`` begins the end marker of block ``toy.more``: with ``toy``'s
+    own end gone, ``toy`` is refused instead of swallowing ``toy.more`` up to its end."""
+    toy = SchemaBlock("toy", "python -m toy", lambda indent: " " * indent + "a: 1\n")
+    more = SchemaBlock("toy.more", "python -m toy", lambda indent: " " * indent + "b: 2\n")
+    path = tmp_path / "schema.yaml"
+    path.write_text(f"  {toy.begin}\n  a: 1\n  {toy.end}\n  {more.begin}\n  b: 2\n  {more.end}\n")
+    assert toy.check(path) and more.check(path)
+    path.write_text(path.read_text().replace(f"  {toy.end}\n", ""))
+    with pytest.raises(TeslaError, match="schema.yaml: the marker lines of the block generated from toy are missing"):
+        toy.generated(path)
