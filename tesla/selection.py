@@ -93,8 +93,9 @@ def check_select(select: str, validation: object | None) -> None:
 def selected_index(scores: Sequence[SetScore], select: str) -> int:
     """The set ``--select`` reports (``final`` or ``validation``), refused as
     :func:`check_select` refuses (``validation`` needs scores on a validation split)."""
-    check_select(select, "scores" if any(s.val_accs for s in scores) else None)
-    return pick_sets(scores)[select]
+    picks = pick_sets(scores)
+    check_select(select, picks["validation"])  # None without scores on a validation split
+    return picks[select]
 
 
 def _std(values: Sequence[float] | None) -> str:

@@ -160,6 +160,8 @@ def test_the_three_picks_by_hand():
         s.val_accs = None
     with pytest.raises(TeslaError, match="--select validation: choose final, or validation together with --validation"):
         selected_index(scores, "validation")
+    with pytest.raises(TeslaError, match="no kept set to select from"):
+        selected_index([], "validation")
 
 
 def _write_split(path: Path, source: ImageSplit, shift: int) -> None:
