@@ -307,6 +307,11 @@ def test_what_two_processes_cannot_do_is_refused_before_any_work(toy, tmp_path):
         build_setup(settings(toy, tmp_path, batch_syn=1), two)
     with pytest.raises(TeslaError, match="minibatches of 1 images"):  # 6 images in minibatches of 5: 5 and 1
         check_shardable("exact", 5, 6, two)
+    # before the experts are opened: a missing expert file is not what is reported
+    for change, message in ((dict(engine="unroll"), "engine unroll runs in one process; use --engine exact or tesla"),
+                            (dict(batch_syn=5), r"every minibatch .* minibatches of 1 images \(--batch-syn 5, 6 images\)")):
+        with pytest.raises(TeslaError, match=f"^a run over 2 processes: {message}"):
+            build_setup(settings(toy, tmp_path, experts=[str(tmp_path / "missing.h5")], **change), two)
     from tesla.distill_setup import _check_per_sample
     from tesla.models import build_model
 
