@@ -642,14 +642,16 @@ def kept_set_evaluation(
     """How ``--kept-sets`` evaluates one kept set (:func:`tesla.kept_evaluation.evaluate_kept_sets`):
     as a synthetic set with the protocol, its lr and augmentation those of the set, each network
     measured on the ``validation`` split too (:func:`evaluate`, ``options`` its other arguments);
-    keyed by the set's training data and every setting its runs depend on (not how often a
-    checkpoint is saved, :data:`_NOT_IN_RESULTS`)."""
+    keyed by the set's training data, the fingerprints of the test and validation splits (a
+    split prepared again at the same path measures the sets again) and every setting its runs
+    depend on (not how often a checkpoint is saved, :data:`_NOT_IN_RESULTS`)."""
     device = options.get("device", "cpu")
+    measured_on = [ImageSplit.open(p).fingerprint if p is not None else "" for p in (test_path, validation)]
 
     def evaluate_set(path: Path) -> tuple[str, Callable[[], list[RunResult]]]:
         subject = synthetic_subject(path, device)
         own = replace(protocol, lr=subject.lr, dsa_strategy=subject.dsa_strategy)
-        key = data_fingerprint(subject.fingerprint, repr(arch), asdict(own), str(test_path), str(validation),
+        key = data_fingerprint(subject.fingerprint, repr(arch), asdict(own), *measured_on,
                                *(repr(options.get(k)) for k in sorted(options) if k not in _NOT_IN_RESULTS))
         return key, lambda: evaluate(subject, arch, test_path, own, checkpoint=checkpoint, validation=validation, **options)
 

@@ -317,3 +317,32 @@ def test_the_kept_sets_loop_takes_how_one_set_is_evaluated_and_resumes_after_the
     again, _, final = evaluate_kept_sets(folder, evaluate_set, validation="val.h5", checkpoint=checkpoint)
     assert trained == [10, 20, 30] and final == 2  # every set came from CHECKPOINT.sets.json
     assert [r.test_acc for rs in again for r in rs] == [r.test_acc for rs in per_set for r in rs]
+
+
+def test_a_finished_sets_runs_are_not_reused_once_the_test_or_validation_split_at_its_path_changed(tmp_path):
+    """A kept set's evaluation is keyed by the content of the test and validation splits, not
+    their paths: a split rewritten in place (prepared again) between a kill and the rerun gets
+    the finished sets measured again instead of their stale accuracies."""
+    import shutil
+
+    from tesla.evaluation import kept_set_evaluation
+    from tesla.training_settings import Protocol
+
+    _prepare(tmp_path / "d", "--validation-per-class", "6")
+    train, test = ImageSplit.open(tmp_path / "d" / "train.h5"), ImageSplit.open(tmp_path / "d" / "test.h5")
+    _kept_set(tmp_path / "k", train, 10, 0)
+    path = tmp_path / "k" / "iteration_000010.h5"
+    at, val = tmp_path / "test.h5", tmp_path / "val.h5"
+    shutil.copy(test.path, at)
+    shutil.copy(tmp_path / "d" / "val.h5", val)
+
+    def key() -> str:
+        return kept_set_evaluation("distill", at, Protocol(epochs=1), validation=val, runs=1, device="cpu")(path)[0]
+
+    first = key()
+    assert key() == first  # the same inputs: the same key (a rerun resumes)
+    _write_split(at, test, shift=1)  # another test split at the same path
+    shifted = key()
+    assert shifted != first
+    _write_split(val, ImageSplit.open(tmp_path / "d" / "val.h5"), shift=1)
+    assert key() != shifted
