@@ -12,8 +12,9 @@ the folder is renamed to ``OUT.kept/`` when the run ends. A killed run resumes f
 checkpoint at iteration c: the sets it kept after c are removed (the resumed run writes them
 again, from the same state), those up to c stay, so none is lost or duplicated. A run resumed
 from the checkpoint of a finished run (the same command again, or more ``--iterations``) takes
-its ``OUT.kept/`` back as the partial folder first. A run that starts from iteration 0 starts
-with an empty folder.
+its ``OUT.kept/`` back as the partial folder first (with more ``--iterations``, the earlier run's
+last set stays among the kept sets, also when its iteration is not a multiple of K). A run that
+starts from iteration 0 starts with an empty folder.
 """
 
 from __future__ import annotations

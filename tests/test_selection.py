@@ -123,6 +123,9 @@ def test_rerunning_a_finished_run_keeps_its_kept_sets(toy, tmp_path):  # noqa: F
     assert [i for i, _ in again] == [3, 6, 7]
     assert all(_same_set(x, y) for (_, x), (_, y) in zip(again, first))
     assert not kept_folder(s.out).with_name("syn.kept.partial").exists()
+    # more --iterations: the earlier run's last set (7, not a multiple of 3) stays among them
+    distill(settings(toy, tmp_path / "r", iterations=9, checkpoint_every=2, keep_every=3))
+    assert [i for i, _ in list_kept(kept_folder(s.out))] == [3, 6, 7, 9]
 
 
 def test_a_run_whose_kept_folder_cannot_be_made_opens_no_tracker(toy, tmp_path, monkeypatch):  # noqa: F811
