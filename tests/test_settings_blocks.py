@@ -64,3 +64,26 @@ def test_a_root_without_the_files_is_refused_naming_the_file(tmp_path, capsys, c
     err = capsys.readouterr().err
     assert f"{tmp_path / BLOCKS[0][0]}: no such file" in err and "--root" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def _descriptions(node):
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "description" and isinstance(value, str):
+                yield value
+            else:
+                yield from _descriptions(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _descriptions(value)
+
+
+def test_every_key_description_of_the_schema_is_one_line():
+    """A config error quotes the description of the key it names after the problem (common.smk's
+    schema errors), so each is one line (a folded ``>`` scalar would end in a line break)."""
+    import yaml
+
+    schema = yaml.safe_load((ROOT / "workflow/schemas/config.schema.yaml").read_text())
+    broken = [text for text in _descriptions(schema["properties"]) if "\n" in text]
+    broken += [text for text in _descriptions(schema["$defs"]) if "\n" in text]
+    assert broken == []
