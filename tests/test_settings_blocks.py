@@ -1,6 +1,7 @@
-"""The committed generated blocks (the config schema's distill keys, the distill settings
-table of config/README.md, the data sources' keys) are what the declarations generate:
-after changing a declaration, run `python -m tesla.settings_blocks --write`.
+"""The committed generated blocks (every block of tesla.settings_blocks.BLOCKS: the config
+schema's keys and config/README.md's tables of the top-level keys, the distill settings and
+rows, the experts, the evaluation, ZCA, tracking, and the data sources' keys) are what the
+declarations generate: after changing a declaration, run `python -m tesla.settings_blocks --write`.
 
 Time budget: under a second."""
 
