@@ -34,10 +34,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Show defaults, but not the uninformative ones (None, False)."""
+    """Show defaults, but not the uninformative ones (None, False, an empty list) nor a flag's
+    (``--no-progress`` stores False; the default True of its dest is no value of the flag)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default is None or action.default is False:
+        default = action.default
+        empty = isinstance(default, (list, tuple)) and not default
+        if default is None or default is False or empty or action.nargs == 0:
             return action.help or ""
         return super()._get_help_string(action)
 

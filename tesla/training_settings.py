@@ -39,7 +39,7 @@ from tesla.models import available_models
 from tesla.numerics_options import PRECISIONS
 from tesla.selection import SELECT_RULES, check_select
 from tesla.settings import SchemaBlock, generated_blocks, setting
-from tesla.group_modes import GROUP_MODES
+from tesla.group_modes import AUTO_GROUP_MODE, GROUP_MODES
 
 __all__ = [
     "BLOCK_FILES",
@@ -120,7 +120,8 @@ def group_mode_setting(what: str) -> Any:
         "auto", choices=("auto", *GROUP_MODES), result=False,
         help=f"how the {what} train together in this process: sequential (one after the other, each bitwise as "
              "alone), streams (steps interleaved on CUDA streams), vmap (stacked into one step, equal to alone within "
-             "float32 round-off); auto: chosen per device from measurement (docs/benchmarks.md)",
+             f"float32 round-off); auto: {AUTO_GROUP_MODE['cpu']} on a CPU (measured fastest, docs/benchmarks.md), "
+             f"{AUTO_GROUP_MODE['cuda']} on CUDA (not yet measured)",
         config_help="how the networks of one job train together: sequential, streams (CUDA streams), vmap (stacked), "
                     "or auto (sequential on a CPU, streams on CUDA; names checked against tesla.group_modes.GROUP_MODES)",
         schema={"type": "string", "pattern": "^[a-z]+$"},

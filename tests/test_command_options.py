@@ -45,3 +45,20 @@ def test_export_and_report_options_from_the_declaration():
     assert export == ExportCommand(synthetic="s.h5", png_dir=None, torch_file="t.pt")
     report = from_args(ReportCommand, parse(["report", "--metrics", "m.csv", "--curves", "c.png"]))
     assert report == ReportCommand(metrics=Path("m.csv"), synthetic=None, curves=Path("c.png"), grid=None, title=None)
+
+
+def _help(command: str) -> str:
+    parser = build_parser(only=command)
+    sub = next(a for a in parser._actions if a.dest == "command").choices[command]
+    return " ".join(sub.format_help().split())
+
+
+@pytest.mark.parametrize("command, shown, not_shown", [
+    # --no-progress stores False: its dest's default True is not the flag's
+    ("distill", "--no-progress no progress bar --restart", "no progress bar (default: True)"),
+    # no --experts is no file, not the tuple ()
+    ("results", "gives the 'full' row --out", "(default: ())"),
+])
+def test_the_help_shows_no_default_of_a_flag_or_an_empty_list(command, shown, not_shown):
+    text = _help(command)
+    assert shown in text and not_shown not in text

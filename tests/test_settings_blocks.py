@@ -1,6 +1,7 @@
-"""The committed generated blocks (the config schema's distill keys, the distill settings
-table of config/README.md, the data sources' keys) are what the declarations generate:
-after changing a declaration, run `python -m tesla.settings_blocks --write`.
+"""The committed generated blocks (every block of tesla.settings_blocks.BLOCKS: the config
+schema's keys and config/README.md's tables of the top-level keys, the distill settings and
+rows, the experts, the evaluation, ZCA, tracking, and the data sources' keys) are what the
+declarations generate: after changing a declaration, run `python -m tesla.settings_blocks --write`.
 
 Time budget: under a second."""
 
@@ -64,3 +65,26 @@ def test_a_root_without_the_files_is_refused_naming_the_file(tmp_path, capsys, c
     err = capsys.readouterr().err
     assert f"{tmp_path / BLOCKS[0][0]}: no such file" in err and "--root" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def _descriptions(node):
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "description" and isinstance(value, str):
+                yield value
+            else:
+                yield from _descriptions(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _descriptions(value)
+
+
+def test_every_key_description_of_the_schema_is_one_line():
+    """A config error quotes the description of the key it names after the problem (common.smk's
+    schema errors), so each is one line (a folded ``>`` scalar would end in a line break)."""
+    import yaml
+
+    schema = yaml.safe_load((ROOT / "workflow/schemas/config.schema.yaml").read_text())
+    broken = [text for text in _descriptions(schema["properties"]) if "\n" in text]
+    broken += [text for text in _descriptions(schema["$defs"]) if "\n" in text]
+    assert broken == []

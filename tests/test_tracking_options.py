@@ -6,7 +6,7 @@ W&B at its defaults, with each key set, with empty and null values, and the bloc
 schema's defaults fill it in) x stages (experts, distill, evaluate) x outputs (each stage's
 outputs under results/, and paths outside it) are recorded in tests/tracking_options.json,
 as the workflow wrote them before the tracking settings were declared once
-(tesla.tracking.TrackerOptions, tesla.tracking_settings). The options are run options, so a
+(tesla.tracking_settings: TrackerOptions, TrackingBlock). The options are run options, so a
 change would rerun nothing; they are kept equal anyway, so that a job's tracker run stays
 where it was. To record anew (only where a change of the strings is decided on):
 

@@ -26,10 +26,9 @@ import sys
 from argparse import Namespace
 from pathlib import Path
 
-import pytest
 import yaml
 
-from workflow_options import ROOT, assert_as_recorded, recorded_cases, workflow_functions, write_record
+from workflow_options import ROOT, recorded_strings_tests, workflow_functions, write_record
 
 RECORD = Path(__file__).with_name("training_options.json")
 
@@ -94,18 +93,8 @@ def all_strings() -> dict[str, dict[str, str]]:
     return {case: option_strings(config) for case, config in cases.items()}
 
 
-@pytest.fixture(scope="module")
-def generated() -> dict[str, dict[str, str]]:
-    return all_strings()
-
-
-def test_the_record_covers_every_case(generated):
-    assert recorded_cases(RECORD) == sorted(generated)
-
-
-@pytest.mark.parametrize("case", recorded_cases(RECORD))
-def test_the_workflow_writes_the_recorded_command_lines(generated, case):
-    assert_as_recorded(RECORD, case, generated[case])
+generated, test_the_record_covers_every_case, test_the_workflow_writes_the_recorded_strings = (
+    recorded_strings_tests(RECORD, all_strings))
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--record"]:

@@ -141,3 +141,14 @@ def test_the_protocol_refuses_a_bad_optimizer_or_augmentation_before_any_trainin
     with pytest.raises(TeslaError, match=re.escape(message)):
         replace(ts.Protocol(), **changes).check()
     ts.Protocol().check()  # the defaults pass
+
+
+@pytest.mark.parametrize("command", ["experts", "evaluate"])
+def test_the_group_mode_help_says_what_auto_picks_on_each_device(command):
+    """``--group-mode auto`` is tesla.group_modes.AUTO_GROUP_MODE: measured on the CPU only."""
+    from tesla.group_modes import AUTO_GROUP_MODE
+
+    sub = next(a for a in build_parser(only=command)._actions if a.dest == "command").choices[command]
+    [help_text] = [a.help for a in sub._actions if a.dest == "group_mode"]
+    assert f"auto: {AUTO_GROUP_MODE['cpu']} on a CPU (measured fastest, docs/benchmarks.md)" in help_text
+    assert f"{AUTO_GROUP_MODE['cuda']} on CUDA (not yet measured)" in help_text

@@ -22,11 +22,10 @@ import sys
 from argparse import Namespace
 from pathlib import Path
 
-import pytest
 import yaml
 
 from tesla.normalizations import NORMALIZATIONS
-from workflow_options import ROOT, assert_as_recorded, recorded_cases, workflow_functions, write_record
+from workflow_options import ROOT, recorded_strings_tests, workflow_functions, write_record
 
 RECORD = Path(__file__).with_name("zca_options.json")
 
@@ -61,18 +60,8 @@ def all_strings() -> dict[str, dict[str, str]]:
     return {case: zca_strings(config) for case, config in _configs().items()}
 
 
-@pytest.fixture(scope="module")
-def generated() -> dict[str, dict[str, str]]:
-    return all_strings()
-
-
-def test_the_record_covers_every_case(generated):
-    assert recorded_cases(RECORD) == sorted(generated)
-
-
-@pytest.mark.parametrize("case", recorded_cases(RECORD))
-def test_the_workflow_writes_the_recorded_zca_options(generated, case):
-    assert_as_recorded(RECORD, case, generated[case])
+generated, test_the_record_covers_every_case, test_the_workflow_writes_the_recorded_strings = (
+    recorded_strings_tests(RECORD, all_strings))
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--record"]:

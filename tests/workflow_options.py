@@ -12,7 +12,9 @@ import json
 from argparse import Namespace
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Callable
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 RULES = ROOT / "workflow" / "rules"
@@ -62,6 +64,30 @@ def write_record(record: Path, strings: dict[str, dict[str, str]]) -> None:
     """Record ``strings`` anew (only where a change of the strings is decided on)."""
     record.write_text(json.dumps(strings, indent=1, sort_keys=True) + "\n")
     print(f"recorded {record}")
+
+
+def recorded_strings_tests(record: Path, all_strings: Callable[[], dict[str, dict[str, str]]]) -> tuple[Any, Any, Any]:
+    """The tests of a module that checks generated strings against ``record``: its module-scoped
+    ``generated`` fixture (``all_strings()``), a test that the record covers every generated case,
+    and one test per recorded case. A module binds the three to its own names (pytest collects
+    them there)::
+
+        generated, test_the_record_covers_every_case, test_the_workflow_writes_the_recorded_strings = (
+            recorded_strings_tests(RECORD, all_strings))
+    """
+
+    @pytest.fixture(scope="module")
+    def generated() -> dict[str, dict[str, str]]:
+        return all_strings()
+
+    def test_the_record_covers_every_case(generated: dict[str, dict[str, str]]) -> None:
+        assert recorded_cases(record) == sorted(generated)
+
+    @pytest.mark.parametrize("case", recorded_cases(record))
+    def test_the_workflow_writes_the_recorded_strings(generated: dict[str, dict[str, str]], case: str) -> None:
+        assert_as_recorded(record, case, generated[case])
+
+    return generated, test_the_record_covers_every_case, test_the_workflow_writes_the_recorded_strings
 
 
 class _Workflow(SimpleNamespace):
