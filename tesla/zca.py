@@ -42,7 +42,7 @@ from tesla.errors import TeslaError
 from tesla.files import atomic_output
 from tesla.hdf5 import open_checked
 from tesla.normalizations import DEFAULT_NORMALIZATION, check_normalization_name
-from tesla.zca_settings import DEFAULT_EPS  # declared with `tesla zca`'s settings (no torch there)
+from tesla.zca_settings import DEFAULT_CHUNK, DEFAULT_EPS  # declared with `tesla zca`'s settings (no torch there)
 
 __all__ = [
     "DEFAULT_EPS",
@@ -249,7 +249,7 @@ def decompose(
 
 
 def fit_zca(
-    x: torch.Tensor, eps: float = DEFAULT_EPS, chunk: int = 4096, normalization: str = DEFAULT_NORMALIZATION
+    x: torch.Tensor, eps: float = DEFAULT_EPS, chunk: int = DEFAULT_CHUNK, normalization: str = DEFAULT_NORMALIZATION
 ) -> ZCA:
     """Fit ZCA on images x (N x C x H x W): W = U diag(1/sqrt(s+eps)) U^T.
 
