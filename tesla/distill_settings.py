@@ -173,8 +173,8 @@ class DistillSettings:
                               config_help="augmentation while distilling (null = the experts' strategy)")
     zca: str | None = setting(None, help="ZCA file (required iff the experts were trained with ZCA)", config=None,
                               result=False, resume_tunable=True)
-    seed: int = setting(0, help="random seed (images, expert/start choice, minibatches, DSA)", kind=int, config=None,
-                        always=True)
+    seed: int = setting(0, help="random seed (images, expert/start choice, minibatches, DSA)", kind=int, minimum=0,
+                        config=None, always=True)
     init: str = setting(
         "real", choices=INITS, schema=NAME_SCHEMA,
         help="initial images: random real images of each class, real-correct (only among those the --init-expert/"

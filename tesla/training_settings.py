@@ -159,7 +159,7 @@ class ExpertConfig:
                         kind=Path, required=True, nargs="+", config=None)
     seed: int = setting(help="expert number(s) k: seeds the initialisation and the data order; several seeds train a "
                              "group of experts in one process (one --out each, in the same order)",
-                        kind=int, required=True, nargs="+", config=None)
+                        kind=int, minimum=0, required=True, nargs="+", config=None)
     model: str = setting("convnet", help=f"network: {', '.join(available_models())}", config=None, always=True)
     epochs: int = setting(50, help="training epochs E (snapshots 0..E)", kind=int, minimum=1, always=True)
     lr: float = setting(0.01, help="SGD learning rate (no momentum, no weight decay)", kind=float, always=True,
@@ -312,7 +312,7 @@ class EvaluateCommand(Protocol):
     )
     runs: int = setting(5, help="random initialisations (and random draws) to average over", kind=int, minimum=1,
                         always=True)
-    seed: int = setting(0, help="run r uses seed + r", kind=int, config=None, always=True)
+    seed: int = setting(0, help="run r uses seed + r", kind=int, minimum=0, config=None, always=True)
     group_mode: str = group_mode_setting("runs")
     precision: str = precision_setting()
     tf32: bool | None = tf32_setting()

@@ -52,3 +52,12 @@ def test_prepare_resolution_outside_its_range_is_refused_when_parsed(value, caps
         cli.main(["prepare", "demo", "--out-dir", "unused", "--resolution", value])
     assert exc.value.code == 2
     assert f"argument --resolution: {int(value)} is outside the allowed range 4-1024" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("stage", ["experts", "distill", "evaluate"])
+def test_a_negative_seed_is_refused_as_the_config_refuses_it(stage, capsys):
+    """The config's seed is >= 0 (seed + k for expert k, seed + r for run r); so is --seed."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.build_parser(only=stage).parse_args([stage, "--seed", "-1"])
+    assert exit_info.value.code == 2
+    assert "argument --seed: -1 is outside the allowed range >= 0" in capsys.readouterr().err
