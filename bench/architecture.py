@@ -14,9 +14,9 @@ Read from the source files as syntax trees (nothing is imported or run), in the 
 (c) the functions (and methods) longer than 80 lines, from ``def`` to their last line;
 (d) the lines of each module, the 10 largest;
 (f) where a stage's settings object goes: the modules that name ``DistillSettings`` or
-    ``DistillSetup``, which carries it (import it, or define it), i.e. that take the whole
-    settings of ``tesla distill`` rather than the values they need (a module handed the object
-    without naming its type is not seen);
+    ``DistillSetup``, which carries it (import it, name it as a module's attribute, or define
+    it), i.e. that take the whole settings of ``tesla distill`` rather than the values they
+    need (a module handed the object without naming its type is not seen);
 (e) with ``--dry-run-time``: the seconds ``snakemake -n --cores 1`` takes to plan the demo (the
     README's ``snakemake --cores all``: the default target) in a temporary copy of the project.
 
@@ -250,12 +250,14 @@ SETTINGS_OBJECTS = ("DistillSettings", "DistillSetup")
 
 
 def modules_naming(modules: dict[str, Module], names: tuple[str, ...]) -> list[str]:
-    """The modules that import one of ``names`` from a package module or define a class of that name, sorted."""
+    """The modules that import one of ``names`` from a package module, name it as an attribute of
+    one (``distill_settings.DistillSettings``) or define a class of that name, sorted."""
     found = set()
     for module in modules.values():
         for node in ast.walk(module.tree):
             imported = isinstance(node, ast.ImportFrom) and any(alias.name in names for alias in node.names)
-            if imported or (isinstance(node, ast.ClassDef) and node.name in names):
+            if imported or (isinstance(node, ast.ClassDef) and node.name in names) or (
+                    isinstance(node, ast.Attribute) and node.attr in names):
                 found.add(module.name)
     return sorted(found)
 

@@ -69,13 +69,20 @@ def _workflow_modules() -> list[str]:
     which the rule files import) import: they all run at parse time."""
     files = [ROOT / "workflow" / "Snakefile", *sorted((ROOT / "workflow" / "rules").glob("*.smk")),
              *sorted((ROOT / "workflow" / "lib").glob("*.py"))]
+    return _tesla_imports("\n".join(p.read_text() for p in files))
+
+
+def _tesla_imports(text: str) -> list[str]:
+    """The tesla modules that the import lines of ``text`` (Python, or a rule file's Python lines)
+    import, a name list in parentheses over several lines included."""
     found = set()
-    for line in "\n".join(p.read_text() for p in files).splitlines():
-        if m := re.match(r"\s*from (tesla[\w.]*) import ([\w, ]+)", line):
-            for name in (n.split(" as ")[0].strip() for n in m.group(2).split(",")):
-                found.add(f"{m.group(1)}.{name}" if module_path(f"{m.group(1)}.{name}") else m.group(1))
-        elif m := re.match(r"\s*import (tesla[\w.]*)", line):
-            found.add(m.group(1))
+    for m in re.finditer(r"^[ \t]*from (tesla[\w.]*) import (\([^)]*\)|[^\n]*)", text, re.MULTILINE):
+        listed = re.sub(r"#[^\n]*", "", m.group(2)).strip("() \n")
+        found.add(m.group(1))
+        for name in (n.split(" as ")[0].strip() for n in listed.split(",")):
+            if name and module_path(f"{m.group(1)}.{name}"):
+                found.add(f"{m.group(1)}.{name}")
+    found.update(re.findall(r"^[ \t]*import (tesla[\w.]*)", text, re.MULTILINE))
     return sorted(found)
 
 
@@ -95,6 +102,14 @@ def _settings_modules() -> list[str]:
     """The settings declarations (tesla.settings and every ``tesla.*_settings``) and the module
     that writes the schema's and README's blocks from them (tesla.settings_blocks)."""
     return [n for n in _package_modules() if re.fullmatch(r"tesla\.(\w+_)?settings(_blocks)?", n)]
+
+
+def test_the_import_lines_are_read_whole():
+    text = ("from tesla.training import (\n    accuracy,  # a comment\n    train,\n)\n"
+            "    from tesla import registries as named  # (indented, in a rule file's try:)\n"
+            "from tesla.data.sources import workflow as data_sources\nimport tesla.devices\n")
+    assert _tesla_imports(text) == ["tesla", "tesla.data.sources", "tesla.data.sources.workflow", "tesla.devices",
+                                    "tesla.registries", "tesla.training"]
 
 
 def test_the_workflow_imports_tesla_modules_at_parse_time():

@@ -70,6 +70,7 @@ def test_a_circle_an_upward_arrow_and_a_long_function_are_found(tmp_path):
         "long.py": "def long():\n" + long_body,
         "distill_settings.py": "class DistillSettings:\n    pass\n",
         "loop.py": "from tesla.distill_settings import DistillSettings\n",
+        "guard.py": "from tesla import distill_setup\n\ndef check(setup: distill_setup.DistillSetup):\n    pass\n",
     })
     script = load_script()
     rows = parse_table(script.measure(root).markdown())
@@ -79,7 +80,7 @@ def test_a_circle_an_upward_arrow_and_a_long_function_are_found(tmp_path):
     assert rows["tesla imports inside functions"] == "2"
     assert rows["functions over 80 lines (lines)"] == "tesla.long.long (81)"
     assert rows["stage modules (from tesla/cli.py)"] == "tesla.stage"
-    assert rows["modules naming DistillSettings or DistillSetup (names)"] == "tesla.distill_settings, tesla.loop"
+    assert rows["modules naming DistillSettings or DistillSetup (names)"] == "tesla.distill_settings, tesla.guard, tesla.loop"
 
     (root / "tesla" / "second.py").write_text("def two():\n    return 2\n")  # the circle broken
     rows = parse_table(script.measure(root).markdown())

@@ -86,3 +86,12 @@ def test_under_the_slurm_profile_the_selection_rules_ask_for_what_their_plain_ru
         for key, value in profile["set-resources"][plain].items():
             assert asked[key] == str(value), (rule, key)
         assert re.search(r"threads: (\d+)", job).group(1) == str(profile["set-threads"][plain]), rule
+
+
+def test_the_rules_of_select_validation_describe_themselves(workdir):
+    """`snakemake --list-rules` describes prepare_validation as itself, not as the prepare rule it is made from."""
+    result = snakemake(workdir, "--list-rules")
+    assert result.returncode == 0, result.stderr
+    described = {line.split(" ", 1)[0]: line for line in result.stdout.splitlines() if line[:1].isalpha()}
+    assert described["prepare_validation"].startswith("prepare_validation (") and "val.h5" in described["prepare_validation"]
+    assert "val.h5" not in described["prepare"]

@@ -8,7 +8,7 @@
 
 
 use rule prepare as prepare_validation with:
-    # train.h5 without the held-out images, val.h5 with them (validation_per_class > 0)
+    """Convert a dataset with validation_per_class > 0: train.h5 without the held-out images, val.h5 with them."""
     wildcard_constraints:
         dataset=only_where(validation_dataset_paths()),
     output:
