@@ -110,3 +110,17 @@ def test_the_resolution_range_is_one_setting():
             main(["prepare", "demo", "--out-dir", "/nonexistent/never-written", "--resolution", str(bad)])
         assert refused.value.code == 2
         assert not Path("/nonexistent/never-written").exists()
+
+
+def test_a_key_checked_by_a_shared_definition_is_described_in_its_error():
+    """`zca_eps` and `keep_every` point at shared definitions (`$ref`) that have no description of
+    their own: the error still says what the key is, from the key's own description."""
+    from workflow_options import workflow_functions
+
+    ns = workflow_functions(yaml.safe_load((ROOT / "config" / "config.yaml").read_text()))
+    bad = {"datasets": {"demo": {"source": "demo", "zca_eps": -1, "distill": {"1": {"keep_every": 0, "select": "validation"}}}}}
+    lines = ns["_schema_errors"](bad)
+    assert any(line.startswith("config key datasets.demo.zca_eps: -1 is less than or equal to the minimum of 0 "
+                               "(regulariser eps of the ZCA whitening") for line in lines), lines
+    assert any(line.startswith("config key datasets.demo.distill.1.keep_every: 0 is less than the minimum of 1 (with "
+                               "select: validation") for line in lines), lines

@@ -104,10 +104,30 @@ def _schema_errors(cfg) -> list[str]:
             # the branch of the value's own type says what is wrong with it (a bound), not "any of the given schemas"
             bounds = [e.message for e in err.context if e.validator not in ("type", "const", "enum")]
             what = "; ".join(dict.fromkeys(bounds)) or what
-        if err.schema.get("description"):
-            what = f"{what} ({err.schema['description']})"
+        description = err.schema.get("description") or _referring_description(schema, err.absolute_schema_path)
+        if description:
+            what = f"{what} ({description})"
         lines.append(f"config key {_config_key(err.absolute_path)}: {what}")
     return lines
+
+
+def _referring_description(schema, schema_path) -> str | None:
+    """The description of the key whose value broke a shared definition: a key written
+    `{description: ..., $ref: '#/$defs/positive_number'}` fails inside the definition, which has
+    none of its own (the error's schema path passes through a `$ref` as if it were not there)."""
+    node = schema
+    for part in list(schema_path)[:-1]:
+        while isinstance(node, dict) and part not in node and isinstance(node.get("$ref"), str):
+            node = _schema_at(schema, node["$ref"])
+        node = node[part]
+    return node.get("description") if isinstance(node, dict) else None
+
+
+def _schema_at(schema, ref: str):
+    """The part of ``schema`` a local `$ref` ('#/$defs/name') names."""
+    for step in ref.removeprefix("#/").split("/"):
+        schema = schema[step]
+    return schema
 
 
 def _normalise_config(cfg) -> None:
