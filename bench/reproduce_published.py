@@ -339,11 +339,12 @@ class Run:
     def expert_args(self, space: str, k: int, out: Path) -> list[str]:
         """The command of expert ``k`` of an input space: the entry's experts block written as the
         workflow writes it (tesla.training_settings.ExpertsCommand: a key the entry leaves unset
-        takes the workflow's default), trained up to the last snapshot the space's rows read."""
+        takes the workflow's default), trained up to the last snapshot the space's rows read; its seed
+        is the config's seed + k, as in the workflow."""
         given = {"model": self.model, "keep_snapshots": self.keep[space], "train_to_end": False}
         options = " ".join(command_options(ExpertsCommand, self.entry["experts"], result=True, given=given)).split()
         return ["experts", "--train", str(self.train), "--test", str(self.test), *options,
-                *space_flags(self.spaces[space][0], self.zca_files), *self.dev, "--seed", str(k), "--out", str(out)]
+                *space_flags(self.spaces[space][0], self.zca_files), *self.dev, "--seed", str(self.seed + k), "--out", str(out)]
 
     def distill_args(self, row: Row, engine: str, iterations: int) -> list[str]:
         """The command of one distillation: every setting of the row as the workflow writes it
@@ -382,8 +383,8 @@ class Run:
             return None
         # the entry's evaluate block as the workflow writes it (tesla.training_settings.EvaluateCommand),
         # with this command's epochs and decay epoch (an unset decay: tesla evaluate's epochs // 2)
-        given = {"arch": arch, "runs": row.eval_runs, "epochs": self.epochs, "lr_decay_epoch": self.decay}
-        protocol = " ".join(command_options(EvaluateCommand, self.ev, result=True, order=("arch", "runs", "epochs"), given=given)).split()
+        given = {"arch": arch, "runs": row.eval_runs, "epochs": self.epochs, "lr_decay_epoch": self.decay, "seed": self.seed}
+        protocol = " ".join(command_options(EvaluateCommand, self.ev, result=True, order=("arch", "runs", "epochs", "seed"), given=given)).split()
         return Job(f"evaluate ipc{row.ipc} {what} {arch}", ["evaluate", *source, "--test", str(self.test), *protocol,
                                                              *self.dev, "--out", str(out)],
                    self.logs / f"eval_ipc{row.ipc}_{what}_{arch}.log")

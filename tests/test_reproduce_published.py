@@ -131,20 +131,23 @@ def test_an_entry_that_leaves_expert_and_evaluation_keys_unset_gets_the_commands
 
 def test_the_experts_and_evaluation_commands_carry_every_setting_of_the_entry(tmp_path):
     """Keys of the experts and evaluate blocks beyond the schedule (here the experts' augmentation
-    and storage type, the evaluation's batch size) reach the commands, as the workflow writes them."""
+    and storage type, the evaluation's batch size) reach the commands, as the workflow writes them, and
+    so does the config's seed."""
     import yaml
     from tesla.cli import build_parser
 
     config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
     config["datasets"]["mnist"]["experts"].update(dsa="none", dtype="float16")
     config["datasets"]["mnist"]["evaluate"]["batch_size"] = 128
+    config["seed"] = 7
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     run = rp.Run(rp.parse(["--data", str(tmp_path / "mnist.tar"), "--work", str(tmp_path / "work"), "--out",
                            str(tmp_path / "out"), "--dataset", "mnist", "--ipc", "1", "--config", str(tmp_path / "config.yaml")]))
     experts = build_parser(only="experts").parse_args(run.expert_args(next(iter(run.spaces)), 0, tmp_path / "e.h5"))
-    assert (experts.dsa, experts.dtype) == ("none", "float16")
+    assert (experts.dsa, experts.dtype, experts.seed) == ("none", "float16", [7])  # the config's seed + k
     job = run.eval_job(run.rows[0], "exact", "convnet", ["--synthetic", str(tmp_path / "s.h5")])
-    assert build_parser(only="evaluate").parse_args(job.args).batch_size == 128
+    evaluate = build_parser(only="evaluate").parse_args(job.args)
+    assert (evaluate.batch_size, evaluate.seed) == (128, 7)
 
 
 #: a row's keys that are not settings of `tesla distill` (tesla.distill_settings.DistillRow, and the
