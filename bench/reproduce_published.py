@@ -3,8 +3,9 @@ distillation iterations that fit the time given; resumable across commands.
 
 The settings of every row come from ``config/config.yaml`` (the ``--dataset`` entry: every
 distill setting of a row, written as the workflow writes it from tesla.distill_settings;
-normalisation and ZCA, engines, iterations, evaluation runs; the entry's evaluation
-schedule: 1001 epochs, lr x0.1 from epoch 502, momentum restarted there). What may be reduced
+normalisation and ZCA, engines, iterations, evaluation runs; the entry's ``experts`` and
+``evaluate`` blocks, written as the workflow writes them from tesla.training_settings, among them
+the evaluation schedule: 1001 epochs, lr x0.1 from epoch 502, momentum restarted there). What may be reduced
 is the budget, given on the command line and printed with the results: the training images
 (whatever the data tar holds), the number of experts (trained only to the last snapshot the
 rows read), the distillation iterations (as many as fit, up to the row's), and (for ``--toy``
