@@ -3,8 +3,9 @@ distillation iterations that fit the time given; resumable across commands.
 
 The settings of every row come from ``config/config.yaml`` (the ``--dataset`` entry: every
 distill setting of a row, written as the workflow writes it from tesla.distill_settings;
-normalisation and ZCA, engines, iterations, evaluation runs; the entry's evaluation
-schedule: 1001 epochs, lr x0.1 from epoch 502, momentum restarted there). What may be reduced
+normalisation and ZCA, engines, iterations, evaluation runs; the entry's ``experts`` and
+``evaluate`` blocks, written as the workflow writes them from tesla.training_settings, among them
+the evaluation schedule: 1001 epochs, lr x0.1 from epoch 502, momentum restarted there). What may be reduced
 is the budget, given on the command line and printed with the results: the training images
 (whatever the data tar holds), the number of experts (trained only to the last snapshot the
 rows read), the distillation iterations (as many as fit, up to the row's), and (for ``--toy``
@@ -63,6 +64,8 @@ from tesla.input_space import input_space_key  # noqa: E402
 from tesla.distill_settings import workflow_options  # noqa: E402
 from tesla.kept_sets import kept_folder  # noqa: E402
 from tesla.registries import last_snapshot_needed  # noqa: E402
+from tesla.settings import command_options  # noqa: E402
+from tesla.training_settings import EvaluateCommand, ExpertsCommand  # noqa: E402
 
 # PAPER.md section 8 (accuracy %, ConvNet-3, mean +- std): the numbers to compare with.
 PAPER = {
@@ -335,15 +338,14 @@ class Run:
         self.stage("experts", jobs, max(5.0, self.left() - reserve))
 
     def expert_args(self, space: str, k: int, out: Path) -> list[str]:
-        """The command of expert ``k`` of an input space: the entry's experts block, trained up to the
-        last snapshot the space's rows read; keys the entry leaves unset (lr, batch_size) are left to
-        tesla experts, whose defaults are the workflow's."""
-        ex = self.entry["experts"]
-        given = [f for key, flag in (("lr", "--lr"), ("batch_size", "--batch-size")) if key in ex
-                            for f in (flag, str(ex[key]))]
-        return ["experts", "--train", str(self.train), "--test", str(self.test), "--model", self.model,
-                "--epochs", str(ex["epochs"]), *given, "--keep-snapshots", str(self.keep[space]),
-                *space_flags(self.spaces[space][0], self.zca_files), *self.dev, "--seed", str(k), "--out", str(out)]
+        """The command of expert ``k`` of an input space: the entry's experts block written as the
+        workflow writes it (tesla.training_settings.ExpertsCommand: a key the entry leaves unset
+        takes the workflow's default), trained up to the last snapshot the space's rows read; its seed
+        is the config's seed + k, as in the workflow."""
+        given = {"model": self.model, "keep_snapshots": self.keep[space], "train_to_end": False}
+        options = " ".join(command_options(ExpertsCommand, self.entry["experts"], result=True, given=given)).split()
+        return ["experts", "--train", str(self.train), "--test", str(self.test), *options,
+                *space_flags(self.spaces[space][0], self.zca_files), *self.dev, "--seed", str(self.seed + k), "--out", str(out)]
 
     def distill_args(self, row: Row, engine: str, iterations: int) -> list[str]:
         """The command of one distillation: every setting of the row as the workflow writes it
@@ -380,10 +382,12 @@ class Run:
         self.runs_files[row.ipc].append(out)
         if out.exists():
             return None
-        schedule = ["--epochs", str(self.epochs)] + ([] if self.decay is None else ["--lr-decay-epoch", str(self.decay)])
-        schedule += ["--reset-momentum-at-decay"] if self.ev.get("reset_momentum_at_decay") else []
-        return Job(f"evaluate ipc{row.ipc} {what} {arch}", ["evaluate", *source, "--test", str(self.test), "--arch", arch,
-                                                             "--runs", str(row.eval_runs), *schedule, *self.dev, "--out", str(out)],
+        # the entry's evaluate block as the workflow writes it (tesla.training_settings.EvaluateCommand),
+        # with this command's epochs and decay epoch (an unset decay: tesla evaluate's epochs // 2)
+        given = {"arch": arch, "runs": row.eval_runs, "epochs": self.epochs, "lr_decay_epoch": self.decay, "seed": self.seed}
+        protocol = " ".join(command_options(EvaluateCommand, self.ev, result=True, order=("arch", "runs", "epochs", "seed"), given=given)).split()
+        return Job(f"evaluate ipc{row.ipc} {what} {arch}", ["evaluate", *source, "--test", str(self.test), *protocol,
+                                                             *self.dev, "--out", str(out)],
                    self.logs / f"eval_ipc{row.ipc}_{what}_{arch}.log")
 
     def evaluate(self) -> None:

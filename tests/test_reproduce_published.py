@@ -107,8 +107,6 @@ def test_a_run_spans_two_commands_and_reports_the_iterations_and_seconds_of_both
     assert sorted(p.name for p in (tmp_path / "out2").iterdir()) == ["acc_ipc1.csv", "logs.tar.gz", "reproduce.md"]
 
 
-#: a row's keys that are not settings of `tesla distill` (tesla.distill_settings.DistillRow, and the
-#: script's own iterations_max): read by the other stages of the run
 def test_an_entry_that_leaves_expert_and_evaluation_keys_unset_gets_the_commands_defaults(tmp_path):
     """The mnist entry sets no experts.lr, experts.batch_size or evaluate.lr_decay_epoch (the
     workflow's defaults apply): the driver builds its expert and evaluation commands all the same,
@@ -131,6 +129,29 @@ def test_an_entry_that_leaves_expert_and_evaluation_keys_unset_gets_the_commands
     assert (toy_eval.epochs, toy_eval.lr_decay_epoch) == (4, None)
 
 
+def test_the_experts_and_evaluation_commands_carry_every_setting_of_the_entry(tmp_path):
+    """Keys of the experts and evaluate blocks beyond the schedule (here the experts' augmentation
+    and storage type, the evaluation's batch size) reach the commands, as the workflow writes them, and
+    so does the config's seed."""
+    import yaml
+    from tesla.cli import build_parser
+
+    config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    config["datasets"]["mnist"]["experts"].update(dsa="none", dtype="float16")
+    config["datasets"]["mnist"]["evaluate"]["batch_size"] = 128
+    config["seed"] = 7
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    run = rp.Run(rp.parse(["--data", str(tmp_path / "mnist.tar"), "--work", str(tmp_path / "work"), "--out",
+                           str(tmp_path / "out"), "--dataset", "mnist", "--ipc", "1", "--config", str(tmp_path / "config.yaml")]))
+    experts = build_parser(only="experts").parse_args(run.expert_args(next(iter(run.spaces)), 0, tmp_path / "e.h5"))
+    assert (experts.dsa, experts.dtype, experts.seed) == ("none", "float16", [7])  # the config's seed + k
+    job = run.eval_job(run.rows[0], "exact", "convnet", ["--synthetic", str(tmp_path / "s.h5")])
+    evaluate = build_parser(only="evaluate").parse_args(job.args)
+    assert (evaluate.batch_size, evaluate.seed) == (128, 7)
+
+
+#: a row's keys that are not settings of `tesla distill` (tesla.distill_settings.DistillRow, and the
+#: script's own iterations_max): read by the other stages of the run
 NOT_DISTILL_KEYS = {d.config_key for d in declared(DistillRow)} | {"iterations_max"}
 
 
