@@ -63,7 +63,7 @@ def baseline(repeats: int) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=7, help="fresh interpreters per case (the median is printed)")
     a = p.parse_args()
     fields = declarations()
