@@ -203,7 +203,11 @@ def prepare_dataset(
     validation: Holdout = Holdout(),
 ) -> PrepareReport:
     """Write ``out_dir``/train.h5, test.h5 and prepare_report.txt from ``plan`` (see module doc),
-    and val.h5 when ``validation`` holds images out of train.h5."""
+    and val.h5 when ``validation`` holds images out of train.h5.
+
+    With ``workers`` other than 1 the workers are new processes that import the calling
+    script's main module, as Python's ``spawn`` does: in a script of your own, call this under
+    ``if __name__ == "__main__":``."""
     try:
         _, filter_name = parse_resize_rule(rule)
     except ValueError as exc:
@@ -227,7 +231,7 @@ def _prepare_locked(
     try:
         pool = WorkerPool(workers)
         if any(_needs_pool(s, resolution) for s in (plan.train, plan.test)):
-            # start the workers before any HDF5 file is open: forked children must not inherit its descriptor and lock
+            # start the workers (and their fork server) before any HDF5 file is open
             pool.start()
         reports = [
             write_split(plan, split, staging / f"{split.split}.h5", resolution, rule, pool, strict, reduced, progress)

@@ -119,6 +119,15 @@ def _part_selection(script: str) -> list[str]:
     return done.stdout.splitlines()
 
 
+def _collect_env() -> dict[str, str]:
+    """This environment for a `pytest --collect-only` of the parts' selections: the project on
+    the path, and without the options the caller gave pytest through PYTEST_ADDOPTS (``-v``
+    would change the listing read here)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("PYTEST_ADDOPTS", None)
+    return env
+
+
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_every_test_that_needs_cuda_is_run_by_some_gpu_part():
     needed = _cuda_only_tests()
@@ -128,7 +137,7 @@ def test_every_test_that_needs_cuda_is_run_by_some_gpu_part():
     for script in ("gpu_engine.sh", "gpu_training.sh"):
         args = _part_selection(script)
         done = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
-                               *args], cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                               *args], cwd=ROOT, capture_output=True, text=True, env=_collect_env())
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
         run |= {line.split("[")[0] for line in done.stdout.splitlines() if "::" in line}
     assert needed <= run, f"skipped without CUDA and run by no GPU part: {sorted(needed - run)}"

@@ -77,7 +77,10 @@ def _skip_reason() -> str | None:
     return None
 
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(_skip_reason() is not None, reason=str(_skip_reason()))]
+#: the first test of a module pays for its fixtures: the cluster's set-up (up to 900 s on a
+#: fresh machine, installing the packages) and a demo run through it (about 330 s)
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(_skip_reason() is not None, reason=str(_skip_reason())),
+              pytest.mark.timeout(2400)]
 
 #: the demo at a small budget (scheduling is under test here, not accuracy)
 SMALL_DEMO = {
