@@ -11,7 +11,7 @@ version 1, docs/formats.md) and records in it who holds it: pid, host, start tim
 command line. A second run is refused at once with a :class:`~tesla.errors.TeslaError` that
 names the first one. The kernel releases the lock when its holder ends, however it ends
 (SIGKILL, out of memory, node reboot), so a killed run never leaves a stale lock; a clean
-end removes the file. A process forked while a lock is held (a worker pool) does not keep
+end removes the file. A process forked while a lock is held (by a library, say) does not keep
 it: the child closes its copy of the descriptor at once, so the lock still ends with the
 process that took it.
 
