@@ -229,10 +229,7 @@ def _prepare_locked(
     pool = None
     ok = False
     try:
-        pool = WorkerPool(workers)
-        if any(_needs_pool(s, resolution) for s in (plan.train, plan.test)):
-            # start the workers (and their fork server) before any HDF5 file is open
-            pool.start()
+        pool = WorkerPool(workers)  # started by the first split that needs it
         reports = [
             write_split(plan, split, staging / f"{split.split}.h5", resolution, rule, pool, strict, reduced, progress)
             for split in (plan.train, plan.test)
@@ -507,12 +504,6 @@ def _write_encoded(split: EncodedSplit, writer: SplitWriter, report: SplitReport
         buffer.flush()
     finally:
         bar.close()
-
-
-def _needs_pool(split: Split, resolution: int) -> bool:
-    if isinstance(split, StreamedSplit):
-        return split.needs_pool(resolution)
-    return isinstance(split, EncodedSplit) or split.images.shape[1:3] != (resolution, resolution)
 
 
 class ClassSortingStore:

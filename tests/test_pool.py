@@ -1,7 +1,9 @@
 """The worker pool of `tesla prepare` (tesla.data.pool) as processes: its workers are not
 forked from the preparing process, a worker that dies stops the run with an error instead of
-a wait without end, and the block of result slots is freed at the end, or not used where the
-shared-memory folder lacks the room. (What the pool returns: tests/test_prepare.py.)
+a wait without end, the workers end with a preparation killed alone, and the block of result
+slots is a deleted file (nothing outlives the processes), in the temporary folder where
+/dev/shm lacks the room, whose views stay valid after the pool is closed. (What the pool
+returns: tests/test_prepare.py.)
 
 The tasks are module-level functions of this file: the workers import them by name.
 Time budget: about 10 s."""
@@ -9,15 +11,16 @@ Time budget: about 10 s."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
+import subprocess
+import sys
 import threading
-from multiprocessing.shared_memory import SharedMemory
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-import tesla.data.pool as pool_module
 from tesla.data.pool import RESULT_SLOT_BYTES, WorkerPool
 from tesla.errors import TeslaError
 
@@ -36,8 +39,10 @@ def _pixels(k: int) -> np.ndarray:
     return np.full((32, 64, 64, 3), k, dtype=np.uint8)
 
 
-def _die() -> None:
-    os.kill(os.getpid(), signal.SIGKILL)
+def _die_at(k: int, doomed: int) -> int:
+    if k == doomed:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return k
 
 
 def _parent() -> int:
@@ -70,37 +75,119 @@ def test_a_lock_held_by_another_thread_does_not_reach_the_workers():
 
 
 @pytest.mark.timeout(120)
-def test_a_worker_that_dies_stops_the_run_with_an_error():
+@pytest.mark.parametrize("busy", [False, True], ids=["waiting", "busy"])
+def test_a_worker_that_dies_stops_the_run_with_an_error(busy):
+    """Whether the consumer is waiting for the dead worker's result or busy elsewhere when it
+    dies (the next task is then handed to a broken pool)."""
     pool = WorkerPool(2)
     try:
         with pytest.raises(TeslaError, match=r"a worker process of the pool ended without finishing its task .*fewer --workers"):
-            list(pool.ordered_map(_die, [()] * 4))
+            for _ in pool.ordered_map(_die_at, [(k, 1) for k in range(8)], window=2):
+                if busy:
+                    time.sleep(2)
     finally:
         pool.close(ok=False)
 
 
-def test_the_result_slots_are_freed_at_the_end():
+def _block_mappings(size: int) -> list[str]:
+    """The paths of this process's mappings of ``size`` bytes made by multiprocessing's heap."""
+    found = []
+    for line in open("/proc/self/maps"):
+        fields = line.split(maxsplit=5)
+        start, end = (int(x, 16) for x in fields[0].split("-"))
+        if end - start == size and len(fields) == 6 and f"/pym-{os.getpid()}-" in fields[5]:
+            found.append(fields[5].strip())
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_the_block_is_a_deleted_file_and_its_views_outlive_the_pool():
     pool = WorkerPool(2)
-    got = [int(a[0, 0, 0, 0]) for _, a in pool.ordered_map(_pixels, [(k,) for k in range(8)])]
-    assert got == list(range(8))
-    name = pool._slots.name
-    SharedMemory(name=name).close()  # there while the pool is open
+    kept = [(k, a) for (k,), a in pool.ordered_map(_pixels, [(k,) for k in range(8)], borrow=True) if k == 7]
+    mappings = _block_mappings(pool.window * RESULT_SLOT_BYTES)
+    assert mappings and all(m.endswith("(deleted)") for m in mappings), mappings
     pool.close(ok=True)
-    with pytest.raises(FileNotFoundError):
-        SharedMemory(name=name)
+    assert int(kept[0][1][0, 0, 0, 0]) == 7 and int(kept[0][1].max()) == 7  # read after close
 
 
-def test_without_room_for_the_slots_the_pixels_come_through_pipes(tmp_path, monkeypatch, capsys):
-    """A container's small /dev/shm (Docker gives 64 MiB): a note on stderr, no block of
-    slots, the same results."""
-    monkeypatch.setattr(pool_module, "SHARED_MEMORY_FOLDER", str(tmp_path))
-    monkeypatch.setattr(pool_module.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(64 << 20, 63 << 20, 1 << 20))
-    pool = WorkerPool(2)
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_without_room_in_dev_shm_the_block_goes_to_the_temporary_folder(monkeypatch):
+    """A container's small /dev/shm (Docker gives 64 MiB): the same results, from a block in
+    the temporary folder."""
+    real = os.statvfs
+    monkeypatch.setattr(os, "statvfs", lambda path: os.statvfs_result((4096, 4096, 1, 1, 0, 1, 1, 1, 0, 255))
+                        if str(path) == "/dev/shm" else real(path))
+    pool = WorkerPool(3)  # 18 MiB: a size of its own
     try:
         got = [int(a[0, 0, 0, 0]) for _, a in pool.ordered_map(_pixels, [(k,) for k in range(8)])]
-        assert got == list(range(8)) and pool._slots is None
+        assert got == list(range(8))
+        mappings = _block_mappings(pool.window * RESULT_SLOT_BYTES)
+        assert mappings and not any(m.startswith("/dev/shm/") for m in mappings), mappings
     finally:
         pool.close(ok=True)
-    err = capsys.readouterr().err
-    assert f"{tmp_path} has 1 MiB free, less than the {pool.window * RESULT_SLOT_BYTES >> 20} MiB of result slots" in err
-    assert "--shm-size" in err and "--workers" in err
+
+
+OWNER = """
+import os, time
+from tesla.data.pool import WorkerPool
+
+if __name__ == "__main__":
+    pool = WorkerPool(2)
+    print(" ".join(str(pid) for pid in {pid for _, pid in pool.ordered_map(os.getpid, [()] * 6)}), flush=True)
+    time.sleep(120)
+"""
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = f"/proc/{pid}/stat"
+    return not (os.path.exists(stat) and open(stat).read().rsplit(")", 1)[1].split()[0] == "Z")
+
+
+def _descendants(pid: int) -> set[int]:
+    """The processes below ``pid`` (from /proc)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_the_workers_of_a_killed_preparation_end_with_it(tmp_path):
+    """A worker waits for its next task on a queue it holds both ends of: killed alone (SIGKILL,
+    as by `kill -9`), the process that made the pool would leave its workers, and the fork
+    server they keep alive, waiting forever."""
+    script = tmp_path / "owner.py"
+    script.write_text(OWNER)
+    owner = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    below: set[int] = set()
+    try:
+        workers = {int(pid) for pid in owner.stdout.readline().split()}
+        below = _descendants(owner.pid)
+        assert workers and workers <= below and all(_running(pid) for pid in below)
+        owner.kill()
+        owner.wait()
+        deadline = time.monotonic() + 30
+        while any(_running(pid) for pid in below) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [pid for pid in below if _running(pid)], "a process of the pool outlived the process that made it"
+    finally:  # what a failure left: not the resource tracker, which removes the pool's semaphores once alone
+        owner.kill()
+        for pid in below:
+            try:
+                if b"resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, FileNotFoundError):
+                pass

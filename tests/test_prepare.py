@@ -463,8 +463,8 @@ def test_pool_with_pickled_results_writes_the_same_files(tree, tmp_path, monkeyp
 
 
 def test_prepare_does_not_import_torch():
-    """`tesla prepare` and its forked workers stay light: the HDF5 format needs no torch
-    (importing it costs ~1.3 s per command and slows every fork of the pool)."""
+    """`tesla prepare` and its pool's workers stay light: the HDF5 format needs no torch
+    (importing it costs ~1.3 s per command, and each worker imports the decoding modules)."""
     import subprocess
     import sys
 

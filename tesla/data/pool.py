@@ -3,31 +3,35 @@
 ``tesla prepare`` decodes images in worker processes; what a worker returns is mostly
 pixels. Pickling them through the pool's pipe costs the main process ~20-30 us per 64 x 64
 image, copying them out of shared memory ~1 us, so :class:`WorkerPool` gives every task in
-flight a *result slot* in one block of shared memory (``multiprocessing.shared_memory``): a
-worker writes the large arrays of its result into its slot (:func:`_call_into_slot`) and
-only the rest is pickled. For an array that does not fit its slot, or where the shared-memory
-folder lacks the room, results are pickled whole. One worker means plain calls in this process.
+flight a *result slot* in one block of shared memory: a worker writes the large arrays of its
+result into its slot (:func:`_call_into_slot`) and only the rest is pickled. An array that
+does not fit its slot is pickled whole. One worker means plain calls in this process.
 
 The workers are never forked from the preparing process: by the time it decodes, that process
 runs threads of other libraries (Arrow's readers, jemalloc's background thread, OpenBLAS), and
 a child forked while one of them holds a lock can wait for it forever. They are started by
 Python's fork server (``forkserver``: a clean single-threaded process started for the purpose)
-or, where there is none, as fresh interpreters (``spawn``). A worker that dies (killed, out of
-memory) stops the run with an error instead of leaving it waiting.
+or, where there is none, as fresh interpreters (``spawn``), and are handed the block at their
+start. The block is Python's own shared memory for such workers
+(``multiprocessing.RawArray``): a file deleted as soon as it is made, in ``/dev/shm`` where it
+has the room and in the temporary folder otherwise, so nothing outlives the processes that map
+it, however they end. A worker that dies (killed, out of memory) stops the run with an error
+instead of leaving it waiting; the workers end with the process that made the pool, however it ends.
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import multiprocessing
 import os
-import shutil
-import sys
+import select
+import threading
+import time
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from multiprocessing.shared_memory import SharedMemory
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
@@ -57,11 +61,8 @@ class _InSlot:
     shape: tuple[int, ...]
 
 
-#: where ``SharedMemory`` blocks live on Linux (a RAM file system whose size a container may cap)
-SHARED_MEMORY_FOLDER = "/dev/shm"
-
-_worker_slots: SharedMemory | None = None  # in a pool worker: the pool's result slots
-_still_viewed: list[SharedMemory] = []  # closed pools' blocks that a consumer's view still uses
+#: the result slots as a worker sees them (set by :func:`_init_worker`)
+_worker_slots: ctypes.Array | None = None
 
 
 def start_method() -> str:
@@ -69,27 +70,42 @@ def start_method() -> str:
     return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
 
 
-def _init_worker(slots_name: str | None) -> None:
-    """Worker initializer: attach the pool's block of result slots, by name."""
+def _init_worker(slots: ctypes.Array | None, owner: int) -> None:
+    """Worker initializer: keep the pool's block of result slots, handed over at the start, and
+    end this worker with the process ``owner`` that made the pool."""
     global _worker_slots
-    _worker_slots = SharedMemory(name=slots_name) if slots_name else None
+    _worker_slots = slots
+    threading.Thread(target=_exit_with, args=(owner,), daemon=True, name="tesla-pool-owner").start()
 
 
-def _result_slots(size: int) -> SharedMemory | None:
-    """A block of ``size`` bytes of shared memory with every page already in memory, or None
-    (with a note on stderr) where the shared-memory folder has less room free: a worker writing
-    into a page the file system cannot back would die of SIGBUS mid-run."""
-    if os.path.isdir(SHARED_MEMORY_FOLDER):
-        free = shutil.disk_usage(SHARED_MEMORY_FOLDER).free
-        if free < size:
-            print(f"tesla prepare: note: {SHARED_MEMORY_FOLDER} has {free >> 20} MiB free, less than the "
-                  f"{size >> 20} MiB of result slots; the workers' pixels come through pipes (slower). "
-                  f"Give the container more shared memory (docker run --shm-size) or use fewer --workers.",
-                  file=sys.stderr)
-            return None
-    block = SharedMemory(create=True, size=size)
-    np.frombuffer(block.buf, np.uint8)[:] = 0  # claim every page now, while the room is there
-    return block
+def _exit_with(owner: int) -> None:
+    """Wait for process ``owner`` to end, then end this one. A worker waits for its next task on
+    a queue whose other end it holds itself, so without this the workers (and the fork server
+    they keep alive) of a preparation killed with SIGKILL would wait forever."""
+    try:
+        with open(os.pidfd_open(owner), "rb") as handle:  # Linux: readable once the process ends
+            select.select([handle], [], [])
+    except (AttributeError, OSError):  # no pidfd here: look once a second
+        while _alive(owner):
+            time.sleep(1.0)
+    os._exit(1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _broken_pool() -> TeslaError:
+    return TeslaError(
+        "a worker process of the pool ended without finishing its task (killed, out of memory, or it "
+        "could not start: see the lines above); rerun with fewer --workers, or with more memory for the job"
+    )
 
 
 def _call_into_slot(fn: Callable, args: tuple, slot: int):
@@ -100,7 +116,7 @@ def _call_into_slot(fn: Callable, args: tuple, slot: int):
         nonlocal used
         if a.dtype.hasobject or a.nbytes < _SLOT_MIN_BYTES or used + a.nbytes > RESULT_SLOT_BYTES:
             return a
-        np.ndarray(a.shape, a.dtype, buffer=_worker_slots.buf, offset=start + used)[...] = a
+        np.ndarray(a.shape, a.dtype, buffer=_worker_slots, offset=start + used)[...] = a
         placed = _InSlot(start + used, a.dtype.str, a.shape)
         used += -(-a.nbytes // 64) * 64
         return placed
@@ -131,8 +147,8 @@ class WorkerPool:
     :data:`RESULT_SLOT_BYTES` per task in flight. Only the rest of a result is pickled through
     the pool's pipe, which keeps the main process's cost per image small (pickling 12 KB of
     pixels through a pipe costs it ~20-30 us per 64 x 64 image, copying them out of a slot
-    ~1 us). With ``shared_results=False``, without room for the block, or when a result does
-    not fit its slot, results are pickled whole.
+    ~1 us). With ``shared_results=False``, or when a result does not fit its slot, results are
+    pickled whole.
     """
 
     def __init__(self, workers: int, shared_results: bool = True) -> None:
@@ -140,20 +156,20 @@ class WorkerPool:
         self.window = 3 * self.workers  # tasks in flight
         self.shared_results = shared_results
         self._pool: ProcessPoolExecutor | None = None
-        self._slots: SharedMemory | None = None
+        self._slots: ctypes.Array | None = None
         self._free_slots: list[int] = []
 
     def start(self) -> ProcessPoolExecutor | None:
-        """The process pool, started on first use (None for one worker)."""
+        """The process pool, made on first use (None for one worker); its workers start with
+        the tasks."""
         if self._pool is None and self.workers > 1:
             context = multiprocessing.get_context(start_method())
             if context.get_start_method() == "forkserver":
                 context.set_forkserver_preload(["tesla.data.pool"])  # numpy imported once, in the server
-            if self.shared_results:
-                self._slots = _result_slots(self.window * RESULT_SLOT_BYTES)
-                self._free_slots = list(range(self.window)) if self._slots is not None else []
-            name = self._slots.name if self._slots is not None else None
-            self._pool = ProcessPoolExecutor(self.workers, mp_context=context, initializer=_init_worker, initargs=(name,))
+            if self.shared_results:  # zero-filled: every page is claimed now, not by a worker's write
+                self._slots = context.RawArray(ctypes.c_uint8, self.window * RESULT_SLOT_BYTES)
+                self._free_slots = list(range(self.window))
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=context, initializer=_init_worker, initargs=(self._slots, os.getpid()))
         return self._pool
 
     def ordered_map(
@@ -173,11 +189,7 @@ class WorkerPool:
         window = window or self.window
         pending: deque = deque()
         for t in tasks:
-            slot = self._free_slots.pop() if self._free_slots else None
-            if slot is None:
-                pending.append((t, self._pool.submit(fn, *t), None))
-            else:
-                pending.append((t, self._pool.submit(_call_into_slot, fn, t, slot), slot))
+            pending.append(self._submit(fn, t))
             if len(pending) >= window:
                 t0, result, lent = self._collect(*pending.popleft(), borrow)
                 yield t0, result
@@ -189,16 +201,23 @@ class WorkerPool:
             if lent is not None:
                 self._free_slots.append(lent)
 
+    def _submit(self, fn: Callable, task: tuple) -> tuple[tuple, Future, int | None]:
+        """(task, its future, the result slot it writes into or None)."""
+        slot = self._free_slots.pop() if self._free_slots else None
+        try:
+            if slot is None:
+                return task, self._pool.submit(fn, *task), None
+            return task, self._pool.submit(_call_into_slot, fn, task, slot), slot
+        except BrokenProcessPool:  # a worker died while the consumer was busy
+            raise _broken_pool() from None
+
     def _collect(self, task: tuple, future: Future, slot: int | None, borrow: bool) -> tuple[tuple, object, int | None]:
         """(task, its result, the slot still lent to the consumer): the arrays the worker placed
         in ``slot`` are copied out, or with ``borrow`` viewed in place (the slot is then lent)."""
         try:
             result = future.result()
         except BrokenProcessPool:
-            raise TeslaError(
-                "a worker process of the pool ended without finishing its task (killed, out of memory, or it "
-                "could not start: see the lines above); rerun with fewer --workers, or with more memory for the job"
-            ) from None
+            raise _broken_pool() from None
         except BaseException:
             if slot is not None and future.done():  # the worker is done with the slot
                 self._free_slots.append(slot)
@@ -212,19 +231,14 @@ class WorkerPool:
         return task, result, None
 
     def _slot_view(self, placed: _InSlot) -> np.ndarray:
-        """The array a worker wrote into a result slot, viewed in place."""
-        return np.ndarray(placed.shape, np.dtype(placed.dtype), buffer=self._slots.buf, offset=placed.offset)
+        """The array a worker wrote into a result slot, viewed in place (the view keeps the
+        block alive: it stays valid after :meth:`close`)."""
+        return np.ndarray(placed.shape, np.dtype(placed.dtype), buffer=self._slots, offset=placed.offset)
 
     def close(self, ok: bool) -> None:
-        """Stop the workers (after a failure, the tasks not yet started are dropped) and free
-        the result slots."""
+        """Stop the workers (after a failure, the tasks not yet started are dropped) and let go
+        of the result slots (freed with the last view of them)."""
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=not ok)
             self._pool = None
-        if self._slots is not None:
-            self._slots.unlink()
-            try:
-                self._slots.close()
-            except BufferError:  # a view of a slot is still referenced: the mapping stays until the process ends
-                _still_viewed.append(self._slots)
-            self._slots, self._free_slots = None, []
+        self._slots, self._free_slots = None, []

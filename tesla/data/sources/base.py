@@ -157,10 +157,6 @@ class StreamedSplit(ABC):
         """The rule the output records: ``none`` at the native size, else ``rule``."""
         return "none" if resolution == self.native_resolution() else rule
 
-    def needs_pool(self, resolution: int) -> bool:
-        """Whether the worker pool is used (decoding, or resizing away from the native size)."""
-        return self.encoded or resolution != self.native_resolution()
-
 
 Split = EncodedSplit | ArraySplit | StreamedSplit
 
