@@ -35,6 +35,18 @@ def _take_the_held_lock() -> bool:
     return got
 
 
+def _watch_as_elsewhere(owner: int, method: str) -> None:
+    """In a process ``owner`` started: wait for it to end as a worker does where Linux's pidfd
+    is missing (``spawn``: Windows, macOS; ``forkserver``: Linux before 5.3)."""
+    import tesla.data.pool as pool
+
+    delattr(os, "pidfd_open")
+    pool.start_method = lambda: method
+    if method == "spawn":  # as on Windows, where os.kill(pid, 0) cannot ask: looking must not be what ends it
+        pool._alive = lambda pid: time.sleep(3600)
+    pool._exit_with(owner)
+
+
 def _pixels(k: int) -> np.ndarray:
     return np.full((32, 64, 64, 3), k, dtype=np.uint8)
 
@@ -128,12 +140,18 @@ def test_without_room_in_dev_shm_the_block_goes_to_the_temporary_folder(monkeypa
 
 
 OWNER = """
-import os, time
+import multiprocessing, os, sys, time
 from tesla.data.pool import WorkerPool
 
 if __name__ == "__main__":
-    pool = WorkerPool(2)
-    print(" ".join(str(pid) for pid in {pid for _, pid in pool.ordered_map(os.getpid, [()] * 6)}), flush=True)
+    if sys.argv[1] == "pool":
+        pool = WorkerPool(2)
+        print(" ".join(str(pid) for pid in {pid for _, pid in pool.ordered_map(os.getpid, [()] * 6)}), flush=True)
+    else:  # a watcher as elsewhere (test_pool._watch_as_elsewhere), in a spawned process
+        import test_pool
+        watcher = multiprocessing.get_context("spawn").Process(target=test_pool._watch_as_elsewhere, args=(os.getpid(), sys.argv[1]))
+        watcher.start()
+        print(watcher.pid, flush=True)
     time.sleep(120)
 """
 
@@ -164,13 +182,16 @@ def _descendants(pid: int) -> set[int]:
 
 @pytest.mark.timeout(120)
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_the_workers_of_a_killed_preparation_end_with_it(tmp_path):
+@pytest.mark.parametrize("how", ["pool", "spawn", "forkserver"])
+def test_the_workers_of_a_killed_preparation_end_with_it(tmp_path, how):
     """A worker waits for its next task on a queue it holds both ends of: killed alone (SIGKILL,
     as by `kill -9`), the process that made the pool would leave its workers, and the fork
-    server they keep alive, waiting forever."""
+    server they keep alive, waiting forever. ``pool``: the pool itself; ``spawn`` and
+    ``forkserver``: the watch of a worker without Linux's pidfd (the parent's sentinel of a
+    spawned worker; a look once a second)."""
     script = tmp_path / "owner.py"
     script.write_text(OWNER)
-    owner = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+    owner = subprocess.Popen([sys.executable, str(script), how], stdout=subprocess.PIPE, text=True,
                              env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     below: set[int] = set()
     try:
@@ -191,3 +212,18 @@ def test_the_workers_of_a_killed_preparation_end_with_it(tmp_path):
                     os.kill(pid, signal.SIGKILL)
             except (ProcessLookupError, FileNotFoundError):
                 pass
+
+
+def test_without_room_anywhere_the_pixels_come_through_pipes(monkeypatch, capsys):
+    """Neither /dev/shm nor the temporary folder has the room (a block that does not fit a RAM
+    file system would end the run with SIGBUS): a note, no block, the same results."""
+    monkeypatch.setattr(os, "statvfs", lambda path: os.statvfs_result((4096, 4096, 1, 1, 0, 1, 1, 1, 0, 255)))
+    pool = WorkerPool(2)
+    try:
+        got = [int(a[0, 0, 0, 0]) for _, a in pool.ordered_map(_pixels, [(k,) for k in range(8)])]
+        assert got == list(range(8)) and pool._slots is None
+    finally:
+        pool.close(ok=True)
+    err = capsys.readouterr().err
+    assert f"{pool.window * RESULT_SLOT_BYTES >> 20} MiB of shared memory for the workers' results fit in none of" in err
+    assert "(0 MiB free)" in err and "--shm-size" in err and "--workers" in err

@@ -9,14 +9,14 @@ does not fit its slot is pickled whole. One worker means plain calls in this pro
 
 The workers are never forked from the preparing process: by the time it decodes, that process
 runs threads of other libraries (Arrow's readers, jemalloc's background thread, OpenBLAS), and
-a child forked while one of them holds a lock can wait for it forever. They are started by
-Python's fork server (``forkserver``: a clean single-threaded process started for the purpose)
-or, where there is none, as fresh interpreters (``spawn``), and are handed the block at their
+a child forked while one of them holds a lock can wait for it forever. On Linux they are
+started by Python's fork server (``forkserver``: a clean single-threaded process started for
+the purpose), elsewhere as fresh interpreters (``spawn``), and are handed the block at their
 start. The block is Python's own shared memory for such workers
 (``multiprocessing.RawArray``): a file deleted as soon as it is made, in ``/dev/shm`` where it
-has the room and in the temporary folder otherwise, so nothing outlives the processes that map
-it, however they end. A worker that dies (killed, out of memory) stops the run with an error
-instead of leaving it waiting; the workers end with the process that made the pool, however it ends.
+has the room and in the temporary folder otherwise (where neither has it, results are pickled,
+with a note), so the memory goes with the last process that maps it. A worker that dies (killed, out of memory) stops the run with an error instead of leaving
+it waiting, and the workers end with the process that made the pool.
 """
 
 from __future__ import annotations
@@ -24,8 +24,12 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import multiprocessing
+import multiprocessing.connection
 import os
 import select
+import shutil
+import sys
+import tempfile
 import threading
 import time
 from collections import deque
@@ -66,8 +70,9 @@ _worker_slots: ctypes.Array | None = None
 
 
 def start_method() -> str:
-    """How the pool starts its workers: ``forkserver`` where Python has it, else ``spawn``."""
-    return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    """How the pool starts its workers: Python's fork server on Linux; elsewhere fresh
+    interpreters (``spawn``), whose parent is the pool's owner."""
+    return "forkserver" if sys.platform.startswith("linux") else "spawn"
 
 
 def _init_worker(slots: ctypes.Array | None, owner: int) -> None:
@@ -82,16 +87,25 @@ def _exit_with(owner: int) -> None:
     """Wait for process ``owner`` to end, then end this one. A worker waits for its next task on
     a queue whose other end it holds itself, so without this the workers (and the fork server
     they keep alive) of a preparation killed with SIGKILL would wait forever."""
+    parent = multiprocessing.parent_process()
     try:
-        with open(os.pidfd_open(owner), "rb") as handle:  # Linux: readable once the process ends
-            select.select([handle], [], [])
-    except (AttributeError, OSError):  # no pidfd here: look once a second
+        handle = os.pidfd_open(owner)  # Linux: readable once the process ends
+    except (AttributeError, OSError):
+        handle = None
+    if handle is not None:
+        poller = select.poll()
+        poller.register(handle, select.POLLIN)
+        poller.poll()
+    elif start_method() == "spawn" and parent is not None and parent.pid == owner:
+        multiprocessing.connection.wait([parent.sentinel])  # the owner started this process: ready when it ends
+    else:  # a fork server's worker without pidfd (Linux before 5.3): look once a second
         while _alive(owner):
             time.sleep(1.0)
     os._exit(1)
 
 
 def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (POSIX: signal 0 only asks)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -99,6 +113,21 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _room_for_slots(size: int) -> bool:
+    """Whether a block of ``size`` bytes fits where Python puts it (``/dev/shm`` on Linux, else
+    the temporary folder); if not, a note on stderr. Writing past a full RAM file system's room
+    kills the writer with SIGBUS."""
+    folders = (["/dev/shm"] if sys.platform.startswith("linux") else []) + [tempfile.gettempdir()]
+    free = {folder: shutil.disk_usage(folder).free for folder in folders if os.path.isdir(folder)}
+    if any(room >= size for room in free.values()):
+        return True
+    print(f"tesla prepare: note: {size >> 20} MiB of shared memory for the workers' results fit in none of "
+          + ", ".join(f"{folder} ({room >> 20} MiB free)" for folder, room in free.items())
+          + "; their pixels come through pipes instead (slower). Give the container more shared memory "
+          "(docker run --shm-size) or use fewer --workers.", file=sys.stderr)
+    return False
 
 
 def _broken_pool() -> TeslaError:
@@ -166,8 +195,9 @@ class WorkerPool:
             context = multiprocessing.get_context(start_method())
             if context.get_start_method() == "forkserver":
                 context.set_forkserver_preload(["tesla.data.pool"])  # numpy imported once, in the server
-            if self.shared_results:  # zero-filled: every page is claimed now, not by a worker's write
-                self._slots = context.RawArray(ctypes.c_uint8, self.window * RESULT_SLOT_BYTES)
+            size = self.window * RESULT_SLOT_BYTES
+            if self.shared_results and _room_for_slots(size):  # zero-filled: every page is claimed now
+                self._slots = context.RawArray(ctypes.c_uint8, size)
                 self._free_slots = list(range(self.window))
             self._pool = ProcessPoolExecutor(self.workers, mp_context=context, initializer=_init_worker, initargs=(self._slots, os.getpid()))
         return self._pool
