@@ -28,7 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from tesla.data.format import SplitWriter
-from tesla.data.pool import RESULT_SLOT_BYTES, WorkerPool
+from tesla.data.pool import RESULT_SLOT_BYTES, WorkerPool, process_exists
 from tesla.data.imaging import decode_block, min_decoded_side, parse_resize_rule, resize_block, resize_rule_name
 from tesla.data.sources import ArraySplit, DatasetPlan, EncodedSplit, StreamedSplit, registry
 from tesla.data.sources.base import Split, empty_split_error, single_class_error
@@ -171,14 +171,7 @@ def _remove_stale_staging(out_dir: Path) -> None:
         if not m or not p.is_dir():
             continue
         pid = int(m.group(1))
-        alive = True
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            alive = False
-        except PermissionError:
-            alive = True
-        if not alive or pid == os.getpid():
+        if not process_exists(pid) or pid == os.getpid():
             shutil.rmtree(p, ignore_errors=True)
 
 

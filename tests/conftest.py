@@ -82,6 +82,19 @@ def assert_refuses_files_of_others(load: Callable[[Path], object], folder: Path,
         load(other)
 
 
+def process_running(pid: int) -> bool:
+    """Whether process ``pid`` exists and has not ended: a zombie (ended, not yet reaped by its
+    parent) has (Linux's /proc)."""
+    from tesla.data.pool import process_exists
+
+    stat = Path(f"/proc/{pid}/stat")
+    try:
+        zombie = stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        zombie = False
+    return process_exists(pid) and not zombie
+
+
 def patch_training(monkeypatch, stage, name: str, replacement) -> None:
     """Replace a function of tesla.training where a stage finds it: in the stage's module
     ``stage`` (which imports it by name) and in tesla.training (through which the group

@@ -2,8 +2,8 @@
 forked from the preparing process, a worker that dies stops the run with an error instead of
 a wait without end, the workers end with a preparation killed alone, and the block of result
 slots is a deleted file (nothing outlives the processes), in the temporary folder where
-/dev/shm lacks the room, whose views stay valid after the pool is closed. (What the pool
-returns: tests/test_prepare.py.)
+/dev/shm lacks the room, through pipes where neither has it, whose views stay valid after the
+pool is closed. (What the pool returns: tests/test_prepare.py.)
 
 The tasks are module-level functions of this file: the workers import them by name.
 Time budget: about 10 s."""
@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tesla.data.pool import RESULT_SLOT_BYTES, WorkerPool
+from conftest import process_running
+from tesla.data.pool import RESULT_SLOT_BYTES, WorkerPool, start_method
 from tesla.errors import TeslaError
 
 #: held by a thread of the test while the workers start
@@ -43,7 +44,7 @@ def _watch_as_elsewhere(owner: int, method: str) -> None:
     delattr(os, "pidfd_open")
     pool.start_method = lambda: method
     if method == "spawn":  # as on Windows, where os.kill(pid, 0) cannot ask: looking must not be what ends it
-        pool._alive = lambda pid: time.sleep(3600)
+        pool.process_exists = lambda pid: time.sleep(3600)
     pool._exit_with(owner)
 
 
@@ -79,7 +80,8 @@ def test_a_lock_held_by_another_thread_does_not_reach_the_workers():
     try:
         futures = [pool.start().submit(_take_the_held_lock) for _ in range(2)]
         assert [f.result(timeout=60) for f in futures] == [True, True]
-        assert pool.start().submit(_parent).result(timeout=60) != os.getpid()  # not a child of this process
+        if start_method() == "forkserver":  # (a spawned worker's parent is this process)
+            assert pool.start().submit(_parent).result(timeout=60) != os.getpid()  # not forked from this process
     finally:
         release.set()
         holder.join()
@@ -156,15 +158,6 @@ if __name__ == "__main__":
 """
 
 
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    stat = f"/proc/{pid}/stat"
-    return not (os.path.exists(stat) and open(stat).read().rsplit(")", 1)[1].split()[0] == "Z")
-
-
 def _descendants(pid: int) -> set[int]:
     """The processes below ``pid`` (from /proc)."""
     parents = {}
@@ -197,13 +190,13 @@ def test_the_workers_of_a_killed_preparation_end_with_it(tmp_path, how):
     try:
         workers = {int(pid) for pid in owner.stdout.readline().split()}
         below = _descendants(owner.pid)
-        assert workers and workers <= below and all(_running(pid) for pid in below)
+        assert workers and workers <= below and all(process_running(pid) for pid in below)
         owner.kill()
         owner.wait()
         deadline = time.monotonic() + 30
-        while any(_running(pid) for pid in below) and time.monotonic() < deadline:
+        while any(process_running(pid) for pid in below) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not [pid for pid in below if _running(pid)], "a process of the pool outlived the process that made it"
+        assert not [pid for pid in below if process_running(pid)], "a process of the pool outlived the process that made it"
     finally:  # what a failure left: not the resource tracker, which removes the pool's semaphores once alone
         owner.kill()
         for pid in below:

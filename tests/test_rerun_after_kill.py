@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import process_running
 from workflow_support import SNAKEMAKE, install_wrapping_tesla, make_workdir, snakemake
 
 pytestmark = pytest.mark.skipif(SNAKEMAKE is None, reason="snakemake is not installed in this environment")
@@ -44,15 +45,6 @@ HANGING_TESLA = textwrap.dedent(
     os.execv({fake!r}, [{fake!r}, *sys.argv[1:]])
     """
 )
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    state = Path(f"/proc/{pid}/stat").read_text().split()[2] if Path(f"/proc/{pid}/stat").exists() else "?"
-    return state != "Z"
 
 
 def _start_until_distill(tmp_path: Path) -> tuple[Path, Path, subprocess.Popen, int]:
@@ -79,16 +71,16 @@ def _start_until_distill(tmp_path: Path) -> tuple[Path, Path, subprocess.Popen, 
 
 def _wait_gone(pid: int, seconds: float = 30) -> bool:
     deadline = time.monotonic() + seconds
-    while _alive(pid) and time.monotonic() < deadline:
+    while process_running(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
-    return not _alive(pid)
+    return not process_running(pid)
 
 
 def _end(first: subprocess.Popen, job: int) -> None:
     """Whatever a failed test left running."""
     if first.poll() is None:
         first.kill()
-    if _alive(job):
+    if process_running(job):
         os.kill(job, signal.SIGKILL)
 
 
@@ -106,7 +98,7 @@ def test_killed_local_run_needs_unlock_then_the_same_command_resumes(tmp_path):
     try:
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=30)
-        assert _alive(orphan), "the distillation died with Snakemake (docs/reruns.md says to look for it)"
+        assert process_running(orphan), "the distillation died with Snakemake (docs/reruns.md says to look for it)"
 
         # the same command: Snakemake's lock
         again = snakemake(workdir, TARGET, path_prefix=hanging)

@@ -15,8 +15,9 @@ the purpose), elsewhere as fresh interpreters (``spawn``), and are handed the bl
 start. The block is Python's own shared memory for such workers
 (``multiprocessing.RawArray``): a file deleted as soon as it is made, in ``/dev/shm`` where it
 has the room and in the temporary folder otherwise (where neither has it, results are pickled,
-with a note), so the memory goes with the last process that maps it. A worker that dies (killed, out of memory) stops the run with an error instead of leaving
-it waiting, and the workers end with the process that made the pool.
+with a note), so the memory goes with the last process that maps it. A worker that dies
+(killed, out of memory) stops the run with an error instead of leaving it waiting, and the
+workers end with the process that made the pool.
 """
 
 from __future__ import annotations
@@ -99,13 +100,14 @@ def _exit_with(owner: int) -> None:
     elif start_method() == "spawn" and parent is not None and parent.pid == owner:
         multiprocessing.connection.wait([parent.sentinel])  # the owner started this process: ready when it ends
     else:  # a fork server's worker without pidfd (Linux before 5.3): look once a second
-        while _alive(owner):
+        while process_exists(owner):
             time.sleep(1.0)
     os._exit(1)
 
 
-def _alive(pid: int) -> bool:
-    """Whether process ``pid`` exists (POSIX: signal 0 only asks)."""
+def process_exists(pid: int) -> bool:
+    """Whether process ``pid`` exists, on POSIX (signal 0 only asks; one of another user's
+    answers PermissionError, and exists)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
