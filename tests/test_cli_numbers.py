@@ -54,6 +54,15 @@ def test_prepare_resolution_outside_its_range_is_refused_when_parsed(value, caps
     assert f"argument --resolution: {int(value)} is outside the allowed range 4-1024" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("value", ["-3", "1025"])
+def test_prepare_workers_outside_its_range_is_refused_when_parsed(value, capsys):
+    """--workers -3 ran with one worker without a word; 0 means every core."""
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["prepare", "demo", "--out-dir", "unused", "--workers", value])
+    assert exc.value.code == 2
+    assert f"argument --workers: {int(value)} is outside the allowed range 0-1024" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("stage", ["experts", "distill", "evaluate"])
 def test_a_negative_seed_is_refused_as_the_config_refuses_it(stage, capsys):
     """The config's seed is >= 0 (seed + k for expert k, seed + r for run r); so is --seed."""

@@ -149,7 +149,10 @@ FULL_DECODE = Option(
     config_help="decode every JPEG at full size (else large JPEGs are decoded at a reduced size that keeps the shorter "
     "side >= max(256, 4 S))",
 )
-WORKERS = Option("workers", "decoding processes (0 = all available cores)", int, default=0, common=True, config=False)
+#: decoding processes: 0 = every available core; each worker takes 6 MiB of shared memory
+WORKERS_RANGE: tuple[int, int] = (0, 1024)
+WORKERS = Option("workers", f"decoding processes (0 = all available cores; at most {WORKERS_RANGE[1]})", int, default=0,
+                 common=True, config=False, parse=int_in_range(*WORKERS_RANGE))
 STRICT = Option(
     "strict",
     "stop at the first undecodable image instead of skipping it",
